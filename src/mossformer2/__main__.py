@@ -1,0 +1,5 @@
+import sys
+
+from mossformer2.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""Audio file I/O (soundfile, PyAV fallback), resampling (soxr) and channel handling.
+
+Waveforms are numpy float32 arrays: ``[C, T]`` (channels first) or ``[T]`` for mono.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from mossformer2.utils import atomic_path
+
+WRITE_FORMATS = {"wav": "WAV", "flac": "FLAC"}
+WRITE_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """Read any audio file as float32 ``[C, T]`` in [-1, 1] (ints scaled) and its sample rate.
+
+    libsndfile handles wav/flac/ogg/mp3/aiff...; other containers (m4a, aac, opus-in-webm, ...) go through PyAV.
+    Raises FileNotFoundError for a missing path and ValueError for empty, non-audio or undecodable files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such audio file: {path}")
+    if not path.is_file():
+        raise ValueError(f"not a file: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"empty file (0 bytes): {path}")
+    try:
+        data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)  # [T, C]
+        wave = np.ascontiguousarray(data.T)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as sf_err:
+        try:
+            wave, sample_rate = _read_with_pyav(path)
+        except ValueError as av_err:
+            raise ValueError(f"cannot read {path} as audio: {av_err} (libsndfile: {sf_err})") from None
+    if wave.shape[-1] == 0:
+        raise ValueError(f"audio file has no samples: {path}")
+    return wave, int(sample_rate)
+
+
+def _read_with_pyav(path: Path) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream with PyAV into float32 ``[C, T]``."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, UnicodeDecodeError) as err:
+        raise ValueError(f"not a recognised audio/video container ({err})") from None
+    with container:
+        if not container.streams.audio:
+            raise ValueError("the file has no audio stream")
+        stream = container.streams.audio[0]
+        # Planar float output keeps channels separate: each frame gives [C, n].
+        resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=stream.rate)
+        pieces: list[np.ndarray] = []
+        try:
+            for frame in container.decode(stream):
+                pieces.extend(f.to_ndarray() for f in resampler.resample(frame))
+            pieces.extend(f.to_ndarray() for f in resampler.resample(None))
+        except av.error.FFmpegError as err:
+            raise ValueError(f"audio stream could not be decoded ({err})") from None
+        sample_rate = stream.rate
+    if not pieces:
+        raise ValueError("the audio stream holds no samples")
+    return np.ascontiguousarray(np.concatenate(pieces, axis=-1), dtype=np.float32), int(sample_rate)
+
+
+def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """High-quality soxr resampling of ``[T]`` or ``[C, T]`` float audio; same layout, float32."""
+    if orig_sr <= 0 or target_sr <= 0:
+        raise ValueError(f"sample rates must be positive, got {orig_sr} -> {target_sr}")
+    wave = np.asarray(wave, dtype=np.float32)
+    if orig_sr == target_sr:
+        return wave
+    if wave.ndim == 1:
+        return soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
+    if wave.ndim != 2:
+        raise ValueError(f"expected audio [T] or [C, T], got shape {wave.shape}")
+    out = soxr.resample(np.ascontiguousarray(wave.T), orig_sr, target_sr, quality="HQ")  # soxr wants [T, C]
+    return np.ascontiguousarray(out.T, dtype=np.float32)
+
+
+def to_mono(wave: np.ndarray) -> np.ndarray:
+    """Average the channels of ``[C, T]`` to ``[T]``; ``[T]`` passes through."""
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim == 1:
+        return wave
+    if wave.ndim != 2:
+        raise ValueError(f"expected audio [T] or [C, T], got shape {wave.shape}")
+    return wave.mean(axis=0, dtype=np.float32)
+
+
+def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, subtype: str = "PCM_16",
+                format: str | None = None) -> Path:
+    """Write ``[T]`` or ``[C, T]`` atomically as wav/flac (format from the suffix unless given).
+
+    Integer subtypes would wrap around on samples outside [-1, 1]; such samples are clipped with a warning.
+    """
+    path = Path(path)
+    fmt = (format or path.suffix.lstrip(".")).lower()
+    if fmt not in WRITE_FORMATS:
+        raise ValueError(f"cannot write {path}: format must be one of {sorted(WRITE_FORMATS)}, got {fmt!r}")
+    subtype = subtype.upper()
+    if subtype not in WRITE_SUBTYPES:
+        raise ValueError(f"subtype must be one of {WRITE_SUBTYPES}, got {subtype!r}")
+    if fmt == "flac" and subtype == "FLOAT":
+        raise ValueError("FLAC stores integer samples only: use --subtype PCM_16 or PCM_24, or --format wav")
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim not in (1, 2) or wave.shape[-1] == 0:
+        raise ValueError(f"expected non-empty audio [T] or [C, T], got shape {wave.shape}")
+    if not np.isfinite(wave).all():
+        raise ValueError(f"refusing to write {path}: the audio contains NaN or infinite values")
+    if subtype != "FLOAT":
+        peak = float(np.abs(wave).max())
+        if peak > 1.0:
+            warnings.warn(f"{path.name}: peak {peak:.3f} exceeds full scale; clipping to [-1, 1] for {subtype}",
+                          stacklevel=2)
+            wave = np.clip(wave, -1.0, 1.0)
+    frames = wave if wave.ndim == 1 else wave.T  # soundfile wants [T, C]
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), frames, int(sample_rate), subtype=subtype, format=WRITE_FORMATS[fmt])
+    return path

@@ -1,0 +1,216 @@
+"""Checkpoint I/O: the official MossFormer2_SS_16K container, bare state dicts and our own checkpoints.
+
+Official file: ``torch.save({'model': state_dict, 'optimizer': ..., 'epoch': int, 'step': int})``.
+Ours adds ``'config'`` (the MossFormer2Config as a dict) so that no shape inference is needed; the official
+loader reads it too because it only looks at ``'model'``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mossformer2.config_utils import ConfigError
+from mossformer2.models import MossFormer2, MossFormer2Config, build_model
+from mossformer2.utils import atomic_torch_save, resolve_device
+
+_LAYER_KEY = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.(?:fsmn|layers)\.(\d+)\.")
+_REQUIRED = ("enc.conv1d.weight", "mask_net.conv1d_encoder.weight", "mask_net.conv1d_out.weight", "dec.weight")
+_ROTARY_ALIAS = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.\d+\.rotary_pos_emb\.freqs$")
+# Entries that are closed-form tables: a checkpoint may omit them and we fill them in.
+_COMPUTED = re.compile(r"(rotary_pos_emb\.freqs|pos_enc\.inv_freq)$")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file safely (``weights_only=True``) onto the CPU."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, UnicodeDecodeError,
+            AttributeError, ValueError, IndexError) as err:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
+    return obj
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def extract_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model weights of a container (``'model'`` / ``'state_dict'`` key) or a bare state dict, with any
+    ``module.`` (DDP) or ``model.`` (wrapper) prefix removed."""
+    state = checkpoint
+    for key in ("model", "state_dict", "model_state_dict"):
+        if key in checkpoint and _is_state_dict(checkpoint[key]):
+            state = checkpoint[key]
+            break
+    if not _is_state_dict(state):
+        raise ValueError(
+            "not a model checkpoint: expected a state dict or a dict with a 'model' state dict; found keys "
+            f"{sorted(map(str, checkpoint))[:8]}"
+        )
+    for prefix in ("module.", "model."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise ValueError(
+            f"not a MossFormer2 checkpoint: missing {missing}; it has keys like {sorted(state)[:5]}"
+        )
+    return state
+
+
+def infer_config(state: dict[str, torch.Tensor], base: MossFormer2Config | None = None) -> MossFormer2Config:
+    """Rebuild the config from tensor shapes (width, depth, kernel, speakers and the internal sizes).
+
+    ``group_size`` and ``dropout`` leave no trace in the weights; they come from ``base`` (default: official).
+    """
+    base = base or MossFormer2Config()
+    try:
+        E, _, K = state["enc.conv1d.weight"].shape
+        D = state["mask_net.conv1d_encoder.weight"].shape[0]
+        S = state["mask_net.conv1d_out.weight"].shape[0] // D
+        indices = [int(m.group(1)) for k in state if (m := _LAYER_KEY.match(k))]
+        L = max(indices) + 1 if indices else 0
+        p = "mask_net.mdl.intra_mdl.mossformerM."
+        values: dict[str, Any] = dict(encoder_embedding_dim=int(E), mossformer_sequence_dim=int(D),
+                                      num_mossformer_layer=int(L), encoder_kernel_size=int(K), num_spks=int(S))
+        if f"{p}fsmn.0.conv1.0.weight" in state:
+            values["fsmn_inner_dim"] = int(state[f"{p}fsmn.0.conv1.0.weight"].shape[0])
+            values["fsmn_lorder"] = (int(state[f"{p}fsmn.0.gated_fsmn.fsmn.conv.conv1.weight"].shape[2]) + 1) // 2
+        if f"{p}layers.0.to_qk.mdl.1.weight" in state:
+            values["query_key_dim"] = int(state[f"{p}layers.0.to_qk.mdl.1.weight"].shape[0])
+            values["expansion_factor"] = state[f"{p}layers.0.to_hidden.mdl.1.weight"].shape[0] / D
+            values["conv_kernel_size"] = int(state[f"{p}layers.0.to_qk.mdl.3.sequential.1.conv.weight"].shape[-1])
+        freqs = f"{p}layers.0.rotary_pos_emb.freqs"
+        values["rotary_dim"] = (2 * int(state[freqs].shape[0]) if freqs in state
+                                else min(base.rotary_dim, values.get("query_key_dim", base.query_key_dim)))
+    except (KeyError, IndexError) as err:
+        raise ValueError(f"cannot infer the MossFormer2 configuration from this checkpoint: missing {err}") from err
+    if L == 0:
+        raise ValueError("cannot infer the MossFormer2 configuration: the checkpoint has no MossFormer layers")
+    try:
+        return base.replace(**values)
+    except ConfigError as err:
+        raise ValueError(f"checkpoint shapes do not form a valid MossFormer2 configuration: {err}") from err
+
+
+def _config_from_checkpoint(checkpoint: dict[str, Any]) -> MossFormer2Config | None:
+    raw = checkpoint.get("config")
+    if isinstance(raw, dict):
+        model_section = raw.get("model", raw) if isinstance(raw.get("model"), dict) else raw
+        try:
+            return MossFormer2Config.from_dict(model_section)
+        except ConfigError as err:
+            raise ValueError(f"the checkpoint's embedded config is invalid: {err}") from err
+    return None
+
+
+def _list(items: list[str], limit: int = 10) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def load_state_dict_strict(model: MossFormer2, state: dict[str, torch.Tensor]) -> None:
+    """Load weights, failing with a message that names every missing, unexpected or mis-shaped key.
+
+    Closed-form tables (rotary ``freqs`` aliases, ``pos_enc.inv_freq``) may be absent: they keep their
+    computed values.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not _COMPUTED.search(k)]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} (checkpoint {list(state[k].shape)} vs model {list(expected[k].shape)})"
+                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_list(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_list(mismatched)}")
+    if problems:
+        raise ValueError("checkpoint does not match the MossFormer2 architecture; " + "; ".join(problems))
+    merged = {k: state.get(k, v) for k, v in expected.items()}
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in merged.items()})
+
+
+def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Config | str | None = None,
+               device: str | torch.device = "cpu") -> MossFormer2:
+    """Build a MossFormer2 from a checkpoint file or dict and return it in eval mode on ``device``.
+
+    Accepts the official container, our checkpoints (config embedded), or a bare state dict; keys with or without
+    ``module.``; with or without the rotary aliases. Without ``config`` the architecture is read from the
+    checkpoint (embedded config, else tensor shapes). A checkpoint of another architecture raises ValueError.
+    """
+    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a checkpoint path or dict, got {type(obj).__name__}")
+    state = extract_state_dict(obj)
+    if isinstance(config, str):
+        model = build_model(config)
+    else:
+        cfg = config or _config_from_checkpoint(obj) or infer_config(state)
+        model = MossFormer2(cfg)
+    load_state_dict_strict(model, state)
+    return model.to(resolve_device(device)).eval()
+
+
+def save_checkpoint(path: str | Path, model: MossFormer2, optimizer: torch.optim.Optimizer | None = None,
+                    epoch: int = 0, step: int = 0, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``{'model', 'config', 'epoch', 'step'[, 'optimizer'], **extra}`` atomically (temp file + rename).
+
+    The layout is the official one plus ``'config'``, so ClearVoice's loader reads the weights too.
+    """
+    inner = getattr(model, "module", model)  # DDP-wrapped models save without the 'module.' prefix
+    if not isinstance(inner, MossFormer2):
+        raise ValueError(f"save_checkpoint expects a MossFormer2 model, got {type(inner).__name__}")
+    payload: dict[str, Any] = {
+        "model": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
+        "config": inner.config.to_dict(),
+        "epoch": int(epoch),
+        "step": int(step),
+    }
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
+    if extra:
+        clash = set(extra) & set(payload)
+        if clash:
+            raise ValueError(f"extra keys {sorted(clash)} would overwrite checkpoint fields")
+        payload.update(extra)
+    atomic_torch_save(payload, path)
+    return Path(path)
+
+
+def checkpoint_summary(path: str | Path) -> dict[str, Any]:
+    """What ``mossformer2 info --checkpoint`` prints: container keys, epoch/step, tensors, inferred config."""
+    obj = read_checkpoint(path)
+    state = extract_state_dict(obj)
+    config = _config_from_checkpoint(obj) or infer_config(state)
+    unique = {v.data_ptr(): v.numel() for v in state.values()}
+    return {
+        "path": str(path),
+        "container_keys": sorted(map(str, obj)),
+        "epoch": obj.get("epoch"),
+        "step": obj.get("step"),
+        "has_optimizer_state": "optimizer" in obj,
+        "num_tensors": len(state),
+        "num_rotary_aliases": sum(1 for k in state if _ROTARY_ALIAS.match(k)),
+        "num_elements": sum(unique.values()),
+        "config": config,
+    }

@@ -1,0 +1,55 @@
+"""The ``mossformer2`` command. Each subcommand lives in its own module with ``add_parser`` and ``run``.
+
+Subcommand modules import heavy dependencies inside ``run`` so that ``mossformer2 --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+SUBCOMMANDS = ["separate", "demo", "info", "train", "evaluate", "mix", "export"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mossformer2 import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mossformer2",
+        description="Monaural speech separation with MossFormer2.",
+    )
+    parser.add_argument("--version", action="version", version=f"mossformer2 {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"mossformer2.cli.{name}")
+        sub_parser = module.add_parser(sub)
+        sub_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as err:
+        # User errors (bad file, bad option value): one clear line, no traceback.
+        if args.verbose:
+            raise
+        print(f"mossformer2 {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Datasets of pre-mixed mixtures (wsj0-2mix folders, LibriMix CSV, scp lists) and the shared audio store.
+
+An example is a dict ``{"id": str, "mix": Tensor[T], "sources": Tensor[S, T], "skipped": int}`` or ``None``
+when its files are unreadable and bad files are skipped (the collate function drops and counts it).
+
+Randomness (crop offsets, mixing choices) comes from ``numpy.random.default_rng([seed, epoch, index])``: an
+example depends only on the seed, the epoch and its index, never on the worker that builds it, so runs with
+any ``num_workers`` see the same data and a resumed run sees the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mossformer2.audio import read_audio, resample, to_mono
+from mossformer2.data.manifests import MixtureEntry
+
+log = logging.getLogger(__name__)
+
+
+class BadAudioError(ValueError):
+    """An audio file could not be used; the message names it."""
+
+
+class AudioStore:
+    """Reads files as mono float32 ``[T]`` at ``sample_rate``; optionally keeps decoded audio in memory.
+
+    With ``cache=True`` call :meth:`preload` before the DataLoader starts its workers: forked workers then share
+    the decoded arrays instead of each decoding the corpus again.
+    """
+
+    def __init__(self, sample_rate: int, cache: bool = False) -> None:
+        self.sample_rate = sample_rate
+        self.cache = cache
+        self._cache: dict[str, np.ndarray] = {}
+
+    def load(self, path: str | Path) -> np.ndarray:
+        key = str(path)
+        if key in self._cache:
+            return self._cache[key]
+        try:
+            wave, sr = read_audio(path)
+            wave = to_mono(wave)
+            if sr != self.sample_rate:
+                wave = resample(wave, sr, self.sample_rate)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise BadAudioError(f"cannot use audio file {path}: {err}") from err
+        wave = np.ascontiguousarray(wave, dtype=np.float32)
+        if not np.isfinite(wave).all():
+            raise BadAudioError(f"cannot use audio file {path}: it contains NaN or infinite samples")
+        if self.cache:
+            self._cache[key] = wave
+        return wave
+
+    def preload(self, paths: Iterable[str | Path], skip_bad_files: bool, progress: bool = True) -> set[str]:
+        """Decode ``paths`` into the cache; return the bad ones (raise on the first unless ``skip_bad_files``)."""
+        from tqdm import tqdm
+
+        paths = list(dict.fromkeys(str(p) for p in paths))
+        bad: set[str] = set()
+        for path in tqdm(paths, desc="loading audio", unit="file", disable=not progress, leave=False):
+            try:
+                self.load(path)
+            except BadAudioError as err:
+                if not skip_bad_files:
+                    raise
+                log.warning("skipping %s", err)
+                bad.add(path)
+        return bad
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one example: a function of (seed, epoch, index) only."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def pad_to(wave: np.ndarray, length: int) -> np.ndarray:
+    """Zero-pad (or cut) the last axis to ``length`` samples."""
+    if wave.shape[-1] >= length:
+        return wave[..., :length]
+    pad = [(0, 0)] * (wave.ndim - 1) + [(0, length - wave.shape[-1])]
+    return np.pad(wave, pad)
+
+
+def random_crop(waves: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+    """Crop ``waves`` ``[..., T]`` to ``length`` at one random offset (zero-padded at the end when shorter)."""
+    total = waves.shape[-1]
+    if total <= length:
+        return pad_to(waves, length)
+    start = int(rng.integers(0, total - length + 1))
+    return waves[..., start:start + length]
+
+
+class MixtureDataset(Dataset):
+    """Pre-mixed mixtures from a manifest.
+
+    ``segment_samples`` set: a random crop of that length with the same offset for mix and sources (zero-padded
+    when shorter) — training. ``segment_samples=None``: the full utterance (cut to ``max_samples`` from its start
+    when given) — validation. Sources shorter than the mixture are zero-padded to its length.
+    """
+
+    def __init__(self, entries: list[MixtureEntry], store: AudioStore, segment_samples: int | None = None,
+                 max_samples: int | None = None, seed: int = 0, skip_bad_files: bool = False) -> None:
+        if not entries:
+            raise ValueError("the dataset has no mixtures")
+        num_spks = {len(e.sources) for e in entries}
+        if len(num_spks) != 1:
+            raise ValueError(f"mixtures have different numbers of sources: {sorted(num_spks)}")
+        self.entries = entries
+        self.num_spks = num_spks.pop()
+        self.store = store
+        self.segment_samples = segment_samples
+        self.max_samples = max_samples
+        self.seed = seed
+        self.skip_bad_files = skip_bad_files
+        self.epoch = 0
+        if store.cache:
+            bad = store.preload([p for e in entries for p in (e.mix, *e.sources)], skip_bad_files)
+            if bad:
+                self.entries = [e for e in entries if not ({str(e.mix), *map(str, e.sources)} & bad)]
+                log.warning("skipped %d of %d mixtures with unreadable files", len(entries) - len(self.entries),
+                            len(entries))
+                if not self.entries:
+                    raise ValueError("every mixture has an unreadable file")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict | None:
+        entry = self.entries[index]
+        try:
+            mix = self.store.load(entry.mix)
+            sources = [self.store.load(p) for p in entry.sources]
+        except BadAudioError as err:
+            if not self.skip_bad_files:
+                raise
+            log.warning("skipping mixture %s: %s", entry.id, err)
+            return None
+        length = max(mix.shape[-1], *(s.shape[-1] for s in sources))
+        stacked = np.stack([pad_to(w, length) for w in (mix, *sources)])  # [1 + S, T]
+        if self.segment_samples is not None:
+            stacked = random_crop(stacked, self.segment_samples, example_rng(self.seed, self.epoch, index))
+        elif self.max_samples is not None:
+            stacked = stacked[:, :self.max_samples]
+        stacked = torch.from_numpy(np.ascontiguousarray(stacked))
+        return {"id": entry.id, "mix": stacked[0], "sources": stacked[1:], "skipped": 0}

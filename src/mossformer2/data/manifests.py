@@ -1,0 +1,188 @@
+"""Dataset manifests: which mixture goes with which reference sources.
+
+Three layouts are read, detected from the path:
+
+- a **folder** in wsj0-2mix layout: ``<root>/mix/``, ``<root>/s1/``, ``<root>/s2/``, ... holding files with
+  equal relative names (searched recursively, paired by the path relative to ``mix/``);
+- a **LibriMix metadata CSV** with columns ``mixture_ID, mixture_path, source_1_path, source_2_path, ...``
+  (extra columns such as ``length`` are ignored; relative paths are resolved against the CSV's folder);
+- a **list / scp text file**: one mixture per line, ``mix s1 s2 ...`` separated by whitespace (ClearVoice
+  format); ``#`` comments and blank lines are ignored; relative paths are resolved against the list's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# File types libsndfile reads that speech datasets use.
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".mp3", ".opus", ".aif", ".aiff", ".au", ".sph", ".w64"})
+
+
+@dataclass
+class MixtureEntry:
+    """One mixture and its reference sources (in speaker order s1, s2, ...)."""
+
+    id: str
+    mix: Path
+    sources: list[Path]
+
+
+def load_manifest(path: str | Path, num_spks: int | None = None, check_files: bool = True
+                  ) -> list[MixtureEntry]:
+    """Read a wsj0-2mix folder, a LibriMix metadata CSV or a ``mix s1 s2 ...`` list into entries.
+
+    ``num_spks``: the expected number of sources per mixture (None: whatever the manifest has, consistently).
+    ``check_files``: raise FileNotFoundError naming every listed file that does not exist.
+    Raises ValueError for malformed manifests (naming the file and line), FileNotFoundError for missing files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    if num_spks is not None and num_spks < 1:
+        raise ValueError(f"num_spks must be >= 1, got {num_spks}")
+    if path.is_dir():
+        entries = _load_folder(path, num_spks)
+        line_numbers: list[int] | None = None  # the folder loader already paired existing files
+    else:
+        if path.suffix.lower() == ".csv" or _looks_like_librimix_csv(path):
+            numbered = _load_librimix_csv(path, num_spks)
+        else:
+            numbered = _load_list(path, num_spks)
+        line_numbers = [n for n, _ in numbered]
+        entries = [e for _, e in numbered]
+    if not entries:
+        raise ValueError(f"manifest {path} lists no mixtures")
+    _check_unique_ids(entries, path)
+    if check_files and line_numbers is not None:
+        _check_files_exist(entries, line_numbers, path)
+    return entries
+
+
+def _looks_like_librimix_csv(path: Path) -> bool:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    return "mixture_path" in first and "," in first
+
+
+def _audio_files(folder: Path) -> dict[str, Path]:
+    """Relative POSIX path (with suffix) -> file, for every audio file below ``folder``."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES}
+
+
+def _load_folder(root: Path, num_spks: int | None) -> list[MixtureEntry]:
+    mix_dir = root / "mix"
+    if not mix_dir.is_dir():
+        raise ValueError(f"{root} is a folder but has no 'mix/' subfolder: expected the wsj0-2mix layout "
+                         "<root>/mix, <root>/s1, <root>/s2, ...")
+    if num_spks is None:
+        num_spks = 0
+        while (root / f"s{num_spks + 1}").is_dir():
+            num_spks += 1
+        if num_spks == 0:
+            raise ValueError(f"{root} has 'mix/' but no source folders 's1/', 's2/', ...")
+    source_dirs = [root / f"s{k + 1}" for k in range(num_spks)]
+    for d in source_dirs:
+        if not d.is_dir():
+            raise FileNotFoundError(f"source folder {d} is missing ({num_spks} speakers expected)")
+    mixes = _audio_files(mix_dir)
+    if not mixes:
+        raise ValueError(f"no audio files found under {mix_dir}")
+    for d in source_dirs:
+        missing = [rel for rel in mixes if not (d / rel).is_file()]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise FileNotFoundError(f"{len(missing)} mixture(s) in {mix_dir} have no matching file in {d}: "
+                                    f"{shown}")
+    return [MixtureEntry(id=str(Path(rel).with_suffix("").as_posix()), mix=mix,
+                         sources=[d / rel for d in source_dirs])
+            for rel, mix in mixes.items()]
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _load_librimix_csv(path: Path, num_spks: int | None) -> list[tuple[int, MixtureEntry]]:
+    """Entries with the CSV line number each came from."""
+    base = path.parent
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        if "mixture_path" not in columns:
+            raise ValueError(f"{path}: not a LibriMix metadata CSV (no 'mixture_path' column; columns are "
+                             f"{columns})")
+        source_columns = sorted((c for c in columns if re.fullmatch(r"source_\d+_path", c)),
+                                key=lambda c: int(c.split("_")[1]))
+        expected = [f"source_{k + 1}_path" for k in range(len(source_columns))]
+        if source_columns != expected or not source_columns:
+            raise ValueError(f"{path}: source columns must be source_1_path, source_2_path, ... (found "
+                             f"{source_columns or 'none'})")
+        if num_spks is not None and len(source_columns) != num_spks:
+            raise ValueError(f"{path}: has {len(source_columns)} source columns but {num_spks} speakers "
+                             "were expected")
+        entries = []
+        for line_no, row in enumerate(reader, start=2):
+            values = [row.get("mixture_path")] + [row.get(c) for c in source_columns]
+            if any(v is None or not v.strip() for v in values):
+                raise ValueError(f"{path}, line {line_no}: empty or missing path field")
+            mix = _resolve(base, values[0].strip())
+            mixture_id = (row.get("mixture_ID") or "").strip() or mix.stem
+            entries.append((line_no, MixtureEntry(id=mixture_id, mix=mix,
+                                                  sources=[_resolve(base, v.strip()) for v in values[1:]])))
+    return entries
+
+
+def _load_list(path: Path, num_spks: int | None) -> list[tuple[int, MixtureEntry]]:
+    """Entries with the list line number each came from."""
+    base = path.parent
+    entries: list[tuple[int, MixtureEntry]] = []
+    first_fields: tuple[int, int] | None = None  # (field count, line number) of the first entry
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a text list (expected lines 'mix s1 s2 ...'): {err}") from err
+    for line_no, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) < 2:
+            raise ValueError(f"{path}, line {line_no}: expected 'mix s1 s2 ...' (a mixture and its sources), "
+                             f"got {len(fields)} field(s)")
+        if num_spks is not None and len(fields) != num_spks + 1:
+            raise ValueError(f"{path}, line {line_no}: {len(fields) - 1} source(s) but {num_spks} speakers "
+                             "were expected")
+        if first_fields is None:
+            first_fields = (len(fields), line_no)
+        elif len(fields) != first_fields[0]:
+            raise ValueError(f"{path}, line {line_no}: {len(fields) - 1} source(s), but line "
+                             f"{first_fields[1]} has {first_fields[0] - 1}: every line needs the same count")
+        mix = _resolve(base, fields[0])
+        entries.append((line_no, MixtureEntry(id=mix.stem, mix=mix,
+                                              sources=[_resolve(base, f) for f in fields[1:]])))
+    # Equal stems in different folders: fall back to the full mixture path as id so that ids stay unique.
+    if len({e.id for _, e in entries}) != len(entries):
+        for _, e in entries:
+            e.id = e.mix.with_suffix("").as_posix()
+    return entries
+
+
+def _check_unique_ids(entries: list[MixtureEntry], path: Path) -> None:
+    seen: set[str] = set()
+    for e in entries:
+        if e.id in seen:
+            raise ValueError(f"{path}: mixture id {e.id!r} appears more than once")
+        seen.add(e.id)
+
+
+def _check_files_exist(entries: list[MixtureEntry], line_numbers: list[int], path: Path) -> None:
+    missing = [f"{p} (line {n})" for e, n in zip(entries, line_numbers) for p in (e.mix, *e.sources)
+               if not p.is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{path}: {len(missing)} listed file(s) do not exist: {shown}")

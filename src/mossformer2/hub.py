@@ -1,0 +1,100 @@
+"""Resolve a checkpoint reference: a local file, a local folder, or a Hugging Face hub id.
+
+Hub downloads use ``huggingface_hub`` and fall back to its local cache when offline (``HF_HUB_OFFLINE=1``) or when
+the network is unreachable; a miss says how to fetch the file on another machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+HUB_FILENAME = "last_best_checkpoint.pt"
+POINTER_FILE = "last_best_checkpoint"
+# Short names accepted by ``--model``; "default" is the model shipped inside the package.
+KNOWN_MODELS = {"mossformer2_ss_16k": "alibabasglab/MossFormer2_SS_16K"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def model_name_to_ref(name: str) -> str | None:
+    """``--model NAME`` -> checkpoint reference: None for the shipped model, else a hub id."""
+    if name.lower() in ("default", "builtin", "built-in"):
+        return None
+    if name.lower() in KNOWN_MODELS:
+        return KNOWN_MODELS[name.lower()]
+    if _HUB_ID.match(name):
+        return name
+    raise ValueError(f"unknown model {name!r}: use 'default' (the built-in model), one of "
+                     f"{sorted(v.split('/')[1] for v in KNOWN_MODELS.values())}, or a hub id like OWNER/NAME")
+
+
+def is_hub_id(ref: str | Path) -> bool:
+    return isinstance(ref, str) and not Path(ref).exists() and bool(_HUB_ID.match(ref))
+
+
+def resolve_checkpoint(ref: str | Path, filename: str = HUB_FILENAME, cache_dir: str | Path | None = None) -> Path:
+    """Path of a checkpoint file given a file, a folder or a hub id (``owner/name``)."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        return _checkpoint_in_folder(path)
+    if is_hub_id(str(ref)):
+        return _download_from_hub(str(ref), filename, cache_dir)
+    raise FileNotFoundError(f"checkpoint not found: {ref} (expected a .pt file, a folder holding one, or a "
+                            f"hub id like {KNOWN_MODELS['mossformer2_ss_16k']})")
+
+
+def _checkpoint_in_folder(folder: Path) -> Path:
+    """Official layout: a pointer file ``last_best_checkpoint`` naming the file; else the only/best ``*.pt``."""
+    pointer = folder / POINTER_FILE
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        target = (folder / name) if name else folder / HUB_FILENAME
+        if not target.is_file():
+            raise FileNotFoundError(f"{pointer} names {name!r}, which does not exist in {folder}")
+        return target
+    candidates = sorted(folder.glob("*.pt"))
+    if (folder / HUB_FILENAME).is_file():
+        return folder / HUB_FILENAME
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint (*.pt or '{POINTER_FILE}' pointer file) in folder {folder}")
+    raise ValueError(f"several checkpoints in {folder} ({', '.join(c.name for c in candidates)}): "
+                     "pass the file itself with --checkpoint PATH")
+
+
+def _cache_dir_from_env() -> str | None:
+    # Read at call time (huggingface_hub reads its env once at import).
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _download_from_hub(repo_id: str, filename: str, cache_dir: str | Path | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    cache = str(cache_dir) if cache_dir is not None else _cache_dir_from_env()
+    how_to = (f"on a machine with internet run `huggingface-cli download {repo_id} {filename}` (or download it "
+              f"from https://huggingface.co/{repo_id}), copy the file here and pass --checkpoint PATH")
+    if not _offline():
+        try:
+            return Path(hf_hub_download(repo_id, filename, cache_dir=cache))
+        except Exception as err:  # network down, repo missing, ...: try the local cache before giving up
+            online_error: Exception | None = err
+    else:
+        online_error = None
+    try:
+        return Path(hf_hub_download(repo_id, filename, cache_dir=cache, local_files_only=True))
+    except Exception:
+        reason = "offline mode (HF_HUB_OFFLINE=1)" if online_error is None else f"download failed: {online_error}"
+        raise FileNotFoundError(f"{repo_id}/{filename} is not in the local Hugging Face cache "
+                                f"({cache or 'default cache'}) and {reason}; {how_to}") from None

@@ -1,0 +1,57 @@
+"""Convolutional feed-forward pieces: the depth-wise ConvModule and FFConvM."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _Transpose12(nn.Module):
+    """Parameter-free ``[B, T, C] <-> [B, C, T]``; keeps the official ``sequential.1`` key position."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+class DepthwiseConv1d(nn.Module):
+    """Depth-wise Conv1d without bias, same-length padding. x: ``[B, C, T]`` -> ``[B, C, T]``."""
+
+    def __init__(self, channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2,
+                              groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class ConvModule(nn.Module):
+    """Residual depth-wise convolution along time. x: ``[B, T, C]`` -> ``[B, T, C]``."""
+
+    def __init__(self, channels: int, kernel_size: int = 17) -> None:
+        super().__init__()
+        self.sequential = nn.Sequential(_Transpose12(), DepthwiseConv1d(channels, kernel_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sequential(x).transpose(1, 2)
+
+
+class FeedForwardConv(nn.Module):
+    """FFConvM: norm -> Linear -> SiLU -> ConvModule -> Dropout. x: ``[B, T, d_in]`` -> ``[B, T, d_out]``.
+
+    ``norm`` is ScaleNorm in the FLASH layers and LayerNorm in the gated FSMN.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, norm: nn.Module, kernel_size: int = 17,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.mdl = nn.Sequential(
+            norm,
+            nn.Linear(dim_in, dim_out),
+            nn.SiLU(),
+            ConvModule(dim_out, kernel_size),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mdl(x)

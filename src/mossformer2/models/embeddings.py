@@ -1,0 +1,56 @@
+"""Position encodings computed in our own code (no einops / rotary-embedding-torch; ONNX-exportable)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def sinusoidal_inv_freq(dim: int) -> torch.Tensor:
+    """``10000^(-2j/dim)`` for j = 0..dim/2-1 (float32)."""
+    return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+class ScaledSinusoidalEmbedding(nn.Module):
+    """Absolute position table ``scale * concat(sin(t f), cos(t f))`` (halves concatenated, not interleaved).
+
+    Returns ``[F, dim]`` for a sequence of ``num_frames``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.register_buffer("inv_freq", sinusoidal_inv_freq(dim))
+
+    def forward(self, num_frames: int, device: torch.device) -> torch.Tensor:
+        t = torch.arange(num_frames, device=device).to(self.inv_freq.dtype)
+        angles = t[:, None] * self.inv_freq[None, :]
+        return torch.cat((angles.sin(), angles.cos()), dim=-1) * self.scale
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding on the first ``dim`` features, interleaved pairs (2i, 2i+1).
+
+    Matches rotary-embedding-torch 0.8.3: angle = float32(pos) * freq_i, freq_i = 10000^(-2i/dim).
+    One instance is shared by all FLASH layers (hence the aliased ``freqs`` entries in the state dict).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.freqs = nn.Parameter(sinusoidal_inv_freq(dim), requires_grad=False)
+
+    def cos_sin(self, num_frames: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables ``[F, dim]`` with each angle repeated for its pair."""
+        t = torch.arange(num_frames, device=device).to(self.freqs.dtype)
+        angles = t[:, None] * self.freqs[None, :]  # [F, dim/2]
+        angles = angles.repeat_interleave(2, dim=-1)  # [F, dim]
+        return angles.cos(), angles.sin()
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: ``[B, F, d]`` (d >= dim) -> rotated copy; features beyond ``dim`` pass through."""
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        pairs = rot.unflatten(-1, (-1, 2))
+        rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        rot = rot * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
+        return torch.cat((rot, rest), dim=-1)

@@ -1,0 +1,89 @@
+"""Gated FLASH attention layer (FLASH_ShareA_FFConvM): local quadratic + global linear attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mossformer2.models.convolution import FeedForwardConv
+from mossformer2.models.embeddings import RotaryEmbedding
+from mossformer2.models.norms import ScaleNorm
+
+
+class OffsetScale(nn.Module):
+    """Per-head ``x * gamma_h + beta_h``. x: ``[B, F, d]`` -> ``heads`` tensors ``[B, F, d]``."""
+
+    def __init__(self, dim: int, heads: int = 4) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(heads, dim))
+        self.beta = nn.Parameter(torch.zeros(heads, dim))
+        nn.init.normal_(self.gamma, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = x.unsqueeze(-2) * self.gamma + self.beta  # [B, F, heads, d]
+        return list(out.unbind(dim=-2))
+
+
+class FLASHLayer(nn.Module):
+    """One FLASH layer with shared-A attention and FFConvM projections. x: ``[B, F, D]`` -> ``[B, F, D]``.
+
+    Token shift delays the first half of the features by one frame before the projections. Attention is
+    ReLU(q k^T / g)^2 inside non-overlapping groups of ``g`` frames plus a global linear attention divided by the
+    true frame count. Gating pairs crosswise: ``out = att_u * v * sigmoid(att_v * u)``.
+    """
+
+    def __init__(self, dim: int, rotary: RotaryEmbedding, group_size: int = 256, query_key_dim: int = 128,
+                 expansion_factor: float = 4.0, dropout: float = 0.1, conv_kernel_size: int = 17) -> None:
+        super().__init__()
+        hidden = int(dim * expansion_factor)
+        self.group_size = group_size
+        self.rotary_pos_emb = rotary
+        self.dropout = nn.Dropout(dropout)
+        self.to_hidden = FeedForwardConv(dim, hidden, ScaleNorm(dim), conv_kernel_size, dropout)
+        self.to_qk = FeedForwardConv(dim, query_key_dim, ScaleNorm(dim), conv_kernel_size, dropout)
+        self.qk_offset_scale = OffsetScale(query_key_dim, heads=4)
+        self.to_out = FeedForwardConv(hidden // 2, dim, ScaleNorm(hidden // 2), conv_kernel_size, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        shifted = F.pad(x[..., :half], (0, 0, 1, -1))  # frame t takes frame t-1, frame 0 gets zeros
+        shifted_x = torch.cat((shifted, x[..., half:]), dim=-1)
+        v, u = self.to_hidden(shifted_x).chunk(2, dim=-1)  # [B, F, H/2] each
+        qk = self.to_qk(shifted_x)
+        quad_q, lin_q, quad_k, lin_k = self.qk_offset_scale(qk)
+        att_v, att_u = self._attention(quad_q, lin_q, quad_k, lin_k, v, u)
+        out = (att_u * v) * torch.sigmoid(att_v * u)
+        return x + self.to_out(out)
+
+    def _attention(self, quad_q: torch.Tensor, lin_q: torch.Tensor, quad_k: torch.Tensor, lin_k: torch.Tensor,
+                   v: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q/k: ``[B, F, dk]``; v/u: ``[B, F, dv]`` -> (att_v, att_u) ``[B, F, dv]``."""
+        B, n = v.shape[0], v.shape[1]
+        g = self.group_size
+        cos, sin = self.rotary_pos_emb.cos_sin(n, v.device)
+        rotate = self.rotary_pos_emb.rotate
+        quad_q, lin_q, quad_k, lin_k = (rotate(t, cos, sin) for t in (quad_q, lin_q, quad_k, lin_k))
+
+        # Global linear attention over the unpadded sequence (padding frames would add zeros anyway).
+        vu = torch.cat((v, u), dim=-1)  # [B, F, 2dv]
+        lin_kvu = torch.matmul(lin_k.transpose(1, 2), vu) / n  # [B, dk, 2dv]
+        lin_out = torch.matmul(lin_q, lin_kvu)  # [B, F, 2dv]
+
+        # Local quadratic attention in groups of g frames; zero padding makes padded keys contribute nothing,
+        # which is what the reference's key mask does (ReLU(0)^2 = 0 and padded values are zero).
+        padding = (g - n % g) % g
+        if padding > 0:
+            quad_q = F.pad(quad_q, (0, 0, 0, padding))
+            quad_k = F.pad(quad_k, (0, 0, 0, padding))
+            vu = F.pad(vu, (0, 0, 0, padding))
+        groups = (n + padding) // g
+        quad_q = quad_q.reshape(B, groups, g, -1)
+        quad_k = quad_k.reshape(B, groups, g, -1)
+        vu = vu.reshape(B, groups, g, -1)
+        attn = F.relu(torch.matmul(quad_q, quad_k.transpose(-1, -2)) / g) ** 2  # [B, G, g, g]
+        attn = self.dropout(attn)
+        quad_out = torch.matmul(attn, vu).reshape(B, groups * g, -1)[:, :n]  # [B, F, 2dv]
+
+        att_v, att_u = (quad_out + lin_out).chunk(2, dim=-1)
+        return att_v, att_u

@@ -1,0 +1,95 @@
+"""Gated dilated FSMN block (Gated_FSMN_Block_Dilated) and its parts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mossformer2.models.convolution import FeedForwardConv
+from mossformer2.models.norms import ChannelLayerNorm
+
+
+class DilatedDenseNet(nn.Module):
+    """Two dense stages of depth-wise dilated convolutions along time (kernel ``2*lorder-1``, non-causal).
+
+    x: ``[B, C, F, 1]`` -> ``[B, C, F, 1]``. Stage 2 convolves ``concat(o1, x)`` with ``groups=C``, so output channel
+    j reads concat channels 2j and 2j+1 (the official layout, kept for checkpoint compatibility). Weights keep the
+    official Conv2d shapes ``[C, k, 39, 1]``; the computation runs as Conv1d, which is faster.
+    InstanceNorm uses per-example statistics over time, also in eval.
+    """
+
+    depth = 2
+
+    def __init__(self, channels: int, lorder: int = 20) -> None:
+        super().__init__()
+        self.channels = channels
+        kernel = (2 * lorder - 1, 1)
+        self.paddings = [lorder + (2**i - 1) * (lorder - 1) - 1 for i in range(self.depth)]
+        self.conv1 = nn.Conv2d(channels, channels, kernel, dilation=(1, 1), groups=channels, bias=False)
+        self.norm1 = nn.InstanceNorm2d(channels, affine=True)
+        self.prelu1 = nn.PReLU(channels)
+        self.conv2 = nn.Conv2d(2 * channels, channels, kernel, dilation=(2, 1), groups=channels, bias=False)
+        self.norm2 = nn.InstanceNorm2d(channels, affine=True)
+        self.prelu2 = nn.PReLU(channels)
+
+    def _stage(self, x: torch.Tensor, conv: nn.Conv2d, norm: nn.InstanceNorm2d, prelu: nn.PReLU,
+               padding: int, dilation: int) -> torch.Tensor:
+        out = F.conv1d(x, conv.weight.squeeze(-1), padding=padding, dilation=dilation, groups=self.channels)
+        out = F.instance_norm(out, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+        return F.prelu(out, prelu.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.squeeze(-1)  # [B, C, F]
+        o1 = self._stage(x, self.conv1, self.norm1, self.prelu1, self.paddings[0], 1)
+        o2 = self._stage(torch.cat((o1, x), dim=1), self.conv2, self.norm2, self.prelu2, self.paddings[1], 2)
+        return o2.unsqueeze(-1)
+
+
+class DilatedFSMN(nn.Module):
+    """UniDeepFsmn_dilated: ``x + DilatedDenseNet(project(ReLU(linear(x))))``. x: ``[B, F, C]`` -> ``[B, F, C]``."""
+
+    def __init__(self, channels: int, lorder: int = 20) -> None:
+        super().__init__()
+        self.linear = nn.Linear(channels, channels)
+        self.project = nn.Linear(channels, channels, bias=False)
+        self.conv = DilatedDenseNet(channels, lorder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.project(F.relu(self.linear(x)))  # [B, F, C]
+        memory = self.conv(p.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        return x + memory
+
+
+class GatedFSMN(nn.Module):
+    """Gated_FSMN_dilated: ``to_v(x) * fsmn(to_u(x)) + x``. x: ``[B, F, C]`` -> ``[B, F, C]``."""
+
+    def __init__(self, channels: int, lorder: int = 20, conv_kernel_size: int = 17, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.to_u = FeedForwardConv(channels, channels, nn.LayerNorm(channels), conv_kernel_size, dropout)
+        self.to_v = FeedForwardConv(channels, channels, nn.LayerNorm(channels), conv_kernel_size, dropout)
+        self.fsmn = DilatedFSMN(channels, lorder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_v(x) * self.fsmn(self.to_u(x)) + x
+
+
+class GatedFSMNBlock(nn.Module):
+    """Bottleneck around the gated FSMN: 1x1 conv D->I, PReLU, LN, gated FSMN, LN, 1x1 conv I->D, residual.
+
+    x: ``[B, F, D]`` -> ``[B, F, D]``.
+    """
+
+    def __init__(self, dim: int, inner_dim: int = 256, lorder: int = 20, conv_kernel_size: int = 17,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv1d(dim, inner_dim, 1), nn.PReLU())
+        self.norm1 = ChannelLayerNorm(inner_dim)
+        self.gated_fsmn = GatedFSMN(inner_dim, lorder, conv_kernel_size, dropout)
+        self.norm2 = ChannelLayerNorm(inner_dim)
+        self.conv2 = nn.Conv1d(inner_dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(self.conv1(x.transpose(1, 2)))  # [B, I, F]
+        h = self.gated_fsmn(h.transpose(1, 2)).transpose(1, 2)
+        return self.conv2(self.norm2(h)).transpose(1, 2) + x

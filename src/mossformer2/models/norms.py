@@ -1,0 +1,30 @@
+"""Normalisation layers of MossFormer2."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ScaleNorm(nn.Module):
+    """``g * x / max(||x||_2 / sqrt(d), eps)`` over the last dim, one learnable scalar ``g``.
+
+    x: ``[..., d]`` -> ``[..., d]``.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.scale = dim**-0.5
+        self.eps = eps
+        self.g = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * self.scale
+        return x / norm.clamp(min=self.eps) * self.g
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel dim of a channels-first tensor. x: ``[B, C, T]`` -> ``[B, C, T]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)

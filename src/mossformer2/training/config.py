@@ -1,0 +1,204 @@
+"""Typed training configuration: ``model``, ``data``, ``optim`` and ``trainer`` sections loaded from YAML.
+
+Unknown keys and wrongly typed values raise :class:`mossformer2.config_utils.ConfigError` naming the key.
+``model`` may name a preset (``model: {name: MossFormer2-S, dropout: 0.0}``): the named configuration is the
+base and the other keys override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mossformer2.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, save_yaml, to_dict
+from mossformer2.models.config import MossFormer2Config, get_config
+
+ModelSection = MossFormer2Config
+
+
+@dataclass
+class DynamicMixingConfig:
+    """On-the-fly mixtures of single-speaker utterances (``<root>/<speaker>/*.wav`` or ``path speaker`` lists)."""
+
+    train_utterances: str | list[str] | None = None  # folder(s) or list file(s) of training speakers
+    valid_utterances: str | list[str] | None = None  # held-out speakers: fixed validation mixtures
+    examples_per_epoch: int = 20000
+    valid_examples: int = 200
+    gain_db: list[float] = field(default_factory=lambda: [-2.5, 2.5])  # per-source level around equal RMS
+    speed_perturb: list[float] | None = None  # e.g. [0.95, 1.05]: random speed factor per source (soxr)
+    noise: str | None = None  # folder or list of noise files; None: no noise
+    noise_snr_db: list[float] = field(default_factory=lambda: [10.0, 20.0])  # speech-to-noise ratio
+    noise_prob: float = 1.0  # chance that a mixture gets noise (when ``noise`` is set)
+    valid_max_seconds: float = 6.0  # validation mixtures use the shortest utterance, capped here
+
+
+@dataclass
+class DataConfig:
+    sample_rate: int = 16000
+    segment_seconds: float = 4.0  # random training crops; same offset for mix and sources
+    train: str | None = None  # pre-mixed training set: wsj0-2mix folder, LibriMix CSV or scp list
+    valid: str | None = None  # pre-mixed validation set (full utterances)
+    dynamic_mixing: DynamicMixingConfig | None = None  # replaces ``train`` (and ``valid`` if it has speakers)
+    max_valid_seconds: float | None = None  # crop long validation utterances (memory); None: full length
+    batch_size: int = 1
+    valid_batch_size: int = 1
+    num_workers: int = 2
+    cache_audio: bool = False  # keep decoded audio in memory (small corpora)
+    skip_bad_files: bool = False  # skip and count unreadable files instead of stopping with an error
+    synthetic: bool = False  # generate a small synthetic speaker corpus in <exp-dir>/synthetic (smoke tests)
+    synthetic_speakers: int = 12
+    synthetic_utterances: int = 8  # per speaker
+    synthetic_seconds: float = 2.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # actually applied (the official recipe parses 1e-5 but never uses it)
+    decoupled_weight_decay: bool = False  # True: AdamW; False: Adam with L2 weight decay
+    grad_clip: float | None = 5.0  # max grad norm, applied once per optimizer step (None: no clipping)
+    accum_steps: int = 1  # micro-batches per optimizer step
+    plateau_patience: int = 2  # epochs without validation improvement before halving the lr
+    plateau_factor: float = 0.5
+    min_lr: float = 0.0
+    early_stop_patience: int | None = 10  # epochs without improvement before stopping (None: never)
+    loss_clamp_db: float | None = None  # cap each speaker's SI-SDR in the loss (e.g. 30)
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 120
+    max_steps: int | None = None  # stop after this many optimizer steps (None: epochs decide)
+    seed: int = 777
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = False
+    init_from: str | None = None  # fine-tune: official checkpoint or one of ours
+    resume: bool = True  # continue from <exp-dir>/last.pt when it exists
+    checkpoint_every_steps: int | None = 5000
+    log_every_steps: int = 50
+    audio_examples: int = 2  # validation examples written to TensorBoard
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> None:
+        d, o, t = self.data, self.optim, self.trainer
+        _positive(self, "data.sample_rate", "data.segment_seconds", "data.batch_size", "data.valid_batch_size",
+                  "optim.lr", "optim.accum_steps", "trainer.max_epochs", "trainer.log_every_steps")
+        if d.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
+        if d.sample_rate != self.model.sample_rate:
+            raise ConfigError(f"data.sample_rate ({d.sample_rate}) must equal model.sample_rate "
+                              f"({self.model.sample_rate})")
+        dm = d.dynamic_mixing
+        if d.synthetic:
+            if d.train or d.valid or dm is not None:
+                raise ConfigError("data.synthetic generates its own data: leave data.train, data.valid and "
+                                  "data.dynamic_mixing unset")
+            if d.synthetic_speakers < self.model.num_spks + 2:
+                raise ConfigError("data.synthetic_speakers must exceed model.num_spks + 1 (speakers are split "
+                                  "into training and held-out validation speakers)")
+        elif dm is not None:
+            if not dm.train_utterances:
+                raise ConfigError("data.dynamic_mixing.train_utterances is required with dynamic mixing")
+            if d.train:
+                raise ConfigError("set either data.train (pre-mixed) or data.dynamic_mixing, not both")
+            if not (d.valid or dm.valid_utterances):
+                raise ConfigError("validation data is required: set data.valid (pre-mixed) or "
+                                  "data.dynamic_mixing.valid_utterances (held-out speakers)")
+        else:
+            if not d.train or not d.valid:
+                raise ConfigError("set data.train and data.valid (wsj0-2mix folder, LibriMix CSV or scp list), "
+                                  "or data.dynamic_mixing, or data.synthetic: true")
+        if dm is not None:
+            _range(dm.gain_db, "data.dynamic_mixing.gain_db")
+            _range(dm.noise_snr_db, "data.dynamic_mixing.noise_snr_db")
+            if dm.speed_perturb is not None:
+                _range(dm.speed_perturb, "data.dynamic_mixing.speed_perturb")
+                if dm.speed_perturb[0] <= 0:
+                    raise ConfigError("data.dynamic_mixing.speed_perturb factors must be > 0")
+            if dm.examples_per_epoch <= 0 or dm.valid_examples <= 0:
+                raise ConfigError("data.dynamic_mixing.examples_per_epoch and valid_examples must be > 0")
+            if not 0.0 <= dm.noise_prob <= 1.0:
+                raise ConfigError("data.dynamic_mixing.noise_prob must be in [0, 1]")
+        if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        if o.weight_decay < 0 or (o.grad_clip is not None and o.grad_clip <= 0):
+            raise ConfigError("optim.weight_decay must be >= 0 and optim.grad_clip > 0 (or null)")
+        if not 0.0 < o.plateau_factor < 1.0:
+            raise ConfigError("optim.plateau_factor must be in (0, 1)")
+        if t.max_steps is not None and t.max_steps <= 0:
+            raise ConfigError("trainer.max_steps must be > 0 or null")
+        if t.checkpoint_every_steps is not None and t.checkpoint_every_steps <= 0:
+            raise ConfigError("trainer.checkpoint_every_steps must be > 0 or null")
+
+
+def _positive(cfg: TrainConfig, *names: str) -> None:
+    for name in names:
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+def _range(values: list[float], name: str) -> None:
+    if len(values) != 2 or values[0] > values[1]:
+        raise ConfigError(f"{name} must be [low, high] with low <= high, got {values}")
+
+
+def _model_section(data: Any) -> MossFormer2Config:
+    """``model`` mapping -> config; a ``name`` key selects a preset that the other keys override."""
+    if isinstance(data, MossFormer2Config):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"model: expected a mapping, got {type(data).__name__}")
+    data = dict(data)
+    name = data.pop("name", None)
+    base = to_dict(get_config(name)) if name else {}
+    try:
+        return from_dict(MossFormer2Config, {**base, **data}, "model")
+    except ConfigError:
+        raise
+    except ValueError as err:  # an unknown preset name
+        raise ConfigError(f"model.name: {err}") from err
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"training config: expected a mapping, got {type(data).__name__}")
+    data = dict(data)
+    model = _model_section(data.pop("model", None))
+    cfg = from_dict(TrainConfig, data, "config")
+    cfg = dataclasses.replace(cfg, model=model)
+    cfg.validate()
+    return cfg
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a YAML training config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    where = f"{path}: " if path is not None else ""
+    try:
+        return train_config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from None
+
+
+def save_train_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML, atomically."""
+    save_yaml(cfg, path)

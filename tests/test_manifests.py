@@ -1,0 +1,144 @@
+"""load_manifest: wsj0-2mix folders, LibriMix CSVs, list/scp files and their error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mossformer2.data.manifests import MixtureEntry, load_manifest
+
+
+def touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")  # the manifest loader never reads audio, only checks that files exist
+    return path
+
+
+def make_folder(root: Path, names: list[str], num_spks: int = 2) -> None:
+    for name in names:
+        touch(root / "mix" / name)
+        for k in range(num_spks):
+            touch(root / f"s{k + 1}" / name)
+
+
+def test_folder_layout_pairs_by_relative_name_recursively(tmp_path):
+    make_folder(tmp_path, ["b.wav", "a.wav", "sub/c.flac"], num_spks=3)
+    touch(tmp_path / "mix" / "notes.txt")  # non-audio files are ignored
+    entries = load_manifest(tmp_path)
+    assert [e.id for e in entries] == ["a", "b", "sub/c"]
+    c = entries[2]
+    assert c.mix == tmp_path / "mix" / "sub" / "c.flac"
+    assert c.sources == [tmp_path / f"s{k}" / "sub" / "c.flac" for k in (1, 2, 3)]
+    assert all(isinstance(e, MixtureEntry) for e in entries)
+
+
+def test_folder_num_spks_limits_and_checks_source_folders(tmp_path):
+    make_folder(tmp_path, ["a.wav"], num_spks=3)
+    assert len(load_manifest(tmp_path, num_spks=2)[0].sources) == 2
+    with pytest.raises(FileNotFoundError, match="s4"):
+        load_manifest(tmp_path, num_spks=4)
+
+
+def test_folder_names_files_missing_in_a_source_folder(tmp_path):
+    make_folder(tmp_path, ["a.wav", "b.wav"])
+    (tmp_path / "s2" / "b.wav").unlink()
+    with pytest.raises(FileNotFoundError, match=r"s2.*b\.wav"):
+        load_manifest(tmp_path)
+
+
+def test_folder_without_mix_or_sources_is_rejected(tmp_path):
+    touch(tmp_path / "x" / "a.wav")
+    with pytest.raises(ValueError, match="no 'mix/'"):
+        load_manifest(tmp_path)
+    touch(tmp_path / "mix" / "a.wav")
+    with pytest.raises(ValueError, match="no source folders"):
+        load_manifest(tmp_path)
+
+
+def test_librimix_csv_relative_and_absolute_paths(tmp_path):
+    touch(tmp_path / "data" / "mix" / "m1.wav")
+    touch(tmp_path / "data" / "s1" / "m1.wav")
+    absolute = touch(tmp_path / "elsewhere" / "m1_s2.wav")
+    csv_path = tmp_path / "data" / "mixture_test_mix_clean.csv"
+    csv_path.write_text("mixture_ID,mixture_path,source_1_path,source_2_path,length\n"
+                        f"m1,mix/m1.wav,s1/m1.wav,{absolute},16000\n")
+    (entry,) = load_manifest(csv_path, num_spks=2)
+    assert entry.id == "m1"
+    assert entry.mix == tmp_path / "data" / "mix" / "m1.wav"
+    assert entry.sources == [tmp_path / "data" / "s1" / "m1.wav", absolute]
+
+
+def test_librimix_csv_errors_name_file_and_line(tmp_path):
+    csv_path = tmp_path / "meta.csv"
+    touch(tmp_path / "m.wav")
+    touch(tmp_path / "a.wav")
+    csv_path.write_text("mixture_ID,mixture_path,source_1_path,source_2_path\n"
+                        "m,m.wav,a.wav,a.wav\n"
+                        "n,m.wav,a.wav,missing.wav\n")
+    with pytest.raises(FileNotFoundError, match=r"missing\.wav \(line 3\)"):
+        load_manifest(csv_path)
+    with pytest.raises(ValueError, match="3 speakers"):
+        load_manifest(csv_path, num_spks=3)
+    csv_path.write_text("mixture_ID,mixture_path,source_1_path,source_2_path\nm,m.wav,a.wav,\n")
+    with pytest.raises(ValueError, match="line 2: empty"):
+        load_manifest(csv_path)
+    csv_path.write_text("mixture_ID,mixture_path,source_2_path\nm,m.wav,a.wav\n")
+    with pytest.raises(ValueError, match="source_1_path"):
+        load_manifest(csv_path)
+    csv_path.write_text("mixture_ID,mixture_path,source_1_path\nm,m.wav,a.wav\nm,m.wav,a.wav\n")
+    with pytest.raises(ValueError, match="'m' appears more than once"):
+        load_manifest(csv_path)
+
+
+def test_list_file_comments_blank_lines_and_relative_paths(tmp_path):
+    for name in ("a/mix.wav", "a/s1.wav", "a/s2.wav", "b/mix2.wav", "b/s1.wav", "b/s2.wav"):
+        touch(tmp_path / name)
+    scp = tmp_path / "test.scp"
+    scp.write_text("# mixture s1 s2\n\n"
+                   "a/mix.wav a/s1.wav a/s2.wav   # trailing comment\n"
+                   f"  {tmp_path / 'b/mix2.wav'}\tb/s1.wav b/s2.wav\n")
+    entries = load_manifest(scp)
+    assert [e.id for e in entries] == ["mix", "mix2"]
+    assert entries[0].sources == [tmp_path / "a" / "s1.wav", tmp_path / "a" / "s2.wav"]
+    assert entries[1].mix == tmp_path / "b" / "mix2.wav"
+
+
+def test_list_duplicate_stems_get_unique_path_ids(tmp_path):
+    for name in ("a/mix.wav", "b/mix.wav", "s.wav"):
+        touch(tmp_path / name)
+    lst = tmp_path / "list.txt"
+    lst.write_text("a/mix.wav s.wav\nb/mix.wav s.wav\n")
+    ids = [e.id for e in load_manifest(lst)]
+    assert len(set(ids)) == 2 and ids[0].endswith("a/mix") and ids[1].endswith("b/mix")
+
+
+def test_list_errors_name_file_and_line(tmp_path):
+    for name in ("m.wav", "a.wav", "b.wav", "c.wav"):
+        touch(tmp_path / name)
+    lst = tmp_path / "list.txt"
+    lst.write_text("m.wav a.wav b.wav\nm.wav a.wav b.wav c.wav\n")
+    with pytest.raises(ValueError, match=r"list\.txt, line 2: 3 source\(s\), but line 1 has 2"):
+        load_manifest(lst)
+    lst.write_text("m.wav a.wav b.wav\nonlyone.wav\n")
+    with pytest.raises(ValueError, match="line 2"):
+        load_manifest(lst)
+    lst.write_text("# header\nm.wav a.wav b.wav\n")
+    with pytest.raises(ValueError, match="line 2: 2 source.*3 speakers"):
+        load_manifest(lst, num_spks=3)
+    lst.write_text("m.wav a.wav nope.wav\n")
+    with pytest.raises(FileNotFoundError, match=r"nope\.wav \(line 1\)"):
+        load_manifest(lst)
+    assert load_manifest(lst, check_files=False)[0].sources[1].name == "nope.wav"
+    lst.write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="no mixtures"):
+        load_manifest(lst)
+
+
+def test_missing_manifest_and_binary_list(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        load_manifest(tmp_path / "nope.csv")
+    binary = tmp_path / "list.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    with pytest.raises(ValueError, match="not a text list"):
+        load_manifest(binary)
