@@ -45,16 +45,19 @@ def si_sdr(est: np.ndarray, ref: np.ndarray) -> np.ndarray | float:
 def sdr(est: np.ndarray, ref: np.ndarray, filter_length: int = BSS_EVAL_FILTER_LENGTH) -> np.ndarray | float:
     """BSS-eval v3 SDR in dB of matching pairs (estimate i against reference i, no permutation search).
 
-    ``est``, ``ref``: ``[..., T]`` -> ``[...]``. The SDR only involves the projection of an estimate onto its own
-    reference (and its delays up to ``filter_length``), so it is independent of the other references.
+    ``est``, ``ref``: ``[..., T]`` -> ``[...]``. The SDR only involves the projection of an estimate onto its
+    own reference (and its delays up to ``filter_length``), so it is independent of the other references.
     """
-    from fast_bss_eval.numpy import sdr_loss
+    # fast_bss_eval's numpy backend trips over NumPy 2's linalg.solve broadcasting rules; its torch backend
+    # computes the same thing (in float64 here).
+    from fast_bss_eval.torch import sdr_loss
 
     est, ref = _pair(est, ref)
     if est.shape[-1] < filter_length:
         raise ValueError(f"signals of {est.shape[-1]} samples are shorter than the BSS-eval filter "
                          f"({filter_length} taps)")
-    value = -sdr_loss(est[..., None, :], ref[..., None, :], filter_length=filter_length)[..., 0]
+    est_t, ref_t = torch.from_numpy(est)[..., None, :], torch.from_numpy(ref)[..., None, :]
+    value = -sdr_loss(est_t, ref_t, filter_length=filter_length)[..., 0].numpy()
     return float(value) if value.ndim == 0 else value
 
 
@@ -81,6 +84,8 @@ def pesq_wb(est: np.ndarray, ref: np.ndarray, sample_rate: int) -> np.ndarray | 
     mode = "wb" if sample_rate == 16000 else "nb"
 
     def one(e: np.ndarray, r: np.ndarray) -> float:
+        if not np.abs(r).max() > 0:
+            raise ValueError("PESQ failed: the reference is silent")
         try:
             return pesq(sample_rate, r, e, mode)
         except PesqError as err:  # e.g. no speech found in a silent reference
@@ -110,11 +115,11 @@ def score_separation(est: np.ndarray, ref: np.ndarray, mix: np.ndarray, sample_r
                      metrics: str | Iterable[str] = METRICS, score_rate: int | None = None) -> dict:
     """Score separated speakers against references, after PIT alignment.
 
-    ``est``, ``ref``: ``[S, T]``; ``mix``: ``[T]``, all at ``sample_rate``. With ``score_rate`` set (e.g. 8000 to
-    compare with published 8 kHz numbers), all three are resampled with soxr before scoring.
-    Returns a dict: ``permutation`` (list: estimate i matches reference ``permutation[i]``, chosen by SI-SDR),
-    then per metric the mean over speakers (``si_sdr``, ``sdr``, ``pesq``, ``stoi``), the improvements over the
-    mixture ``si_sdri`` and ``sdri``, and the per-speaker values under ``per_speaker``.
+    ``est``, ``ref``: ``[S, T]``; ``mix``: ``[T]``, all at ``sample_rate``. With ``score_rate`` set (e.g. 8000
+    to compare with published 8 kHz numbers), all three are resampled with soxr before scoring.
+    Returns a dict: ``permutation`` (list: estimate i matches reference ``permutation[i]``, chosen by
+    SI-SDR), then per metric the mean over speakers (``si_sdr``, ``sdr``, ``pesq``, ``stoi``), the
+    improvements over the mixture ``si_sdri`` and ``sdri``, and the per-speaker values under ``per_speaker``.
     """
     names = parse_metrics(metrics)
     est = np.asarray(est, dtype=np.float64)

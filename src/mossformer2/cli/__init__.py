@@ -24,7 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        module = importlib.import_module(f"mossformer2.cli.{name}")
+        try:
+            module = importlib.import_module(f"mossformer2.cli.{name}")
+        except ModuleNotFoundError as err:
+            # Only a missing subcommand module itself is tolerated (tests assert all are present).
+            if err.name != f"mossformer2.cli.{name}":
+                raise
+            continue
         sub_parser = module.add_parser(sub)
         sub_parser.set_defaults(_run=module.run)
     return parser

@@ -40,11 +40,15 @@ class RotaryEmbedding(nn.Module):
         self.dim = dim
         self.freqs = nn.Parameter(sinusoidal_inv_freq(dim), requires_grad=False)
 
-    def cos_sin(self, num_frames: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables ``[F, dim]`` with each angle repeated for its pair."""
-        t = torch.arange(num_frames, device=device).to(self.freqs.dtype)
-        angles = t[:, None] * self.freqs[None, :]  # [F, dim/2]
-        angles = angles.repeat_interleave(2, dim=-1)  # [F, dim]
+    def cos_sin(self, num_frames: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables ``[F, dim]`` in ``dtype``, each angle repeated for its pair.
+
+        Angles are float32 products as in the reference library (which caches them in float32), then cast.
+        """
+        t = torch.arange(num_frames, device=device, dtype=torch.float32)
+        angles = t[:, None] * self.freqs.float()[None, :]  # [F, dim/2]
+        angles = angles.repeat_interleave(2, dim=-1).to(dtype)  # [F, dim]
         return angles.cos(), angles.sin()
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -52,5 +56,5 @@ class RotaryEmbedding(nn.Module):
         rot, rest = x[..., : self.dim], x[..., self.dim :]
         pairs = rot.unflatten(-1, (-1, 2))
         rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-        rot = rot * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
+        rot = rot * cos + rotated_half * sin
         return torch.cat((rot, rest), dim=-1)

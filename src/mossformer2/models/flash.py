@@ -61,7 +61,7 @@ class FLASHLayer(nn.Module):
         """q/k: ``[B, F, dk]``; v/u: ``[B, F, dv]`` -> (att_v, att_u) ``[B, F, dv]``."""
         B, n = v.shape[0], v.shape[1]
         g = self.group_size
-        cos, sin = self.rotary_pos_emb.cos_sin(n, v.device)
+        cos, sin = self.rotary_pos_emb.cos_sin(n, v.device, quad_q.dtype)
         rotate = self.rotary_pos_emb.rotate
         quad_q, lin_q, quad_k, lin_k = (rotate(t, cos, sin) for t in (quad_q, lin_q, quad_k, lin_k))
 

@@ -126,6 +126,8 @@ class MossFormer2(nn.Module):
         c = self.config
         self.num_spks = c.num_spks
         self.kernel_size = c.encoder_kernel_size
+        # Instance norm over time needs two or more encoder frames.
+        self.min_input_length = c.encoder_kernel_size + c.hop_size
         self.enc = Encoder(c.encoder_kernel_size, c.encoder_embedding_dim)
         self.mask_net = MaskNet(c)
         self.dec = nn.ConvTranspose1d(c.mossformer_sequence_dim, 1, c.encoder_kernel_size,
@@ -157,10 +159,10 @@ class MossFormer2(nn.Module):
                 f"MossFormer2 expects floating-point samples in [-1, 1], got dtype {wave.dtype}; "
                 "convert integer PCM first (e.g. int16 / 32768)"
             )
-        if wave.shape[-1] < self.kernel_size:
+        if wave.shape[-1] < self.min_input_length:
             raise ValueError(
-                f"input has {wave.shape[-1]} samples, fewer than the encoder kernel ({self.kernel_size}); "
-                "the signal is too short to separate"
+                f"input has {wave.shape[-1]} samples but the network needs at least {self.min_input_length} "
+                f"(two encoder frames of kernel {self.kernel_size}); the signal is too short to separate"
             )
         if not bool(torch.isfinite(wave).all()):
             raise ValueError("input contains NaN or infinite samples")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from mossformer2.losses import best_permutation, pairwise_si_sdr, reorder_estimates
+from mossformer2.losses import best_permutation, pairwise_si_sdr
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -176,4 +176,4 @@ def clearvoice_audio_norm(wave: np.ndarray) -> np.ndarray:
 
 __all__ = ["AlignedStitcher", "align_to_reference", "clearvoice_audio_norm", "clearvoice_padded_length",
            "clearvoice_separate", "clearvoice_window_count", "crossfade_weights", "plan_chunks",
-           "reorder_estimates", "stitch_aligned"]
+           "stitch_aligned"]

@@ -27,6 +27,7 @@ class DynamicMixingConfig:
     examples_per_epoch: int = 20000
     valid_examples: int = 200
     gain_db: list[float] = field(default_factory=lambda: [-2.5, 2.5])  # per-source level around equal RMS
+    level_db: list[float] = field(default_factory=lambda: [-30.0, -20.0])  # mixture RMS in dBFS
     speed_perturb: list[float] | None = None  # e.g. [0.95, 1.05]: random speed factor per source (soxr)
     noise: str | None = None  # folder or list of noise files; None: no noise
     noise_snr_db: list[float] = field(default_factory=lambda: [10.0, 20.0])  # speech-to-noise ratio
@@ -104,9 +105,9 @@ class TrainConfig:
                               f"({self.model.sample_rate})")
         dm = d.dynamic_mixing
         if d.synthetic:
-            if d.train or d.valid or dm is not None:
+            if d.train or d.valid or (dm is not None and (dm.train_utterances or dm.valid_utterances)):
                 raise ConfigError("data.synthetic generates its own data: leave data.train, data.valid and "
-                                  "data.dynamic_mixing unset")
+                                  "data.dynamic_mixing's utterance lists unset")
             if d.synthetic_speakers < self.model.num_spks + 2:
                 raise ConfigError("data.synthetic_speakers must exceed model.num_spks + 1 (speakers are split "
                                   "into training and held-out validation speakers)")
@@ -125,6 +126,7 @@ class TrainConfig:
         if dm is not None:
             _range(dm.gain_db, "data.dynamic_mixing.gain_db")
             _range(dm.noise_snr_db, "data.dynamic_mixing.noise_snr_db")
+            _range(dm.level_db, "data.dynamic_mixing.level_db")
             if dm.speed_perturb is not None:
                 _range(dm.speed_perturb, "data.dynamic_mixing.speed_perturb")
                 if dm.speed_perturb[0] <= 0:

@@ -1,0 +1,251 @@
+"""``mossformer2 separate``: separate files, folders, globs or lists of recordings into one file per speaker."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".m4a", ".aac", ".opus", ".aif", ".aiff", ".au",
+                    ".caf", ".w64", ".rf64", ".wma", ".webm", ".mp4", ".mka"}
+LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "separate", help="separate recordings into one file per speaker",
+        description="Separate each INPUT (audio files, folders searched recursively, glob patterns, or text lists "
+                    "with one path a line / ClearVoice .scp) into OUT_DIR/<stem>_s1.<ext>, <stem>_s2.<ext>, ..., "
+                    "mirroring the input folders. Any length, format, sample rate and channel count.")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder, glob or list file")
+    parser.add_argument("-o", "--out-dir", required=True, help="output folder")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="checkpoint file or folder, hub id (OWNER/NAME), or exported .onnx")
+    source.add_argument("--model", help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
+    parser.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
+                        help="onnxruntime runs an exported .onnx checkpoint without torch's model code")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--chunk-seconds", type=float, default=10.0, help="chunk length for long inputs (10)")
+    parser.add_argument("--overlap-seconds", type=float, default=2.0, help="overlap between chunks (2)")
+    parser.add_argument("--stitching", choices=["aligned", "clearvoice"], default="aligned",
+                        help="aligned: speaker alignment + cross-fade; clearvoice: the official tool's windows")
+    parser.add_argument("--normalize", choices=["rms", "peak", "none", "clearvoice"], default="rms")
+    parser.add_argument("--channels", choices=["mix", "each"], default="mix",
+                        help="mix: downmix to mono; each: separate every channel (multichannel outputs)")
+    parser.add_argument("--output-rate", default="input", help="'input' (default) or a rate in Hz, e.g. 16000")
+    parser.add_argument("--format", choices=["wav", "flac"], default=None,
+                        help="output format (default: the input's if wav/flac, else wav)")
+    parser.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], default="PCM_16")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="equal-length chunks / files per forward pass (default 1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip)")
+    parser.add_argument("--plot", action="store_true", help="also write <stem>_spectrogram.png per input")
+    return parser
+
+
+# -- inputs and outputs -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    files: list[Path] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+
+
+def _list_entries(list_file: Path) -> list[Path]:
+    """Paths in a text list: one path a line, ``mix s1 s2`` lines (first field) or Kaldi ``id path`` lines."""
+    entries = []
+    for line in list_file.read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        candidates = [Path(f).expanduser() for f in fields[:2]]
+        candidates = [c if c.is_absolute() or c.exists() else list_file.parent / c for c in candidates]
+        if len(fields) > 1 and not candidates[0].is_file() and candidates[1].is_file():
+            entries.append(candidates[1])  # "utt_id path"
+        else:
+            entries.append(candidates[0])
+    return entries
+
+
+def collect_inputs(specs: list[str]) -> Inputs:
+    """Expand files, folders (recursive), globs and list files into a sorted, de-duplicated file list."""
+    found = Inputs()
+    files: list[Path] = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            files.extend(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+        elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
+            files.extend(_list_entries(path))
+        elif path.is_file():
+            files.append(path)
+        elif glob.has_magic(spec):
+            matches = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)]
+            matches = [p for p in matches if p.is_file()]
+            if not matches:
+                found.errors.append((spec, "the pattern matches no file"))
+            files.extend(matches)
+        else:
+            found.errors.append((spec, "no such file or folder"))
+    found.files = sorted({p.resolve() for p in files})
+    return found
+
+
+def mirrored_out_dirs(files: list[Path], out_dir: Path) -> dict[Path, Path]:
+    """Output folder per input: its folder relative to the inputs' common root, under ``out_dir``."""
+    if not files:
+        return {}
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    return {f: out_dir / f.parent.relative_to(root) for f in files}
+
+
+def shard_files(files: list[Path], rank: int, world_size: int) -> list[Path]:
+    """Files ``i`` with ``i % world_size == rank`` of the sorted list (torchrun ranks)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid rank {rank} for world size {world_size}")
+    return [f for i, f in enumerate(sorted(files)) if i % world_size == rank]
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def _parse_output_rate(value: str) -> int | None:
+    if value.lower() == "input":
+        return None
+    try:
+        rate = int(value)
+    except ValueError:
+        raise ValueError(f"--output-rate must be 'input' or a rate in Hz, got {value!r}") from None
+    if rate <= 0:
+        raise ValueError(f"--output-rate must be positive, got {rate}")
+    return rate
+
+
+# -- run --------------------------------------------------------------------------------------------------------
+
+
+def _load_model(args: argparse.Namespace, device: str):
+    from mossformer2.hub import model_name_to_ref
+    from mossformer2.separation import load_separation_model
+
+    ref = args.checkpoint
+    if args.model is not None:
+        ref = model_name_to_ref(args.model)
+    if args.backend == "onnxruntime" and not str(ref or "").lower().endswith(".onnx"):
+        raise ValueError("--backend onnxruntime needs --checkpoint MODEL.onnx (see `mossformer2 export`)")
+    if ref is None:
+        from mossformer2.pretrained import DEFAULT_MODEL_NAME
+
+        print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass --checkpoint PATH or --model NAME for "
+              "another)", file=sys.stderr)
+    return load_separation_model(ref, device)
+
+
+def run(args: argparse.Namespace) -> int:
+    import soundfile as sf
+    from tqdm import tqdm
+
+    from mossformer2.audio import read_audio
+    from mossformer2.separation import Separator, output_paths, write_separation
+    from mossformer2.separation.batching import equal_length_batches
+
+    output_rate = _parse_output_rate(args.output_rate)
+    rank, world_size, local_rank = _distributed()
+    device = args.device
+    if device == "auto" and world_size > 1:
+        import torch
+
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    model = _load_model(args, device)
+    sep = Separator(model, device=device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
+                    overlap_seconds=args.overlap_seconds, stitching=args.stitching, normalize=args.normalize,
+                    batch_size=args.batch_size, channels=args.channels,
+                    backend="auto" if args.backend == "auto" else args.backend, progress=True)
+
+    inputs = collect_inputs(args.inputs)
+    failed: list[tuple[str, str]] = list(inputs.errors) if rank == 0 else []
+    out_dirs = mirrored_out_dirs(inputs.files, Path(args.out_dir))
+    plan = {f: output_paths(f, out_dirs[f], sep.num_spks, args.format) for f in inputs.files}
+    owner: dict[Path, Path] = {}
+    todo: list[Path] = []
+    skipped = 0
+    for f in shard_files(inputs.files, rank, world_size):
+        clash = next((owner[p] for p in plan[f] if p in owner), None)
+        if clash is not None:
+            failed.append((str(f), f"its outputs would overwrite those of {clash}; rename one of them"))
+            continue
+        owner.update({p: f for p in plan[f]})
+        if not args.overwrite and all(p.exists() for p in plan[f]):
+            print(f"skipping {f}: outputs exist in {out_dirs[f]} (use --overwrite to replace)", file=sys.stderr)
+            skipped += 1
+            continue
+        todo.append(f)
+
+    # Short files of identical shape share forward passes; everything else runs one file at a time.
+    groups: list[list[Path]] = [[f] for f in todo]
+    if args.batch_size > 1 and args.stitching == "aligned":
+        groups, shapes = [], []
+        singles: list[Path] = []
+        for f in todo:
+            try:
+                info = sf.info(str(f))
+            except (sf.LibsndfileError, RuntimeError):
+                singles.append(f)
+                continue
+            if info.frames / info.samplerate > args.chunk_seconds:
+                singles.append(f)
+            else:
+                shapes.append((f, (info.frames, info.samplerate, info.channels)))
+        keys = sorted({key for _, key in shapes})
+        batches = equal_length_batches([keys.index(key) for _, key in shapes], args.batch_size)
+        groups = [[shapes[i][0] for i in batch] for batch in batches] + [[f] for f in singles]
+
+    done, audio_seconds = 0, 0.0
+    start_time = time.perf_counter()
+    with tqdm(total=len(todo), desc="files", unit="file", disable=not todo) as bar:
+        for group in groups:
+            loaded = []
+            for f in group:
+                try:
+                    loaded.append((f, *read_audio(f)))
+                except (ValueError, OSError) as err:
+                    failed.append((str(f), str(err)))
+                    bar.update(1)
+            if not loaded:
+                continue
+            rates = {rate for _, _, rate in loaded}
+            try:
+                if len(loaded) > 1 and len(rates) == 1:
+                    results = sep.separate_many([w for _, w, _ in loaded], rates.pop(), output_rate)
+                else:
+                    raise ValueError("not batchable")
+            except ValueError:
+                results = None  # separate one by one so that errors name their file
+            for i, (f, wave, rate) in enumerate(loaded):
+                try:
+                    sources = results[i] if results is not None else sep.separate(wave, rate, output_rate)
+                    write_separation(plan[f], sources, output_rate or rate, args.subtype,
+                                     plot_mixture=(wave, rate) if args.plot else None, title=f.name)
+                    done += 1
+                    audio_seconds += wave.shape[-1] / rate
+                except (ValueError, OSError, RuntimeError) as err:
+                    failed.append((str(f), str(err).splitlines()[0] if str(err) else type(err).__name__))
+                bar.update(1)
+    elapsed = time.perf_counter() - start_time
+
+    prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
+    rtf = elapsed / audio_seconds if audio_seconds else float("nan")
+    print(f"{prefix}separated {done} file(s), skipped {skipped}, failed {len(failed)}; "
+          f"{audio_seconds:.1f} s of audio in {elapsed:.1f} s (real-time factor {rtf:.3f})")
+    for name, reason in failed:
+        print(f"{prefix}failed: {name}: {reason}", file=sys.stderr)
+    return 1 if failed else 0

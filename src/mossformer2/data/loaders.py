@@ -1,0 +1,160 @@
+"""Datasets and DataLoaders from a training config, with resumable (and distributed) sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from mossformer2.data.collate import collate_fn
+from mossformer2.data.datasets import AudioStore, MixtureDataset
+from mossformer2.data.dynamic_mixing import DynamicMixingDataset, load_noise_files, load_utterances
+
+if TYPE_CHECKING:
+    from mossformer2.training.config import TrainConfig
+    from mossformer2.training.distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (also for one process) that can start an epoch part-way through.
+
+    The order of epoch ``e`` is a function of ``(seed, e)``; ``set_epoch(e, start=k)`` skips this rank's first
+    ``k`` indices, so a run resumed mid-epoch sees exactly the examples an uninterrupted run would.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
+class ShardSampler(Sampler):
+    """Every ``num_replicas``-th index from ``rank``, in order, without padding (validation: no duplicates)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> None:
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def prepare_synthetic_data(cfg: TrainConfig, root: str | Path, progress: bool = True) -> TrainConfig:
+    """Generate the synthetic corpus of ``data.synthetic`` under ``root`` (once) and return the config with
+    ``data.dynamic_mixing`` pointing at it: ``root/train`` and held-out speakers in ``root/valid``."""
+    from mossformer2.data.synthetic import generate_speaker_corpus
+    from mossformer2.training.config import DynamicMixingConfig
+
+    d = cfg.data
+    root = Path(root)
+    n_valid = max(cfg.model.num_spks, d.synthetic_speakers // 4)
+    marker = root / "complete.txt"
+    if not marker.is_file():
+        log.info("generating a synthetic speaker corpus in %s", root)
+        generate_speaker_corpus(root / "train", d.synthetic_speakers - n_valid, d.synthetic_utterances,
+                                d.synthetic_seconds, d.sample_rate, seed=cfg.trainer.seed)
+        generate_speaker_corpus(root / "valid", n_valid, d.synthetic_utterances, d.synthetic_seconds,
+                                d.sample_rate, seed=cfg.trainer.seed + 1)
+        marker.write_text("done\n")
+    dm = d.dynamic_mixing or DynamicMixingConfig(examples_per_epoch=256, valid_examples=32)
+    dm = dataclasses.replace(dm, train_utterances=str(root / "train"), valid_utterances=str(root / "valid"))
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, synthetic=False, dynamic_mixing=dm))
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+    """(training dataset, validation dataset) described by ``cfg.data`` (after :func:`prepare_synthetic_data`)."""
+    from mossformer2.data.manifests import load_manifest
+
+    d, seed, num_spks = cfg.data, cfg.trainer.seed, cfg.model.num_spks
+    if d.synthetic:
+        raise ValueError("data.synthetic is set: call prepare_synthetic_data(config, folder) first")
+    store = AudioStore(d.sample_rate, cache=d.cache_audio)
+    segment = int(round(d.segment_seconds * d.sample_rate))
+    max_valid = None if d.max_valid_seconds is None else int(round(d.max_valid_seconds * d.sample_rate))
+    dm = d.dynamic_mixing
+
+    if dm is not None:
+        noise = load_noise_files(dm.noise) if dm.noise else None
+        common = dict(num_spks=num_spks, store=store, seed=seed, gain_db=tuple(dm.gain_db),
+                      level_db=tuple(dm.level_db), noise_files=noise, noise_snr_db=tuple(dm.noise_snr_db),
+                      noise_prob=dm.noise_prob, skip_bad_files=d.skip_bad_files)
+        train = DynamicMixingDataset(load_utterances(dm.train_utterances), num_examples=dm.examples_per_epoch,
+                                     segment_samples=segment, speed_perturb=_pair(dm.speed_perturb), **common)
+        if dm.valid_utterances and not d.valid:
+            valid_max = int(round(dm.valid_max_seconds * d.sample_rate))
+            if max_valid is not None:
+                valid_max = min(valid_max, max_valid)
+            valid = DynamicMixingDataset(load_utterances(dm.valid_utterances), num_examples=dm.valid_examples,
+                                         max_samples=valid_max, fixed=True, **common)
+            return train, valid
+    else:
+        train = MixtureDataset(load_manifest(d.train, num_spks), store, segment_samples=segment, seed=seed,
+                               skip_bad_files=d.skip_bad_files)
+    valid = MixtureDataset(load_manifest(d.valid, num_spks), store, max_samples=max_valid, seed=seed,
+                           skip_bad_files=d.skip_bad_files)
+    return train, valid
+
+
+def _pair(values: list[float] | None) -> tuple[float, float] | None:
+    return None if values is None else (float(values[0]), float(values[1]))
+
+
+def create_dataloaders(cfg: TrainConfig, dist_info: DistInfo | None = None,
+                       datasets: tuple[Dataset, Dataset] | None = None) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders for this rank.
+
+    Training: shuffled per epoch by :class:`ResumableSampler` (a DistributedSampler), full batches only.
+    Validation: this rank's shard of the full utterances, in order. Neither touches the global torch RNG, so
+    making a loader mid-run does not change the model's random stream (exact resume).
+    """
+    from mossformer2.training.distributed import get_dist_info
+
+    dist_info = dist_info or get_dist_info()
+    train, valid = datasets or build_datasets(cfg)
+    d = cfg.data
+    if len(train) < d.batch_size * dist_info.world_size:
+        raise ValueError(f"the training set has {len(train)} examples, fewer than one batch "
+                         f"({d.batch_size} x {dist_info.world_size} processes)")
+    sampler = ResumableSampler(train, dist_info.world_size, dist_info.rank, shuffle=True, seed=cfg.trainer.seed)
+    common = dict(collate_fn=collate_fn, num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
+                  generator=torch.Generator(), persistent_workers=False)
+    train_loader = DataLoader(train, batch_size=d.batch_size, sampler=sampler, drop_last=True, **common)
+    valid_loader = DataLoader(valid, batch_size=d.valid_batch_size,
+                              sampler=ShardSampler(valid, dist_info.world_size, dist_info.rank), **common)
+    return train_loader, valid_loader
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Select epoch ``epoch``'s order and data, starting after ``start_batch`` batches (resume)."""
+    if isinstance(loader.sampler, ResumableSampler):
+        loader.sampler.set_epoch(epoch, start=start_batch * (loader.batch_size or 1))
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
+def batches_per_epoch(loader: DataLoader) -> int:
+    """Full batches in one whole epoch of ``loader`` (ignoring any resume offset)."""
+    sampler = loader.sampler
+    n = sampler.num_samples if isinstance(sampler, ResumableSampler) else len(sampler)
+    return n // loader.batch_size if loader.drop_last else math.ceil(n / loader.batch_size)

@@ -1,0 +1,281 @@
+"""Test-mixture creation in the wsj0-2mix layout (``mix/``, ``s1/``, ``s2/``, ... + ``metadata.csv``).
+
+Scaling follows the wsj0-2mix scripts (``create_wav_2speakers.m``): every source is normalised to unit ITU-T
+P.56 active speech level, multiplied by ``10 ** (level_db / 20)``, and the sources are summed. For two speakers
+the levels are ``+sir/2`` and ``-sir/2`` dB, so the signal-to-interference ratio of s1 over s2 is ``sir``.
+**Clipping** is avoided by one common rescale: when the mixture or any source would peak above 0.9 of full scale,
+the mixture and all sources are divided by ``peak / 0.9`` together, which keeps ``mix == s1 + s2 + ...`` and
+the SIR intact. ``mode="min"`` truncates every source to the shortest one; ``"max"`` zero-pads to the longest.
+
+``metadata.csv`` uses LibriMix column names (``mixture_ID, mixture_path, source_1_path, ...``) with paths
+relative to the output folder, so ``mossformer2.data.manifests.load_manifest`` reads it back, plus the
+provenance of each source: original file, start sample taken from it, linear gain applied and level in dB.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.signal import lfilter
+
+from mossformer2.data.manifests import AUDIO_SUFFIXES
+
+PEAK_LIMIT = 0.9  # wsj0-2mix rescales so that nothing exceeds 0.9 of full scale
+
+
+@dataclass
+class MixtureSpec:
+    """What to mix: one file per speaker, its level in dB, and where in each file to start (``min`` mode).
+
+    ``start_fractions[k]`` in [0, 1) picks the start of the segment taken from a source longer than the
+    mixture: ``floor(fraction * (len_k - mix_len))`` samples.
+    """
+
+    id: str
+    files: list[Path]
+    levels_db: list[float]
+    start_fractions: list[float] = field(default_factory=list)
+
+
+def active_level(wave: np.ndarray, sample_rate: int) -> float:
+    """Active speech level (linear RMS over active speech) of ``[T]``, after ITU-T P.56 method B.
+
+    Envelope: two cascaded one-pole smoothers (time constant 30 ms) of ``|x|``; a sample is active while the
+    envelope has exceeded a threshold within the last 200 ms (hangover). The level is the RMS over active
+    samples at the threshold lying 15.9 dB below it (interpolated in dB between thresholds 3 dB apart, relative
+    to the envelope peak, so the measure scales exactly with the signal).
+    """
+    x = np.asarray(wave, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"expected a non-empty mono signal [T], got shape {x.shape}")
+    energy = float(np.sum(x**2))
+    if energy == 0.0:
+        raise ValueError("cannot measure the speech level of a silent signal")
+    g = math.exp(-1.0 / (sample_rate * 0.03))
+    envelope = lfilter([1 - g], [1, -g], lfilter([1 - g], [1, -g], np.abs(x)))
+    hangover = int(round(0.2 * sample_rate))
+    margin_db = 15.9
+    index = np.arange(x.size)
+    thresholds = envelope.max() * 2.0 ** (-np.arange(41) / 2)  # 0 .. -120 dB in 3 dB steps
+    prev: tuple[float, float] | None = None  # (A - C, A) at the previous (higher) threshold
+    for c in thresholds:
+        last_above = np.maximum.accumulate(np.where(envelope >= c, index, -hangover - 1))
+        active = int(np.count_nonzero(index - last_above <= hangover))
+        level_db = 10 * math.log10(energy / active)
+        diff = level_db - 20 * math.log10(c)
+        if diff >= margin_db:
+            if prev is None:
+                return 10 ** (level_db / 20)
+            frac = (margin_db - prev[0]) / (diff - prev[0])
+            return 10 ** ((prev[1] + frac * (level_db - prev[1])) / 20)
+        prev = (diff, level_db)
+    return math.sqrt(energy / x.size)  # never reached for real signals; plain RMS as the safe fallback
+
+
+def levels_for_sirs(sirs_db: Sequence[float]) -> list[float]:
+    """Per-source levels (dB, zero-mean) such that source 1 is ``sirs_db[k-1]`` dB above source k+1.
+
+    Two speakers: ``[sir/2, -sir/2]`` as in wsj0-2mix.
+    """
+    raw = [0.0] + [-float(s) for s in sirs_db]
+    mean = sum(raw) / len(raw)
+    return [r - mean for r in raw]
+
+
+def mix_waves(waves: Sequence[np.ndarray], levels_db: Sequence[float], sample_rate: int, mode: str = "min",
+              start_fractions: Sequence[float] | None = None
+              ) -> tuple[np.ndarray, np.ndarray, list[float], list[int]]:
+    """Scale and sum mono sources ``[T_k]``.
+
+    Returns ``(mix [T], sources [S, T], gains, starts)``: the scaled sources as they sit in the mixture, the
+    linear gain applied to each input and the first input sample used (``min`` mode crops longer sources).
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    if len(waves) < 2 or len(levels_db) != len(waves):
+        raise ValueError(f"need >= 2 sources with one level each, got {len(waves)} sources and "
+                         f"{len(levels_db)} levels")
+    fractions = list(start_fractions) if start_fractions else [0.0] * len(waves)
+    lengths = [w.shape[-1] for w in waves]
+    length = min(lengths) if mode == "min" else max(lengths)
+    sources = np.zeros((len(waves), length), dtype=np.float64)
+    gains: list[float] = []
+    starts: list[int] = []
+    for k, (wave, level_db) in enumerate(zip(waves, levels_db)):
+        start = int(math.floor(fractions[k] * (lengths[k] - length))) if lengths[k] > length else 0
+        segment = np.asarray(wave, dtype=np.float64)[start:start + length]
+        # The active level is measured on the part that goes into the mixture, as wsj0-2mix does.
+        gain = 10 ** (level_db / 20) / active_level(segment, sample_rate)
+        sources[k, : segment.size] = gain * segment
+        gains.append(gain)
+        starts.append(start)
+    mix = sources.sum(0)
+    peak = max(float(np.abs(mix).max()), float(np.abs(sources).max()))
+    if peak > PEAK_LIMIT:
+        rescale = PEAK_LIMIT / peak
+        mix *= rescale
+        sources *= rescale
+        gains = [g * rescale for g in gains]
+    return mix, sources, gains, starts
+
+
+def _level_tag(level_db: float) -> str:
+    return f"{level_db:.4g}"
+
+
+def plan_from_files(files: Sequence[str | Path], sir_db: float = 0.0) -> list[MixtureSpec]:
+    """One mixture of the given files (one per speaker), s1 ``sir_db`` dB above each other source."""
+    paths = [Path(f) for f in files]
+    if len(paths) < 2:
+        raise ValueError(f"need at least two files to mix, got {len(paths)}")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"no such audio file: {p}")
+    levels = levels_for_sirs([sir_db] * (len(paths) - 1))
+    mix_id = "_".join(f"{p.stem}_{_level_tag(lv)}" for p, lv in zip(paths, levels))
+    return [MixtureSpec(id=mix_id, files=paths, levels_db=levels)]
+
+
+def speaker_files(root: str | Path) -> dict[str, list[Path]]:
+    """``<root>/<speaker>/**/*.wav`` (any audio suffix) -> {speaker: sorted files}; speakers without audio
+    are left out."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"speaker folder not found: {root}")
+    table = {}
+    for speaker_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(p for p in speaker_dir.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        if files:
+            table[speaker_dir.name] = files
+    return table
+
+
+def plan_from_speaker_folder(root: str | Path, num_mixtures: int, num_spks: int = 2,
+                             sir_range: tuple[float, float] = (-5.0, 5.0), seed: int = 0) -> list[MixtureSpec]:
+    """Random mixtures of ``num_spks`` different speakers from ``<root>/<speaker>/*.wav``.
+
+    SIRs (s1 over each other source) are uniform in ``sir_range``. Same seed, same plan.
+    """
+    if num_mixtures < 1:
+        raise ValueError(f"num_mixtures must be >= 1, got {num_mixtures}")
+    if num_spks < 2:
+        raise ValueError(f"num_spks must be >= 2, got {num_spks}")
+    low, high = sorted(float(v) for v in sir_range)
+    table = speaker_files(root)
+    if len(table) < num_spks:
+        raise ValueError(f"{root} has {len(table)} speaker folder(s) with audio files; {num_spks} different "
+                         "speakers per mixture need at least that many (<root>/<speaker>/*.wav)")
+    speakers = list(table)
+    rng = np.random.default_rng(seed)
+    width = len(str(num_mixtures - 1))
+    specs = []
+    for i in range(num_mixtures):
+        chosen = rng.choice(len(speakers), size=num_spks, replace=False)
+        files = [table[speakers[s]][rng.integers(len(table[speakers[s]]))] for s in chosen]
+        levels = levels_for_sirs(rng.uniform(low, high, size=num_spks - 1).tolist())
+        fractions = rng.uniform(0.0, 1.0, size=num_spks).tolist()
+        tag = "_".join(f"{speakers[s]}-{f.stem}_{_level_tag(lv)}" for s, f, lv in zip(chosen, files, levels))
+        specs.append(MixtureSpec(id=f"{i:0{width}d}_{tag}", files=files, levels_db=levels,
+                                 start_fractions=fractions))
+    return specs
+
+
+def plan_from_recipe(recipe: str | Path, wsj_root: str | Path) -> list[MixtureSpec]:
+    """A wsj0-2mix mixing list: lines ``s1_path snr1 s2_path snr2 [s3_path snr3 ...]``, paths relative to
+    ``wsj_root``; the dB values are used as given. ``.wv1`` paths fall back to a ``.wav`` beside them, since
+    most copies of WSJ0 are converted to wav. Names follow wsj0-2mix: ``<s1 stem>_<snr1>_<s2 stem>_<snr2>``.
+    """
+    recipe, wsj_root = Path(recipe), Path(wsj_root)
+    if not recipe.is_file():
+        raise FileNotFoundError(f"recipe file not found: {recipe}")
+    if not wsj_root.is_dir():
+        raise FileNotFoundError(f"--wsj-root folder not found: {wsj_root}")
+    specs = []
+    for line_no, raw in enumerate(recipe.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = raw.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) < 4 or len(fields) % 2:
+            raise ValueError(f"{recipe}, line {line_no}: expected 'path1 snr1 path2 snr2 ...', got {raw!r}")
+        paths, levels = [], []
+        for path_text, snr_text in zip(fields[::2], fields[1::2]):
+            try:
+                levels.append(float(snr_text))
+            except ValueError:
+                raise ValueError(f"{recipe}, line {line_no}: {snr_text!r} is not a dB value") from None
+            path = wsj_root / path_text
+            if not path.is_file() and path.suffix.lower() == ".wv1" and path.with_suffix(".wav").is_file():
+                path = path.with_suffix(".wav")
+            if not path.is_file():
+                raise FileNotFoundError(f"{recipe}, line {line_no}: source file not found: {path}")
+            paths.append(path)
+        mix_id = "_".join(f"{Path(p).stem}_{s}" for p, s in zip(fields[::2], fields[1::2]))
+        specs.append(MixtureSpec(id=mix_id, files=paths, levels_db=levels))
+    if not specs:
+        raise ValueError(f"recipe {recipe} lists no mixtures")
+    return specs
+
+
+def _load_mono(path: Path, sample_rate: int) -> np.ndarray:
+    from mossformer2.audio import read_audio, resample, to_mono
+
+    wave, rate = read_audio(path)
+    return resample(to_mono(wave), rate, sample_rate)
+
+
+def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_rate: int = 16000,
+                    mode: str = "min", subtype: str = "PCM_16", overwrite: bool = False,
+                    progress: bool = True) -> Path:
+    """Render ``specs`` into ``out_dir`` (wsj0-2mix layout) and write ``metadata.csv``; returns its path.
+
+    Every file is written atomically; ``metadata.csv`` comes last, so its presence marks a complete set.
+    """
+    from tqdm import tqdm
+
+    from mossformer2.audio import write_audio
+    from mossformer2.utils import atomic_write_text
+
+    out_dir = Path(out_dir)
+    metadata_path = out_dir / "metadata.csv"
+    if metadata_path.exists() and not overwrite:
+        raise ValueError(f"{out_dir} already holds mixtures (metadata.csv); pass --overwrite to replace them")
+    if not specs:
+        raise ValueError("nothing to mix")
+    ids = [s.id for s in specs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two mixtures would get the same name; use different inputs or levels")
+    num_spks = len(specs[0].files)
+    if any(len(s.files) != num_spks for s in specs):
+        raise ValueError("all mixtures must have the same number of speakers")
+    header = (["mixture_ID", "mixture_path"] + [f"source_{k + 1}_path" for k in range(num_spks)] + ["length"]
+              + [f"source_{k + 1}_{what}" for k in range(num_spks) for what in ("file", "offset", "gain",
+                                                                                  "level_db")] + ["sir_db"])
+    rows = []
+    for spec in tqdm(specs, desc="mixing", unit="mix", disable=not progress):
+        waves = [_load_mono(f, sample_rate) for f in spec.files]
+        try:
+            mix, sources, gains, starts = mix_waves(waves, spec.levels_db, sample_rate, mode,
+                                                    spec.start_fractions)
+        except ValueError as err:
+            raise ValueError(f"mixture {spec.id} ({', '.join(map(str, spec.files))}): {err}") from err
+        name = f"{spec.id}.wav"
+        write_audio(out_dir / "mix" / name, mix.astype(np.float32), sample_rate, subtype=subtype)
+        for k in range(num_spks):
+            write_audio(out_dir / f"s{k + 1}" / name, sources[k].astype(np.float32), sample_rate,
+                        subtype=subtype)
+        row = [spec.id, f"mix/{name}"] + [f"s{k + 1}/{name}" for k in range(num_spks)] + [mix.size]
+        for k in range(num_spks):
+            row += [str(spec.files[k]), starts[k], f"{gains[k]:.8g}", f"{spec.levels_db[k]:.6g}"]
+        rows.append(row + [f"{spec.levels_db[0] - spec.levels_db[1]:.6g}"])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(metadata_path, buffer.getvalue())
+    return metadata_path

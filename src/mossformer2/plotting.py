@@ -1,0 +1,41 @@
+"""Spectrogram figures of a mixture and its separated speakers (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mossformer2.utils import atomic_path
+
+
+def plot_separation(mixture: np.ndarray, sources: np.ndarray, sample_rate: int, path: str | Path,
+                    title: str | None = None) -> Path:
+    """Write a PNG with log-magnitude spectrograms: mixture ``[T]`` on top, then each source of ``[S, T]``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.signal import stft
+
+    rows = [("mixture", np.asarray(mixture, dtype=np.float32))]
+    rows += [(f"speaker {k + 1}", np.asarray(s, dtype=np.float32)) for k, s in enumerate(sources)]
+    nperseg = min(512, max(16, int(0.032 * sample_rate)))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 2.2 * len(rows)), sharex=True, squeeze=False)
+    try:
+        for ax, (label, wave) in zip(axes[:, 0], rows):
+            freqs, times, spec = stft(wave, fs=sample_rate, nperseg=min(nperseg, wave.shape[-1]))
+            db = 20 * np.log10(np.abs(spec) + 1e-8)
+            vmax = float(db.max())
+            ax.pcolormesh(times, freqs / 1000, db, shading="auto", cmap="magma", vmin=vmax - 80, vmax=vmax)
+            ax.set_ylabel(f"{label}\nkHz")
+        axes[-1, 0].set_xlabel("time (s)")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,329 @@
+"""``Separator``: separate recordings of any length, rate and channel count with a MossFormer2 model.
+
+Pipeline per input ``[C, T]`` at rate r: downmix (``channels="mix"``) or keep each channel (``"each"``) ->
+soxr to the model rate -> level normalisation -> model (one pass, or overlapping chunks stitched with speaker
+alignment and cross-fades, or the official ClearVoice windows) -> level restored -> soxr back to r.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mossformer2.audio import read_audio, resample, to_mono, write_audio
+from mossformer2.separation.batching import equal_length_batches
+from mossformer2.separation.stitching import (
+    clearvoice_audio_norm,
+    clearvoice_separate,
+    clearvoice_window_count,
+    plan_chunks,
+    stitch_aligned,
+)
+from mossformer2.utils import atomic_path, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+STITCHING = ("aligned", "clearvoice")
+NORMALIZE = ("rms", "peak", "none", "clearvoice")
+CHANNELS = ("mix", "each")
+BACKENDS = ("auto", "torch", "onnxruntime")
+TARGET_RMS = 10 ** (-25 / 20)  # -25 dBFS, the level ClearVoice feeds the model
+TARGET_PEAK = 0.9
+
+
+class Separator:
+    """Separate speech mixtures with a model ``[B, T] -> [B, S, T]`` at ``model.config.sample_rate``.
+
+    Args:
+        model: a torch module, or any callable on CPU float32 tensors with a ``.config`` (e.g. the ONNX Runtime
+            wrapper ``mossformer2.export.OnnxRuntimeModel``).
+        device: "auto" | "cpu" | "cuda[:N]" (torch backend only).
+        dtype: "float32" | "bfloat16" | "float16": autocast precision; float16 needs CUDA (falls back to float32
+            with a warning on CPU).
+        chunk_seconds / overlap_seconds: inputs longer than a chunk are separated in overlapping chunks
+            (``stitching="aligned"``); memory then no longer grows with the file length beyond the audio.
+        stitching: "aligned" (speaker order aligned on each overlap by SI-SDR, raised-cosine cross-fade) or
+            "clearvoice" (the official tool's 2 s windows, SPEC.md section 5, for identical output).
+        normalize: "rms" (model sees -25 dBFS RMS, outputs scaled back to the input level), "peak" (peak 0.9,
+            scaled back), "none", or "clearvoice" (the official ``audio_norm``; outputs stay at that level).
+        batch_size: number of equal-length chunks / inputs per forward pass.
+        channels: "mix" (downmix to mono, output ``[S, T]``) or "each" (separate every channel, ``[S, C, T]``).
+        progress: show a tqdm bar over the chunks of long inputs.
+    """
+
+    def __init__(self, model: Any, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
+                 chunk_seconds: float = 10.0, overlap_seconds: float = 2.0, stitching: str = "aligned",
+                 normalize: str = "rms", batch_size: int = 1, channels: str = "mix", backend: str = "auto",
+                 progress: bool = False) -> None:
+        _check_choice("stitching", stitching, STITCHING)
+        _check_choice("normalize", normalize, NORMALIZE)
+        _check_choice("channels", channels, CHANNELS)
+        _check_choice("backend", backend, BACKENDS)
+        if not (chunk_seconds > 0 and 0 <= overlap_seconds < chunk_seconds):
+            raise ValueError(f"need chunk_seconds > overlap_seconds >= 0, got {chunk_seconds} and {overlap_seconds}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not hasattr(model, "config"):
+            raise ValueError("the model needs a .config with sample_rate and num_spks (a MossFormer2 or an "
+                             "exported model wrapper)")
+        self.is_torch = isinstance(model, torch.nn.Module)
+        if backend == "torch" and not self.is_torch:
+            raise ValueError("backend 'torch' needs a torch model; this one is "
+                             f"{type(model).__name__} (use backend 'onnxruntime')")
+        if backend == "onnxruntime" and self.is_torch:
+            raise ValueError("backend 'onnxruntime' needs an exported .onnx model, not a torch module")
+        self.dtype = resolve_dtype(dtype)
+        if self.is_torch:
+            self.device = resolve_device(device)
+            if self.dtype == torch.float16 and self.device.type != "cuda":
+                warnings.warn("float16 inference needs CUDA; using float32 on the CPU (bfloat16 works on CPU)",
+                              stacklevel=2)
+                self.dtype = torch.float32
+            model = model.to(self.device).eval()
+        else:
+            self.device = torch.device("cpu")
+            if self.dtype != torch.float32:
+                raise ValueError(f"dtype {dtype} is only available with the torch backend; the exported model "
+                                 "runs in float32")
+        self.model = model
+        self.sample_rate = int(model.config.sample_rate)
+        self.num_spks = int(model.config.num_spks)
+        self.min_samples = int(getattr(model.config, "encoder_kernel_size", 1))
+        self.chunk = int(round(chunk_seconds * self.sample_rate))
+        self.overlap = int(round(overlap_seconds * self.sample_rate))
+        if self.chunk < self.min_samples:
+            raise ValueError(f"chunk_seconds={chunk_seconds} is shorter than the model kernel")
+        self.stitching = stitching
+        self.normalize = normalize
+        self.batch_size = int(batch_size)
+        self.channels = channels
+        self.progress = progress
+
+    @classmethod
+    def from_pretrained(cls, ref: str | Path | None = None, device: str | torch.device = "auto",
+                        **kwargs: Any) -> Separator:
+        """``None``: the model shipped with the package; else a checkpoint file or folder, a hub id
+        (``alibabasglab/MossFormer2_SS_16K``), or an exported ``.onnx`` file (ONNX Runtime backend)."""
+        return cls(load_separation_model(ref, device), device=device, **kwargs)
+
+    # -- model call --------------------------------------------------------------------------------------------
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` CPU float32 -> ``[B, S, L]`` CPU float32."""
+        if self.is_torch:
+            autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
+                        else contextlib.nullcontext())
+            with torch.inference_mode(), autocast:
+                out = self.model(batch.to(self.device))
+        else:
+            out = self.model(batch)
+        if isinstance(out, (list, tuple)):  # official models return a list of S tensors [B, L]
+            out = torch.stack([torch.as_tensor(o) for o in out], dim=1)
+        out = torch.as_tensor(out).float().cpu()
+        if out.dim() != 3 or out.shape[0] != batch.shape[0] or out.shape[-1] != batch.shape[-1]:
+            raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(batch.shape)}; "
+                             "expected [B, S, T]")
+        return out
+
+    # -- public API --------------------------------------------------------------------------------------------
+
+    def separate(self, wave: np.ndarray | torch.Tensor, sample_rate: int,
+                 output_rate: int | None = None) -> np.ndarray:
+        """Separate one recording ``[T]`` or ``[C, T]`` at ``sample_rate``.
+
+        Returns float32 ``[S, T']`` (``channels="mix"``) or ``[S, C, T']`` (``"each"``) at ``output_rate``
+        (default: the input rate, where T' = T).
+        """
+        return self.separate_many([wave], sample_rate, output_rate)[0]
+
+    def separate_many(self, waves: Sequence[np.ndarray | torch.Tensor], sample_rate: int,
+                      output_rate: int | None = None) -> list[np.ndarray]:
+        """Separate several recordings at one rate; equal-length short inputs share forward passes."""
+        if int(sample_rate) <= 0:
+            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+        out_rate = int(output_rate or sample_rate)
+        # Flatten every input into mono model-rate items: (input index, channel, wave, gain).
+        items: list[tuple[int, int, np.ndarray, float]] = []
+        shapes: list[tuple[int, int]] = []
+        for index, raw in enumerate(waves):
+            wave = _as_channels_first(raw)
+            shapes.append(wave.shape)
+            channels = [to_mono(wave)] if self.channels == "mix" else list(wave)
+            for c, channel in enumerate(channels):
+                model_wave = resample(channel, int(sample_rate), self.sample_rate)
+                if model_wave.shape[-1] < self.min_samples:
+                    raise ValueError(f"audio too short: {wave.shape[-1]} samples at {sample_rate} Hz; the model "
+                                     f"needs at least {self.min_samples} samples at {self.sample_rate} Hz")
+                model_wave, gain = self._normalize_level(model_wave)
+                items.append((index, c, model_wave, gain))
+        separated = self._separate_items([w for _, _, w, _ in items])
+        per_input: list[list[np.ndarray]] = [[] for _ in waves]
+        for (index, _, _, gain), sources in zip(items, separated):
+            sources = sources / gain if gain != 1.0 else sources
+            if out_rate != self.sample_rate:
+                sources = resample(sources, self.sample_rate, out_rate)
+                expected = shapes[index][1] if out_rate == sample_rate else None
+                if expected is not None:
+                    sources = _fix_length(sources, expected)
+            per_input[index].append(sources.astype(np.float32, copy=False))
+        stacked = [np.stack(channel_outputs, axis=1) for channel_outputs in per_input]  # [S, C, T] each
+        return [s[:, 0] if self.channels == "mix" else s for s in stacked]
+
+    def separate_file(self, path: str | Path, out_dir: str | Path, output_rate: int | None = None,
+                      format: str | None = None, subtype: str = "PCM_16", plot: bool = False) -> list[Path]:
+        """Separate an audio file and write ``<stem>_s1.<ext>``, ``<stem>_s2.<ext>``, ... into ``out_dir``.
+
+        All outputs appear together or not at all (temp files renamed at the end). ``ext`` is ``format``, else
+        the input's own if wav/flac, else wav. ``plot`` adds ``<stem>_spectrogram.png``. Returns the paths.
+        """
+        wave, sample_rate = read_audio(path)
+        sources = self.separate(wave, sample_rate, output_rate)
+        paths = output_paths(path, out_dir, self.num_spks, format)
+        return write_separation(paths, sources, int(output_rate or sample_rate), subtype,
+                                plot_mixture=(wave, sample_rate) if plot else None, title=Path(path).name)
+
+    def chunk_count(self, num_samples: int, sample_rate: int) -> int:
+        """Forward passes (per channel) a recording of ``num_samples`` at ``sample_rate`` needs."""
+        length = int(round(num_samples * self.sample_rate / sample_rate))
+        if self.stitching == "clearvoice":
+            return clearvoice_window_count(length, self.sample_rate)
+        return len(plan_chunks(length, self.chunk, self.overlap))
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _normalize_level(self, wave: np.ndarray) -> tuple[np.ndarray, float]:
+        """Scale the model input; returns (scaled wave, gain) with outputs later divided by gain."""
+        peak = float(np.abs(wave).max())
+        if peak == 0.0 or self.normalize == "none":
+            return wave, 1.0
+        if self.normalize == "clearvoice":
+            return clearvoice_audio_norm(wave), 1.0  # official: the level is not restored for separation
+        if self.normalize == "peak":
+            gain = TARGET_PEAK / peak
+        else:
+            rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
+            gain = TARGET_RMS / rms
+        return (wave * gain).astype(np.float32), gain
+
+    def _separate_items(self, waves: list[np.ndarray]) -> list[np.ndarray]:
+        """Model-rate mono items ``[T_i]`` -> ``[S, T_i]``, batching equal-length single-pass items."""
+        results: list[np.ndarray | None] = [None] * len(waves)
+        single_pass: list[int] = []
+        for i, wave in enumerate(waves):
+            if not np.any(wave):
+                results[i] = np.zeros((self.num_spks, wave.shape[-1]), dtype=np.float32)  # silent channel
+            elif self.stitching == "aligned" and wave.shape[-1] <= self.chunk:
+                single_pass.append(i)
+            else:
+                results[i] = self._separate_long(wave)
+        lengths = [waves[i].shape[-1] for i in single_pass]
+        for batch in equal_length_batches(lengths, self.batch_size):
+            indices = [single_pass[b] for b in batch]
+            outputs = self._forward(torch.from_numpy(np.stack([waves[i] for i in indices]))).numpy()
+            for i, out in zip(indices, outputs):
+                results[i] = out
+        return results  # type: ignore[return-value]
+
+    def _separate_long(self, wave: np.ndarray) -> np.ndarray:
+        total = (clearvoice_window_count(wave.shape[-1], self.sample_rate) if self.stitching == "clearvoice"
+                 else len(plan_chunks(wave.shape[-1], self.chunk, self.overlap)))
+        with tqdm(total=total, desc="chunks", unit="chunk", leave=False,
+                  disable=not self.progress or total < 2) as bar:
+            if self.stitching == "clearvoice":
+                return clearvoice_separate(wave, self._forward, self.sample_rate, batch_size=self.batch_size,
+                                           progress=bar.update)
+            return stitch_aligned(wave, self._forward, self.num_spks, self.chunk, self.overlap,
+                                  batch_size=self.batch_size, progress=bar.update)
+
+
+def load_separation_model(ref: str | Path | None = None, device: str | torch.device = "auto") -> Any:
+    """The shipped model (``ref=None``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` file."""
+    if ref is None:
+        from mossformer2.pretrained import load_default_model
+
+        return load_default_model(resolve_device(device))
+    if str(ref).lower().endswith(".onnx"):
+        from mossformer2.export import OnnxRuntimeModel
+
+        if not Path(ref).is_file():
+            raise FileNotFoundError(f"ONNX model not found: {ref}")
+        return OnnxRuntimeModel(ref)
+    from mossformer2.checkpoint import load_model
+    from mossformer2.hub import resolve_checkpoint
+
+    return load_model(resolve_checkpoint(ref), device=resolve_device(device))
+
+
+def output_paths(input_path: str | Path, out_dir: str | Path, num_spks: int, format: str | None = None) -> list[Path]:
+    """``out_dir/<stem>_s1.<ext>`` ... for an input file; ext from ``format``, the input (wav/flac) or wav."""
+    input_path = Path(input_path)
+    ext = (format or input_path.suffix.lstrip(".")).lower()
+    if ext not in ("wav", "flac"):
+        ext = "wav"
+    return [Path(out_dir) / f"{input_path.stem}_s{k + 1}.{ext}" for k in range(num_spks)]
+
+
+def write_sources(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> None:
+    """Write ``sources[k]`` (``[T]`` or ``[C, T]``) to ``paths[k]``: all files appear together or none does."""
+    with contextlib.ExitStack() as stack:
+        for path, source in zip(paths, sources):
+            tmp = stack.enter_context(atomic_path(path))
+            write_audio(tmp, source, sample_rate, subtype=subtype, format=path.suffix.lstrip("."))
+
+
+def write_separation(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, subtype: str = "PCM_16",
+                     plot_mixture: tuple[np.ndarray, int] | None = None, title: str | None = None) -> list[Path]:
+    """Write the speaker files (all or none) and, given ``(mixture [C, T], its rate)``, a spectrogram PNG
+    ``<stem>_spectrogram.png`` beside them (stem = the part of the first name before ``_s1``)."""
+    paths = [Path(p) for p in paths]
+    write_sources(paths, sources, sample_rate, subtype)
+    if plot_mixture is None:
+        return paths
+    from mossformer2.plotting import plot_separation
+
+    wave, mixture_rate = plot_mixture
+    mixture = resample(to_mono(wave), mixture_rate, sample_rate)
+    speakers = sources if sources.ndim == 2 else sources.mean(axis=1)
+    png = paths[0].with_name(paths[0].stem.rsplit("_s1", 1)[0] + "_spectrogram.png")
+    plot_separation(mixture, speakers, sample_rate, png, title=title)
+    return [*paths, png]
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Validate and convert ``[T]`` / ``[C, T]`` (numpy or torch) to float32 numpy ``[C, T]``."""
+    if isinstance(wave, torch.Tensor):
+        wave = wave.detach().float().cpu().numpy()
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim == 1:
+        wave = wave[None]
+    if wave.ndim != 2:
+        raise ValueError(f"expected audio [T] or [C, T], got shape {wave.shape}")
+    if wave.shape[-1] == 0:
+        raise ValueError("empty audio: no samples")
+    if wave.shape[0] > wave.shape[1]:
+        raise ValueError(f"audio of shape {wave.shape} has more channels than samples; pass [C, T] "
+                         "(channels first), e.g. wave.T")
+    if not np.isfinite(wave).all():
+        raise ValueError("audio contains NaN or infinite samples")
+    if not np.any(wave):
+        raise ValueError("audio is all silent (every sample is zero): nothing to separate")
+    return wave
+
+
+def _fix_length(wave: np.ndarray, length: int) -> np.ndarray:
+    if wave.shape[-1] >= length:
+        return wave[..., :length]
+    return np.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(0, length - wave.shape[-1])])

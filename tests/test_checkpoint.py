@@ -1,0 +1,146 @@
+"""Checkpoint loading/saving: official container, prefixes, aliases, strict errors, config inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mossformer2
+from mossformer2 import build_model, load_model, save_checkpoint
+from mossformer2.checkpoint import checkpoint_summary, infer_config
+from mossformer2.cli import main
+
+from .conftest import make_tiny_config
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    return build_model(tiny_config).eval()
+
+
+def _official_container(model: torch.nn.Module) -> dict:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model(torch.randn(1, 400)).sum().backward()
+    optimizer.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 7, "step": 1234}
+
+
+def _same_output(a, b, length=900):
+    x = torch.randn(1, length)
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b.eval()(x))
+
+
+def test_official_container_roundtrip_infers_config(tmp_path):
+    # group_size leaves no trace in the weights: official checkpoints use the default (256).
+    config = make_tiny_config(num_mossformer_layer=2, num_spks=3, encoder_kernel_size=8, group_size=256)
+    model = build_model(config).train()
+    path = tmp_path / "last_best_checkpoint.pt"
+    torch.save(_official_container(model), path)
+    loaded = load_model(path)
+    assert loaded.config == config
+    assert not loaded.training
+    _same_output(model, loaded)
+
+
+def test_module_prefix_and_missing_aliases_are_accepted(tiny_model):
+    state = tiny_model.state_dict()
+    stripped = {f"module.{k}": v for k, v in state.items()
+                if not k.endswith("pos_enc.inv_freq") and "rotary_pos_emb" not in k}
+    loaded = load_model(stripped, config=tiny_model.config)
+    _same_output(tiny_model, loaded)
+
+
+def test_rotary_aliases_are_accepted():
+    model = build_model(make_tiny_config(num_mossformer_layer=3))
+    state = model.state_dict()
+    assert sum("rotary_pos_emb.freqs" in k for k in state) == 3
+    _same_output(model, load_model(state))
+
+
+def test_missing_unexpected_and_mismatched_keys_are_named(tiny_model):
+    state = dict(tiny_model.state_dict())
+    state.pop("mask_net.prelu.weight")
+    state["mask_net.extra.weight"] = torch.zeros(3)
+    state["mask_net.output.0.bias"] = torch.zeros(99)
+    with pytest.raises(ValueError) as info:
+        load_model(state, config=tiny_model.config)
+    message = str(info.value)
+    assert "missing keys: mask_net.prelu.weight" in message
+    assert "unexpected keys: mask_net.extra.weight" in message
+    assert "mask_net.output.0.bias (checkpoint [99] vs model [16])" in message
+
+
+def test_config_mismatch_is_reported(tiny_model):
+    other = make_tiny_config(encoder_embedding_dim=24, mossformer_sequence_dim=24)
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_model(tiny_model.state_dict(), config=other)
+
+
+def test_not_a_checkpoint_file(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_model(text)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="folder"):
+        load_model(tmp_path)
+
+
+def test_other_architecture_is_rejected(tmp_path):
+    path = tmp_path / "linear.pt"
+    torch.save({"model": torch.nn.Linear(3, 4).state_dict(), "epoch": 1}, path)
+    with pytest.raises(ValueError, match="not a MossFormer2 checkpoint"):
+        load_model(path)
+    torch.save([1, 2, 3], path)
+    with pytest.raises(ValueError, match="not a checkpoint dictionary"):
+        load_model(path)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_untrusted_pickle_is_not_executed(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Evil()}, path)
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_model(path)
+
+
+def test_save_checkpoint_embeds_config_and_is_official_layout(tmp_path, tiny_model):
+    optimizer = torch.optim.Adam(tiny_model.parameters())
+    path = save_checkpoint(tmp_path / "ckpt.pt", tiny_model, optimizer, epoch=3, step=42, extra={"note": "x"})
+    raw = torch.load(path, weights_only=True)
+    assert {"model", "config", "epoch", "step", "optimizer", "note"} <= set(raw)
+    assert list(raw["model"]) == list(tiny_model.state_dict())  # official loaders read raw['model']
+    loaded = load_model(path)
+    assert loaded.config == tiny_model.config  # group_size too: it comes from the embedded config
+    _same_output(tiny_model, loaded)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp files left behind
+    with pytest.raises(ValueError, match="overwrite"):
+        save_checkpoint(tmp_path / "x.pt", tiny_model, extra={"model": 1})
+
+
+def test_infer_config_full_size_shapes():
+    state = build_model("MossFormer2-S").state_dict()
+    assert infer_config(state) == mossformer2.MossFormer2Config(
+        encoder_embedding_dim=384, mossformer_sequence_dim=384, num_mossformer_layer=25)
+
+
+def test_info_cli_named_model(capsys):
+    assert main(["info", "--model", "MossFormer2"]) == 0
+    assert "parameters: 55,735,410" in capsys.readouterr().out
+
+
+def test_info_cli_checkpoint(tmp_path, tiny_model, capsys):
+    path = tmp_path / "official.pt"
+    torch.save(_official_container(tiny_model), path)
+    assert main(["info", "--checkpoint", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch: 7  step: 1234" in out and "optimizer state: yes" in out
+    summary = checkpoint_summary(path)
+    assert summary["num_rotary_aliases"] == 1
+    assert main(["info", "--checkpoint", str(tmp_path / "nope.pt")]) == 1

@@ -1,0 +1,174 @@
+"""The network: reference equivalence, key layout, parameter counts, shapes and input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mossformer2
+from mossformer2 import MossFormer2Config, build_model
+from mossformer2.config_utils import ConfigError
+from mossformer2.models import count_parameters
+
+from .conftest import make_tiny_config
+
+
+@pytest.fixture(scope="module")
+def fixture_a(reference):
+    return torch.load(reference / "fixture_small_A.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def model_a(fixture_a):
+    return mossformer2.load_model(fixture_a["state_dict"])
+
+
+def test_fixture_output_matches_reference(fixture_a, model_a):
+    with torch.no_grad():
+        out = model_a(fixture_a["input"])  # [1, S, T]
+    ref = fixture_a["output"].permute(1, 0, 2)  # stored as [S, 1, T]
+    assert out.shape == ref.shape
+    err = (out - ref).abs().max().item()
+    assert err < 1e-5, f"max abs error {err}"
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 1e-4
+
+
+def test_fixture_float64_matches_reference_float64(fixture_a, model_a):
+    model64 = mossformer2.load_model(fixture_a["state_dict"]).double()
+    with torch.no_grad():
+        out = model64(fixture_a["input"].double())
+    ref = fixture_a["output_fp64"].permute(1, 0, 2)
+    # fp64 vs fp64: only summation-order noise remains.
+    assert (out - ref).abs().max().item() < 1e-10
+
+
+def test_fixture_intermediates(fixture_a, model_a):
+    inner = model_a.mask_net.mdl.intra_mdl
+    hooks = {
+        "enc_out": model_a.enc,
+        "flash0_out": inner.mossformerM.layers[0],
+        "fsmn0_out": inner.mossformerM.fsmn[0],
+        "intra_mdl_out": inner,
+        "computation_block_out": model_a.mask_net.mdl,
+        "masks": model_a.mask_net,
+    }
+    acts = {}
+    handles = [mod.register_forward_hook(lambda m, i, o, name=name: acts.__setitem__(name, o))
+               for name, mod in hooks.items()]
+    with torch.no_grad():
+        model_a(fixture_a["input"])
+    for h in handles:
+        h.remove()
+    for key, ref in fixture_a["intermediates"].items():
+        name = key.split(" ")[0]
+        got = acts[name]
+        assert got.shape == ref.shape, name
+        scale = ref.abs().max().item()
+        assert (got - ref).abs().max().item() <= 2e-5 * max(scale, 1.0), name
+
+
+def test_full_model_keys_and_shapes_equal_reference_tsv(reference):
+    rows = [line.rstrip("\n").split("\t") for line in (reference / "state_dict_full.tsv").read_text().splitlines()
+            if line and not line.startswith("#")]
+    state = build_model("MossFormer2").state_dict()
+    assert [r[0] for r in rows] == list(state)
+    for key, shape, dtype in rows:
+        assert str(list(state[key].shape)) == shape, key
+        assert str(state[key].dtype) == f"torch.{dtype}", key
+
+
+def test_parameter_counts():
+    assert count_parameters(build_model("MossFormer2")) == 55_735_410
+    assert count_parameters(build_model("MossFormer2-S")) == 37_755_382
+    small = build_model(MossFormer2Config(encoder_embedding_dim=64, mossformer_sequence_dim=64,
+                                          num_mossformer_layer=2))
+    assert count_parameters(small) == 787_482
+    assert len(small.state_dict()) == 109
+
+
+def test_rotary_table_is_shared_and_frozen():
+    model = build_model(make_tiny_config(num_mossformer_layer=3))
+    layers = model.mask_net.mdl.intra_mdl.mossformerM.layers
+    assert layers[0].rotary_pos_emb is layers[2].rotary_pos_emb
+    assert not layers[0].rotary_pos_emb.freqs.requires_grad
+
+
+@pytest.mark.parametrize("length", [24, 1001, 64 * 8 + 3, 3 * 64 * 8 + 8])
+def test_output_shape_any_length(tiny_config, length):
+    model = build_model(tiny_config).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, length))
+    assert out.shape == (2, tiny_config.num_spks, length)
+    assert torch.isfinite(out).all()
+
+
+def test_batch_items_are_independent(tiny_config):
+    model = build_model(tiny_config).eval()
+    x = torch.randn(3, 2000)
+    with torch.no_grad():
+        batched = model(x)
+        single = torch.cat([model(x[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("speakers", [1, 3])
+def test_speaker_count(speakers):
+    model = build_model(make_tiny_config(num_spks=speakers)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 800)).shape == (1, speakers, 800)
+
+
+def test_gradients_flow(tiny_config):
+    model = build_model(tiny_config).train()
+    out = model(torch.randn(2, 1200))
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_activation_checkpointing_gives_same_gradients(tiny_config):
+    torch.manual_seed(1)
+    model = build_model(tiny_config.replace(dropout=0.0)).train()
+    x = torch.randn(2, 1500)
+    model(x).square().mean().backward()
+    plain = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing = True
+    model(x).square().mean().backward()
+    for a, p in zip(plain, (p for p in model.parameters() if p.requires_grad)):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("wave", "message"),
+    [
+        (torch.randn(100), "shape \\[batch, samples\\]"),
+        (torch.randn(1, 1, 100), "shape \\[batch, samples\\]"),
+        (torch.ones(1, 100, dtype=torch.int16), "floating-point"),
+        (torch.randn(1, 23), "too short"),
+        (torch.tensor([[0.0] * 50 + [float("nan")] * 50]), "NaN or infinite"),
+        (torch.tensor([[0.0] * 50 + [float("inf")] * 50]), "NaN or infinite"),
+    ],
+)
+def test_bad_input_gives_clear_value_error(tiny_config, wave, message):
+    model = build_model(tiny_config).eval()
+    with pytest.raises(ValueError, match=message):
+        model(wave)
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="encoder_embedding_dim must equal"):
+        MossFormer2Config(encoder_embedding_dim=64, mossformer_sequence_dim=32)
+    with pytest.raises(ConfigError, match="unknown key"):
+        MossFormer2Config.from_dict({"num_layers": 3})
+    with pytest.raises(ConfigError, match="positive integer"):
+        MossFormer2Config(num_spks=0)
+    with pytest.raises(ValueError, match="unknown model name"):
+        build_model("MossFormer3")
+
+
+def test_build_model_from_dict_and_alias():
+    assert build_model({"num_mossformer_layer": 1, "encoder_embedding_dim": 32,
+                        "mossformer_sequence_dim": 32}).config.num_mossformer_layer == 1
+    assert build_model("MossFormer2_SS_16K").config == MossFormer2Config()

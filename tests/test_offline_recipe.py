@@ -1,0 +1,193 @@
+"""Pure parts of recipes/offline_speech/prepare.py: evaluation-package guard, speaker split, audio steps."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "offline_speech" / "prepare.py"
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("offline_speech_prepare", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses need the module registered
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare = _load_recipe()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "asterisk-core-sounds-en",
+        "asterisk-core-sounds-en-gsm",
+        "Asterisk-Core-Sounds-FR-wav",
+        "asterisk-core-sounds-es=1.6.1-1",
+        "asterisk-core-sounds-it:all",
+        "/tmp/debs/asterisk-core-sounds-ru-g722_1.6.1-1_all.deb",
+    ],
+)
+def test_guard_refuses_evaluation_packages(name):
+    with pytest.raises(ValueError, match="reserved for\\s+independent evaluation"):
+        prepare.check_package_allowed(name)
+
+
+def test_guard_allows_training_packages_and_normalises_names():
+    assert prepare.check_package_allowed("asterisk-prompt-fr-armelle") == "asterisk-prompt-fr-armelle"
+    assert prepare.check_package_allowed("ktuberling-data=4:22.12.3-1") == "ktuberling-data"
+    assert prepare.check_package_allowed("debs/klettres-data_4%3a22.12.3-1_all.deb") == "klettres-data"
+    assert not any(prepare.RESERVED_PACKAGE_PREFIX in name for name in prepare.PACKAGES)
+
+
+def test_guard_refuses_files_and_cli_packages_before_any_download(tmp_path, capsys):
+    with pytest.raises(ValueError, match="reserved"):
+        prepare.decode_audio(tmp_path / "unpacked/asterisk-core-sounds-en/usr/share/asterisk/sounds/en/1.gsm")
+    # The CLI must refuse before touching apt (the cache folder stays empty).
+    cache = tmp_path / "cache"
+    code = prepare.main(
+        [
+            "--out",
+            str(tmp_path / "out"),
+            "--cache",
+            str(cache),
+            "--no-synthetic",
+            "--packages",
+            "ktuberling-data",
+            "asterisk-core-sounds-en-wav",
+        ]
+    )
+    assert code == 1
+    assert "reserved for independent evaluation" in capsys.readouterr().err
+    assert not cache.exists()
+
+
+def _speakers(n_per_family: dict[str, int], ties: dict[str, str] | None = None):
+    ties = ties or {}
+    infos = []
+    for family, n in n_per_family.items():
+        for i in range(n):
+            name = f"{family}-{i}"
+            infos.append(prepare.SpeakerInfo(name, family, ties.get(name, name)))
+    return infos
+
+
+def test_split_holds_out_whole_speakers_with_no_overlap():
+    infos = _speakers({"tuxpaint": 10, "kde": 20, "fillets": 4, "asterisk": 3})
+    assignment = prepare.split_speakers(infos, valid_fraction=0.12, test_fraction=0.12, seed=3)
+    assert set(assignment) == {i.name for i in infos}  # every speaker exactly once
+    splits = {s: {n for n, v in assignment.items() if v == s} for s in prepare.SPLITS}
+    assert not (
+        splits["train"] & splits["valid"] or splits["train"] & splits["test"] or splits["valid"] & splits["test"]
+    )
+    assert len(splits["test"]) == round(37 * 0.12) and len(splits["valid"]) == round(37 * 0.12)
+    # Held-out speakers are spread over families rather than drawn from one.
+    held_out_families = {n.rsplit("-", 1)[0] for n in splits["valid"] | splits["test"]}
+    assert len(held_out_families) == 4
+    assert prepare.split_speakers(infos, 0.12, 0.12, seed=3) == assignment  # deterministic
+    assert prepare.split_speakers(infos, 0.12, 0.12, seed=4) != assignment
+
+
+def test_split_keeps_tied_speakers_together():
+    # ktuberling-fr and klettres-fr may be the same person: they must share a split.
+    ties = {f"kde-{i}": f"lang-{i // 2}" for i in range(20)}
+    infos = _speakers({"kde": 20, "tuxpaint": 6}, ties)
+    for seed in range(10):
+        assignment = prepare.split_speakers(infos, 0.2, 0.2, seed=seed)
+        for i in range(0, 20, 2):
+            assert assignment[f"kde-{i}"] == assignment[f"kde-{i + 1}"]
+
+
+def test_split_rejects_bad_requests():
+    with pytest.raises(ValueError, match="too few"):
+        prepare.split_speakers(_speakers({"a": 2}), 0.3, 0.3)
+    with pytest.raises(ValueError, match="fractions"):
+        prepare.split_speakers(_speakers({"a": 10}), 0.6, 0.5)
+
+
+def _tone_with_silence(sample_rate: int) -> np.ndarray:
+    t = np.arange(int(0.5 * sample_rate)) / sample_rate
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t)
+    silence = np.zeros(sample_rate)  # 1 s
+    hiss = 1e-4 * np.random.default_rng(0).standard_normal(sample_rate)  # -70 dB below the tone
+    return np.concatenate([silence, tone, silence + hiss]).astype(np.float32)
+
+
+def test_trim_keeps_the_speech_and_the_padding():
+    sr = 16000
+    wave = _tone_with_silence(sr)
+    trimmed = prepare.trim_silence(wave, sr, threshold_db=-40, pad_seconds=0.1)
+    assert abs(len(trimmed) / sr - 0.7) < 0.03  # 0.5 s tone + 2 x 0.1 s padding
+    assert np.abs(trimmed).max() == pytest.approx(0.5, abs=1e-3)
+    assert len(prepare.trim_silence(np.zeros(sr, np.float32), sr)) == 0
+    with pytest.raises(ValueError, match="mono"):
+        prepare.trim_silence(np.zeros((2, sr), np.float32), sr)
+
+
+def test_decode_resamples_stereo_file_to_16k_mono(tmp_path):
+    sr = 44100
+    mono = _tone_with_silence(sr)
+    path = tmp_path / "stereo.ogg"
+    sf.write(path, np.stack([mono, mono], axis=1), sr, format="OGG", subtype="VORBIS")
+    wave = prepare.decode_audio(path)
+    assert wave.ndim == 1 and wave.dtype == np.float32
+    assert abs(len(wave) - len(mono) * 16000 / sr) < 0.01 * 16000
+    trimmed = prepare.trim_silence(wave, 16000)
+    assert abs(len(trimmed) / 16000 - 0.7) < 0.05
+    spectrum = np.abs(np.fft.rfft(trimmed))
+    assert np.fft.rfftfreq(len(trimmed), 1 / 16000)[spectrum.argmax()] == pytest.approx(440, abs=5)
+    with pytest.raises(FileNotFoundError):
+        prepare.decode_audio(tmp_path / "missing.wav")
+    (tmp_path / "junk.wav").write_bytes(b"not audio at all" * 10)
+    with pytest.raises(ValueError, match="cannot decode"):
+        prepare.decode_audio(tmp_path / "junk.wav")
+
+
+def test_pack_and_normalise():
+    assert prepare.pack_clips([10, 10, 10, 30, 5], 25) == [[0, 1, 2], [3], [4]]
+    assert prepare.pack_clips([10, 10], 0) == [[0], [1]]
+    joined = prepare.join_clips([np.ones(3), np.ones(2)], gap=4)
+    assert joined.tolist() == [1, 1, 1, 0, 0, 0, 0, 1, 1]
+    loud = prepare.normalize_level(np.full(100, 0.5, np.float32), rms_dbfs=-20)
+    assert 20 * np.log10(np.sqrt(np.mean(loud**2))) == pytest.approx(-20, abs=1e-3)
+    spiky = np.zeros(1000, np.float32)
+    spiky[0] = 1.0
+    assert np.abs(prepare.normalize_level(spiky, rms_dbfs=-10)).max() <= 0.95 + 1e-6  # no clipping
+    with pytest.raises(ValueError, match="silent"):
+        prepare.normalize_level(np.zeros(10, np.float32))
+
+
+def test_write_speaker_writes_16k_files_and_rows(tmp_path):
+    waves = [(np.full(8000, 0.1, np.float32) * (i + 1), f"clip{i}.ogg") for i in range(5)]
+    rows = prepare.write_speaker(
+        tmp_path, "valid", "spk", "pkg", "GPL-2", iter(waves), max_seconds=1.5, pack_seconds=1.0, gap_seconds=0.1
+    )
+    assert [r.sources for r in rows] == [["clip0.ogg", "clip1.ogg"], ["clip2.ogg"]]  # stops after 1.5 s
+    for row in rows:
+        info = sf.info(tmp_path / row.path)
+        assert info.samplerate == 16000 and info.channels == 1
+        assert row.duration_s == pytest.approx(info.duration, abs=1e-3)
+        assert row.path.startswith("valid/spk/")
+
+
+def test_licence_lines_and_synthetic_voice_settings():
+    text = "Files: *\nLicense: GPL-2+\n\nFiles: doc/*\nLicense: GFDL-1.2+\nLicense: GPL-2+\n text"
+    assert prepare.licence_lines(text) == ["GFDL-1.2+", "GPL-2+"]
+    voices = prepare.synthetic_voices(12, seed=1)
+    assert len({v.speaker for v in voices}) == 12 and {v.engine for v in voices} == {"espeak-ng", "flite"}
+    assert prepare.synthetic_voices(12, seed=1) == voices
+    command = voices[0].command("hello there", Path("/tmp/x.wav"))
+    assert command[0] == voices[0].engine and "hello there" in command
+
+
+def test_cli_help_runs():
+    result = subprocess.run([sys.executable, str(RECIPE), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--no-synthetic" in result.stdout
