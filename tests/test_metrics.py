@@ -59,6 +59,7 @@ def test_sdr_matches_mir_eval_bss_eval_sources(signals):
     # a causal 3-tap colouring is inside the 512-tap distortion filter: SDR forgives it, SI-SDR does not
     coloured = np.convolve(ref[0], [1.0, 0.5, 0.25])[: ref.shape[-1]]
     assert metrics.sdr(coloured, ref[0]) > metrics.si_sdr(coloured, ref[0]) + 10
+    assert metrics.sdr(ref[0], ref[0]) == pytest.approx(metrics.SDR_CLAMP_DB)  # finite for perfect estimates
     with pytest.raises(ValueError, match="shorter than the BSS-eval filter"):
         metrics.sdr(est[:, :100], ref[:, :100])
 
@@ -124,3 +125,14 @@ def test_score_separation_rejects_bad_input(signals):
     bad[0, 10] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         metrics.score_separation(bad, ref, mix, sr, metrics="si_sdr")
+
+
+def test_missing_metric_package_is_named(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pesq" else real_find_spec(name, *a))
+    metrics.check_metric_dependencies(["si_sdr", "stoi"])
+    with pytest.raises(ValueError, match=r"needs the pesq package: pip install 'mossformer2\[quality\]'"):
+        metrics.check_metric_dependencies(["si_sdr", "pesq"])

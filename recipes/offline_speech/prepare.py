@@ -204,16 +204,30 @@ for _name in PACKAGES:
 
 
 def decode_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode any file FFmpeg reads (ogg/opus/wav/raw gsm...) to mono float32 ``[T]`` at ``target_sr``."""
+    """Decode an audio file to mono float32 ``[T]`` at ``target_sr``.
+
+    libsndfile (soundfile) first: it reads every Ogg Vorbis file of the packages, including some FFmpeg
+    refuses; PyAV (FFmpeg) for what libsndfile cannot read, such as headerless GSM telephone prompts.
+    """
     path = check_path_allowed(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
-    fmt = "gsm" if path.suffix.lower() == ".gsm" else None  # raw GSM has no header to probe
     try:
-        with av.open(str(path), format=fmt) as container:
-            stream = container.streams.audio[0]
-            chunks, rate = [], None
-            for frame in container.decode(stream):
+        wave, rate = sf.read(path, dtype="float32", always_2d=True)  # [T, C]
+        wave = wave.mean(axis=1)
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        wave, rate = _decode_with_pyav(path)
+    if len(wave) == 0:
+        raise ValueError(f"audio file {path} holds no samples")
+    return resample(wave, rate, target_sr)
+
+
+def _decode_with_pyav(path: Path) -> tuple[np.ndarray, int]:
+    fmt = "gsm" if path.suffix.lower() == ".gsm" else None  # raw GSM has no header to probe
+    chunks, rate = [], 0
+    try:
+        with av.open(str(path), format=fmt, metadata_errors="replace") as container:
+            for frame in container.decode(container.streams.audio[0]):
                 raw = frame.to_ndarray()
                 data = raw.astype(np.float32)
                 if frame.format.is_planar:
@@ -224,12 +238,11 @@ def decode_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
                     data = data / float(np.iinfo(raw.dtype).max + 1)
                 chunks.append(data)
                 rate = frame.sample_rate
-    except (av.error.FFmpegError, IndexError) as err:
+    except (av.error.FFmpegError, IndexError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot decode audio file {path}: {err}") from err
-    if not chunks or rate is None:
+    if not chunks:
         raise ValueError(f"audio file {path} holds no samples")
-    wave = np.concatenate(chunks)
-    return resample(wave, rate, target_sr)
+    return np.concatenate(chunks), rate
 
 
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -328,8 +341,8 @@ def split_speakers(
 ) -> dict[str, str]:
     """Assign whole speakers to train/valid/test; speakers sharing a ``tie`` always share a split.
 
-    Tie groups are shuffled within each family and the families are interleaved, so the held-out splits
-    draw from every family. Returns ``{speaker: split}``; deterministic for a given seed.
+    Held-out speakers are drawn from every family in proportion to its size.
+    Returns ``{speaker: split}``; deterministic for a given seed.
     """
     if not (0 <= valid_fraction < 1 and 0 <= test_fraction < 1 and valid_fraction + test_fraction < 1):
         raise ValueError(f"bad split fractions valid={valid_fraction} test={test_fraction}: need 0 <= f and sum < 1")
@@ -344,15 +357,16 @@ def split_speakers(
     by_family: dict[str, list[str]] = defaultdict(list)
     for tie in sorted(ties):
         by_family[tie_family[tie]].append(tie)
-    families = sorted(by_family)
-    rng.shuffle(families)
-    for family in families:
-        rng.shuffle(by_family[family])
-    order: list[str] = []  # round-robin over families
-    while any(by_family.values()):
-        for family in families:
-            if by_family[family]:
-                order.append(by_family[family].pop())
+    # Systematic stratified sampling: in a family of n units the i-th (shuffled) unit gets the key
+    # (i + offset) / n, so the lowest keys overall take every family in proportion to its size and small
+    # families keep training speakers.
+    keyed: list[tuple[float, str]] = []
+    for family in sorted(by_family):
+        units = by_family[family]
+        rng.shuffle(units)
+        offset = rng.random()
+        keyed += [((i + offset) / len(units), tie) for i, tie in enumerate(units)]
+    order = [tie for _, tie in sorted(keyed)]
     n_units = len(order)
     n_test = max(1, round(n_units * test_fraction)) if test_fraction > 0 else 0
     n_valid = max(1, round(n_units * valid_fraction)) if valid_fraction > 0 else 0
@@ -797,7 +811,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--packages", nargs="+", default=list(PACKAGES), help="Debian packages to use")
     parser.add_argument("--no-synthetic", dest="synthetic", action="store_false", help="skip synthetic voices")
     parser.add_argument("--synthetic-speakers", type=int, default=24)
-    parser.add_argument("--synthetic-utterances", type=int, default=40, help="utterances per synthetic speaker")
+    parser.add_argument("--synthetic-utterances", type=int, default=15, help="utterances per synthetic speaker")
     parser.add_argument("--max-minutes-per-speaker", type=float, default=8.0)
     parser.add_argument("--min-clips", type=int, default=10, help="drop real speakers with fewer clips")
     parser.add_argument("--min-seconds", type=float, default=0.25, help="drop clips shorter after trimming")

@@ -93,7 +93,21 @@ def to_mono(wave: np.ndarray) -> np.ndarray:
         return wave
     if wave.ndim != 2:
         raise ValueError(f"expected audio [T] or [C, T], got shape {wave.shape}")
+    if wave.shape[0] == 1:
+        return wave[0]  # no copy: long mono files stay one array
     return wave.mean(axis=0, dtype=np.float32)
+
+
+def clip_guard(wave: np.ndarray, subtype: str, name: str) -> np.ndarray:
+    """Clip to [-1, 1] with a warning naming ``name`` when an integer ``subtype`` would otherwise wrap."""
+    if subtype.upper() == "FLOAT":
+        return wave
+    peak = float(np.abs(wave).max())
+    if not peak > 1.0:  # also lets NaN through to the writer's own clear error
+        return wave
+    warnings.warn(f"{name}: peak {peak:.3f} exceeds full scale; clipping to [-1, 1] for {subtype}",
+                  stacklevel=3)
+    return np.clip(wave, -1.0, 1.0)
 
 
 def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, subtype: str = "PCM_16",
@@ -116,12 +130,7 @@ def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, subtype: s
         raise ValueError(f"expected non-empty audio [T] or [C, T], got shape {wave.shape}")
     if not np.isfinite(wave).all():
         raise ValueError(f"refusing to write {path}: the audio contains NaN or infinite values")
-    if subtype != "FLOAT":
-        peak = float(np.abs(wave).max())
-        if peak > 1.0:
-            warnings.warn(f"{path.name}: peak {peak:.3f} exceeds full scale; clipping to [-1, 1] for {subtype}",
-                          stacklevel=2)
-            wave = np.clip(wave, -1.0, 1.0)
+    wave = clip_guard(wave, subtype, path.name)
     frames = wave if wave.ndim == 1 else wave.T  # soundfile wants [T, C]
     with atomic_path(path) as tmp:
         sf.write(str(tmp), frames, int(sample_rate), subtype=subtype, format=WRITE_FORMATS[fmt])

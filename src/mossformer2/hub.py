@@ -14,6 +14,7 @@ HUB_FILENAME = "last_best_checkpoint.pt"
 POINTER_FILE = "last_best_checkpoint"
 # Short names accepted by ``--model``; "default" is the model shipped inside the package.
 KNOWN_MODELS = {"mossformer2_ss_16k": "alibabasglab/MossFormer2_SS_16K"}
+_FILE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".onnx", ".safetensors"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -30,7 +31,11 @@ def model_name_to_ref(name: str) -> str | None:
 
 
 def is_hub_id(ref: str | Path) -> bool:
-    return isinstance(ref, str) and not Path(ref).exists() and bool(_HUB_ID.match(ref))
+    """``owner/name`` that is not a local path (nothing there, no checkpoint suffix, owner not a local folder)."""
+    if not isinstance(ref, str) or not _HUB_ID.match(ref):
+        return False
+    path = Path(ref)
+    return not path.exists() and path.suffix.lower() not in _FILE_SUFFIXES and not path.parent.is_dir()
 
 
 def resolve_checkpoint(ref: str | Path, filename: str = HUB_FILENAME, cache_dir: str | Path | None = None) -> Path:

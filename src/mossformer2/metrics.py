@@ -21,6 +21,8 @@ from mossformer2 import losses
 
 METRICS = ("si_sdr", "sdr", "pesq", "stoi")
 BSS_EVAL_FILTER_LENGTH = 512  # BSS-eval v3 default, as in mir_eval and the published wsj0-2mix SDR numbers
+# fast_bss_eval's SDR of a (near-)perfect estimate is +inf; beyond 100 dB only rounding speaks, so cap there.
+SDR_CLAMP_DB = 100.0
 
 
 def _pair(est: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -47,6 +49,7 @@ def sdr(est: np.ndarray, ref: np.ndarray, filter_length: int = BSS_EVAL_FILTER_L
 
     ``est``, ``ref``: ``[..., T]`` -> ``[...]``. The SDR only involves the projection of an estimate onto its
     own reference (and its delays up to ``filter_length``), so it is independent of the other references.
+    Values are capped to +-100 dB (a perfect estimate would otherwise give +inf).
     """
     # fast_bss_eval's numpy backend trips over NumPy 2's linalg.solve broadcasting rules; its torch backend
     # computes the same thing (in float64 here).
@@ -57,7 +60,7 @@ def sdr(est: np.ndarray, ref: np.ndarray, filter_length: int = BSS_EVAL_FILTER_L
         raise ValueError(f"signals of {est.shape[-1]} samples are shorter than the BSS-eval filter "
                          f"({filter_length} taps)")
     est_t, ref_t = torch.from_numpy(est)[..., None, :], torch.from_numpy(ref)[..., None, :]
-    value = -sdr_loss(est_t, ref_t, filter_length=filter_length)[..., 0].numpy()
+    value = -sdr_loss(est_t, ref_t, filter_length=filter_length, clamp_db=SDR_CLAMP_DB)[..., 0].numpy()
     return float(value) if value.ndim == 0 else value
 
 
@@ -109,6 +112,20 @@ def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
     if unknown or not names:
         raise ValueError(f"unknown metric(s) {unknown or names}: choose from {', '.join(METRICS)}")
     return tuple(dict.fromkeys(names))
+
+
+_METRIC_PACKAGES = {"pesq": "pesq", "stoi": "pystoi", "sdr": "fast_bss_eval"}
+
+
+def check_metric_dependencies(metrics: Iterable[str]) -> None:
+    """Raise ValueError naming the pip package for any selected metric whose library is not installed."""
+    import importlib.util
+
+    for name in metrics:
+        package = _METRIC_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise ValueError(f"metric {name!r} needs the {package} package: pip install 'mossformer2[quality]' "
+                             f"(or pip install {package}), or leave {name} out of --metrics")
 
 
 def score_separation(est: np.ndarray, ref: np.ndarray, mix: np.ndarray, sample_rate: int,

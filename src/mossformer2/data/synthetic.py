@@ -66,14 +66,13 @@ def generate_speaker_corpus(root: str | Path, num_speakers: int, utterances_per_
                             seconds: float = 2.0, sample_rate: int = 16000, seed: int = 0) -> Path:
     """Write ``<root>/spk<k>/<n>.wav`` for every speaker and utterance; return ``root``.
 
-    Speakers' mean pitches are spread over 90-260 Hz (log scale) and their formant scales over 0.85-1.25,
-    so that any two speakers differ in voice.
+    Speakers' mean pitches are spread over 90-260 Hz and their formant scales over 0.75-1.45 (log scales,
+    rising together as from male to female voices), so that any two speakers differ in voice.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
     pitches = np.geomspace(90, 260, num_speakers)
-    scales = np.linspace(0.85, 1.25, num_speakers)
-    rng.shuffle(scales)
+    scales = np.geomspace(0.75, 1.45, num_speakers)  # higher voices have shorter tracts, as in real speech
     for k in range(num_speakers):
         for n in range(utterances_per_speaker):
             length = seconds * rng.uniform(0.7, 1.0)

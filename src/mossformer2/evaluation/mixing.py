@@ -3,9 +3,12 @@
 Scaling follows the wsj0-2mix scripts (``create_wav_2speakers.m``): every source is normalised to unit ITU-T
 P.56 active speech level, multiplied by ``10 ** (level_db / 20)``, and the sources are summed. For two speakers
 the levels are ``+sir/2`` and ``-sir/2`` dB, so the signal-to-interference ratio of s1 over s2 is ``sir``.
-**Clipping** is avoided by one common rescale: when the mixture or any source would peak above 0.9 of full scale,
-the mixture and all sources are divided by ``peak / 0.9`` together, which keeps ``mix == s1 + s2 + ...`` and
-the SIR intact. ``mode="min"`` truncates every source to the shortest one; ``"max"`` zero-pads to the longest.
+**Clipping** is avoided by one common rescale, the scripts' own: mixture and sources are all multiplied by
+``0.9 / max(1, peak)``, ``peak`` being the largest absolute sample of the mixture and of every source, so
+nothing exceeds 0.9 of full scale while ``mix == s1 + s2 + ...`` and the SIR stay exact.
+``mode="min"`` truncates every source to the shortest one; ``"max"`` zero-pads to the longest. The active level
+is measured on the whole file for recipes (as the scripts do) and on the part that is mixed otherwise (so that
+a random crop still gets the requested SIR).
 
 ``metadata.csv`` uses LibriMix column names (``mixture_ID, mixture_path, source_1_path, ...``) with paths
 relative to the output folder, so ``mossformer2.data.manifests.load_manifest`` reads it back, plus the
@@ -26,7 +29,7 @@ from scipy.signal import lfilter
 
 from mossformer2.data.manifests import AUDIO_SUFFIXES
 
-PEAK_LIMIT = 0.9  # wsj0-2mix rescales so that nothing exceeds 0.9 of full scale
+PEAK_LIMIT = 0.9  # wsj0-2mix multiplies everything by 0.9 / max(1, peak)
 
 
 @dataclass
@@ -41,6 +44,7 @@ class MixtureSpec:
     files: list[Path]
     levels_db: list[float]
     start_fractions: list[float] = field(default_factory=list)
+    level_on_whole_file: bool = False  # wsj0-2mix recipes: measure the active level before truncation
 
 
 def active_level(wave: np.ndarray, sample_rate: int) -> float:
@@ -49,7 +53,8 @@ def active_level(wave: np.ndarray, sample_rate: int) -> float:
     Envelope: two cascaded one-pole smoothers (time constant 30 ms) of ``|x|``; a sample is active while the
     envelope has exceeded a threshold within the last 200 ms (hangover). The level is the RMS over active
     samples at the threshold lying 15.9 dB below it (interpolated in dB between thresholds 3 dB apart, relative
-    to the envelope peak, so the measure scales exactly with the signal).
+    to the envelope peak, so the measure scales exactly with the signal). Stands in for voicebox ``activlev``,
+    which the wsj0-2mix scripts call; no maintained Python package provides P.56.
     """
     x = np.asarray(wave, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
@@ -62,17 +67,19 @@ def active_level(wave: np.ndarray, sample_rate: int) -> float:
     hangover = int(round(0.2 * sample_rate))
     margin_db = 15.9
     index = np.arange(x.size)
-    thresholds = envelope.max() * 2.0 ** (-np.arange(41) / 2)  # 0 .. -120 dB in 3 dB steps
-    prev: tuple[float, float] | None = None  # (A - C, A) at the previous (higher) threshold
+    # Thresholds from -120 dB to the envelope peak in 3 dB steps, scanned upwards as P.56 does: the level is
+    # where (active level - threshold) first falls to the margin.
+    thresholds = envelope.max() * 2.0 ** (-np.arange(40, -1, -1) / 2)
+    prev: tuple[float, float] | None = None  # (A - C, A) at the previous (lower) threshold
     for c in thresholds:
         last_above = np.maximum.accumulate(np.where(envelope >= c, index, -hangover - 1))
         active = int(np.count_nonzero(index - last_above <= hangover))
         level_db = 10 * math.log10(energy / active)
         diff = level_db - 20 * math.log10(c)
-        if diff >= margin_db:
+        if diff <= margin_db:
             if prev is None:
                 return 10 ** (level_db / 20)
-            frac = (margin_db - prev[0]) / (diff - prev[0])
+            frac = (prev[0] - margin_db) / (prev[0] - diff)
             return 10 ** ((prev[1] + frac * (level_db - prev[1])) / 20)
         prev = (diff, level_db)
     return math.sqrt(energy / x.size)  # never reached for real signals; plain RMS as the safe fallback
@@ -89,7 +96,7 @@ def levels_for_sirs(sirs_db: Sequence[float]) -> list[float]:
 
 
 def mix_waves(waves: Sequence[np.ndarray], levels_db: Sequence[float], sample_rate: int, mode: str = "min",
-              start_fractions: Sequence[float] | None = None
+              start_fractions: Sequence[float] | None = None, level_on_whole_file: bool = False
               ) -> tuple[np.ndarray, np.ndarray, list[float], list[int]]:
     """Scale and sum mono sources ``[T_k]``.
 
@@ -109,20 +116,18 @@ def mix_waves(waves: Sequence[np.ndarray], levels_db: Sequence[float], sample_ra
     starts: list[int] = []
     for k, (wave, level_db) in enumerate(zip(waves, levels_db)):
         start = int(math.floor(fractions[k] * (lengths[k] - length))) if lengths[k] > length else 0
-        segment = np.asarray(wave, dtype=np.float64)[start:start + length]
-        # The active level is measured on the part that goes into the mixture, as wsj0-2mix does.
-        gain = 10 ** (level_db / 20) / active_level(segment, sample_rate)
+        wave = np.asarray(wave, dtype=np.float64)
+        segment = wave[start:start + length]
+        gain = 10 ** (level_db / 20) / active_level(wave if level_on_whole_file else segment, sample_rate)
         sources[k, : segment.size] = gain * segment
         gains.append(gain)
         starts.append(start)
     mix = sources.sum(0)
     peak = max(float(np.abs(mix).max()), float(np.abs(sources).max()))
-    if peak > PEAK_LIMIT:
-        rescale = PEAK_LIMIT / peak
-        mix *= rescale
-        sources *= rescale
-        gains = [g * rescale for g in gains]
-    return mix, sources, gains, starts
+    rescale = PEAK_LIMIT / max(1.0, peak)
+    mix *= rescale
+    sources *= rescale
+    return mix, sources, [g * rescale for g in gains], starts
 
 
 def _level_tag(level_db: float) -> str:
@@ -216,7 +221,7 @@ def plan_from_recipe(recipe: str | Path, wsj_root: str | Path) -> list[MixtureSp
                 raise FileNotFoundError(f"{recipe}, line {line_no}: source file not found: {path}")
             paths.append(path)
         mix_id = "_".join(f"{Path(p).stem}_{s}" for p, s in zip(fields[::2], fields[1::2]))
-        specs.append(MixtureSpec(id=mix_id, files=paths, levels_db=levels))
+        specs.append(MixtureSpec(id=mix_id, files=paths, levels_db=levels, level_on_whole_file=True))
     if not specs:
         raise ValueError(f"recipe {recipe} lists no mixtures")
     return specs
@@ -261,7 +266,7 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
         waves = [_load_mono(f, sample_rate) for f in spec.files]
         try:
             mix, sources, gains, starts = mix_waves(waves, spec.levels_db, sample_rate, mode,
-                                                    spec.start_fractions)
+                                                    spec.start_fractions, spec.level_on_whole_file)
         except ValueError as err:
             raise ValueError(f"mixture {spec.id} ({', '.join(map(str, spec.files))}): {err}") from err
         name = f"{spec.id}.wav"

@@ -12,7 +12,7 @@ from mossformer2.models.norms import ScaleNorm
 
 
 class OffsetScale(nn.Module):
-    """Per-head ``x * gamma_h + beta_h``. x: ``[B, F, d]`` -> ``heads`` tensors ``[B, F, d]``."""
+    """Per-head ``x * gamma_h + beta_h``. x: ``[B, F, d]`` -> ``[B, F, heads, d]``."""
 
     def __init__(self, dim: int, heads: int = 4) -> None:
         super().__init__()
@@ -20,9 +20,8 @@ class OffsetScale(nn.Module):
         self.beta = nn.Parameter(torch.zeros(heads, dim))
         nn.init.normal_(self.gamma, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = x.unsqueeze(-2) * self.gamma + self.beta  # [B, F, heads, d]
-        return list(out.unbind(dim=-2))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(-2) * self.gamma + self.beta
 
 
 class FLASHLayer(nn.Module):
@@ -49,41 +48,41 @@ class FLASHLayer(nn.Module):
         half = x.shape[-1] // 2
         shifted = F.pad(x[..., :half], (0, 0, 1, -1))  # frame t takes frame t-1, frame 0 gets zeros
         shifted_x = torch.cat((shifted, x[..., half:]), dim=-1)
-        v, u = self.to_hidden(shifted_x).chunk(2, dim=-1)  # [B, F, H/2] each
-        qk = self.to_qk(shifted_x)
-        quad_q, lin_q, quad_k, lin_k = self.qk_offset_scale(qk)
-        att_v, att_u = self._attention(quad_q, lin_q, quad_k, lin_k, v, u)
+        vu = self.to_hidden(shifted_x)  # [B, F, H] = concat(v, u), each [B, F, H/2]
+        qk = self.qk_offset_scale(self.to_qk(shifted_x))  # [B, F, 4, dk]: quad_q, lin_q, quad_k, lin_k
+        att_v, att_u = self._attention(qk, vu)
+        v, u = vu.chunk(2, dim=-1)
         out = (att_u * v) * torch.sigmoid(att_v * u)
         return x + self.to_out(out)
 
-    def _attention(self, quad_q: torch.Tensor, lin_q: torch.Tensor, quad_k: torch.Tensor, lin_k: torch.Tensor,
-                   v: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q/k: ``[B, F, dk]``; v/u: ``[B, F, dv]`` -> (att_v, att_u) ``[B, F, dv]``."""
-        B, n = v.shape[0], v.shape[1]
+    def _attention(self, qk: torch.Tensor, vu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """qk: ``[B, F, 4, dk]`` (quad_q, lin_q, quad_k, lin_k); vu: ``[B, F, 2dv]`` -> (att_v, att_u) ``[B, F, dv]``.
+
+        v and u are attended together as one ``2dv``-wide tensor (the projection output itself: no copy).
+        """
+        B, n = vu.shape[0], vu.shape[1]
         g = self.group_size
-        cos, sin = self.rotary_pos_emb.cos_sin(n, v.device, quad_q.dtype)
-        rotate = self.rotary_pos_emb.rotate
-        quad_q, lin_q, quad_k, lin_k = (rotate(t, cos, sin) for t in (quad_q, lin_q, quad_k, lin_k))
+        cos, sin = self.rotary_pos_emb.cos_sin(n, vu.device, qk.dtype)
+        qk = self.rotary_pos_emb.rotate(qk, cos.unsqueeze(1), sin.unsqueeze(1))  # all four heads at once
 
         # Global linear attention over the unpadded sequence (padding frames would add zeros anyway).
-        vu = torch.cat((v, u), dim=-1)  # [B, F, 2dv]
+        lin_k = qk[:, :, 3]
         lin_kvu = torch.matmul(lin_k.transpose(1, 2), vu) / n  # [B, dk, 2dv]
-        lin_out = torch.matmul(lin_q, lin_kvu)  # [B, F, 2dv]
 
         # Local quadratic attention in groups of g frames; zero padding makes padded keys contribute nothing,
-        # which is what the reference's key mask does (ReLU(0)^2 = 0 and padded values are zero).
+        # which is what the reference's key mask does (ReLU(0)^2 = 0 and padded values are zero). Padding
+        # unconditionally keeps the graph free of shape-dependent branches (ONNX / torch.export, any length).
         padding = (g - n % g) % g
-        if padding > 0:
-            quad_q = F.pad(quad_q, (0, 0, 0, padding))
-            quad_k = F.pad(quad_k, (0, 0, 0, padding))
-            vu = F.pad(vu, (0, 0, 0, padding))
+        qk = F.pad(qk, (0, 0, 0, 0, 0, padding))
+        vu = F.pad(vu, (0, 0, 0, padding))
         groups = (n + padding) // g
-        quad_q = quad_q.reshape(B, groups, g, -1)
-        quad_k = quad_k.reshape(B, groups, g, -1)
-        vu = vu.reshape(B, groups, g, -1)
-        attn = F.relu(torch.matmul(quad_q, quad_k.transpose(-1, -2)) / g) ** 2  # [B, G, g, g]
+        quad_q = qk[:, :, 0].reshape(B * groups, g, -1)
+        quad_k = qk[:, :, 2].reshape(B * groups, g, -1)
+        attn = F.relu(torch.bmm(quad_q, quad_k.transpose(1, 2)) / g) ** 2  # [B*G, g, g]
         attn = self.dropout(attn)
-        quad_out = torch.matmul(attn, vu).reshape(B, groups * g, -1)[:, :n]  # [B, F, 2dv]
-
-        att_v, att_u = (quad_out + lin_out).chunk(2, dim=-1)
+        # Linear part computed per frame (padded rows are dropped below), then the quadratic part is accumulated
+        # into it by one fused batched matmul-add.
+        lin_out = torch.matmul(qk[:, :, 1], lin_kvu)  # [B, Fp, 2dv]
+        out = torch.baddbmm(lin_out.reshape(B * groups, g, -1), attn, vu.reshape(B * groups, g, -1))
+        att_v, att_u = out.reshape(B, groups * g, -1)[:, :n].chunk(2, dim=-1)
         return att_v, att_u

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mossformer2.audio import read_audio, resample, to_mono, write_audio
+from mossformer2.audio import clip_guard, read_audio, resample, to_mono, write_audio
 from mossformer2.separation.batching import equal_length_batches
 from mossformer2.separation.stitching import (
     clearvoice_audio_norm,
@@ -167,15 +167,17 @@ class Separator:
         separated = self._separate_items([w for _, _, w, _ in items])
         per_input: list[list[np.ndarray]] = [[] for _ in waves]
         for (index, _, _, gain), sources in zip(items, separated):
-            sources = sources / gain if gain != 1.0 else sources
+            if gain != 1.0:
+                sources /= gain  # in place: a 1-hour output is hundreds of MB
             if out_rate != self.sample_rate:
                 sources = resample(sources, self.sample_rate, out_rate)
                 expected = shapes[index][1] if out_rate == sample_rate else None
                 if expected is not None:
                     sources = _fix_length(sources, expected)
             per_input[index].append(sources.astype(np.float32, copy=False))
-        stacked = [np.stack(channel_outputs, axis=1) for channel_outputs in per_input]  # [S, C, T] each
-        return [s[:, 0] if self.channels == "mix" else s for s in stacked]
+        if self.channels == "mix":
+            return [outputs[0] for outputs in per_input]
+        return [np.stack(outputs, axis=1) for outputs in per_input]  # [S, C, T] each
 
     def separate_file(self, path: str | Path, out_dir: str | Path, output_rate: int | None = None,
                       format: str | None = None, subtype: str = "PCM_16", plot: bool = False) -> list[Path]:
@@ -276,6 +278,7 @@ def write_sources(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, 
     with contextlib.ExitStack() as stack:
         for path, source in zip(paths, sources):
             tmp = stack.enter_context(atomic_path(path))
+            source = clip_guard(np.asarray(source, dtype=np.float32), subtype, path.name)  # warn with the real name
             write_audio(tmp, source, sample_rate, subtype=subtype, format=path.suffix.lstrip("."))
 
 

@@ -1,0 +1,99 @@
+"""Peak memory and real-time factor of separating one long file, chunk by chunk, on the CPU.
+
+Generates an N-minute 16 kHz two-talker-like WAV (written block by block, never held twice), separates it with
+``Separator.separate_file`` and prints peak RSS (``resource.getrusage``) and the real-time factor. Run it for two
+lengths to see that memory grows only with the audio arrays (input + S outputs, float32), not with chunk count::
+
+    python benchmarks/separate_long_file.py --minutes 60 --model tiny
+    python benchmarks/separate_long_file.py --minutes 10 --model default --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+SR = 16000
+TINY = dict(encoder_embedding_dim=16, mossformer_sequence_dim=16, num_mossformer_layer=1, query_key_dim=16,
+            rotary_dim=8, fsmn_inner_dim=16, fsmn_lorder=4, group_size=64)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def write_long_mixture(path: Path, minutes: float, seed: int = 0) -> float:
+    """Two amplitude-modulated noise 'talkers', one minute per block. Returns the duration in seconds."""
+    rng = np.random.default_rng(seed)
+    total = int(minutes * 60 * SR)
+    with sf.SoundFile(str(path), "w", SR, 1, subtype="PCM_16") as f:
+        for start in range(0, total, 60 * SR):
+            n = min(60 * SR, total - start)
+            t = (start + np.arange(n)) / SR
+            a = rng.standard_normal(n) * (0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * t)) ** 2
+            b = np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4.3 * t + 1)) ** 2
+            f.write((0.05 * a + 0.1 * b).astype(np.float32))
+    return total / SR
+
+
+def load(model: str):
+    from mossformer2 import MossFormer2Config, build_model, load_model
+    from mossformer2.pretrained import load_default_model
+
+    if model == "tiny":
+        torch.manual_seed(0)
+        return build_model(MossFormer2Config(**TINY)).eval()
+    if model == "default":
+        return load_default_model("cpu")
+    return load_model(model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--model", default="tiny", help="tiny (random), default (shipped) or a checkpoint path")
+    parser.add_argument("--chunk-seconds", type=float, default=10.0)
+    parser.add_argument("--overlap-seconds", type=float, default=2.0)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from mossformer2.separation import Separator
+
+    model = load(args.model)
+    rss_model = peak_rss_mib()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "long.wav"
+        seconds = write_long_mixture(src, args.minutes)
+        sep = Separator(model, device="cpu", chunk_seconds=args.chunk_seconds,
+                        overlap_seconds=args.overlap_seconds, batch_size=args.batch_size, progress=True)
+        start = time.perf_counter()
+        outputs = sep.separate_file(src, Path(tmp) / "out")
+        elapsed = time.perf_counter() - start
+        assert all(sf.info(str(p)).frames == int(seconds * SR) for p in outputs)
+    audio_mib = seconds * SR * 4 * (1 + sep.num_spks) / 2**20
+    result = {"minutes": args.minutes, "model": args.model, "threads": args.threads,
+              "chunk_seconds": args.chunk_seconds, "overlap_seconds": args.overlap_seconds,
+              "batch_size": args.batch_size, "peak_rss_mib": round(peak_rss_mib(), 1),
+              "rss_after_model_load_mib": round(rss_model, 1), "float32_audio_arrays_mib": round(audio_mib, 1),
+              "seconds": round(elapsed, 1), "rtf": round(elapsed / seconds, 4),
+              "torch": torch.__version__}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

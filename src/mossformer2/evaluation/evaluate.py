@@ -1,0 +1,233 @@
+"""Evaluation runner: manifest -> Separator -> PIT-aligned metrics -> ``per_utterance.csv`` + ``summary.json``.
+
+``per_utterance.csv`` gets one row per mixture as soon as it is scored (appended and flushed to disk), so an
+interrupted run loses at most the mixture in progress. Re-running with the same output folder skips the
+mixtures already scored and retries the failed ones. Failed mixtures (unreadable files, mismatched lengths or
+sample rates, speaker-count mismatches, ...) are rows with ``status=failed`` and the reason; the summary
+counts them next to every mean, so nothing is dropped silently.
+
+CSV columns: ``id, duration_s``, each metric and its improvement over the mixture (``si_sdr, si_sdri, sdr,
+sdri, pesq, stoi`` as selected), ``permutation`` (space-separated: output i of the separator is reference
+speaker ``permutation[i]``, 0-based), ``status`` (ok | failed) and ``error``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mossformer2.data.manifests import MixtureEntry, load_manifest
+from mossformer2.metrics import METRICS, check_metric_dependencies, parse_metrics, score_separation
+from mossformer2.utils import atomic_write_text
+
+CSV_NAME = "per_utterance.csv"
+SUMMARY_NAME = "summary.json"
+SETTINGS_NAME = "settings.json"
+IMPROVED = {"si_sdr": "si_sdri", "sdr": "sdri"}  # metrics that also get an improvement column
+RESUME_IGNORED = ("limit", "device")  # settings that may change between a run and its resumption
+
+
+def metric_columns(metrics: Sequence[str]) -> list[str]:
+    """Score columns in CSV order: each metric followed by its improvement where there is one."""
+    columns = []
+    for name in metrics:
+        columns.append(name)
+        if name in IMPROVED:
+            columns.append(IMPROVED[name])
+    return columns
+
+
+def csv_header(metrics: Sequence[str]) -> list[str]:
+    return ["id", "duration_s", *metric_columns(metrics), "permutation", "status", "error"]
+
+
+def load_mixture(entry: MixtureEntry) -> tuple[np.ndarray, np.ndarray, int]:
+    """Read ``(mix [T], references [S, T], sample_rate)`` (mono), checking rates and lengths agree."""
+    from mossformer2.audio import read_audio, to_mono
+
+    mix, rate = read_audio(entry.mix)
+    refs = []
+    for k, path in enumerate(entry.sources):
+        source, source_rate = read_audio(path)
+        if source_rate != rate:
+            raise ValueError(f"sample rates differ: mixture {rate} Hz, source {k + 1} ({path.name}) "
+                             f"{source_rate} Hz")
+        if source.shape[-1] != mix.shape[-1]:
+            raise ValueError(f"lengths differ: mixture {mix.shape[-1]} samples, source {k + 1} ({path.name}) "
+                             f"{source.shape[-1]} samples")
+        refs.append(to_mono(source))
+    return to_mono(mix), np.stack(refs), rate
+
+
+def _read_previous_rows(csv_path: Path, header: list[str]) -> list[dict[str, str]]:
+    """Rows of an earlier run; a last line cut off by a crash (no newline) is dropped."""
+    text = csv_path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is not None and list(reader.fieldnames) != header:
+        raise ValueError(f"{csv_path} was written with other columns ({', '.join(reader.fieldnames)}); "
+                         "evaluate into a new --out folder or pass --overwrite to start again")
+    return [row for row in reader if row.get("status") in ("ok", "failed")]
+
+
+def _format_value(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def summarize(rows: Sequence[dict[str, str]], metrics: Sequence[str]) -> dict[str, Any]:
+    """Mean, median, std (population) and count of every score column over the scored rows."""
+    scored = [r for r in rows if r["status"] == "ok"]
+    stats: dict[str, Any] = {}
+    for column in metric_columns(metrics):
+        values = [float(r[column]) for r in scored if r[column] not in ("", "nan")]
+        stats[column] = ({"mean": statistics.fmean(values), "median": statistics.median(values),
+                          "std": statistics.pstdev(values), "count": len(values)} if values
+                         else {"mean": None, "median": None, "std": None, "count": 0})
+    return stats
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    lines = [f"{'metric':<8} {'mean':>9} {'median':>9} {'std':>9} {'count':>6}"]
+    for name, s in summary["scores"].items():
+        if s["count"]:
+            lines.append(f"{name:<8} {s['mean']:>9.3f} {s['median']:>9.3f} {s['std']:>9.3f} {s['count']:>6d}")
+        else:
+            lines.append(f"{name:<8} {'-':>9} {'-':>9} {'-':>9} {0:>6d}")
+    lines.append(f"scored {summary['num_scored']} of {summary['num_mixtures']} mixture(s); "
+                 f"failed {summary['num_failed']}")
+    for failure in summary["failed"][:10]:
+        lines.append(f"  failed: {failure['id']}: {failure['error']}")
+    if summary["num_failed"] > 10:
+        lines.append(f"  ... and {summary['num_failed'] - 10} more (see {CSV_NAME})")
+    return "\n".join(lines)
+
+
+def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir: str | Path,
+             metrics: str | Sequence[str] = METRICS, score_rate: int | None = None, limit: int | None = None,
+             overwrite: bool = False, info: dict[str, Any] | None = None, progress: bool = True
+             ) -> dict[str, Any]:
+    """Separate and score every mixture of ``data`` (a manifest path or entries); returns the summary dict.
+
+    ``separator``: anything with ``separate(wave [T], sample_rate) -> [S, T]`` and ``num_spks`` (a
+    ``mossformer2.separation.Separator``). ``info``: extra provenance for ``summary.json`` (checkpoint, device,
+    separator settings). Writes ``per_utterance.csv``, ``settings.json`` and ``summary.json`` into ``out_dir``.
+    """
+    from tqdm import tqdm
+
+    names = parse_metrics(metrics)
+    check_metric_dependencies(names)
+    if score_rate is not None and score_rate <= 0:
+        raise ValueError(f"score rate must be positive, got {score_rate}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    entries = list(load_manifest(data) if isinstance(data, (str, Path)) else data)
+    if limit is not None:
+        entries = entries[:limit]
+    if entries and len(entries[0].sources) != separator.num_spks:
+        raise ValueError(f"the data has {len(entries[0].sources)} speakers per mixture but the model separates "
+                         f"{separator.num_spks}")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / CSV_NAME
+    settings = {"data": str(Path(data).resolve()) if isinstance(data, (str, Path)) else f"{len(entries)} entries",
+                "metrics": list(names), "score_rate": score_rate, "limit": limit, **(info or {})}
+    settings_path = out_dir / SETTINGS_NAME
+    header = csv_header(names)
+    if overwrite:
+        for path in (csv_path, settings_path, out_dir / SUMMARY_NAME):
+            path.unlink(missing_ok=True)
+    previous: list[dict[str, str]] = []
+    if csv_path.exists():
+        if settings_path.exists():
+            old = json.loads(settings_path.read_text(encoding="utf-8"))
+            changed = sorted(k for k in set(old) | set(settings)
+                             if k not in RESUME_IGNORED and old.get(k) != settings.get(k))
+            if changed:
+                raise ValueError(f"{out_dir} holds results of a run with other settings ({', '.join(changed)}); "
+                                 "evaluate into a new --out folder or pass --overwrite to start again")
+        previous = _read_previous_rows(csv_path, header)
+    atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+
+    wanted = {e.id for e in entries}
+    done = {r["id"]: r for r in previous if r["status"] == "ok"}
+    # Rewrite the CSV with the kept rows (drops old failures, which are retried, and any cut-off line).
+    kept = [r for r in previous if r["status"] == "ok"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write_text(csv_path, buffer.getvalue())
+
+    todo = [e for e in entries if e.id not in done]
+    new_rows: list[dict[str, str]] = []
+    audio_seconds = 0.0
+    start = time.perf_counter()
+    with csv_path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=header, lineterminator="\n")
+        for entry in tqdm(todo, desc="evaluating", unit="mix", disable=not progress or not todo):
+            row = _evaluate_one(separator, entry, names, score_rate, header)
+            if row["status"] == "ok":
+                audio_seconds += float(row["duration_s"])
+            writer.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+            new_rows.append(row)
+    elapsed = time.perf_counter() - start
+
+    by_id = {**done, **{r["id"]: r for r in new_rows}}
+    rows = [by_id[e.id] for e in entries]
+    failed = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
+    summary = {
+        "scores": summarize(rows, names),
+        "num_mixtures": len(entries),
+        "num_scored": sum(r["status"] == "ok" for r in rows),
+        "num_failed": len(failed),
+        "num_skipped_already_scored": len(wanted & set(done)),
+        "failed": failed,
+        "seconds_evaluated_this_run": round(audio_seconds, 3),
+        "real_time_factor_this_run": round(elapsed / audio_seconds, 4) if audio_seconds else None,
+        "data": settings["data"],
+        "checkpoint": settings.get("checkpoint"),
+        "settings": {k: v for k, v in settings.items() if k not in ("data", "checkpoint")},
+    }
+    atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _evaluate_one(separator: Any, entry: MixtureEntry, metrics: Sequence[str], score_rate: int | None,
+                  header: list[str]) -> dict[str, str]:
+    row = dict.fromkeys(header, "")
+    row["id"] = entry.id
+    try:
+        mix, refs, rate = load_mixture(entry)
+        row["duration_s"] = f"{mix.shape[-1] / rate:.3f}"
+        estimates = np.asarray(separator.separate(mix, rate))
+        if estimates.shape != refs.shape:
+            raise ValueError(f"the separator returned shape {estimates.shape}, the references are {refs.shape}")
+        scores = score_separation(estimates, refs, mix, rate, metrics=metrics, score_rate=score_rate)
+        for column in metric_columns(metrics):
+            value = scores[column]
+            if not math.isfinite(value):
+                raise ValueError(f"{column} is not finite ({value})")
+            row[column] = _format_value(value)
+        row["permutation"] = " ".join(str(p) for p in scores["permutation"])
+        row["status"] = "ok"
+    except Exception as err:  # any failure is recorded for this mixture and the run goes on
+        for column in metric_columns(metrics):
+            row[column] = ""
+        row["status"] = "failed"
+        message = str(err).splitlines()[0] if str(err) else ""
+        row["error"] = f"{type(err).__name__}: {message}" if message else type(err).__name__
+    return row

@@ -1,0 +1,422 @@
+"""The training loop: PIT SI-SDR loss, Adam, accumulation, plateau halving, early stopping, exact resume, DDP.
+
+Counters: ``step`` counts optimizer steps (including skipped ones), ``epoch`` is the epoch in progress and
+``batches_done`` the micro-batches of it already consumed. A checkpoint taken after any optimizer step holds
+these, the RNG states and the optimizer/scheduler/scaler states, so a resumed run continues exactly where the
+interrupted one stopped and ends with bit-identical weights (on CPU; cuDNN/NCCL may add nondeterminism on GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mossformer2.checkpoint import read_checkpoint, save_checkpoint
+from mossformer2.config_utils import to_dict
+from mossformer2.data.loaders import batches_per_epoch, create_dataloaders, set_loader_epoch
+from mossformer2.losses import pit_si_sdr_loss, si_sdr
+from mossformer2.models import MossFormer2, build_model
+from mossformer2.training.config import TrainConfig, save_train_config
+from mossformer2.training.distributed import DistInfo, all_reduce_sum, get_dist_info
+from mossformer2.utils import resolve_device
+
+log = logging.getLogger("mossformer2.training")
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epoch in progress
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    batches_done: int = 0  # micro-batches of the current epoch already consumed
+    best_metric: float = -math.inf  # best validation SI-SDRi (dB)
+    best_epoch: int = -1
+    bad_epochs: int = 0  # consecutive validations without improvement
+    skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient
+    skipped_files: int = 0  # unreadable files skipped by the data pipeline (this rank)
+    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch validation results
+
+
+def _rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU, CUDA) RNG states in a ``weights_only``-loadable form."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains a MossFormer2 per a :class:`TrainConfig`, writing checkpoints and logs to ``exp_dir``.
+
+    ``loaders`` (train, valid) may be given (tests); by default they come from :func:`create_dataloaders`.
+    Only rank 0 writes files. Call :meth:`fit`.
+    """
+
+    def __init__(self, cfg: TrainConfig, exp_dir: str | Path, loaders: tuple[DataLoader, DataLoader] | None = None,
+                 dist_info: DistInfo | None = None) -> None:
+        self.cfg = cfg
+        self.exp_dir = Path(exp_dir)
+        self.dist = dist_info or get_dist_info()
+        t, o = cfg.trainer, cfg.optim
+        self.device = resolve_device(t.device)
+        if self.dist.is_distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if t.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("trainer.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+        self._log_handler: logging.Handler | None = None
+        if self.dist.is_main:
+            self.exp_dir.mkdir(parents=True, exist_ok=True)
+            self._setup_file_logging()
+
+        _seed_everything(t.seed)  # identical initial weights on every rank
+        self.model: MossFormer2 = build_model(cfg.model)
+        if t.activation_checkpointing:
+            self.model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing = True
+        self.model.to(self.device)
+        self.train_model: torch.nn.Module = self.model
+        if self.dist.is_distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+        opt_cls = torch.optim.AdamW if o.decoupled_weight_decay else torch.optim.Adam
+        self.optimizer = opt_cls(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                 weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="max", factor=o.plateau_factor, patience=o.plateau_patience, threshold=0.0,
+            threshold_mode="abs", min_lr=o.min_lr)
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        self.state = TrainState()
+        self.train_loader, self.valid_loader = loaders or create_dataloaders(cfg, self.dist)
+        self.writer = None
+        if self.dist.is_main and t.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"))
+
+        last = self.exp_dir / LAST
+        if t.resume and last.is_file():
+            self.load_checkpoint(last)
+            log.info("resumed from %s: epoch %d, step %d, %d batches into the epoch", last, self.state.epoch,
+                     self.state.step, self.state.batches_done)
+        else:
+            if t.init_from:
+                self._init_from(t.init_from)
+            _seed_everything(t.seed + self.dist.rank)  # different dropout masks per rank
+        if self.dist.is_main:
+            save_train_config(cfg, self.exp_dir / "config.yaml")
+            n_params = sum(p.numel() for p in self.model.parameters())
+            log.info("model: %.2f M parameters on %s, precision %s", n_params / 1e6, self.device, t.precision)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _setup_file_logging(self) -> None:
+        path = self.exp_dir / "train.log"
+        self._log_handler = logging.FileHandler(path)
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(self._log_handler)
+        if log.level == logging.NOTSET or log.level > logging.INFO:
+            log.setLevel(logging.INFO)
+
+    def _init_from(self, path: str) -> None:
+        """Start from pretrained weights (official checkpoint or ours) of the configured architecture."""
+        from mossformer2.checkpoint import load_model
+
+        pretrained = load_model(path, config=self.cfg.model)
+        self.model.load_state_dict(pretrained.state_dict())
+        log.info("initialised the weights from %s", path)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Write everything needed to resume (rank 0 writes; every rank must call it under DDP: RNG gather)."""
+        rng = _rng_state()
+        if self.dist.is_distributed:
+            gathered: list[Any] = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, rng)
+            rng_states = gathered
+        else:
+            rng_states = [rng]
+        if not self.dist.is_main:
+            return
+        extra = {
+            "scheduler": self.scheduler.state_dict(),
+            "rng_states": rng_states,  # one per rank
+            "trainer_state": to_dict(self.state),
+            "train_config": to_dict(self.cfg),
+        }
+        if self.scaler is not None:
+            extra["scaler"] = self.scaler.state_dict()
+        save_checkpoint(path, self.model, self.optimizer, epoch=self.state.epoch, step=self.state.step,
+                        extra=extra)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore model, optimizer, scheduler, scaler, RNG states and the position in the data."""
+        ckpt = read_checkpoint(path)
+        missing = [k for k in ("model", "optimizer", "scheduler", "trainer_state", "rng_states") if k not in ckpt]
+        if missing:
+            raise ValueError(f"{path} is not a resumable training checkpoint (missing {missing}); use "
+                             "trainer.init_from to start from its weights")
+        if ckpt.get("config") != self.cfg.model.to_dict():
+            raise ValueError(f"{path} was trained with model config {ckpt.get('config')}, but the config asks for "
+                             f"{self.cfg.model.to_dict()}; use another --exp-dir or trainer.resume=false")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(**ckpt["trainer_state"])
+        rng_states = ckpt["rng_states"]
+        _set_rng_state(rng_states[self.dist.rank if self.dist.rank < len(rng_states) else 0])
+
+    def _write_best(self) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.exp_dir / BEST, self.model, epoch=self.state.epoch, step=self.state.step,
+                            extra={"valid": self.state.history[-1], "train_config": to_dict(self.cfg)})
+
+    # ------------------------------------------------------------------ training
+    def _loss(self, est: torch.Tensor, batch: dict) -> torch.Tensor:
+        loss, _ = pit_si_sdr_loss(est.float(), batch["sources"], batch["lengths"],
+                                  clamp_db=self.cfg.optim.loss_clamp_db)
+        return loss
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        """True when ``value`` is finite on every rank (all ranks then take the same branch)."""
+        bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self.device)
+        return float(all_reduce_sum(bad).item()) == 0.0
+
+    def _optimizer_step(self, bad: bool) -> float:
+        """Clip the accumulated gradient once, then step unless the loss or gradient was NaN/inf."""
+        o = self.cfg.optim
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = o.grad_clip if o.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if bad or not self._all_finite(grad_norm):
+            self.state.skipped_steps += 1
+            log.warning("step %d skipped: non-finite %s (%d skipped so far)", self.state.step,
+                        "loss" if bad else "gradient", self.state.skipped_steps)
+            if self.scaler is not None:
+                self.scaler.update()
+        elif self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return float(grad_norm)
+
+    def _step_limit_reached(self) -> bool:
+        max_steps = self.cfg.trainer.max_steps
+        return max_steps is not None and self.state.step >= max_steps
+
+    def train_epoch(self) -> dict[str, float]:
+        """Run the rest of the current epoch (or until ``trainer.max_steps``); return mean loss and grad norm."""
+        t, accum = self.cfg.trainer, self.cfg.optim.accum_steps
+        per_epoch = batches_per_epoch(self.train_loader) // accum * accum  # leftovers would make a partial step
+        if per_epoch == 0:
+            raise ValueError(f"one epoch has fewer batches than optim.accum_steps ({accum})")
+        set_loader_epoch(self.train_loader, self.state.epoch, self.state.batches_done)
+        self.train_model.train()
+        from tqdm import tqdm
+
+        bar = tqdm(total=per_epoch, initial=self.state.batches_done, desc=f"epoch {self.state.epoch}",
+                   unit="batch", disable=not (t.progress_bar and self.dist.is_main), leave=False)
+        sums = {"loss": 0.0, "n": 0, "grad_norm": 0.0, "steps": 0}
+        window = {"loss": 0.0, "n": 0}
+        bad = False
+        self.optimizer.zero_grad(set_to_none=True)
+        iterator = iter(self.train_loader)
+        while self.state.batches_done < per_epoch and not self._step_limit_reached():
+            batch = next(iterator)
+            self.state.batches_done += 1
+            self.state.skipped_files += int(batch["skipped"])
+            last_micro = self.state.batches_done % accum == 0
+            if batch["mix"].shape[0] > 0:
+                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                         for k, v in batch.items()}
+                sync = last_micro or not self.dist.is_distributed
+                no_sync = contextlib.nullcontext() if sync else self.train_model.no_sync()
+                with no_sync:
+                    with self._autocast():
+                        est = self.train_model(batch["mix"])
+                    loss = self._loss(est, batch)
+                    if self._all_finite(loss.detach()):
+                        (loss / accum).backward()
+                        sums["loss"] += float(loss)
+                        sums["n"] += 1
+                        window["loss"] += float(loss)
+                        window["n"] += 1
+                    else:
+                        bad = True
+            bar.update(1)
+            if not last_micro:
+                continue
+            grad_norm = self._optimizer_step(bad)
+            bad = False
+            if math.isfinite(grad_norm):
+                sums["grad_norm"] += grad_norm
+                sums["steps"] += 1
+            step = self.state.step
+            if step % t.log_every_steps == 0 and window["n"]:
+                mean = window["loss"] / window["n"]
+                bar.set_postfix(loss=f"{mean:.2f}", lr=f"{self.lr:.2e}")
+                log.info("epoch %d step %d: loss %.3f, grad norm %.3g, lr %.3g", self.state.epoch, step, mean,
+                         grad_norm, self.lr)
+                if self.writer is not None:
+                    self.writer.add_scalar("train/loss", mean, step)
+                    self.writer.add_scalar("train/grad_norm", grad_norm, step)
+                    self.writer.add_scalar("train/lr", self.lr, step)
+                    self.writer.add_scalar("train/skipped_steps", self.state.skipped_steps, step)
+                window = {"loss": 0.0, "n": 0}
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                self.save_checkpoint(self.exp_dir / LAST)
+        bar.close()
+        return {"loss": sums["loss"] / max(sums["n"], 1),
+                "grad_norm": sums["grad_norm"] / max(sums["steps"], 1)}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean loss, SI-SDR and SI-SDRi (dB) over the whole validation set (all ranks' shards)."""
+        self.model.eval()
+        totals = torch.zeros(4, dtype=torch.float64)  # loss, si_sdr, si_sdri, count
+        examples_left = self.cfg.trainer.audio_examples if self.writer is not None else 0
+        for batch in self.valid_loader:
+            self.state.skipped_files += int(batch["skipped"])
+            if batch["mix"].shape[0] == 0:
+                continue
+            mix, ref, lengths = (batch[k].to(self.device) for k in ("mix", "sources", "lengths"))
+            with self._autocast():
+                est = self.model(mix)
+            est = est.float()
+            plain, _ = pit_si_sdr_loss(est, ref, lengths, reduction="none")  # unclamped: -SI-SDR
+            clamp = self.cfg.optim.loss_clamp_db
+            loss = plain if clamp is None else pit_si_sdr_loss(est, ref, lengths, clamp, reduction="none")[0]
+            mix_sdr = si_sdr(mix[:, None, :].expand_as(ref), ref, lengths).mean(-1)
+            totals += torch.stack([loss.sum(), -plain.sum(), (-plain - mix_sdr).sum(),
+                                   torch.tensor(float(len(loss)))]).double().cpu()
+            for i in range(min(examples_left, mix.shape[0])):
+                self._log_audio(batch["ids"][i], mix[i, :lengths[i]], est[i, :, :lengths[i]])
+            examples_left -= min(examples_left, mix.shape[0])
+        totals = all_reduce_sum(totals.to(self.device)).cpu()
+        count = max(float(totals[3]), 1.0)
+        return {"loss": float(totals[0]) / count, "si_sdr": float(totals[1]) / count,
+                "si_sdri": float(totals[2]) / count, "count": float(totals[3])}
+
+    def _log_audio(self, name: str, mix: torch.Tensor, est: torch.Tensor) -> None:
+        sr = self.cfg.data.sample_rate
+        peak = float(torch.cat([mix.abs().flatten(), est.abs().flatten()]).max()) + 1e-8
+        self.writer.add_audio(f"valid/{name}/mix", (mix / peak).cpu(), self.state.step, sample_rate=sr)
+        for s in range(est.shape[0]):
+            self.writer.add_audio(f"valid/{name}/s{s + 1}", (est[s] / peak).cpu(), self.state.step, sample_rate=sr)
+
+    def _end_epoch(self, train_stats: dict[str, float]) -> bool:
+        """Validate, update best / plateau / early stopping, checkpoint. Returns True to stop training."""
+        o, s = self.cfg.optim, self.state
+        start = time.time()
+        valid = self.validate()
+        metric = valid["si_sdri"]
+        improved = metric > s.best_metric
+        if improved:
+            s.best_metric, s.best_epoch, s.bad_epochs = metric, s.epoch, 0
+        else:
+            s.bad_epochs += 1
+        self.scheduler.step(metric)
+        s.history.append({"epoch": float(s.epoch), "step": float(s.step), "train_loss": train_stats["loss"],
+                          "valid_loss": valid["loss"], "valid_si_sdr": valid["si_sdr"], "valid_si_sdri": metric,
+                          "lr": self.lr})
+        log.info("epoch %d done (step %d): train loss %.3f | valid loss %.3f, SI-SDR %.2f dB, SI-SDRi %.2f dB "
+                 "(best %.2f at epoch %d) | lr %.3g | %d skipped steps, %d skipped files | valid %.1fs",
+                 s.epoch, s.step, train_stats["loss"], valid["loss"], valid["si_sdr"], metric, s.best_metric,
+                 s.best_epoch, self.lr, s.skipped_steps, s.skipped_files, time.time() - start)
+        if self.writer is not None:
+            for key in ("loss", "si_sdr", "si_sdri"):
+                self.writer.add_scalar(f"valid/{key}", valid[key], s.step)
+            self.writer.add_scalar("train/epoch_loss", train_stats["loss"], s.step)
+            self.writer.flush()
+        if improved:
+            self._write_best()
+        s.epoch += 1
+        s.batches_done = 0
+        self.save_checkpoint(self.exp_dir / LAST)
+        if o.early_stop_patience is not None and s.bad_epochs >= o.early_stop_patience:
+            log.info("early stopping: no validation improvement for %d epochs", s.bad_epochs)
+            return True
+        return False
+
+    def fit(self) -> TrainState:
+        """Train until ``max_epochs``, ``max_steps`` or early stopping; return the final state."""
+        t = self.cfg.trainer
+        log.info("training in %s: epochs %d-%d, %d batches per epoch", self.exp_dir, self.state.epoch,
+                 t.max_epochs - 1, batches_per_epoch(self.train_loader))
+        try:
+            while self.state.epoch < t.max_epochs:
+                if self._step_limit_reached():
+                    break
+                stats = self.train_epoch()
+                if self._step_limit_reached() and self.state.batches_done < self._epoch_batches():
+                    self.save_checkpoint(self.exp_dir / LAST)  # stopped mid-epoch: resumable from here
+                    break
+                if self._end_epoch(stats):
+                    break
+            log.info("finished at epoch %d, step %d; best validation SI-SDRi %.2f dB (epoch %d)",
+                     self.state.epoch, self.state.step, self.state.best_metric, self.state.best_epoch)
+        finally:
+            self.close()
+        return self.state
+
+    def _epoch_batches(self) -> int:
+        accum = self.cfg.optim.accum_steps
+        return batches_per_epoch(self.train_loader) // accum * accum
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer and the log file (idempotent)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self._log_handler is not None:
+            log.removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None

@@ -1,0 +1,220 @@
+"""``mossformer2 separate`` end to end (in-process) with a tiny random checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import mossformer2.pretrained
+from mossformer2 import build_model, save_checkpoint
+from mossformer2.audio import read_audio
+from mossformer2.cli import main
+from mossformer2.cli.separate import collect_inputs, mirrored_out_dirs, shard_files
+from tests.conftest import make_tiny_config
+from tests.test_hub import REPO, fake_hf_cache
+
+
+def noise(n, seed=0, channels=1, scale=0.1):
+    return (np.random.default_rng(seed).standard_normal((n, channels)) * scale).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, build_model(make_tiny_config()))
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """Equal file names in different folders, several formats and rates."""
+    root = tmp_path / "data"
+    for sub, seed in [("a", 1), ("b", 2), ("b/deeper", 3)]:
+        (root / sub).mkdir(parents=True)
+        sf.write(str(root / sub / "talk.wav"), noise(8000, seed), 16000)
+    sf.write(str(root / "a" / "stereo.flac"), noise(11025, 4, channels=2), 22050)
+    sf.write(str(root / "b" / "music.ogg"), noise(24000, 5), 48000, format="OGG", subtype="VORBIS")
+    (root / "a" / "readme.txt").write_text("not audio, not a list of audio either\n")
+    return root
+
+
+def outputs_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_folder_input_mirrors_structure_and_summarises(ckpt, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["separate", str(corpus), "-o", str(out), "--checkpoint", str(ckpt)]) == 0
+    assert outputs_under(out) == ["a/stereo_s1.flac", "a/stereo_s2.flac", "a/talk_s1.wav", "a/talk_s2.wav",
+                                  "b/deeper/talk_s1.wav", "b/deeper/talk_s2.wav", "b/music_s1.wav",
+                                  "b/music_s2.wav", "b/talk_s1.wav", "b/talk_s2.wav"]
+    wave, rate = read_audio(out / "a" / "stereo_s1.flac")
+    assert rate == 22050 and wave.shape == (1, 11025)  # mixed to mono, input rate kept
+    captured = capsys.readouterr()
+    assert "separated 5 file(s), skipped 0, failed 0" in captured.out
+    assert "real-time factor" in captured.out and "s of audio" in captured.out
+    assert "files" in captured.err  # tqdm bar over files
+
+
+def test_globs_lists_scp_and_skip_existing(ckpt, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    listing = tmp_path / "files.txt"
+    listing.write_text(f"# my files\n{corpus / 'a' / 'talk.wav'}\n\n")
+    scp = tmp_path / "test.scp"
+    scp.write_text(f"utt1 {corpus / 'b' / 'talk.wav'}\n")  # Kaldi-style "id path"
+    args = ["separate", str(corpus / "b" / "deeper" / "*.wav"), str(listing), str(scp), "-o", str(out),
+            "--checkpoint", str(ckpt)]
+    assert main(args) == 0
+    assert outputs_under(out) == ["a/talk_s1.wav", "a/talk_s2.wav", "b/deeper/talk_s1.wav",
+                                  "b/deeper/talk_s2.wav", "b/talk_s1.wav", "b/talk_s2.wav"]
+    before = (out / "a" / "talk_s1.wav").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0  # same inputs: every output exists
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and "--overwrite" in captured.err and "skipped 3" in captured.out
+    assert (out / "a" / "talk_s1.wav").stat().st_mtime_ns == before
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "a" / "talk_s1.wav").stat().st_mtime_ns != before
+
+
+def test_bad_files_fail_alone_with_reasons_and_no_partial_output(ckpt, tmp_path, capsys):
+    data = tmp_path / "mixed"
+    data.mkdir()
+    sf.write(str(data / "good.wav"), noise(8000, 1), 16000)
+    (data / "empty.wav").write_bytes(b"")
+    (data / "junk.wav").write_text("definitely not audio " * 30)
+    sf.write(str(data / "silent.wav"), np.zeros(8000, np.float32), 16000)
+    sf.write(str(data / "nan.wav"), np.array([0.1, np.nan] * 4000, np.float32), 16000, subtype="FLOAT")
+    sf.write(str(data / "tiny.wav"), noise(5, 2), 16000)
+    out = tmp_path / "out"
+    code = main(["separate", str(data), str(tmp_path / "missing.wav"), str(tmp_path / "nomatch*.wav"),
+                 "-o", str(out), "--checkpoint", str(ckpt)])
+    assert code == 1
+    assert outputs_under(out) == ["good_s1.wav", "good_s2.wav"]  # nothing partial, no temp files
+    captured = capsys.readouterr()
+    assert "separated 1 file(s), skipped 0, failed 7" in captured.out
+    for name, reason in [("empty.wav", "empty file"), ("junk.wav", "cannot read"), ("silent.wav", "silent"),
+                         ("nan.wav", "NaN"), ("tiny.wav", "too short"), ("missing.wav", "no such file"),
+                         ("nomatch*.wav", "matches no file")]:
+        line = next(ln for ln in captured.err.splitlines() if ln.startswith("failed:") and name in ln)
+        assert reason in line, line
+
+
+def test_options_channels_rate_format_plot_dtype(ckpt, tmp_path):
+    src = tmp_path / "in" / "duo.wav"
+    src.parent.mkdir()
+    sf.write(str(src), noise(44100, 3, channels=2), 44100)
+    out = tmp_path / "out"
+    code = main(["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt), "--channels", "each",
+                 "--output-rate", "16000", "--format", "flac", "--subtype", "PCM_24", "--plot",
+                 "--dtype", "bfloat16", "--normalize", "peak"])
+    assert code == 0
+    assert outputs_under(out) == ["duo_s1.flac", "duo_s2.flac", "duo_spectrogram.png"]
+    info = sf.info(str(out / "duo_s2.flac"))
+    assert (info.channels, info.samplerate, info.frames, info.subtype) == (2, 16000, 16000, "PCM_24")
+    assert (out / "duo_spectrogram.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt), "--output-rate", "fast"]) == 1
+
+
+def test_long_file_chunks_and_clearvoice_stitching(ckpt, tmp_path, capsys):
+    src = tmp_path / "long.wav"
+    sf.write(str(src), noise(16000 * 6, 9), 16000)
+    for extra in (["--chunk-seconds", "1.5", "--overlap-seconds", "0.5"], ["--stitching", "clearvoice"]):
+        out = tmp_path / extra[1]
+        assert main(["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt), *extra]) == 0
+        wave, rate = read_audio(out / "long_s1.wav")
+        assert wave.shape == (1, 96000) and np.abs(wave).max() > 0
+    assert "chunks" in capsys.readouterr().err
+
+
+def test_batch_size_gives_the_same_files(ckpt, tmp_path):
+    data = tmp_path / "same"
+    data.mkdir()
+    for k in range(3):
+        sf.write(str(data / f"u{k}.wav"), noise(8000, k), 16000, subtype="FLOAT")
+    sf.write(str(data / "other.wav"), noise(7000, 7), 16000, subtype="FLOAT")
+    for batch in ("1", "3"):
+        assert main(["separate", str(data), "-o", str(tmp_path / batch), "--checkpoint", str(ckpt),
+                     "--batch-size", batch, "--subtype", "FLOAT"]) == 0
+    for name in outputs_under(tmp_path / "1"):
+        a, _ = read_audio(tmp_path / "1" / name)
+        b, _ = read_audio(tmp_path / "3" / name)
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert len(outputs_under(tmp_path / "3")) == 8
+
+
+def test_builtin_model_is_announced(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mossformer2.pretrained, "DEFAULT_MODEL_FILE", ckpt)
+    src = tmp_path / "x.wav"
+    sf.write(str(src), noise(4000), 16000)
+    assert main(["separate", str(src), "-o", str(tmp_path / "o")]) == 0
+    assert "using the built-in model" in capsys.readouterr().err
+    assert main(["separate", str(src), "-o", str(tmp_path / "o2"), "--model", "default"]) == 0
+    assert outputs_under(tmp_path / "o2") == ["x_s1.wav", "x_s2.wav"]
+
+
+def test_model_name_from_offline_hub_cache(tmp_path, monkeypatch, capsys):
+    fake_hf_cache(tmp_path / "hf", tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = tmp_path / "x.wav"
+    sf.write(str(src), noise(4000), 16000)
+    assert main(["separate", str(src), "-o", str(tmp_path / "o"), "--model", "MossFormer2_SS_16K"]) == 0
+    assert outputs_under(tmp_path / "o") == ["x_s1.wav", "x_s2.wav"]
+    assert main(["separate", str(src), "-o", str(tmp_path / "o"), "--model", "nobody/Missing"]) == 1
+    assert "huggingface-cli download nobody/Missing" in capsys.readouterr().err
+    assert REPO == "alibabasglab/MossFormer2_SS_16K"
+
+
+def test_onnxruntime_backend_needs_an_onnx_file(ckpt, tmp_path, capsys):
+    src = tmp_path / "x.wav"
+    sf.write(str(src), noise(4000), 16000)
+    assert main(["separate", str(src), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
+                 "--backend", "onnxruntime"]) == 1
+    assert "needs --checkpoint MODEL.onnx" in capsys.readouterr().err
+
+
+def test_sharding_covers_every_file_once():
+    files = [Path(f"/data/f{i:03d}.wav") for i in range(23)]
+    for world in (1, 2, 3, 4, 8, 30):
+        shards = [shard_files(list(reversed(files)), rank, world) for rank in range(world)]
+        flat = [f for shard in shards for f in shard]
+        assert sorted(flat) == files and len(set(flat)) == len(files)
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    with pytest.raises(ValueError):
+        shard_files(files, 2, 2)
+
+
+def test_torchrun_rank_processes_its_shard_only(ckpt, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "d"
+    data.mkdir()
+    for k in range(5):
+        sf.write(str(data / f"f{k}.wav"), noise(4000, k), 16000)
+    done = set()
+    for rank in (0, 1):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        assert main(["separate", str(data), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 0
+        now = set(outputs_under(tmp_path / "o"))
+        assert not (now - done) & done
+        assert f"[rank {rank}/2]" in capsys.readouterr().out
+        done |= now
+    assert len(done) == 10
+
+
+def test_collect_inputs_and_mirroring(tmp_path):
+    (tmp_path / "x" / "y").mkdir(parents=True)
+    for rel in ["x/a.wav", "x/y/a.wav", "x/y/b.mp3", "x/notes.md"]:
+        (tmp_path / rel).write_bytes(b"RIFF")
+    found = collect_inputs([str(tmp_path / "x"), str(tmp_path / "x" / "a.wav"), str(tmp_path / "none.wav")])
+    assert [p.relative_to(tmp_path).as_posix() for p in found.files] == ["x/a.wav", "x/y/a.wav", "x/y/b.mp3"]
+    assert found.errors == [(str(tmp_path / "none.wav"), "no such file or folder")]
+    dirs = mirrored_out_dirs(found.files, Path("/out"))
+    assert sorted(str(d) for d in dirs.values()) == ["/out", "/out/y", "/out/y"]

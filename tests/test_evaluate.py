@@ -1,0 +1,197 @@
+"""`mossformer2 evaluate` end to end on mixtures made by our own `mix`: oracle and tiny-model checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import mossformer2
+from mossformer2.cli import main
+from mossformer2.data.manifests import load_manifest
+from mossformer2.evaluation import evaluate
+from mossformer2.separation import Separator
+from tests.test_mix import make_speaker_folder
+
+NUM_MIXTURES = 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Four two-speaker mixtures (about 1 s each) in the wsj0-2mix layout, made by `mossformer2 mix`."""
+    root = tmp_path_factory.mktemp("eval")
+    speakers = make_speaker_folder(root / "speakers", speakers=3, files=2)
+    out = root / "mixtures"
+    assert main(["mix", str(speakers), "-o", str(out), "--num-mixtures", str(NUM_MIXTURES), "--seed", "7",
+                 "--subtype", "FLOAT"]) == 0
+    return out
+
+
+class OracleModel(torch.nn.Module):
+    """Returns the true sources of whichever known mixture it is given (scaled like the input), speakers
+    swapped: perfect separation that only PIT alignment can score as perfect."""
+
+    def __init__(self, data: Path) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(sample_rate=16000, num_spks=2, encoder_kernel_size=16)
+        self.known = []
+        for entry in load_manifest(data):
+            mix = sf.read(str(entry.mix), dtype="float32")[0]
+            sources = np.stack([sf.read(str(p), dtype="float32")[0] for p in entry.sources])
+            self.known.append((torch.from_numpy(mix), torch.from_numpy(sources[::-1].copy())))
+        self.calls = 0
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, S, T]
+        self.calls += 1
+        outputs = []
+        for x in wave:
+            mix, sources = next((m, s) for m, s in self.known if m.shape == x.shape
+                                and torch.nn.functional.cosine_similarity(m, x, dim=0) > 0.999)
+            gain = (x @ mix) / (mix @ mix)
+            outputs.append(gain * sources)
+        return torch.stack(outputs)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_oracle_reaches_high_scores_and_summary_matches_csv(dataset, tmp_path):
+    oracle = OracleModel(dataset)
+    sep = Separator(oracle, device="cpu")
+    summary = evaluate(sep, dataset / "metadata.csv", tmp_path / "out", progress=False)
+    rows = read_csv(tmp_path / "out" / "per_utterance.csv")
+    assert [r["id"] for r in rows] == [e.id for e in load_manifest(dataset)]
+    assert list(rows[0]) == ["id", "duration_s", "si_sdr", "si_sdri", "sdr", "sdri", "pesq", "stoi",
+                             "permutation", "status", "error"]
+    assert all(r["status"] == "ok" and r["permutation"] == "1 0" for r in rows)
+    assert all(float(r["si_sdr"]) > 60 and float(r["sdr"]) > 60 for r in rows)
+    assert all(float(r["pesq"]) > 4.4 and float(r["stoi"]) > 0.99 for r in rows)
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for column in ("si_sdr", "si_sdri", "sdr", "sdri", "pesq", "stoi"):
+        values = [float(r[column]) for r in rows]
+        stats = on_disk["scores"][column]
+        assert stats["count"] == NUM_MIXTURES
+        assert stats["mean"] == pytest.approx(np.mean(values), abs=1e-4)
+        assert stats["median"] == pytest.approx(np.median(values), abs=1e-4)
+        assert stats["std"] == pytest.approx(np.std(values), abs=1e-4)
+    # SI-SDRi is the gain over the mixture, whose SI-SDR is about -SIR/2 .. +SIR/2 dB: far below 60
+    assert on_disk["scores"]["si_sdri"]["mean"] > 50
+    assert on_disk["num_failed"] == 0 and on_disk["num_scored"] == NUM_MIXTURES
+    assert on_disk["data"] == str((dataset / "metadata.csv").resolve())
+    assert on_disk["settings"]["metrics"] == ["si_sdr", "sdr", "pesq", "stoi"]
+
+
+def test_resume_skips_scored_mixtures_and_survives_a_cut_off_line(dataset, tmp_path):
+    oracle = OracleModel(dataset)
+    sep = Separator(oracle, device="cpu")
+    out = tmp_path / "out"
+    evaluate(sep, dataset, out, metrics="si_sdr", limit=2, progress=False)
+    assert oracle.calls == 2
+    csv_path = out / "per_utterance.csv"
+    with csv_path.open("a") as f:
+        f.write("half-written-row,0.9")  # a crash in the middle of a row: no newline
+    summary = evaluate(sep, dataset, out, metrics="si_sdr", progress=False)
+    assert oracle.calls == NUM_MIXTURES  # only the two new mixtures were separated
+    assert summary["num_skipped_already_scored"] == 2 and summary["num_scored"] == NUM_MIXTURES
+    rows = read_csv(csv_path)
+    assert len(rows) == NUM_MIXTURES and len({r["id"] for r in rows}) == NUM_MIXTURES
+    evaluate(sep, dataset, out, metrics="si_sdr", progress=False)
+    assert oracle.calls == NUM_MIXTURES  # nothing left to do
+    with pytest.raises(ValueError, match=r"other settings \(metrics\)"):
+        evaluate(sep, dataset, out, metrics="si_sdr,stoi", progress=False)
+    with pytest.raises(ValueError, match="other settings.*score_rate"):
+        evaluate(sep, dataset, out, metrics="si_sdr", score_rate=8000, progress=False)
+    evaluate(sep, dataset, out, metrics="si_sdr", score_rate=8000, overwrite=True, progress=False)
+    assert oracle.calls == 2 * NUM_MIXTURES
+
+
+def test_score_rate_8000_changes_scoring(dataset, tmp_path):
+    sep = Separator(OracleModel(dataset), device="cpu", normalize="none")
+
+    def with_hiss(wave: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Perfect estimates plus a 6 kHz tone, which scoring at 8 kHz (4 kHz bandwidth) cannot see."""
+        hiss = 0.05 * np.sin(2 * np.pi * 6000 * np.arange(wave.shape[-1]) / sample_rate)
+        return sep.separate(wave, sample_rate) + hiss
+
+    leaky = SimpleNamespace(num_spks=2, separate=with_hiss)
+    full = evaluate(leaky, dataset, tmp_path / "a", metrics="si_sdr", progress=False)
+    narrow = evaluate(leaky, dataset, tmp_path / "b", metrics="si_sdr", score_rate=8000, progress=False)
+    assert narrow["settings"]["score_rate"] == 8000
+    assert full["scores"]["si_sdr"]["mean"] < 30
+    assert narrow["scores"]["si_sdr"]["mean"] > full["scores"]["si_sdr"]["mean"] + 20
+
+
+def test_cli_with_tiny_checkpoint_reports_broken_files_and_resumes(dataset, tmp_path, tiny_config, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for sub in ("mix", "s1", "s2"):
+        (data / sub).symlink_to(dataset / sub, target_is_directory=True)
+    entries = load_manifest(dataset)
+    broken, short = entries[1], entries[2]
+    # a list file: one mixture with an unreadable source, one whose source is shorter than the mixture
+    (tmp_path / "bad.wav").write_bytes(b"RIFF not really audio")
+    sf.write(str(tmp_path / "short.wav"), np.zeros(100, dtype=np.float32) + 0.1, 16000)
+    lst = tmp_path / "test.scp"
+    lst.write_text("".join(f"{e.mix} {e.sources[0]} {e.sources[1]}\n" for e in entries)
+                   .replace(str(broken.sources[1]), str(tmp_path / "bad.wav"))
+                   .replace(str(short.sources[0]), str(tmp_path / "short.wav")))
+    checkpoint = tmp_path / "tiny.pt"
+    mossformer2.save_checkpoint(checkpoint, mossformer2.build_model(tiny_config))
+    out = tmp_path / "out"
+    argv = ["evaluate", "--data", str(lst), "--checkpoint", str(checkpoint), "--out", str(out), "--device",
+            "cpu", "--metrics", "si_sdr,sdr"]
+    assert main(argv) == 1  # a failed mixture makes the exit code 1, after scoring the others
+    printed = capsys.readouterr().out
+    assert "si_sdri" in printed and "scored 2 of 4 mixture(s); failed 2" in printed
+    rows = {r["id"]: r for r in read_csv(out / "per_utterance.csv")}
+    assert rows[broken.id]["status"] == "failed" and "cannot read" in rows[broken.id]["error"]
+    assert rows[short.id]["status"] == "failed" and "lengths differ" in rows[short.id]["error"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_failed"] == 2 and {f["id"] for f in summary["failed"]} == {broken.id, short.id}
+    assert summary["scores"]["si_sdri"]["count"] == 2
+    assert summary["checkpoint"] == str(checkpoint.resolve()) and summary["settings"]["dtype"] == "float32"
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert all(np.isfinite(float(r["si_sdri"])) and r["permutation"] in ("0 1", "1 0") for r in ok)
+
+    # fix the list: the failed mixtures are retried, the scored ones are skipped
+    lst.write_text("".join(f"{e.mix} {e.sources[0]} {e.sources[1]}\n" for e in entries))
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_skipped_already_scored"] == 2 and summary["num_failed"] == 0
+    assert summary["scores"]["sdri"]["count"] == NUM_MIXTURES
+    assert len(read_csv(out / "per_utterance.csv")) == NUM_MIXTURES
+
+
+def test_cli_rejects_bad_options(dataset, tmp_path, tiny_config, capsys):
+    checkpoint = tmp_path / "tiny3.pt"
+    mossformer2.save_checkpoint(checkpoint, mossformer2.build_model(tiny_config.__class__(
+        **{**tiny_config.to_dict(), "num_spks": 3})))
+    base = ["evaluate", "--data", str(dataset), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert main([*base, "--checkpoint", str(checkpoint)]) == 1
+    assert "2 speakers per mixture but the model separates 3" in capsys.readouterr().err
+    assert main([*base, "--checkpoint", str(checkpoint), "--metrics", "si_sdr,mos"]) == 1
+    assert "unknown metric" in capsys.readouterr().err
+    assert main([*base[:2], str(tmp_path / "missing"), *base[3:], "--checkpoint", str(checkpoint)]) == 1
+    assert "--data not found" in capsys.readouterr().err
+
+
+def test_load_mixture_reports_mismatched_rates(dataset, tmp_path):
+    from mossformer2.data.manifests import MixtureEntry
+    from mossformer2.evaluation import load_mixture
+
+    entry = load_manifest(dataset)[0]
+    mix, refs, rate = load_mixture(entry)
+    assert rate == 16000 and refs.shape == (2, mix.shape[-1])
+    slow = tmp_path / "s2_8k.wav"
+    sf.write(str(slow), refs[1, ::2], 8000)
+    with pytest.raises(ValueError, match=r"sample rates differ: mixture 16000 Hz, source 2 \(s2_8k.wav\) 8000"):
+        load_mixture(MixtureEntry(id="x", mix=entry.mix, sources=[entry.sources[0], slow]))

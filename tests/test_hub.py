@@ -1,0 +1,130 @@
+"""Checkpoint resolution: files, folders, hub ids through a fake local Hugging Face cache (no network)."""
+
+from __future__ import annotations
+
+import huggingface_hub
+import numpy as np
+import pytest
+
+from mossformer2 import build_model, load_model, save_checkpoint
+from mossformer2.hub import is_hub_id, model_name_to_ref, resolve_checkpoint
+from mossformer2.separation import Separator
+from tests.conftest import make_tiny_config
+
+REPO = "alibabasglab/MossFormer2_SS_16K"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_hf_cache(hf_home, tmp_path, repo_id: str = REPO):
+    """Lay out ``HF_HOME/hub/models--owner--name/{refs/main, snapshots/<commit>/last_best_checkpoint.pt}``."""
+    model = build_model(make_tiny_config())
+    folder = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    snapshot = folder / "snapshots" / COMMIT
+    save_checkpoint(snapshot / "last_best_checkpoint.pt", model)
+    return model, snapshot / "last_best_checkpoint.pt"
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    hf_home = tmp_path / "hf"
+    model, path = fake_hf_cache(hf_home, tmp_path)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return model, path
+
+
+def test_local_file_and_folder_layouts(tmp_path, monkeypatch):
+    model = build_model(make_tiny_config())
+    ckpt = tmp_path / "exp" / "model.ckpt-3-100.pt"
+    save_checkpoint(ckpt, model)
+    assert resolve_checkpoint(ckpt) == ckpt
+    assert resolve_checkpoint(str(ckpt)) == ckpt
+    assert resolve_checkpoint(tmp_path / "exp") == ckpt  # the only *.pt
+    save_checkpoint(tmp_path / "exp" / "model.ckpt-4-200.pt", model)
+    with pytest.raises(ValueError, match="several checkpoints"):
+        resolve_checkpoint(tmp_path / "exp")
+    (tmp_path / "exp" / "last_best_checkpoint").write_text("model.ckpt-3-100.pt\n")  # official pointer file
+    assert resolve_checkpoint(tmp_path / "exp") == ckpt
+    (tmp_path / "exp" / "last_best_checkpoint").write_text("gone.pt")
+    with pytest.raises(FileNotFoundError, match="gone.pt"):
+        resolve_checkpoint(tmp_path / "exp")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        resolve_checkpoint(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        resolve_checkpoint(tmp_path / "nothing_here.pt")
+    # A relative path that looks like owner/name is still a path when it names a file or a local folder.
+    monkeypatch.chdir(tmp_path)
+    for ref in ["exp/missing.pt", "exp/missing", "empty/x"]:
+        assert not is_hub_id(ref)
+        with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+            resolve_checkpoint(ref)
+    assert is_hub_id("alibabasglab/MossFormer2_SS_16K")
+
+
+def test_hub_id_offline_uses_local_cache(offline_cache):
+    model, cached = offline_cache
+    path = resolve_checkpoint(REPO)
+    assert path.resolve() == cached.resolve()
+    loaded = load_model(path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert a.shape == b.shape and bool((a == b).all()), name
+
+
+def test_hub_offline_miss_says_how_to_get_the_file(offline_cache):
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_checkpoint("someone/NotCached")
+    message = str(info.value)
+    assert "huggingface-cli download someone/NotCached last_best_checkpoint.pt" in message
+    assert "--checkpoint PATH" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_network_failure_falls_back_to_cache(offline_cache, monkeypatch):
+    _, cached = offline_cache
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    real_download = huggingface_hub.hf_hub_download
+    calls = []
+
+    def no_network(*args, **kwargs):
+        calls.append(kwargs.get("local_files_only", False))
+        if not kwargs.get("local_files_only"):
+            raise ConnectionError("network unreachable")
+        return real_download(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    assert resolve_checkpoint(REPO).resolve() == cached.resolve()
+    assert calls == [False, True]  # tried the hub first, then the cache
+    with pytest.raises(FileNotFoundError, match="download failed: network unreachable"):
+        resolve_checkpoint("someone/NotCached")
+
+
+def test_online_download_path_is_used_when_available(tmp_path, monkeypatch):
+    target = tmp_path / "downloaded.pt"
+    save_checkpoint(target, build_model(make_tiny_config()))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = {}
+
+    def fake_download(repo_id, filename, cache_dir=None, local_files_only=False):
+        seen.update(repo_id=repo_id, filename=filename, local=local_files_only)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert resolve_checkpoint(REPO) == target
+    assert seen == {"repo_id": REPO, "filename": "last_best_checkpoint.pt", "local": False}
+
+
+def test_model_names():
+    assert model_name_to_ref("default") is None
+    assert model_name_to_ref("MossFormer2_SS_16K") == REPO
+    assert model_name_to_ref("me/MyModel") == "me/MyModel"
+    with pytest.raises(ValueError, match="unknown model"):
+        model_name_to_ref("no such model")
+
+
+def test_separator_from_pretrained_hub_id_offline(offline_cache):
+    sep = Separator.from_pretrained(REPO, device="cpu")
+    out = sep.separate(np.random.default_rng(0).standard_normal(4000).astype(np.float32) * 0.1, 16000)
+    assert out.shape == (2, 4000) and np.isfinite(out).all()

@@ -1,0 +1,180 @@
+"""`mossformer2 mix` and mossformer2.evaluation.mixing: levels, SIR, layout, determinism, recipes."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mossformer2.cli import main
+from mossformer2.data.manifests import load_manifest
+from mossformer2.evaluation.mixing import active_level, levels_for_sirs, mix_waves
+from tests.test_metrics import speech_like
+
+SR = 16000
+
+
+def write_speech(path: Path, seed: int, seconds: float, sample_rate: int = SR, f0: float = 150.0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wave = speech_like(np.random.default_rng(seed), seconds, sample_rate, f0)
+    sf.write(str(path), wave.astype(np.float32), sample_rate, subtype="PCM_16")
+    return path
+
+
+def make_speaker_folder(root: Path, speakers: int = 3, files: int = 2, sample_rate: int = SR) -> Path:
+    for s in range(speakers):
+        for k in range(files):
+            write_speech(root / f"spk{s}" / f"utt{k}.wav", seed=10 * s + k, seconds=0.8 + 0.2 * k,
+                         sample_rate=sample_rate, f0=110.0 + 40 * s)
+    return root
+
+
+def read(path: Path) -> np.ndarray:
+    data, rate = sf.read(str(path), dtype="float64")
+    assert rate == SR
+    return data
+
+
+def measured_sir_db(s1: np.ndarray, s2: np.ndarray) -> float:
+    return 20 * np.log10(active_level(s1, SR) / active_level(s2, SR))
+
+
+def metadata_rows(out: Path) -> list[dict[str, str]]:
+    with (out / "metadata.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_active_level_is_rms_of_active_speech_and_scales_linearly():
+    t = np.arange(SR) / SR
+    tone = 0.5 * np.sin(2 * np.pi * 220 * t)
+    assert active_level(tone, SR) == pytest.approx(0.5 / np.sqrt(2), rel=0.02)
+    padded = np.concatenate([np.zeros(3 * SR), tone, np.zeros(3 * SR)])
+    # silence hardly dilutes the active level (the plain RMS drops by 8.5 dB here; the 200 ms hangover and the
+    # envelope's decay count about 0.3 s of the silence as active, about -1.2 dB)
+    assert 20 * np.log10(active_level(padded, SR) / active_level(tone, SR)) == pytest.approx(-1.2, abs=0.4)
+    assert active_level(7 * padded, SR) == pytest.approx(7 * active_level(padded, SR), rel=1e-9)
+    with pytest.raises(ValueError, match="silent"):
+        active_level(np.zeros(SR), SR)
+
+
+def test_levels_and_mix_waves_give_requested_sir_and_avoid_clipping():
+    assert levels_for_sirs([6.0]) == [3.0, -3.0]
+    rng = np.random.default_rng(0)
+    a, b = speech_like(rng, 1.0, SR, 120.0), speech_like(rng, 1.5, SR, 200.0)
+    mix, sources, gains, starts = mix_waves([10 * a, b], levels_for_sirs([6.0]), SR, mode="min")
+    assert sources.shape == (2, SR) and starts == [0, 0]
+    np.testing.assert_allclose(mix, sources.sum(0), atol=1e-12)
+    assert measured_sir_db(sources[0], sources[1]) == pytest.approx(6.0, abs=1e-6)
+    # unit active level has peaks far above 1: the common rescale brings the largest to exactly 0.9
+    assert max(np.abs(mix).max(), np.abs(sources).max()) == pytest.approx(0.9)
+    np.testing.assert_allclose(sources[0], gains[0] * 10 * a, atol=1e-12)
+    mix_max, sources_max, _, _ = mix_waves([a, b], [0.0, 0.0], SR, mode="max", start_fractions=[0.5, 0.5])
+    assert mix_max.shape == (int(1.5 * SR),)
+    assert not sources_max[0, SR:].any()  # the shorter source is zero-padded at the end
+    _, _, _, crop_starts = mix_waves([a, b], [0.0, 0.0], SR, mode="min", start_fractions=[0.5, 0.5])
+    assert crop_starts == [0, int(0.5 * 0.5 * SR)]  # only the longer source is cropped, where asked
+    with pytest.raises(ValueError, match="mode"):
+        mix_waves([a, b], [0.0, 0.0], SR, mode="avg")
+
+
+def test_mix_two_files_at_sir_with_resampling_reads_back(tmp_path):
+    f1 = write_speech(tmp_path / "in" / "alice.wav", seed=1, seconds=1.0, f0=120.0)
+    f2 = write_speech(tmp_path / "in" / "bob.flac", seed=2, seconds=1.4, sample_rate=8000, f0=220.0)
+    out = tmp_path / "out"
+    assert main(["mix", str(f1), str(f2), "-o", str(out), "--sir", "6", "--subtype", "FLOAT"]) == 0
+    (entry,) = load_manifest(out)
+    (from_csv,) = load_manifest(out / "metadata.csv")
+    assert entry.id == from_csv.id == "alice_3_bob_-3"
+    assert from_csv.mix == entry.mix and from_csv.sources == entry.sources
+    mix, s1, s2 = read(entry.mix), read(entry.sources[0]), read(entry.sources[1])
+    assert mix.shape == s1.shape == s2.shape == (SR,)  # min mode, bob resampled 8 -> 16 kHz
+    np.testing.assert_allclose(mix, s1 + s2, atol=1e-6)
+    assert measured_sir_db(s1, s2) == pytest.approx(6.0, abs=0.01)
+    (row,) = metadata_rows(out)
+    assert row["source_2_file"] == str(f2) and float(row["sir_db"]) == pytest.approx(6.0)
+    assert int(row["length"]) == SR
+    np.testing.assert_allclose(s1, float(row["source_1_gain"]) * read(f1), atol=1e-6)
+    # existing output is never replaced silently
+    assert main(["mix", str(f1), str(f2), "-o", str(out)]) == 1
+    assert main(["mix", str(f1), str(f2), "-o", str(out), "--overwrite", "--mode", "max"]) == 0
+    assert read(load_manifest(out)[0].mix).shape == (int(1.4 * SR),)
+
+
+def test_mix_speaker_folder_is_seeded_and_uses_different_speakers(tmp_path):
+    root = make_speaker_folder(tmp_path / "speakers", speakers=3, files=2, sample_rate=22050)
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        out = tmp_path / name
+        assert main(["mix", str(root), "-o", str(out), "--num-mixtures", "5", "--seed", str(seed),
+                     "--sir-range", "-5", "5"]) == 0
+        runs[name] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert len(runs["a"]) == 5 * 3 + 1  # mix, s1, s2 per mixture + metadata.csv
+    assert runs["a"] == runs["b"]  # same seed, byte-identical outputs
+    assert runs["a"] != runs["c"]
+    rows = metadata_rows(tmp_path / "a")
+    sirs = [float(r["sir_db"]) for r in rows]
+    assert all(-5 <= s <= 5 for s in sirs) and len(set(sirs)) == 5
+    for row in rows:
+        speakers = {Path(row["source_1_file"]).parent.name, Path(row["source_2_file"]).parent.name}
+        assert len(speakers) == 2
+        s1 = read(tmp_path / "a" / row["source_1_path"])
+        s2 = read(tmp_path / "a" / row["source_2_path"])
+        assert measured_sir_db(s1, s2) == pytest.approx(float(row["sir_db"]), abs=0.05)  # PCM_16 rounding
+    assert len(load_manifest(tmp_path / "a" / "metadata.csv", num_spks=2)) == 5
+
+
+def test_mix_three_speakers_from_folder(tmp_path):
+    root = make_speaker_folder(tmp_path / "speakers", speakers=3, files=1)
+    out = tmp_path / "out"
+    assert main(["mix", str(root), "-o", str(out), "--num-mixtures", "2", "--num-spks", "3"]) == 0
+    entries = load_manifest(out, num_spks=3)
+    assert len(entries) == 2
+    mix = read(entries[0].mix)
+    total = sum(read(p) for p in entries[0].sources)
+    assert np.abs(mix - total).max() < 3 * 2**-15  # PCM_16 rounding of four files
+    assert main(["mix", str(root), "-o", str(tmp_path / "o4"), "--num-mixtures", "1", "--num-spks", "4"]) == 1
+
+
+def test_mix_recipe_like_wsj0_2mix(tmp_path):
+    wsj = tmp_path / "wsj0"
+    write_speech(wsj / "si_tr_s" / "011" / "011a0101.wav", seed=5, seconds=1.2, f0=110.0)
+    write_speech(wsj / "si_tr_s" / "401" / "401o030t.wav", seed=6, seconds=1.0, f0=230.0)
+    recipe = tmp_path / "mix_2_spk_tt.txt"
+    recipe.write_text("si_tr_s/011/011a0101.wv1 1.5 si_tr_s/401/401o030t.wv1 -1.5\n\n")
+    out = tmp_path / "out"
+    assert main(["mix", "--recipe", str(recipe), "--wsj-root", str(wsj), "-o", str(out)]) == 0
+    (entry,) = load_manifest(out)
+    assert entry.id == "011a0101_1.5_401o030t_-1.5"  # the wsj0-2mix naming
+    s1, s2 = read(entry.sources[0]), read(entry.sources[1])
+    assert s1.shape == (SR,)
+    # as create_wav_2speakers.m: levels measured on the whole files, then the list's dB values, then the cut
+    file1, file2 = read(wsj / "si_tr_s/011/011a0101.wav"), read(wsj / "si_tr_s/401/401o030t.wav")
+    gain1, gain2 = (float(r) for r in (metadata_rows(out)[0][f"source_{k}_gain"] for k in (1, 2)))
+    assert gain1 / gain2 == pytest.approx(10 ** (3.0 / 20) * active_level(file2, SR) / active_level(file1, SR),
+                                          rel=1e-6)
+    np.testing.assert_allclose(s1, gain1 * file1[:SR], atol=2**-15)
+    np.testing.assert_allclose(s2, gain2 * file2[:SR], atol=2**-15)
+    recipe.write_text("si_tr_s/011/011a0101.wv1 1.5 si_tr_s/401/401o030t.wv1\n")
+    assert main(["mix", "--recipe", str(recipe), "--wsj-root", str(wsj), "-o", str(tmp_path / "x")]) == 1
+    recipe.write_text("si_tr_s/011/011a0101.wv1 1.5 si_tr_s/401/missing.wv1 -1.5\n")
+    with pytest.raises(FileNotFoundError, match="line 1: source file not found"):
+        main(["-v", "mix", "--recipe", str(recipe), "--wsj-root", str(wsj), "-o", str(tmp_path / "x")])
+
+
+def test_mix_reports_bad_requests(tmp_path, capsys):
+    root = make_speaker_folder(tmp_path / "speakers", speakers=1, files=2)
+    assert main(["mix", str(root), "-o", str(tmp_path / "o"), "--num-mixtures", "2"]) == 1
+    assert "1 speaker folder(s)" in capsys.readouterr().err
+    assert main(["mix", str(root), "-o", str(tmp_path / "o")]) == 1
+    assert "--num-mixtures" in capsys.readouterr().err
+    assert main(["mix", str(tmp_path / "nope.wav"), str(tmp_path / "nope2.wav"), "-o", str(tmp_path / "o")]) == 1
+    assert "no such audio file" in capsys.readouterr().err
+    silent = tmp_path / "silent.wav"
+    sf.write(str(silent), np.zeros(SR, dtype=np.float32), SR)
+    speech = write_speech(tmp_path / "speech.wav", seed=0, seconds=1.0)
+    assert main(["mix", str(speech), str(silent), "-o", str(tmp_path / "s")]) == 1
+    assert "silent" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "metadata.csv").exists()

@@ -1,0 +1,227 @@
+"""Separator with a tiny random MossFormer2: shapes, rates, channels, chunking, batching, dtypes, levels, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import mossformer2.pretrained
+from mossformer2 import build_model, save_checkpoint
+from mossformer2.audio import read_audio, write_audio
+from mossformer2.losses import si_sdr
+from mossformer2.separation import Separator, write_sources
+from mossformer2.separation.batching import equal_length_batches
+from mossformer2.separation.separator import TARGET_PEAK, TARGET_RMS
+from tests.conftest import make_tiny_config
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(make_tiny_config()).eval()
+
+
+def noise(shape, seed=0, scale=0.1) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+class LinearModel(torch.nn.Module):
+    """``[B, T] -> [B, 2, T]`` = (0.25 x, 0.75 x); records the inputs it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = make_tiny_config()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return torch.stack([0.25 * x, 0.75 * x], dim=1)
+
+
+def record_lengths(model) -> list[tuple[int, ...]]:
+    shapes: list[tuple[int, ...]] = []
+    model.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 44100, 48000])
+def test_any_rate_returns_input_rate_and_length(tiny_model, rate):
+    sep = Separator(tiny_model, device="cpu")
+    x = noise(int(rate * 0.6))
+    out = sep.separate(x, rate)
+    assert out.shape == (2, x.shape[0]) and out.dtype == np.float32 and np.isfinite(out).all()
+    out16 = sep.separate(x, rate, output_rate=16000)
+    assert abs(out16.shape[-1] - int(0.6 * 16000)) <= 1
+
+
+def test_channels_mix_each_and_torch_input(tiny_model):
+    stereo = np.stack([noise(12000, 1), noise(12000, 2)])
+    mixed = Separator(tiny_model, device="cpu").separate(torch.from_numpy(stereo), 24000)
+    assert mixed.shape == (2, 12000)
+    downmix_first = Separator(tiny_model, device="cpu").separate(stereo.mean(0), 24000)
+    np.testing.assert_allclose(mixed, downmix_first, atol=1e-6)
+    each = Separator(tiny_model, device="cpu", channels="each").separate(stereo, 24000)
+    assert each.shape == (2, 2, 12000)
+    np.testing.assert_allclose(each[:, 1], Separator(tiny_model, device="cpu").separate(stereo[1], 24000),
+                               atol=1e-6)
+    four = np.stack([noise(8000, k) for k in range(4)])
+    four[2] = 0.0  # a silent channel separates into silence instead of failing
+    out = Separator(tiny_model, device="cpu", channels="each").separate(four, SR)
+    assert out.shape == (2, 4, 8000) and np.all(out[:, 2] == 0) and np.any(out[:, 3] != 0)
+
+
+def test_long_input_runs_in_chunks_with_bounded_model_input(tiny_model):
+    model = build_model(make_tiny_config()).eval()
+    shapes = record_lengths(model)
+    sep = Separator(model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.25)
+    x = noise(int(5.3 * SR))
+    out = sep.separate(x, SR)
+    assert out.shape == (2, x.shape[0]) and np.isfinite(out).all()
+    assert len(shapes) == sep.chunk_count(x.shape[0], SR) == 7
+    assert all(s == (1, SR) for s in shapes)  # never the whole file
+    short = sep.separate(x[:SR], SR)  # one chunk exactly: a single pass
+    assert short.shape == (2, SR) and len(shapes) == 8
+
+
+def test_batched_equals_unbatched(tiny_model):
+    x = noise(int(4.5 * SR), seed=3)
+    one = Separator(tiny_model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.25, batch_size=1)
+    four = Separator(tiny_model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.25, batch_size=4)
+    np.testing.assert_allclose(four.separate(x, SR), one.separate(x, SR), atol=1e-6)
+    # Short files: equal lengths share a forward pass, other lengths go alone; results equal one-by-one.
+    files = [noise(8000, 1), noise(8000, 2), noise(6000, 3), noise(8000, 4), noise(6000, 5)]
+    model = build_model(make_tiny_config()).eval()
+    model.load_state_dict(tiny_model.state_dict())
+    shapes = record_lengths(model)
+    batched = Separator(model, device="cpu", batch_size=3).separate_many(files, SR)
+    assert shapes == [(2, 6000), (3, 8000)]  # sorted by length, equal lengths only
+    for wave, got in zip(files, batched):
+        np.testing.assert_allclose(got, one.separate(wave, SR), atol=1e-6)
+
+
+def test_zero_padding_would_change_outputs(tiny_model):
+    """Why batches hold equal lengths only: the network normalises over time, so padding is not neutral."""
+    x = torch.from_numpy(noise(8000, 7))[None]
+    with torch.inference_mode():
+        plain = tiny_model(x)
+        padded = tiny_model(torch.nn.functional.pad(x, (0, 800)))[..., :8000]
+        batched = tiny_model(torch.cat([x, x]))[:1]
+    assert (plain - batched).abs().max() < 1e-6
+    relative_db = 10 * torch.log10(((plain - padded) ** 2).sum() / (plain**2).sum())
+    assert relative_db > -60  # far above float noise (about -28 dB measured)
+
+
+def test_equal_length_batches():
+    assert equal_length_batches([5, 3, 5, 5, 3, 9], 2) == [[1, 4], [0, 2], [3], [5]]
+    with pytest.raises(ValueError):
+        equal_length_batches([1], 0)
+
+
+def test_bfloat16_on_cpu_and_float16_fallback(tiny_model):
+    x = noise(20000, 4)
+    ref = Separator(tiny_model, device="cpu").separate(x, SR)
+    bf16 = Separator(tiny_model, device="cpu", dtype="bfloat16").separate(x, SR)
+    assert bf16.dtype == np.float32 and np.isfinite(bf16).all()
+    quality = si_sdr(torch.from_numpy(bf16), torch.from_numpy(ref))
+    assert quality.min() > 20 and not np.allclose(bf16, ref, atol=1e-7)  # really ran in bf16, close to fp32
+    with pytest.warns(UserWarning, match="float16 inference needs CUDA"):
+        fp16 = Separator(tiny_model, device="cpu", dtype="float16")
+    assert fp16.dtype == torch.float32
+    np.testing.assert_allclose(fp16.separate(x, SR), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", ["rms", "peak", "none"])
+def test_normalisation_feeds_target_level_and_restores_input_level(normalize):
+    model = LinearModel()
+    x = noise(16000, 5, scale=0.3) + 0.05
+    out = Separator(model, device="cpu", normalize=normalize).separate(x, SR)
+    np.testing.assert_allclose(out[0] + out[1], x, atol=1e-5)
+    np.testing.assert_allclose(out[1], 3 * out[0], atol=1e-5)
+    seen = model.seen[-1]
+    if normalize == "rms":
+        assert abs(float(seen.pow(2).mean().sqrt()) - TARGET_RMS) < 1e-4
+    elif normalize == "peak":
+        assert abs(float(seen.abs().max()) - TARGET_PEAK) < 1e-5
+    else:
+        np.testing.assert_array_equal(seen[0].numpy(), x)
+
+
+def test_bad_input_gives_clear_errors(tiny_model):
+    sep = Separator(tiny_model, device="cpu")
+    cases = [(np.array([0.1, np.nan] * 100, np.float32), "NaN or infinite"),
+             (np.array([0.1, np.inf] * 100, np.float32), "NaN or infinite"),
+             (np.zeros(0, np.float32), "empty"),
+             (np.zeros(4000, np.float32), "all silent"),
+             (noise(10), "too short"),
+             (noise((4000, 2)), "channels first"),
+             (noise((2, 3, 100)), r"\[T\] or \[C, T\]")]
+    for wave, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sep.separate(wave, SR)
+    with pytest.raises(ValueError, match="sample_rate"):
+        sep.separate(noise(4000), 0)
+
+
+def test_bad_options_are_rejected(tiny_model):
+    for kwargs, message in [({"stitching": "magic"}, "stitching"), ({"normalize": "loud"}, "normalize"),
+                            ({"channels": "left"}, "channels"), ({"chunk_seconds": 1, "overlap_seconds": 1},
+                                                                 "overlap"),
+                            ({"batch_size": 0}, "batch_size"), ({"dtype": "int8"}, "dtype"),
+                            ({"backend": "onnxruntime"}, "onnx"), ({"device": "tpu"}, "device")]:
+        with pytest.raises(ValueError, match=message):
+            Separator(tiny_model, **kwargs)
+    with pytest.raises(ValueError, match="config"):
+        Separator(lambda x: x)
+
+
+def test_separate_file_writes_all_speakers_and_plot(tiny_model, tmp_path):
+    src = tmp_path / "in" / "meeting.flac"
+    src.parent.mkdir()
+    sf.write(str(src), np.stack([noise(22050, 1), noise(22050, 2)]).T, 22050, subtype="PCM_16")
+    sep = Separator(tiny_model, device="cpu")
+    paths = sep.separate_file(src, tmp_path / "out", plot=True)
+    assert [p.name for p in paths] == ["meeting_s1.flac", "meeting_s2.flac", "meeting_spectrogram.png"]
+    for p in paths[:2]:
+        wave, rate = read_audio(p)
+        assert rate == 22050 and wave.shape == (1, 22050)
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    wav_paths = sep.separate_file(src, tmp_path / "out16", output_rate=16000, format="wav", subtype="FLOAT")
+    assert sf.info(str(wav_paths[0])).samplerate == 16000 and sf.info(str(wav_paths[0])).subtype == "FLOAT"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)
+
+
+def test_write_sources_is_all_or_nothing(tmp_path):
+    sources = noise((2, 1000))
+    sources[1, 10] = np.nan  # the second file cannot be written
+    paths = [tmp_path / "a_s1.wav", tmp_path / "a_s2.wav"]
+    with pytest.raises(ValueError, match="NaN"):
+        write_sources(paths, sources, SR)
+    assert list(tmp_path.iterdir()) == []
+    write_audio(paths[0], np.full(100, 0.5, np.float32), SR)
+    with pytest.raises(ValueError):
+        write_sources(paths, sources, SR)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_s1.wav"]
+    np.testing.assert_allclose(read_audio(paths[0])[0], 0.5, atol=1e-4)  # the old file is untouched
+    with pytest.warns(UserWarning, match=r"^a_s2\.wav: peak 2\.000 exceeds full scale"):
+        write_sources(paths, np.stack([np.full(100, 0.5), np.full(100, -2.0)]).astype(np.float32), SR)
+    assert read_audio(paths[1])[0].min() == -1.0  # clipped, not wrapped
+
+
+def test_from_pretrained_file_and_default(tiny_model, tmp_path, monkeypatch):
+    ckpt = tmp_path / "tiny.pt"
+    save_checkpoint(ckpt, tiny_model)
+    x = noise(6000, 8)
+    want = Separator(tiny_model, device="cpu").separate(x, SR)
+    np.testing.assert_allclose(Separator.from_pretrained(ckpt, device="cpu").separate(x, SR), want, atol=1e-6)
+    monkeypatch.setattr(mossformer2.pretrained, "DEFAULT_MODEL_FILE", ckpt)
+    np.testing.assert_allclose(Separator.from_pretrained(None, device="cpu").separate(x, SR), want, atol=1e-6)
+
+
+def test_progress_bar_over_chunks(tiny_model, capsys):
+    Separator(tiny_model, device="cpu", chunk_seconds=0.5, overlap_seconds=0.1, progress=True).separate(
+        noise(3 * SR), SR)
+    assert "chunks" in capsys.readouterr().err
