@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -32,13 +34,15 @@ def noise(shape, seed=0, scale=0.1) -> np.ndarray:
 class LinearModel(torch.nn.Module):
     """``[B, T] -> [B, 2, T]`` = (0.25 x, 0.75 x); records the inputs it saw."""
 
-    def __init__(self):
+    def __init__(self, record: bool = True):
         super().__init__()
         self.config = make_tiny_config()
+        self.record = record
         self.seen: list[torch.Tensor] = []
 
     def forward(self, x):
-        self.seen.append(x.clone())
+        if self.record:
+            self.seen.append(x.clone())
         return torch.stack([0.25 * x, 0.75 * x], dim=1)
 
 
@@ -85,6 +89,24 @@ def test_long_input_runs_in_chunks_with_bounded_model_input(tiny_model):
     assert all(s == (1, SR) for s in shapes)  # never the whole file
     short = sep.separate(x[:SR], SR)  # one chunk exactly: a single pass
     assert short.shape == (2, SR) and len(shapes) == 8
+
+
+def test_memory_is_the_audio_arrays_not_the_length():
+    """Peak numpy memory (tracemalloc) of a chunked separation: the normalised input copy plus the S outputs."""
+    ratios = []
+    for seconds in (30, 120):
+        x = noise(seconds * SR, seed=seconds)
+        sep = Separator(LinearModel(record=False), device="cpu", chunk_seconds=2.0, overlap_seconds=0.5)
+        tracemalloc.start()
+        try:
+            out = sep.separate(x, SR)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert out.shape == (2, x.shape[0])
+        ratios.append(peak / x.nbytes)
+    assert max(ratios) < 3.6  # 1 (normalised copy) + 2 (outputs) + one chunk's worth
+    assert ratios[1] <= ratios[0] + 0.05  # does not grow with the file length
 
 
 def test_batched_equals_unbatched(tiny_model):

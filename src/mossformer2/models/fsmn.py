@@ -32,11 +32,12 @@ class DilatedDenseNet(nn.Module):
         self.conv2 = nn.Conv2d(2 * channels, channels, kernel, dilation=(2, 1), groups=channels, bias=False)
         self.norm2 = nn.InstanceNorm2d(channels, affine=True)
         self.prelu2 = nn.PReLU(channels)
+        self.norm_eps = float(self.norm1.eps)  # a plain attribute: TorchScript cannot read InstanceNorm's eps
 
     def _stage(self, x: torch.Tensor, conv: nn.Conv2d, norm: nn.InstanceNorm2d, prelu: nn.PReLU,
                padding: int, dilation: int) -> torch.Tensor:
         out = F.conv1d(x, conv.weight.squeeze(-1), padding=padding, dilation=dilation, groups=self.channels)
-        out = F.instance_norm(out, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+        out = F.instance_norm(out, weight=norm.weight, bias=norm.bias, eps=self.norm_eps)
         return F.prelu(out, prelu.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,9 @@ class GatedFSMNBlock(nn.Module):
         self.conv2 = nn.Conv1d(inner_dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(self.conv1(x.transpose(1, 2)))  # [B, I, F]
-        h = self.gated_fsmn(h.transpose(1, 2)).transpose(1, 2)
-        return self.conv2(self.norm2(h)).transpose(1, 2) + x
+        # The 1x1 convs and channel norms run as Linear / LayerNorm on [B, F, C] (same math, no transposes).
+        conv1, prelu = self.conv1
+        h = prelu(F.linear(x, conv1.weight.squeeze(-1), conv1.bias))  # [B, F, I]
+        h = self.gated_fsmn(self.norm1.forward_channels_last(h))
+        h = self.norm2.forward_channels_last(h)
+        return F.linear(h, self.conv2.weight.squeeze(-1), self.conv2.bias) + x

@@ -142,8 +142,8 @@ class MossFormer2(nn.Module):
         B, n = feats.shape[0], feats.shape[-1]
         separated = (feats.unsqueeze(0) * masks).reshape(self.num_spks * B, -1, n)
         out = self.dec(separated).reshape(self.num_spks, B, -1).transpose(0, 1)  # [B, S, T']
-        # The decoder yields (F-1)*hop + K samples: pad or crop to the input length.
-        return F.pad(out, (0, T - out.shape[-1])) if out.shape[-1] < T else out[..., :T]
+        # The decoder yields (F-1)*hop + K <= T samples: zero-pad to the input length (no branch: exportable).
+        return F.pad(out, (0, T - out.shape[-1]))
 
     def check_input(self, wave: torch.Tensor) -> None:
         """Raise ValueError with a readable message for input the network cannot process."""

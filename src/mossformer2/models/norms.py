@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -27,4 +28,8 @@ class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channel dim of a channels-first tensor. x: ``[B, C, T]`` -> ``[B, C, T]``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        return self.forward_channels_last(x.transpose(1, 2)).transpose(1, 2)
+
+    def forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The same normalisation on a channels-last tensor. x: ``[B, T, C]`` -> ``[B, T, C]``."""
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
