@@ -105,6 +105,16 @@ def test_bad_files_fail_alone_with_reasons_and_no_partial_output(ckpt, tmp_path,
         assert reason in line, line
 
 
+def test_equal_output_names_in_one_folder_are_not_overwritten(ckpt, tmp_path, capsys):
+    data = tmp_path / "d"
+    data.mkdir()
+    sf.write(str(data / "a.wav"), noise(4000, 1), 16000)
+    sf.write(str(data / "a.ogg"), noise(4000, 2), 16000, format="OGG", subtype="VORBIS")
+    assert main(["separate", str(data), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 1
+    assert outputs_under(tmp_path / "o") == ["a_s1.wav", "a_s2.wav"]
+    assert "a.ogg; rename one of them" in capsys.readouterr().err  # sorted order: a.ogg came first
+
+
 def test_options_channels_rate_format_plot_dtype(ckpt, tmp_path):
     src = tmp_path / "in" / "duo.wav"
     src.parent.mkdir()
@@ -178,6 +188,25 @@ def test_onnxruntime_backend_needs_an_onnx_file(ckpt, tmp_path, capsys):
     assert main(["separate", str(src), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
                  "--backend", "onnxruntime"]) == 1
     assert "needs --checkpoint MODEL.onnx" in capsys.readouterr().err
+
+
+def test_onnxruntime_backend_matches_torch(ckpt, tmp_path):
+    """The exported graph runs the whole pipeline (chunks + short files) through ONNX Runtime."""
+    from mossformer2 import load_model
+    from mossformer2.export import export_onnx
+
+    onnx_path = export_onnx(load_model(ckpt), tmp_path / "tiny.onnx")
+    src = tmp_path / "in" / "talk.wav"
+    src.parent.mkdir()
+    sf.write(str(src), noise(int(2.5 * 16000), 11), 16000, subtype="FLOAT")
+    common = ["--chunk-seconds", "1.0", "--overlap-seconds", "0.25", "--subtype", "FLOAT"]
+    assert main(["separate", str(src), "-o", str(tmp_path / "torch"), "--checkpoint", str(ckpt), *common]) == 0
+    assert main(["separate", str(src), "-o", str(tmp_path / "ort"), "--checkpoint", str(onnx_path),
+                 "--backend", "onnxruntime", "--batch-size", "2", *common]) == 0
+    for k in (1, 2):
+        want, _ = read_audio(tmp_path / "torch" / f"talk_s{k}.wav")
+        got, _ = read_audio(tmp_path / "ort" / f"talk_s{k}.wav")
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_sharding_covers_every_file_once():

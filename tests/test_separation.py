@@ -245,5 +245,5 @@ def test_from_pretrained_file_and_default(tiny_model, tmp_path, monkeypatch):
 
 def test_progress_bar_over_chunks(tiny_model, capsys):
     Separator(tiny_model, device="cpu", chunk_seconds=0.5, overlap_seconds=0.1, progress=True).separate(
-        noise(3 * SR), SR)
+        noise(int(1.2 * SR)), SR)
     assert "chunks" in capsys.readouterr().err

@@ -169,21 +169,27 @@ def run(args: argparse.Namespace) -> int:
     sep = Separator(model, device=device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                     overlap_seconds=args.overlap_seconds, stitching=args.stitching, normalize=args.normalize,
                     batch_size=args.batch_size, channels=args.channels,
-                    backend="auto" if args.backend == "auto" else args.backend, progress=True)
+                    backend=args.backend, progress=True)
 
     inputs = collect_inputs(args.inputs)
     failed: list[tuple[str, str]] = list(inputs.errors) if rank == 0 else []
     out_dirs = mirrored_out_dirs(inputs.files, Path(args.out_dir))
     plan = {f: output_paths(f, out_dirs[f], sep.num_spks, args.format) for f in inputs.files}
+    # Over all files, before sharding, so that every rank sees the same clashes (a.wav and a.mp3 -> a_s1.wav).
     owner: dict[Path, Path] = {}
+    clashes: dict[Path, Path] = {}
+    for f in inputs.files:
+        first = next((owner[p] for p in plan[f] if p in owner), None)
+        if first is not None:
+            clashes[f] = first
+        else:
+            owner.update({p: f for p in plan[f]})
     todo: list[Path] = []
     skipped = 0
     for f in shard_files(inputs.files, rank, world_size):
-        clash = next((owner[p] for p in plan[f] if p in owner), None)
-        if clash is not None:
-            failed.append((str(f), f"its outputs would overwrite those of {clash}; rename one of them"))
+        if f in clashes:
+            failed.append((str(f), f"its outputs would overwrite those of {clashes[f]}; rename one of them"))
             continue
-        owner.update({p: f for p in plan[f]})
         if not args.overwrite and all(p.exists() for p in plan[f]):
             print(f"skipping {f}: outputs exist in {out_dirs[f]} (use --overwrite to replace)", file=sys.stderr)
             skipped += 1
@@ -205,8 +211,8 @@ def run(args: argparse.Namespace) -> int:
                 singles.append(f)
             else:
                 shapes.append((f, (info.frames, info.samplerate, info.channels)))
-        keys = sorted({key for _, key in shapes})
-        batches = equal_length_batches([keys.index(key) for _, key in shapes], args.batch_size)
+        key_rank = {key: i for i, key in enumerate(sorted({key for _, key in shapes}))}  # sorted by length
+        batches = equal_length_batches([key_rank[key] for _, key in shapes], args.batch_size)
         groups = [[shapes[i][0] for i in batch] for batch in batches] + [[f] for f in singles]
 
     done, audio_seconds = 0, 0.0
@@ -228,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
                     results = sep.separate_many([w for _, w, _ in loaded], rates.pop(), output_rate)
                 else:
                     raise ValueError("not batchable")
-            except ValueError:
+            except (ValueError, RuntimeError):
                 results = None  # separate one by one so that errors name their file
             for i, (f, wave, rate) in enumerate(loaded):
                 try:

@@ -51,7 +51,9 @@ class FLASHLayer(nn.Module):
         vu = self.to_hidden(shifted_x)  # [B, F, H] = concat(v, u), each [B, F, H/2]
         qk = self.qk_offset_scale(self.to_qk(shifted_x))  # [B, F, 4, dk]: quad_q, lin_q, quad_k, lin_k
         att_v, att_u = self._attention(qk, vu)
-        v, u = vu.chunk(2, dim=-1)
+        # Slices rather than chunk(): chunk exports to an ONNX sequence op the exporter cannot fold.
+        dv = vu.shape[-1] // 2
+        v, u = vu[..., :dv], vu[..., dv:]
         out = (att_u * v) * torch.sigmoid(att_v * u)
         return x + self.to_out(out)
 
@@ -84,5 +86,6 @@ class FLASHLayer(nn.Module):
         # into it by one fused batched matmul-add.
         lin_out = torch.matmul(qk[:, :, 1], lin_kvu)  # [B, Fp, 2dv]
         out = torch.baddbmm(lin_out.reshape(B * groups, g, -1), attn, vu.reshape(B * groups, g, -1))
-        att_v, att_u = out.reshape(B, groups * g, -1)[:, :n].chunk(2, dim=-1)
-        return att_v, att_u
+        out = out.reshape(B, groups * g, -1)[:, :n]
+        dv = out.shape[-1] // 2
+        return out[..., :dv], out[..., dv:]

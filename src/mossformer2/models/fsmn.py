@@ -34,16 +34,18 @@ class DilatedDenseNet(nn.Module):
         self.prelu2 = nn.PReLU(channels)
         self.norm_eps = float(self.norm1.eps)  # a plain attribute: TorchScript cannot read InstanceNorm's eps
 
-    def _stage(self, x: torch.Tensor, conv: nn.Conv2d, norm: nn.InstanceNorm2d, prelu: nn.PReLU,
-               padding: int, dilation: int) -> torch.Tensor:
-        out = F.conv1d(x, conv.weight.squeeze(-1), padding=padding, dilation=dilation, groups=self.channels)
-        out = F.instance_norm(out, weight=norm.weight, bias=norm.bias, eps=self.norm_eps)
-        return F.prelu(out, prelu.weight)
+    def _stage(self, x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: torch.Tensor,
+               norm_bias: torch.Tensor, prelu_weight: torch.Tensor, padding: int, dilation: int) -> torch.Tensor:
+        out = F.conv1d(x, conv_weight.squeeze(-1), padding=padding, dilation=dilation, groups=self.channels)
+        out = F.instance_norm(out, weight=norm_weight, bias=norm_bias, eps=self.norm_eps)
+        return F.prelu(out, prelu_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.squeeze(-1)  # [B, C, F]
-        o1 = self._stage(x, self.conv1, self.norm1, self.prelu1, self.paddings[0], 1)
-        o2 = self._stage(torch.cat((o1, x), dim=1), self.conv2, self.norm2, self.prelu2, self.paddings[1], 2)
+        o1 = self._stage(x, self.conv1.weight, self.norm1.weight, self.norm1.bias, self.prelu1.weight,
+                         self.paddings[0], 1)
+        o2 = self._stage(torch.cat((o1, x), dim=1), self.conv2.weight, self.norm2.weight, self.norm2.bias,
+                         self.prelu2.weight, self.paddings[1], 2)
         return o2.unsqueeze(-1)
 
 
@@ -92,8 +94,7 @@ class GatedFSMNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The 1x1 convs and channel norms run as Linear / LayerNorm on [B, F, C] (same math, no transposes).
-        conv1, prelu = self.conv1
-        h = prelu(F.linear(x, conv1.weight.squeeze(-1), conv1.bias))  # [B, F, I]
+        h = self.conv1[1](F.linear(x, self.conv1[0].weight.squeeze(-1), self.conv1[0].bias))  # [B, F, I]
         h = self.gated_fsmn(self.norm1.forward_channels_last(h))
         h = self.norm2.forward_channels_last(h)
         return F.linear(h, self.conv2.weight.squeeze(-1), self.conv2.bias) + x

@@ -4,8 +4,6 @@ Module names follow the official MossFormer2_SS_16K inner model so that ``state_
 checkpoint's (``enc.*``, ``mask_net.*``, ``dec.*``).
 """
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,12 +50,17 @@ class MossFormerLayers(nn.Module):
         self.activation_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return self._forward_checkpointed(x)
         for flash, fsmn in zip(self.layers, self.fsmn):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(flash, x, use_reentrant=False)
-                x = checkpoint(fsmn, x, use_reentrant=False)
-            else:
-                x = fsmn(flash(x))
+            x = fsmn(flash(x))
+        return x
+
+    @torch.jit.unused
+    def _forward_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        for flash, fsmn in zip(self.layers, self.fsmn):
+            x = checkpoint(flash, x, use_reentrant=False)
+            x = checkpoint(fsmn, x, use_reentrant=False)
         return x
 
 

@@ -8,7 +8,6 @@ alignment and cross-fades, or the official ClearVoice windows) -> level restored
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +27,6 @@ from mossformer2.separation.stitching import (
     stitch_aligned,
 )
 from mossformer2.utils import atomic_path, resolve_device, resolve_dtype
-
-log = logging.getLogger(__name__)
 
 STITCHING = ("aligned", "clearvoice")
 NORMALIZE = ("rms", "peak", "none", "clearvoice")
@@ -54,6 +51,8 @@ class Separator:
             "clearvoice" (the official tool's 2 s windows, SPEC.md section 5, for identical output).
         normalize: "rms" (model sees -25 dBFS RMS, outputs scaled back to the input level), "peak" (peak 0.9,
             scaled back), "none", or "clearvoice" (the official ``audio_norm``; outputs stay at that level).
+            ``stitching="clearvoice", normalize="clearvoice", channels="each"`` is the official path mode; on
+            16 kHz files it gives the official tool's samples (it resamples other rates with librosa, we use soxr).
         batch_size: number of equal-length chunks / inputs per forward pass.
         channels: "mix" (downmix to mono, output ``[S, T]``) or "each" (separate every channel, ``[S, C, T]``).
         progress: show a tqdm bar over the chunks of long inputs.
@@ -96,7 +95,9 @@ class Separator:
         self.model = model
         self.sample_rate = int(model.config.sample_rate)
         self.num_spks = int(model.config.num_spks)
-        self.min_samples = int(getattr(model.config, "encoder_kernel_size", 1))
+        kernel = int(getattr(model.config, "encoder_kernel_size", 1))
+        # The network needs two encoder frames (its instance norms take statistics over time).
+        self.min_samples = int(getattr(model, "min_input_length", 0) or kernel + kernel // 2)
         self.chunk = int(round(chunk_seconds * self.sample_rate))
         self.overlap = int(round(overlap_seconds * self.sample_rate))
         if self.chunk < self.min_samples:

@@ -63,7 +63,7 @@ class OptimConfig:
     decoupled_weight_decay: bool = False  # True: AdamW; False: Adam with L2 weight decay
     grad_clip: float | None = 5.0  # max grad norm, applied once per optimizer step (None: no clipping)
     accum_steps: int = 1  # micro-batches per optimizer step
-    plateau_patience: int = 2  # epochs without validation improvement before halving the lr
+    plateau_patience: int = 4  # halve the lr after more than this many epochs without improvement
     plateau_factor: float = 0.5
     min_lr: float = 0.0
     early_stop_patience: int | None = 10  # epochs without improvement before stopping (None: never)
@@ -170,13 +170,11 @@ def _model_section(data: Any) -> MossFormer2Config:
         raise ConfigError(f"model: expected a mapping, got {type(data).__name__}")
     data = dict(data)
     name = data.pop("name", None)
-    base = to_dict(get_config(name)) if name else {}
     try:
-        return from_dict(MossFormer2Config, {**base, **data}, "model")
-    except ConfigError:
-        raise
+        base = to_dict(get_config(str(name))) if name else {}
     except ValueError as err:  # an unknown preset name
         raise ConfigError(f"model.name: {err}") from err
+    return from_dict(MossFormer2Config, {**base, **data}, "model")
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:

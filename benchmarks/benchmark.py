@@ -1,0 +1,391 @@
+"""MossFormer2 speed and memory benchmark: inference backends, batch throughput, chunked Separator, training step.
+
+Prints a table and writes JSON. Every optimised variant is compared with the baseline in the same run: eager
+PyTorch fp32, which is numerically the official network (fixture equivalence, tests/test_model.py). Variants:
+eager bf16 autocast, torch.compile (fp32 / bf16; on CUDA also ``mode="reduce-overhead"``, i.e. CUDA graphs for the
+fixed shape), ONNX Runtime (CPU, or the CUDA provider when onnxruntime has it) and, on the CPU, opt-in dynamic
+int8 quantisation of the Linear layers. Each output is scored against the eager fp32 output (max abs error,
+relative error, SI-SDR in dB).
+
+    python benchmarks/benchmark.py --quick                      # CI size: tiny model, seconds
+    python benchmarks/benchmark.py --threads 2 --json cpu.json  # full model on the CPU
+    python benchmarks/benchmark.py --device cuda --json gpu.json
+
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the process peak RSS (VmHWM), reset before
+each measurement through ``/proc/self/clear_refs`` where the kernel allows it (else it is the process-wide peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mossformer2 import MossFormer2Config, build_model, load_model
+from mossformer2.losses import pit_si_sdr_loss, si_sdr
+
+TINY = dict(encoder_embedding_dim=16, mossformer_sequence_dim=16, num_mossformer_layer=1, query_key_dim=16,
+            rotary_dim=8, fsmn_inner_dim=16, fsmn_lorder=4, group_size=64)
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    quick: bool
+    seconds: float  # latency input length
+    repeats: int
+    warmup: int
+    batch: int  # throughput batch
+    separator_seconds: float
+    train_seconds: float
+    train_batch: int
+    variants: list[str]
+
+
+# -- measurement helpers ---------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> tuple[list[float], Any]:
+    """Wall times (s) of ``repeats`` calls after ``warmup`` calls; returns (times, last result)."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def _read_vm_hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """Yield a dict that holds ``peak_mib`` (and ``rss_reset``) after the block."""
+    stats: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            stats["rss_reset"] = 1.0
+        except OSError:
+            stats["rss_reset"] = 0.0
+    yield stats
+    if device.type == "cuda":
+        stats["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        stats["peak_mib"] = _read_vm_hwm_mib()
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Error of ``out`` against the fp32 eager output ``ref`` (both ``[B, S, T]``)."""
+    out, ref = out.detach().float().cpu(), ref.detach().float().cpu()
+    diff = out - ref
+    return {
+        "max_abs_err": float(diff.abs().max()),
+        "rel_err": float(diff.norm() / ref.norm().clamp_min(1e-12)),
+        "si_sdr_vs_fp32_db": float(si_sdr(out, ref).mean()),
+    }
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# -- model and inputs ------------------------------------------------------------------------------------------
+
+
+def make_model(args: argparse.Namespace) -> torch.nn.Module:
+    if args.checkpoint:
+        return load_model(args.checkpoint).eval()
+    config = MossFormer2Config(**TINY) if args.quick else MossFormer2Config()
+    torch.manual_seed(0)
+    return build_model(config).eval()
+
+
+def speech_like(batch: int, samples: int, seed: int = 0) -> torch.Tensor:
+    """Noise shaped like speech level (-25 dBFS); the timing does not depend on the content."""
+    generator = torch.Generator().manual_seed(seed)
+    return 0.056 * torch.randn(batch, samples, generator=generator)
+
+
+# -- benchmark sections ----------------------------------------------------------------------------------------
+
+
+def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: str) -> list[dict[str, Any]]:
+    """Every requested variant on one ``[batch, seconds]`` input; the first row is the eager fp32 baseline."""
+    sr = model.config.sample_rate
+    audio_seconds = batch * s.seconds
+    wave = speech_like(batch, int(s.seconds * sr))
+    wave_dev = wave.to(s.device)
+    rows: list[dict[str, Any]] = []
+    reference: torch.Tensor | None = None
+
+    def run(name: str, fn: Callable[[], torch.Tensor], setup_s: float = 0.0, **info: Any) -> None:
+        nonlocal reference
+        with peak_memory(s.device) as mem:
+            times, out = time_call(fn, s.device, s.repeats, s.warmup)
+        median = statistics.median(times)
+        row = {"section": section, "variant": name, "batch": batch, "audio_s": audio_seconds,
+               "median_s": median, "min_s": min(times), "times_s": times, "rtf": median / audio_seconds,
+               "setup_s": setup_s, **mem, **info}
+        if reference is None:
+            reference = out.detach().float().cpu()
+        else:
+            row.update(compare(out, reference))
+        rows.append(row)
+        print(f"  {section:<10} {name:<28} median {median:8.3f} s  RTF {row['rtf']:.4f}  "
+              f"peak {row['peak_mib']:8.0f} MiB" + (f"  SI-SDR vs fp32 {row['si_sdr_vs_fp32_db']:.1f} dB"
+                                                     if "si_sdr_vs_fp32_db" in row else ""), flush=True)
+
+    def eager(m: torch.nn.Module, dtype: torch.dtype | None) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            with torch.inference_mode(), autocast(s.device, dtype):
+                return m(wave_dev)
+        return fn
+
+    run("eager fp32 (baseline)", eager(model, None))
+    for variant in s.variants:
+        try:
+            if variant == "bf16":
+                run("eager bf16 autocast", eager(model, torch.bfloat16))
+            elif variant == "fp16" and s.device.type == "cuda":
+                run("eager fp16 autocast", eager(model, torch.float16))
+            elif variant in ("compile", "compile-bf16", "compile-cudagraphs"):
+                if variant == "compile-cudagraphs" and s.device.type != "cuda":
+                    continue
+                mode = "reduce-overhead" if variant == "compile-cudagraphs" else None
+                dtype = torch.bfloat16 if variant != "compile" else None
+                compiled = torch.compile(model, mode=mode, dynamic=False)
+                start = time.perf_counter()
+                eager(compiled, dtype)()  # compilation happens on the first call
+                _sync(s.device)
+                run(f"torch.compile {'fp32' if dtype is None else 'bf16'}"
+                    + (" cudagraphs" if mode else ""), eager(compiled, dtype), setup_s=time.perf_counter() - start)
+            elif variant == "onnxruntime":
+                run_onnx(model, s, wave, run)
+            elif variant == "int8" and s.device.type == "cpu":
+                start = time.perf_counter()
+                quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu(), {torch.nn.Linear},
+                                                                   dtype=torch.qint8)
+                run("dynamic int8 (Linear)", eager(quantized, None), setup_s=time.perf_counter() - start)
+        except Exception as err:  # report a variant that cannot run here instead of aborting the benchmark
+            print(f"  {section:<10} {variant:<28} FAILED: {type(err).__name__}: {err}", flush=True)
+            rows.append({"section": section, "variant": variant, "batch": batch, "error": f"{type(err).__name__}: {err}"})
+    return rows
+
+
+def run_onnx(model: torch.nn.Module, s: Settings, wave: torch.Tensor,
+             run: Callable[..., None]) -> None:
+    import onnxruntime as ort
+
+    from mossformer2.export import OnnxRuntimeModel, export_onnx
+
+    providers = ["CPUExecutionProvider"]
+    if s.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = export_onnx(copy.deepcopy(model).cpu(), Path(tmp) / "model.onnx", dynamic_length=True,
+                           example=speech_like(2, min(wave.shape[-1], model.config.sample_rate)))
+        threads = torch.get_num_threads() if s.device.type == "cpu" else None
+        runtime = OnnxRuntimeModel(path, providers=providers, num_threads=threads)
+        setup = time.perf_counter() - start
+        run(f"onnxruntime ({providers[0].replace('ExecutionProvider', '')})", lambda: runtime(wave), setup_s=setup)
+
+
+def bench_separator(model: torch.nn.Module, s: Settings) -> list[dict[str, Any]]:
+    """A long recording through the chunked Separator (10 s chunks, 2 s overlap): RTF and peak memory."""
+    from mossformer2.separation import Separator
+
+    sr = model.config.sample_rate
+    wave = speech_like(1, int(s.separator_seconds * sr))[0].numpy()
+    rows = []
+    dtypes = ["float32", "bfloat16"] if "bf16" in s.variants else ["float32"]
+    for dtype in dtypes:
+        separator = Separator(model, device=str(s.device), dtype=dtype, chunk_seconds=10.0, overlap_seconds=2.0,
+                              batch_size=4 if s.device.type == "cuda" else 1)
+        with peak_memory(s.device) as mem:
+            start = time.perf_counter()
+            out = separator.separate(wave, sr)
+            _sync(s.device)
+            elapsed = time.perf_counter() - start
+        assert out.shape == (model.config.num_spks, wave.shape[-1])
+        row = {"section": "separator", "variant": f"Separator {dtype}", "audio_s": s.separator_seconds,
+               "median_s": elapsed, "rtf": elapsed / s.separator_seconds, **mem}
+        print(f"  separator  {row['variant']:<28} {elapsed:8.2f} s for {s.separator_seconds:.0f} s audio  "
+              f"RTF {row['rtf']:.4f}  peak {row['peak_mib']:8.0f} MiB", flush=True)
+        rows.append(row)
+    return rows
+
+
+def bench_training(model: torch.nn.Module, s: Settings) -> list[dict[str, Any]]:
+    """One Adam step (forward, PIT SI-SDR loss, backward, step) per variant: time and peak memory."""
+    sr = model.config.sample_rate
+    samples = int(s.train_seconds * sr)
+    mix = speech_like(s.train_batch, samples, seed=1).to(s.device)
+    sources = torch.stack([speech_like(s.train_batch, samples, seed=2 + k)
+                           for k in range(model.config.num_spks)], dim=1).to(s.device)
+    rows = []
+    for dtype_name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        if dtype is not None and "bf16" not in s.variants:
+            continue
+        for checkpointing in (False, True):
+            train_model = copy.deepcopy(model).to(s.device).train()
+            train_model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing = checkpointing
+            optimizer = torch.optim.Adam(train_model.parameters(), lr=1e-4)
+
+            def step() -> torch.Tensor:
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(s.device, dtype):
+                    est = train_model(mix)
+                loss, _ = pit_si_sdr_loss(est.float(), sources)
+                loss.backward()
+                optimizer.step()
+                return loss.detach()
+
+            name = f"train {dtype_name}" + (" + act. ckpt" if checkpointing else "")
+            with peak_memory(s.device) as mem:
+                times, _ = time_call(step, s.device, max(1, s.repeats - 1), 1)
+            median = statistics.median(times)
+            audio = s.train_batch * s.train_seconds
+            row = {"section": "training", "variant": name, "batch": s.train_batch, "audio_s": audio,
+                   "median_s": median, "audio_s_per_s": audio / median, **mem,
+                   "peak_mib_per_sample": mem["peak_mib"] / s.train_batch}
+            print(f"  training   {name:<28} median {median:8.3f} s/step  {audio / median:7.2f} audio-s/s  "
+                  f"peak {mem['peak_mib']:8.0f} MiB", flush=True)
+            rows.append(row)
+            del train_model, optimizer
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "platform": platform.platform(), "threads": torch.get_num_threads()}
+    with contextlib.suppress(OSError):
+        cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("model name")]
+        info["cpu"] = f"{cpu[0]} x{len(cpu)}" if cpu else platform.processor()
+    with contextlib.suppress(OSError):
+        info["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    with contextlib.suppress(ImportError):
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    return info
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = f"{'section':<10} {'variant':<30} {'batch':>5} {'audio s':>8} {'median s':>9} {'RTF':>8} " \
+             f"{'peak MiB':>9} {'SI-SDR vs fp32':>14} {'rel err':>9}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['section']:<10} {r['variant']:<30} failed: {r['error'][:80]}")
+            continue
+        sisdr = f"{r['si_sdr_vs_fp32_db']:.1f} dB" if "si_sdr_vs_fp32_db" in r else "-"
+        rel = f"{r['rel_err']:.1e}" if "rel_err" in r else "-"
+        rtf = f"{r['rtf']:.4f}" if "rtf" in r else f"{r['audio_s_per_s']:.2f}a/s"
+        print(f"{r['section']:<10} {r['variant']:<30} {r.get('batch', 1):>5} {r['audio_s']:>8.1f} "
+              f"{r['median_s']:>9.3f} {rtf:>8} {r['peak_mib']:>9.0f} {sisdr:>14} {rel:>9}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI size: tiny random model, short inputs")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--checkpoint", default=None, help="weights to load (default: random init of the config)")
+    parser.add_argument("--seconds", type=float, default=None, help="latency input length (default 4; quick 1)")
+    parser.add_argument("--batch", type=int, default=None, help="throughput batch (default 16; quick 4)")
+    parser.add_argument("--separator-seconds", type=float, default=None,
+                        help="length of the long file for the Separator (default 300; quick 20)")
+    parser.add_argument("--train-seconds", type=float, default=None, help="training segment (default 4; quick 1)")
+    parser.add_argument("--train-batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 3)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--variants", default="bf16,fp16,compile,compile-bf16,compile-cudagraphs,onnxruntime,int8",
+                        help="comma list of optimised variants beside the eager fp32 baseline")
+    parser.add_argument("--sections", default="latency,throughput,separator,training",
+                        help="comma list of latency, throughput, separator, training")
+    parser.add_argument("--json", default=None, help="write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from mossformer2.utils import atomic_write_text, resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    quick = args.quick
+    s = Settings(device=device, quick=quick,
+                 seconds=args.seconds or (1.0 if quick else 4.0),
+                 repeats=args.repeats or 3, warmup=args.warmup,
+                 batch=args.batch or (4 if quick else 16),
+                 separator_seconds=args.separator_seconds or (20.0 if quick else 300.0),
+                 train_seconds=args.train_seconds or (1.0 if quick else 4.0),
+                 train_batch=args.train_batch,
+                 variants=[v for v in args.variants.split(",") if v])
+    sections = [x for x in args.sections.split(",") if x]
+    unknown = set(sections) - {"latency", "throughput", "separator", "training"}
+    if unknown:
+        raise SystemExit(f"unknown sections: {sorted(unknown)}")
+    model = make_model(args).to(device)
+    info = machine_info(device)
+    print(f"device {device} | {info.get('gpu', info.get('cpu'))} | threads {info['threads']} | "
+          f"model {'tiny' if quick and not args.checkpoint else 'full'} "
+          f"({sum(p.numel() for p in model.parameters()):,} params)", flush=True)
+    rows: list[dict[str, Any]] = []
+    if "latency" in sections:
+        rows += bench_inference(model, s, 1, "latency")
+    if "throughput" in sections:
+        rows += bench_inference(model, s, s.batch, "throughput")
+    if "separator" in sections:
+        rows += bench_separator(model, s)
+    if "training" in sections:
+        rows += bench_training(model, s)
+    print_table(rows)
+    result = {"machine": info, "settings": {k: str(v) if isinstance(v, torch.device) else v
+                                            for k, v in vars(s).items()},
+              "config": model.config.to_dict(), "rows": rows}
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2))
+        print(f"\nwrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

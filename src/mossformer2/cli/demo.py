@@ -1,0 +1,70 @@
+"""``mossformer2 demo``: mix two shipped clips, separate them with the built-in model, report SI-SDRi."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "pretrained" / "demo"
+DEMO_CLIPS = ("speaker_ro.flac", "speaker_es.flac")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "demo", help="separate a two-speaker demo mixture built from clips shipped with the package",
+        description="Build a two-speaker mixture from two clips shipped with the package, separate it with the "
+                    "built-in model (or --checkpoint), write the audio and a spectrogram, and print SI-SDRi.")
+    parser.add_argument("-o", "--out-dir", default="mossformer2_demo", help="output folder (default: %(default)s)")
+    parser.add_argument("--sir", type=float, default=0.0, help="level of speaker 1 over speaker 2 in dB")
+    parser.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the built-in model")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    return parser
+
+
+def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = None,
+             device: str = "auto") -> dict:
+    """Mix, separate, write ``mixture.wav``, ``speaker1.wav``, ``speaker2.wav``, ``reference_*.wav`` and
+    ``spectrogram.png`` into ``out_dir``; return the scores (see ``mossformer2.metrics.score_separation``)."""
+    from mossformer2.audio import read_audio, resample, to_mono, write_audio
+    from mossformer2.evaluation.mixing import levels_for_sirs, mix_waves
+    from mossformer2.metrics import score_separation
+    from mossformer2.plotting import plot_separation
+    from mossformer2.separation import Separator
+
+    separator = Separator.from_pretrained(checkpoint, device=device)
+    rate = separator.model.config.sample_rate
+    clips = []
+    for name in DEMO_CLIPS:
+        wave, sr = read_audio(DEMO_DIR / name)
+        clips.append(resample(to_mono(wave), sr, rate))
+    mix, refs, _, _ = mix_waves(clips, levels_for_sirs([sir_db]), rate, mode="min")
+    mix, refs = mix.astype("float32"), refs.astype("float32")
+    est = separator.separate(mix, rate)  # [S, T]
+    scores = score_separation(est, refs, mix, rate, metrics=("si_sdr",))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_audio(out / "mixture.wav", mix, rate)
+    for k, src in enumerate(est):
+        write_audio(out / f"speaker{k + 1}.wav", src, rate)
+    for k, ref in enumerate(refs):
+        write_audio(out / f"reference{k + 1}.wav", ref, rate)
+    plot_separation(mix, est, rate, out / "spectrogram.png",
+                    title=f"mossformer2 demo: SI-SDRi {scores['si_sdri']:.1f} dB")
+    return scores
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.checkpoint is None:
+        from mossformer2.pretrained import DEFAULT_MODEL_NAME
+
+        print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass --checkpoint to use another)", file=sys.stderr)
+    scores = run_demo(args.out_dir, args.sir, args.checkpoint, args.device)
+    si = scores["per_speaker"]
+    print(f"mixture of 2 speakers at {args.sir:+.1f} dB SIR -> {args.out_dir}/")
+    for k in range(len(si["si_sdr"])):
+        print(f"  speaker {k + 1}: SI-SDR {si['si_sdr'][k]:6.2f} dB  (improvement {si['si_sdri'][k]:+.2f} dB)")
+    print(f"mean SI-SDRi: {scores['si_sdri']:.2f} dB")
+    print("wrote mixture.wav, speaker1.wav, speaker2.wav, reference1.wav, reference2.wav, spectrogram.png")
+    return 0

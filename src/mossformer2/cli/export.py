@@ -1,0 +1,63 @@
+"""``mossformer2 export``: write a checkpoint as an ONNX or TorchScript file and check it against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "export", help="export a model to ONNX or TorchScript",
+        description="Export a checkpoint to ONNX (run it with ONNX Runtime, e.g. `mossformer2 separate "
+                    "--checkpoint model.onnx --backend onnxruntime`) or TorchScript. The file is written "
+                    "atomically, then run once beside PyTorch and the max abs difference is printed.")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file or folder, or hub id (default: the model shipped with the package)")
+    parser.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="export format")
+    parser.add_argument("-o", "--output", required=True, help="output file (.onnx / .pt)")
+    parser.add_argument("--dynamic-length", action=argparse.BooleanOptionalAction, default=True,
+                        help="ONNX: symbolic batch and time axes, any input length (default); "
+                             "--no-dynamic-length fixes the shape to --length-seconds at batch 1")
+    parser.add_argument("--length-seconds", type=float, default=4.0,
+                        help="length of the tracing example; the fixed input length with --no-dynamic-length")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default 18)")
+    parser.add_argument("--method", choices=["trace", "script"], default="trace",
+                        help="TorchScript: trace (default) or script")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="fail (exit 1) if the export differs from PyTorch by more than this (max abs)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from mossformer2.export import DEFAULT_OPSET, example_input, export_onnx, export_torchscript, verify_export
+    from mossformer2.separation.separator import load_separation_model
+    from mossformer2.utils import atomic_path
+
+    if args.length_seconds <= 0:
+        raise ValueError(f"--length-seconds must be positive, got {args.length_seconds}")
+    if str(args.checkpoint or "").lower().endswith(".onnx"):
+        raise ValueError("--checkpoint is already an exported ONNX model; export needs a PyTorch checkpoint")
+    if args.checkpoint is None:
+        print("no --checkpoint given: exporting the model shipped with the package")
+    model = load_separation_model(args.checkpoint, device="cpu")
+    output = Path(args.output)
+    # Export to a temp file, check it, and only then move it onto the output: a bad export never lands.
+    with atomic_path(output) as tmp:
+        if args.format == "onnx":
+            batch = 2 if args.dynamic_length else 1  # batch 2 keeps the batch axis symbolic
+            example = example_input(model, seconds=args.length_seconds, batch_size=batch)
+            export_onnx(model, tmp, dynamic_length=args.dynamic_length, opset=args.opset or DEFAULT_OPSET,
+                        example=example)
+        else:
+            if args.opset is not None:
+                raise ValueError("--opset only applies to --format onnx")
+            example = example_input(model, seconds=args.length_seconds, batch_size=1)
+            export_torchscript(model, tmp, method=args.method, example=example)
+        error = verify_export(model, tmp, args.format)
+        print(f"max abs difference to PyTorch: {error:.3g}")
+        if not error <= args.tolerance:
+            raise ValueError(f"the export differs from PyTorch by {error:.3g} > --tolerance {args.tolerance:g}; "
+                             f"{output} was not written")
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+    return 0

@@ -1,0 +1,226 @@
+"""Deployment: export a MossFormer2 to ONNX or TorchScript, and run an exported ONNX model with ONNX Runtime.
+
+The exported graphs take ``wave [B, T]`` float32 at ``config.sample_rate`` and return ``sources [B, S, T]``.
+ONNX files carry the model config as JSON in their metadata (key ``mossformer2_config``), so that
+``OnnxRuntimeModel`` (and ``Separator`` on top of it) needs nothing but the ``.onnx`` file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mossformer2.models import MossFormer2, MossFormer2Config
+from mossformer2.utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+CONFIG_METADATA_KEY = "mossformer2_config"
+INPUT_NAME = "wave"
+OUTPUT_NAME = "sources"
+DEFAULT_OPSET = 18
+TORCHSCRIPT_METHODS = ("trace", "script")
+
+
+def example_input(model: MossFormer2, seconds: float = 1.0, batch_size: int = 2) -> torch.Tensor:
+    """A reproducible noise input ``[batch_size, T]`` on the model's device.
+
+    The default length (1 s) is not a multiple of the attention group size in frames for the shipped configs,
+    so the padding path is traced; a batch of 2 keeps the batch axis symbolic in torch.export.
+    """
+    length = max(int(seconds * model.config.sample_rate), model.min_input_length)
+    generator = torch.Generator().manual_seed(0)
+    wave = 0.1 * torch.randn(batch_size, length, generator=generator)
+    return wave.to(next(model.parameters()).device)
+
+
+@contextlib.contextmanager
+def _eval_float32_cpu(model: MossFormer2) -> Iterator[MossFormer2]:
+    """The model in eval mode, float32, on the CPU for the duration of an export; restored afterwards."""
+    if not isinstance(model, MossFormer2):
+        raise ValueError(f"export needs a mossformer2.MossFormer2 model, got {type(model).__name__}")
+    param = next(model.parameters())
+    device, dtype, training = param.device, param.dtype, model.training
+    model.to(device="cpu", dtype=torch.float32).eval()
+    try:
+        yield model
+    finally:
+        model.to(device=device, dtype=dtype).train(training)
+
+
+def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = True, opset: int = DEFAULT_OPSET,
+                example: torch.Tensor | None = None) -> Path:
+    """Export ``model`` to an ONNX file (written atomically) with its config in the metadata.
+
+    Args:
+        dynamic_length: symbolic batch and time axes (any ``T >= model.min_input_length``); otherwise the graph
+            is fixed to the shape of ``example``.
+        opset: ONNX opset version (18 or newer for the torch.export-based exporter).
+        example: input ``[B, T]`` to trace with (default: :func:`example_input`).
+    Returns the path.
+    """
+    import onnx
+
+    path = Path(path)
+    with _eval_float32_cpu(model) as model:
+        example = example_input(model) if example is None else example.detach().float().cpu()
+        if example.dim() != 2:
+            raise ValueError(f"example input must be [batch, samples], got shape {tuple(example.shape)}")
+        dynamic_shapes = None
+        if dynamic_length:
+            batch = torch.export.Dim("batch", min=1)
+            samples = torch.export.Dim("samples", min=model.min_input_length)
+            dynamic_shapes = {"wave": {0: batch, 1: samples}}
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable here
+            torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              opset_version=opset, dynamo=True, external_data=False,
+                              dynamic_shapes=dynamic_shapes, verbose=False)
+            proto = onnx.load(str(tmp))
+            meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict()),
+                    "mossformer2_dynamic_length": str(bool(dynamic_length)).lower()}
+            for key, value in meta.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.save(proto, str(tmp))
+    log.info("wrote ONNX model %s", path)
+    return path
+
+
+def export_torchscript(model: MossFormer2, path: str | Path, method: str = "trace",
+                       example: torch.Tensor | None = None) -> Path:
+    """Export ``model`` to a TorchScript file (written atomically) loadable with ``torch.jit.load``.
+
+    ``method="trace"`` records the ops for ``example`` (any length works afterwards: every shape-dependent
+    value is computed with tensor ops); ``"script"`` compiles the Python code. The config is stored in the
+    archive's extra files as ``config.json``.
+    """
+    if method not in TORCHSCRIPT_METHODS:
+        raise ValueError(f"TorchScript method must be one of {list(TORCHSCRIPT_METHODS)}, got {method!r}")
+    path = Path(path)
+    with _eval_float32_cpu(model) as model, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript is deprecated upstream; the warning is not actionable
+        if method == "script":
+            compiled = torch.jit.script(model)
+        else:
+            example = example_input(model) if example is None else example.detach().float().cpu()
+            with torch.no_grad():
+                compiled = torch.jit.trace(model, (example,), check_trace=False)
+        extra = {"config.json": json.dumps(model.config.to_dict())}
+        with atomic_path(path) as tmp:
+            torch.jit.save(compiled, str(tmp), _extra_files=extra)
+    log.info("wrote TorchScript model %s (%s)", path, method)
+    return path
+
+
+def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, MossFormer2Config]:
+    """Load an exported TorchScript file and the config stored beside the graph."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"TorchScript model not found: {path}")
+    extra = {"config.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load's deprecation notice
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    if not extra["config.json"]:
+        raise ValueError(f"{path} has no mossformer2 config.json: was it written by `mossformer2 export`?")
+    return module.eval(), MossFormer2Config.from_dict(json.loads(extra["config.json"]))
+
+
+def verify_export(model: MossFormer2, path: str | Path, format: str, wave: torch.Tensor | None = None) -> float:
+    """Run the exported file and ``model`` (eval, float32, CPU) on ``wave`` and return the max abs difference.
+
+    The default input is 1.37 s of noise: a length unlike the export example, to exercise a dynamic time axis.
+    """
+    if format == "onnx":
+        exported: Any = OnnxRuntimeModel(path, providers=["CPUExecutionProvider"])
+        if not exported.dynamic_length and wave is None:
+            wave = torch.zeros(exported.input_shape, dtype=torch.float32).normal_(0, 0.1)
+    elif format == "torchscript":
+        exported, _ = load_torchscript(path)
+    else:
+        raise ValueError(f"unknown export format {format!r}: use 'onnx' or 'torchscript'")
+    with _eval_float32_cpu(model) as model:
+        if wave is None:
+            wave = example_input(model, seconds=1.37, batch_size=1)
+        with torch.no_grad():
+            expected = model(wave)
+            got = torch.as_tensor(exported(wave))
+    if got.shape != expected.shape:
+        raise ValueError(f"exported model returned shape {tuple(got.shape)}, PyTorch {tuple(expected.shape)}")
+    return float((got - expected).abs().max())
+
+
+class OnnxRuntimeModel:
+    """An exported ``.onnx`` MossFormer2 run by ONNX Runtime, usable where a torch model is expected.
+
+    ``model(wave)``: ``[B, T]`` float32 (torch or numpy) -> ``[B, S, T]`` of the same kind. ``.config`` is the
+    ``MossFormer2Config`` stored in the file; ``.eval()`` / ``.to()`` are no-ops so ``Separator`` can treat it
+    like a module.
+
+    Args:
+        path: the ``.onnx`` file written by :func:`export_onnx`.
+        providers: ONNX Runtime execution providers (default: CUDA when this onnxruntime build has it, else CPU).
+        num_threads: intra-op threads (default: ONNX Runtime's choice, all cores).
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
+                 num_threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = int(num_threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable files
+            raise ValueError(f"cannot load ONNX model {self.path}: {err}") from err
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if CONFIG_METADATA_KEY not in metadata:
+            raise ValueError(f"{self.path} has no '{CONFIG_METADATA_KEY}' metadata: export it with "
+                             "`mossformer2 export` (or mossformer2.export.export_onnx)")
+        self.config = MossFormer2Config.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        self.dynamic_length = metadata.get("mossformer2_dynamic_length", "true") == "true"
+        self.input_shape = self.session.get_inputs()[0].shape  # ints for fixed axes, names for dynamic ones
+        self.min_input_length = self.config.encoder_kernel_size + self.config.hop_size
+
+    def __call__(self, wave: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        is_torch = isinstance(wave, torch.Tensor)
+        array = wave.detach().cpu().float().numpy() if is_torch else np.asarray(wave, dtype=np.float32)
+        self._check_input(array)
+        (sources,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(array)})
+        return torch.from_numpy(sources) if is_torch else sources
+
+    def _check_input(self, array: np.ndarray) -> None:
+        if array.ndim != 2:
+            raise ValueError(f"the ONNX model expects a waveform [batch, samples], got shape {array.shape}")
+        if array.shape[-1] < self.min_input_length:
+            raise ValueError(f"input has {array.shape[-1]} samples but the network needs at least "
+                             f"{self.min_input_length}")
+        for axis, expected in enumerate(self.input_shape):
+            if isinstance(expected, int) and array.shape[axis] != expected:
+                raise ValueError(f"this ONNX model was exported with a fixed input shape {self.input_shape}; got "
+                                 f"{array.shape}. Re-export with --dynamic-length for other lengths")
+
+    def eval(self) -> OnnxRuntimeModel:
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> OnnxRuntimeModel:
+        return self
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeModel({str(self.path)!r}, providers={self.session.get_providers()})"

@@ -1,0 +1,118 @@
+"""Pre-mixed datasets: crops share one offset, padding, full-utterance validation, bad files, collate, loaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from mossformer2.data.collate import collate_fn
+from mossformer2.data.datasets import AudioStore, BadAudioError, MixtureDataset
+from mossformer2.data.loaders import ResumableSampler, ShardSampler
+from mossformer2.data.manifests import load_manifest
+
+SR = 8000
+
+
+def _make_wsj_folder(root, lengths, num_spks=2, seed=0):
+    """wsj0-2mix layout where mix = sum of sources exactly (float wav)."""
+    rng = np.random.default_rng(seed)
+    for n, length in enumerate(lengths):
+        sources = rng.uniform(-0.3, 0.3, size=(num_spks, length)).astype(np.float32)
+        for k in range(num_spks):
+            (root / f"s{k + 1}").mkdir(parents=True, exist_ok=True)
+            sf.write(root / f"s{k + 1}" / f"u{n}.wav", sources[k], SR, subtype="FLOAT")
+        (root / "mix").mkdir(parents=True, exist_ok=True)
+        sf.write(root / "mix" / f"u{n}.wav", sources.sum(0), SR, subtype="FLOAT")
+    return root
+
+
+@pytest.mark.parametrize("num_spks", [2, 3])
+def test_random_crop_same_offset_for_mix_and_sources(tmp_path, num_spks):
+    root = _make_wsj_folder(tmp_path / "d", [3000, 5000, 800], num_spks)
+    ds = MixtureDataset(load_manifest(root, num_spks), AudioStore(SR), segment_samples=1000, seed=3)
+    for i in range(len(ds)):
+        ex = ds[i]
+        assert ex["mix"].shape == (1000,) and ex["sources"].shape == (num_spks, 1000)
+        torch.testing.assert_close(ex["sources"].sum(0), ex["mix"], atol=1e-6, rtol=0)  # same offset
+    short = ds[[e.id for e in ds.entries].index("u2")]
+    assert torch.all(short["mix"][800:] == 0) and torch.any(short["mix"][:800] != 0)  # zero-padded at the end
+    # Deterministic per (seed, epoch, index); a new epoch gives new offsets.
+    torch.testing.assert_close(ds[1]["mix"], ds[1]["mix"])
+    first = ds[1]["mix"].clone()
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds[1]["mix"])
+
+
+def test_validation_uses_full_utterances(tmp_path):
+    root = _make_wsj_folder(tmp_path / "d", [3000, 5000])
+    ds = MixtureDataset(load_manifest(root), AudioStore(SR))
+    lengths = sorted(ds[i]["mix"].shape[-1] for i in range(len(ds)))
+    assert lengths == [3000, 5000]
+    capped = MixtureDataset(load_manifest(root), AudioStore(SR), max_samples=4000)
+    assert max(capped[i]["mix"].shape[-1] for i in range(2)) == 4000
+
+
+def test_scp_list_and_resampling(tmp_path):
+    root = _make_wsj_folder(tmp_path / "d", [1600])
+    scp = tmp_path / "list.scp"
+    scp.write_text(f"{root}/mix/u0.wav {root}/s1/u0.wav {root}/s2/u0.wav\n")
+    ds = MixtureDataset(load_manifest(scp), AudioStore(16000))
+    assert ds[0]["mix"].shape == (3200,)  # 8 kHz files read at 16 kHz
+
+
+def test_corrupt_file_error_names_it_or_is_skipped(tmp_path):
+    root = _make_wsj_folder(tmp_path / "d", [1000, 1000, 1000])
+    (root / "s2" / "u1.wav").write_bytes(b"RIFF garbage, not audio")
+    entries = load_manifest(root)
+    ds = MixtureDataset(entries, AudioStore(SR))
+    bad = [e.id for e in entries].index("u1")
+    with pytest.raises(BadAudioError, match="u1.wav"):
+        ds[bad]
+    skipping = MixtureDataset(entries, AudioStore(SR), skip_bad_files=True)
+    batch = collate_fn([skipping[i] for i in range(3)])
+    assert batch["skipped"] == 1 and batch["mix"].shape[0] == 2
+    cached = MixtureDataset(entries, AudioStore(SR, cache=True), skip_bad_files=True)
+    assert len(cached) == 2  # dropped at preload
+    with pytest.raises(BadAudioError, match="u1.wav"):
+        MixtureDataset(entries, AudioStore(SR, cache=True))
+
+
+def test_missing_file_named(tmp_path):
+    root = _make_wsj_folder(tmp_path / "d", [1000])
+    scp = tmp_path / "list.scp"
+    scp.write_text(f"{root}/mix/u0.wav {root}/s1/u0.wav {root}/s2/missing.wav\n")
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        load_manifest(scp)
+    ds = MixtureDataset(load_manifest(scp, check_files=False), AudioStore(SR))
+    with pytest.raises(BadAudioError, match="missing.wav"):
+        ds[0]
+
+
+def test_collate_pads_and_returns_lengths():
+    examples = [{"id": "a", "mix": torch.ones(5), "sources": torch.ones(2, 5), "skipped": 0},
+                {"id": "b", "mix": torch.ones(3), "sources": torch.ones(2, 3), "skipped": 1}, None]
+    batch = collate_fn(examples)
+    assert batch["mix"].shape == (2, 5) and batch["sources"].shape == (2, 2, 5)
+    assert batch["lengths"].tolist() == [5, 3] and batch["ids"] == ["a", "b"] and batch["skipped"] == 2
+    assert torch.all(batch["mix"][1, 3:] == 0) and torch.all(batch["sources"][1, :, 3:] == 0)
+    empty = collate_fn([None])
+    assert empty["mix"].shape[0] == 0 and empty["skipped"] == 1
+
+
+def test_resumable_sampler_skips_consumed_examples_and_shards():
+    data = list(range(20))
+    full = ResumableSampler(data, seed=5)
+    full.set_epoch(2)
+    order = list(full)
+    resumed = ResumableSampler(data, seed=5)
+    resumed.set_epoch(2, start=7)
+    assert list(resumed) == order[7:] and len(resumed) == 13
+    ranks = [ResumableSampler(data, num_replicas=2, rank=r, seed=5) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(2)
+    seen = list(ranks[0]) + list(ranks[1])
+    assert sorted(seen) == data  # each example once per epoch across ranks
+    shards = [list(ShardSampler(list(range(7)), 2, r)) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == list(range(7))  # validation: no padding duplicates

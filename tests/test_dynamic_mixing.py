@@ -1,0 +1,160 @@
+"""Dynamic mixing: speaker-aware sampling, gains, speed, noise, determinism across workers, bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader
+
+from mossformer2.data.collate import collate_fn
+from mossformer2.data.datasets import AudioStore, BadAudioError
+from mossformer2.data.dynamic_mixing import DynamicMixingDataset, load_noise_files, load_utterances
+from mossformer2.losses import si_sdr
+
+SR = 8000
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """4 speakers x 3 utterances; every sample of speaker k is a tone of frequency 200*(k+1) Hz."""
+    root = tmp_path_factory.mktemp("corpus")
+    for k in range(4):
+        for n in range(3):
+            t = np.arange(int(SR * (0.6 + 0.2 * n))) / SR
+            wave = 0.3 * np.sin(2 * np.pi * 200 * (k + 1) * t + n)
+            (root / f"spk{k}").mkdir(exist_ok=True)
+            sf.write(root / f"spk{k}" / f"{n}.wav", wave.astype(np.float32), SR, subtype="FLOAT")
+    noise = root.parent / f"{root.name}_noise"
+    noise.mkdir()
+    sf.write(noise / "n.wav", np.random.default_rng(0).standard_normal(3000).astype(np.float32) * 0.1, SR)
+    return root, noise
+
+
+def _dominant_hz(wave: torch.Tensor) -> float:
+    spectrum = np.abs(np.fft.rfft(wave.numpy()))
+    return float(np.argmax(spectrum) * SR / len(wave))
+
+
+def test_load_utterances_folder_and_list(corpus, tmp_path):
+    root, _ = corpus
+    utts = load_utterances(root)
+    assert len(utts) == 12 and {u.speaker for u in utts} == {"spk0", "spk1", "spk2", "spk3"}
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# comment\n{root}/spk0/0.wav alice\n{root}/spk1/0.wav bob\n")
+    assert [(u.speaker, u.path.name) for u in load_utterances(listing)] == [("alice", "0.wav"), ("bob", "0.wav")]
+    listing.write_text(f"{root}/spk0/0.wav\n")
+    with pytest.raises(ValueError, match="path speaker"):
+        load_utterances(listing)
+    listing.write_text(f"{root}/nope.wav x\n")
+    with pytest.raises(FileNotFoundError, match="nope.wav"):
+        load_utterances(listing)
+    with pytest.raises(FileNotFoundError):
+        load_utterances(tmp_path / "missing")
+
+
+def test_mixture_has_distinct_speakers_and_sums(corpus):
+    root, _ = corpus
+    ds = DynamicMixingDataset(load_utterances(root), 3, AudioStore(SR, cache=True), 40, segment_samples=2000,
+                              seed=1)
+    for i in range(len(ds)):
+        ex = ds[i]
+        assert ex["sources"].shape == (3, 2000)
+        torch.testing.assert_close(ex["sources"].sum(0), ex["mix"], atol=1e-5, rtol=0)
+        freqs = {round(_dominant_hz(s) / 200) for s in ex["sources"]}
+        assert len(freqs) == 3  # three different speakers in every mixture
+        assert float(ex["mix"].abs().max()) < 1.0
+
+
+def test_gains_follow_configured_range(corpus):
+    root, _ = corpus
+    ds = DynamicMixingDataset(load_utterances(root), 2, AudioStore(SR), 30, segment_samples=3000, seed=2,
+                              gain_db=(-5.0, 5.0))
+    ratios = []
+    for i in range(len(ds)):
+        s = ds[i]["sources"]
+        rms = s.pow(2).mean(-1).sqrt()
+        ratios.append(float(20 * torch.log10(rms[0] / rms[1])))
+    assert max(np.abs(ratios)) <= 10.0 + 1e-3
+    assert np.std(ratios) > 2.0  # random, not constant
+
+
+def test_speed_perturbation_changes_pitch(corpus):
+    root, _ = corpus
+    utts = [u for u in load_utterances(root) if u.speaker in ("spk0", "spk2")]
+    ds = DynamicMixingDataset(utts, 2, AudioStore(SR), 20, segment_samples=2000, seed=3,
+                              speed_perturb=(1.2, 1.25))
+    freqs = sorted(_dominant_hz(s) for s in ds[0]["sources"])
+    assert 235 <= freqs[0] <= 255 and 705 <= freqs[1] <= 760  # 200 and 600 Hz played 1.2-1.25x faster
+
+
+def test_noise_at_requested_snr(corpus):
+    root, noise = corpus
+    ds = DynamicMixingDataset(load_utterances(root), 2, AudioStore(SR), 5, segment_samples=2000, seed=4,
+                              noise_files=load_noise_files(noise), noise_snr_db=(10.0, 10.0))
+    ex = ds[0]
+    speech = ex["sources"].sum(0)
+    residual = ex["mix"] - speech
+    snr = float(10 * torch.log10(speech.pow(2).sum() / residual.pow(2).sum()))
+    assert snr == pytest.approx(10.0, abs=0.05)
+
+
+def test_deterministic_across_workers_and_epochs(corpus):
+    root, _ = corpus
+    ds = DynamicMixingDataset(load_utterances(root), 2, AudioStore(SR), 12, segment_samples=1000, seed=5,
+                              speed_perturb=(0.9, 1.1))
+
+    def epoch_data(workers: int, epoch: int) -> list[torch.Tensor]:
+        ds.set_epoch(epoch)
+        loader = DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate_fn)
+        return [b["mix"] for b in loader]
+
+    a, b = epoch_data(0, 0), epoch_data(2, 0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    c = epoch_data(0, 1)
+    assert not torch.equal(a[0], c[0])  # a new epoch makes new mixtures
+    valid = DynamicMixingDataset(load_utterances(root), 2, AudioStore(SR), 6, seed=5, fixed=True,
+                                 max_samples=5000)
+    first = valid[3]["mix"]
+    valid.set_epoch(7)
+    assert torch.equal(first, valid[3]["mix"])  # validation mixtures do not change
+    lengths = [valid[i]["mix"].shape[-1] for i in range(6)]
+    assert min(lengths) >= int(0.6 * SR) and max(lengths) <= 5000  # shortest utterance, capped
+
+
+def test_mixture_sources_are_the_references(corpus):
+    """The mixture minus one source's scaled reference leaves the other: SI-SDR of mix vs source is low."""
+    root, _ = corpus
+    ds = DynamicMixingDataset(load_utterances(root), 2, AudioStore(SR), 4, segment_samples=2000, seed=6)
+    ex = ds[0]
+    oracle = si_sdr(ex["sources"][None], ex["sources"][None])
+    assert (oracle > 60).all()
+    assert (si_sdr(ex["mix"].expand(2, -1)[None], ex["sources"][None]) < 10).all()
+
+
+def test_bad_files_error_or_skip(corpus, tmp_path):
+    root, _ = corpus
+    utts = load_utterances(root)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio at all")
+    from mossformer2.data.dynamic_mixing import Utterance
+
+    with_bad = utts + [Utterance(bad, "spk0")] * 3
+    strict = DynamicMixingDataset(with_bad, 2, AudioStore(SR), 50, segment_samples=500, seed=0)
+    with pytest.raises(BadAudioError, match="bad.wav"):
+        for i in range(50):
+            strict[i]
+    lenient = DynamicMixingDataset(with_bad, 2, AudioStore(SR), 50, segment_samples=500, seed=0,
+                                   skip_bad_files=True)
+    assert sum(lenient[i]["skipped"] for i in range(50)) > 0
+    cached = DynamicMixingDataset(with_bad, 2, AudioStore(SR, cache=True), 10, segment_samples=500,
+                                  skip_bad_files=True)
+    assert cached.preload_skipped == 1 and all(cached[i]["skipped"] == 0 for i in range(10))
+
+
+def test_too_few_speakers(corpus):
+    root, _ = corpus
+    utts = [u for u in load_utterances(root) if u.speaker == "spk0"]
+    with pytest.raises(ValueError, match="at least 2 speakers"):
+        DynamicMixingDataset(utts, 2, AudioStore(SR), 4, segment_samples=100)

@@ -1,0 +1,177 @@
+"""ONNX / TorchScript export: parity with PyTorch on several lengths, ONNX Runtime wrapper, CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from mossformer2 import build_model, save_checkpoint
+from mossformer2.cli import main
+from mossformer2.export import (
+    CONFIG_METADATA_KEY,
+    OnnxRuntimeModel,
+    export_onnx,
+    export_torchscript,
+    load_torchscript,
+)
+from mossformer2.separation import Separator
+
+from .conftest import make_tiny_config
+
+# Tiny config: hop 8 samples, attention groups of 64 frames = 512 samples.
+GROUP_SAMPLES = 64 * 8
+# Not a multiple of 8; shorter than one group; longer than two groups (and not a multiple of the group).
+LENGTHS = [(1, 1237), (3, 700), (2, 2 * GROUP_SAMPLES + 333)]
+
+
+def _reference(model, wave):
+    with torch.no_grad():
+        return model(wave)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(make_tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_onnx(tiny_model, path, dynamic_length=True, example=0.1 * torch.randn(2, 1000))
+    return path
+
+
+@pytest.mark.parametrize("batch,length", LENGTHS)
+def test_onnx_dynamic_length_matches_pytorch(tiny_model, onnx_path, batch, length):
+    runtime = OnnxRuntimeModel(onnx_path)
+    wave = 0.1 * torch.randn(batch, length)
+    expected = _reference(tiny_model, wave)
+    got = runtime(wave)
+    assert isinstance(got, torch.Tensor) and got.shape == (batch, 2, length)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    # numpy in, numpy out: a deployment can skip torch tensors entirely.
+    got_np = runtime(wave.numpy())
+    assert isinstance(got_np, np.ndarray)
+    np.testing.assert_allclose(got_np, expected.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_onnx_metadata_holds_config(tiny_model, onnx_path):
+    proto = onnx.load(str(onnx_path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta[CONFIG_METADATA_KEY]) == tiny_model.config.to_dict()
+    runtime = OnnxRuntimeModel(onnx_path)
+    assert runtime.config == tiny_model.config
+    assert runtime.eval() is runtime and runtime.to("cpu") is runtime
+
+
+def test_onnx_runtime_input_errors(onnx_path, tmp_path):
+    runtime = OnnxRuntimeModel(onnx_path)
+    with pytest.raises(ValueError, match="batch, samples"):
+        runtime(torch.zeros(100))
+    with pytest.raises(ValueError, match="at least"):
+        runtime(torch.zeros(1, 10))
+    with pytest.raises(FileNotFoundError):
+        OnnxRuntimeModel(tmp_path / "missing.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="cannot load"):
+        OnnxRuntimeModel(garbage)
+    # A valid ONNX file that was not written by export_onnx has no config.
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["wave"], ["sources"])], "identity",
+        [onnx.helper.make_tensor_value_info("wave", onnx.TensorProto.FLOAT, ["B", "T"])],
+        [onnx.helper.make_tensor_value_info("sources", onnx.TensorProto.FLOAT, ["B", "T"])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(foreign))
+    with pytest.raises(ValueError, match="metadata"):
+        OnnxRuntimeModel(foreign)
+
+
+def test_separator_runs_on_onnx_model(tiny_model, onnx_path):
+    rng = np.random.default_rng(0)
+    wave = (0.1 * rng.standard_normal(8000 * 3)).astype(np.float32)  # 3 s at 8 kHz: resampled, chunked
+    kwargs = dict(chunk_seconds=1.0, overlap_seconds=0.25)
+    expected = Separator(tiny_model, device="cpu", **kwargs).separate(wave, 8000)
+    got = Separator(OnnxRuntimeModel(onnx_path), backend="onnxruntime", **kwargs).separate(wave, 8000)
+    assert got.shape == expected.shape == (2, wave.shape[-1])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["trace", "script"])
+def test_torchscript_matches_pytorch(tiny_model, tmp_path, method):
+    path = export_torchscript(tiny_model, tmp_path / f"tiny_{method}.pt", method=method,
+                              example=0.1 * torch.randn(1, 900))
+    module, config = load_torchscript(path)
+    assert config == tiny_model.config
+    for batch, length in LENGTHS:
+        wave = 0.1 * torch.randn(batch, length)
+        with torch.no_grad():
+            got = module(wave)
+        torch.testing.assert_close(got, _reference(tiny_model, wave), atol=1e-5, rtol=1e-4)
+
+
+def test_export_keeps_model_state(tiny_model, tmp_path):
+    model = build_model(make_tiny_config()).double().train()
+    export_torchscript(model, tmp_path / "m.pt")
+    assert model.training and next(model.parameters()).dtype == torch.float64
+
+
+def test_export_rejects_non_mossformer(tmp_path):
+    with pytest.raises(ValueError, match="MossFormer2"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="method"):
+        export_torchscript(build_model(make_tiny_config()), tmp_path / "x.pt", method="compile")
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, tiny_model)
+    return path
+
+
+def test_cli_export_onnx_fixed_length(tiny_model, checkpoint_path, tmp_path, capsys):
+    out = tmp_path / "fixed.onnx"
+    code = main(["export", "--checkpoint", str(checkpoint_path), "--format", "onnx", "-o", str(out),
+                 "--no-dynamic-length", "--length-seconds", "0.1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    error = float(printed.split("max abs difference to PyTorch:")[1].split()[0])
+    assert error < 1e-5
+    runtime = OnnxRuntimeModel(out)
+    wave = 0.1 * torch.randn(1, 1600)
+    torch.testing.assert_close(runtime(wave), _reference(tiny_model, wave), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="fixed input shape"):
+        runtime(torch.randn(1, 1700))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.onnx"]  # no temp files left
+
+
+def test_cli_export_torchscript(tiny_model, checkpoint_path, tmp_path, capsys):
+    out = tmp_path / "sub" / "model.pt"
+    code = main(["export", "--checkpoint", str(checkpoint_path), "--format", "torchscript", "-o", str(out),
+                 "--method", "script", "--length-seconds", "0.1"])
+    assert code == 0
+    assert "max abs difference to PyTorch" in capsys.readouterr().out
+    module, _ = load_torchscript(out)
+    wave = 0.1 * torch.randn(2, 3000)
+    with torch.no_grad():
+        torch.testing.assert_close(module(wave), _reference(tiny_model, wave), atol=1e-5, rtol=1e-4)
+
+
+def test_cli_export_errors(checkpoint_path, tmp_path, capsys):
+    out = tmp_path / "x.pt"
+    assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--format", "torchscript",
+                 "-o", str(out)]) == 1
+    assert main(["export", "--checkpoint", str(checkpoint_path), "--format", "torchscript", "-o", str(out),
+                 "--opset", "17"]) == 1
+    assert "--opset only applies" in capsys.readouterr().err
+    # An impossible tolerance: the check fails and no output file is left behind.
+    assert main(["export", "--checkpoint", str(checkpoint_path), "--format", "torchscript", "-o", str(out),
+                 "--tolerance", "-1", "--length-seconds", "0.1"]) == 1
+    assert "was not written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,244 @@
+"""Trainer: exact resume, NaN skipping, accumulation with one clip per step, weight decay, plateau/early stop,
+bf16 autocast, activation checkpointing, init_from and checkpoint contents. Tiny model, CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mossformer2
+from mossformer2.config_utils import apply_overrides
+from mossformer2.data.loaders import prepare_synthetic_data
+from mossformer2.training import Trainer
+from mossformer2.training.config import train_config_from_dict
+
+TINY_MODEL = dict(encoder_embedding_dim=16, mossformer_sequence_dim=16, num_mossformer_layer=1, query_key_dim=16,
+                  rotary_dim=8, fsmn_inner_dim=16, fsmn_lorder=4, group_size=64, sample_rate=8000,
+                  encoder_kernel_size=16)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    base = train_config_from_dict({"model": TINY_MODEL, "data": {
+        "sample_rate": 8000, "synthetic": True, "synthetic_speakers": 5, "synthetic_utterances": 2,
+        "synthetic_seconds": 0.5}})
+    return prepare_synthetic_data(base, root, progress=False).data.dynamic_mixing
+
+
+def make_config(corpus, *overrides: str):
+    data = {
+        "model": {**TINY_MODEL, "dropout": 0.1},
+        "data": {"sample_rate": 8000, "segment_seconds": 0.2, "batch_size": 2, "valid_batch_size": 2,
+                 "num_workers": 0, "cache_audio": True,
+                 "dynamic_mixing": {"train_utterances": corpus.train_utterances,
+                                    "valid_utterances": corpus.valid_utterances, "examples_per_epoch": 16,
+                                    "valid_examples": 2, "valid_max_seconds": 0.25,
+                                    "speed_perturb": [0.9, 1.1]}},
+        "optim": {"lr": 1e-3, "accum_steps": 2},
+        "trainer": {"max_epochs": 2, "seed": 3, "device": "cpu", "checkpoint_every_steps": 3,
+                    "log_every_steps": 1, "progress_bar": False, "tensorboard": False, "audio_examples": 0},
+    }
+    return train_config_from_dict(apply_overrides(data, list(overrides)))
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("kill_at_call", [4, 7])
+def test_killed_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monkeypatch, kill_at_call):
+    # 8 batches per epoch, accum 2 -> 4 optimizer steps per epoch, 8 in all; checkpoints at steps 3 and 6
+    # (mid-epoch) and at each epoch end. Killing inside step 4 / 7 resumes from step 3 / 6, mid-epoch.
+    cfg = make_config(corpus)
+    reference = Trainer(cfg, tmp_path / "ref")
+    reference.fit()
+    final = weights(reference.model)
+    assert reference.state.step == 8
+
+    calls = {"n": 0}
+    original = Trainer._optimizer_step
+
+    def dying_step(self, bad):
+        calls["n"] += 1
+        if calls["n"] == kill_at_call:
+            raise KeyboardInterrupt("killed")
+        return original(self, bad)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "run").fit()
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    resumed = Trainer(cfg, tmp_path / "run")
+    assert resumed.state.step == kill_at_call - 1 and resumed.state.batches_done > 0  # mid-epoch
+    resumed.fit()
+    assert resumed.state.step == 8
+    assert_bitwise_equal(final, weights(resumed.model))
+    assert resumed.state.history == reference.state.history
+
+
+def test_checkpoint_contents_and_loadable_weights(corpus, tmp_path):
+    cfg = make_config(corpus, "trainer.max_epochs=1", "trainer.tensorboard=true", "trainer.audio_examples=1")
+    trainer = Trainer(cfg, tmp_path)
+    trainer.fit()
+    last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "config", "optimizer", "scheduler", "rng_states", "trainer_state", "train_config",
+                "epoch", "step"):
+        assert key in last, key
+    assert last["trainer_state"]["batches_done"] == 0 and last["epoch"] == 1
+    model = mossformer2.load_model(tmp_path / "best.pt")
+    assert_bitwise_equal(weights(model), weights(trainer.model))
+    assert (tmp_path / "config.yaml").is_file() and "epoch 0 done" in (tmp_path / "train.log").read_text()
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files
+    other = make_config(corpus, "model.num_mossformer_layer=2")
+    with pytest.raises(ValueError, match="model config"):
+        Trainer(other, tmp_path)
+
+
+def test_nan_loss_skips_the_step_and_counts_it(corpus, tmp_path, monkeypatch):
+    cfg = make_config(corpus, "trainer.max_steps=1", "optim.accum_steps=2")
+    trainer = Trainer(cfg, tmp_path)
+    before = weights(trainer.model)
+    calls = {"n": 0}
+    original = Trainer._loss
+
+    def nan_once(self, est, batch):
+        calls["n"] += 1
+        loss = original(self, est, batch)
+        return loss * float("nan") if calls["n"] == 2 else loss  # second micro-batch of the step
+
+    monkeypatch.setattr(Trainer, "_loss", nan_once)
+    trainer.fit()
+    assert trainer.state.skipped_steps == 1 and trainer.state.step == 1
+    assert_bitwise_equal(before, weights(trainer.model))  # the first micro-batch's gradient was dropped too
+    assert not trainer.optimizer.state  # Adam moments untouched
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_inf_gradient_skips_the_step(corpus, tmp_path, monkeypatch):
+    cfg = make_config(corpus, "trainer.max_steps=2", "optim.accum_steps=1")
+    trainer = Trainer(cfg, tmp_path)
+    original = Trainer._loss
+    calls = {"n": 0}
+
+    def bad_grad_first(self, est, batch):
+        calls["n"] += 1
+        return original(self, _NanGrad.apply(est) if calls["n"] == 1 else est, batch)
+
+    monkeypatch.setattr(Trainer, "_loss", bad_grad_first)
+    before = weights(trainer.model)
+    trainer.fit()
+    after = weights(trainer.model)
+    assert trainer.state.skipped_steps == 1 and trainer.state.step == 2
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the second step was taken
+
+
+def test_accumulation_clips_once_per_optimizer_step(corpus, tmp_path, monkeypatch):
+    cfg = make_config(corpus, "trainer.max_epochs=1", "optim.accum_steps=4", "optim.grad_clip=0.01")
+    trainer = Trainer(cfg, tmp_path)
+    norms_after_clip = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def counting_clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        total = original(params, max_norm, *args, **kwargs)
+        norms_after_clip.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counting_clip)
+    trainer.fit()
+    assert trainer.state.step == 2  # 8 micro-batches / 4
+    assert len(norms_after_clip) == 2  # not 8: once per optimizer step, on the whole accumulated gradient
+    assert all(n == pytest.approx(0.01, rel=1e-3) for n in norms_after_clip)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_weight_decay_is_applied(corpus, tmp_path, decoupled):
+    results = {}
+    for wd in (0.0, 0.5):
+        cfg = make_config(corpus, f"optim.weight_decay={wd}", f"optim.decoupled_weight_decay={decoupled}",
+                          "optim.lr=0.01")
+        trainer = Trainer(cfg, tmp_path / f"wd{wd}")
+        assert trainer.optimizer.param_groups[0]["weight_decay"] == wd
+        for p in trainer.model.parameters():
+            p.grad = torch.zeros_like(p)  # only weight decay can move the weights
+        before = weights(trainer.model)
+        trainer._optimizer_step(False)
+        results[wd] = (before, weights(trainer.model))
+    assert_bitwise_equal(*results[0.0])
+    before, after = results[0.5]
+    w = "enc.conv1d.weight"
+    assert float(after[w].abs().sum()) < float(before[w].abs().sum())  # shrunk toward zero
+
+
+def test_plateau_halves_lr_and_early_stopping_keeps_best(corpus, tmp_path, monkeypatch):
+    cfg = make_config(corpus, "trainer.max_epochs=10", "optim.plateau_patience=1", "optim.early_stop_patience=3",
+                      "data.dynamic_mixing.examples_per_epoch=4", "optim.accum_steps=1")
+    trainer = Trainer(cfg, tmp_path)
+    metrics = iter([1.0, 2.0, 1.5, 1.9, 1.0, 5.0])
+
+    def fake_validate(self):
+        return {"loss": 0.0, "si_sdr": 0.0, "si_sdri": next(metrics), "count": 1.0}
+
+    monkeypatch.setattr(Trainer, "validate", fake_validate)
+    state = trainer.fit()
+    assert [h["valid_si_sdri"] for h in state.history] == [1.0, 2.0, 1.5, 1.9, 1.0]  # stopped after 3 bad
+    assert state.best_metric == 2.0 and state.best_epoch == 1 and state.bad_epochs == 3
+    lrs = [h["lr"] for h in state.history]
+    assert lrs == [1e-3, 1e-3, 1e-3, 5e-4, 5e-4]  # halved after more than 1 bad epoch
+    best = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 1 and best["valid"]["valid_si_sdri"] == 2.0
+
+
+def test_bf16_autocast_and_activation_checkpointing(corpus, tmp_path):
+    cfg = make_config(corpus, "trainer.max_steps=2", "trainer.precision=bf16", "model.dropout=0.0")
+    state = Trainer(cfg, tmp_path / "bf16").fit()
+    assert state.skipped_steps == 0
+    plain = make_config(corpus, "trainer.max_steps=2", "model.dropout=0.0")
+    ckpt = make_config(corpus, "trainer.max_steps=2", "model.dropout=0.0", "trainer.activation_checkpointing=true")
+    a, b = Trainer(plain, tmp_path / "plain"), Trainer(ckpt, tmp_path / "ckpt")
+    assert b.model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing
+    a.fit()
+    b.fit()
+    for k, v in weights(a.model).items():
+        torch.testing.assert_close(v, weights(b.model)[k], atol=1e-6, rtol=1e-5)
+
+
+def test_init_from_our_checkpoint(corpus, tmp_path):
+    cfg = make_config(corpus)
+    source = mossformer2.build_model(cfg.model)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.5)
+    mossformer2.save_checkpoint(tmp_path / "pre.pt", source)
+    trainer = Trainer(make_config(corpus, f"trainer.init_from={tmp_path / 'pre.pt'}"), tmp_path / "ft")
+    assert_bitwise_equal(weights(source), weights(trainer.model))
+    with pytest.raises(FileNotFoundError):
+        Trainer(make_config(corpus, f"trainer.init_from={tmp_path / 'none.pt'}"), tmp_path / "ft2")
+
+
+def test_validation_reports_si_sdri(corpus, tmp_path):
+    trainer = Trainer(make_config(corpus), tmp_path)
+    result = trainer.validate()
+    assert result["count"] == 2 and all(math.isfinite(result[k]) for k in ("loss", "si_sdr", "si_sdri"))
+    trainer.close()
