@@ -25,6 +25,7 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,12 +193,15 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
                 run_onnx(model, s, wave, run)
             elif variant == "int8" and s.device.type == "cpu":
                 start = time.perf_counter()
-                quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu(), {torch.nn.Linear},
-                                                                   dtype=torch.qint8)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch.ao's migration notice
+                    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu(),
+                                                                       {torch.nn.Linear}, dtype=torch.qint8)
                 run("dynamic int8 (Linear)", eager(quantized, None), setup_s=time.perf_counter() - start)
         except Exception as err:  # report a variant that cannot run here instead of aborting the benchmark
             print(f"  {section:<10} {variant:<28} FAILED: {type(err).__name__}: {err}", flush=True)
-            rows.append({"section": section, "variant": variant, "batch": batch, "error": f"{type(err).__name__}: {err}"})
+            rows.append({"section": section, "variant": variant, "batch": batch,
+                         "error": f"{type(err).__name__}: {err}"})
     return rows
 
 
@@ -259,17 +263,7 @@ def bench_training(model: torch.nn.Module, s: Settings) -> list[dict[str, Any]]:
         for checkpointing in (False, True):
             train_model = copy.deepcopy(model).to(s.device).train()
             train_model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing = checkpointing
-            optimizer = torch.optim.Adam(train_model.parameters(), lr=1e-4)
-
-            def step() -> torch.Tensor:
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(s.device, dtype):
-                    est = train_model(mix)
-                loss, _ = pit_si_sdr_loss(est.float(), sources)
-                loss.backward()
-                optimizer.step()
-                return loss.detach()
-
+            step = _train_step(train_model, mix, sources, dtype)
             name = f"train {dtype_name}" + (" + act. ckpt" if checkpointing else "")
             with peak_memory(s.device) as mem:
                 times, _ = time_call(step, s.device, max(1, s.repeats - 1), 1)
@@ -281,8 +275,25 @@ def bench_training(model: torch.nn.Module, s: Settings) -> list[dict[str, Any]]:
             print(f"  training   {name:<28} median {median:8.3f} s/step  {audio / median:7.2f} audio-s/s  "
                   f"peak {mem['peak_mib']:8.0f} MiB", flush=True)
             rows.append(row)
-            del train_model, optimizer
+            del train_model, step
     return rows
+
+
+def _train_step(model: torch.nn.Module, mix: torch.Tensor, sources: torch.Tensor,
+                dtype: torch.dtype | None) -> Callable[[], torch.Tensor]:
+    """A closure running one Adam step of ``model`` on ``mix [B, T]`` / ``sources [B, S, T]``."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(mix.device, dtype):
+            est = model(mix)
+        loss, _ = pit_si_sdr_loss(est.float(), sources)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
 
 
 # -- report ----------------------------------------------------------------------------------------------------
@@ -330,10 +341,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=None, help="latency input length (default 4; quick 1)")
     parser.add_argument("--batch", type=int, default=None, help="throughput batch (default 16; quick 4)")
     parser.add_argument("--separator-seconds", type=float, default=None,
-                        help="length of the long file for the Separator (default 300; quick 20)")
-    parser.add_argument("--train-seconds", type=float, default=None, help="training segment (default 4; quick 1)")
+                        help="length of the long file for the Separator (default 300; quick 12)")
+    parser.add_argument("--train-seconds", type=float, default=None, help="training segment (default 4; quick 0.5)")
     parser.add_argument("--train-batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 3; quick 2)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", default="bf16,fp16,compile,compile-bf16,compile-cudagraphs,onnxruntime,int8",
                         help="comma list of optimised variants beside the eager fp32 baseline")
@@ -353,10 +364,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quick = args.quick
     s = Settings(device=device, quick=quick,
                  seconds=args.seconds or (1.0 if quick else 4.0),
-                 repeats=args.repeats or 3, warmup=args.warmup,
+                 repeats=args.repeats or (2 if quick else 3), warmup=args.warmup,
                  batch=args.batch or (4 if quick else 16),
-                 separator_seconds=args.separator_seconds or (20.0 if quick else 300.0),
-                 train_seconds=args.train_seconds or (1.0 if quick else 4.0),
+                 separator_seconds=args.separator_seconds or (12.0 if quick else 300.0),  # quick: 2 chunks
+                 train_seconds=args.train_seconds or (0.5 if quick else 4.0),
                  train_batch=args.train_batch,
                  variants=[v for v in args.variants.split(",") if v])
     sections = [x for x in args.sections.split(",") if x]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,7 +34,13 @@ class ConvModule(nn.Module):
         self.sequential = nn.Sequential(_Transpose12(), DepthwiseConv1d(channels, kernel_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.sequential(x).transpose(1, 2)
+        conv = self.sequential[1].conv
+        # The same depth-wise conv as a 2-D conv on the [B, C, 1, T] view of x, which is channels-last in
+        # memory: oneDNN / cuDNN then convolve in place of layout instead of first copying x to [B, C, T]
+        # (about 10-30x faster on CPU), and the output is already [B, T, C] in memory.
+        out = F.conv2d(x.transpose(1, 2).unsqueeze(2), conv.weight.unsqueeze(2), padding=(0, conv.padding[0]),
+                       groups=conv.groups)
+        return x + out.squeeze(2).transpose(1, 2)
 
 
 class FeedForwardConv(nn.Module):

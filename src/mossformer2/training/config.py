@@ -76,6 +76,7 @@ class TrainerConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (None: epochs decide)
     seed: int = 777
     device: str = "auto"
+    cpu_threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is far faster on busy CPUs
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: bool = False
     init_from: str | None = None  # fine-tune: official checkpoint or one of ours
@@ -141,6 +142,8 @@ class TrainConfig:
             raise ConfigError("optim.weight_decay must be >= 0 and optim.grad_clip > 0 (or null)")
         if not 0.0 < o.plateau_factor < 1.0:
             raise ConfigError("optim.plateau_factor must be in (0, 1)")
+        if t.cpu_threads is not None and t.cpu_threads <= 0:
+            raise ConfigError("trainer.cpu_threads must be > 0 or null")
         if t.max_steps is not None and t.max_steps <= 0:
             raise ConfigError("trainer.max_steps must be > 0 or null")
         if t.checkpoint_every_steps is not None and t.checkpoint_every_steps <= 0:

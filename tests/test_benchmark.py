@@ -1,0 +1,53 @@
+"""The benchmark script runs end to end in its CI-size mode and reports consistent numbers (no timing asserts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+
+import torch
+
+from .conftest import REPO_ROOT
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("mossformer2_benchmark", REPO_ROOT / "benchmarks" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
+    benchmark = _load_benchmark()
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        result = benchmark.main(["--quick", "--threads", "1", "--sections", "latency,separator,training",
+                                 "--variants", "onnxruntime,int8", "--repeats", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {(r["section"], r["variant"]): r for r in result["rows"]}
+    assert not [r for r in result["rows"] if "error" in r]
+
+    baseline = rows[("latency", "eager fp32 (baseline)")]
+    assert baseline["median_s"] > 0 and baseline["rtf"] == baseline["median_s"] / baseline["audio_s"]
+    assert "si_sdr_vs_fp32_db" not in baseline  # the reference itself
+
+    onnx = rows[("latency", "onnxruntime (CPU)")]
+    assert onnx["si_sdr_vs_fp32_db"] > 40 and onnx["rel_err"] < 1e-3 and onnx["setup_s"] > 0
+    int8 = rows[("latency", "dynamic int8 (Linear)")]
+    assert math.isfinite(int8["si_sdr_vs_fp32_db"]) and int8["rel_err"] > 0  # lossy, but measured
+
+    separator = rows[("separator", "Separator float32")]
+    assert separator["audio_s"] == 12.0 and separator["peak_mib"] > 0
+    training = [r for r in result["rows"] if r["section"] == "training"]
+    assert [r["variant"] for r in training] == ["train fp32", "train fp32 + act. ckpt"]
+    assert all(r["audio_s_per_s"] > 0 for r in training)
+
+    saved = json.loads(out.read_text())
+    assert len(saved["rows"]) == len(result["rows"]) and saved["config"]["encoder_embedding_dim"] == 16
+    printed = capsys.readouterr().out
+    assert "eager fp32 (baseline)" in printed and "SI-SDR vs fp32" in printed
