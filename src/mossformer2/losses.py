@@ -103,8 +103,9 @@ def pit_si_sdr_loss(est: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor 
     if clamp_db is not None:
         pair = pair.clamp(max=clamp_db)
     perm = best_permutation(pair)
-    idx = torch.arange(est.shape[1], device=est.device)
-    chosen = pair[:, idx[None, :].expand_as(perm), perm]  # [B, S]
+    batch = torch.arange(est.shape[0], device=est.device)[:, None]
+    speaker = torch.arange(est.shape[1], device=est.device)[None, :]
+    chosen = pair[batch, speaker, perm]  # [B, S]: estimate i against reference perm[b, i]
     loss = -chosen.mean(-1)
     if reduction == "mean":
         loss = loss.mean()
