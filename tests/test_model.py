@@ -172,3 +172,16 @@ def test_build_model_from_dict_and_alias():
     assert build_model({"num_mossformer_layer": 1, "encoder_embedding_dim": 32,
                         "mossformer_sequence_dim": 32}).config.num_mossformer_layer == 1
     assert build_model("MossFormer2_SS_16K").config == MossFormer2Config()
+
+
+def test_bfloat16_autocast_on_cpu_matches_float32(tiny_config):
+    # Regression: oneDNN's channels-last depth-wise bf16 kernel hung for 16 channels.
+    from mossformer2.losses import si_sdr
+
+    model = build_model(tiny_config).eval()
+    x = torch.randn(2, 1600)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x).float()
+    assert (si_sdr(low, ref) > 15).all()

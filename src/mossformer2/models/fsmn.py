@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mossformer2.models.convolution import FeedForwardConv
+from mossformer2.models.convolution import FeedForwardConv, conv_along_time
 from mossformer2.models.norms import ChannelLayerNorm
 
 
@@ -38,8 +38,7 @@ class DilatedDenseNet(nn.Module):
     def _stage(self, x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: torch.Tensor,
                norm_bias: torch.Tensor, prelu_weight: torch.Tensor, padding: int, dilation: int) -> torch.Tensor:
         """x: ``[B, C_in, 1, F]`` -> ``[B, C, 1, F]``; the ``[C, k, K, 1]`` kernel runs along the last axis."""
-        out = F.conv2d(x, conv_weight.transpose(2, 3), padding=(0, padding), dilation=(1, dilation),
-                       groups=self.channels)
+        out = conv_along_time(x, conv_weight.transpose(2, 3), padding, dilation, self.channels)
         out = F.instance_norm(out, weight=norm_weight, bias=norm_bias, eps=self.norm_eps)
         return F.prelu(out, prelu_weight)
 
