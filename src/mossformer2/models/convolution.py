@@ -15,7 +15,7 @@ def conv_along_time(x: torch.Tensor, weight: torch.Tensor, padding: int, dilatio
     for small channel counts (seen with 16 channels, torch 2.13), so reduced precision on CPU takes the plain
     layout.
     """
-    if x.device.type == "cpu" and (x.dtype != torch.float32 or torch.is_autocast_cpu_enabled()):
+    if x.device.type == "cpu" and x.dtype != torch.float32:  # under autocast x is already bf16 (Linear output)
         x = x.contiguous()
     return F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation), groups=groups)
 
