@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# Tests use tiny models: one intra-op thread per process avoids OpenMP oversubscription (DDP tests run two
+# processes; on 2 shared cores, 2 threads each made the suite over 10x slower). Set before torch starts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from mossformer2 import MossFormer2Config
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mossformer2 import MossFormer2Config  # noqa: E402
+
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
