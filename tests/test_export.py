@@ -115,6 +115,23 @@ def test_torchscript_matches_pytorch(tiny_model, tmp_path, method):
         torch.testing.assert_close(got, _reference(tiny_model, wave), atol=1e-5, rtol=1e-4)
 
 
+def test_scripted_model_takes_lengths_for_padded_batches(tiny_model, tmp_path):
+    module, _ = load_torchscript(export_torchscript(tiny_model, tmp_path / "s.pt", method="script"))
+    wave = 0.1 * torch.randn(2, 1300)
+    wave[1, 900:] = 0.0
+    lengths = torch.tensor([1300, 900])
+    with torch.no_grad():
+        got = module(wave, lengths)
+        alone = tiny_model(wave[1:, :900])
+    torch.testing.assert_close(got, _reference_with_lengths(tiny_model, wave, lengths), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1:, :, :900], alone, atol=1e-5, rtol=1e-4)
+
+
+def _reference_with_lengths(model, wave, lengths):
+    with torch.no_grad():
+        return model(wave, lengths)
+
+
 def test_export_keeps_model_state(tiny_model, tmp_path):
     model = build_model(make_tiny_config()).double().train()
     export_torchscript(model, tmp_path / "m.pt")

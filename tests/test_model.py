@@ -112,6 +112,69 @@ def test_batch_items_are_independent(tiny_config):
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
 
 
+def _padded_batch(lengths: list[int], seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    waves = [torch.randn(n, generator=generator) for n in lengths]
+    batch = torch.zeros(len(lengths), max(lengths))
+    for i, wave in enumerate(waves):
+        batch[i, : wave.shape[-1]] = wave
+    return waves, batch
+
+
+# Lengths cover: not a multiple of the hop, more than one attention group (64 frames = 512 samples), the minimum.
+@pytest.mark.parametrize("lengths", [[1000, 1237, 700, 1600], [24, 3000], [2001, 2001]])
+def test_padded_batch_with_lengths_equals_each_item_alone(tiny_config, lengths):
+    model = build_model(tiny_config).eval()
+    waves, batch = _padded_batch(lengths)
+    with torch.no_grad():
+        out = model(batch, torch.tensor(lengths))
+        for i, wave in enumerate(waves):
+            alone = model(wave[None])[0]
+            n = wave.shape[-1]
+            torch.testing.assert_close(out[i, :, :n], alone, atol=1e-5 * alone.abs().max().item(), rtol=0)
+            assert not out[i, :, n:].any()  # nothing beyond the item's own length
+
+
+def test_padding_without_lengths_changes_the_output(tiny_config):
+    """Why lengths exist: the network normalises over time, so plain zero padding alters an item's output."""
+    model = build_model(tiny_config).eval()
+    waves, batch = _padded_batch([1000, 1600])
+    with torch.no_grad():
+        padded = model(batch)[0, :, :1000]
+        alone = model(waves[0][None])[0]
+    assert (padded - alone).abs().max() > 1e-3 * alone.abs().max()
+
+
+def test_lengths_path_trains_like_separate_items(tiny_config):
+    """Gradients of a padded batch with lengths equal the sum of per-item gradients."""
+    torch.manual_seed(3)
+    model = build_model(tiny_config.replace(dropout=0.0)).train()
+    waves, batch = _padded_batch([900, 1400], seed=1)
+    model(batch, torch.tensor([900, 1400])).square().sum().backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    padded = [p.grad.clone() for p in trainable]
+    model.zero_grad()
+    for wave in waves:
+        model(wave[None]).square().sum().backward()
+    for a, p in zip(padded, trainable):
+        torch.testing.assert_close(a, p.grad, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "message"),
+    [
+        (torch.tensor([800]), "shape \\[2\\]"),
+        (torch.tensor([800.0, 700.0]), "integer"),
+        (torch.tensor([800, 900]), "lie in"),
+        (torch.tensor([10, 800]), "lie in"),
+    ],
+)
+def test_bad_lengths_give_clear_value_error(tiny_config, lengths, message):
+    model = build_model(tiny_config).eval()
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(2, 800), lengths)
+
+
 @pytest.mark.parametrize("speakers", [1, 3])
 def test_speaker_count(speakers):
     model = build_model(make_tiny_config(num_spks=speakers)).eval()

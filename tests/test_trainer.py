@@ -242,3 +242,19 @@ def test_validation_reports_si_sdri(corpus, tmp_path):
     result = trainer.validate()
     assert result["count"] == 2 and all(math.isfinite(result[k]) for k in ("loss", "si_sdr", "si_sdri"))
     trainer.close()
+
+
+def test_validation_scores_do_not_depend_on_the_batch_size(corpus, tmp_path):
+    """Full-utterance validation batches are zero-padded; the model gets their lengths, so scores match
+    one-utterance batches."""
+    scores = []
+    for size in (1, 4):
+        cfg = make_config(corpus, f"data.valid_batch_size={size}", "data.dynamic_mixing.valid_examples=6",
+                          "data.dynamic_mixing.valid_max_seconds=0.5")
+        trainer = Trainer(cfg, tmp_path / f"b{size}")
+        if size > 1:  # the test only means something when a batch is padded
+            assert any(bool((b["lengths"] < b["mix"].shape[-1]).any()) for b in trainer.valid_loader)
+        scores.append(trainer.validate())
+    assert scores[0]["count"] == scores[1]["count"] == 6
+    for key in ("loss", "si_sdr", "si_sdri"):
+        assert math.isclose(scores[0][key], scores[1][key], rel_tol=1e-4, abs_tol=1e-4), key

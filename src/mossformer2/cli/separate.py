@@ -42,7 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="output format (default: the input's if wav/flac, else wav)")
     parser.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], default="PCM_16")
     parser.add_argument("--batch-size", type=int, default=1,
-                        help="equal-length chunks / files per forward pass (default 1)")
+                        help="chunks / short files per forward pass; files are sorted by length and "
+                             "zero-padded with their true lengths (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip)")
     parser.add_argument("--plot", action="store_true", help="also write <stem>_spectrogram.png per input")
     return parser
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mossformer2.audio import read_audio
     from mossformer2.separation import Separator, output_paths, write_separation
-    from mossformer2.separation.batching import equal_length_batches
+    from mossformer2.separation.batching import make_batches
 
     output_rate = _parse_output_rate(args.output_rate)
     rank, world_size, local_rank = _distributed()
@@ -196,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         todo.append(f)
 
-    # Short files of identical shape share forward passes; everything else runs one file at a time.
+    # Short files share forward passes (sorted by length and zero-padded with true lengths when the model takes
+    # them, else only files of identical shape); long files run one at a time, in batched chunks.
     groups: list[list[Path]] = [[f] for f in todo]
     if args.batch_size > 1 and args.stitching == "aligned":
         groups, shapes = [], []
@@ -211,9 +213,16 @@ def run(args: argparse.Namespace) -> int:
                 singles.append(f)
             else:
                 shapes.append((f, (info.frames, info.samplerate, info.channels)))
-        key_rank = {key: i for i, key in enumerate(sorted({key for _, key in shapes}))}  # sorted by length
-        batches = equal_length_batches([key_rank[key] for _, key in shapes], args.batch_size)
-        groups = [[shapes[i][0] for i in batch] for batch in batches] + [[f] for f in singles]
+        # One rate per batch (a batch is separated at one input rate); lengths in input samples.
+        for rate in sorted({key[1] for _, key in shapes}):
+            members = [(f, key) for f, key in shapes if key[1] == rate]
+            if sep.pads_batches:
+                batches = make_batches([key[0] for _, key in members], args.batch_size, padded=True)
+            else:
+                key_rank = {key: i for i, key in enumerate(sorted({key for _, key in members}))}  # by length
+                batches = make_batches([key_rank[key] for _, key in members], args.batch_size, padded=False)
+            groups.extend([members[i][0] for i in batch] for batch in batches)
+        groups.extend([f] for f in singles)
 
     done, audio_seconds = 0, 0.0
     start_time = time.perf_counter()

@@ -30,6 +30,8 @@ class FLASHLayer(nn.Module):
     Token shift delays the first half of the features by one frame before the projections. Attention is
     ReLU(q k^T / g)^2 inside non-overlapping groups of ``g`` frames plus a global linear attention divided by the
     true frame count. Gating pairs crosswise: ``out = att_u * v * sigmoid(att_v * u)``.
+
+    ``mask`` ``[B, F, 1]`` (1 = valid frame) makes each item of a zero-padded batch see only its own frames.
     """
 
     def __init__(self, dim: int, rotary: RotaryEmbedding, group_size: int = 256, query_key_dim: int = 128,
@@ -44,23 +46,26 @@ class FLASHLayer(nn.Module):
         self.qk_offset_scale = OffsetScale(query_key_dim, heads=4)
         self.to_out = FeedForwardConv(hidden // 2, dim, ScaleNorm(hidden // 2), conv_kernel_size, dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         half = x.shape[-1] // 2
         shifted = F.pad(x[..., :half], (0, 0, 1, -1))  # frame t takes frame t-1, frame 0 gets zeros
         shifted_x = torch.cat((shifted, x[..., half:]), dim=-1)
-        vu = self.to_hidden(shifted_x)  # [B, F, H] = concat(v, u), each [B, F, H/2]
-        qk = self.qk_offset_scale(self.to_qk(shifted_x))  # [B, F, 4, dk]: quad_q, lin_q, quad_k, lin_k
-        att_v, att_u = self._attention(qk, vu)
+        vu = self.to_hidden(shifted_x, mask)  # [B, F, H] = concat(v, u), each [B, F, H/2]
+        qk = self.qk_offset_scale(self.to_qk(shifted_x, mask))  # [B, F, 4, dk]: quad_q, lin_q, quad_k, lin_k
+        att_v, att_u = self._attention(qk, vu, mask)
         # Slices rather than chunk(): chunk exports to an ONNX sequence op the exporter cannot fold.
         dv = vu.shape[-1] // 2
         v, u = vu[..., :dv], vu[..., dv:]
         out = (att_u * v) * torch.sigmoid(att_v * u)
-        return x + self.to_out(out)
+        return x + self.to_out(out, mask)
 
-    def _attention(self, qk: torch.Tensor, vu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attention(self, qk: torch.Tensor, vu: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """qk: ``[B, F, 4, dk]`` (quad_q, lin_q, quad_k, lin_k); vu: ``[B, F, 2dv]`` -> (att_v, att_u) ``[B, F, dv]``.
 
         v and u are attended together as one ``2dv``-wide tensor (the projection output itself: no copy).
+        With ``mask``, padded frames get zero values, so they add nothing to either attention, and the linear
+        attention divides by each item's own frame count.
         """
         B, n = vu.shape[0], vu.shape[1]
         g = self.group_size
@@ -69,7 +74,11 @@ class FLASHLayer(nn.Module):
 
         # Global linear attention over the unpadded sequence (padding frames would add zeros anyway).
         lin_k = qk[:, :, 3]
-        lin_kvu = torch.matmul(lin_k.transpose(1, 2), vu) / n  # [B, dk, 2dv]
+        if mask is None:
+            lin_kvu = torch.matmul(lin_k.transpose(1, 2), vu) / n  # [B, dk, 2dv]
+        else:
+            vu = vu * mask
+            lin_kvu = torch.matmul(lin_k.transpose(1, 2), vu) / mask.sum(dim=1, keepdim=True)
 
         # Local quadratic attention in groups of g frames; zero padding makes padded keys contribute nothing,
         # which is what the reference's key mask does (ReLU(0)^2 = 0 and padded values are zero). Padding

@@ -4,6 +4,7 @@ Module names follow the official MossFormer2_SS_16K inner model so that ``state_
 checkpoint's (``enc.*``, ``mask_net.*``, ``dec.*``).
 """
 
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +14,7 @@ from mossformer2.models.config import MossFormer2Config
 from mossformer2.models.embeddings import RotaryEmbedding, ScaledSinusoidalEmbedding
 from mossformer2.models.flash import FLASHLayer
 from mossformer2.models.fsmn import GatedFSMNBlock
+from mossformer2.models.norms import masked_group_norm
 
 
 class Encoder(nn.Module):
@@ -27,7 +29,8 @@ class Encoder(nn.Module):
 
 
 class MossFormerLayers(nn.Module):
-    """L pairs of (FLASH layer, gated FSMN block) sharing one rotary embedding. x: ``[B, F, D]``.
+    """L pairs of (FLASH layer, gated FSMN block) sharing one rotary embedding. x: ``[B, F, D]``, mask
+    ``[B, F, 1]`` (1 = valid frame) or None.
 
     ``fsmn`` is registered before ``layers`` to keep the official state-dict order.
     """
@@ -49,18 +52,18 @@ class MossFormerLayers(nn.Module):
         # Recompute each layer in the backward pass instead of storing activations (training only).
         self.activation_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return self._forward_checkpointed(x)
+            return self._forward_checkpointed(x, mask)
         for flash, fsmn in zip(self.layers, self.fsmn):
-            x = fsmn(flash(x))
+            x = fsmn(flash(x, mask), mask)
         return x
 
     @torch.jit.unused
-    def _forward_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_checkpointed(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         for flash, fsmn in zip(self.layers, self.fsmn):
-            x = checkpoint(flash, x, use_reentrant=False)
-            x = checkpoint(fsmn, x, use_reentrant=False)
+            x = checkpoint(flash, x, mask, use_reentrant=False)
+            x = checkpoint(fsmn, x, mask, use_reentrant=False)
         return x
 
 
@@ -72,25 +75,32 @@ class MossFormerModule(nn.Module):
         self.mossformerM = MossFormerLayers(config)
         self.norm = nn.LayerNorm(config.mossformer_sequence_dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.mossformerM(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.norm(self.mossformerM(x, mask))
 
 
 class ComputationBlock(nn.Module):
-    """Single-path block: MossFormer over time, GroupNorm, skip connection. x: ``[B, D, F]`` -> ``[B, D, F]``."""
+    """Single-path block: MossFormer over time, GroupNorm, skip connection. x: ``[B, D, F]`` -> ``[B, D, F]``;
+    mask ``[B, F, 1]`` (1 = valid frame) or None."""
 
     def __init__(self, config: MossFormer2Config) -> None:
         super().__init__()
         self.intra_mdl = MossFormerModule(config)
         self.intra_norm = nn.GroupNorm(1, config.mossformer_sequence_dim, eps=1e-8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        intra = self.intra_mdl(x.transpose(1, 2)).transpose(1, 2)
-        return self.intra_norm(intra) + x
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        intra = self.intra_mdl(x.transpose(1, 2), mask).transpose(1, 2)
+        if mask is None:
+            return self.intra_norm(intra) + x
+        norm = self.intra_norm
+        return masked_group_norm(intra, mask.transpose(1, 2), norm.weight, norm.bias, norm.eps) + x
 
 
 class MaskNet(nn.Module):
-    """Estimates one non-negative mask per speaker. x: ``[B, E, F]`` -> masks ``[S, B, E, F]``."""
+    """Estimates one non-negative mask per speaker. x: ``[B, E, F]`` -> masks ``[S, B, E, F]``.
+
+    ``frame_mask`` ``[B, F, 1]`` (1 = valid frame) restricts every statistic to each item's own frames.
+    """
 
     def __init__(self, config: MossFormer2Config) -> None:
         super().__init__()
@@ -106,10 +116,14 @@ class MaskNet(nn.Module):
         self.output = nn.Sequential(nn.Conv1d(D, D, 1), nn.Tanh())
         self.output_gate = nn.Sequential(nn.Conv1d(D, D, 1), nn.Sigmoid())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1d_encoder(self.norm(x))  # [B, D, F]
+    def forward(self, x: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if frame_mask is None:
+            x = self.norm(x)
+        else:
+            x = masked_group_norm(x, frame_mask.transpose(1, 2), self.norm.weight, self.norm.bias, self.norm.eps)
+        x = self.conv1d_encoder(x)  # [B, D, F]
         x = x + self.pos_enc(x.shape[-1], x.device).transpose(0, 1).to(x.dtype)
-        x = self.conv1d_out(self.prelu(self.mdl(x)))  # [B, S*D, F]
+        x = self.conv1d_out(self.prelu(self.mdl(x, frame_mask)))  # [B, S*D, F]
         B, _, n = x.shape
         x = x.reshape(B * self.num_spks, -1, n)  # speaker k takes channels k*D..(k+1)*D-1
         x = self.conv1_decoder(self.output(x) * self.output_gate(x))
@@ -120,8 +134,13 @@ class MaskNet(nn.Module):
 class MossFormer2(nn.Module):
     """MossFormer2 speech separation network (official MossFormer2_SS_16K layout).
 
-    ``forward(wave)``: wave ``[B, T]`` float at ``config.sample_rate`` -> separated sources ``[B, S, T]``.
+    ``forward(wave, lengths=None)``: wave ``[B, T]`` float at ``config.sample_rate`` -> separated sources
+    ``[B, S, T]``. ``lengths`` ``[B]`` (samples) marks a zero-padded batch: item b is treated as
+    ``wave[b, :lengths[b]]`` alone would be (normalisation, attention and convolutions see only its frames) and
+    its output is zero beyond its length.
     """
+
+    accepts_lengths = True  # callers may batch unequal inputs with padding
 
     def __init__(self, config: MossFormer2Config | None = None) -> None:
         super().__init__()
@@ -136,19 +155,29 @@ class MossFormer2(nn.Module):
         self.dec = nn.ConvTranspose1d(c.mossformer_sequence_dim, 1, c.encoder_kernel_size,
                                       stride=c.encoder_kernel_size // 2, bias=False)
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            self.check_input(wave)
+            self.check_input(wave, lengths)
         T = wave.shape[-1]
         feats = self.enc(wave)  # [B, E, F]
-        masks = self.mask_net(feats)  # [S, B, E, F]
         B, n = feats.shape[0], feats.shape[-1]
-        separated = (feats.unsqueeze(0) * masks).reshape(self.num_spks * B, -1, n)
+        frame_mask: torch.Tensor | None = None
+        if lengths is not None:
+            frames = torch.div(lengths.to(feats.device) - self.kernel_size, self.kernel_size // 2,
+                               rounding_mode="floor") + 1
+            frame_mask = (torch.arange(n, device=feats.device)[None, :] < frames[:, None]).to(feats.dtype)
+            frame_mask = frame_mask.unsqueeze(-1)  # [B, F, 1]
+        masks = self.mask_net(feats, frame_mask)  # [S, B, E, F]
+        separated = feats.unsqueeze(0) * masks
+        if frame_mask is not None:
+            # Padded frames must not reach the overlap-add of the decoder.
+            separated = separated * frame_mask.transpose(1, 2).unsqueeze(0)
+        separated = separated.reshape(self.num_spks * B, -1, n)
         out = self.dec(separated).reshape(self.num_spks, B, -1).transpose(0, 1)  # [B, S, T']
         # The decoder yields (F-1)*hop + K <= T samples: zero-pad to the input length (no branch: exportable).
         return F.pad(out, (0, T - out.shape[-1]))
 
-    def check_input(self, wave: torch.Tensor) -> None:
+    def check_input(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
         """Raise ValueError with a readable message for input the network cannot process."""
         if not isinstance(wave, torch.Tensor):
             raise ValueError(f"MossFormer2 expects a torch.Tensor waveform [batch, samples], got {type(wave)}")
@@ -169,3 +198,13 @@ class MossFormer2(nn.Module):
             )
         if not bool(torch.isfinite(wave).all()):
             raise ValueError("input contains NaN or infinite samples")
+        if lengths is not None:
+            if not isinstance(lengths, torch.Tensor) or lengths.shape != (wave.shape[0],):
+                raise ValueError(f"lengths must be a tensor of shape [{wave.shape[0]}] (one length per item), "
+                                 f"got {lengths if not isinstance(lengths, torch.Tensor) else tuple(lengths.shape)}")
+            if lengths.is_floating_point() or lengths.is_complex():
+                raise ValueError(f"lengths must be integer sample counts, got dtype {lengths.dtype}")
+            low, high = int(lengths.min()), int(lengths.max())
+            if low < self.min_input_length or high > wave.shape[-1]:
+                raise ValueError(f"lengths must lie in [{self.min_input_length}, {wave.shape[-1]}] (the minimum "
+                                 f"input and the padded length), got values from {low} to {high}")

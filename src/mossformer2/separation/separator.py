@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from mossformer2.audio import clip_guard, read_audio, resample, to_mono, write_audio
-from mossformer2.separation.batching import equal_length_batches
+from mossformer2.separation.batching import make_batches
 from mossformer2.separation.stitching import (
     clearvoice_audio_norm,
     clearvoice_separate,
@@ -53,7 +53,9 @@ class Separator:
             scaled back), "none", or "clearvoice" (the official ``audio_norm``; outputs stay at that level).
             ``stitching="clearvoice", normalize="clearvoice", channels="each"`` is the official path mode; on
             16 kHz files it gives the official tool's samples (it resamples other rates with librosa, we use soxr).
-        batch_size: number of equal-length chunks / inputs per forward pass.
+        batch_size: chunks / short inputs per forward pass. Short inputs are sorted by length and zero-padded
+            (our network takes their true lengths, so each output equals the unbatched one); models without
+            ``lengths`` support (ONNX, official modules) batch equal-length inputs only.
         channels: "mix" (downmix to mono, output ``[S, T]``) or "each" (separate every channel, ``[S, C, T]``).
         progress: show a tqdm bar over the chunks of long inputs.
     """
@@ -93,6 +95,8 @@ class Separator:
                 raise ValueError(f"dtype {dtype} is only available with the torch backend; the exported model "
                                  "runs in float32")
         self.model = model
+        # Our MossFormer2 takes true lengths, which makes zero-padded batches of unequal inputs exact.
+        self.pads_batches = self.is_torch and bool(getattr(model, "accepts_lengths", False))
         self.sample_rate = int(model.config.sample_rate)
         self.num_spks = int(model.config.num_spks)
         kernel = int(getattr(model.config, "encoder_kernel_size", 1))
@@ -117,13 +121,16 @@ class Separator:
 
     # -- model call --------------------------------------------------------------------------------------------
 
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """``[B, L]`` CPU float32 -> ``[B, S, L]`` CPU float32."""
+    def _forward(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, L]`` CPU float32 (zero-padded items of ``lengths`` samples, if given) -> ``[B, S, L]``."""
         if self.is_torch:
             autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
                         else contextlib.nullcontext())
             with torch.inference_mode(), autocast:
-                out = self.model(batch.to(self.device))
+                if lengths is None:
+                    out = self.model(batch.to(self.device))
+                else:
+                    out = self.model(batch.to(self.device), lengths.to(self.device))
         else:
             out = self.model(batch)
         if isinstance(out, (list, tuple)):  # official models return a list of S tensors [B, L]
@@ -217,7 +224,7 @@ class Separator:
         return (wave * gain).astype(np.float32), gain
 
     def _separate_items(self, waves: list[np.ndarray]) -> list[np.ndarray]:
-        """Model-rate mono items ``[T_i]`` -> ``[S, T_i]``, batching equal-length single-pass items."""
+        """Model-rate mono items ``[T_i]`` -> ``[S, T_i]``, batching single-pass items (see ``batch_size``)."""
         results: list[np.ndarray | None] = [None] * len(waves)
         single_pass: list[int] = []
         for i, wave in enumerate(waves):
@@ -228,11 +235,16 @@ class Separator:
             else:
                 results[i] = self._separate_long(wave)
         lengths = [waves[i].shape[-1] for i in single_pass]
-        for batch in equal_length_batches(lengths, self.batch_size):
+        for batch in make_batches(lengths, self.batch_size, self.pads_batches):
             indices = [single_pass[b] for b in batch]
-            outputs = self._forward(torch.from_numpy(np.stack([waves[i] for i in indices]))).numpy()
-            for i, out in zip(indices, outputs):
-                results[i] = out
+            sizes = [waves[i].shape[-1] for i in indices]
+            padded = np.zeros((len(indices), max(sizes)), dtype=np.float32)
+            for row, i in enumerate(indices):
+                padded[row, : sizes[row]] = waves[i]
+            unequal = min(sizes) != max(sizes)
+            outputs = self._forward(torch.from_numpy(padded), torch.tensor(sizes) if unequal else None).numpy()
+            for i, out, size in zip(indices, outputs, sizes):
+                results[i] = out[:, :size]
         return results  # type: ignore[return-value]
 
     def _separate_long(self, wave: np.ndarray) -> np.ndarray:

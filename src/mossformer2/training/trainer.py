@@ -290,7 +290,7 @@ class Trainer:
                 no_sync = contextlib.nullcontext() if sync else self.train_model.no_sync()
                 with no_sync:
                     with self._autocast():
-                        est = self.train_model(batch["mix"])
+                        est = self.train_model(batch["mix"], _padded_lengths(batch["lengths"], batch["mix"]))
                     loss = self._loss(est, batch)
                     if self._all_finite(loss.detach()):
                         (loss / accum).backward()
@@ -339,7 +339,7 @@ class Trainer:
                 continue
             mix, ref, lengths = (batch[k].to(self.device) for k in ("mix", "sources", "lengths"))
             with self._autocast():
-                est = self.model(mix)
+                est = self.model(mix, _padded_lengths(lengths, mix))
             est = est.float()
             plain, _ = pit_si_sdr_loss(est, ref, lengths, reduction="none")  # unclamped: -SI-SDR
             clamp = self.cfg.optim.loss_clamp_db
@@ -431,3 +431,8 @@ class Trainer:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+
+
+def _padded_lengths(lengths: torch.Tensor, mix: torch.Tensor) -> torch.Tensor | None:
+    """The true lengths of a zero-padded batch (the model then ignores the padding), or None if none is padded."""
+    return lengths if bool((lengths < mix.shape[-1]).any()) else None
