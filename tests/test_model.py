@@ -248,3 +248,23 @@ def test_bfloat16_autocast_on_cpu_matches_float32(tiny_config):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x).float()
     assert (si_sdr(low, ref) > 15).all()
+
+
+@pytest.mark.parametrize("channels", [16, 15])  # even: depth-wise + pair-sum path; odd: grouped conv on a concat
+def test_dilated_dense_net_matches_literal_official_formula(channels):
+    from mossformer2.models.fsmn import DilatedDenseNet
+
+    torch.manual_seed(4)
+    net = DilatedDenseNet(channels, lorder=5).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 50, channels)  # [B, F, C]
+    with torch.no_grad():
+        # The official code: [B, C, F, 1] layout, Conv2d with kernel (9, 1), InstanceNorm2d, PReLU, dense concat.
+        skip = x.transpose(1, 2).unsqueeze(-1)
+        o1 = net.prelu1(net.norm1(torch.nn.functional.conv2d(skip, net.conv1.weight, padding=(4, 0),
+                                                              groups=channels)))
+        o2 = net.prelu2(net.norm2(torch.nn.functional.conv2d(torch.cat((o1, skip), 1), net.conv2.weight,
+                                                              padding=(8, 0), dilation=(2, 1), groups=channels)))
+        expected = o2.squeeze(-1).transpose(1, 2)
+        torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5)

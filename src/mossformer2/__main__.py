@@ -1,5 +1,3 @@
-import sys
+from mossformer2.cli import entry_point
 
-from mossformer2.cli import main
-
-sys.exit(main())
+entry_point()

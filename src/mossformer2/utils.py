@@ -72,3 +72,25 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Make glibc malloc serve every size from its heap and keep freed memory (no mmap / trim per tensor).
+
+    Large CPU tensors are otherwise mmapped fresh on each allocation and returned on free, so every layer pays
+    page faults and kernel zeroing of tens of MB: disabling that made the full model's CPU forward about 20 %
+    faster here (10.9 s -> 8.6 s for 4 s of audio on 2 cores). The process then keeps its peak heap instead of
+    returning it to the OS. Process-wide; the CLI calls it, library users may. Returns False where not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from <malloc.h>
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False

@@ -57,5 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":  # pragma: no cover
+def entry_point() -> None:
+    """The ``mossformer2`` command: tune the CPU allocator for large tensors, then run ``main``."""
+    from mossformer2.utils import keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()
     sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry_point()

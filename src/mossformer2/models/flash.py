@@ -72,29 +72,55 @@ class FLASHLayer(nn.Module):
         cos, sin = self.rotary_pos_emb.cos_sin(n, vu.device, qk.dtype)
         qk = self.rotary_pos_emb.rotate(qk, cos.unsqueeze(1), sin.unsqueeze(1))  # all four heads at once
 
+        # Local quadratic attention in groups of g frames; zero padding makes padded keys contribute nothing,
+        # which is what the reference's key mask does (ReLU(0)^2 = 0 and padded values are zero). Padding
+        # unconditionally keeps the graph free of shape-dependent branches (ONNX / torch.export, any length).
+        padding = (g - n % g) % g
+        groups = (n + padding) // g
+        # Head-major copy [4, B, Fp, dk]: each head contiguous, so the matmuls below take their fast path
+        # (on a strided head view the per-frame linear-attention matmul ran ~8x slower on CPU).
+        heads = F.pad(qk, (0, 0, 0, 0, 0, padding)).permute(2, 0, 1, 3).contiguous()
+
         # Global linear attention over the unpadded sequence (padding frames would add zeros anyway).
-        lin_k = qk[:, :, 3]
+        lin_k = heads[3, :, :n]
         if mask is None:
             lin_kvu = torch.matmul(lin_k.transpose(1, 2), vu) / n  # [B, dk, 2dv]
         else:
             vu = vu * mask
             lin_kvu = torch.matmul(lin_k.transpose(1, 2), vu) / mask.sum(dim=1, keepdim=True)
 
-        # Local quadratic attention in groups of g frames; zero padding makes padded keys contribute nothing,
-        # which is what the reference's key mask does (ReLU(0)^2 = 0 and padded values are zero). Padding
-        # unconditionally keeps the graph free of shape-dependent branches (ONNX / torch.export, any length).
-        padding = (g - n % g) % g
-        qk = F.pad(qk, (0, 0, 0, 0, 0, padding))
-        vu = F.pad(vu, (0, 0, 0, padding))
-        groups = (n + padding) // g
-        quad_q = qk[:, :, 0].reshape(B * groups, g, -1)
-        quad_k = qk[:, :, 2].reshape(B * groups, g, -1)
+        quad_q = heads[0].reshape(B * groups, g, -1)
+        quad_k = heads[2].reshape(B * groups, g, -1)
         attn = F.relu(torch.bmm(quad_q, quad_k.transpose(1, 2)) / g) ** 2  # [B*G, g, g]
         attn = self.dropout(attn)
         # Linear part computed per frame (padded rows are dropped below), then the quadratic part is accumulated
-        # into it by one fused batched matmul-add.
-        lin_out = torch.matmul(qk[:, :, 1], lin_kvu)  # [B, Fp, 2dv]
-        out = torch.baddbmm(lin_out.reshape(B * groups, g, -1), attn, vu.reshape(B * groups, g, -1))
+        # into it in place by batched matmul-adds.
+        lin_out = torch.matmul(heads[1], lin_kvu)  # [B, Fp, 2dv]
+        # The unpadded variant saves a copy of the widest tensor on CPU (memory-bound there); on GPUs its per-item
+        # loop would add kernel launches, and exporters need the branch-free graph.
+        if (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or padding == 0
+                or vu.device.type != "cpu"):
+            vu = F.pad(vu, (0, 0, 0, padding))
+            out = lin_out.reshape(B * groups, g, -1).baddbmm_(attn, vu.reshape(B * groups, g, -1))
+        else:
+            out = self._add_quadratic_unpadded(lin_out, attn, vu, n)
         out = out.reshape(B, groups * g, -1)[:, :n]
         dv = out.shape[-1] // 2
         return out[..., :dv], out[..., dv:]
+
+    @torch.jit.unused
+    def _add_quadratic_unpadded(self, lin_out: torch.Tensor, attn: torch.Tensor, vu: torch.Tensor,
+                                n: int) -> torch.Tensor:
+        """Eager twin of the padded path that never copies vu (``[B, n, 2dv]``, the widest tensor) into a
+        padded buffer: full groups are views of it, the last partial group multiplies its ``r x r`` corner.
+        lin_out ``[B, Fp, 2dv]`` (updated in place), attn ``[B*G, g, g]`` -> lin_out."""
+        B, g = vu.shape[0], self.group_size
+        groups = lin_out.shape[1] // g
+        full, rest = n // g, n % g
+        attn = attn.view(B, groups, g, g)
+        for b in range(B):
+            if full > 0:
+                lin_out[b, : full * g].view(full, g, -1).baddbmm_(attn[b, :full],
+                                                                     vu[b, : full * g].view(full, g, -1))
+            lin_out[b, full * g : n].addmm_(attn[b, full, :rest, :rest], vu[b, full * g :])
+        return lin_out

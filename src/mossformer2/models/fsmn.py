@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mossformer2.models.convolution import FeedForwardConv, conv_along_time
-from mossformer2.models.norms import ChannelLayerNorm, masked_instance_norm
+from mossformer2.models.norms import ChannelLayerNorm, instance_norm_over_time
 
 
 class DilatedDenseNet(nn.Module):
@@ -15,10 +15,10 @@ class DilatedDenseNet(nn.Module):
 
     x: ``[B, F, C]`` -> ``[B, F, C]``. Stage 2 convolves ``concat(o1, x)`` with ``groups=C``, so output channel
     j reads concat channels 2j and 2j+1 (the official layout, kept for checkpoint compatibility). Weights keep the
-    official Conv2d shapes ``[C, k, 39, 1]``; the computation runs on the ``[B, C, 1, F]`` view of x, which is
-    channels-last in memory, so oneDNN convolves without a layout copy (much faster than Conv1d on a transpose).
-    InstanceNorm uses per-example statistics over time, also in eval. With ``mask`` ``[B, F, 1]`` (1 = valid),
-    conv inputs are zeroed on padded frames and the statistics cover the valid frames only.
+    official Conv2d shapes ``[C, k, 39, 1]``; everything runs on ``[B, F, C]`` tensors, whose ``[B, C, 1, F]`` view
+    is channels-last in memory, so oneDNN convolves without layout copies. InstanceNorm uses per-example statistics
+    over time, also in eval. With ``mask`` ``[B, F, 1]`` (1 = valid), conv inputs are zeroed on padded frames and
+    the statistics cover the valid frames only.
     """
 
     depth = 2
@@ -36,34 +36,35 @@ class DilatedDenseNet(nn.Module):
         self.prelu2 = nn.PReLU(channels)
         self.norm_eps = float(self.norm1.eps)  # a plain attribute: TorchScript cannot read InstanceNorm's eps
 
-    def _stage(self, x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: torch.Tensor,
-               norm_bias: torch.Tensor, prelu_weight: torch.Tensor, padding: int, dilation: int,
-               mask: torch.Tensor | None) -> torch.Tensor:
-        """x: ``[B, C_in, 1, F]`` -> ``[B, C, 1, F]``; the ``[C, k, K, 1]`` kernel runs along the last axis.
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int) -> torch.Tensor:
+        """``[B, F, C_in]`` conv with a ``[C, k, 1, K]`` kernel (``groups=C``) along time -> ``[B, F, C]``."""
+        out = conv_along_time(x.transpose(1, 2).unsqueeze(2), weight, padding, dilation, self.channels)
+        return out.squeeze(2).transpose(1, 2)
 
-        mask: ``[B, 1, 1, F]`` or None; x must already be zero on padded frames."""
-        out = conv_along_time(x, conv_weight.transpose(2, 3), padding, dilation, self.channels)
-        if mask is None:
-            out = F.instance_norm(out, weight=norm_weight, bias=norm_bias, eps=self.norm_eps)
-        else:
-            out = masked_instance_norm(out, mask, norm_weight, norm_bias, self.norm_eps)
-        return F.prelu(out, prelu_weight)
+    def _norm_prelu(self, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                    prelu_weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = instance_norm_over_time(x, norm_weight, norm_bias, self.norm_eps, mask)
+        return F.prelu(x.transpose(1, 2), prelu_weight).transpose(1, 2)  # PReLU's channel axis is dim 1
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        time_mask: torch.Tensor | None = None
         if mask is not None:
             x = x * mask
-            time_mask = mask.transpose(1, 2).unsqueeze(2)  # [B, 1, 1, F]
-        x = x.transpose(1, 2).unsqueeze(2)  # [B, C, 1, F]: a channels-last view of the same memory
-        o1 = self._stage(x, self.conv1.weight, self.norm1.weight, self.norm1.bias, self.prelu1.weight,
-                         self.paddings[0], 1, time_mask)
-        if time_mask is not None:
-            o1 = o1 * time_mask
-        # Stage 2 (two input channels per group) is fast in oneDNN's plain layout, which this concat yields;
-        # in channels-last that grouped conv takes a slow path.
-        o2 = self._stage(torch.cat((o1, x), dim=1), self.conv2.weight, self.norm2.weight, self.norm2.bias,
-                         self.prelu2.weight, self.paddings[1], 2, time_mask)
-        return o2.squeeze(2).transpose(1, 2)
+        C = self.channels
+        o1 = self._conv(x, self.conv1.weight.transpose(2, 3), self.paddings[0], 1)
+        o1 = self._norm_prelu(o1, self.norm1.weight, self.norm1.bias, self.prelu1.weight, mask)
+        if mask is not None:
+            o1 = o1 * mask
+        if C % 2 == 0:
+            # Output j reads concat channels 2j and 2j+1, so outputs [0, C/2) read only o1 and [C/2, C) only x.
+            # Each half is a depth-wise conv (kernel w[j, i] on input channel 2j+i) plus a sum of adjacent
+            # channel pairs: far faster than oneDNN's two-inputs-per-group conv on a concatenated copy.
+            per_input = self.conv2.weight.reshape(2 * C, 1, 1, -1)  # [2C, 1, 1, K]
+            y1 = self._conv(o1, per_input[:C], self.paddings[1], 2)
+            y2 = self._conv(x, per_input[C:], self.paddings[1], 2)
+            o2 = torch.cat((y1[..., 0::2] + y1[..., 1::2], y2[..., 0::2] + y2[..., 1::2]), dim=-1)
+        else:
+            o2 = self._conv(torch.cat((o1, x), dim=-1), self.conv2.weight.transpose(2, 3), self.paddings[1], 2)
+        return self._norm_prelu(o2, self.norm2.weight, self.norm2.bias, self.prelu2.weight, mask)
 
 
 class DilatedFSMN(nn.Module):

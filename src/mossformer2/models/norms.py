@@ -21,7 +21,8 @@ class ScaleNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * self.scale
-        return x / norm.clamp(min=self.eps) * self.g
+        # One pass over x: the per-frame factor g / norm is formed on the small [..., 1] tensor first.
+        return x * (self.g / norm.clamp(min=self.eps))
 
 
 class ChannelLayerNorm(nn.LayerNorm):
@@ -50,12 +51,21 @@ def masked_group_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
     return centred * torch.rsqrt(var + eps) * weight.view(1, -1, 1) + bias.view(1, -1, 1)
 
 
-def masked_instance_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         eps: float) -> torch.Tensor:
-    """InstanceNorm over the valid frames of the last axis. x: ``[B, C, 1, F]``, mask ``[B, 1, 1, F]`` ->
-    ``[B, C, 1, F]``; valid frames equal ``F.instance_norm`` of each item cut to its valid frames."""
-    count = mask.sum(dim=-1, keepdim=True)
-    mean = (x * mask).sum(dim=-1, keepdim=True) / count
-    centred = x - mean
-    var = (centred.square() * mask).sum(dim=-1, keepdim=True) / count
-    return centred * torch.rsqrt(var + eps) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+def instance_norm_over_time(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """InstanceNorm of a channels-last ``[B, F, C]`` tensor: per item and channel, statistics over time (the valid
+    frames only with ``mask`` ``[B, F, 1]``, 1 = valid). Same result as ``F.instance_norm`` on ``[B, C, F]``.
+
+    Computed as mean, centred values, then the mean square of those (two passes, numerically stable): on CPU this
+    is several times faster than ``F.instance_norm`` / ``var_mean`` on the channels-last layout.
+    """
+    if mask is None:
+        mean = x.mean(dim=1, keepdim=True)
+        centred = x - mean
+        var = centred.square().mean(dim=1, keepdim=True)
+    else:
+        count = mask.sum(dim=1, keepdim=True)
+        mean = (x * mask).sum(dim=1, keepdim=True) / count
+        centred = x - mean
+        var = (centred.square() * mask).sum(dim=1, keepdim=True) / count
+    return centred * (torch.rsqrt(var + eps) * weight) + bias
