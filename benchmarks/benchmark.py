@@ -399,4 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from mossformer2.utils import keep_freed_memory_for_reuse
+
+    keep_freed_memory_for_reuse()  # as the mossformer2 command does: large CPU tensors reuse warm heap pages
     main()
