@@ -66,8 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="skip keep_freed_memory_for_reuse() (which the mossformer2 command applies)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.default_allocator:
+        from mossformer2.utils import keep_freed_memory_for_reuse
+
+        keep_freed_memory_for_reuse()
 
     from mossformer2.separation import Separator
 
