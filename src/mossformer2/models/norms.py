@@ -44,11 +44,15 @@ def masked_group_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
     x: ``[B, C, F]``, mask ``[B, 1, F]`` (1 = valid frame, 0 = padding) -> ``[B, C, F]``. Valid frames equal
     ``F.group_norm(x[b:b+1, :, :n_b], 1, ...)``; padded frames hold values that later layers mask out.
     """
+    dtype = x.dtype
+    if dtype == torch.float16 or dtype == torch.bfloat16:  # statistics in float32, as GroupNorm under autocast
+        x = x.float()
+    mask = mask.to(x.dtype)
     count = mask.sum(dim=(1, 2), keepdim=True) * x.shape[1]
     mean = (x * mask).sum(dim=(1, 2), keepdim=True) / count
     centred = x - mean
     var = (centred.square() * mask).sum(dim=(1, 2), keepdim=True) / count
-    return centred * torch.rsqrt(var + eps) * weight.view(1, -1, 1) + bias.view(1, -1, 1)
+    return (centred * torch.rsqrt(var + eps) * weight.view(1, -1, 1) + bias.view(1, -1, 1)).to(dtype)
 
 
 def instance_norm_over_time(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -59,13 +63,17 @@ def instance_norm_over_time(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     Computed as mean, centred values, then the mean square of those (two passes, numerically stable): on CPU this
     is several times faster than ``F.instance_norm`` / ``var_mean`` on the channels-last layout.
     """
+    dtype = x.dtype
+    if dtype == torch.float16 or dtype == torch.bfloat16:  # statistics in float32
+        x = x.float()
     if mask is None:
         mean = x.mean(dim=1, keepdim=True)
         centred = x - mean
         var = centred.square().mean(dim=1, keepdim=True)
     else:
+        mask = mask.to(x.dtype)
         count = mask.sum(dim=1, keepdim=True)
         mean = (x * mask).sum(dim=1, keepdim=True) / count
         centred = x - mean
         var = (centred.square() * mask).sum(dim=1, keepdim=True) / count
-    return centred * (torch.rsqrt(var + eps) * weight) + bias
+    return (centred * (torch.rsqrt(var + eps) * weight) + bias).to(dtype)
