@@ -12,8 +12,8 @@ import torch
 from .conftest import REPO_ROOT
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("mossformer2_benchmark", REPO_ROOT / "benchmarks" / "benchmark.py")
+def _load_benchmark(name: str = "benchmark"):
+    spec = importlib.util.spec_from_file_location(f"mossformer2_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
@@ -51,3 +51,14 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert len(saved["rows"]) == len(result["rows"]) and saved["config"]["encoder_embedding_dim"] == 16
     printed = capsys.readouterr().out
     assert "eager fp32 (baseline)" in printed and "SI-SDR vs fp32" in printed
+
+
+def test_device_checks_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_checks.py (padded batch == alone, bf16 vs fp32, long file) passes with the tiny model on CPU."""
+    checks = _load_benchmark("gpu_checks")
+    out = tmp_path / "checks.json"
+    assert checks.main(["--device", "cpu", "--tiny", "--minutes", "0.1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["padded_batch"]["padded_batch_max_relative_error"] < 1e-4
+    assert report["dtypes"]["bfloat16_min_si_sdr_vs_float32_db"] > 20
+    assert report["long_file"]["ok"] and report["long_file"]["minutes"] == 0.1

@@ -1,0 +1,118 @@
+"""Device checks for the separation paths (issue 3's GPU bullets), as one short script for a lent GPU.
+
+1. A zero-padded batch of unequal lengths with ``lengths`` equals each item separated alone (fp32).
+2. ``Separator`` in bfloat16 / float16 (float16 only on CUDA) stays close to float32 (SI-SDR in dB).
+3. A long file through the chunked ``Separator``: peak device memory (``torch.cuda.max_memory_allocated``, or
+   peak RSS on CPU) and real-time factor.
+
+Prints one JSON object and exits 1 if a check fails. CPU dry run (CI runs it, tiny random model)::
+
+    python benchmarks/gpu_checks.py --device cpu --tiny --minutes 0.2
+    python benchmarks/gpu_checks.py --device cuda --minutes 60 --json gpu_checks.json   # full model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mossformer2 import MossFormer2Config, Separator, build_model, load_model
+from mossformer2.losses import si_sdr
+
+TINY = dict(encoder_embedding_dim=16, mossformer_sequence_dim=16, num_mossformer_layer=1, query_key_dim=16,
+            rotary_dim=8, fsmn_inner_dim=16, fsmn_lorder=4, group_size=64)
+SR = 16000
+
+
+def _peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sdr_db(estimate: np.ndarray, reference: np.ndarray) -> float:
+    return float(si_sdr(torch.from_numpy(estimate).double(), torch.from_numpy(reference).double()).mean())
+
+
+def check_padded_batch(model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    lengths = [16000, 23456, 9001, 32000]
+    gen = torch.Generator().manual_seed(0)
+    waves = [0.1 * torch.randn(n, generator=gen) for n in lengths]
+    batch = torch.zeros(len(waves), max(lengths))
+    for i, wave in enumerate(waves):
+        batch[i, : len(wave)] = wave
+    worst = 0.0
+    with torch.inference_mode():
+        padded = model(batch.to(device), torch.tensor(lengths, device=device)).cpu()
+        for i, wave in enumerate(waves):
+            alone = model(wave[None].to(device)).cpu()[0]
+            rel = float((padded[i, :, : len(wave)] - alone).norm() / alone.norm())
+            worst = max(worst, rel)
+    return {"padded_batch_max_relative_error": worst, "ok": worst < 1e-4}
+
+
+def check_dtypes(model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    gen = np.random.default_rng(1)
+    files = [(0.1 * gen.standard_normal(n)).astype(np.float32) for n in (48000, 64000, 40000)]
+    reference = Separator(model, device=str(device), batch_size=3).separate_many(files, SR)
+    result: dict[str, float] = {}
+    dtypes = ["bfloat16"] + (["float16"] if device.type == "cuda" else [])
+    for dtype in dtypes:
+        outputs = Separator(model, device=str(device), dtype=dtype, batch_size=3).separate_many(files, SR)
+        result[f"{dtype}_min_si_sdr_vs_float32_db"] = min(_sdr_db(o, r) for o, r in zip(outputs, reference))
+    # A random tiny model is not a separator: its outputs are small and noisy, so the bar is relative to fp32 only.
+    result["ok"] = all(v > 20.0 for v in result.values())
+    return result
+
+
+def check_long_file(model: torch.nn.Module, device: torch.device, minutes: float) -> dict[str, float]:
+    samples = int(minutes * 60 * SR)
+    t = np.arange(samples, dtype=np.float32) / SR
+    wave = (0.1 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 0.5 * t)
+            + 0.05 * np.random.default_rng(2).standard_normal(samples).astype(np.float32)).astype(np.float32)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sep = Separator(model, device=str(device), chunk_seconds=10.0, overlap_seconds=2.0, batch_size=4)
+    start = time.perf_counter()
+    out = sep.separate(wave, SR)
+    seconds = time.perf_counter() - start
+    ok = out.shape == (model.config.num_spks, samples) and bool(np.isfinite(out).all())
+    return {"minutes": minutes, "seconds": seconds, "rtf": seconds / (minutes * 60),
+            "peak_device_mib" if device.type == "cuda" else "peak_rss_mib": _peak_mib(device), "ok": ok}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU dry run)")
+    parser.add_argument("--checkpoint", help="weights (default: random full model, or the tiny one)")
+    parser.add_argument("--minutes", type=float, default=60.0, help="long-file length")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.checkpoint:
+        model = load_model(args.checkpoint, device=device)
+    else:
+        torch.manual_seed(0)
+        model = build_model(MossFormer2Config(**TINY) if args.tiny else MossFormer2Config())
+    model = model.to(device).eval()
+    report = {"device": str(device), "torch": torch.__version__,
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "padded_batch": check_padded_batch(model, device), "dtypes": check_dtypes(model, device),
+              "long_file": check_long_file(model, device, args.minutes)}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0 if all(part["ok"] for part in report.values() if isinstance(part, dict)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
