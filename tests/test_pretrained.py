@@ -29,12 +29,13 @@ def test_model_card_and_demo_licences_ship_with_the_package():
     assert all(name in notes for name in DEMO_CLIPS)
 
 
-def test_demo_runs_end_to_end_with_the_shipped_model(tmp_path):
+def test_shipped_model_improves_the_shipped_demo_mixture(tmp_path):
     scores = run_demo(tmp_path, sir_db=0.0, device="cpu")
-    # The built-in model is under-trained (MODEL_CARD.md: about +1.7 dB SI-SDRi on unseen speakers at 0 dB,
-    # none on the demo pair), so this checks the pipeline, not separation quality.
-    assert np.isfinite(scores["si_sdri"]) and sorted(scores["permutation"]) == [0, 1]
-    assert scores["si_sdr"] > -10.0  # an untrained model scores about -30 dB
+    assert sorted(scores["permutation"]) == [0, 1]
+    # MODEL_CARD.md: +3.5 dB SI-SDRi on this mixture of two unseen test speakers (an untrained model scores about
+    # -30 dB SI-SDR, session 1's model -1.0 dB SI-SDRi). Both speakers must improve.
+    assert scores["si_sdri"] > 2.0
+    assert min(scores["per_speaker"]["si_sdri"]) > 1.0
     for name in ("mixture.wav", "speaker1.wav", "speaker2.wav", "spectrogram.png"):
         assert (tmp_path / name).stat().st_size > 0
 
