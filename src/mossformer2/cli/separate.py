@@ -216,11 +216,10 @@ def run(args: argparse.Namespace) -> int:
         # One rate per batch (a batch is separated at one input rate); lengths in input samples.
         for rate in sorted({key[1] for _, key in shapes}):
             members = [(f, key) for f, key in shapes if key[1] == rate]
-            if sep.pads_batches:
-                batches = make_batches([key[0] for _, key in members], args.batch_size, padded=True)
-            else:
-                key_rank = {key: i for i, key in enumerate(sorted({key for _, key in members}))}  # by length
-                batches = make_batches([key_rank[key] for _, key in members], args.batch_size, padded=False)
+            # Padded batches sort by length; equal-length batches need equal shapes, ranked by length.
+            key_rank = {key: i for i, key in enumerate(sorted({key for _, key in members}))}
+            sizes = [key[0] if sep.pads_batches else key_rank[key] for _, key in members]
+            batches = make_batches(sizes, args.batch_size, padded=sep.pads_batches)
             groups.extend([members[i][0] for i in batch] for batch in batches)
         groups.extend([f] for f in singles)
 

@@ -15,17 +15,17 @@ def conv_along_time(x: torch.Tensor, weight: torch.Tensor, padding: int, dilatio
     in bf16 for small channel counts (seen with 16 channels, torch 2.13), so reduced precision on CPU takes the
     plain layout, as does training (faster backward).
     """
-    if x.device.type == "cpu" and (x.dtype != torch.float32 or (torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad))):
-        # Under autocast x is already bf16 (Linear output). With gradients, oneDNN's plain-layout forward +
-        # backward is faster than its channels-last one (measured 1.3-2.4x for 64-128 channels, incl. dilation).
-        x = x.contiguous()
-    elif x.device.type == "cpu" and dilation > 1 and not (torch.jit.is_scripting() or torch.jit.is_tracing()):
-        # oneDNN has no fast channels-last kernel for dilated depth-wise convs (~75x slower measured), so the
-        # kernel is dilated itself (zeros between taps): the same sums, computed by the fast undilated kernel.
-        taps = weight.shape[-1]
-        weight = F.pad(weight.unsqueeze(-1), (0, dilation - 1)).flatten(-2)[..., : (taps - 1) * dilation + 1]
-        dilation = 1
+    if x.device.type == "cpu":
+        if x.dtype != torch.float32 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            # Under autocast x is already bf16 (Linear output). With gradients, oneDNN's plain-layout forward +
+            # backward is faster than its channels-last one (measured 1.3-2.4x for 64-128 channels, dilated too).
+            x = x.contiguous()
+        elif dilation > 1 and not (torch.jit.is_scripting() or torch.jit.is_tracing()):
+            # oneDNN has no fast channels-last kernel for dilated depth-wise convs (~75x slower measured), so the
+            # kernel is dilated itself (zeros between taps): the same sums, computed by the fast undilated kernel.
+            taps = weight.shape[-1]
+            weight = F.pad(weight.unsqueeze(-1), (0, dilation - 1)).flatten(-2)[..., : (taps - 1) * dilation + 1]
+            dilation = 1
     return F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation), groups=groups)
 
 
@@ -94,7 +94,5 @@ class FeedForwardConv(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is None:
-            return self.mdl(x)
-        x = self.mdl[2](self.mdl[1](self.mdl[0](x)))
-        return self.mdl[4](self.mdl[3](x, mask))
+        x = self.mdl[2](self.mdl[1](self.mdl[0](x)))  # norm, Linear, SiLU
+        return self.mdl[4](self.mdl[3](x, mask))  # ConvModule (masked), Dropout

@@ -14,7 +14,7 @@ from mossformer2.models.config import MossFormer2Config
 from mossformer2.models.embeddings import RotaryEmbedding, ScaledSinusoidalEmbedding
 from mossformer2.models.flash import FLASHLayer
 from mossformer2.models.fsmn import GatedFSMNBlock
-from mossformer2.models.norms import masked_group_norm
+from mossformer2.models.norms import FrameGroupNorm
 
 
 class Encoder(nn.Module):
@@ -86,14 +86,11 @@ class ComputationBlock(nn.Module):
     def __init__(self, config: MossFormer2Config) -> None:
         super().__init__()
         self.intra_mdl = MossFormerModule(config)
-        self.intra_norm = nn.GroupNorm(1, config.mossformer_sequence_dim, eps=1e-8)
+        self.intra_norm = FrameGroupNorm(1, config.mossformer_sequence_dim, eps=1e-8)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         intra = self.intra_mdl(x.transpose(1, 2), mask).transpose(1, 2)
-        if mask is None:
-            return self.intra_norm(intra) + x
-        norm = self.intra_norm
-        return masked_group_norm(intra, mask.transpose(1, 2), norm.weight, norm.bias, norm.eps) + x
+        return self.intra_norm(intra, None if mask is None else mask.transpose(1, 2)) + x
 
 
 class MaskNet(nn.Module):
@@ -106,7 +103,7 @@ class MaskNet(nn.Module):
         super().__init__()
         E, D, S = config.encoder_embedding_dim, config.mossformer_sequence_dim, config.num_spks
         self.num_spks = S
-        self.norm = nn.GroupNorm(1, E, eps=1e-8)
+        self.norm = FrameGroupNorm(1, E, eps=1e-8)
         self.conv1d_encoder = nn.Conv1d(E, D, 1, bias=False)
         self.pos_enc = ScaledSinusoidalEmbedding(D)
         self.mdl = ComputationBlock(config)
@@ -117,11 +114,8 @@ class MaskNet(nn.Module):
         self.output_gate = nn.Sequential(nn.Conv1d(D, D, 1), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if frame_mask is None:
-            x = self.norm(x)
-        else:
-            x = masked_group_norm(x, frame_mask.transpose(1, 2), self.norm.weight, self.norm.bias, self.norm.eps)
-        x = self.conv1d_encoder(x)  # [B, D, F]
+        time_mask = None if frame_mask is None else frame_mask.transpose(1, 2)  # [B, 1, F]
+        x = self.conv1d_encoder(self.norm(x, time_mask))  # [B, D, F]
         x = x + self.pos_enc(x.shape[-1], x.device).transpose(0, 1).to(x.dtype)
         x = self.conv1d_out(self.prelu(self.mdl(x, frame_mask)))  # [B, S*D, F]
         B, _, n = x.shape

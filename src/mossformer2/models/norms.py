@@ -37,22 +37,40 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 
-def masked_group_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                      eps: float) -> torch.Tensor:
-    """GroupNorm with one group, statistics over the valid frames only.
+def _centred_and_variance(x: torch.Tensor, dims: list[int],
+                          mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x - mean, var)`` with mean and (biased) variance over ``dims``, counting only elements where the
+    broadcast ``mask`` is 1. Two passes (mean, then centred mean square): numerically stable."""
+    if mask is None:
+        mean = x.mean(dim=dims, keepdim=True)
+        centred = x - mean
+        return centred, centred.square().mean(dim=dims, keepdim=True)
+    mask = mask.to(x.dtype)
+    count = mask.expand_as(x).sum(dim=dims, keepdim=True)  # valid elements per normalised group
+    mean = (x * mask).sum(dim=dims, keepdim=True) / count
+    centred = x - mean
+    return centred, (centred.square() * mask).sum(dim=dims, keepdim=True) / count
 
-    x: ``[B, C, F]``, mask ``[B, 1, F]`` (1 = valid frame, 0 = padding) -> ``[B, C, F]``. Valid frames equal
+
+def _float32_statistics(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision input is normalised in float32, as autocast runs GroupNorm / LayerNorm."""
+    return x.float() if x.dtype == torch.float16 or x.dtype == torch.bfloat16 else x
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm with one group that can restrict its statistics to valid frames (same parameters and keys).
+
+    x: ``[B, C, F]``, mask ``[B, 1, F]`` (1 = valid frame) or None -> ``[B, C, F]``. With a mask, valid frames equal
     ``F.group_norm(x[b:b+1, :, :n_b], 1, ...)``; padded frames hold values that later layers mask out.
     """
-    dtype = x.dtype
-    if dtype == torch.float16 or dtype == torch.bfloat16:  # statistics in float32, as GroupNorm under autocast
-        x = x.float()
-    mask = mask.to(x.dtype)
-    count = mask.sum(dim=(1, 2), keepdim=True) * x.shape[1]
-    mean = (x * mask).sum(dim=(1, 2), keepdim=True) / count
-    centred = x - mean
-    var = (centred.square() * mask).sum(dim=(1, 2), keepdim=True) / count
-    return (centred * torch.rsqrt(var + eps) * weight.view(1, -1, 1) + bias.view(1, -1, 1)).to(dtype)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        xf = _float32_statistics(x)
+        centred, var = _centred_and_variance(xf, [1, 2], mask)
+        return (centred * torch.rsqrt(var + self.eps) * self.weight.view(1, -1, 1)
+                + self.bias.view(1, -1, 1)).to(x.dtype)
 
 
 def instance_norm_over_time(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -63,17 +81,5 @@ def instance_norm_over_time(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     Computed as mean, centred values, then the mean square of those (two passes, numerically stable): on CPU this
     is several times faster than ``F.instance_norm`` / ``var_mean`` on the channels-last layout.
     """
-    dtype = x.dtype
-    if dtype == torch.float16 or dtype == torch.bfloat16:  # statistics in float32
-        x = x.float()
-    if mask is None:
-        mean = x.mean(dim=1, keepdim=True)
-        centred = x - mean
-        var = centred.square().mean(dim=1, keepdim=True)
-    else:
-        mask = mask.to(x.dtype)
-        count = mask.sum(dim=1, keepdim=True)
-        mean = (x * mask).sum(dim=1, keepdim=True) / count
-        centred = x - mean
-        var = (centred.square() * mask).sum(dim=1, keepdim=True) / count
-    return (centred * (torch.rsqrt(var + eps) * weight) + bias).to(dtype)
+    centred, var = _centred_and_variance(_float32_statistics(x), [1], mask)
+    return (centred * (torch.rsqrt(var + eps) * weight) + bias).to(x.dtype)
