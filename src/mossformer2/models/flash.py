@@ -92,7 +92,8 @@ class FLASHLayer(nn.Module):
         quad_q = heads[0].reshape(B * groups, g, -1)
         quad_k = heads[2].reshape(B * groups, g, -1)
         attn = F.relu(torch.bmm(quad_q, quad_k.transpose(1, 2)) / g) ** 2  # [B*G, g, g]
-        attn = self.dropout(attn)
+        # CUDA autocast runs pow in float32, and the in-place matmul-adds below are not autocast: match vu.
+        attn = self.dropout(attn).to(vu.dtype)
         # Linear part computed per frame (padded rows are dropped below), then the quadratic part is accumulated
         # into it in place by batched matmul-adds.
         lin_out = torch.matmul(heads[1], lin_kvu)  # [B, Fp, 2dv]
