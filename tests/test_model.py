@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mossformer2
 from mossformer2 import MossFormer2Config, build_model
 from mossformer2.config_utils import ConfigError
 from mossformer2.models import count_parameters
+from mossformer2.models.convolution import _dilated_kernel
+from mossformer2.models.norms import FrameGroupNorm
 
 from .conftest import make_tiny_config
 
@@ -268,3 +271,39 @@ def test_dilated_dense_net_matches_literal_official_formula(channels):
                                                               padding=(8, 0), dilation=(2, 1), groups=channels)))
         expected = o2.squeeze(-1).transpose(1, 2)
         torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_unchecked_equals_forward(tiny_config):
+    torch.manual_seed(0)
+    model = build_model(tiny_config).eval()
+    wave = 0.1 * torch.randn(2, 5000)
+    with torch.no_grad():
+        assert torch.equal(model.forward_unchecked(wave), model(wave))
+        lengths = torch.tensor([5000, 3000])
+        assert torch.equal(model.forward_unchecked(wave, lengths), model(wave, lengths))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_from_moments_equals_group_norm(dtype):
+    # The CUDA path of FrameGroupNorm (F.group_norm's one-block-per-group reduction is slow there).
+    norm = FrameGroupNorm(1, 24, eps=1e-8)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = (3.0 + torch.randn(2, 24, 700)).to(dtype)
+    with torch.no_grad():
+        expected = F.group_norm(x.float(), 1, norm.weight, norm.bias, norm.eps)
+        out = norm.normalize_by_moments(x)
+    assert out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert float((out.float() - expected).norm() / expected.norm()) < tolerance
+
+
+@pytest.mark.parametrize("dilation", [2, 3])
+def test_zero_stuffed_kernel_equals_dilated_conv(dilation):
+    x = torch.randn(2, 6, 1, 90)
+    weight = torch.randn(6, 1, 1, 7)
+    padding = 3 * dilation
+    expected = F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation), groups=6)
+    stuffed = _dilated_kernel(weight, dilation)
+    assert stuffed.shape[-1] == 6 * dilation + 1
+    torch.testing.assert_close(F.conv2d(x, stuffed, padding=(0, padding), groups=6), expected)

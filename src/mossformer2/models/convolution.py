@@ -6,6 +6,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# How depth-wise convs along time lay out their input on CUDA: "channels_last" convolves the [B, C, 1, T] view of
+# the [B, T, C] activation in place (cuDNN's NHWC grouped kernels); "contiguous" copies it to [B, C, 1, T] first
+# (PyTorch's own depth-wise kernel). Measured end to end (benchmarks/gpu_conv_layouts.py, H200, torch 2.11, full
+# model, 4 s, bf16 CUDA graph): contiguous 47.8 ms, channels_last 59.6 ms, hence the default. Tunable per GPU.
+CUDA_DEPTHWISE_LAYOUT = "contiguous"
+# Dilated depth-wise convs on CUDA as undilated convs with a zero-stuffed kernel, as on the CPU (measured slower
+# there: 49.2 ms vs 47.8 ms, hence off).
+CUDA_DILATE_KERNEL = False
+
+
+def _dilated_kernel(weight: torch.Tensor, dilation: int) -> torch.Tensor:
+    """``[C, k, 1, K]`` kernel with ``dilation - 1`` zeros between taps: an undilated conv with it sums the same
+    products as a dilated conv with ``weight``."""
+    taps = weight.shape[-1]
+    return F.pad(weight.unsqueeze(-1), (0, dilation - 1)).flatten(-2)[..., : (taps - 1) * dilation + 1]
+
 
 def conv_along_time(x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int, groups: int) -> torch.Tensor:
     """Grouped conv along the last axis of ``x`` ``[B, C_in, 1, T]`` with ``weight`` ``[C, k, 1, K]``.
@@ -23,8 +39,13 @@ def conv_along_time(x: torch.Tensor, weight: torch.Tensor, padding: int, dilatio
         elif dilation > 1 and not (torch.jit.is_scripting() or torch.jit.is_tracing()):
             # oneDNN has no fast channels-last kernel for dilated depth-wise convs (~75x slower measured), so the
             # kernel is dilated itself (zeros between taps): the same sums, computed by the fast undilated kernel.
-            taps = weight.shape[-1]
-            weight = F.pad(weight.unsqueeze(-1), (0, dilation - 1)).flatten(-2)[..., : (taps - 1) * dilation + 1]
+            weight = _dilated_kernel(weight, dilation)
+            dilation = 1
+    elif not torch.jit.is_scripting() and x.is_cuda:  # the knobs are Python globals, which TorchScript cannot read
+        if CUDA_DEPTHWISE_LAYOUT == "contiguous":
+            x = x.contiguous()
+        if CUDA_DILATE_KERNEL and dilation > 1:
+            weight = _dilated_kernel(weight, dilation)
             dilation = 1
     return F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation), groups=groups)
 

@@ -48,7 +48,8 @@ class RotaryEmbedding(nn.Module):
         """
         t = torch.arange(num_frames, device=device, dtype=torch.float32)
         angles = t[:, None] * self.freqs.float()[None, :]  # [F, dim/2]
-        angles = angles.repeat_interleave(2, dim=-1).to(dtype)  # [F, dim]
+        # Each angle twice, by expand + flatten: repeat_interleave may wait for the device (no CUDA graphs then).
+        angles = angles.unsqueeze(-1).expand(-1, -1, 2).flatten(-2).to(dtype)  # [F, dim]
         return angles.cos(), angles.sin()
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

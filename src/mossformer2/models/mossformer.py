@@ -152,6 +152,11 @@ class MossFormer2(nn.Module):
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self.check_input(wave, lengths)
+        return self.forward_unchecked(wave, lengths)
+
+    def forward_unchecked(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` without :meth:`check_input`, whose finiteness test waits for the device: CUDA graph capture
+        allows no host synchronisation, so graph runners check the real input and capture this."""
         T = wave.shape[-1]
         feats = self.enc(wave)  # [B, E, F]
         B, n = feats.shape[0], feats.shape[-1]
