@@ -134,7 +134,8 @@ def test_options_channels_rate_format_plot_dtype(ckpt, tmp_path):
 def test_long_file_chunks_and_clearvoice_stitching(ckpt, tmp_path, capsys):
     src = tmp_path / "long.wav"
     sf.write(str(src), noise(16000 * 6, 9), 16000)
-    for extra in (["--chunk-seconds", "1.5", "--overlap-seconds", "0.5"], ["--stitching", "clearvoice"]):
+    for extra in (["--chunk-seconds", "1.5", "--overlap-seconds", "0.5", "--cuda-graphs"],
+                  ["--stitching", "clearvoice"]):
         out = tmp_path / extra[1]
         assert main(["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt), *extra]) == 0
         wave, rate = read_audio(out / "long_s1.wav")

@@ -15,6 +15,7 @@ from mossformer2.audio import read_audio, write_audio
 from mossformer2.losses import si_sdr
 from mossformer2.separation import Separator, write_sources
 from mossformer2.separation.batching import equal_length_batches, length_sorted_batches, make_batches
+from mossformer2.separation.cuda_graphs import CudaGraphModel
 from mossformer2.separation.separator import TARGET_PEAK, TARGET_RMS
 from tests.conftest import make_tiny_config
 
@@ -293,3 +294,35 @@ def test_bfloat16_padded_batch_stays_close_to_float32(tiny_model):
     for got, ref in zip(bf16, fp32):
         snr = 10 * np.log10((ref**2).sum() / ((got - ref) ** 2).sum())
         assert snr > 25  # about 41 dB measured
+
+
+def test_cuda_graph_runner_runs_eagerly_where_graphs_do_not_apply(tiny_model):
+    wave = torch.from_numpy(noise((2, 6000), 21))
+    runner = CudaGraphModel(tiny_model, max_graphs=2)
+    with torch.inference_mode():
+        expected = tiny_model(wave)
+        assert torch.equal(runner(wave), expected)  # CPU tensors: eager
+        lengths = torch.tensor([6000, 4000])
+        assert torch.equal(runner(wave, lengths), tiny_model(wave, lengths))  # padded batches: eager
+    assert runner.captured_shapes == [] and runner.config is tiny_model.config
+    out = runner(wave)  # gradients enabled: eager, differentiable
+    assert out.requires_grad
+    with pytest.raises(ValueError, match="max_graphs"):
+        CudaGraphModel(tiny_model, max_graphs=0)
+
+
+def test_cuda_graph_runner_applies_its_autocast_dtype(tiny_model):
+    wave = torch.from_numpy(noise((1, 6000), 22))
+    with torch.inference_mode():
+        out = CudaGraphModel(tiny_model, torch.bfloat16)(wave)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = tiny_model(wave)
+    assert torch.equal(out, expected)
+
+
+def test_cuda_graphs_option_is_ignored_on_cpu(tiny_model):
+    wave = noise(40000, 23)
+    sep = Separator(tiny_model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.25, cuda_graphs=True)
+    assert sep.graphs is None
+    expected = Separator(tiny_model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.25).separate(wave, SR)
+    np.testing.assert_array_equal(sep.separate(wave, SR), expected)

@@ -44,6 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--batch-size", type=int, default=1,
                         help="chunks / short files per forward pass; files are sorted by length and "
                              "zero-padded with their true lengths (default 1)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="on CUDA, replay one captured CUDA graph per chunk shape (lower latency)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip)")
     parser.add_argument("--plot", action="store_true", help="also write <stem>_spectrogram.png per input")
     return parser
@@ -170,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     sep = Separator(model, device=device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                     overlap_seconds=args.overlap_seconds, stitching=args.stitching, normalize=args.normalize,
                     batch_size=args.batch_size, channels=args.channels,
-                    backend=args.backend, progress=True)
+                    backend=args.backend, progress=True, cuda_graphs=args.cuda_graphs)
 
     inputs = collect_inputs(args.inputs)
     failed: list[tuple[str, str]] = list(inputs.errors) if rank == 0 else []
