@@ -27,7 +27,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,10 @@ import torch
 
 from mossformer2 import MossFormer2Config, build_model, load_model
 from mossformer2.losses import pit_si_sdr_loss, si_sdr
+from mossformer2.separation.cuda_graphs import CudaGraphModel
+
+GRAPH_VARIANTS = {"graph": None, "graph-bf16": torch.bfloat16, "graph-fp16": torch.float16}
+DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 TINY = dict(encoder_embedding_dim=16, mossformer_sequence_dim=16, num_mossformer_layer=1, query_key_dim=16,
             rotary_dim=8, fsmn_inner_dim=16, fsmn_lorder=4, group_size=64)
@@ -50,8 +54,20 @@ class Settings:
     batch: int  # throughput batch
     separator_seconds: float
     train_seconds: float
-    train_batch: int
+    train_batches: list[int]
     variants: list[str]
+    time_budget_s: float | None = None
+    started: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    save: Callable[[], None] | None = None  # called after each row, so an interrupted run keeps what it measured
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.save is not None:
+            self.save()
+
+    def out_of_time(self) -> bool:
+        return self.time_budget_s is not None and time.perf_counter() - self.started > self.time_budget_s
 
 
 # -- measurement helpers ---------------------------------------------------------------------------------------
@@ -115,6 +131,17 @@ def compare(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def tf32_matmuls() -> Iterator[None]:
+    """Let float32 matmuls use the tensor cores' TF32 mode (cuDNN convs do by default)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -139,13 +166,12 @@ def speech_like(batch: int, samples: int, seed: int = 0) -> torch.Tensor:
 # -- benchmark sections ----------------------------------------------------------------------------------------
 
 
-def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: str) -> list[dict[str, Any]]:
+def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: str) -> None:
     """Every requested variant on one ``[batch, seconds]`` input; the first row is the eager fp32 baseline."""
     sr = model.config.sample_rate
     audio_seconds = batch * s.seconds
     wave = speech_like(batch, int(s.seconds * sr))
     wave_dev = wave.to(s.device)
-    rows: list[dict[str, Any]] = []
     reference: torch.Tensor | None = None
 
     def run(name: str, fn: Callable[[], torch.Tensor], setup_s: float = 0.0, **info: Any) -> None:
@@ -160,7 +186,7 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
             reference = out.detach().float().cpu()
         else:
             row.update(compare(out, reference))
-        rows.append(row)
+        s.add(row)
         print(f"  {section:<10} {name:<28} median {median:8.3f} s  RTF {row['rtf']:.4f}  "
               f"peak {row['peak_mib']:8.0f} MiB" + (f"  SI-SDR vs fp32 {row['si_sdr_vs_fp32_db']:.1f} dB"
                                                      if "si_sdr_vs_fp32_db" in row else ""), flush=True)
@@ -171,10 +197,43 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
                 return m(wave_dev)
         return fn
 
+    def inference(graphed: CudaGraphModel) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            with torch.inference_mode():  # with gradients enabled the runner would fall back to eager
+                return graphed(wave_dev)
+        return fn
+
     run("eager fp32 (baseline)", eager(model, None))
     for variant in s.variants:
+        if s.out_of_time():
+            print(f"  {section:<10} {variant:<28} skipped: time budget spent", flush=True)
+            continue
         try:
-            if variant == "bf16":
+            if variant == "tf32" and s.device.type == "cuda":
+                with tf32_matmuls():
+                    run("eager fp32 + TF32 matmuls", eager(model, None))
+            elif variant in GRAPH_VARIANTS and s.device.type == "cuda":
+                dtype = GRAPH_VARIANTS[variant]
+                graphed = CudaGraphModel(model, dtype)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    graphed(wave_dev)  # captures
+                _sync(s.device)
+                run(f"CUDA graph {DTYPE_NAMES[dtype]}", inference(graphed), setup_s=time.perf_counter() - start)
+                del graphed
+            elif variant == "regional-compile-graph-bf16" and s.device.type == "cuda":
+                compiled = copy.deepcopy(model)
+                layers = compiled.mask_net.mdl.intra_mdl.mossformerM
+                for layer in [*layers.layers, *layers.fsmn]:
+                    layer.compile(dynamic=False)  # one compiled region reused by all 24 layers
+                graphed = CudaGraphModel(compiled, torch.bfloat16)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    graphed(wave_dev)  # compiles, then captures
+                _sync(s.device)
+                run("compiled layers + CUDA graph bf16", inference(graphed), setup_s=time.perf_counter() - start)
+                del graphed, compiled
+            elif variant == "bf16":
                 run("eager bf16 autocast", eager(model, torch.bfloat16))
             elif variant == "fp16" and s.device.type == "cuda":
                 run("eager fp16 autocast", eager(model, torch.float16))
@@ -200,9 +259,8 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
                 run("dynamic int8 (Linear)", eager(quantized, None), setup_s=time.perf_counter() - start)
         except Exception as err:  # report a variant that cannot run here instead of aborting the benchmark
             print(f"  {section:<10} {variant:<28} FAILED: {type(err).__name__}: {err}", flush=True)
-            rows.append({"section": section, "variant": variant, "batch": batch,
-                         "error": f"{type(err).__name__}: {err}"})
-    return rows
+            s.add({"section": section, "variant": variant, "batch": batch,
+                   "error": f"{type(err).__name__}: {err}"})
 
 
 def run_onnx(model: torch.nn.Module, s: Settings, wave: torch.Tensor,
@@ -224,59 +282,109 @@ def run_onnx(model: torch.nn.Module, s: Settings, wave: torch.Tensor,
         run(f"onnxruntime ({providers[0].replace('ExecutionProvider', '')})", lambda: runtime(wave), setup_s=setup)
 
 
-def bench_separator(model: torch.nn.Module, s: Settings) -> list[dict[str, Any]]:
+def profile_forward(model: torch.nn.Module, s: Settings, path: str) -> None:
+    """Kernel table of one batch-1 forward in fp32 and in bf16 (torch.profiler, sorted by device time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    wave = speech_like(1, int(s.seconds * model.config.sample_rate)).to(s.device)
+    parts = []
+    for dtype in (None, torch.bfloat16):
+        try:
+            with torch.inference_mode(), autocast(s.device, dtype):
+                model(wave)  # warm-up
+                _sync(s.device)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    model(wave)
+                    _sync(s.device)
+        except Exception as err:  # the profile is a diagnostic: never lose the benchmark to it
+            parts.append(f"== {DTYPE_NAMES[dtype]}: failed: {type(err).__name__}: {err}\n")
+            continue
+        events = prof.key_averages()
+        kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+        try:
+            table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+        except (KeyError, AttributeError, ValueError):
+            table = events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70)
+        parts.append(f"== {DTYPE_NAMES[dtype]}: {kernels} device events per forward ==\n{table}\n")
+        print(f"  profile    {DTYPE_NAMES[dtype]}: {kernels} device events per forward", flush=True)
+        Path(path).write_text("\n".join(parts))
+
+
+def bench_separator(model: torch.nn.Module, s: Settings) -> None:
     """A long recording through the chunked Separator (10 s chunks, 2 s overlap): RTF and peak memory."""
     from mossformer2.separation import Separator
 
     sr = model.config.sample_rate
     wave = speech_like(1, int(s.separator_seconds * sr))[0].numpy()
-    rows = []
     dtypes = ["float32", "bfloat16"] if "bf16" in s.variants else ["float32"]
-    for dtype in dtypes:
+    runs = [(dtype, False) for dtype in dtypes]
+    if s.device.type == "cuda" and any(v.startswith("graph") for v in s.variants):
+        runs += [(dtype, True) for dtype in dtypes]
+    for dtype, graphs in runs:
+        if s.out_of_time():
+            continue
+        name = f"Separator {dtype}" + (" + CUDA graphs" if graphs else "")
         separator = Separator(model, device=str(s.device), dtype=dtype, chunk_seconds=10.0, overlap_seconds=2.0,
-                              batch_size=4 if s.device.type == "cuda" else 1)
-        with peak_memory(s.device) as mem:
-            start = time.perf_counter()
-            out = separator.separate(wave, sr)
-            _sync(s.device)
-            elapsed = time.perf_counter() - start
+                              batch_size=4 if s.device.type == "cuda" else 1, cuda_graphs=graphs)
+        try:
+            with peak_memory(s.device) as mem:
+                start = time.perf_counter()
+                out = separator.separate(wave, sr)
+                _sync(s.device)
+                elapsed = time.perf_counter() - start
+        except Exception as err:  # report it and go on with the other variants
+            print(f"  separator  {name:<28} FAILED: {type(err).__name__}: {err}", flush=True)
+            s.add({"section": "separator", "variant": name, "error": f"{type(err).__name__}: {err}"})
+            continue
         assert out.shape == (model.config.num_spks, wave.shape[-1])
-        row = {"section": "separator", "variant": f"Separator {dtype}", "audio_s": s.separator_seconds,
+        row = {"section": "separator", "variant": name, "audio_s": s.separator_seconds,
                "median_s": elapsed, "rtf": elapsed / s.separator_seconds, **mem}
         print(f"  separator  {row['variant']:<28} {elapsed:8.2f} s for {s.separator_seconds:.0f} s audio  "
               f"RTF {row['rtf']:.4f}  peak {row['peak_mib']:8.0f} MiB", flush=True)
-        rows.append(row)
-    return rows
+        s.add(row)
 
 
-def bench_training(model: torch.nn.Module, s: Settings) -> list[dict[str, Any]]:
-    """One Adam step (forward, PIT SI-SDR loss, backward, step) per variant: time and peak memory."""
-    sr = model.config.sample_rate
-    samples = int(s.train_seconds * sr)
-    mix = speech_like(s.train_batch, samples, seed=1).to(s.device)
-    sources = torch.stack([speech_like(s.train_batch, samples, seed=2 + k)
-                           for k in range(model.config.num_spks)], dim=1).to(s.device)
-    rows = []
-    for dtype_name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        if dtype is not None and "bf16" not in s.variants:
-            continue
-        for checkpointing in (False, True):
-            train_model = copy.deepcopy(model).to(s.device).train()
-            train_model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing = checkpointing
-            step = _train_step(train_model, mix, sources, dtype)
-            name = f"train {dtype_name}" + (" + act. ckpt" if checkpointing else "")
-            with peak_memory(s.device) as mem:
-                times, _ = time_call(step, s.device, max(1, s.repeats - 1), 1)
-            median = statistics.median(times)
-            audio = s.train_batch * s.train_seconds
-            row = {"section": "training", "variant": name, "batch": s.train_batch, "audio_s": audio,
-                   "median_s": median, "audio_s_per_s": audio / median, **mem,
-                   "peak_mib_per_sample": mem["peak_mib"] / s.train_batch}
-            print(f"  training   {name:<28} median {median:8.3f} s/step  {audio / median:7.2f} audio-s/s  "
-                  f"peak {mem['peak_mib']:8.0f} MiB", flush=True)
-            rows.append(row)
-            del train_model, step
-    return rows
+def bench_training(model: torch.nn.Module, s: Settings) -> None:
+    """One Adam step (forward, PIT SI-SDR loss, backward, step) per variant and batch: time and peak memory."""
+    samples = int(s.train_seconds * model.config.sample_rate)
+    for batch in s.train_batches:
+        mix = speech_like(batch, samples, seed=1).to(s.device)
+        sources = torch.stack([speech_like(batch, samples, seed=2 + k)
+                               for k in range(model.config.num_spks)], dim=1).to(s.device)
+        for dtype_name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            if dtype is not None and "bf16" not in s.variants:
+                continue
+            for checkpointing in (False, True):
+                if s.out_of_time():
+                    continue
+                name = f"train {dtype_name}" + (" + act. ckpt" if checkpointing else "")
+                try:
+                    s.add(_bench_train_variant(model, s, mix, sources, dtype, checkpointing, name))
+                except torch.OutOfMemoryError as err:
+                    print(f"  training   {name:<28} batch {batch}: out of memory", flush=True)
+                    s.add({"section": "training", "variant": name, "batch": batch,
+                           "error": f"out of memory: {str(err).splitlines()[0]}"})
+                if s.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
+def _bench_train_variant(model: torch.nn.Module, s: Settings, mix: torch.Tensor, sources: torch.Tensor,
+                         dtype: torch.dtype | None, checkpointing: bool, name: str) -> dict[str, Any]:
+    """Time one training variant at the batch of ``mix`` ``[B, T]``."""
+    train_model = copy.deepcopy(model).to(s.device).train()
+    train_model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing = checkpointing
+    step = _train_step(train_model, mix, sources, dtype)
+    batch = mix.shape[0]
+    with peak_memory(s.device) as mem:
+        times, _ = time_call(step, s.device, max(1, s.repeats - 1), 1)
+    median = statistics.median(times)
+    audio = batch * s.train_seconds
+    row = {"section": "training", "variant": name, "batch": batch, "audio_s": audio,
+           "median_s": median, "audio_s_per_s": audio / median, **mem,
+           "peak_mib_per_sample": mem["peak_mib"] / batch}
+    print(f"  training   {name:<28} batch {batch:>2} median {median:8.3f} s/step  {audio / median:7.2f} audio-s/s  "
+          f"peak {mem['peak_mib']:8.0f} MiB ({row['peak_mib_per_sample']:.0f} per sample)", flush=True)
+    return row
 
 
 def _train_step(model: torch.nn.Module, mix: torch.Tensor, sources: torch.Tensor,
@@ -343,14 +451,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--separator-seconds", type=float, default=None,
                         help="length of the long file for the Separator (default 300; quick 12)")
     parser.add_argument("--train-seconds", type=float, default=None, help="training segment (default 4; quick 0.5)")
-    parser.add_argument("--train-batch", type=int, default=1)
+    parser.add_argument("--train-batches", default="1", help="comma list of training batch sizes (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 3; quick 2)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--variants", default="bf16,fp16,compile,compile-bf16,compile-cudagraphs,onnxruntime,int8",
+    parser.add_argument("--variants", default="tf32,bf16,fp16,graph,graph-bf16,graph-fp16,compile,compile-bf16,"
+                        "compile-cudagraphs,regional-compile-graph-bf16,onnxruntime,int8",
                         help="comma list of optimised variants beside the eager fp32 baseline")
     parser.add_argument("--sections", default="latency,throughput,separator,training",
                         help="comma list of latency, throughput, separator, training")
-    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--json", default=None, help="write the results here (rewritten after each section)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds after which remaining variants are skipped (rows so far are kept)")
+    parser.add_argument("--profile", default=None,
+                        help="CUDA only: write the kernels of one batch-1 forward (fp32 and bf16) to this text file")
     return parser.parse_args(argv)
 
 
@@ -368,8 +481,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  batch=args.batch or (4 if quick else 16),
                  separator_seconds=args.separator_seconds or (12.0 if quick else 300.0),  # quick: 2 chunks
                  train_seconds=args.train_seconds or (0.5 if quick else 4.0),
-                 train_batch=args.train_batch,
-                 variants=[v for v in args.variants.split(",") if v])
+                 train_batches=[int(b) for b in args.train_batches.split(",") if b],
+                 variants=[v for v in args.variants.split(",") if v],
+                 time_budget_s=args.time_budget, started=time.perf_counter())
     sections = [x for x in args.sections.split(",") if x]
     unknown = set(sections) - {"latency", "throughput", "separator", "training"}
     if unknown:
@@ -379,21 +493,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"device {device} | {info.get('gpu', info.get('cpu'))} | threads {info['threads']} | "
           f"model {'tiny' if quick and not args.checkpoint else 'full'} "
           f"({sum(p.numel() for p in model.parameters()):,} params)", flush=True)
-    rows: list[dict[str, Any]] = []
-    if "latency" in sections:
-        rows += bench_inference(model, s, 1, "latency")
-    if "throughput" in sections:
-        rows += bench_inference(model, s, s.batch, "throughput")
-    if "separator" in sections:
-        rows += bench_separator(model, s)
-    if "training" in sections:
-        rows += bench_training(model, s)
-    print_table(rows)
+    rows = s.rows
     result = {"machine": info, "settings": {k: str(v) if isinstance(v, torch.device) else v
-                                            for k, v in vars(s).items()},
+                                            for k, v in vars(s).items() if k not in ("rows", "save")},
               "config": model.config.to_dict(), "rows": rows}
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+        s.save = lambda: atomic_write_text(args.json, json.dumps(result, indent=2))
+    if args.profile and device.type == "cuda":
+        try:
+            profile_forward(model, s, args.profile)
+        except Exception as err:  # the profile is a diagnostic: never lose the benchmark to it
+            print(f"  profile failed: {type(err).__name__}: {err}", flush=True)
+    benches: dict[str, Callable[[], None]] = {
+        "latency": lambda: bench_inference(model, s, 1, "latency"),
+        "throughput": lambda: bench_inference(model, s, s.batch, "throughput"),
+        "separator": lambda: bench_separator(model, s),
+        "training": lambda: bench_training(model, s),
+    }
+    for section in sections:
+        benches[section]()
+    print_table(rows)
+    if args.json:
         print(f"\nwrote {args.json}")
     return result
 
