@@ -35,13 +35,12 @@ import torch
 
 from mossformer2 import MossFormer2Config, build_model, load_model
 from mossformer2.losses import pit_si_sdr_loss, si_sdr
+from mossformer2.models.config import tiny_test_config
 from mossformer2.separation.cuda_graphs import CudaGraphModel
 
 GRAPH_VARIANTS = {"graph": None, "graph-bf16": torch.bfloat16, "graph-fp16": torch.float16}
 DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-TINY = dict(encoder_embedding_dim=16, mossformer_sequence_dim=16, num_mossformer_layer=1, query_key_dim=16,
-            rotary_dim=8, fsmn_inner_dim=16, fsmn_lorder=4, group_size=64)
 
 
 @dataclass
@@ -152,7 +151,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 def make_model(args: argparse.Namespace) -> torch.nn.Module:
     if args.checkpoint:
         return load_model(args.checkpoint).eval()
-    config = MossFormer2Config(**TINY) if args.quick else MossFormer2Config()
+    config = tiny_test_config() if args.quick else MossFormer2Config()
     torch.manual_seed(0)
     return build_model(config).eval()
 

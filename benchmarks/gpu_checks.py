@@ -25,9 +25,8 @@ import torch
 
 from mossformer2 import MossFormer2Config, Separator, build_model, load_model
 from mossformer2.losses import si_sdr
+from mossformer2.models.config import tiny_test_config
 
-TINY = dict(encoder_embedding_dim=16, mossformer_sequence_dim=16, num_mossformer_layer=1, query_key_dim=16,
-            rotary_dim=8, fsmn_inner_dim=16, fsmn_lorder=4, group_size=64)
 SR = 16000
 
 
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.checkpoint, device=device)
     else:
         torch.manual_seed(0)
-        model = build_model(MossFormer2Config(**TINY) if args.tiny else MossFormer2Config())
+        model = build_model(tiny_test_config() if args.tiny else MossFormer2Config())
     model = model.to(device).eval()
     report: dict = {"device": str(device), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}

@@ -23,8 +23,6 @@ import soundfile as sf
 import torch
 
 SR = 16000
-TINY = dict(encoder_embedding_dim=16, mossformer_sequence_dim=16, num_mossformer_layer=1, query_key_dim=16,
-            rotary_dim=8, fsmn_inner_dim=16, fsmn_lorder=4, group_size=64)
 
 
 def peak_rss_mib() -> float:
@@ -46,12 +44,13 @@ def write_long_mixture(path: Path, minutes: float, seed: int = 0) -> float:
 
 
 def load(model: str):
-    from mossformer2 import MossFormer2Config, build_model, load_model
+    from mossformer2 import build_model, load_model
+    from mossformer2.models.config import tiny_test_config
     from mossformer2.pretrained import load_default_model
 
     if model == "tiny":
         torch.manual_seed(0)
-        return build_model(MossFormer2Config(**TINY)).eval()
+        return build_model(tiny_test_config()).eval()
     if model == "default":
         return load_default_model("cpu")
     return load_model(model)

@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mossformer2 import MossFormer2Config  # noqa: E402
+from mossformer2.models.config import tiny_test_config  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -42,10 +43,7 @@ def reference() -> Path:
 
 def make_tiny_config(**changes) -> MossFormer2Config:
     """A few-thousand-parameter config that exercises every code path quickly."""
-    base = dict(encoder_embedding_dim=16, mossformer_sequence_dim=16, num_mossformer_layer=1,
-                query_key_dim=16, rotary_dim=8, fsmn_inner_dim=16, fsmn_lorder=4, group_size=64)
-    base.update(changes)
-    return MossFormer2Config(**base)
+    return tiny_test_config(**changes)
 
 
 @pytest.fixture

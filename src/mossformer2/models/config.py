@@ -92,6 +92,16 @@ NAMED_CONFIGS: dict[str, MossFormer2Config] = {
     "MossFormer2-S": MossFormer2Config(encoder_embedding_dim=384, mossformer_sequence_dim=384,
                                        num_mossformer_layer=25),
 }
+
+
+def tiny_test_config(**changes: Any) -> MossFormer2Config:
+    """A few-thousand-parameter network that exercises every code path in milliseconds (tests, benchmark dry
+    runs); it is far too small to separate speech."""
+    base = dict(encoder_embedding_dim=16, mossformer_sequence_dim=16, num_mossformer_layer=1, query_key_dim=16,
+                rotary_dim=8, fsmn_inner_dim=16, fsmn_lorder=4, group_size=64)
+    return MossFormer2Config(**{**base, **changes})
+
+
 _ALIASES = {"mossformer2_ss_16k": "MossFormer2", "mossformer2": "MossFormer2",
             "mossformer2-s": "MossFormer2-S", "mossformer2_s": "MossFormer2-S"}
 
