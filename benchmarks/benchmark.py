@@ -141,6 +141,15 @@ def tf32_matmuls() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+def compile_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` each FLASH layer and gated FSMN block in place (regional compilation: one compiled region
+    serves all layers, so compiling takes seconds rather than minutes); returns ``model``."""
+    layers = model.mask_net.mdl.intra_mdl.mossformerM
+    for layer in [*layers.layers, *layers.fsmn]:
+        layer.compile(dynamic=False)
+    return model
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -211,27 +220,17 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
             if variant == "tf32" and s.device.type == "cuda":
                 with tf32_matmuls():
                     run("eager fp32 + TF32 matmuls", eager(model, None))
-            elif variant in GRAPH_VARIANTS and s.device.type == "cuda":
-                dtype = GRAPH_VARIANTS[variant]
-                graphed = CudaGraphModel(model, dtype)
+            elif (variant in GRAPH_VARIANTS or variant == "regional-compile-graph-bf16") and s.device.type == "cuda":
+                regional = variant not in GRAPH_VARIANTS
+                dtype = torch.bfloat16 if regional else GRAPH_VARIANTS[variant]
+                graphed = CudaGraphModel(compile_layers(copy.deepcopy(model)) if regional else model, dtype)
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    graphed(wave_dev)  # captures
+                    graphed(wave_dev)  # compiles (regional), then captures
                 _sync(s.device)
-                run(f"CUDA graph {DTYPE_NAMES[dtype]}", inference(graphed), setup_s=time.perf_counter() - start)
+                name = ("compiled layers + " if regional else "") + f"CUDA graph {DTYPE_NAMES[dtype]}"
+                run(name, inference(graphed), setup_s=time.perf_counter() - start)
                 del graphed
-            elif variant == "regional-compile-graph-bf16" and s.device.type == "cuda":
-                compiled = copy.deepcopy(model)
-                layers = compiled.mask_net.mdl.intra_mdl.mossformerM
-                for layer in [*layers.layers, *layers.fsmn]:
-                    layer.compile(dynamic=False)  # one compiled region reused by all 24 layers
-                graphed = CudaGraphModel(compiled, torch.bfloat16)
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    graphed(wave_dev)  # compiles, then captures
-                _sync(s.device)
-                run("compiled layers + CUDA graph bf16", inference(graphed), setup_s=time.perf_counter() - start)
-                del graphed, compiled
             elif variant == "bf16":
                 run("eager bf16 autocast", eager(model, torch.bfloat16))
             elif variant == "fp16" and s.device.type == "cuda":
@@ -281,29 +280,26 @@ def run_onnx(model: torch.nn.Module, s: Settings, wave: torch.Tensor,
         run(f"onnxruntime ({providers[0].replace('ExecutionProvider', '')})", lambda: runtime(wave), setup_s=setup)
 
 
-def profile_forward(model: torch.nn.Module, s: Settings, path: str) -> None:
-    """Kernel table of one batch-1 forward in fp32 and in bf16 (torch.profiler, sorted by device time)."""
+def profile_forward(model: torch.nn.Module, wave: torch.Tensor, path: str | Path) -> None:
+    """Kernel table of one forward of ``wave`` (on the model's GPU) in fp32 and in bf16 (torch.profiler, sorted by
+    device time), written to ``path`` after each precision."""
     from torch.profiler import ProfilerActivity, profile
 
-    wave = speech_like(1, int(s.seconds * model.config.sample_rate)).to(s.device)
     parts = []
     for dtype in (None, torch.bfloat16):
         try:
-            with torch.inference_mode(), autocast(s.device, dtype):
+            with torch.inference_mode(), autocast(wave.device, dtype):
                 model(wave)  # warm-up
-                _sync(s.device)
+                _sync(wave.device)
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     model(wave)
-                    _sync(s.device)
+                    _sync(wave.device)
         except Exception as err:  # the profile is a diagnostic: never lose the benchmark to it
             parts.append(f"== {DTYPE_NAMES[dtype]}: failed: {type(err).__name__}: {err}\n")
             continue
         events = prof.key_averages()
         kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
-        try:
-            table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
-        except (KeyError, AttributeError, ValueError):
-            table = events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70)
+        table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
         parts.append(f"== {DTYPE_NAMES[dtype]}: {kernels} device events per forward ==\n{table}\n")
         print(f"  profile    {DTYPE_NAMES[dtype]}: {kernels} device events per forward", flush=True)
         Path(path).write_text("\n".join(parts))
@@ -499,10 +495,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         s.save = lambda: atomic_write_text(args.json, json.dumps(result, indent=2))
     if args.profile and device.type == "cuda":
-        try:
-            profile_forward(model, s, args.profile)
-        except Exception as err:  # the profile is a diagnostic: never lose the benchmark to it
-            print(f"  profile failed: {type(err).__name__}: {err}", flush=True)
+        profile_forward(model, speech_like(1, int(s.seconds * model.config.sample_rate)).to(device), args.profile)
     benches: dict[str, Callable[[], None]] = {
         "latency": lambda: bench_inference(model, s, 1, "latency"),
         "throughput": lambda: bench_inference(model, s, s.batch, "throughput"),

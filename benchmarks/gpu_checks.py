@@ -51,13 +51,15 @@ def check_padded_batch(model: torch.nn.Module, device: torch.device) -> dict[str
     # Exactness check: cuDNN's default TF32 convs round differently per shape / algorithm, so use true fp32.
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
-    with torch.inference_mode():
-        padded = model(batch.to(device), torch.tensor(lengths, device=device)).cpu()
-        for i, wave in enumerate(waves):
-            alone = model(wave[None].to(device)).cpu()[0]
-            rel = float((padded[i, :, : len(wave)] - alone).norm() / alone.norm())
-            worst = max(worst, rel)
-    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        with torch.inference_mode():
+            padded = model(batch.to(device), torch.tensor(lengths, device=device)).cpu()
+            for i, wave in enumerate(waves):
+                alone = model(wave[None].to(device)).cpu()[0]
+                rel = float((padded[i, :, : len(wave)] - alone).norm() / alone.norm())
+                worst = max(worst, rel)
+    finally:  # the later checks run with the default setting even if this one fails
+        torch.backends.cudnn.allow_tf32 = tf32
     return {"padded_batch_max_relative_error": worst, "ok": worst < 1e-4}
 
 

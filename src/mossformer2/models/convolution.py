@@ -11,9 +11,6 @@ from torch import nn
 # (PyTorch's own depth-wise kernel). Measured end to end (benchmarks/gpu_conv_layouts.py, H200, torch 2.11, full
 # model, 4 s, bf16 CUDA graph): contiguous 47.8 ms, channels_last 59.6 ms, hence the default. Tunable per GPU.
 CUDA_DEPTHWISE_LAYOUT = "contiguous"
-# Dilated depth-wise convs on CUDA as undilated convs with a zero-stuffed kernel, as on the CPU (measured slower
-# there: 49.2 ms vs 47.8 ms, hence off).
-CUDA_DILATE_KERNEL = False
 
 
 def _dilated_kernel(weight: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -41,12 +38,9 @@ def conv_along_time(x: torch.Tensor, weight: torch.Tensor, padding: int, dilatio
             # kernel is dilated itself (zeros between taps): the same sums, computed by the fast undilated kernel.
             weight = _dilated_kernel(weight, dilation)
             dilation = 1
-    elif not torch.jit.is_scripting() and x.is_cuda:  # the knobs are Python globals, which TorchScript cannot read
+    elif not torch.jit.is_scripting() and x.is_cuda:  # the knob is a Python global, which TorchScript cannot read
         if CUDA_DEPTHWISE_LAYOUT == "contiguous":
             x = x.contiguous()
-        if CUDA_DILATE_KERNEL and dilation > 1:
-            weight = _dilated_kernel(weight, dilation)
-            dilation = 1
     return F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation), groups=groups)
 
 

@@ -35,10 +35,13 @@ class CudaGraphModel:
         self.dtype = None if dtype in (None, torch.float32) else dtype
         self.max_graphs = max_graphs
         self.warmup = warmup
-        self.config = getattr(model, "config", None)
         self._graphs: OrderedDict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = (
             OrderedDict())
         self._capture_failed = False
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.model, "config", None)
 
     @property
     def captured_shapes(self) -> list[tuple[int, ...]]:

@@ -132,12 +132,12 @@ class Separator:
         if self.is_torch:
             wave = batch.to(self.device)
             lengths = None if lengths is None else lengths.to(self.device)
-            autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
-                        else contextlib.nullcontext())
             with torch.inference_mode():
                 if self.graphs is not None:
                     out = self.graphs(wave, lengths)  # applies the autocast dtype itself
                 else:
+                    autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
+                                else contextlib.nullcontext())
                     with autocast:
                         out = self.model(wave) if lengths is None else self.model(wave, lengths)
         else:
