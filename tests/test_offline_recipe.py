@@ -236,3 +236,75 @@ def test_decode_falls_back_to_pyav_for_formats_libsndfile_lacks(tmp_path):
     wave = prepare.decode_audio(path)
     assert abs(len(wave) - 16000) < 0.1 * 16000
     assert _peak_frequency(wave, 16000) == pytest.approx(500, abs=10)
+
+
+def _fake_package(cache: Path, name: str, speakers: list[str], clips: int, seed: int) -> Path:
+    """An unpacked 'package' with ``clips`` distinct noise-burst wavs per speaker folder."""
+    rng = np.random.default_rng(seed)
+    root = cache / "unpacked" / name
+    for speaker in speakers:
+        folder = root / "voices" / speaker
+        folder.mkdir(parents=True)
+        for i in range(clips):
+            sf.write(folder / f"{i}.wav", rng.uniform(-0.5, 0.5, 4000).astype(np.float32), 16000)
+    return root
+
+
+def _select_fake(family: str):
+    def select(root: Path):
+        return [
+            prepare.Clip(p, f"{family}-{p.parent.name}", family, f"{family}-{p.parent.name}")
+            for p in sorted((root / "voices").rglob("*.wav"))
+        ]
+
+    return select
+
+
+def test_train_only_package_adds_training_speakers_and_leaves_the_rest_byte_identical(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    roots = {
+        "split-a": _fake_package(cache, "split-a", [f"a{i}" for i in range(6)], clips=10, seed=0),
+        "split-b": _fake_package(cache, "split-b", [f"b{i}" for i in range(6)], clips=10, seed=1),
+        "extra": _fake_package(cache, "extra", ["x0", "x1"], clips=10, seed=2),
+    }
+    specs = {
+        "split-a": prepare.PackageSpec(_select_fake("a"), "GPL-2"),
+        "split-b": prepare.PackageSpec(_select_fake("b"), "GPL-2"),
+        "extra": prepare.PackageSpec(_select_fake("x"), "GFDL-1.3", train_only=True),
+    }
+    monkeypatch.setattr(prepare, "PACKAGES", specs)
+    monkeypatch.setattr(prepare, "fetch_package", lambda name, cache_dir: (roots[name], "1.0"))
+
+    def build(out: Path, packages: list[str]) -> dict[str, tuple[str, str, bytes]]:
+        args = prepare.parse_args(
+            ["--out", str(out), "--cache", str(cache), "--no-synthetic", "--pack-seconds", "0", "--packages", *packages]
+        )
+        prepare.build_corpus(args)
+        rows = (out / "manifest.csv").read_text().splitlines()[1:]
+        return {
+            line.split(",")[0]: (line.split(",")[1], line.split(",")[2], (out / line.split(",")[0]).read_bytes())
+            for line in rows
+        }
+
+    without = build(tmp_path / "without", ["split-a", "split-b"])
+    with_extra = build(tmp_path / "with", ["split-a", "split-b", "extra"])
+    added = {path: row for path, row in with_extra.items() if path not in without}
+    assert {row[1] for row in added.values()} == {"x-x0", "x-x1"}
+    assert {row[0] for row in added.values()} == {"train"}  # never held out
+    assert {path: with_extra[path] for path in without} == without  # same splits, same files, same bytes
+    assert {row[0] for row in without.values()} == {"train", "valid", "test"}
+    assert "GFDL-1.3" in (tmp_path / "with" / "LICENSES.md").read_text()
+
+
+def test_hedgewars_selector_takes_one_speaker_per_voice_pack(tmp_path):
+    base = tmp_path / "usr/share/games/hedgewars/Data/Sounds"
+    for rel in ["voices/Pirate/Hello.ogg", "voices/Default_ru/Oops.ogg", "voices/Pirate/Ouch.ogg", "Explosion.ogg"]:
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / rel).write_bytes(b"")
+    clips = prepare.PACKAGES["hedgewars-data"].select(tmp_path)
+    assert sorted((c.source.name, c.speaker) for c in clips) == [
+        ("Hello.ogg", "hedgewars-Pirate"),
+        ("Oops.ogg", "hedgewars-Default_ru"),
+        ("Ouch.ogg", "hedgewars-Pirate"),
+    ]
+    assert prepare.PACKAGES["hedgewars-data"].train_only

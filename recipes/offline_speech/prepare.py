@@ -161,6 +161,19 @@ def _select_fillets(lang: str) -> Callable[[Path], list[Clip]]:
     return select
 
 
+def _select_hedgewars(root: Path) -> list[Clip]:
+    # One voice pack per folder (``Default``, ``Pirate``, ``Default_ru``...), each recorded by one voice actor:
+    # short acted exclamations ("Incoming!", "Oops"). Pack names are labels, not verified identities.
+    base = root / "usr/share/games/hedgewars/Data/Sounds/voices"
+    clips = []
+    for path in _audio_files(base):
+        rel = path.relative_to(base)
+        if len(rel.parts) == 2:
+            speaker = f"hedgewars-{_sanitize(rel.parts[0])}"
+            clips.append(Clip(path, speaker, "hedgewars", speaker))
+    return clips
+
+
 def _select_single_speaker(speaker: str) -> Callable[[Path], list[Clip]]:
     def select(root: Path) -> list[Clip]:
         return [Clip(p, speaker, "asterisk-prompt", speaker) for p in _audio_files(root / "usr/share/asterisk")]
@@ -173,6 +186,9 @@ class PackageSpec:
     select: Callable[[Path], list[Clip]]
     licence: str  # summary read from the package's /usr/share/doc/<pkg>/copyright
     note: str = ""
+    # Train-only sources never enter the valid/test draw, so adding one leaves the held-out speakers, their
+    # files and the order of every other speaker's clips unchanged (comparable scores across corpus versions).
+    train_only: bool = False
 
 
 PACKAGES: dict[str, PackageSpec] = {
@@ -193,6 +209,12 @@ PACKAGES: dict[str, PackageSpec] = {
     ),
     "asterisk-prompt-it-menardi-wav": PackageSpec(
         _select_single_speaker("asterisk-it-menardi"), "CC-BY-SA-3.0 (Italy)", "Italian telephone prompts, 8 kHz"
+    ),
+    "hedgewars-data": PackageSpec(
+        _select_hedgewars,
+        "GFDL-1.3 (Data/Sounds)",
+        "game voice packs, short acted exclamations, one actor per pack; train split only",
+        train_only=True,
     ),
 }
 for _name in PACKAGES:
@@ -735,30 +757,38 @@ def build_corpus(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     for package, clip in clips:
         by_speaker[clip.speaker].append(clip)
         package_of[clip.speaker] = package
-    infos = [SpeakerInfo(s, c[0].family, c[0].tie) for s, c in by_speaker.items() if len(c) >= args.min_clips]
+    enough = {s: c for s, c in by_speaker.items() if len(c) >= args.min_clips}
+    train_only = sorted(s for s in enough if PACKAGES[package_of[s]].train_only)
+    infos = [SpeakerInfo(s, c[0].family, c[0].tie) for s, c in enough.items() if s not in train_only]
     assignment = split_speakers(infos, args.valid_fraction, args.test_fraction, args.seed)
 
     rows: list[Row] = []
-    rng = random.Random(args.seed)
     cache_root = args.cache / "unpacked"
-    for speaker in sorted(assignment):
+
+    def write_real_speaker(speaker: str, split: str, rng: random.Random) -> None:
         package = package_of[speaker]
         waves = _real_waves(by_speaker[speaker], cache_root, rng, args.min_seconds, args.trim_db)
-        rows += write_speaker(
-            out,
-            assignment[speaker],
-            speaker,
-            package,
-            PACKAGES[package].licence,
-            waves,
-            args.max_minutes_per_speaker * 60,
-            args.pack_seconds,
-            args.gap_seconds,
+        rows.extend(
+            write_speaker(
+                out,
+                split,
+                speaker,
+                package,
+                PACKAGES[package].licence,
+                waves,
+                args.max_minutes_per_speaker * 60,
+                args.pack_seconds,
+                args.gap_seconds,
+            )
         )
-        print(
-            f"{assignment[speaker]:5s} {speaker}: {sum(r.duration_s for r in rows if r.speaker == speaker):.0f} s",
-            flush=True,
-        )
+        print(f"{split:5s} {speaker}: {sum(r.duration_s for r in rows if r.speaker == speaker):.0f} s", flush=True)
+
+    rng = random.Random(args.seed)
+    for speaker in sorted(assignment):
+        write_real_speaker(speaker, assignment[speaker], rng)
+    train_only_rng = random.Random(f"{args.seed}:train-only")  # the shared rng's sequence stays as it was
+    for speaker in train_only:
+        write_real_speaker(speaker, "train", train_only_rng)
     if args.synthetic:
         engines = tuple(e for e in ("espeak-ng", "flite") if shutil.which(e))
         if not engines:
