@@ -104,6 +104,28 @@ def test_checkpoint_contents_and_loadable_weights(corpus, tmp_path):
         Trainer(other, tmp_path)
 
 
+def test_time_limit_stops_mid_epoch_with_a_resumable_state(corpus, tmp_path, monkeypatch):
+    # A fake clock: one "minute" per optimizer step taken. 4 optimizer steps per epoch; 2.5 minutes stop the
+    # run after step 3, mid-epoch 0, and the next run resumes there with a fresh time budget.
+    from mossformer2.training import trainer as trainer_module
+
+    cfg = make_config(corpus, "trainer.max_minutes=2.5", "trainer.checkpoint_every_steps=null")
+    trainer = Trainer(cfg, tmp_path)
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: 60.0 * trainer.state.step)
+    trainer.fit()
+    assert trainer.state.step == 3 and trainer.state.epoch == 0
+    last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert last["step"] == 3 and last["trainer_state"]["batches_done"] == 6
+    assert "time limit reached" in (tmp_path / "train.log").read_text()
+
+    resumed = Trainer(make_config(corpus, "trainer.max_minutes=100"), tmp_path)
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: 60.0 * resumed.state.step)
+    resumed.fit()
+    assert resumed.state.step == 8 and resumed.state.epoch == 2  # both epochs completed from step 3
+    with pytest.raises(ValueError, match="max_minutes"):
+        make_config(corpus, "trainer.max_minutes=0").validate()
+
+
 def test_nan_loss_skips_the_step_and_counts_it(corpus, tmp_path, monkeypatch):
     cfg = make_config(corpus, "trainer.max_steps=1", "optim.accum_steps=2")
     trainer = Trainer(cfg, tmp_path)

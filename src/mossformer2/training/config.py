@@ -74,6 +74,7 @@ class OptimConfig:
 class TrainerConfig:
     max_epochs: int = 120
     max_steps: int | None = None  # stop after this many optimizer steps (None: epochs decide)
+    max_minutes: float | None = None  # stop this run after so many minutes of training, resumable (a time-boxed GPU)
     seed: int = 777
     device: str = "auto"
     cpu_threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is far faster on busy CPUs
@@ -146,6 +147,8 @@ class TrainConfig:
             raise ConfigError("trainer.cpu_threads must be > 0 or null")
         if t.max_steps is not None and t.max_steps <= 0:
             raise ConfigError("trainer.max_steps must be > 0 or null")
+        if t.max_minutes is not None and not t.max_minutes > 0:
+            raise ConfigError("trainer.max_minutes must be > 0 or null")
         if t.checkpoint_every_steps is not None and t.checkpoint_every_steps <= 0:
             raise ConfigError("trainer.checkpoint_every_steps must be > 0 or null")
 

@@ -258,11 +258,21 @@ class Trainer:
         return float(grad_norm)
 
     def _step_limit_reached(self) -> bool:
-        max_steps = self.cfg.trainer.max_steps
-        return max_steps is not None and self.state.step >= max_steps
+        """``trainer.max_steps`` or ``trainer.max_minutes`` reached (decided once per optimizer step, by all ranks)."""
+        t = self.cfg.trainer
+        if t.max_steps is not None and self.state.step >= t.max_steps:
+            return True
+        if t.max_minutes is None:
+            return False
+        if self._time_checked_at_step != self.state.step:
+            self._time_checked_at_step = self.state.step
+            late = time.monotonic() - self._fit_started > t.max_minutes * 60
+            # Ranks' clocks differ slightly: stop when any rank is late, so that all stop at the same step.
+            self._time_up = float(all_reduce_sum(torch.tensor([float(late)], device=self.device)).item()) > 0
+        return self._time_up
 
     def train_epoch(self) -> dict[str, float]:
-        """Run the rest of the current epoch (or until ``trainer.max_steps``); return mean loss and grad norm."""
+        """Run the rest of the current epoch (or to the step/time limit); return mean loss and grad norm."""
         t, accum = self.cfg.trainer, self.cfg.optim.accum_steps
         per_epoch = batches_per_epoch(self.train_loader) // accum * accum  # leftovers would make a partial step
         if per_epoch == 0:
@@ -398,8 +408,9 @@ class Trainer:
         return False
 
     def fit(self) -> TrainState:
-        """Train until ``max_epochs``, ``max_steps`` or early stopping; return the final state."""
+        """Train until ``max_epochs``, ``max_steps``, ``max_minutes`` or early stopping; return the final state."""
         t = self.cfg.trainer
+        self._fit_started, self._time_checked_at_step, self._time_up = time.monotonic(), -1, False
         log.info("training in %s: epochs %d-%d, %d batches per epoch", self.exp_dir, self.state.epoch,
                  t.max_epochs - 1, batches_per_epoch(self.train_loader))
         try:
@@ -409,6 +420,8 @@ class Trainer:
                 stats = self.train_epoch()
                 if self._step_limit_reached() and self.state.batches_done < self._epoch_batches():
                     self.save_checkpoint(self.exp_dir / LAST)  # stopped mid-epoch: resumable from here
+                    log.info("step or time limit reached mid-epoch at step %d: state saved to %s", self.state.step,
+                             self.exp_dir / LAST)
                     break
                 if self._end_epoch(stats):
                     break
