@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One call of a lent GPU machine: train the larger built-in model candidate (gpu_model.yaml) for $MINUTES on the
+# Opus pack of the offline corpus, resuming from recipes/offline_speech/state/gpu_last.pt when it exists.
+# Results under $OUT: last.pt (resumable state), best.pt (best validation), train.log, config.yaml, gpu.txt.
+#
+#   python recipes/offline_speech/prepare.py --out /work/corpus                        # here, once (490 MB of wav)
+#   python recipes/offline_speech/pack_corpus.py --corpus /work/corpus --out .corpus_pack   # ~44 MiB: travels
+#   device run: MINUTES=8 bash recipes/offline_speech/gpu_session.sh     with carry [".whl", ".corpus_pack"]
+#   then here: cp <files_at>/last.pt recipes/offline_speech/state/gpu_last.pt; the next call resumes from it.
+#
+# Extra arguments are config overrides (key=value), e.g. trainer.device=cpu for a dry run.
+set -eu
+source scripts/device_env.sh
+MINUTES=${MINUTES:-8}
+PACK=${PACK:-.corpus_pack}
+STATE=${STATE:-recipes/offline_speech/state/gpu_last.pt}
+EXP=${EXP:-/tmp/mossformer2_gpu_exp}
+if [ ! -d "$PACK/train" ] || [ ! -d "$PACK/valid" ]; then
+    echo "error: no packed corpus at $PACK (build it with recipes/offline_speech/pack_corpus.py and carry it)" >&2
+    exit 1
+fi
+mkdir -p "$EXP"
+if [ -f "$STATE" ] && [ ! -f "$EXP/last.pt" ]; then
+    cp "$STATE" "$EXP/last.pt"
+fi
+(nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || echo "no GPU") >"$OUT/gpu.txt"
+"$PYTHON" -m mossformer2 train --config recipes/offline_speech/gpu_model.yaml --exp-dir "$EXP" \
+    trainer.max_minutes="$MINUTES" data.dynamic_mixing.train_utterances="$PACK/train" \
+    data.dynamic_mixing.valid_utterances="$PACK/valid" "$@"
+for name in last.pt best.pt train.log config.yaml; do
+    if [ -f "$EXP/$name" ]; then
+        cp "$EXP/$name" "$OUT/"
+    fi
+done
