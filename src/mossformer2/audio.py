@@ -14,6 +14,12 @@ import soxr
 
 from mossformer2.utils import atomic_path
 
+# File suffixes that folder scans (datasets, `mossformer2 separate DIR`) pick up: libsndfile's formats, then the
+# containers read_audio decodes with PyAV.
+AUDIO_SUFFIXES = frozenset({
+    ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64", ".sph",
+    ".m4a", ".aac", ".mp4", ".mka", ".webm", ".wma",
+})
 WRITE_FORMATS = {"wav": "WAV", "flac": "FLAC"}
 WRITE_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 

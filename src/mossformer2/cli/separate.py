@@ -10,8 +10,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".m4a", ".aac", ".opus", ".aif", ".aiff", ".au",
-                    ".caf", ".w64", ".rf64", ".wma", ".webm", ".mp4", ".mka"}
 LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
 
 
@@ -78,12 +76,14 @@ def _list_entries(list_file: Path) -> list[Path]:
 
 def collect_inputs(specs: list[str]) -> Inputs:
     """Expand files, folders (recursive), globs and list files into a sorted, de-duplicated file list."""
+    from mossformer2.audio import AUDIO_SUFFIXES  # lazy: `mossformer2 --help` stays light
+
     found = Inputs()
     files: list[Path] = []
     for spec in specs:
         path = Path(spec).expanduser()
         if path.is_dir():
-            files.extend(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+            files.extend(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             files.extend(_list_entries(path))
         elif path.is_file():

@@ -17,8 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# File types libsndfile reads that speech datasets use.
-AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".mp3", ".opus", ".aif", ".aiff", ".au", ".sph", ".w64"})
+from mossformer2.audio import AUDIO_SUFFIXES  # the suffixes a folder scan picks up
 
 
 @dataclass
