@@ -116,6 +116,21 @@ def clip_guard(wave: np.ndarray, subtype: str, name: str) -> np.ndarray:
     return np.clip(wave, -1.0, 1.0)
 
 
+def fit_to_full_scale(waves: np.ndarray, subtype: str, name: str, headroom: float = 0.99) -> np.ndarray:
+    """Scale all of ``waves`` by one gain so that the loudest sample fits an integer ``subtype`` (warns, naming
+    ``name``). For the speaker outputs of one recording: a model trained with a scale-invariant loss may output
+    any level, and one gain keeps their relative levels, where clipping would distort them. FLOAT passes."""
+    if subtype.upper() == "FLOAT" or waves.size == 0:
+        return waves
+    peak = float(np.abs(waves).max())
+    if not peak > 1.0:  # also lets NaN through to the writer's own clear error
+        return waves
+    gain = headroom / peak
+    warnings.warn(f"{name}: outputs peak at {peak:.3f}, over full scale for {subtype}: all scaled by {gain:.3g} "
+                  f"({20 * np.log10(gain):.1f} dB) together", stacklevel=3)
+    return (waves * gain).astype(np.float32)
+
+
 def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, subtype: str = "PCM_16",
                 format: str | None = None) -> Path:
     """Write ``[T]`` or ``[C, T]`` atomically as wav/flac (format from the suffix unless given).

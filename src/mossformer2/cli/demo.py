@@ -31,6 +31,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     from mossformer2.metrics import score_separation
     from mossformer2.plotting import plot_separation
     from mossformer2.separation import Separator
+    from mossformer2.separation.separator import write_sources
 
     separator = Separator.from_pretrained(checkpoint, device=device)
     rate = separator.model.config.sample_rate
@@ -46,8 +47,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_audio(out / "mixture.wav", mix, rate)
-    for k, src in enumerate(est):
-        write_audio(out / f"speaker{k + 1}.wav", src, rate)
+    write_sources([out / f"speaker{k + 1}.wav" for k in range(len(est))], est, rate)
     for k, ref in enumerate(refs):
         write_audio(out / f"reference{k + 1}.wav", ref, rate)
     plot_separation(mix, est, rate, out / "spectrogram.png",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mossformer2.audio import clip_guard, read_audio, resample, to_mono, write_audio
+from mossformer2.audio import fit_to_full_scale, read_audio, resample, to_mono, write_audio
 from mossformer2.separation.batching import make_batches
 from mossformer2.separation.cuda_graphs import CudaGraphModel
 from mossformer2.separation.stitching import (
@@ -296,11 +296,13 @@ def output_paths(input_path: str | Path, out_dir: str | Path, num_spks: int, for
 
 
 def write_sources(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> None:
-    """Write ``sources[k]`` (``[T]`` or ``[C, T]``) to ``paths[k]``: all files appear together or none does."""
+    """Write ``sources[k]`` (``[T]`` or ``[C, T]``) to ``paths[k]``: all files appear together or none does.
+
+    Outputs louder than full scale are scaled down together (``fit_to_full_scale``), never clipped."""
+    sources = fit_to_full_scale(np.asarray(sources, dtype=np.float32), subtype, ", ".join(p.name for p in paths))
     with contextlib.ExitStack() as stack:
         for path, source in zip(paths, sources):
             tmp = stack.enter_context(atomic_path(path))
-            source = clip_guard(np.asarray(source, dtype=np.float32), subtype, path.name)  # warn with the real name
             write_audio(tmp, source, sample_rate, subtype=subtype, format=path.suffix.lstrip("."))
 
 
