@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import soundfile as sf
 
 from mossformer2.data.dynamic_mixing import load_utterances
+from mossformer2.models.config import tiny_test_config
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "offline_speech" / "pack_corpus.py"
 
@@ -81,10 +83,8 @@ def test_pack_refuses_oversize_or_existing_output_and_leaves_nothing(corpus, tmp
 
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_OVERRIDES = [
-    "model.encoder_embedding_dim=16", "model.mossformer_sequence_dim=16", "model.num_mossformer_layer=1",
-    "model.query_key_dim=16", "model.rotary_dim=8", "model.fsmn_inner_dim=16", "model.fsmn_lorder=4",
-    "model.group_size=64", "data.segment_seconds=0.25", "data.batch_size=2", "data.valid_batch_size=2",
+TINY_OVERRIDES = [f"model.{key}={value}" for key, value in asdict(tiny_test_config()).items()] + [
+    "data.segment_seconds=0.25", "data.batch_size=2", "data.valid_batch_size=2",
     "data.num_workers=0", "data.dynamic_mixing.examples_per_epoch=4", "data.dynamic_mixing.valid_examples=2",
     "data.dynamic_mixing.valid_max_seconds=0.25", "trainer.device=cpu", "trainer.precision=fp32",
 ]

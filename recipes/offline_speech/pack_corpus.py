@@ -62,7 +62,7 @@ def pack(corpus: Path, out: Path, level: float, valid_files_per_speaker: int, ma
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        scores, seconds, packed_rows = [], defaultdict(float), []
+        scores, seconds, packed_rows, size = [], defaultdict(float), [], 0
         for row in rows:
             audio, rate = sf.read(corpus / row["path"], dtype="float32")
             if rate != SAMPLE_RATE or audio.ndim != 1:
@@ -70,16 +70,16 @@ def pack(corpus: Path, out: Path, level: float, valid_files_per_speaker: int, ma
             rel = Path(row["path"]).with_suffix(".opus")
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             sf.write(tmp / rel, audio, SAMPLE_RATE, format="OGG", subtype="OPUS", compression_level=level)
+            size += (tmp / rel).stat().st_size
+            if size > max_mib * 2**20:  # stop at once rather than after encoding everything
+                raise ValueError(
+                    f"packed audio passes {size / 2**20:.1f} MiB at {row['path']}, over --max-mib {max_mib:g}: "
+                    "raise --level (lower bitrate) or lower --valid-files-per-speaker"
+                )
             coded, _ = sf.read(tmp / rel, dtype="float32")  # same length: libsndfile drops Opus' pre-skip
             scores.append(si_sdr(coded, audio))
             seconds[row["split"]] += len(audio) / SAMPLE_RATE
             packed_rows.append({**row, "path": rel.as_posix()})
-        size = sum(p.stat().st_size for p in tmp.rglob("*.opus"))
-        if size > max_mib * 2**20:
-            raise ValueError(
-                f"packed audio is {size / 2**20:.1f} MiB, over --max-mib {max_mib:g}: raise --level (lower bitrate) "
-                "or lower --valid-files-per-speaker"
-            )
         with (tmp / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(packed_rows[0]))
             writer.writeheader()

@@ -104,12 +104,18 @@ def to_mono(wave: np.ndarray) -> np.ndarray:
     return wave.mean(axis=0, dtype=np.float32)
 
 
+def _peak_over_full_scale(wave: np.ndarray, subtype: str) -> float | None:
+    """The peak of ``wave`` if an integer ``subtype`` cannot hold it, else None (NaN passes: the writer's error)."""
+    if subtype.upper() == "FLOAT" or wave.size == 0:
+        return None
+    peak = float(np.abs(wave).max())
+    return peak if peak > 1.0 else None
+
+
 def clip_guard(wave: np.ndarray, subtype: str, name: str) -> np.ndarray:
     """Clip to [-1, 1] with a warning naming ``name`` when an integer ``subtype`` would otherwise wrap."""
-    if subtype.upper() == "FLOAT":
-        return wave
-    peak = float(np.abs(wave).max())
-    if not peak > 1.0:  # also lets NaN through to the writer's own clear error
+    peak = _peak_over_full_scale(wave, subtype)
+    if peak is None:
         return wave
     warnings.warn(f"{name}: peak {peak:.3f} exceeds full scale; clipping to [-1, 1] for {subtype}",
                   stacklevel=3)
@@ -120,10 +126,8 @@ def fit_to_full_scale(waves: np.ndarray, subtype: str, name: str, headroom: floa
     """Scale all of ``waves`` by one gain so that the loudest sample fits an integer ``subtype`` (warns, naming
     ``name``). For the speaker outputs of one recording: a model trained with a scale-invariant loss may output
     any level, and one gain keeps their relative levels, where clipping would distort them. FLOAT passes."""
-    if subtype.upper() == "FLOAT" or waves.size == 0:
-        return waves
-    peak = float(np.abs(waves).max())
-    if not peak > 1.0:  # also lets NaN through to the writer's own clear error
+    peak = _peak_over_full_scale(waves, subtype)
+    if peak is None:
         return waves
     gain = headroom / peak
     warnings.warn(f"{name}: outputs peak at {peak:.3f}, over full scale for {subtype}: all scaled by {gain:.3g} "

@@ -257,7 +257,7 @@ class Trainer:
         self.state.step += 1
         return float(grad_norm)
 
-    def _step_limit_reached(self) -> bool:
+    def _limit_reached(self) -> bool:
         """``trainer.max_steps`` or ``trainer.max_minutes`` reached (decided once per optimizer step, by all ranks)."""
         t = self.cfg.trainer
         if t.max_steps is not None and self.state.step >= t.max_steps:
@@ -267,14 +267,15 @@ class Trainer:
         if self._time_checked_at_step != self.state.step:
             self._time_checked_at_step = self.state.step
             late = time.monotonic() - self._fit_started > t.max_minutes * 60
-            # Ranks' clocks differ slightly: stop when any rank is late, so that all stop at the same step.
-            self._time_up = float(all_reduce_sum(torch.tensor([float(late)], device=self.device)).item()) > 0
+            if self.dist.is_distributed:  # clocks differ slightly: stop when any rank is late, all at the same step
+                late = float(all_reduce_sum(torch.tensor([float(late)], device=self.device)).item()) > 0
+            self._time_up = late
         return self._time_up
 
     def train_epoch(self) -> dict[str, float]:
         """Run the rest of the current epoch (or to the step/time limit); return mean loss and grad norm."""
         t, accum = self.cfg.trainer, self.cfg.optim.accum_steps
-        per_epoch = batches_per_epoch(self.train_loader) // accum * accum  # leftovers would make a partial step
+        per_epoch = self._epoch_batches()
         if per_epoch == 0:
             raise ValueError(f"one epoch has fewer batches than optim.accum_steps ({accum})")
         set_loader_epoch(self.train_loader, self.state.epoch, self.state.batches_done)
@@ -288,7 +289,7 @@ class Trainer:
         bad = False
         self.optimizer.zero_grad(set_to_none=True)
         iterator = iter(self.train_loader)
-        while self.state.batches_done < per_epoch and not self._step_limit_reached():
+        while self.state.batches_done < per_epoch and not self._limit_reached():
             batch = next(iterator)
             self.state.batches_done += 1
             self.state.skipped_files += int(batch["skipped"])
@@ -415,10 +416,10 @@ class Trainer:
                  t.max_epochs - 1, batches_per_epoch(self.train_loader))
         try:
             while self.state.epoch < t.max_epochs:
-                if self._step_limit_reached():
+                if self._limit_reached():
                     break
                 stats = self.train_epoch()
-                if self._step_limit_reached() and self.state.batches_done < self._epoch_batches():
+                if self._limit_reached() and self.state.batches_done < self._epoch_batches():
                     self.save_checkpoint(self.exp_dir / LAST)  # stopped mid-epoch: resumable from here
                     log.info("step or time limit reached mid-epoch at step %d: state saved to %s", self.state.step,
                              self.exp_dir / LAST)
@@ -432,6 +433,7 @@ class Trainer:
         return self.state
 
     def _epoch_batches(self) -> int:
+        """Batches of one epoch that make whole optimizer steps (leftovers would make a partial step)."""
         accum = self.cfg.optim.accum_steps
         return batches_per_epoch(self.train_loader) // accum * accum
 
