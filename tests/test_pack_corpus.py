@@ -87,17 +87,22 @@ TINY_OVERRIDES = [f"model.{key}={value}" for key, value in asdict(tiny_test_conf
     "data.segment_seconds=0.25", "data.batch_size=2", "data.valid_batch_size=2",
     "data.num_workers=0", "data.dynamic_mixing.examples_per_epoch=4", "data.dynamic_mixing.valid_examples=2",
     "data.dynamic_mixing.valid_max_seconds=0.25", "trainer.device=cpu", "trainer.precision=fp32",
+    "trainer.init_from=null",
 ]
 
 
-def test_gpu_model_config_is_valid_and_the_documented_size():
+@pytest.mark.parametrize(("config", "n_params"), [("gpu_model.yaml", 1_223_722), ("gpu_small.yaml", 245_658)])
+def test_gpu_configs_are_valid_the_documented_size_and_start_from_matching_weights(config, n_params):
     from mossformer2 import build_model
+    from mossformer2.checkpoint import load_model
     from mossformer2.training.config import load_train_config
 
-    cfg = load_train_config(REPO / "recipes/offline_speech/gpu_model.yaml")
+    cfg = load_train_config(REPO / "recipes/offline_speech" / config)
     cfg.validate()
     model = build_model(cfg.model)
-    assert sum(p.numel() for p in model.parameters()) == 1_223_722  # the size the yaml and README state
+    assert sum(p.numel() for p in model.parameters()) == n_params  # the size the yaml and README state
+    # init_from names weights kept in the repo, of this very architecture (load_model raises on a mismatch).
+    assert load_model(REPO / cfg.trainer.init_from, config=cfg.model).config == cfg.model
 
 
 def test_gpu_session_script_trains_from_the_pack_and_resumes(corpus, tmp_path):
@@ -127,6 +132,14 @@ def test_gpu_session_script_trains_from_the_pack_and_resumes(corpus, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert torch.load(tmp_path / "out2/last.pt", map_location="cpu", weights_only=True)["step"] == 4
     assert "resum" in (tmp_path / "out2/train.log").read_text().lower()
+    # A failing run still returns what it wrote and shows the end of its console output.
+    failed = subprocess.run(["bash", "recipes/offline_speech/gpu_session.sh", *TINY_OVERRIDES, "optim.lr=-1"],
+                            cwd=REPO, env={**env, "OUT": str(tmp_path / "out3"), "EXP": str(tmp_path / "exp3"),
+                                           "STATE": str(tmp_path / "no_state.pt")},
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    assert "error: training" in failed.stderr and "optim.lr" in failed.stderr
+    assert (tmp_path / "out3/gpu.txt").is_file()
     missing = subprocess.run(["bash", "recipes/offline_speech/gpu_session.sh"], cwd=REPO,
                              env={**env, "PACK": str(tmp_path / "nothing"), "OUT": str(tmp_path / "o3")},
                              capture_output=True, text=True, timeout=60)

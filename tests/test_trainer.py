@@ -280,3 +280,15 @@ def test_validation_scores_do_not_depend_on_the_batch_size(corpus, tmp_path):
     assert scores[0]["count"] == scores[1]["count"] == 6
     for key in ("loss", "si_sdr", "si_sdri"):
         assert math.isclose(scores[0][key], scores[1][key], rel_tol=1e-4, abs_tol=1e-4), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none; run on a GPU machine)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_cuda_run_trains_validates_and_resumes_on_cpu(corpus, tmp_path, precision):
+    """Validation once summed CPU and CUDA tensors together; a GPU state must also resume on a CPU."""
+    cfg = make_config(corpus, "trainer.device=cuda", f"trainer.precision={precision}", "trainer.max_epochs=1")
+    state = Trainer(cfg, tmp_path).fit()
+    assert len(state.history) == 1 and math.isfinite(state.history[0]["valid_si_sdri"])
+    on_cpu = Trainer(make_config(corpus, "trainer.max_epochs=2"), tmp_path)
+    assert on_cpu.state.epoch == 1 and next(on_cpu.model.parameters()).device.type == "cpu"
+    on_cpu.close()

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One call of a lent GPU machine: train the larger built-in model candidate (gpu_model.yaml) for $MINUTES on the
-# Opus pack of the offline corpus, resuming from recipes/offline_speech/state/gpu_last.pt when it exists.
-# Results under $OUT: last.pt (resumable state), best.pt (best validation), train.log, config.yaml, gpu.txt.
+# One call of a lent GPU machine: train a built-in model candidate ($CONFIG, default gpu_model.yaml) for $MINUTES
+# on the Opus pack of the offline corpus, resuming from $STATE (default recipes/offline_speech/state/gpu_last.pt)
+# when it exists. Results under $OUT: the files named in $RETURN (default last.pt = resumable state, best.pt = best
+# validation, train.log, config.yaml) and gpu.txt, also when training fails (its console tail then goes to stderr).
+# Two candidates can share one call and GPU, each with its own OUT, EXP and STATE (see the recipe README).
 #
 #   python recipes/offline_speech/prepare.py --out /work/corpus                        # here, once (490 MB of wav)
 #   python recipes/offline_speech/pack_corpus.py --corpus /work/corpus --out .corpus_pack   # ~44 MiB: travels
@@ -12,6 +14,8 @@
 set -eu
 source scripts/device_env.sh
 MINUTES=${MINUTES:-8}
+CONFIG=${CONFIG:-recipes/offline_speech/gpu_model.yaml}
+RETURN=${RETURN:-last.pt best.pt train.log config.yaml}
 PACK=${PACK:-.corpus_pack}
 STATE=${STATE:-recipes/offline_speech/state/gpu_last.pt}
 EXP=${EXP:-/tmp/mossformer2_gpu_exp}
@@ -24,11 +28,17 @@ if [ -f "$STATE" ] && [ ! -f "$EXP/last.pt" ]; then
     cp "$STATE" "$EXP/last.pt"
 fi
 (nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null || echo "no GPU") >"$OUT/gpu.txt"
-"$PYTHON" -m mossformer2 train --config recipes/offline_speech/gpu_model.yaml --exp-dir "$EXP" \
+status=0
+"$PYTHON" -m mossformer2 train --config "$CONFIG" --exp-dir "$EXP" \
     trainer.max_minutes="$MINUTES" data.dynamic_mixing.train_utterances="$PACK/train" \
-    data.dynamic_mixing.valid_utterances="$PACK/valid" "$@"
-for name in last.pt best.pt train.log config.yaml; do
+    data.dynamic_mixing.valid_utterances="$PACK/valid" "$@" >"$EXP/console.log" 2>&1 || status=$?
+for name in $RETURN; do
     if [ -f "$EXP/$name" ]; then
         cp "$EXP/$name" "$OUT/"
     fi
 done
+if [ "$status" -ne 0 ]; then
+    echo "error: training ($CONFIG) exited with status $status; the end of its console output:" >&2
+    tail -n 40 "$EXP/console.log" >&2
+fi
+exit "$status"

@@ -357,7 +357,7 @@ class Trainer:
             loss = plain if clamp is None else pit_si_sdr_loss(est, ref, lengths, clamp, reduction="none")[0]
             mix_sdr = si_sdr(mix[:, None, :].expand_as(ref), ref, lengths).mean(-1)
             totals += torch.stack([loss.sum(), -plain.sum(), (-plain - mix_sdr).sum(),
-                                   torch.tensor(float(len(loss)))]).double().cpu()
+                                   loss.new_tensor(float(len(loss)))]).double().cpu()
             for i in range(min(examples_left, mix.shape[0])):
                 self._log_audio(batch["ids"][i], mix[i, :lengths[i]], est[i, :, :lengths[i]])
             examples_left -= min(examples_left, mix.shape[0])
