@@ -35,6 +35,7 @@ import torch
 
 from mossformer2 import MossFormer2Config, build_model, load_model
 from mossformer2.losses import pit_si_sdr_loss, si_sdr
+from mossformer2.models import convolution
 from mossformer2.models.config import tiny_test_config
 from mossformer2.separation.cuda_graphs import CudaGraphModel
 
@@ -413,6 +414,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda_depthwise"] = convolution.CUDA_DEPTHWISE_LAYOUT
     with contextlib.suppress(ImportError):
         import onnxruntime
 
@@ -459,6 +461,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds after which remaining variants are skipped (rows so far are kept)")
     parser.add_argument("--profile", default=None,
                         help="CUDA only: write the kernels of one batch-1 forward (fp32 and bf16) to this text file")
+    parser.add_argument("--cuda-depthwise", default=None, choices=convolution.CUDA_DEPTHWISE_LAYOUTS,
+                        help="CUDA only: how depth-wise convs run (models.convolution.CUDA_DEPTHWISE_LAYOUT; "
+                             "shifted_sum is meant for the compiled variants)")
     return parser.parse_args(argv)
 
 
@@ -468,6 +473,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cuda_depthwise:
+        convolution.CUDA_DEPTHWISE_LAYOUT = args.cuda_depthwise
     device = resolve_device(args.device)
     quick = args.quick
     s = Settings(device=device, quick=quick,

@@ -7,6 +7,7 @@ import json
 import math
 import sys
 
+import pytest
 import torch
 
 from .conftest import REPO_ROOT
@@ -62,3 +63,20 @@ def test_device_checks_dry_run_on_cpu(tmp_path):
     assert report["padded_batch"]["padded_batch_max_relative_error"] < 1e-4
     assert report["dtypes"]["bfloat16_min_si_sdr_vs_float32_db"] > 20
     assert report["long_file"]["ok"] and report["long_file"]["minutes"] == 0.1
+
+
+def test_cuda_depthwise_option_sets_the_layout_and_refuses_unknown_names(capsys):
+    from mossformer2.models import convolution
+
+    benchmark = _load_benchmark()
+    assert benchmark.parse_args(["--cuda-depthwise", "shifted_sum"]).cuda_depthwise == "shifted_sum"
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--cuda-depthwise", "winograd"])
+    assert "invalid choice" in capsys.readouterr().err
+    before = convolution.CUDA_DEPTHWISE_LAYOUT
+    try:
+        result = benchmark.main(["--quick", "--device", "cpu", "--sections", "latency", "--variants", "",
+                                 "--repeats", "1", "--cuda-depthwise", "shifted_sum"])
+        assert convolution.CUDA_DEPTHWISE_LAYOUT == "shifted_sum" and result["rows"]
+    finally:
+        convolution.CUDA_DEPTHWISE_LAYOUT = before

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import mossformer2
 from mossformer2 import MossFormer2Config, build_model
 from mossformer2.config_utils import ConfigError
-from mossformer2.models import count_parameters
-from mossformer2.models.convolution import _dilated_kernel
+from mossformer2.models import convolution, count_parameters
+from mossformer2.models.convolution import _dilated_kernel, depthwise_shifted_sum
 from mossformer2.models.norms import FrameGroupNorm
 
 from .conftest import make_tiny_config
@@ -307,3 +307,42 @@ def test_zero_stuffed_kernel_equals_dilated_conv(dilation):
     stuffed = _dilated_kernel(weight, dilation)
     assert stuffed.shape[-1] == 6 * dilation + 1
     torch.testing.assert_close(F.conv2d(x, stuffed, padding=(0, padding), groups=6), expected)
+
+
+@pytest.mark.parametrize(("taps", "padding", "dilation"), [(17, 8, 1), (39, 19, 1), (39, 38, 2), (5, 0, 1)])
+def test_shifted_sum_equals_the_depthwise_conv_and_its_gradients(taps, padding, dilation):
+    """The compile-friendly formulation (ConvModule: 17 taps; dense FSMN: 39 taps, dilation 1 and 2)."""
+    btc = torch.randn(2, 120, 6, requires_grad=True)
+    weight = torch.randn(6, 1, 1, taps, requires_grad=True)
+    x = btc.transpose(1, 2).unsqueeze(2)  # the [B, C, 1, T] view of [B, T, C] the model passes
+    expected = F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation), groups=6)
+    out = depthwise_shifted_sum(x, weight, padding, dilation)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (btc, weight))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (btc, weight))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_shifted_sum_keeps_a_reduced_dtype_and_accumulates_in_fp32():
+    x = torch.randn(1, 8, 1, 200).bfloat16()
+    weight = torch.randn(8, 1, 1, 17).bfloat16()
+    out = depthwise_shifted_sum(x, weight, 8, 1)
+    assert out.dtype == torch.bfloat16
+    exact = F.conv2d(x.double(), weight.double(), padding=(0, 8), groups=8)
+    assert float((out.double() - exact).norm() / exact.norm()) < 4e-3  # one bf16 rounding of the result
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the layout knob applies on CUDA only")
+@pytest.mark.parametrize("layout", convolution.CUDA_DEPTHWISE_LAYOUTS)
+def test_every_cuda_depthwise_layout_gives_the_same_output(layout, monkeypatch):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = build_model(make_tiny_config()).cuda().eval()
+    wave = torch.randn(2, 4000, device="cuda")
+    with torch.no_grad():
+        expected = model(wave)
+        monkeypatch.setattr(convolution, "CUDA_DEPTHWISE_LAYOUT", layout)
+        out = model(wave)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)

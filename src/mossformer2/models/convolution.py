@@ -10,7 +10,27 @@ from torch import nn
 # the [B, T, C] activation in place (cuDNN's NHWC grouped kernels); "contiguous" copies it to [B, C, 1, T] first
 # (PyTorch's own depth-wise kernel). Measured end to end (benchmarks/gpu_conv_layouts.py, H200, torch 2.11, full
 # model, 4 s, bf16 CUDA graph): contiguous 47.8 ms, channels_last 59.6 ms, hence the default. Tunable per GPU.
+# "shifted_sum" (depthwise_shifted_sum) is meant for torch.compile, which fuses it into one elementwise kernel on
+# the [B, T, C] layout (no layout copies, no conv kernel); eager, it makes K passes over the input.
+CUDA_DEPTHWISE_LAYOUTS = ("contiguous", "channels_last", "shifted_sum")
 CUDA_DEPTHWISE_LAYOUT = "contiguous"
+
+
+def depthwise_shifted_sum(x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int) -> torch.Tensor:
+    """Depth-wise conv along the last axis as a sum of ``K`` shifted, scaled slices of ``x``, accumulated in fp32.
+
+    x: ``[B, C, 1, T]`` (any strides), weight: ``[C, 1, 1, K]`` -> ``[B, C, 1, T + 2 * padding - dilation * (K - 1)]``
+    in ``x``'s dtype: the same sums as ``F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation),
+    groups=C)``.
+    """
+    taps = weight.shape[-1]
+    padded = F.pad(x, (padding, padding))
+    length = padded.shape[-1] - dilation * (taps - 1)
+    w = weight.float().reshape(1, -1, 1, taps)
+    out = padded[..., :length].float() * w[..., :1]
+    for k in range(1, taps):
+        out = out + padded[..., k * dilation:k * dilation + length].float() * w[..., k:k + 1]
+    return out.to(x.dtype)
 
 
 def _dilated_kernel(weight: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -39,6 +59,8 @@ def conv_along_time(x: torch.Tensor, weight: torch.Tensor, padding: int, dilatio
             weight = _dilated_kernel(weight, dilation)
             dilation = 1
     elif not torch.jit.is_scripting() and x.is_cuda:  # the knob is a Python global, which TorchScript cannot read
+        if CUDA_DEPTHWISE_LAYOUT == "shifted_sum" and weight.shape[1] == 1:
+            return depthwise_shifted_sum(x, weight.to(x.dtype), padding, dilation)
         if CUDA_DEPTHWISE_LAYOUT == "contiguous":
             x = x.contiguous()
     return F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation), groups=groups)
