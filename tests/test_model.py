@@ -337,8 +337,8 @@ def test_shifted_sum_keeps_a_reduced_dtype_and_accumulates_in_fp32():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the layout knob applies on CUDA only")
 @pytest.mark.parametrize("layout", convolution.CUDA_DEPTHWISE_LAYOUTS)
 def test_every_cuda_depthwise_layout_gives_the_same_output(layout, monkeypatch):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = build_model(make_tiny_config()).cuda().eval()
     wave = torch.randn(2, 4000, device="cuda")
     with torch.no_grad():
