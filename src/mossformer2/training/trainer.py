@@ -342,7 +342,8 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Mean loss, SI-SDR and SI-SDRi (dB) over the whole validation set (all ranks' shards)."""
         self.model.eval()
-        totals = torch.zeros(4, dtype=torch.float64)  # loss, si_sdr, si_sdri, count
+        # loss, si_sdr, si_sdri, count: summed on the device, read once at the end (no per-batch sync)
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         examples_left = self.cfg.trainer.audio_examples if self.writer is not None else 0
         for batch in self.valid_loader:
             self.state.skipped_files += int(batch["skipped"])
@@ -357,11 +358,11 @@ class Trainer:
             loss = plain if clamp is None else pit_si_sdr_loss(est, ref, lengths, clamp, reduction="none")[0]
             mix_sdr = si_sdr(mix[:, None, :].expand_as(ref), ref, lengths).mean(-1)
             totals += torch.stack([loss.sum(), -plain.sum(), (-plain - mix_sdr).sum(),
-                                   loss.new_tensor(float(len(loss)))]).double().cpu()
+                                   loss.new_tensor(float(len(loss)))]).double()
             for i in range(min(examples_left, mix.shape[0])):
                 self._log_audio(batch["ids"][i], mix[i, :lengths[i]], est[i, :, :lengths[i]])
             examples_left -= min(examples_left, mix.shape[0])
-        totals = all_reduce_sum(totals.to(self.device)).cpu()
+        totals = all_reduce_sum(totals).cpu()
         count = max(float(totals[3]), 1.0)
         return {"loss": float(totals[0]) / count, "si_sdr": float(totals[1]) / count,
                 "si_sdri": float(totals[2]) / count, "count": float(totals[3])}
