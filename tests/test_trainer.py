@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mossformer2
-from mossformer2.config_utils import apply_overrides
+from mossformer2.config_utils import ConfigError, apply_overrides
 from mossformer2.data.loaders import prepare_synthetic_data
 from mossformer2.training import Trainer
 from mossformer2.training.config import train_config_from_dict
@@ -257,6 +257,86 @@ def test_init_from_our_checkpoint(corpus, tmp_path):
     assert_bitwise_equal(weights(source), weights(trainer.model))
     with pytest.raises(FileNotFoundError):
         Trainer(make_config(corpus, f"trainer.init_from={tmp_path / 'none.pt'}"), tmp_path / "ft2")
+
+
+def test_weight_average_follows_the_steps_and_is_what_gets_validated_and_saved(corpus, tmp_path, monkeypatch):
+    """trainer.ema_decay: after each optimizer step avg <- avg + (1 - decay) * (weights - avg), starting from the
+    weights of the first step; validation and best.pt use the average, last.pt keeps both."""
+    decay = 0.75
+    cfg = make_config(corpus, f"trainer.ema_decay={decay}", "trainer.max_epochs=1")
+    steps: list[dict[str, torch.Tensor]] = []
+    original = Trainer._optimizer_step
+
+    def recording_step(self, bad):
+        norm = original(self, bad)
+        steps.append({k: v.detach().clone() for k, v in self.model.named_parameters()})
+        return norm
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", recording_step)
+    trainer = Trainer(cfg, tmp_path)
+    validated = []
+    original_validate = Trainer.validate
+
+    def recording_validate(self):
+        validated.append(weights(self.eval_model))
+        return original_validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", recording_validate)
+    trainer.fit()
+    assert len(steps) == 4
+    expected = dict(steps[0])
+    for later in steps[1:]:
+        expected = {k: expected[k] + (1 - decay) * (later[k] - expected[k]) for k in expected}
+    averaged = dict(trainer.ema.module.named_parameters())
+    for k, v in expected.items():
+        torch.testing.assert_close(averaged[k], v, rtol=1e-6, atol=1e-7)
+    assert not all(torch.equal(averaged[k], trainer.model.state_dict()[k]) for k in expected)
+    assert_bitwise_equal(validated[0], weights(trainer.ema.module))
+    assert_bitwise_equal(weights(mossformer2.load_model(tmp_path / "best.pt")), weights(trainer.ema.module))
+    last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert_bitwise_equal(last["model"], weights(trainer.model))
+    assert int(last["ema"]["n_averaged"]) == 4
+    # A resumed run restores the average, also in the rebuilt trainer's validation
+    resumed = Trainer(make_config(corpus, f"trainer.ema_decay={decay}", "trainer.max_epochs=2"), tmp_path)
+    assert_bitwise_equal(weights(resumed.ema.module), weights(trainer.ema.module))
+    resumed.close()
+    with pytest.raises(ConfigError, match="ema_decay"):
+        make_config(corpus, "trainer.ema_decay=1.0")
+
+
+def test_killed_and_resumed_run_with_a_weight_average_equals_uninterrupted(corpus, tmp_path, monkeypatch):
+    cfg = make_config(corpus, "trainer.ema_decay=0.9")
+    reference = Trainer(cfg, tmp_path / "ref")
+    reference.fit()
+    calls = {"n": 0}
+    original = Trainer._optimizer_step
+
+    def dying_step(self, bad):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt("killed")
+        return original(self, bad)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "run").fit()
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    resumed = Trainer(cfg, tmp_path / "run")
+    resumed.fit()
+    assert_bitwise_equal(weights(reference.ema.module), weights(resumed.ema.module))
+    assert resumed.state.history == reference.state.history
+
+
+def test_a_weight_average_starts_from_init_from_weights(corpus, tmp_path):
+    source = mossformer2.build_model(make_config(corpus).model)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.5)
+    mossformer2.save_checkpoint(tmp_path / "pre.pt", source)
+    trainer = Trainer(make_config(corpus, f"trainer.init_from={tmp_path / 'pre.pt'}", "trainer.ema_decay=0.99"),
+                      tmp_path / "ft")
+    assert_bitwise_equal(weights(source), weights(trainer.eval_model))
+    trainer.close()
 
 
 def test_validation_reports_si_sdri(corpus, tmp_path):

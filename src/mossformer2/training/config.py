@@ -80,6 +80,9 @@ class TrainerConfig:
     cpu_threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is far faster on busy CPUs
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: bool = False
+    # Exponential moving average of the weights (e.g. 0.999; None: off). Validation, best.pt and so the
+    # selected model use the averaged weights; last.pt keeps both, so a run resumes exactly.
+    ema_decay: float | None = None
     init_from: str | None = None  # fine-tune: official checkpoint or one of ours
     resume: bool = True  # continue from <exp-dir>/last.pt when it exists
     checkpoint_every_steps: int | None = 5000
@@ -149,6 +152,8 @@ class TrainConfig:
             raise ConfigError("trainer.max_steps must be > 0 or null")
         if t.max_minutes is not None and not t.max_minutes > 0:
             raise ConfigError("trainer.max_minutes must be > 0 or null")
+        if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+            raise ConfigError(f"trainer.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
         if t.checkpoint_every_steps is not None and t.checkpoint_every_steps <= 0:
             raise ConfigError("trainer.checkpoint_every_steps must be > 0 or null")
 

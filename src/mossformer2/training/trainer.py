@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from mossformer2.checkpoint import read_checkpoint, save_checkpoint
@@ -117,6 +118,10 @@ class Trainer:
         if t.activation_checkpointing:
             self.model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing = True
         self.model.to(self.device)
+        # The averaged copy is made before DDP wraps the model; every rank averages the same weights.
+        self.ema: AveragedModel | None = None
+        if t.ema_decay is not None:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
         self.train_model: torch.nn.Module = self.model
         if self.dist.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -166,7 +171,14 @@ class Trainer:
 
         pretrained = load_model(path, config=self.cfg.model)
         self.model.load_state_dict(pretrained.state_dict())
+        if self.ema is not None:  # the average starts from these weights
+            self.ema.module.load_state_dict(pretrained.state_dict())
         log.info("initialised the weights from %s", path)
+
+    @property
+    def eval_model(self) -> MossFormer2:
+        """The weights that are validated and saved as best: the moving average when ``trainer.ema_decay`` is set."""
+        return self.ema.module if self.ema is not None else self.model
 
     @property
     def lr(self) -> float:
@@ -197,6 +209,8 @@ class Trainer:
         }
         if self.scaler is not None:
             extra["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            extra["ema"] = self.ema.state_dict()
         save_checkpoint(path, self.model, self.optimizer, epoch=self.state.epoch, step=self.state.step,
                         extra=extra)
 
@@ -215,13 +229,19 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            if "ema" in ckpt:
+                self.ema.load_state_dict(ckpt["ema"])
+            else:
+                log.warning("%s holds no weight average: trainer.ema_decay starts one from its weights", path)
+                self.ema.module.load_state_dict(ckpt["model"])
         self.state = TrainState(**ckpt["trainer_state"])
         rng_states = ckpt["rng_states"]
         _set_rng_state(rng_states[self.dist.rank if self.dist.rank < len(rng_states) else 0])
 
     def _write_best(self) -> None:
         if self.dist.is_main:
-            save_checkpoint(self.exp_dir / BEST, self.model, epoch=self.state.epoch, step=self.state.step,
+            save_checkpoint(self.exp_dir / BEST, self.eval_model, epoch=self.state.epoch, step=self.state.step,
                             extra={"valid": self.state.history[-1], "train_config": to_dict(self.cfg)})
 
     # ------------------------------------------------------------------ training
@@ -248,11 +268,14 @@ class Trainer:
                         "loss" if bad else "gradient", self.state.skipped_steps)
             if self.scaler is not None:
                 self.scaler.update()
-        elif self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
         else:
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         return float(grad_norm)
@@ -341,7 +364,8 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Mean loss, SI-SDR and SI-SDRi (dB) over the whole validation set (all ranks' shards)."""
-        self.model.eval()
+        model = self.eval_model
+        model.eval()
         # loss, si_sdr, si_sdri, count: summed on the device, read once at the end (no per-batch sync)
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         examples_left = self.cfg.trainer.audio_examples if self.writer is not None else 0
@@ -351,7 +375,7 @@ class Trainer:
                 continue
             mix, ref, lengths = (batch[k].to(self.device) for k in ("mix", "sources", "lengths"))
             with self._autocast():
-                est = self.model(mix, _padded_lengths(lengths, mix))
+                est = model(mix, _padded_lengths(lengths, mix))
             est = est.float()
             plain, _ = pit_si_sdr_loss(est, ref, lengths, reduction="none")  # unclamped: -SI-SDR
             clamp = self.cfg.optim.loss_clamp_db
