@@ -1,0 +1,67 @@
+"""Turn a trained checkpoint into the package's built-in model file.
+
+    python recipes/offline_speech/ship.py exp/run/best.pt --train-utterances /work/corpus/train \
+        --training-json info.json
+
+Keeps the model weights and config, sets the output level (``mossformer2.training.calibration``: one gain on
+the decoder, measured on training-speaker mixtures, so no held-out speaker is used), and stores the training
+provenance under ``"training"`` (the input's own ``"training"`` entry, updated with ``--training-json``).
+The file is written atomically; the output gains applied so far are multiplied into ``"output_gain"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mossformer2.checkpoint import load_model, read_checkpoint, save_checkpoint
+from mossformer2.data.datasets import AudioStore
+from mossformer2.data.dynamic_mixing import DynamicMixingDataset, load_utterances
+from mossformer2.pretrained import DEFAULT_MODEL_FILE
+from mossformer2.training.calibration import estimate_output_gain, fold_output_gain
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="trained checkpoint (best.pt of a run, or a shipped file)")
+    parser.add_argument("--out", default=str(DEFAULT_MODEL_FILE), help="where to write (default: the package's file)")
+    parser.add_argument("--train-utterances", required=True,
+                        help="training speakers <root>/<speaker>/*.wav for the level calibration")
+    parser.add_argument("--examples", type=int, default=200, help="calibration mixtures (default 200)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each calibration mixture")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--training-json", help="JSON object merged into the stored training provenance")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.examples <= 0 or args.seconds <= 0:
+        raise SystemExit("--examples and --seconds must be > 0")
+    source = read_checkpoint(args.checkpoint)
+    model = load_model(source)
+    training = dict(source.get("training") or {})
+    if args.training_json:
+        extra = json.loads(Path(args.training_json).read_text())
+        if not isinstance(extra, dict):
+            raise SystemExit(f"{args.training_json} must hold a JSON object")
+        training.update(extra)
+    rate = model.config.sample_rate
+    mixtures = DynamicMixingDataset(load_utterances(args.train_utterances), model.config.num_spks,
+                                    AudioStore(rate), args.examples, segment_samples=int(args.seconds * rate),
+                                    seed=args.seed, fixed=True)
+    gain = estimate_output_gain(model, (mixtures[i] for i in range(len(mixtures))))
+    fold_output_gain(model, gain)
+    total_gain = float(source.get("output_gain", 1.0)) * gain
+    extra = {"training": training, "output_gain": total_gain}
+    if "valid" in source:
+        extra["valid"] = source["valid"]
+    save_checkpoint(args.out, model, epoch=int(source.get("epoch", 0)), step=int(source.get("step", 0)), extra=extra)
+    print(f"{args.out}: output gain {gain:.4g} ({total_gain:.4g} in all) from {args.examples} training mixtures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Output-level calibration (training/calibration.py) and the recipe's ship.py that applies it."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mossformer2.checkpoint import load_model, save_checkpoint
+from mossformer2.data.synthetic import generate_speaker_corpus
+from mossformer2.models import MossFormer2
+from mossformer2.models.config import tiny_test_config
+from mossformer2.training.calibration import estimate_output_gain, fold_output_gain
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "offline_speech" / "ship.py"
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("offline_speech_ship", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_model(seed: int = 0) -> MossFormer2:
+    torch.manual_seed(seed)
+    return MossFormer2(tiny_test_config()).eval()
+
+
+def test_folded_gain_scales_every_output():
+    model = tiny_model()
+    mix = torch.randn(2, 3000) * 0.1
+    with torch.no_grad():
+        before = model(mix)
+        fold_output_gain(model, 0.125)
+        after = model(mix)
+    # Exactly proportional outputs: every scale-invariant score stays as it was.
+    torch.testing.assert_close(after, before * 0.125, rtol=1e-5, atol=1e-9)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive finite"):
+            fold_output_gain(model, bad)
+
+
+def test_estimated_gain_is_the_least_squares_level_whatever_the_order_and_sign():
+    """References built from the model's own outputs at 0.25 x (swapped order, one sign flipped): the gain that
+    brings the estimates to the references is 0.25 exactly."""
+    model = tiny_model(1)
+    examples = []
+    with torch.no_grad():
+        for k in range(4):
+            mix = torch.randn(2500, generator=torch.Generator().manual_seed(k)) * 0.1
+            est = model(mix[None])[0]
+            examples.append({"mix": mix, "sources": torch.stack([-0.25 * est[1], 0.25 * est[0]])})
+    assert estimate_output_gain(model, examples) == pytest.approx(0.25, rel=1e-5)
+    with pytest.raises(ValueError, match="no example"):
+        estimate_output_gain(model, [])
+
+
+def test_ship_writes_a_calibrated_checkpoint_with_its_provenance(tmp_path):
+    ship = _load_recipe()
+    config = tiny_test_config()
+    corpus = generate_speaker_corpus(tmp_path / "train", 4, 2, seconds=0.5, sample_rate=config.sample_rate)
+    model = tiny_model(2)
+    save_checkpoint(tmp_path / "best.pt", model, epoch=3, step=120,
+                    extra={"training": {"recipe": "x.yaml", "steps": 100}, "valid": {"valid_si_sdri": 1.5}})
+    (tmp_path / "info.json").write_text('{"steps": 120, "corpus": "synthetic"}')
+    out = tmp_path / "shipped.pt"
+    assert ship.main([str(tmp_path / "best.pt"), "--out", str(out), "--train-utterances", str(corpus),
+                      "--examples", "6", "--seconds", "0.4", "--training-json", str(tmp_path / "info.json")]) == 0
+    shipped = torch.load(out, map_location="cpu", weights_only=True)
+    assert shipped["training"] == {"recipe": "x.yaml", "steps": 120, "corpus": "synthetic"}
+    assert shipped["valid"] == {"valid_si_sdri": 1.5} and shipped["step"] == 120 and shipped["epoch"] == 3
+    gain = shipped["output_gain"]
+    assert gain > 0 and gain != 1.0
+    calibrated = load_model(out)
+    for name, weight in model.state_dict().items():
+        expected = weight * gain if name == "dec.weight" else weight
+        torch.testing.assert_close(calibrated.state_dict()[name], expected, rtol=1e-6, atol=0.0)
+    # Shipping the shipped file again measures a gain of 1 on the same mixtures and keeps the product.
+    again = tmp_path / "again.pt"
+    ship.main([str(out), "--out", str(again), "--train-utterances", str(corpus), "--examples", "6",
+               "--seconds", "0.4"])
+    assert torch.load(again, weights_only=True)["output_gain"] == pytest.approx(gain, rel=1e-4)
