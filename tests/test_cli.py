@@ -41,3 +41,19 @@ def test_subcommand_help(command, capsys):
         main([command, "--help"])
     assert info.value.code == 0
     assert "usage: mossformer2" in capsys.readouterr().out
+
+
+def test_warnings_are_one_line_messages_and_the_format_is_restored():
+    """A command's warnings read `mossformer2 CMD: warning: ...`, without source path and code line."""
+    script = (
+        "import warnings, mossformer2.cli.info as info\n"
+        "from mossformer2.cli import main\n"
+        "info.run = lambda args: warnings.warn('outputs over full scale')\n"
+        "main(['info'])\n"
+        "warnings.warn('after the command')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert lines[0] == "mossformer2 info: warning: outputs over full scale"
+    assert "UserWarning: after the command" in out.stderr  # Python's own format again outside the command

@@ -250,3 +250,26 @@ def test_collect_inputs_and_mirroring(tmp_path):
     assert found.errors == [(str(tmp_path / "none.wav"), "no such file or folder")]
     dirs = mirrored_out_dirs(found.files, Path("/out"))
     assert sorted(str(d) for d in dirs.values()) == ["/out", "/out/y", "/out/y"]
+
+
+def test_folders_and_patterns_skip_the_output_folder(tmp_path, capsys):
+    """Separating a folder into a folder inside it, twice, must not separate the first run's outputs."""
+    (tmp_path / "y").mkdir()
+    for rel in ("a.wav", "y/b.wav"):
+        sf.write(tmp_path / rel, np.random.default_rng(0).standard_normal(2000) * 0.1, 16000)
+    (tmp_path / "out").mkdir()
+    sf.write(tmp_path / "out" / "old_s1.wav", np.zeros(100), 16000)
+    found = collect_inputs([str(tmp_path), str(tmp_path / "*.wav"), str(tmp_path / "out" / "old_s1.wav")],
+                           exclude=tmp_path / "out")
+    assert [p.relative_to(tmp_path).as_posix() for p in found.files] == ["a.wav", "out/old_s1.wav", "y/b.wav"]
+    assert found.excluded == 1  # the folder's find; the pattern does not reach out/, the named file is kept
+    assert collect_inputs([str(tmp_path)]).excluded == 0
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.pt", build_model(make_tiny_config()))
+    args = ["separate", str(tmp_path), "-o", str(tmp_path / "out"), "--checkpoint", str(tmp_path / "m.pt")]
+    for run in range(2):
+        assert main(args + (["--overwrite"] if run else [])) == 0
+    err = capsys.readouterr().err
+    assert "ignoring 1 file(s)" in err and "ignoring 5 file(s)" in err  # old_s1, then + 4 outputs
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.wav")) == [
+        "a_s1.wav", "a_s2.wav", "old_s1.wav", "y/b_s1.wav", "y/b_s2.wav"]

@@ -6,9 +6,12 @@ Subcommand modules import heavy dependencies inside ``run`` so that ``mossformer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
 
 SUBCOMMANDS = ["separate", "demo", "info", "train", "evaluate", "mix", "export"]
 
@@ -36,6 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Show warnings as ``mossformer2 CMD: warning: ...`` (not source path, line and code) while a command runs."""
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f"mossformer2 {command}: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -45,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with contextlib.nullcontext() if args.verbose else _one_line_warnings(args.command):
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -56,6 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 class Inputs:
     files: list[Path] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+    excluded: int = 0  # files a folder or pattern found inside the output folder (earlier outputs)
 
 
 def _list_entries(list_file: Path) -> list[Path]:
@@ -74,16 +75,29 @@ def _list_entries(list_file: Path) -> list[Path]:
     return entries
 
 
-def collect_inputs(specs: list[str]) -> Inputs:
-    """Expand files, folders (recursive), globs and list files into a sorted, de-duplicated file list."""
+def collect_inputs(specs: list[str], exclude: Path | None = None) -> Inputs:
+    """Expand files, folders (recursive), globs and list files into a sorted, de-duplicated file list.
+
+    Folders and patterns skip what lies under ``exclude`` (the output folder: separating ``.`` into ``./out``
+    twice must not separate the first run's outputs); files named one by one are always taken.
+    """
     from mossformer2.audio import AUDIO_SUFFIXES  # lazy: `mossformer2 --help` stays light
 
     found = Inputs()
     files: list[Path] = []
+    skip = exclude.expanduser().resolve() if exclude is not None else None
+
+    def kept(found_files: list[Path]) -> list[Path]:
+        if skip is None:
+            return found_files
+        outside = [p for p in found_files if not p.resolve().is_relative_to(skip)]
+        found.excluded += len(found_files) - len(outside)
+        return outside
+
     for spec in specs:
         path = Path(spec).expanduser()
         if path.is_dir():
-            files.extend(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            files.extend(kept([p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]))
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             files.extend(_list_entries(path))
         elif path.is_file():
@@ -93,7 +107,7 @@ def collect_inputs(specs: list[str]) -> Inputs:
             matches = [p for p in matches if p.is_file()]
             if not matches:
                 found.errors.append((spec, "the pattern matches no file"))
-            files.extend(matches)
+            files.extend(kept(matches))
         else:
             found.errors.append((spec, "no such file or folder"))
     found.files = sorted({p.resolve() for p in files})
@@ -174,7 +188,9 @@ def run(args: argparse.Namespace) -> int:
                     batch_size=args.batch_size, channels=args.channels,
                     backend=args.backend, progress=True, cuda_graphs=args.cuda_graphs)
 
-    inputs = collect_inputs(args.inputs)
+    inputs = collect_inputs(args.inputs, exclude=Path(args.out_dir))
+    if inputs.excluded and rank == 0:
+        print(f"ignoring {inputs.excluded} file(s) found inside the output folder {args.out_dir}", file=sys.stderr)
     failed: list[tuple[str, str]] = list(inputs.errors) if rank == 0 else []
     out_dirs = mirrored_out_dirs(inputs.files, Path(args.out_dir))
     plan = {f: output_paths(f, out_dirs[f], sep.num_spks, args.format) for f in inputs.files}
@@ -259,9 +275,9 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start_time
 
     prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
-    rtf = elapsed / audio_seconds if audio_seconds else float("nan")
+    speed = f" (real-time factor {elapsed / audio_seconds:.3f})" if audio_seconds else ""
     print(f"{prefix}separated {done} file(s), skipped {skipped}, failed {len(failed)}; "
-          f"{audio_seconds:.1f} s of audio in {elapsed:.1f} s (real-time factor {rtf:.3f})")
+          f"{audio_seconds:.1f} s of audio in {elapsed:.1f} s{speed}")
     for name, reason in failed:
         print(f"{prefix}failed: {name}: {reason}", file=sys.stderr)
     return 1 if failed else 0
