@@ -102,6 +102,35 @@ def test_separator_runs_on_onnx_model(tiny_model, onnx_path):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def test_separator_and_separate_run_on_a_torchscript_export(tiny_model, checkpoint_path, tmp_path, capsys):
+    """An exported TorchScript file separates like the checkpoint it came from (API and command); reading it
+    as a checkpoint says what it is."""
+    import soundfile as sf
+
+    from mossformer2.checkpoint import read_checkpoint
+    from mossformer2.export import TorchScriptModel
+
+    path = export_torchscript(tiny_model, tmp_path / "tiny.ts.pt", example=0.1 * torch.randn(1, 900))
+    rng = np.random.default_rng(1)
+    wave = (0.1 * rng.standard_normal(8000 * 3)).astype(np.float32)
+    kwargs = dict(chunk_seconds=1.0, overlap_seconds=0.25)
+    expected = Separator(tiny_model, device="cpu", **kwargs).separate(wave, 8000)
+    separator = Separator.from_pretrained(path, device="cpu", **kwargs)
+    assert isinstance(separator.model, TorchScriptModel) and not separator.pads_batches
+    np.testing.assert_allclose(separator.separate(wave, 8000), expected, atol=1e-5)
+    sf.write(tmp_path / "in.wav", wave, 8000)
+    assert main(["separate", str(tmp_path / "in.wav"), "-o", str(tmp_path / "out"), "--checkpoint", str(path)]) == 0
+    got, _ = sf.read(tmp_path / "out" / "in_s1.wav", dtype="float32")
+    reference = tmp_path / "ref"
+    assert main(["separate", str(tmp_path / "in.wav"), "-o", str(reference), "--checkpoint",
+                 str(checkpoint_path)]) == 0
+    np.testing.assert_allclose(got, sf.read(reference / "in_s1.wav", dtype="float32")[0], atol=2e-4)
+    with pytest.raises(ValueError, match="TorchScript export, not a checkpoint"):
+        read_checkpoint(path)
+    assert main(["info", "--checkpoint", str(path)]) == 1
+    assert "TorchScript export" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", ["trace", "script"])
 def test_torchscript_matches_pytorch(tiny_model, tmp_path, method):
     path = export_torchscript(tiny_model, tmp_path / f"tiny_{method}.pt", method=method,

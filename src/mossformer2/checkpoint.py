@@ -8,6 +8,7 @@ loader reads it too because it only looks at ``'model'``.
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,15 @@ _ROTARY_ALIAS = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.\d+
 _COMPUTED = re.compile(r"(rotary_pos_emb\.freqs|pos_enc\.inv_freq)$")
 
 
+def is_torchscript_archive(path: str | Path) -> bool:
+    """True for a ``torch.jit.save`` file (a zip with TorchScript code), which ``torch.load`` cannot read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file safely (``weights_only=True``) onto the CPU."""
     path = Path(path)
@@ -31,6 +41,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a checkpoint file")
+    if is_torchscript_archive(path):
+        raise ValueError(f"{path} is a TorchScript export, not a checkpoint: `mossformer2 separate` and "
+                         "Separator.from_pretrained run it as it is; to train or export again, use the checkpoint "
+                         "it was exported from")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the safe unpickler raises many types on garbage input

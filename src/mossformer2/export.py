@@ -135,6 +135,21 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, MossForm
     return module.eval(), MossFormer2Config.from_dict(json.loads(extra["config.json"]))
 
 
+class TorchScriptModel(torch.nn.Module):
+    """An exported TorchScript file as a separation model: ``.config`` and ``forward(wave [B, T]) -> [B, S, T]``.
+
+    Like the ONNX model it takes no ``lengths`` (a traced graph has one input), so ``Separator`` batches only
+    inputs of equal length with it.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.module, self.config = load_torchscript(path)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.module(wave)
+
+
 def verify_export(model: MossFormer2, path: str | Path, format: str, wave: torch.Tensor | None = None) -> float:
     """Run the exported file and ``model`` (eval, float32, CPU) on ``wave`` and return the max abs difference.
 

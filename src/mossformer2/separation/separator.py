@@ -269,7 +269,8 @@ class Separator:
 
 
 def load_separation_model(ref: str | Path | None = None, device: str | torch.device = "auto") -> Any:
-    """The shipped model (``ref=None``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` file."""
+    """The shipped model (``ref=None``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` or
+    TorchScript file."""
     if ref is None:
         from mossformer2.pretrained import load_default_model
 
@@ -280,8 +281,13 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
         if not Path(ref).is_file():
             raise FileNotFoundError(f"ONNX model not found: {ref}")
         return OnnxRuntimeModel(ref)
-    from mossformer2.checkpoint import load_model
+    from mossformer2.checkpoint import is_torchscript_archive, load_model
     from mossformer2.hub import resolve_checkpoint
+
+    if Path(ref).is_file() and is_torchscript_archive(ref):
+        from mossformer2.export import TorchScriptModel
+
+        return TorchScriptModel(ref).to(resolve_device(device))
 
     return load_model(resolve_checkpoint(ref), device=resolve_device(device))
 
