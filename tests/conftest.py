@@ -21,6 +21,18 @@ torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_script(relative_path: str, module_name: str):
+    """Import a script of the repository that is not in the package (a recipe, a benchmark) as a module."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
 def reference_dir() -> Path | None:
     """``../shared/reference`` beside the checkout (or $MOSSFORMER2_REFERENCE_DIR)."""
     candidates = [os.environ.get("MOSSFORMER2_REFERENCE_DIR"), REPO_ROOT.parent / "shared" / "reference"]

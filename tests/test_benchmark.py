@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from .conftest import REPO_ROOT
+from .conftest import load_script
 
 
 def _load_benchmark(name: str = "benchmark"):
-    spec = importlib.util.spec_from_file_location(f"mossformer2_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py", f"mossformer2_{name}")
 
 
 def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):

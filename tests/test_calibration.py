@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,15 +11,7 @@ from mossformer2.models import MossFormer2
 from mossformer2.models.config import tiny_test_config
 from mossformer2.training.calibration import estimate_output_gain, fold_output_gain
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "offline_speech" / "ship.py"
-
-
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("offline_speech_ship", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from .conftest import load_script
 
 
 def tiny_model(seed: int = 0) -> MossFormer2:
@@ -61,7 +49,7 @@ def test_estimated_gain_is_the_least_squares_level_whatever_the_order_and_sign()
 
 
 def test_ship_writes_a_calibrated_checkpoint_with_its_provenance(tmp_path):
-    ship = _load_recipe()
+    ship = load_script("recipes/offline_speech/ship.py", "offline_speech_ship")
     config = tiny_test_config()
     corpus = generate_speaker_corpus(tmp_path / "train", 4, 2, seconds=0.5, sample_rate=config.sample_rate)
     model = tiny_model(2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,18 +10,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "offline_speech" / "prepare.py"
+from .conftest import load_script
 
-
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("offline_speech_prepare", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses need the module registered
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = _load_recipe()
+prepare = load_script("recipes/offline_speech/prepare.py", "offline_speech_prepare")
 
 
 @pytest.mark.parametrize(
@@ -195,7 +185,7 @@ def test_licence_lines_and_synthetic_voice_settings():
 
 
 def test_cli_help_runs():
-    result = subprocess.run([sys.executable, str(RECIPE), "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, prepare.__file__, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--no-synthetic" in result.stdout
 
 

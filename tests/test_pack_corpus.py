@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from dataclasses import asdict
@@ -16,18 +15,9 @@ import soundfile as sf
 from mossformer2.data.dynamic_mixing import load_utterances
 from mossformer2.models.config import tiny_test_config
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "offline_speech" / "pack_corpus.py"
+from .conftest import load_script
 
-
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("offline_speech_pack_corpus", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pack_corpus = _load_recipe()
+pack_corpus = load_script("recipes/offline_speech/pack_corpus.py", "offline_speech_pack_corpus")
 
 
 @pytest.fixture()

@@ -54,16 +54,9 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("kill_at_call", [7])
-def test_killed_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monkeypatch, kill_at_call):
-    # 8 batches per epoch, accum 2 -> 4 optimizer steps per epoch, 8 in all; checkpoints at steps 3 and 6
-    # (mid-epoch) and at each epoch end. Killing inside step 7 resumes from step 6, mid-epoch 1.
-    cfg = make_config(corpus)
-    reference = Trainer(cfg, tmp_path / "ref")
-    reference.fit()
-    final = weights(reference.model)
-    assert reference.state.step == 8
-
+def killed_and_resumed(cfg, exp_dir, monkeypatch, kill_at_call: int) -> Trainer:
+    """Train in ``exp_dir`` until the ``kill_at_call``-th optimizer step is killed; return the Trainer that
+    resumes from what the killed run left (not yet fitted)."""
     calls = {"n": 0}
     original = Trainer._optimizer_step
 
@@ -75,9 +68,22 @@ def test_killed_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monkeypat
 
     monkeypatch.setattr(Trainer, "_optimizer_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path / "run").fit()
+        Trainer(cfg, exp_dir).fit()
     monkeypatch.setattr(Trainer, "_optimizer_step", original)
-    resumed = Trainer(cfg, tmp_path / "run")
+    return Trainer(cfg, exp_dir)
+
+
+@pytest.mark.parametrize("kill_at_call", [7])
+def test_killed_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monkeypatch, kill_at_call):
+    # 8 batches per epoch, accum 2 -> 4 optimizer steps per epoch, 8 in all; checkpoints at steps 3 and 6
+    # (mid-epoch) and at each epoch end. Killing inside step 7 resumes from step 6, mid-epoch 1.
+    cfg = make_config(corpus)
+    reference = Trainer(cfg, tmp_path / "ref")
+    reference.fit()
+    final = weights(reference.model)
+    assert reference.state.step == 8
+
+    resumed = killed_and_resumed(cfg, tmp_path / "run", monkeypatch, kill_at_call)
     assert resumed.state.step == kill_at_call - 1 and resumed.state.batches_done > 0  # mid-epoch
     resumed.fit()
     assert resumed.state.step == 8
@@ -308,20 +314,7 @@ def test_killed_and_resumed_run_with_a_weight_average_equals_uninterrupted(corpu
     cfg = make_config(corpus, "trainer.ema_decay=0.9")
     reference = Trainer(cfg, tmp_path / "ref")
     reference.fit()
-    calls = {"n": 0}
-    original = Trainer._optimizer_step
-
-    def dying_step(self, bad):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt("killed")
-        return original(self, bad)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path / "run").fit()
-    monkeypatch.setattr(Trainer, "_optimizer_step", original)
-    resumed = Trainer(cfg, tmp_path / "run")
+    resumed = killed_and_resumed(cfg, tmp_path / "run", monkeypatch, kill_at_call=7)
     resumed.fit()
     assert_bitwise_equal(weights(reference.ema.module), weights(resumed.ema.module))
     assert resumed.state.history == reference.state.history
