@@ -48,7 +48,8 @@ def align_to_reference(estimate: np.ndarray, reference: np.ndarray) -> np.ndarra
 
 
 class AlignedStitcher:
-    """Fills a preallocated ``[S, T]`` output chunk by chunk, aligning speakers and cross-fading overlaps.
+    """Fills a preallocated ``[S, T]`` output chunk by chunk, aligning speakers (order and polarity) and
+    cross-fading overlaps.
 
     Chunks must arrive in increasing start order. Memory is the output array plus one chunk.
     """
@@ -66,6 +67,11 @@ class AlignedStitcher:
         if overlap > 0:
             written = self.output[:, start:self._end]
             chunk_out = chunk_out[align_to_reference(chunk_out[:, :overlap], written)]
+            # SI-SDR training leaves each output's polarity free, and a model may flip a speaker from one chunk
+            # to the next: cross-fading x into -x would cancel the overlap. Match each speaker's sign first.
+            agree = np.einsum("st,st->s", chunk_out[:, :overlap], written, dtype=np.float64) >= 0
+            if not agree.all():
+                chunk_out = chunk_out * np.where(agree, 1.0, -1.0).astype(np.float32)[:, None]
             fade_out, fade_in = crossfade_weights(overlap)
             written *= fade_out
             written += fade_in * chunk_out[:, :overlap]
