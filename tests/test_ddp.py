@@ -27,11 +27,12 @@ def _worker(rank: int, world_size: int, port: int, corpus, exp_dir: str) -> None
     info = init_distributed("cpu")
     try:
         cfg = make_config(corpus, "model.dropout=0.0", "data.batch_size=2", "optim.accum_steps=1",
-                          "trainer.max_epochs=1")
+                          "trainer.max_epochs=1", "trainer.ema_decay=0.5")
         trainer = Trainer(cfg, exp_dir, dist_info=info)
         assert trainer.dist.rank == rank and trainer.dist.world_size == world_size
         state = trainer.fit()
-        torch.save({"weights": trainer.model.state_dict(), "step": state.step, "history": state.history,
+        torch.save({"weights": trainer.model.state_dict(), "averaged": trainer.ema.module.state_dict(),
+                    "step": state.step, "history": state.history,
                     "valid_count": trainer.validate()["count"]}, os.path.join(exp_dir, f"result_{rank}.pt"))
     finally:
         cleanup_distributed()
@@ -58,8 +59,12 @@ def test_two_process_gloo_matches_single_process(corpus, tmp_path):
 
     # One process with batch 4 sees the same 4 examples per step (rank r takes every 2nd index).
     single_cfg = make_config(corpus, "model.dropout=0.0", "data.batch_size=4", "optim.accum_steps=1",
-                             "trainer.max_epochs=1")
+                             "trainer.max_epochs=1", "trainer.ema_decay=0.5")
     single = Trainer(single_cfg, tmp_path / "single")
     single.fit()
     for key, value in single.model.state_dict().items():
         torch.testing.assert_close(results[0]["weights"][key], value, atol=2e-5, rtol=1e-4)
+    # The weight average (trainer.ema_decay) is kept identically on every rank, as in one process.
+    for key, value in single.ema.module.state_dict().items():
+        assert torch.equal(results[0]["averaged"][key], results[1]["averaged"][key]), key
+        torch.testing.assert_close(results[0]["averaged"][key], value, atol=2e-5, rtol=1e-4)
