@@ -256,11 +256,13 @@ def test_train_only_package_adds_training_speakers_and_leaves_the_rest_byte_iden
         "split-a": _fake_package(cache, "split-a", [f"a{i}" for i in range(6)], clips=10, seed=0),
         "split-b": _fake_package(cache, "split-b", [f"b{i}" for i in range(6)], clips=10, seed=1),
         "extra": _fake_package(cache, "extra", ["x0", "x1"], clips=10, seed=2),
+        "extra2": _fake_package(cache, "extra2", ["w0"], clips=10, seed=3),  # its speaker sorts before x0
     }
     specs = {
         "split-a": prepare.PackageSpec(_select_fake("a"), "GPL-2"),
         "split-b": prepare.PackageSpec(_select_fake("b"), "GPL-2"),
         "extra": prepare.PackageSpec(_select_fake("x"), "GFDL-1.3", train_only=True),
+        "extra2": prepare.PackageSpec(_select_fake("w"), "CC-BY-3", train_only=True),
     }
     monkeypatch.setattr(prepare, "PACKAGES", specs)
     monkeypatch.setattr(prepare, "fetch_package", lambda name, cache_dir: (roots[name], "1.0"))
@@ -284,6 +286,10 @@ def test_train_only_package_adds_training_speakers_and_leaves_the_rest_byte_iden
     assert {path: with_extra[path] for path in without} == without  # same splits, same files, same bytes
     assert {row[0] for row in without.values()} == {"train", "valid", "test"}
     assert "GFDL-1.3" in (tmp_path / "with" / "LICENSES.md").read_text()
+    # A second train-only package leaves the first one's files as they were too (a random sequence each).
+    with_both = build(tmp_path / "both", ["split-a", "split-b", "extra", "extra2"])
+    assert {path: with_both[path] for path in with_extra} == with_extra
+    assert {row[1] for path, row in with_both.items() if path not in with_extra} == {"w-w0"}
 
 
 def test_hedgewars_selector_takes_one_speaker_per_voice_pack(tmp_path):

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -174,6 +175,47 @@ def _select_hedgewars(root: Path) -> list[Clip]:
     return clips
 
 
+def _select_festvox_ru(root: Path) -> list[Clip]:
+    # The recorded sentences of Festival's Russian unit-selection voice (one male speaker, ~100 min): real
+    # speech, unlike the diphone voices of the other festvox packages.
+    speaker = "festvox-ru-nsh"
+    base = root / "usr/share/festival/voices/russian/msu_ru_nsh_clunits/wav"
+    return [Clip(path, speaker, "festvox", speaker) for path in _audio_files(base)]
+
+
+def _select_gcin(root: Path) -> list[Clip]:
+    # Mandarin syllables ``<zhuyin>/<n>.ogg``: per debian/copyright, 3.ogg was recorded by gcin's author and 5.ogg
+    # by a voice actor (Chu Lo): two speakers.
+    voices = {"3": "gcin-3", "5": "gcin-5"}
+    clips = []
+    for path in _audio_files(root / "usr/share/gcin-voice/ogg"):
+        if path.stem in voices:
+            clips.append(Clip(path, voices[path.stem], "gcin", voices[path.stem]))
+    return clips
+
+
+_0AD_VOICE = re.compile(r"audio/voice/([a-z]+)/civ/civ_(male|female)_[A-Za-z0-9_]+\.ogg")
+
+
+def _select_0ad(root: Path) -> list[Clip]:
+    # 0 A.D.'s unit voices (short orders in ancient languages) are inside the game's public.zip: extracted once
+    # beside the unpacked package. One speaker per language and sex, a label rather than a verified identity.
+    extracted = root / "extracted-voices"
+    if not (extracted / ".complete").is_file():
+        with zipfile.ZipFile(root / "usr/share/games/0ad/mods/public/public.zip") as archive:
+            for name in archive.namelist():
+                if _0AD_VOICE.fullmatch(name):  # fixed pattern: no absolute or '..' member can match
+                    archive.extract(name, extracted)
+        (extracted / ".complete").write_text("")
+    clips = []
+    for path in _audio_files(extracted / "audio/voice"):
+        match = _0AD_VOICE.fullmatch(path.relative_to(extracted).as_posix())
+        if match:
+            speaker = f"0ad-{match.group(1)}-{match.group(2)}"
+            clips.append(Clip(path, speaker, "0ad", speaker))
+    return clips
+
+
 def _select_single_speaker(speaker: str) -> Callable[[Path], list[Clip]]:
     def select(root: Path) -> list[Clip]:
         return [Clip(p, speaker, "asterisk-prompt", speaker) for p in _audio_files(root / "usr/share/asterisk")]
@@ -214,6 +256,24 @@ PACKAGES: dict[str, PackageSpec] = {
         _select_hedgewars,
         "GFDL-1.3 (Data/Sounds)",
         "game voice packs, short acted exclamations, one actor per pack; train split only",
+        train_only=True,
+    ),
+    "festvox-ru": PackageSpec(
+        _select_festvox_ru,
+        "BSD-like (voice data, N. V. Shmyrev)",
+        "recorded Russian sentences of a unit-selection voice, one speaker; train split only",
+        train_only=True,
+    ),
+    "gcin-voice": PackageSpec(
+        _select_gcin,
+        "GPL-3 or LGPL-3 (3.ogg), CC-BY-3 (5.ogg)",
+        "Mandarin syllables, two speakers; train split only",
+        train_only=True,
+    ),
+    "0ad-data": PackageSpec(
+        _select_0ad,
+        "CC-BY-SA-3.0",
+        "game unit voices (short orders), one voice per language and sex; train split only (1.4 GB download)",
         train_only=True,
     ),
 }
@@ -786,9 +846,13 @@ def build_corpus(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     rng = random.Random(args.seed)
     for speaker in sorted(assignment):
         write_real_speaker(speaker, assignment[speaker], rng)
-    train_only_rng = random.Random(f"{args.seed}:train-only")  # the shared rng's sequence stays as it was
+    # Train-only packages draw from a random sequence each (the shared rng's sequence stays as it was), so that
+    # adding one changes no other file. hedgewars-data, the first of them, keeps the key it was built with.
+    train_only_rngs: dict[str, random.Random] = {}
     for speaker in train_only:
-        write_real_speaker(speaker, "train", train_only_rng)
+        package = package_of[speaker]
+        key = f"{args.seed}:train-only" if package == "hedgewars-data" else f"{args.seed}:train-only:{package}"
+        write_real_speaker(speaker, "train", train_only_rngs.setdefault(package, random.Random(key)))
     if args.synthetic:
         engines = tuple(e for e in ("espeak-ng", "flite") if shutil.which(e))
         if not engines:
