@@ -304,3 +304,40 @@ def test_hedgewars_selector_takes_one_speaker_per_voice_pack(tmp_path):
         ("Ouch.ogg", "hedgewars-Pirate"),
     ]
     assert prepare.PACKAGES["hedgewars-data"].train_only
+
+
+def test_festvox_gcin_and_0ad_selectors(tmp_path):
+    import zipfile
+
+    def touch(root: Path, rel: str) -> None:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+
+    ru = tmp_path / "ru"
+    for rel in ["ru_0001.wav", "ru_0002.wav"]:
+        touch(ru, f"usr/share/festival/voices/russian/msu_ru_nsh_clunits/wav/{rel}")
+    touch(ru, "usr/share/festival/voices/russian/msu_ru_nsh_clunits/mcep/ru_0001.mcep")
+    clips = prepare.PACKAGES["festvox-ru"].select(ru)
+    assert sorted((c.source.name, c.speaker) for c in clips) == [("ru_0001.wav", "festvox-ru-nsh"),
+                                                                 ("ru_0002.wav", "festvox-ru-nsh")]
+    gcin = tmp_path / "gcin"
+    for rel in ["ㄅㄚ1/3.ogg", "ㄅㄚ1/5.ogg", "ㄇㄚ/3.ogg", "ㄇㄚ/7.ogg"]:
+        touch(gcin, f"usr/share/gcin-voice/ogg/{rel}")
+    clips = prepare.PACKAGES["gcin-voice"].select(gcin)
+    assert sorted((c.source.parent.name, c.speaker) for c in clips) == [
+        ("ㄅㄚ1", "gcin-3"), ("ㄅㄚ1", "gcin-5"), ("ㄇㄚ", "gcin-3")]
+    game = tmp_path / "0ad"
+    archive = game / "usr/share/games/0ad/mods/public/public.zip"
+    archive.parent.mkdir(parents=True)
+    with zipfile.ZipFile(archive, "w") as z:
+        for name in ["audio/voice/greek/civ/civ_male_attack_1.ogg", "audio/voice/greek/civ/civ_female_attack_1.ogg",
+                     "audio/voice/latin/civ/civ_female_build_1.ogg", "audio/voice/global/civ_dog_bark.ogg",
+                     "audio/music/theme.ogg", "../evil/civ/civ_male_x.ogg"]:
+            z.writestr(name, b"")
+    clips = prepare.PACKAGES["0ad-data"].select(game)
+    assert sorted((c.source.name, c.speaker) for c in clips) == [
+        ("civ_female_attack_1.ogg", "0ad-greek-female"), ("civ_female_build_1.ogg", "0ad-latin-female"),
+        ("civ_male_attack_1.ogg", "0ad-greek-male")]
+    assert not (tmp_path / "evil").exists() and not (game / "extracted-voices" / "audio" / "music").exists()
+    assert prepare.PACKAGES["0ad-data"].select(game) == clips  # extracted once, then read from the folder
+    assert all(prepare.PACKAGES[p].train_only for p in ("festvox-ru", "gcin-voice", "0ad-data"))
