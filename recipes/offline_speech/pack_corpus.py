@@ -1,8 +1,8 @@
 """Pack the offline corpus small enough to travel to a time-boxed GPU machine (Ogg Opus, train + valid subset).
 
-The wav corpus (about 490 MB) is far over what a lent GPU call can carry (64 MiB with the code). Opus at
-compression level 0.9 (about 30 kbit/s for 16 kHz speech) brings 3.4 h of training speech to about 46 MB.
-Lossy coding changes the waveform (median SI-SDR of a coded file against its source is about 20 dB), but the
+The wav corpus (about 550 MB) is far over what a lent GPU call can carry (64 MiB with the code). Opus at
+compression level 0.92 (25 kbit/s for 16 kHz speech) brings 3.9 h of training speech to about 44 MiB.
+Lossy coding changes the waveform (median SI-SDR of a coded file against its source is about 19 dB), but the
 mixtures are built from the coded sources, so targets and mixtures stay consistent; final scores are measured
 on the wav corpus. Layout and speaker folders are kept, so ``data.dynamic_mixing.train_utterances`` can point at
 ``<out>/train``::
@@ -119,7 +119,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--corpus", type=Path, required=True, help="corpus built by prepare.py")
     parser.add_argument("--out", type=Path, required=True, help="folder to create (must not exist)")
-    parser.add_argument("--level", type=float, default=0.9, help="libsndfile Opus compression level (1: smallest)")
+    parser.add_argument("--level", type=float, default=0.92,
+                        help="libsndfile Opus compression level (0.9: 30 kbit/s, 0.92: 25, 1.0: 7 and unusable)")
     parser.add_argument(
         "--valid-files-per-speaker", type=int, default=15, help="valid files kept per held-out speaker (0: all)"
     )
