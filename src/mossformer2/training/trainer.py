@@ -3,8 +3,9 @@ average of the weights, exact resume, DDP.
 
 Counters: ``step`` counts optimizer steps (including skipped ones), ``epoch`` is the epoch in progress and
 ``batches_done`` the micro-batches of it already consumed. A checkpoint taken after any optimizer step holds
-these, the RNG states, the optimizer/scheduler/scaler states and the weight average, so a resumed run continues exactly where the
-interrupted one stopped and ends with bit-identical weights (on CPU; cuDNN/NCCL may add nondeterminism on GPU).
+these, the RNG states, the optimizer/scheduler/scaler states and the weight average, so a resumed run continues
+exactly where the interrupted one stopped and ends with bit-identical weights (on CPU; cuDNN/NCCL may add
+nondeterminism on GPU).
 """
 
 from __future__ import annotations
