@@ -25,8 +25,12 @@ _ROTARY_ALIAS = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.\d+
 _COMPUTED = re.compile(r"(rotary_pos_emb\.freqs|pos_enc\.inv_freq)$")
 
 
+class TorchScriptFileError(ValueError):
+    """:func:`read_checkpoint` was given a TorchScript export (``torch.jit.save``), which ``torch.load`` cannot read."""
+
+
 def is_torchscript_archive(path: str | Path) -> bool:
-    """True for a ``torch.jit.save`` file (a zip with TorchScript code), which ``torch.load`` cannot read."""
+    """True for a ``torch.jit.save`` file (a zip with TorchScript code)."""
     try:
         with zipfile.ZipFile(path) as archive:
             return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
@@ -42,7 +46,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a checkpoint file")
     if is_torchscript_archive(path):
-        raise ValueError(f"{path} is a TorchScript export, not a checkpoint: `mossformer2 separate` and "
+        raise TorchScriptFileError(f"{path} is a TorchScript export, not a checkpoint: `mossformer2 separate` and "
                          "Separator.from_pretrained run it as it is; to train or export again, use the checkpoint "
                          "it was exported from")
     try:

@@ -122,7 +122,8 @@ class Separator:
     def from_pretrained(cls, ref: str | Path | None = None, device: str | torch.device = "auto",
                         **kwargs: Any) -> Separator:
         """``None``: the model shipped with the package; else a checkpoint file or folder, a hub id
-        (``alibabasglab/MossFormer2_SS_16K``), or an exported ``.onnx`` file (ONNX Runtime backend)."""
+        (``alibabasglab/MossFormer2_SS_16K``), an exported ``.onnx`` file (ONNX Runtime backend) or an exported
+        TorchScript file."""
         return cls(load_separation_model(ref, device), device=device, **kwargs)
 
     # -- model call --------------------------------------------------------------------------------------------
@@ -281,15 +282,16 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
         if not Path(ref).is_file():
             raise FileNotFoundError(f"ONNX model not found: {ref}")
         return OnnxRuntimeModel(ref)
-    from mossformer2.checkpoint import is_torchscript_archive, load_model
+    from mossformer2.checkpoint import TorchScriptFileError, load_model
     from mossformer2.hub import resolve_checkpoint
 
-    if Path(ref).is_file() and is_torchscript_archive(ref):
+    path = resolve_checkpoint(ref)
+    try:
+        return load_model(path, device=resolve_device(device))
+    except TorchScriptFileError:  # read_checkpoint recognises the export: run it as it is
         from mossformer2.export import TorchScriptModel
 
-        return TorchScriptModel(ref).to(resolve_device(device))
-
-    return load_model(resolve_checkpoint(ref), device=resolve_device(device))
+        return TorchScriptModel(path).to(resolve_device(device))
 
 
 def output_paths(input_path: str | Path, out_dir: str | Path, num_spks: int, format: str | None = None) -> list[Path]:
