@@ -73,3 +73,22 @@ def test_ship_writes_a_calibrated_checkpoint_with_its_provenance(tmp_path):
     ship.main([str(out), "--out", str(again), "--train-utterances", str(corpus), "--examples", "6",
                "--seconds", "0.4"])
     assert torch.load(again, weights_only=True)["output_gain"] == pytest.approx(gain, rel=1e-4)
+
+
+def test_ship_records_recommended_refinements_without_touching_the_weights(tmp_path):
+    ship = load_script("recipes/offline_speech/ship.py", "offline_speech_ship")
+    model = tiny_model(3)
+    save_checkpoint(tmp_path / "best.pt", model, extra={"output_gain": 0.5})
+    out = tmp_path / "shipped.pt"
+    assert ship.main([str(tmp_path / "best.pt"), "--out", str(out), "--no-calibrate", "--polarity-ensemble",
+                      "--no-mixture-consistency"]) == 0
+    shipped = torch.load(out, weights_only=True)
+    assert shipped["separation"] == {"polarity_ensemble": True, "mixture_consistency": False}
+    assert shipped["output_gain"] == 0.5
+    for name, weight in model.state_dict().items():
+        assert torch.equal(shipped["model"][name], weight)
+    # Shipping again without the flags keeps the recommendation; one flag changes only its own setting.
+    ship.main([str(out), "--out", str(out), "--no-calibrate", "--mixture-consistency"])
+    assert torch.load(out, weights_only=True)["separation"] == {"polarity_ensemble": True, "mixture_consistency": True}
+    with pytest.raises(SystemExit, match="--train-utterances"):
+        ship.main([str(out), "--out", str(out)])

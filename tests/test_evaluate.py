@@ -159,6 +159,10 @@ def test_cli_with_tiny_checkpoint_reports_broken_files_and_resumes(dataset, tmp_
     assert summary["num_failed"] == 2 and {f["id"] for f in summary["failed"]} == {broken.id, short.id}
     assert summary["scores"]["si_sdri"]["count"] == 2
     assert summary["checkpoint"] == str(checkpoint.resolve()) and summary["settings"]["dtype"] == "float32"
+    assert summary["settings"]["separator"]["polarity_ensemble"] is False  # a plain checkpoint recommends none
+    # Results of other refinements are not mixed into these.
+    assert main(argv + ["--polarity-ensemble"]) != 0
+    assert "holds results of a run with other settings (separator)" in capsys.readouterr().err
     ok = [r for r in rows.values() if r["status"] == "ok"]
     assert all(np.isfinite(float(r["si_sdri"])) and r["permutation"] in ("0 1", "1 0") for r in ok)
 

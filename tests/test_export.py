@@ -100,6 +100,11 @@ def test_separator_runs_on_onnx_model(tiny_model, onnx_path):
     got = Separator(OnnxRuntimeModel(onnx_path), backend="onnxruntime", **kwargs).separate(wave, 8000)
     assert got.shape == expected.shape == (2, wave.shape[-1])
     np.testing.assert_allclose(got, expected, atol=1e-4)
+    # The refinements run on the exported model too (the ensemble doubles the batch: a dynamic axis).
+    refined = dict(kwargs, polarity_ensemble=True, mixture_consistency=True)
+    expected = Separator(tiny_model, device="cpu", **refined).separate(wave, 8000)
+    got = Separator(OnnxRuntimeModel(onnx_path), backend="onnxruntime", **refined).separate(wave, 8000)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 def test_separator_and_separate_run_on_a_torchscript_export(tiny_model, checkpoint_path, tmp_path, capsys):

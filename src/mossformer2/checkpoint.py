@@ -2,12 +2,14 @@
 
 Official file: ``torch.save({'model': state_dict, 'optimizer': ..., 'epoch': int, 'step': int})``.
 Ours adds ``'config'`` (the MossFormer2Config as a dict) so that no shape inference is needed; the official
-loader reads it too because it only looks at ``'model'``.
+loader reads it too because it only looks at ``'model'``. A checkpoint may also recommend inference-time
+refinements for its model (``'separation'``: ``{'polarity_ensemble': bool, 'mixture_consistency': bool}``).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ _LAYER_KEY = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.(?:fsmn|layers
 _REQUIRED = ("enc.conv1d.weight", "mask_net.conv1d_encoder.weight", "mask_net.conv1d_out.weight", "dec.weight")
 _ROTARY_ALIAS = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.\d+\.rotary_pos_emb\.freqs$")
 # Entries that are closed-form tables: a checkpoint may omit them and we fill them in.
+# Inference-time refinements (separation/refine.py) that a checkpoint may recommend in its "separation" entry.
+REFINEMENTS = ("polarity_ensemble", "mixture_consistency")
 _COMPUTED = re.compile(r"(rotary_pos_emb\.freqs|pos_enc\.inv_freq)$")
 
 
@@ -214,6 +218,24 @@ def save_checkpoint(path: str | Path, model: MossFormer2, optimizer: torch.optim
     return Path(path)
 
 
+def separation_settings(checkpoint: dict[str, Any], source: str | Path = "checkpoint") -> dict[str, bool]:
+    """The inference-time refinements a checkpoint recommends (its ``"separation"`` entry, the ``Separator``'s
+    defaults for the model; see ``mossformer2.separation.refine``), checked: ``{name: bool}``."""
+    entry = checkpoint.get("separation") if isinstance(checkpoint, dict) else None
+    if entry is None:
+        return {}
+    if not isinstance(entry, dict):
+        raise ValueError(f"{source}: 'separation' must map setting names to true/false, got {type(entry).__name__}")
+    unknown = sorted(set(map(str, entry)) - set(REFINEMENTS))
+    if unknown:
+        warnings.warn(f"{source}: ignoring unknown separation settings {unknown} (known: {list(REFINEMENTS)})",
+                      stacklevel=2)
+    wrong = [k for k in REFINEMENTS if k in entry and not isinstance(entry[k], bool)]
+    if wrong:
+        raise ValueError(f"{source}: separation settings {wrong} must be true or false")
+    return {k: entry[k] for k in REFINEMENTS if k in entry}
+
+
 def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     """What ``mossformer2 info --checkpoint`` prints: container keys, epoch/step, tensors, inferred config."""
     obj = read_checkpoint(path)
@@ -230,4 +252,5 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
         "num_rotary_aliases": sum(1 for k in state if _ROTARY_ALIAS.match(k)),
         "num_elements": sum(unique.values()),
         "config": config,
+        "separation": separation_settings(obj, path),
     }

@@ -39,6 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_refinement_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--[no-]polarity-ensemble`` and ``--[no-]mixture-consistency``; ``None`` (neither given): as the
+    checkpoint recommends (``Separator``)."""
+    parser.add_argument("--polarity-ensemble", action=argparse.BooleanOptionalAction, default=None,
+                        help="also separate the negated input and average both estimates (twice the compute); "
+                             "default: as the checkpoint recommends (on for the built-in model)")
+    parser.add_argument("--mixture-consistency", action=argparse.BooleanOptionalAction, default=None,
+                        help="make the separated sources sum to the input; default: as the checkpoint "
+                             "recommends (on for the built-in model)")
+
+
+def describe_refinements(separator) -> str:
+    """``"polarity ensemble + mixture consistency"``, ``"none"``, ...: what a ``Separator`` applies."""
+    names = [name for name, on in (("polarity ensemble", separator.polarity_ensemble),
+                                   ("mixture consistency", separator.mixture_consistency)) if on]
+    return " + ".join(names) or "none"
+
+
 @contextlib.contextmanager
 def _one_line_warnings(command: str) -> Iterator[None]:
     """Show warnings as ``mossformer2 CMD: warning: ...`` (not source path, line and code) while a command runs."""

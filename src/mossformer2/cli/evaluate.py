@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mossformer2.cli import add_refinement_arguments, describe_refinements
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -30,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--overlap-seconds", type=float, default=2.0, help="overlap between chunks (2)")
     parser.add_argument("--stitching", choices=["aligned", "clearvoice"], default="aligned")
     parser.add_argument("--normalize", choices=["rms", "peak", "none", "clearvoice"], default="rms")
+    add_refinement_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in OUT and start again")
     return parser
 
@@ -55,12 +58,16 @@ def run(args: argparse.Namespace) -> int:
     model = load_separation_model(ref, args.device)
     separator = Separator(model, device=args.device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                           overlap_seconds=args.overlap_seconds, stitching=args.stitching,
-                          normalize=args.normalize)
+                          normalize=args.normalize, polarity_ensemble=args.polarity_ensemble,
+                          mixture_consistency=args.mixture_consistency)
+    print(f"refinements: {describe_refinements(separator)}", file=sys.stderr)
     checkpoint = "built-in" if ref is None else str(Path(ref).resolve()) if Path(ref).exists() else str(ref)
     info = {"checkpoint": checkpoint,
             "device": str(separator.device), "dtype": args.dtype,
             "separator": {"chunk_seconds": args.chunk_seconds, "overlap_seconds": args.overlap_seconds,
-                          "stitching": args.stitching, "normalize": args.normalize}}
+                          "stitching": args.stitching, "normalize": args.normalize,
+                          "polarity_ensemble": separator.polarity_ensemble,
+                          "mixture_consistency": separator.mixture_consistency}}
     summary = evaluate(separator, args.data, args.out, metrics=metrics, score_rate=args.score_rate,
                        limit=args.limit, overwrite=args.overwrite, info=info)
     print(format_table(summary))

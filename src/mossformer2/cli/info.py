@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
               f"optimizer state: {'yes' if summary['has_optimizer_state'] else 'no'}")
         print(f"tensors: {summary['num_tensors']} ({summary['num_rotary_aliases']} rotary aliases), "
               f"elements: {summary['num_elements']:,}")
+        if summary["separation"]:
+            print("recommended separation settings: "
+                  + ", ".join(f"{k}={v}" for k, v in summary["separation"].items()))
     else:
         model = build_model(args.model or "MossFormer2")
         print(f"model: {args.model or 'MossFormer2'}")

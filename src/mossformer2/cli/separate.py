@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mossformer2.cli import add_refinement_arguments, describe_refinements
+
 LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
 
 
@@ -44,6 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "zero-padded with their true lengths (default 1)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="on CUDA, replay one captured CUDA graph per chunk shape (lower latency)")
+    add_refinement_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip)")
     parser.add_argument("--plot", action="store_true", help="also write <stem>_spectrogram.png per input")
     return parser
@@ -186,7 +189,10 @@ def run(args: argparse.Namespace) -> int:
     sep = Separator(model, device=device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                     overlap_seconds=args.overlap_seconds, stitching=args.stitching, normalize=args.normalize,
                     batch_size=args.batch_size, channels=args.channels,
-                    backend=args.backend, progress=True, cuda_graphs=args.cuda_graphs)
+                    backend=args.backend, progress=True, cuda_graphs=args.cuda_graphs,
+                    polarity_ensemble=args.polarity_ensemble, mixture_consistency=args.mixture_consistency)
+    if (sep.polarity_ensemble or sep.mixture_consistency) and rank == 0:
+        print(f"refinements: {describe_refinements(sep)}", file=sys.stderr)
 
     inputs = collect_inputs(args.inputs, exclude=Path(args.out_dir))
     if inputs.excluded and rank == 0:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from mossformer2.audio import fit_to_full_scale, read_audio, resample, to_mono, write_audio
 from mossformer2.separation.batching import make_batches
 from mossformer2.separation.cuda_graphs import CudaGraphModel
+from mossformer2.separation.refine import mixture_consistency, polarity_ensemble
 from mossformer2.separation.stitching import (
     clearvoice_audio_norm,
     clearvoice_separate,
@@ -62,12 +63,20 @@ class Separator:
         cuda_graphs: on CUDA, replay a captured CUDA graph per chunk shape instead of launching the network's
             kernels one by one (much lower latency at small batches; costs one capture per shape and the graph's
             activation memory). Padded batches of unequal short inputs still run eagerly. Ignored on the CPU.
+        polarity_ensemble: also separate the negated input and average the two estimates (twice the compute;
+            ``refine.polarity_ensemble``). ``None``: as the checkpoint recommends (see below), else off.
+        mixture_consistency: make the sources of each pass sum to its input (``refine.mixture_consistency``; for
+            models whose outputs are at the sources' level). ``None``: as the checkpoint recommends, else off.
+
+    A model from ``load_separation_model`` carries its checkpoint's recommended refinements as
+    ``model.separation_settings`` (the built-in model recommends both: its model card has the measurements).
     """
 
     def __init__(self, model: Any, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
                  chunk_seconds: float = 10.0, overlap_seconds: float = 2.0, stitching: str = "aligned",
                  normalize: str = "rms", batch_size: int = 1, channels: str = "mix", backend: str = "auto",
-                 progress: bool = False, cuda_graphs: bool = False) -> None:
+                 progress: bool = False, cuda_graphs: bool = False, polarity_ensemble: bool | None = None,
+                 mixture_consistency: bool | None = None) -> None:
         _check_choice("stitching", stitching, STITCHING)
         _check_choice("normalize", normalize, NORMALIZE)
         _check_choice("channels", channels, CHANNELS)
@@ -117,6 +126,11 @@ class Separator:
         self.batch_size = int(batch_size)
         self.channels = channels
         self.progress = progress
+        recommended = getattr(model, "separation_settings", {})
+        self.polarity_ensemble = bool(recommended.get("polarity_ensemble", False) if polarity_ensemble is None
+                                      else polarity_ensemble)
+        self.mixture_consistency = bool(recommended.get("mixture_consistency", False) if mixture_consistency is None
+                                        else mixture_consistency)
 
     @classmethod
     def from_pretrained(cls, ref: str | Path | None = None, device: str | torch.device = "auto",
@@ -129,7 +143,17 @@ class Separator:
     # -- model call --------------------------------------------------------------------------------------------
 
     def _forward(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, L]`` CPU float32 (zero-padded items of ``lengths`` samples, if given) -> ``[B, S, L]``."""
+        """``[B, L]`` CPU float32 (zero-padded items of ``lengths`` samples, if given) -> ``[B, S, L]``, refined."""
+        if self.polarity_ensemble:
+            out = polarity_ensemble(self._run_model, batch, lengths)
+        else:
+            out = self._run_model(batch, lengths)
+        if self.mixture_consistency:
+            out = mixture_consistency(out, batch, lengths)
+        return out
+
+    def _run_model(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward pass of the model: ``[B, L]`` CPU float32 -> ``[B, S, L]`` CPU float32."""
         if self.is_torch:
             wave = batch.to(self.device)
             lengths = None if lengths is None else lengths.to(self.device)
@@ -271,27 +295,36 @@ class Separator:
 
 def load_separation_model(ref: str | Path | None = None, device: str | torch.device = "auto") -> Any:
     """The shipped model (``ref=None``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` or
-    TorchScript file."""
-    if ref is None:
-        from mossformer2.pretrained import load_default_model
+    TorchScript file.
 
-        return load_default_model(resolve_device(device))
+    A checkpoint's ``"separation"`` entry (``{"polarity_ensemble": bool, "mixture_consistency": bool}``, written
+    by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults.
+    """
     if str(ref).lower().endswith(".onnx"):
         from mossformer2.export import OnnxRuntimeModel
 
         if not Path(ref).is_file():
             raise FileNotFoundError(f"ONNX model not found: {ref}")
         return OnnxRuntimeModel(ref)
-    from mossformer2.checkpoint import TorchScriptFileError, load_model
-    from mossformer2.hub import resolve_checkpoint
+    from mossformer2.checkpoint import TorchScriptFileError, load_model, read_checkpoint, separation_settings
 
-    path = resolve_checkpoint(ref)
+    if ref is None:
+        from mossformer2.pretrained import default_model_path
+
+        path = default_model_path()
+    else:
+        from mossformer2.hub import resolve_checkpoint
+
+        path = resolve_checkpoint(ref)
     try:
-        return load_model(path, device=resolve_device(device))
+        checkpoint = read_checkpoint(path)
     except TorchScriptFileError:  # read_checkpoint recognises the export: run it as it is
         from mossformer2.export import TorchScriptModel
 
         return TorchScriptModel(path).to(resolve_device(device))
+    model = load_model(checkpoint, device=resolve_device(device))
+    model.separation_settings = separation_settings(checkpoint, path)
+    return model
 
 
 def output_paths(input_path: str | Path, out_dir: str | Path, num_spks: int, format: str | None = None) -> list[Path]:

@@ -47,6 +47,18 @@ def align_to_reference(estimate: np.ndarray, reference: np.ndarray) -> np.ndarra
     return torch.argsort(perm[0]).numpy()
 
 
+def match_sources(estimate: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Speaker order and polarity of ``estimate`` ``[S, n]`` that best match ``reference`` ``[S, n]``.
+
+    Returns ``(order [S], signs [S] of +-1)``: ``signs[:, None] * estimate[order]`` follows the reference. SI-SDR
+    training leaves each output's polarity free, so two runs of a model may put out x and -x for one speaker:
+    averaging or cross-fading them unmatched would cancel that speaker.
+    """
+    order = align_to_reference(estimate, reference)
+    agree = np.einsum("st,st->s", estimate[order], reference, dtype=np.float64) >= 0
+    return order, np.where(agree, 1.0, -1.0).astype(np.float32)
+
+
 class AlignedStitcher:
     """Fills a preallocated ``[S, T]`` output chunk by chunk, aligning speakers (order and polarity) and
     cross-fading overlaps.
@@ -66,12 +78,9 @@ class AlignedStitcher:
         overlap = self._end - start
         if overlap > 0:
             written = self.output[:, start:self._end]
-            chunk_out = chunk_out[align_to_reference(chunk_out[:, :overlap], written)]
-            # SI-SDR training leaves each output's polarity free, and a model may flip a speaker from one chunk
-            # to the next: cross-fading x into -x would cancel the overlap. Match each speaker's sign first.
-            agree = np.einsum("st,st->s", chunk_out[:, :overlap], written, dtype=np.float64) >= 0
-            if not agree.all():
-                chunk_out = chunk_out * np.where(agree, 1.0, -1.0).astype(np.float32)[:, None]
+            # A model may flip a speaker's polarity from one chunk to the next, as well as the order.
+            order, signs = match_sources(chunk_out[:, :overlap], written)
+            chunk_out = chunk_out[order] if (signs > 0).all() else chunk_out[order] * signs[:, None]
             fade_out, fade_in = crossfade_weights(overlap)
             written *= fade_out
             written += fade_in * chunk_out[:, :overlap]

@@ -1,0 +1,156 @@
+"""Inference-time refinements (separation/refine.py) and how checkpoints recommend them to the Separator."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from mossformer2 import build_model, save_checkpoint
+from mossformer2.separation import Separator, load_separation_model
+from mossformer2.separation.refine import mixture_consistency, polarity_ensemble
+from mossformer2.separation.stitching import match_sources
+from tests.conftest import make_tiny_config
+
+RATE = make_tiny_config().sample_rate  # no resampling: the sum of the outputs is exact
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(make_tiny_config()).eval()
+
+
+def test_match_sources_recovers_order_and_polarity():
+    reference = randn(3, 400)
+    estimate = reference[[2, 0, 1]] * torch.tensor([[-1.0], [1.0], [-1.0]]) + 0.1 * randn(3, 400, seed=1)
+    order, signs = match_sources(estimate.numpy(), reference.numpy())
+    np.testing.assert_array_equal(order, [1, 2, 0])
+    np.testing.assert_array_equal(signs, [1.0, -1.0, -1.0])
+    aligned = signs[:, None] * estimate.numpy()[order]
+    assert np.abs(aligned - reference.numpy()).max() < 0.6
+
+
+class PolarityOracle:
+    """Stands in for a model: on the first half of a batch it returns ``sources + error_a``; on the second (the
+    negated inputs) it returns, per item, the speakers swapped and with arbitrary polarity, plus ``error_b``,
+    and large decoys past each item's length that would mislead an alignment over the padded length."""
+
+    def __init__(self, sources: torch.Tensor, lengths: list[int]) -> None:
+        self.sources, self.lengths = sources, lengths
+        self.error_a = 0.1 * randn(*sources.shape, seed=2)
+        self.error_b = 0.1 * randn(*sources.shape, seed=3)
+        self.signs = torch.tensor([[[1.0], [-1.0]], [[-1.0], [-1.0]]])[: sources.shape[0]]
+        self.calls: list[tuple[tuple[int, ...], list[int] | None]] = []
+
+    def __call__(self, batch: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        self.calls.append((tuple(batch.shape), None if lengths is None else lengths.tolist()))
+        size = self.sources.shape[0]
+        direct = self.sources + self.error_a
+        flipped = -(self.sources + self.error_b)[:, [1, 0]] * self.signs
+        for b, n in enumerate(self.lengths):
+            flipped[b, :, n:] = 50.0 * (self.sources[b, [1, 0], n:] if n < self.sources.shape[-1] else 0.0)
+        assert batch.shape[0] == 2 * size
+        return torch.cat([direct, flipped])
+
+
+def test_polarity_ensemble_runs_one_doubled_batch_and_averages_aligned_estimates():
+    sources = randn(2, 2, 600)
+    lengths = [600, 450]
+    oracle = PolarityOracle(sources, lengths)
+    mixture = sources.sum(1)
+    out = polarity_ensemble(oracle, mixture, torch.tensor(lengths))
+    assert oracle.calls == [((4, 600), [600, 450, 600, 450])]
+    expected = sources + (oracle.error_a + oracle.error_b) / 2
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(out[b, :, :n], expected[b, :, :n])
+
+
+def test_polarity_ensemble_of_a_real_network_is_the_mean_of_both_passes(tiny_model):
+    wave = randn(1, 1200)
+    with torch.no_grad():
+        direct = tiny_model(wave)[0]
+        flipped = -tiny_model(-wave)[0]
+        out = polarity_ensemble(lambda x, n: tiny_model(x), wave)[0]
+    order, signs = match_sources(flipped.numpy(), direct.numpy())
+    expected = (direct + flipped[torch.from_numpy(order)] * torch.from_numpy(signs)[:, None]) / 2
+    torch.testing.assert_close(out, expected)
+    # The network is not odd-symmetric (ReLU encoder), so the second pass is a different estimate.
+    assert (direct - out).abs().max() > 1e-3
+
+
+def test_mixture_consistency_sums_to_the_mixture_and_fixes_polarity_first():
+    sources = randn(2, 2, 500)
+    mixture = sources.sum(1)
+    estimates = sources + 0.2 * randn(2, 2, 500, seed=5)
+    estimates[0, 1] *= -1  # an SI-SDR model may put a speaker out negated
+    out = mixture_consistency(estimates, mixture)
+    torch.testing.assert_close(out.sum(1), mixture)
+    # Negated first, so each output moved towards its source (the residual is shared, not the flipped source).
+    error_before = (estimates * torch.tensor([[[1.0], [1.0]], [[1.0], [1.0]]]) - sources)
+    error_before[0, 1] = -estimates[0, 1] - sources[0, 1]
+    assert ((out - sources).norm() < error_before.norm())
+    assert torch.all(torch.einsum("bsl,bl->bs", out, mixture) > 0)
+
+
+def test_mixture_consistency_ignores_padding():
+    mixture = randn(2, 300)
+    mixture[1, 200:] = 0.0
+    estimates = randn(2, 2, 300, seed=1)
+    out = mixture_consistency(estimates, mixture, torch.tensor([300, 200]))
+    assert torch.all(out[1, :, 200:] == 0)
+    torch.testing.assert_close(out.sum(1), mixture)
+    torch.testing.assert_close(out[1, :, :200], mixture_consistency(estimates[1:, :, :200], mixture[1:, :200])[0])
+
+
+def test_separator_applies_the_refinements_on_every_path(tiny_model):
+    wave = randn(2400).numpy()
+    plain = Separator(tiny_model, device="cpu", polarity_ensemble=False, mixture_consistency=False)
+    refined = Separator(tiny_model, device="cpu", polarity_ensemble=True, mixture_consistency=True)
+    out = refined.separate(wave, RATE)
+    np.testing.assert_allclose(out.sum(0), wave, atol=1e-5)  # consistent, and the level restored
+    assert np.abs(out - plain.separate(wave, RATE)).max() > 1e-4
+    # Chunked (stitched) and padded-batch paths are refined too: each chunk's sources sum to the chunk.
+    chunked = Separator(tiny_model, device="cpu", chunk_seconds=0.1, overlap_seconds=0.02, mixture_consistency=True)
+    np.testing.assert_allclose(chunked.separate(wave, RATE).sum(0), wave, atol=1e-5)
+    batched = Separator(tiny_model, device="cpu", batch_size=3, polarity_ensemble=True, mixture_consistency=True)
+    waves = [wave, wave[:1500], wave[:1900]]
+    for single, many in zip([refined.separate(w, RATE) for w in waves], batched.separate_many(waves, RATE)):
+        np.testing.assert_allclose(many, single, atol=1e-5)
+
+
+def test_checkpoint_recommends_refinements_and_arguments_override(tiny_model, tmp_path):
+    plain = tmp_path / "plain.pt"
+    save_checkpoint(plain, tiny_model)
+    recommending = tmp_path / "recommending.pt"
+    save_checkpoint(recommending, tiny_model, extra={"separation": {"polarity_ensemble": True,
+                                                                    "mixture_consistency": False}})
+    assert load_separation_model(plain, "cpu").separation_settings == {}
+    model = load_separation_model(recommending, "cpu")
+    assert model.separation_settings == {"polarity_ensemble": True, "mixture_consistency": False}
+    sep = Separator(model, device="cpu")
+    assert sep.polarity_ensemble and not sep.mixture_consistency
+    sep = Separator.from_pretrained(recommending, device="cpu", polarity_ensemble=False, mixture_consistency=True)
+    assert not sep.polarity_ensemble and sep.mixture_consistency
+    assert not Separator.from_pretrained(plain, device="cpu").polarity_ensemble
+
+
+def test_bad_separation_entries_are_reported(tiny_model, tmp_path):
+    path = tmp_path / "bad.pt"
+    save_checkpoint(path, tiny_model, extra={"separation": {"polarity_ensemble": "yes"}})
+    with pytest.raises(ValueError, match="polarity_ensemble.*true or false"):
+        load_separation_model(path, "cpu")
+    save_checkpoint(path, tiny_model, extra={"separation": ["polarity_ensemble"]})
+    with pytest.raises(ValueError, match="'separation' must map"):
+        load_separation_model(path, "cpu")
+    save_checkpoint(path, tiny_model, extra={"separation": {"polarity_ensemble": True, "shifts": 4}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_separation_model(path, "cpu").separation_settings == {"polarity_ensemble": True}
+    assert any("ignoring unknown separation settings ['shifts']" in str(w.message) for w in caught)
