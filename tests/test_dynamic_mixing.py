@@ -89,6 +89,27 @@ def test_speed_perturbation_changes_pitch(corpus):
     assert 235 <= freqs[0] <= 255 and 705 <= freqs[1] <= 760  # 200 and 600 Hz played 1.2-1.25x faster
 
 
+def test_random_polarity_negates_sources_independently_and_keeps_everything_else(corpus):
+    root, _ = corpus
+    utts = load_utterances(root)
+    kwargs = dict(num_spks=2, store=AudioStore(SR, cache=True), num_examples=40, segment_samples=2000, seed=5)
+    plain = DynamicMixingDataset(utts, **kwargs)
+    flipped = DynamicMixingDataset(utts, random_polarity=True, **kwargs)
+    signs = []
+    for i in range(len(plain)):
+        a, b = plain[i], flipped[i]
+        assert a["id"] == b["id"]  # same speakers, files, crops and gains: only the signs were added
+        sign = torch.sign((a["sources"] * b["sources"]).sum(-1) / a["sources"].pow(2).sum(-1))
+        signs.append(sign.tolist())
+        # The overall level is drawn on the mixture, which the signs change: compare up to that scale.
+        scale = b["sources"].norm() / a["sources"].norm()
+        torch.testing.assert_close(b["sources"], a["sources"] * sign[:, None] * scale, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b["sources"].sum(0), b["mix"], atol=1e-5, rtol=0)
+    signs = np.array(signs)
+    assert set(np.unique(signs)) == {-1.0, 1.0}
+    assert (signs[:, 0] != signs[:, 1]).any() and (signs[:, 0] == signs[:, 1]).any()  # per source, not per mixture
+
+
 def test_noise_at_requested_snr(corpus):
     root, noise = corpus
     ds = DynamicMixingDataset(load_utterances(root), 2, AudioStore(SR), 5, segment_samples=2000, seed=4,

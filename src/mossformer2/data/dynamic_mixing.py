@@ -5,7 +5,8 @@ under each speaker folder) or a text file with ``path speaker`` per line (``#`` 
 resolved against the list's folder).
 
 Each mixture takes ``num_spks`` *different* speakers, one random utterance each, an optional speed factor
-(soxr resampling), a random gain in dB around equal RMS, and optional noise from a noise list at a random SNR.
+(soxr resampling), a random gain in dB around equal RMS, an optional random polarity per source, and optional
+noise from a noise list at a random SNR.
 Everything is drawn from ``default_rng([seed, epoch, index])`` so that an example does not depend on the worker
 that builds it. Validation datasets (``fixed=True``) ignore the epoch: the same mixtures every epoch.
 """
@@ -109,7 +110,7 @@ class DynamicMixingDataset(Dataset):
                  level_db: tuple[float, float] = (-30.0, -20.0),
                  speed_perturb: tuple[float, float] | None = None, noise_files: list[Path] | None = None,
                  noise_snr_db: tuple[float, float] = (10.0, 20.0), noise_prob: float = 1.0,
-                 skip_bad_files: bool = False) -> None:
+                 random_polarity: bool = False, skip_bad_files: bool = False) -> None:
         self.store = store
         self.skip_bad_files = skip_bad_files
         if store.cache:
@@ -139,6 +140,7 @@ class DynamicMixingDataset(Dataset):
         self.noise_files = noise_files
         self.noise_snr_db = noise_snr_db
         self.noise_prob = noise_prob
+        self.random_polarity = random_polarity
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -193,6 +195,8 @@ class DynamicMixingDataset(Dataset):
                 sources[i, start:start + wave.shape[-1]] = wave
             gain_db = rng.uniform(*self.gain_db)
             sources[i] *= 10 ** (gain_db / 20) / _rms(sources[i])
+        if self.random_polarity:  # drawn only when on, so that the other draws stay those of older runs
+            sources *= np.where(rng.random(self.num_spks) < 0.5, -1.0, 1.0).astype(np.float32)[:, None]
         mix = sources.sum(0)
         if self.noise_files and rng.random() < self.noise_prob:
             noise, bad = self._load(self.noise_files, rng)

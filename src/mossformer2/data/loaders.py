@@ -100,7 +100,8 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
                       level_db=tuple(dm.level_db), noise_files=noise, noise_snr_db=tuple(dm.noise_snr_db),
                       noise_prob=dm.noise_prob, skip_bad_files=d.skip_bad_files)
         train = DynamicMixingDataset(load_utterances(dm.train_utterances), num_examples=dm.examples_per_epoch,
-                                     segment_samples=segment, speed_perturb=_pair(dm.speed_perturb), **common)
+                                     segment_samples=segment, speed_perturb=_pair(dm.speed_perturb),
+                                     random_polarity=dm.random_polarity, **common)
         if dm.valid_utterances and not d.valid:
             valid_max = int(round(dm.valid_max_seconds * d.sample_rate))
             if max_valid is not None:

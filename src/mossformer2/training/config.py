@@ -29,6 +29,9 @@ class DynamicMixingConfig:
     gain_db: list[float] = field(default_factory=lambda: [-2.5, 2.5])  # per-source level around equal RMS
     level_db: list[float] = field(default_factory=lambda: [-30.0, -20.0])  # mixture RMS in dBFS
     speed_perturb: list[float] | None = None  # e.g. [0.95, 1.05]: random speed factor per source (soxr)
+    # Negate each source with probability 0.5 (training mixtures only): s1 - s2 is as natural a mixture as
+    # s1 + s2, and the network's ReLU encoder sees both half-waves of each speaker.
+    random_polarity: bool = False
     noise: str | None = None  # folder or list of noise files; None: no noise
     noise_snr_db: list[float] = field(default_factory=lambda: [10.0, 20.0])  # speech-to-noise ratio
     noise_prob: float = 1.0  # chance that a mixture gets noise (when ``noise`` is set)
