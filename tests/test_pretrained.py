@@ -59,6 +59,7 @@ def test_shipped_model_recommends_the_refinements_that_help_it(tmp_path):
 
     assert load_separation_model(None, "cpu").separation_settings == {"polarity_ensemble": True,
                                                                        "mixture_consistency": True}
+    assert load_default_model().separation_settings == load_separation_model(None, "cpu").separation_settings
     # MODEL_CARD.md: +0.78 dB on 200 unseen-speaker mixtures; the demo mixture gains too (7.07 -> 7.26 dB).
     refined = run_demo(tmp_path / "refined", device="cpu")
     plain = run_demo(tmp_path / "plain", device="cpu", polarity_ensemble=False, mixture_consistency=False)

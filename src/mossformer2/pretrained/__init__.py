@@ -22,7 +22,7 @@ def default_model_path() -> Path:
 
 
 def load_default_model(device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The shipped model in eval mode."""
-    from mossformer2.checkpoint import load_model
+    """The shipped model in eval mode, with its recommended ``separation_settings`` (see ``Separator``)."""
+    from mossformer2.separation import load_separation_model
 
-    return load_model(default_model_path(), device=device)
+    return load_separation_model(None, device)
