@@ -107,6 +107,66 @@ def test_separator_runs_on_onnx_model(tiny_model, onnx_path):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def test_exports_carry_the_recommended_refinements(tiny_model, tmp_path):
+    from mossformer2.export import TorchScriptModel
+
+    recommending = tmp_path / "recommending.pt"
+    save_checkpoint(recommending, tiny_model, extra={"separation": {"polarity_ensemble": True}})
+    plain = tmp_path / "plain.pt"
+    save_checkpoint(plain, tiny_model)
+    for fmt, suffix, wrapper in (("onnx", ".onnx", OnnxRuntimeModel), ("torchscript", ".ts.pt", TorchScriptModel)):
+        for source, expected in ((recommending, {"polarity_ensemble": True}), (plain, {})):
+            out = tmp_path / f"{source.stem}{suffix}"
+            assert main(["export", "--checkpoint", str(source), "--format", fmt, "-o", str(out)]) == 0
+            assert wrapper(out).separation_settings == expected
+        separator = Separator.from_pretrained(tmp_path / f"recommending{suffix}", device="cpu")
+        assert separator.polarity_ensemble and not separator.mixture_consistency
+
+
+TORCH_FREE_SCRIPT = """
+import sys
+sys.modules["torch"] = None  # from here on, any `import torch` raises ImportError
+import numpy as np
+import soundfile as sf
+from mossformer2.cli import main
+from mossformer2.runtime import OnnxRuntimeModel
+from mossformer2.separation import Separator
+
+onnx_path, wav_path, out_dir, npy_path = sys.argv[1:]
+wave, rate = sf.read(wav_path, dtype="float32")
+separator = Separator(OnnxRuntimeModel(onnx_path), chunk_seconds=1.0, overlap_seconds=0.25,
+                      polarity_ensemble=True, mixture_consistency=True)
+np.save(npy_path, separator.separate(wave, rate))
+code = main(["separate", wav_path, "-o", out_dir, "--checkpoint", onnx_path, "--backend", "onnxruntime",
+             "--chunk-seconds", "1.0", "--overlap-seconds", "0.25", "--subtype", "FLOAT"])
+assert code == 0, code
+assert [name for name, module in sys.modules.items() if name.split(".")[0] == "torch" and module] == []
+"""
+
+
+def test_onnx_deployment_needs_no_torch(tiny_model, onnx_path, tmp_path):
+    """With torch unimportable, an ONNX export separates through the API (refinements included) and the
+    command, and gives the torch Separator's output: a deployment needs no torch."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    wave = (0.1 * np.random.default_rng(3).standard_normal(8000 * 3)).astype(np.float32)
+    sf.write(tmp_path / "in.wav", wave, 8000, subtype="FLOAT")
+    run = subprocess.run([sys.executable, "-c", TORCH_FREE_SCRIPT, str(onnx_path), str(tmp_path / "in.wav"),
+                          str(tmp_path / "out"), str(tmp_path / "api.npy")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    kwargs = dict(device="cpu", chunk_seconds=1.0, overlap_seconds=0.25)
+    refined = Separator(tiny_model, polarity_ensemble=True, mixture_consistency=True, **kwargs).separate(wave, 8000)
+    np.testing.assert_allclose(np.load(tmp_path / "api.npy"), refined, atol=1e-4)
+    plain = Separator(tiny_model, **kwargs).separate(wave, 8000)
+    for k in range(2):
+        written, rate = sf.read(tmp_path / "out" / f"in_s{k + 1}.wav", dtype="float32")
+        assert rate == 8000
+        np.testing.assert_allclose(written, plain[k], atol=1e-4)
+
+
 def test_separator_and_separate_run_on_a_torchscript_export(tiny_model, checkpoint_path, tmp_path, capsys):
     """An exported TorchScript file separates like the checkpoint it came from (API and command); reading it
     as a checkpoint says what it is."""

@@ -18,10 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-from mossformer2.checkpoint import REFINEMENTS, load_model, read_checkpoint, save_checkpoint, separation_settings
+from mossformer2.checkpoint import load_model, read_checkpoint, save_checkpoint
 from mossformer2.data.datasets import AudioStore
 from mossformer2.data.dynamic_mixing import DynamicMixingDataset, load_utterances
 from mossformer2.pretrained import DEFAULT_MODEL_FILE
+from mossformer2.separation.refine import REFINEMENTS, recommended_refinements
 from mossformer2.training.calibration import estimate_output_gain, fold_output_gain
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"training": training, "output_gain": total_gain}
     if "valid" in source:
         extra["valid"] = source["valid"]
-    settings = separation_settings(source, args.checkpoint)
+    settings = recommended_refinements(source.get("separation"), args.checkpoint)
     for name in REFINEMENTS:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)

@@ -11,22 +11,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mossformer2.checkpoint import load_model, save_checkpoint
-from mossformer2.models import MossFormer2, MossFormer2Config, build_model
-
 __version__ = "0.1.0"
 
 __all__ = ["MossFormer2", "MossFormer2Config", "Separator", "build_model", "load_model", "save_checkpoint",
            "__version__"]
 
 if TYPE_CHECKING:
+    from mossformer2.checkpoint import load_model, save_checkpoint
+    from mossformer2.models import MossFormer2, MossFormer2Config, build_model
     from mossformer2.separation import Separator
+
+# Imported on first use, so that `import mossformer2` is cheap and an ONNX deployment (mossformer2.runtime +
+# mossformer2.separation) never imports torch.
+_LAZY = {"load_model": "mossformer2.checkpoint", "save_checkpoint": "mossformer2.checkpoint",
+         "MossFormer2": "mossformer2.models", "MossFormer2Config": "mossformer2.models",
+         "build_model": "mossformer2.models", "Separator": "mossformer2.separation"}
 
 
 def __getattr__(name: str) -> Any:
-    # Separator pulls in audio I/O; import it lazily so that model-only users never load it.
-    if name == "Separator":
-        from mossformer2.separation import Separator
+    if name in _LAZY:
+        import importlib
 
-        return Separator
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mossformer2' has no attribute {name!r}")

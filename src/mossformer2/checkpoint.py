@@ -9,7 +9,6 @@ refinements for its model (``'separation'``: ``{'polarity_ensemble': bool, 'mixt
 from __future__ import annotations
 
 import re
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,6 @@ _LAYER_KEY = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.(?:fsmn|layers
 _REQUIRED = ("enc.conv1d.weight", "mask_net.conv1d_encoder.weight", "mask_net.conv1d_out.weight", "dec.weight")
 _ROTARY_ALIAS = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.\d+\.rotary_pos_emb\.freqs$")
 # Entries that are closed-form tables: a checkpoint may omit them and we fill them in.
-# Inference-time refinements (separation/refine.py) that a checkpoint may recommend in its "separation" entry.
-REFINEMENTS = ("polarity_ensemble", "mixture_consistency")
 _COMPUTED = re.compile(r"(rotary_pos_emb\.freqs|pos_enc\.inv_freq)$")
 
 
@@ -218,26 +215,10 @@ def save_checkpoint(path: str | Path, model: MossFormer2, optimizer: torch.optim
     return Path(path)
 
 
-def separation_settings(checkpoint: dict[str, Any], source: str | Path = "checkpoint") -> dict[str, bool]:
-    """The inference-time refinements a checkpoint recommends (its ``"separation"`` entry, the ``Separator``'s
-    defaults for the model; see ``mossformer2.separation.refine``), checked: ``{name: bool}``."""
-    entry = checkpoint.get("separation") if isinstance(checkpoint, dict) else None
-    if entry is None:
-        return {}
-    if not isinstance(entry, dict):
-        raise ValueError(f"{source}: 'separation' must map setting names to true/false, got {type(entry).__name__}")
-    unknown = sorted(set(map(str, entry)) - set(REFINEMENTS))
-    if unknown:
-        warnings.warn(f"{source}: ignoring unknown separation settings {unknown} (known: {list(REFINEMENTS)})",
-                      stacklevel=2)
-    wrong = [k for k in REFINEMENTS if k in entry and not isinstance(entry[k], bool)]
-    if wrong:
-        raise ValueError(f"{source}: separation settings {wrong} must be true or false")
-    return {k: entry[k] for k in REFINEMENTS if k in entry}
-
-
 def checkpoint_summary(path: str | Path) -> dict[str, Any]:
     """What ``mossformer2 info --checkpoint`` prints: container keys, epoch/step, tensors, inferred config."""
+    from mossformer2.separation.refine import recommended_refinements
+
     obj = read_checkpoint(path)
     state = extract_state_dict(obj)
     config = _config_from_checkpoint(obj) or infer_config(state)
@@ -252,5 +233,5 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any]:
         "num_rotary_aliases": sum(1 for k in state if _ROTARY_ALIAS.match(k)),
         "num_elements": sum(unique.values()),
         "config": config,
-        "separation": separation_settings(obj, path),
+        "separation": recommended_refinements(obj.get("separation"), path),
     }

@@ -1,8 +1,9 @@
-"""Deployment: export a MossFormer2 to ONNX or TorchScript, and run an exported ONNX model with ONNX Runtime.
+"""Deployment: export a MossFormer2 to ONNX or TorchScript, and run an exported TorchScript file.
 
 The exported graphs take ``wave [B, T]`` float32 at ``config.sample_rate`` and return ``sources [B, S, T]``.
 ONNX files carry the model config as JSON in their metadata (key ``mossformer2_config``), so that
-``OnnxRuntimeModel`` (and ``Separator`` on top of it) needs nothing but the ``.onnx`` file.
+``mossformer2.runtime.OnnxRuntimeModel`` (re-exported here; ``Separator`` on top of it) needs nothing but the
+``.onnx`` file, and no torch.
 """
 
 from __future__ import annotations
@@ -11,21 +12,25 @@ import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mossformer2.models import MossFormer2, MossFormer2Config
+from mossformer2.runtime import (
+    CONFIG_METADATA_KEY,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    SEPARATION_METADATA_KEY,
+    OnnxRuntimeModel,
+)
+from mossformer2.separation.refine import recommended_refinements
 from mossformer2.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
-CONFIG_METADATA_KEY = "mossformer2_config"
-INPUT_NAME = "wave"
-OUTPUT_NAME = "sources"
 DEFAULT_OPSET = 18
 TORCHSCRIPT_METHODS = ("trace", "script")
 
@@ -58,7 +63,8 @@ def _eval_float32_cpu(model: MossFormer2) -> Iterator[MossFormer2]:
 
 def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = True, opset: int = DEFAULT_OPSET,
                 example: torch.Tensor | None = None) -> Path:
-    """Export ``model`` to an ONNX file (written atomically) with its config in the metadata.
+    """Export ``model`` to an ONNX file (written atomically) with its config in the metadata, and its
+    ``separation_settings`` (recommended refinements, see ``load_separation_model``) if it has them.
 
     Args:
         dynamic_length: symbolic batch and time axes (any ``T >= model.min_input_length``); otherwise the graph
@@ -86,7 +92,8 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
                               dynamic_shapes=dynamic_shapes, verbose=False)
             proto = onnx.load(str(tmp))
             meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict()),
-                    "mossformer2_dynamic_length": str(bool(dynamic_length)).lower()}
+                    "mossformer2_dynamic_length": str(bool(dynamic_length)).lower(),
+                    SEPARATION_METADATA_KEY: json.dumps(getattr(model, "separation_settings", {}))}
             for key, value in meta.items():
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, value
@@ -101,7 +108,7 @@ def export_torchscript(model: MossFormer2, path: str | Path, method: str = "trac
 
     ``method="trace"`` records the ops for ``example`` (any length works afterwards: every shape-dependent
     value is computed with tensor ops); ``"script"`` compiles the Python code. The config is stored in the
-    archive's extra files as ``config.json``.
+    archive's extra files as ``config.json``, the model's ``separation_settings`` as ``separation.json``.
     """
     if method not in TORCHSCRIPT_METHODS:
         raise ValueError(f"TorchScript method must be one of {list(TORCHSCRIPT_METHODS)}, got {method!r}")
@@ -114,7 +121,8 @@ def export_torchscript(model: MossFormer2, path: str | Path, method: str = "trac
             example = example_input(model) if example is None else example.detach().float().cpu()
             with torch.no_grad():
                 compiled = torch.jit.trace(model, (example,), check_trace=False)
-        extra = {"config.json": json.dumps(model.config.to_dict())}
+        extra = {"config.json": json.dumps(model.config.to_dict()),
+                 "separation.json": json.dumps(getattr(model, "separation_settings", {}))}
         with atomic_path(path) as tmp:
             torch.jit.save(compiled, str(tmp), _extra_files=extra)
     log.info("wrote TorchScript model %s (%s)", path, method)
@@ -123,16 +131,22 @@ def export_torchscript(model: MossFormer2, path: str | Path, method: str = "trac
 
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, MossFormer2Config]:
     """Load an exported TorchScript file and the config stored beside the graph."""
+    module, config, _ = _load_torchscript_files(path)
+    return module, config
+
+
+def _load_torchscript_files(path: str | Path) -> tuple[torch.jit.ScriptModule, MossFormer2Config, dict[str, bool]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"TorchScript model not found: {path}")
-    extra = {"config.json": ""}
+    extra = {"config.json": "", "separation.json": ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load's deprecation notice
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     if not extra["config.json"]:
         raise ValueError(f"{path} has no mossformer2 config.json: was it written by `mossformer2 export`?")
-    return module.eval(), MossFormer2Config.from_dict(json.loads(extra["config.json"]))
+    separation = recommended_refinements(json.loads(extra["separation.json"] or "{}"), path)
+    return module.eval(), MossFormer2Config.from_dict(json.loads(extra["config.json"])), separation
 
 
 class TorchScriptModel(torch.nn.Module):
@@ -144,7 +158,7 @@ class TorchScriptModel(torch.nn.Module):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        self.module, self.config = load_torchscript(path)
+        self.module, self.config, self.separation_settings = _load_torchscript_files(path)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         return self.module(wave)
@@ -172,70 +186,3 @@ def verify_export(model: MossFormer2, path: str | Path, format: str, wave: torch
     if got.shape != expected.shape:
         raise ValueError(f"exported model returned shape {tuple(got.shape)}, PyTorch {tuple(expected.shape)}")
     return float((got - expected).abs().max())
-
-
-class OnnxRuntimeModel:
-    """An exported ``.onnx`` MossFormer2 run by ONNX Runtime, usable where a torch model is expected.
-
-    ``model(wave)``: ``[B, T]`` float32 (torch or numpy) -> ``[B, S, T]`` of the same kind. ``.config`` is the
-    ``MossFormer2Config`` stored in the file; ``.eval()`` / ``.to()`` are no-ops so ``Separator`` can treat it
-    like a module.
-
-    Args:
-        path: the ``.onnx`` file written by :func:`export_onnx`.
-        providers: ONNX Runtime execution providers (default: CUDA when this onnxruntime build has it, else CPU).
-        num_threads: intra-op threads (default: ONNX Runtime's choice, all cores).
-    """
-
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
-                 num_threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {self.path}")
-        if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        options = ort.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = int(num_threads)
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
-        except Exception as err:  # onnxruntime raises its own exception types for unreadable files
-            raise ValueError(f"cannot load ONNX model {self.path}: {err}") from err
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        if CONFIG_METADATA_KEY not in metadata:
-            raise ValueError(f"{self.path} has no '{CONFIG_METADATA_KEY}' metadata: export it with "
-                             "`mossformer2 export` (or mossformer2.export.export_onnx)")
-        self.config = MossFormer2Config.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
-        self.dynamic_length = metadata.get("mossformer2_dynamic_length", "true") == "true"
-        self.input_shape = self.session.get_inputs()[0].shape  # ints for fixed axes, names for dynamic ones
-        self.min_input_length = self.config.encoder_kernel_size + self.config.hop_size
-
-    def __call__(self, wave: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        is_torch = isinstance(wave, torch.Tensor)
-        array = wave.detach().cpu().float().numpy() if is_torch else np.asarray(wave, dtype=np.float32)
-        self._check_input(array)
-        (sources,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(array)})
-        return torch.from_numpy(sources) if is_torch else sources
-
-    def _check_input(self, array: np.ndarray) -> None:
-        if array.ndim != 2:
-            raise ValueError(f"the ONNX model expects a waveform [batch, samples], got shape {array.shape}")
-        if array.shape[-1] < self.min_input_length:
-            raise ValueError(f"input has {array.shape[-1]} samples but the network needs at least "
-                             f"{self.min_input_length}")
-        for axis, expected in enumerate(self.input_shape):
-            if isinstance(expected, int) and array.shape[axis] != expected:
-                raise ValueError(f"this ONNX model was exported with a fixed input shape {self.input_shape}; got "
-                                 f"{array.shape}. Re-export with --dynamic-length for other lengths")
-
-    def eval(self) -> OnnxRuntimeModel:
-        return self
-
-    def to(self, *args: Any, **kwargs: Any) -> OnnxRuntimeModel:
-        return self
-
-    def __repr__(self) -> str:
-        return f"OnnxRuntimeModel({str(self.path)!r}, providers={self.session.get_providers()})"

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, device / dtype resolution."""
+"""Small shared helpers: atomic file writes, device / dtype resolution (torch is imported only where needed)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @contextlib.contextmanager
@@ -53,11 +55,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
+    import torch
+
     atomic_write(path, lambda p: torch.save(obj, p))
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """'auto' -> cuda if available else cpu; otherwise ``torch.device(device)`` with a clear error."""
+    import torch
+
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -69,17 +75,19 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"unsupported dtype {dtype}: use float32, bfloat16 or float16")
         return dtype
     try:
-        return _DTYPES[str(dtype).lower()]
+        return getattr(torch, _DTYPES[str(dtype).lower()])
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_NAME = "mossformer2-tiny-offline-16k"

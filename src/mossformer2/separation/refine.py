@@ -2,22 +2,46 @@
 
 Both work on any separation model (ours, the official one, an ONNX or TorchScript export) and are opt-in per
 ``Separator``; a checkpoint may recommend them (``"separation"`` entry, see ``Separator``). ``model_fn`` is a
-callable ``([B, L], lengths [B] | None) -> [B, S, L]`` on CPU float32 tensors.
+callable ``([B, L], lengths [B] | None) -> [B, S, L]`` on float32 NumPy arrays (no torch needed).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
 from mossformer2.separation.stitching import match_sources
 
-ModelFnWithLengths = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+ModelFnWithLengths = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+
+# The refinements a model file may recommend: a checkpoint's "separation" entry, an ONNX file's
+# "mossformer2_separation" metadata, a TorchScript file's separation.json (all written from the checkpoint's).
+REFINEMENTS = ("polarity_ensemble", "mixture_consistency")
 
 
-def polarity_ensemble(model_fn: ModelFnWithLengths, batch: torch.Tensor,
-                      lengths: torch.Tensor | None = None) -> torch.Tensor:
+def recommended_refinements(entry: Any, source: str | Path = "checkpoint") -> dict[str, bool]:
+    """Check a model file's recommendation ``{name: bool}`` (``None``: none). Unknown names are ignored with a
+    warning (a newer version may know more); anything else wrong is a ``ValueError`` naming ``source``."""
+    if entry is None:
+        return {}
+    if not isinstance(entry, dict):
+        raise ValueError(f"{source}: 'separation' must map setting names to true/false, got {type(entry).__name__}")
+    unknown = sorted(set(map(str, entry)) - set(REFINEMENTS))
+    if unknown:
+        warnings.warn(f"{source}: ignoring unknown separation settings {unknown} (known: {list(REFINEMENTS)})",
+                      stacklevel=2)
+    wrong = [k for k in REFINEMENTS if k in entry and not isinstance(entry[k], bool)]
+    if wrong:
+        raise ValueError(f"{source}: separation settings {wrong} must be true or false")
+    return {k: entry[k] for k in REFINEMENTS if k in entry}
+
+
+def polarity_ensemble(model_fn: ModelFnWithLengths, batch: np.ndarray,
+                      lengths: np.ndarray | None = None) -> np.ndarray:
     """Mean of the sources the model finds in ``x`` and (negated back) in ``-x``: ``[B, L] -> [B, S, L]``.
 
     MossFormer2's encoder is a convolution followed by a ReLU, so ``-x`` shows the network the other half-wave of
@@ -26,17 +50,16 @@ def polarity_ensemble(model_fn: ModelFnWithLengths, batch: torch.Tensor,
     put in the first's speaker order and polarity (over its true length) before averaging.
     """
     size = batch.shape[0]
-    both = model_fn(torch.cat([batch, -batch]), None if lengths is None else torch.cat([lengths, lengths]))
+    both = model_fn(np.concatenate([batch, -batch]), None if lengths is None else np.concatenate([lengths, lengths]))
     direct, flipped = both[:size], -both[size:]
     for b in range(size):
         n = batch.shape[-1] if lengths is None else int(lengths[b])
-        order, signs = match_sources(flipped[b, :, :n].numpy(), direct[b, :, :n].numpy())
-        flipped[b] = flipped[b, torch.from_numpy(order)] * torch.from_numpy(signs)[:, None]
-    return (direct + flipped) / 2
+        order, signs = match_sources(flipped[b, :, :n], direct[b, :, :n])
+        flipped[b] = flipped[b, order] * signs[:, None]
+    return ((direct + flipped) / 2).astype(np.float32, copy=False)
 
 
-def mixture_consistency(sources: torch.Tensor, mixture: torch.Tensor,
-                        lengths: torch.Tensor | None = None) -> torch.Tensor:
+def mixture_consistency(sources: np.ndarray, mixture: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
     """Sources ``[B, S, L]`` that sum exactly to ``mixture`` ``[B, L]``: each gets an equal share of the residual.
 
     This is the unweighted projection of Wisdom et al. (2019, "Differentiable consistency constraints for improved
@@ -46,10 +69,10 @@ def mixture_consistency(sources: torch.Tensor, mixture: torch.Tensor,
     carry an ``output_gain`` for this); on arbitrarily scaled outputs the residual is mostly level error.
     """
     if lengths is not None:
-        valid = torch.arange(mixture.shape[-1])[None, :] < lengths[:, None]  # [B, L]
+        valid = np.arange(mixture.shape[-1])[None, :] < np.asarray(lengths)[:, None]  # [B, L]
         sources = sources * valid[:, None, :]
         mixture = mixture * valid
-    agreement = torch.einsum("bsl,bl->bs", sources.double(), mixture.double())
-    sources = sources * torch.where(agreement >= 0, 1.0, -1.0).to(sources.dtype)[..., None]
+    agreement = np.einsum("bsl,bl->bs", sources, mixture, dtype=np.float64)
+    sources = sources * np.where(agreement >= 0, 1.0, -1.0).astype(sources.dtype)[..., None]
     residual = mixture - sources.sum(1)
-    return sources + residual[:, None, :] / sources.shape[1]
+    return (sources + residual[:, None, :] / sources.shape[1]).astype(np.float32, copy=False)

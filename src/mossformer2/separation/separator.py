@@ -8,19 +8,18 @@ alignment and cross-fades, or the official ClearVoice windows) -> level restored
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from mossformer2.audio import fit_to_full_scale, read_audio, resample, to_mono, write_audio
 from mossformer2.separation.batching import make_batches
-from mossformer2.separation.cuda_graphs import CudaGraphModel
-from mossformer2.separation.refine import mixture_consistency, polarity_ensemble
+from mossformer2.separation.refine import mixture_consistency, polarity_ensemble, recommended_refinements
 from mossformer2.separation.stitching import (
     clearvoice_audio_norm,
     clearvoice_separate,
@@ -29,6 +28,9 @@ from mossformer2.separation.stitching import (
     stitch_aligned,
 )
 from mossformer2.utils import atomic_path, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 STITCHING = ("aligned", "clearvoice")
 NORMALIZE = ("rms", "peak", "none", "clearvoice")
@@ -42,8 +44,9 @@ class Separator:
     """Separate speech mixtures with a model ``[B, T] -> [B, S, T]`` at ``model.config.sample_rate``.
 
     Args:
-        model: a torch module, or any callable on CPU float32 tensors with a ``.config`` (e.g. the ONNX Runtime
-            wrapper ``mossformer2.export.OnnxRuntimeModel``).
+        model: a torch module, or any callable on float32 NumPy arrays ``[B, T] -> [B, S, T]`` with a ``.config``
+            (e.g. the ONNX Runtime wrapper ``mossformer2.runtime.OnnxRuntimeModel``). With such a callable the
+            Separator never imports torch: an ONNX deployment needs only NumPy, SciPy, soundfile, soxr and tqdm.
         device: "auto" | "cpu" | "cuda[:N]" (torch backend only).
         dtype: "float32" | "bfloat16" | "float16": autocast precision; float16 needs CUDA (falls back to float32
             with a warning on CPU).
@@ -88,28 +91,34 @@ class Separator:
         if not hasattr(model, "config"):
             raise ValueError("the model needs a .config with sample_rate and num_spks (a MossFormer2 or an "
                              "exported model wrapper)")
-        self.is_torch = isinstance(model, torch.nn.Module)
+        self.is_torch = _is_torch_module(model)
         if backend == "torch" and not self.is_torch:
             raise ValueError("backend 'torch' needs a torch model; this one is "
                              f"{type(model).__name__} (use backend 'onnxruntime')")
         if backend == "onnxruntime" and self.is_torch:
             raise ValueError("backend 'onnxruntime' needs an exported .onnx model, not a torch module")
-        self.dtype = resolve_dtype(dtype)
+        self.graphs = None
         if self.is_torch:
+            import torch
+
+            self.dtype = resolve_dtype(dtype)
             self.device = resolve_device(device)
             if self.dtype == torch.float16 and self.device.type != "cuda":
                 warnings.warn("float16 inference needs CUDA; using float32 on the CPU (bfloat16 works on CPU)",
                               stacklevel=2)
                 self.dtype = torch.float32
             model = model.to(self.device).eval()
+            if cuda_graphs and self.device.type == "cuda":
+                from mossformer2.separation.cuda_graphs import CudaGraphModel
+
+                self.graphs = CudaGraphModel(model, self.dtype, max_graphs=4)
         else:
-            self.device = torch.device("cpu")
-            if self.dtype != torch.float32:
+            self.device = "cpu"  # the callable's own business (ONNX Runtime picks its providers)
+            if str(dtype).lower().removeprefix("torch.") not in ("float32", "fp32"):
                 raise ValueError(f"dtype {dtype} is only available with the torch backend; the exported model "
                                  "runs in float32")
+            self.dtype = "float32"
         self.model = model
-        self.graphs = (CudaGraphModel(model, self.dtype, max_graphs=4)
-                       if cuda_graphs and self.is_torch and self.device.type == "cuda" else None)
         # Our MossFormer2 takes true lengths, which makes zero-padded batches of unequal inputs exact.
         self.pads_batches = self.is_torch and bool(getattr(model, "accepts_lengths", False))
         self.sample_rate = int(model.config.sample_rate)
@@ -142,8 +151,8 @@ class Separator:
 
     # -- model call --------------------------------------------------------------------------------------------
 
-    def _forward(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, L]`` CPU float32 (zero-padded items of ``lengths`` samples, if given) -> ``[B, S, L]``, refined."""
+    def _forward(self, batch: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+        """``[B, L]`` float32 (zero-padded items of ``lengths`` samples, if given) -> ``[B, S, L]``, refined."""
         if self.polarity_ensemble:
             out = polarity_ensemble(self._run_model, batch, lengths)
         else:
@@ -152,28 +161,36 @@ class Separator:
             out = mixture_consistency(out, batch, lengths)
         return out
 
-    def _run_model(self, batch: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """One forward pass of the model: ``[B, L]`` CPU float32 -> ``[B, S, L]`` CPU float32."""
+    def _run_model(self, batch: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+        """One forward pass of the model: ``[B, L]`` float32 -> ``[B, S, L]`` float32."""
         if self.is_torch:
-            wave = batch.to(self.device)
-            lengths = None if lengths is None else lengths.to(self.device)
-            with torch.inference_mode():
-                if self.graphs is not None:
-                    out = self.graphs(wave, lengths)  # applies the autocast dtype itself
-                else:
-                    autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
-                                else contextlib.nullcontext())
-                    with autocast:
-                        out = self.model(wave) if lengths is None else self.model(wave, lengths)
+            out = self._run_torch_model(batch, lengths)
         else:
             out = self.model(batch)
-        if isinstance(out, (list, tuple)):  # official models return a list of S tensors [B, L]
-            out = torch.stack([torch.as_tensor(o) for o in out], dim=1)
-        out = torch.as_tensor(out).float().cpu()
-        if out.dim() != 3 or out.shape[0] != batch.shape[0] or out.shape[-1] != batch.shape[-1]:
+            if isinstance(out, (list, tuple)):
+                out = np.stack([np.asarray(o) for o in out], axis=1)
+            out = np.asarray(out, dtype=np.float32)
+        if out.ndim != 3 or out.shape[0] != batch.shape[0] or out.shape[-1] != batch.shape[-1]:
             raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(batch.shape)}; "
                              "expected [B, S, T]")
         return out
+
+    def _run_torch_model(self, batch: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+        import torch
+
+        wave = torch.from_numpy(batch).to(self.device)
+        lengths_t = None if lengths is None else torch.from_numpy(np.asarray(lengths)).to(self.device)
+        with torch.inference_mode():
+            if self.graphs is not None:
+                out = self.graphs(wave, lengths_t)  # applies the autocast dtype itself
+            else:
+                autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
+                            else contextlib.nullcontext())
+                with autocast:
+                    out = self.model(wave) if lengths_t is None else self.model(wave, lengths_t)
+            if isinstance(out, (list, tuple)):  # official models return a list of S tensors [B, L]
+                out = torch.stack(list(out), dim=1)
+            return out.float().cpu().numpy()
 
     # -- public API --------------------------------------------------------------------------------------------
 
@@ -276,7 +293,7 @@ class Separator:
             for row, i in enumerate(indices):
                 padded[row, : sizes[row]] = waves[i]
             unequal = min(sizes) != max(sizes)
-            outputs = self._forward(torch.from_numpy(padded), torch.tensor(sizes) if unequal else None).numpy()
+            outputs = self._forward(padded, np.array(sizes) if unequal else None)
             for i, out, size in zip(indices, outputs, sizes):
                 results[i] = out[:, :size]
         return results  # type: ignore[return-value]
@@ -298,15 +315,16 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
     TorchScript file.
 
     A checkpoint's ``"separation"`` entry (``{"polarity_ensemble": bool, "mixture_consistency": bool}``, written
-    by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults.
+    by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults;
+    ``mossformer2 export`` carries it into the ONNX and TorchScript files, whose wrappers expose it the same way.
     """
     if str(ref).lower().endswith(".onnx"):
-        from mossformer2.export import OnnxRuntimeModel
+        from mossformer2.runtime import OnnxRuntimeModel
 
         if not Path(ref).is_file():
             raise FileNotFoundError(f"ONNX model not found: {ref}")
         return OnnxRuntimeModel(ref)
-    from mossformer2.checkpoint import TorchScriptFileError, load_model, read_checkpoint, separation_settings
+    from mossformer2.checkpoint import TorchScriptFileError, load_model, read_checkpoint
 
     if ref is None:
         from mossformer2.pretrained import default_model_path
@@ -323,7 +341,7 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
 
         return TorchScriptModel(path).to(resolve_device(device))
     model = load_model(checkpoint, device=resolve_device(device))
-    model.separation_settings = separation_settings(checkpoint, path)
+    model.separation_settings = recommended_refinements(checkpoint.get("separation"), path)
     return model
 
 
@@ -370,9 +388,21 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def _torch_if_loaded() -> Any:
+    """The torch module if something imported it, else None: a torch object can only exist if torch is loaded,
+    so checking for one never imports torch (the ONNX path runs without it)."""
+    return sys.modules.get("torch")
+
+
+def _is_torch_module(model: Any) -> bool:
+    torch = _torch_if_loaded()
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
 def _as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:
     """Validate and convert ``[T]`` / ``[C, T]`` (numpy or torch) to float32 numpy ``[C, T]``."""
-    if isinstance(wave, torch.Tensor):
+    torch = _torch_if_loaded()
+    if torch is not None and isinstance(wave, torch.Tensor):
         wave = wave.detach().float().cpu().numpy()
     wave = np.asarray(wave, dtype=np.float32)
     if wave.ndim == 1:

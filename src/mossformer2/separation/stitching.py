@@ -1,6 +1,7 @@
 """Long-audio stitching: chunk planning, speaker alignment on overlaps, cross-fades, and the ClearVoice algorithm.
 
-``model_fn`` everywhere is a callable ``[B, L] float32 tensor -> [B, S, L] float32 tensor`` (CPU in, CPU out).
+``model_fn`` everywhere is a callable ``[B, L] float32 array -> [B, S, L] float32 array``. NumPy only: the
+separation of an exported ONNX model runs without torch.
 """
 
 from __future__ import annotations
@@ -9,11 +10,9 @@ import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
-import torch
+from scipy.optimize import linear_sum_assignment
 
-from mossformer2.losses import best_permutation, pairwise_si_sdr
-
-ModelFn = Callable[[torch.Tensor], torch.Tensor]
+ModelFn = Callable[[np.ndarray], np.ndarray]
 
 
 def plan_chunks(total: int, chunk: int, overlap: int) -> list[tuple[int, int]]:
@@ -37,26 +36,25 @@ def crossfade_weights(length: int) -> tuple[np.ndarray, np.ndarray]:
     return (1.0 - fade_in).astype(np.float32), fade_in
 
 
-def align_to_reference(estimate: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Speaker permutation of ``estimate`` ``[S, n]`` that best matches ``reference`` ``[S, n]`` (SI-SDR sum).
-
-    Returns ``order`` ``[S]`` so that ``estimate[order]`` is in the reference's speaker order.
-    """
-    score = pairwise_si_sdr(torch.from_numpy(estimate)[None].double(), torch.from_numpy(reference)[None].double())
-    perm = best_permutation(score)  # estimate i -> reference perm[i]
-    return torch.argsort(perm[0]).numpy()
-
-
 def match_sources(estimate: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Speaker order and polarity of ``estimate`` ``[S, n]`` that best match ``reference`` ``[S, n]``.
 
-    Returns ``(order [S], signs [S] of +-1)``: ``signs[:, None] * estimate[order]`` follows the reference. SI-SDR
-    training leaves each output's polarity free, so two runs of a model may put out x and -x for one speaker:
-    averaging or cross-fading them unmatched would cancel that speaker.
+    Returns ``(order [S], signs [S] of +-1)``: ``signs[:, None] * estimate[order]`` follows the reference. The
+    order maximises the summed SI-SDR of the pairs: with zero-mean signals and ``rho`` their correlation
+    coefficient, SI-SDR = 10 log10(rho^2 / (1 - rho^2)). SI-SDR training leaves each output's polarity free, so
+    two runs of a model may put out x and -x for one speaker: averaging or cross-fading them unmatched would
+    cancel that speaker.
     """
-    order = align_to_reference(estimate, reference)
-    agree = np.einsum("st,st->s", estimate[order], reference, dtype=np.float64) >= 0
-    return order, np.where(agree, 1.0, -1.0).astype(np.float32)
+    est = estimate - estimate.mean(-1, keepdims=True, dtype=np.float64)
+    ref = reference - reference.mean(-1, keepdims=True, dtype=np.float64)
+    norms = np.linalg.norm(est, axis=-1)[:, None] * np.linalg.norm(ref, axis=-1)[None, :]
+    rho = (est @ ref.T) / np.maximum(norms, 1e-30)  # [S_est, S_ref]; 0 where a signal is silent
+    rho2 = np.clip(rho**2, 1e-12, 1.0 - 1e-12)
+    rows, cols = linear_sum_assignment(10 * np.log10(rho2 / (1.0 - rho2)), maximize=True)
+    order = np.empty(len(cols), dtype=np.int64)
+    order[cols] = rows  # estimate rows[i] goes to reference cols[i]
+    signs = np.where(rho[order, np.arange(len(order))] >= 0, 1.0, -1.0).astype(np.float32)
+    return order, signs
 
 
 class AlignedStitcher:
@@ -102,8 +100,7 @@ def stitch_aligned(wave: np.ndarray, model_fn: ModelFn, num_spks: int, chunk: in
     plan = plan_chunks(wave.shape[-1], chunk, overlap)
     stitcher = AlignedStitcher(num_spks, wave.shape[-1])
     for group in batched(plan, max(1, batch_size)):
-        inputs = torch.from_numpy(np.stack([wave[s:e] for s, e in group]))
-        outputs = model_fn(inputs).numpy()  # [B, S, L]
+        outputs = model_fn(np.stack([wave[s:e] for s, e in group]))  # [B, S, L]
         for (start, _), out in zip(group, outputs):
             stitcher.add(start, out)
         if progress is not None:
@@ -147,7 +144,7 @@ def clearvoice_separate(wave: np.ndarray, model_fn: ModelFn, sample_rate: int = 
         starts = list(range(0, padded.shape[-1] - window + 1, stride))
         out: np.ndarray | None = None
         for group in batched(starts, max(1, batch_size)):
-            segs = model_fn(torch.from_numpy(np.stack([padded[s:s + window] for s in group]))).numpy()
+            segs = model_fn(np.stack([padded[s:s + window] for s in group]))
             if out is None:
                 out = np.zeros((segs.shape[1], padded.shape[-1]), dtype=np.float32)
             for start, seg in zip(group, segs):
@@ -159,7 +156,7 @@ def clearvoice_separate(wave: np.ndarray, model_fn: ModelFn, sample_rate: int = 
                 progress(len(group))
         assert out is not None
     else:
-        out = model_fn(torch.from_numpy(padded[None])).numpy()[0]
+        out = model_fn(padded[None])[0]
         if progress is not None:
             progress(1)
     # RMS over the padded length, no epsilon (official); a silent output stays silent instead of NaN.
@@ -189,6 +186,6 @@ def clearvoice_audio_norm(wave: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
-__all__ = ["AlignedStitcher", "align_to_reference", "clearvoice_audio_norm", "clearvoice_padded_length",
+__all__ = ["AlignedStitcher", "clearvoice_audio_norm", "clearvoice_padded_length",
            "clearvoice_separate", "clearvoice_window_count", "crossfade_weights", "plan_chunks",
-           "stitch_aligned"]
+           "match_sources", "stitch_aligned"]

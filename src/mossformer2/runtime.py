@@ -1,0 +1,100 @@
+"""Running an exported ``.onnx`` MossFormer2 with ONNX Runtime, without torch.
+
+Nothing here imports torch (nor does ``mossformer2.separation`` with such a model), so a deployment that
+separates with an ONNX export needs only NumPy, SciPy, PyYAML, soundfile, soxr, tqdm and onnxruntime. The files
+are written by ``mossformer2.export.export_onnx``; they carry the model config as JSON in their metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mossformer2.models.config import MossFormer2Config
+from mossformer2.separation.refine import recommended_refinements
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG_METADATA_KEY = "mossformer2_config"
+SEPARATION_METADATA_KEY = "mossformer2_separation"  # the checkpoint's recommended refinements, as JSON
+INPUT_NAME = "wave"
+OUTPUT_NAME = "sources"
+
+
+class OnnxRuntimeModel:
+    """An exported ``.onnx`` MossFormer2 run by ONNX Runtime, usable where a torch model is expected.
+
+    ``model(wave)``: ``[B, T]`` float32 (torch or numpy) -> ``[B, S, T]`` of the same kind. ``.config`` is the
+    ``MossFormer2Config`` stored in the file, ``.separation_settings`` the refinements its checkpoint recommended
+    (the ``Separator``'s defaults); ``.eval()`` / ``.to()`` are no-ops so ``Separator`` can treat it like a module.
+
+    Args:
+        path: the ``.onnx`` file written by :func:`export_onnx`.
+        providers: ONNX Runtime execution providers (default: CUDA when this onnxruntime build has it, else CPU).
+        num_threads: intra-op threads (default: ONNX Runtime's choice, all cores).
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
+                 num_threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = int(num_threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable files
+            raise ValueError(f"cannot load ONNX model {self.path}: {err}") from err
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if CONFIG_METADATA_KEY not in metadata:
+            raise ValueError(f"{self.path} has no '{CONFIG_METADATA_KEY}' metadata: export it with "
+                             "`mossformer2 export` (or mossformer2.export.export_onnx)")
+        self.config = MossFormer2Config.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        self.separation_settings = recommended_refinements(
+            json.loads(metadata.get(SEPARATION_METADATA_KEY, "{}")), self.path)
+        self.dynamic_length = metadata.get("mossformer2_dynamic_length", "true") == "true"
+        self.input_shape = self.session.get_inputs()[0].shape  # ints for fixed axes, names for dynamic ones
+        self.min_input_length = self.config.encoder_kernel_size + self.config.hop_size
+
+    def __call__(self, wave: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        torch = sys.modules.get("torch")  # a torch tensor exists only if torch is loaded: never import it here
+        is_torch = torch is not None and isinstance(wave, torch.Tensor)
+        array = wave.detach().cpu().float().numpy() if is_torch else np.asarray(wave, dtype=np.float32)
+        self._check_input(array)
+        (sources,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(array)})
+        return torch.from_numpy(sources) if is_torch else sources
+
+    def _check_input(self, array: np.ndarray) -> None:
+        if array.ndim != 2:
+            raise ValueError(f"the ONNX model expects a waveform [batch, samples], got shape {array.shape}")
+        if array.shape[-1] < self.min_input_length:
+            raise ValueError(f"input has {array.shape[-1]} samples but the network needs at least "
+                             f"{self.min_input_length}")
+        for axis, expected in enumerate(self.input_shape):
+            if isinstance(expected, int) and array.shape[axis] != expected:
+                raise ValueError(f"this ONNX model was exported with a fixed input shape {self.input_shape}; got "
+                                 f"{array.shape}. Re-export with --dynamic-length for other lengths")
+
+    def eval(self) -> OnnxRuntimeModel:
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> OnnxRuntimeModel:
+        return self
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeModel({str(self.path)!r}, providers={self.session.get_providers()})"
+
+
+__all__ = ["CONFIG_METADATA_KEY", "INPUT_NAME", "OUTPUT_NAME", "SEPARATION_METADATA_KEY", "OnnxRuntimeModel"]
