@@ -192,8 +192,9 @@ def test_separator_and_separate_run_on_a_torchscript_export(tiny_model, checkpoi
     np.testing.assert_allclose(got, sf.read(reference / "in_s1.wav", dtype="float32")[0], atol=2e-4)
     with pytest.raises(ValueError, match="TorchScript export, not a checkpoint"):
         read_checkpoint(path)
-    assert main(["info", "--checkpoint", str(path)]) == 1
-    assert "TorchScript export" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["info", "--checkpoint", str(path)]) == 0  # info describes the export
+    assert capsys.readouterr().out.startswith(f"TorchScript export: {path}")
 
 
 @pytest.mark.parametrize("method", ["trace", "script"])
@@ -272,6 +273,27 @@ def test_cli_export_torchscript(tiny_model, checkpoint_path, tmp_path, capsys):
     wave = 0.1 * torch.randn(2, 3000)
     with torch.no_grad():
         torch.testing.assert_close(module(wave), _reference(tiny_model, wave), atol=1e-5, rtol=1e-4)
+
+
+def test_cli_export_prints_only_its_own_lines_and_info_describes_exports(checkpoint_path, tmp_path):
+    """The exporter's libraries log hundreds of INFO lines and warn about missing torchvision: a user sees
+    neither. ``info`` describes an exported file instead of failing to unpickle it."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiny.onnx"
+    run = subprocess.run([sys.executable, "-m", "mossformer2", "export", "--checkpoint", str(checkpoint_path),
+                          "--format", "onnx", "-o", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = (run.stdout + run.stderr).strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("max abs difference") and lines[1].startswith("wrote"), lines
+    script = tmp_path / "tiny.ts.pt"
+    assert main(["export", "--checkpoint", str(checkpoint_path), "--format", "torchscript", "-o", str(script)]) == 0
+    for path, kind in ((out, "ONNX export"), (script, "TorchScript export")):
+        run = subprocess.run([sys.executable, "-m", "mossformer2", "info", "--checkpoint", str(path)],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.startswith(f"{kind}: {path}") and "encoder_embedding_dim" in run.stdout
 
 
 def test_cli_export_errors(checkpoint_path, tmp_path, capsys):

@@ -61,6 +61,19 @@ def _eval_float32_cpu(model: MossFormer2) -> Iterator[MossFormer2]:
         model.to(device=device, dtype=dtype).train(training)
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Only errors from logger ``name`` while exporting: the ONNX exporter warns about every optional operator
+    library it does not find (torchvision), which says nothing about this model."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = True, opset: int = DEFAULT_OPSET,
                 example: torch.Tensor | None = None) -> Path:
     """Export ``model`` to an ONNX file (written atomically) with its config in the metadata, and its
@@ -85,7 +98,7 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
             batch = torch.export.Dim("batch", min=1)
             samples = torch.export.Dim("samples", min=model.min_input_length)
             dynamic_shapes = {"wave": {0: batch, 1: samples}}
-        with atomic_path(path) as tmp, warnings.catch_warnings():
+        with atomic_path(path) as tmp, warnings.catch_warnings(), _quiet_logger("torch.onnx"):
             warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable here
             torch.onnx.export(model, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               opset_version=opset, dynamo=True, external_data=False,
@@ -98,7 +111,7 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, value
             onnx.save(proto, str(tmp))
-    log.info("wrote ONNX model %s", path)
+    log.debug("wrote ONNX model %s", path)
     return path
 
 
@@ -125,7 +138,7 @@ def export_torchscript(model: MossFormer2, path: str | Path, method: str = "trac
                  "separation.json": json.dumps(getattr(model, "separation_settings", {}))}
         with atomic_path(path) as tmp:
             torch.jit.save(compiled, str(tmp), _extra_files=extra)
-    log.info("wrote TorchScript model %s (%s)", path, method)
+    log.debug("wrote TorchScript model %s (%s)", path, method)
     return path
 
 

@@ -71,8 +71,11 @@ def _one_line_warnings(command: str) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Our own INFO messages (training progress) show; other libraries' only from WARNING on (the ONNX exporter
+    # alone logs hundreds of INFO lines), unless --verbose.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mossformer2").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
