@@ -46,7 +46,8 @@ class Separator:
     Args:
         model: a torch module, or any callable on float32 NumPy arrays ``[B, T] -> [B, S, T]`` with a ``.config``
             (e.g. the ONNX Runtime wrapper ``mossformer2.runtime.OnnxRuntimeModel``). With such a callable the
-            Separator never imports torch: an ONNX deployment needs only NumPy, SciPy, soundfile, soxr and tqdm.
+            Separator never imports torch (an ONNX deployment needs NumPy, SciPy, PyYAML, soundfile, soxr, tqdm and
+            onnxruntime only).
         device: "auto" | "cpu" | "cuda[:N]" (torch backend only).
         dtype: "float32" | "bfloat16" | "float16": autocast precision; float16 needs CUDA (falls back to float32
             with a warning on CPU).
