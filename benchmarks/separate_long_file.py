@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap-seconds", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--refinements", action=argparse.BooleanOptionalAction, default=None,
+                        help="polarity ensemble + mixture consistency on/off (default: as the model recommends)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--default-allocator", action="store_true",
                         help="skip keep_freed_memory_for_reuse() (which the mossformer2 command applies)")
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         src = Path(tmp) / "long.wav"
         seconds = write_long_mixture(src, args.minutes)
         sep = Separator(model, device="cpu", chunk_seconds=args.chunk_seconds,
-                        overlap_seconds=args.overlap_seconds, batch_size=args.batch_size, progress=True)
+                        overlap_seconds=args.overlap_seconds, batch_size=args.batch_size, progress=True,
+                        polarity_ensemble=args.refinements, mixture_consistency=args.refinements)
         start = time.perf_counter()
         outputs = sep.separate_file(src, Path(tmp) / "out")
         elapsed = time.perf_counter() - start
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
               "chunk_seconds": args.chunk_seconds, "overlap_seconds": args.overlap_seconds,
               "batch_size": args.batch_size, "peak_rss_mib": round(peak_rss_mib(), 1),
               "rss_after_model_load_mib": round(rss_model, 1), "float32_audio_arrays_mib": round(audio_mib, 1),
+              "polarity_ensemble": sep.polarity_ensemble, "mixture_consistency": sep.mixture_consistency,
               "seconds": round(elapsed, 1), "rtf": round(elapsed / seconds, 4),
               "torch": torch.__version__}
     print(json.dumps(result, indent=2))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mossformer2.audio import read_audio, resample, to_mono, write_audio
+from mossformer2.audio import peak_amplitude, read_audio, resample, to_mono, write_audio
 
 
 def _sine(freq: float, sr: int, seconds: float, amp: float = 0.5) -> np.ndarray:
@@ -148,3 +148,17 @@ def test_write_rejects_bad_requests_and_leaves_existing_file(tmp_path):
         write_audio(tmp_path / "x.wav", np.zeros(0, np.float32), 16000)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep.wav"]
+
+
+def test_peak_amplitude_is_max_abs_without_a_full_copy():
+    import tracemalloc
+
+    wave = np.random.default_rng(0).standard_normal((2, 500_000)).astype(np.float32)
+    wave[1, 123] = -7.5  # the peak is negative
+    tracemalloc.start()
+    peak = peak_amplitude(wave)
+    _, allocated = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak == float(np.abs(wave).max()) == 7.5
+    assert allocated < wave.nbytes / 10  # np.abs would allocate all 4 MB again
+    assert peak_amplitude(np.zeros(0, np.float32)) == 0.0

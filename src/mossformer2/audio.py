@@ -104,11 +104,16 @@ def to_mono(wave: np.ndarray) -> np.ndarray:
     return wave.mean(axis=0, dtype=np.float32)
 
 
+def peak_amplitude(wave: np.ndarray) -> float:
+    """``max |wave|`` without the full-size temporary ``np.abs`` makes (hundreds of MB for an hour of audio)."""
+    return float(max(wave.max(), -wave.min())) if wave.size else 0.0
+
+
 def _peak_over_full_scale(wave: np.ndarray, subtype: str) -> float | None:
     """The peak of ``wave`` if an integer ``subtype`` cannot hold it, else None (NaN passes: the writer's error)."""
     if subtype.upper() == "FLOAT" or wave.size == 0:
         return None
-    peak = float(np.abs(wave).max())
+    peak = peak_amplitude(wave)
     return peak if peak > 1.0 else None
 
 
@@ -132,7 +137,7 @@ def fit_to_full_scale(waves: np.ndarray, subtype: str, name: str, headroom: floa
     gain = headroom / peak
     warnings.warn(f"{name}: outputs peak at {peak:.3f}, over full scale for {subtype}: all scaled by {gain:.3g} "
                   f"({20 * np.log10(gain):.1f} dB) together", stacklevel=3)
-    return (waves * gain).astype(np.float32)
+    return np.multiply(waves, gain, dtype=np.float32)
 
 
 def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, subtype: str = "PCM_16",

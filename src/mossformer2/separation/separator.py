@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from mossformer2.audio import fit_to_full_scale, read_audio, resample, to_mono, write_audio
+from mossformer2.audio import fit_to_full_scale, peak_amplitude, read_audio, resample, to_mono, write_audio
 from mossformer2.separation.batching import make_batches
 from mossformer2.separation.refine import mixture_consistency, polarity_ensemble, recommended_refinements
 from mossformer2.separation.stitching import (
@@ -263,7 +263,7 @@ class Separator:
 
     def _normalize_level(self, wave: np.ndarray) -> tuple[np.ndarray, float]:
         """Scale the model input; returns (scaled wave, gain) with outputs later divided by gain."""
-        peak = float(np.abs(wave).max())
+        peak = peak_amplitude(wave)
         if peak == 0.0 or self.normalize == "none":
             return wave, 1.0
         if self.normalize == "clearvoice":
@@ -273,7 +273,7 @@ class Separator:
         else:
             rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
             gain = TARGET_RMS / rms
-        return (wave * gain).astype(np.float32), gain
+        return np.multiply(wave, gain, dtype=np.float32), gain  # one float32 copy, no float64 or second pass
 
     def _separate_items(self, waves: list[np.ndarray]) -> list[np.ndarray]:
         """Model-rate mono items ``[T_i]`` -> ``[S, T_i]``, batching single-pass items (see ``batch_size``)."""
