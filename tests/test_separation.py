@@ -110,6 +110,22 @@ def test_memory_is_the_audio_arrays_not_the_length():
     assert ratios[1] <= ratios[0] + 0.05  # does not grow with the file length
 
 
+def test_separate_file_peak_memory_is_input_copy_and_outputs(tmp_path):
+    """Reading, separating and writing a file: the read input, its normalised copy and the S outputs (4x the
+    input), with no full-size temporaries on top (np.abs for peak checks made it 5x)."""
+    x = noise(120 * SR, seed=1)
+    sf.write(tmp_path / "in.wav", x, SR, subtype="FLOAT")
+    sep = Separator(LinearModel(record=False), device="cpu", chunk_seconds=2.0, overlap_seconds=0.5)
+    tracemalloc.start()
+    try:
+        paths = sep.separate_file(tmp_path / "in.wav", tmp_path / "out")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(paths) == 2
+    assert peak / x.nbytes < 4.5
+
+
 def test_batched_equals_unbatched(tiny_model):
     x = noise(int(4.5 * SR), seed=3)
     one = Separator(tiny_model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.25, batch_size=1)
