@@ -162,3 +162,12 @@ def test_peak_amplitude_is_max_abs_without_a_full_copy():
     assert peak == float(np.abs(wave).max()) == 7.5
     assert allocated < wave.nbytes / 10  # np.abs would allocate all 4 MB again
     assert peak_amplitude(np.zeros(0, np.float32)) == 0.0
+
+
+def test_reading_a_format_for_pyav_without_pyav_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "clip.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(64))
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
+    with pytest.raises(ValueError, match="PyAV.*not installed.*pip install av"):
+        read_audio(tmp_path / "clip.m4a")

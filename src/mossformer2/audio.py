@@ -52,7 +52,11 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
 
 def _read_with_pyav(path: Path) -> tuple[np.ndarray, int]:
     """Decode the first audio stream with PyAV into float32 ``[C, T]``."""
-    import av
+    try:
+        import av
+    except ImportError:
+        raise ValueError("libsndfile cannot read it and PyAV, which decodes other formats, is not installed "
+                         "(pip install av)") from None
 
     try:
         container = av.open(str(path))
