@@ -115,7 +115,7 @@ def peak_amplitude(wave: np.ndarray) -> float:
 
 def _peak_over_full_scale(wave: np.ndarray, subtype: str) -> float | None:
     """The peak of ``wave`` if an integer ``subtype`` cannot hold it, else None (NaN passes: the writer's error)."""
-    if subtype.upper() == "FLOAT" or wave.size == 0:
+    if subtype.upper() == "FLOAT":
         return None
     peak = peak_amplitude(wave)
     return peak if peak > 1.0 else None

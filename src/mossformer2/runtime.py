@@ -8,7 +8,6 @@ are written by ``mossformer2.export.export_onnx``; they carry the model config a
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ import numpy as np
 
 from mossformer2.models.config import MossFormer2Config
 from mossformer2.separation.refine import recommended_refinements
+from mossformer2.utils import loaded_torch
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +69,7 @@ class OnnxRuntimeModel:
         self.min_input_length = self.config.encoder_kernel_size + self.config.hop_size
 
     def __call__(self, wave: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        torch = sys.modules.get("torch")  # a torch tensor exists only if torch is loaded: never import it here
+        torch = loaded_torch()
         is_torch = torch is not None and isinstance(wave, torch.Tensor)
         array = wave.detach().cpu().float().numpy() if is_torch else np.asarray(wave, dtype=np.float32)
         self._check_input(array)

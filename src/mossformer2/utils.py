@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -79,17 +80,24 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
            "float16": "float16", "fp16": "float16"}
 
 
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """"float32" | "bfloat16" | "float16" for a name, alias or torch dtype, without importing torch."""
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     import torch
 
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"unsupported dtype {dtype}: use float32, bfloat16 or float16")
-        return dtype
-    try:
-        return getattr(torch, _DTYPES[str(dtype).lower()])
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
+    return getattr(torch, dtype_name(dtype))
+
+
+def loaded_torch() -> Any:
+    """The torch module if something already imported it, else None. A torch tensor or module can only exist
+    if torch is loaded, so type checks through this never import torch (the ONNX path runs without it)."""
+    return sys.modules.get("torch")
 
 
 def keep_freed_memory_for_reuse() -> bool:

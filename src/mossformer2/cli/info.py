@@ -18,10 +18,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from mossformer2.checkpoint import checkpoint_summary, is_torchscript_archive, load_model
     from mossformer2.models import build_model, count_parameters
 
-    parameters: int | None = None
     if args.checkpoint and str(args.checkpoint).lower().endswith(".onnx"):
         from mossformer2.runtime import OnnxRuntimeModel
 
@@ -35,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
         model = TorchScriptModel(args.checkpoint)
         print(f"TorchScript export: {args.checkpoint}")
         _print_refinements(model.separation_settings)
-        parameters = count_parameters(model)
     elif args.checkpoint:
         summary = checkpoint_summary(args.checkpoint)
         model = load_model(args.checkpoint)
@@ -46,16 +46,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"tensors: {summary['num_tensors']} ({summary['num_rotary_aliases']} rotary aliases), "
               f"elements: {summary['num_elements']:,}")
         _print_refinements(summary["separation"])
-        parameters = count_parameters(model)
     else:
         model = build_model(args.model or "MossFormer2")
         print(f"model: {args.model or 'MossFormer2'}")
-        parameters = count_parameters(model)
     print("config:")
     for key, value in model.config.to_dict().items():
         print(f"  {key}: {value}")
-    if parameters is not None:
-        print(f"parameters: {parameters:,}")
+    if isinstance(model, torch.nn.Module):  # an ONNX session holds no parameters to count
+        print(f"parameters: {count_parameters(model):,}")
     return 0
 
 

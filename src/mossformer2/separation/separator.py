@@ -8,7 +8,6 @@ alignment and cross-fades, or the official ClearVoice windows) -> level restored
 from __future__ import annotations
 
 import contextlib
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ from mossformer2.separation.stitching import (
     plan_chunks,
     stitch_aligned,
 )
-from mossformer2.utils import atomic_path, resolve_device, resolve_dtype
+from mossformer2.utils import atomic_path, dtype_name, loaded_torch, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +114,7 @@ class Separator:
                 self.graphs = CudaGraphModel(model, self.dtype, max_graphs=4)
         else:
             self.device = "cpu"  # the callable's own business (ONNX Runtime picks its providers)
-            if str(dtype).lower().removeprefix("torch.") not in ("float32", "fp32"):
+            if dtype_name(dtype) != "float32":
                 raise ValueError(f"dtype {dtype} is only available with the torch backend; the exported model "
                                  "runs in float32")
             self.dtype = "float32"
@@ -389,20 +388,14 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def _torch_if_loaded() -> Any:
-    """The torch module if something imported it, else None: a torch object can only exist if torch is loaded,
-    so checking for one never imports torch (the ONNX path runs without it)."""
-    return sys.modules.get("torch")
-
-
 def _is_torch_module(model: Any) -> bool:
-    torch = _torch_if_loaded()
+    torch = loaded_torch()
     return torch is not None and isinstance(model, torch.nn.Module)
 
 
 def _as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:
     """Validate and convert ``[T]`` / ``[C, T]`` (numpy or torch) to float32 numpy ``[C, T]``."""
-    torch = _torch_if_loaded()
+    torch = loaded_torch()
     if torch is not None and isinstance(wave, torch.Tensor):
         wave = wave.detach().float().cpu().numpy()
     wave = np.asarray(wave, dtype=np.float32)
