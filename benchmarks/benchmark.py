@@ -142,15 +142,6 @@ def tf32_matmuls() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def compile_layers(model: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile`` each FLASH layer and gated FSMN block in place (regional compilation: one compiled region
-    serves all layers, so compiling takes seconds rather than minutes); returns ``model``."""
-    layers = model.mask_net.mdl.intra_mdl.mossformerM
-    for layer in [*layers.layers, *layers.fsmn]:
-        layer.compile(dynamic=False)
-    return model
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -224,7 +215,8 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
             elif (variant in GRAPH_VARIANTS or variant == "regional-compile-graph-bf16") and s.device.type == "cuda":
                 regional = variant not in GRAPH_VARIANTS
                 dtype = torch.bfloat16 if regional else GRAPH_VARIANTS[variant]
-                graphed = CudaGraphModel(compile_layers(copy.deepcopy(model)) if regional else model, dtype)
+                graphed = CudaGraphModel(copy.deepcopy(model).compile_layers(dynamic=False) if regional else model,
+                                         dtype)
                 start = time.perf_counter()
                 with torch.inference_mode():
                     graphed(wave_dev)  # compiles (regional), then captures

@@ -49,11 +49,14 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
 
 
 def test_device_checks_dry_run_on_cpu(tmp_path):
-    """benchmarks/gpu_checks.py (padded batch == alone, bf16 vs fp32, long file) passes with the tiny model on CPU."""
+    """benchmarks/gpu_checks.py (padded batch == alone, bf16 vs fp32, compiled layers == eager, long file) passes
+    with the tiny model on CPU."""
     checks = _load_benchmark("gpu_checks")
     out = tmp_path / "checks.json"
-    assert checks.main(["--device", "cpu", "--tiny", "--minutes", "0.1", "--json", str(out)]) == 0
+    assert checks.main(["--device", "cpu", "--tiny", "--minutes", "0.1", "--checks", "padded_batch,dtypes,compiled",
+                        "--json", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report["compiled"]["float32_compiled_vs_eager_float32_db"] > 60
     assert report["padded_batch"]["padded_batch_max_relative_error"] < 1e-4
     assert report["dtypes"]["bfloat16_min_si_sdr_vs_float32_db"] > 20
     assert report["long_file"]["ok"] and report["long_file"]["minutes"] == 0.1

@@ -346,3 +346,42 @@ def test_every_cuda_depthwise_layout_gives_the_same_output(layout, monkeypatch):
         monkeypatch.setattr(convolution, "CUDA_DEPTHWISE_LAYOUT", layout)
         out = model(wave)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_layers_fuses_cuda_convs_and_keeps_the_output_on_cpu():
+    """compile_layers compiles the layers in place (returns the model), switches every depth-wise conv module to the
+    shifted-sum form for CUDA inputs and, on the CPU (where the convs stay), gives the eager output."""
+    from mossformer2.models.convolution import ConvModule
+    from mossformer2.models.fsmn import DilatedDenseNet
+
+    torch.manual_seed(0)
+    model = build_model(make_tiny_config()).eval()
+    wave = torch.randn(2, 4000)
+    with torch.inference_mode():
+        expected = model(wave)
+    conv_modules = [m for m in model.modules() if isinstance(m, (ConvModule, DilatedDenseNet))]
+    assert conv_modules and all(m.cuda_depthwise_layout == "" for m in conv_modules)
+    assert model.compile_layers() is model
+    assert all(m.cuda_depthwise_layout == "shifted_sum" for m in conv_modules)
+    with torch.inference_mode():
+        out = model(wave)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the layout knob applies on CUDA only")
+def test_a_module_layout_overrides_the_global_one(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = build_model(make_tiny_config()).cuda().eval()
+    wave = torch.randn(2, 4000, device="cuda")
+    calls = []
+    monkeypatch.setattr(convolution, "depthwise_shifted_sum",
+                        lambda *args: calls.append(1) or depthwise_shifted_sum(*args))
+    with torch.no_grad():
+        expected = model(wave)
+        assert not calls
+        for module in model.modules():
+            if hasattr(module, "cuda_depthwise_layout"):
+                module.cuda_depthwise_layout = "shifted_sum"
+        out = model(wave)
+    assert calls
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)

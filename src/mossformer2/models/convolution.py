@@ -11,7 +11,8 @@ from torch import nn
 # (PyTorch's own depth-wise kernel). Measured end to end (benchmarks/gpu_conv_layouts.py, H200, torch 2.11, full
 # model, 4 s, bf16 CUDA graph): contiguous 47.8 ms, channels_last 59.6 ms, hence the default. Tunable per GPU.
 # "shifted_sum" (depthwise_shifted_sum) is meant for torch.compile, which fuses it into one elementwise kernel on
-# the [B, T, C] layout (no layout copies, no conv kernel); eager, it makes K passes over the input.
+# the [B, T, C] layout (no layout copies, no conv kernel); eager, it makes K passes over the input. Modules can
+# override the global with their own ``cuda_depthwise_layout`` (MossFormer2.compile_layers sets "shifted_sum").
 CUDA_DEPTHWISE_LAYOUTS = ("contiguous", "channels_last", "shifted_sum")
 CUDA_DEPTHWISE_LAYOUT = "contiguous"
 
@@ -40,8 +41,11 @@ def _dilated_kernel(weight: torch.Tensor, dilation: int) -> torch.Tensor:
     return F.pad(weight.unsqueeze(-1), (0, dilation - 1)).flatten(-2)[..., : (taps - 1) * dilation + 1]
 
 
-def conv_along_time(x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int, groups: int) -> torch.Tensor:
+def conv_along_time(x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int, groups: int,
+                    cuda_layout: str = "") -> torch.Tensor:
     """Grouped conv along the last axis of ``x`` ``[B, C_in, 1, T]`` with ``weight`` ``[C, k, 1, K]``.
+
+    ``cuda_layout``: one of ``CUDA_DEPTHWISE_LAYOUTS`` for CUDA inputs, or "" for the module-wide default.
 
     ``x`` is usually a channels-last view of a ``[B, T, C]`` activation, which oneDNN convolves in place for
     inference (10-30x faster than copying to ``[B, C, T]`` first). oneDNN's channels-last depth-wise kernel hangs
@@ -58,10 +62,11 @@ def conv_along_time(x: torch.Tensor, weight: torch.Tensor, padding: int, dilatio
             # kernel is dilated itself (zeros between taps): the same sums, computed by the fast undilated kernel.
             weight = _dilated_kernel(weight, dilation)
             dilation = 1
-    elif not torch.jit.is_scripting() and x.is_cuda:  # the knob is a Python global, which TorchScript cannot read
-        if CUDA_DEPTHWISE_LAYOUT == "shifted_sum" and weight.shape[1] == 1:
+    elif not torch.jit.is_scripting() and x.is_cuda:  # the default is a Python global, which TorchScript cannot read
+        layout = cuda_layout or CUDA_DEPTHWISE_LAYOUT
+        if layout == "shifted_sum" and weight.shape[1] == 1:
             return depthwise_shifted_sum(x, weight.to(x.dtype), padding, dilation)
-        if CUDA_DEPTHWISE_LAYOUT == "contiguous":
+        if layout == "contiguous":
             x = x.contiguous()
     return F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation), groups=groups)
 
@@ -100,6 +105,7 @@ class ConvModule(nn.Module):
         identity = torch.zeros(1, 1, 1, kernel_size)
         identity[..., (kernel_size - 1) // 2] = 1.0
         self.register_buffer("identity_tap", identity, persistent=False)
+        self.cuda_depthwise_layout = ""  # "" = the module-wide CUDA_DEPTHWISE_LAYOUT
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         conv = self.sequential[1].conv
@@ -109,7 +115,8 @@ class ConvModule(nn.Module):
         # The same depth-wise conv as a 2-D conv on the [B, C, 1, T] view of x, which is channels-last in
         # memory: oneDNN / cuDNN then convolve in place of layout instead of first copying x to [B, C, T]
         # (about 10-30x faster on CPU), and the output is already [B, T, C] in memory.
-        out = conv_along_time(inp.transpose(1, 2).unsqueeze(2), weight, conv.padding[0], 1, conv.groups)
+        out = conv_along_time(inp.transpose(1, 2).unsqueeze(2), weight, conv.padding[0], 1, conv.groups,
+                              self.cuda_depthwise_layout)
         return out.squeeze(2).transpose(1, 2)
 
 

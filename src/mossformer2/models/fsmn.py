@@ -35,10 +35,12 @@ class DilatedDenseNet(nn.Module):
         self.norm2 = nn.InstanceNorm2d(channels, affine=True)
         self.prelu2 = nn.PReLU(channels)
         self.norm_eps = float(self.norm1.eps)  # a plain attribute: TorchScript cannot read InstanceNorm's eps
+        self.cuda_depthwise_layout = ""  # "" = convolution.CUDA_DEPTHWISE_LAYOUT
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int) -> torch.Tensor:
         """``[B, F, C_in]`` conv with a ``[C, k, 1, K]`` kernel (``groups=C``) along time -> ``[B, F, C]``."""
-        out = conv_along_time(x.transpose(1, 2).unsqueeze(2), weight, padding, dilation, self.channels)
+        out = conv_along_time(x.transpose(1, 2).unsqueeze(2), weight, padding, dilation, self.channels,
+                              self.cuda_depthwise_layout)
         return out.squeeze(2).transpose(1, 2)
 
     def _norm_prelu(self, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
