@@ -62,6 +62,16 @@ def test_device_checks_dry_run_on_cpu(tmp_path):
     assert report["long_file"]["ok"] and report["long_file"]["minutes"] == 0.1
 
 
+def test_compile_diagnosis_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_compile_diagnosis.py scores its first row (compiled layers, fp32) against eager on the CPU."""
+    diagnosis = _load_benchmark("gpu_compile_diagnosis")
+    out = tmp_path / "diagnosis.json"
+    rows = diagnosis.main(["--device", "cpu", "--tiny", "--rows", "1", "--json", str(out)])
+    assert [row["variant"] for row in rows] == [diagnosis.ROWS[0][0]]
+    assert rows[0]["si_sdr_vs_eager_fp32_db"] > 60
+    assert json.loads(out.read_text()) == rows
+
+
 def test_cuda_depthwise_option_sets_the_layout_and_refuses_unknown_names(capsys):
     from mossformer2.models import convolution
 

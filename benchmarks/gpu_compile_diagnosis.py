@@ -1,0 +1,109 @@
+"""Which part of ``MossFormer2.compile_layers`` makes compiled float32 differ from eager on CUDA.
+
+Session 8 found, on an H200, the Separator on ``compile_layers()`` with CUDA graphs 11.9 dB SI-SDR from eager fp32
+in float32, but 36.8 dB in bf16 (benchmarks/RESULTS.md). This script separates the suspects, one row each, on the
+same input (batch 3 of 4 s, random full model), scored against eager fp32 with TF32 off everywhere:
+
+- which regions are compiled (FLASH layers, FSMN blocks, both);
+- depth-wise convs as cuDNN / PyTorch kernels or as fused shifted sums;
+- with or without a CUDA graph around the compiled model;
+- float32 or bf16 autocast.
+
+A row scores far below the others' precision (fp32 > 60 dB, bf16 > 30 dB) where the fault lies. CPU dry run (the
+convs stay convs there)::
+
+    python benchmarks/gpu_compile_diagnosis.py --device cpu --tiny --rows 2
+    python benchmarks/gpu_compile_diagnosis.py --json diagnosis.json       # CUDA, ~4 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mossformer2 import MossFormer2Config, build_model
+from mossformer2.losses import si_sdr
+from mossformer2.models.config import tiny_test_config
+from mossformer2.separation.cuda_graphs import CudaGraphModel
+
+# (name, regions compiled, shifted sums, CUDA graph, dtype); the first rows are the cheapest to tell apart.
+ROWS = [
+    ("both regions, shifted sums, fp32", "both", True, False, torch.float32),
+    ("both regions, default convs, fp32", "both", False, False, torch.float32),
+    ("FLASH only, default convs, fp32", "flash", False, False, torch.float32),
+    ("FSMN only, shifted sums, fp32", "fsmn", True, False, torch.float32),
+    ("both regions, shifted sums, fp32, CUDA graph", "both", True, True, torch.float32),
+    ("both regions, shifted sums, bf16, CUDA graph", "both", True, True, torch.bfloat16),
+]
+
+
+def compiled_copy(model: torch.nn.Module, regions: str, shifted: bool) -> torch.nn.Module:
+    """A copy of ``model`` with the chosen regions compiled (``compile_layers`` restricted to them)."""
+    model = copy.deepcopy(model)
+    if shifted:
+        for module in model.modules():
+            if hasattr(module, "cuda_depthwise_layout"):
+                module.cuda_depthwise_layout = "shifted_sum"
+    layers = model.mask_net.mdl.intra_mdl.mossformerM
+    chosen = {"flash": [*layers.layers], "fsmn": [*layers.fsmn], "both": [*layers.layers, *layers.fsmn]}[regions]
+    for layer in chosen:
+        layer.compile(dynamic=False)
+    return model
+
+
+def score_db(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(si_sdr(estimate.double().flatten(0, 1), reference.double().flatten(0, 1)).mean())
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU dry run)")
+    parser.add_argument("--rows", type=int, default=len(ROWS), help="run the first N rows")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    model = build_model(tiny_test_config() if args.tiny else MossFormer2Config()).to(device).eval()
+    wave = 0.1 * torch.randn(3, 4 * 16000, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.inference_mode():
+        reference = model(wave)
+    results = []
+    for name, regions, shifted, graph, dtype in ROWS[: args.rows]:
+        if dtype != torch.float32 and device.type != "cuda":
+            continue  # compiled bf16 does not finish on the CPU (torch 2.13)
+        torch._dynamo.reset()  # each row compiles afresh: no code cached from an earlier row
+        start = time.perf_counter()
+        try:
+            compiled = compiled_copy(model, regions, shifted)
+            if graph and device.type == "cuda":
+                runner = CudaGraphModel(compiled, dtype)
+                with torch.inference_mode():
+                    out = runner(wave)
+            else:
+                autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                            else contextlib.nullcontext())
+                with torch.inference_mode(), autocast:
+                    out = compiled(wave)
+            row = {"variant": name, "si_sdr_vs_eager_fp32_db": score_db(out, reference),
+                   "max_abs_diff": float((out.float() - reference).abs().max())}
+        except Exception as err:  # one failing row must not hide the others
+            row = {"variant": name, "error": f"{type(err).__name__}: {err}"}
+        row["seconds"] = time.perf_counter() - start
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
