@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--refinements", action=argparse.BooleanOptionalAction, default=None,
-                        help="polarity ensemble + mixture consistency on/off (default: as the model recommends)")
+                        help="every refinement on / off (default: as the model recommends)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--default-allocator", action="store_true",
                         help="skip keep_freed_memory_for_reuse() (which the mossformer2 command applies)")
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory_for_reuse()
 
     from mossformer2.separation import Separator
+    from mossformer2.separation.refine import REFINEMENTS
 
     model = load(args.model)
     rss_model = peak_rss_mib()
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = write_long_mixture(src, args.minutes)
         sep = Separator(model, device="cpu", chunk_seconds=args.chunk_seconds,
                         overlap_seconds=args.overlap_seconds, batch_size=args.batch_size, progress=True,
-                        polarity_ensemble=args.refinements, mixture_consistency=args.refinements)
+                        **{name: args.refinements for name in REFINEMENTS})
         start = time.perf_counter()
         outputs = sep.separate_file(src, Path(tmp) / "out")
         elapsed = time.perf_counter() - start
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               "chunk_seconds": args.chunk_seconds, "overlap_seconds": args.overlap_seconds,
               "batch_size": args.batch_size, "peak_rss_mib": round(peak_rss_mib(), 1),
               "rss_after_model_load_mib": round(rss_model, 1), "float32_audio_arrays_mib": round(audio_mib, 1),
-              "polarity_ensemble": sep.polarity_ensemble, "mixture_consistency": sep.mixture_consistency,
+              **sep.refinements,
               "seconds": round(elapsed, 1), "rtf": round(elapsed / seconds, 4),
               "torch": torch.__version__}
     print(json.dumps(result, indent=2))

@@ -58,20 +58,23 @@ def test_shipped_model_recommends_the_refinements_that_help_it(tmp_path):
     from mossformer2.separation import load_separation_model
 
     assert load_separation_model(None, "cpu").separation_settings == {"polarity_ensemble": True,
-                                                                       "mixture_consistency": True}
+                                                                       "wiener_filter": True,
+                                                                       "mixture_consistency": False}
     assert load_default_model().separation_settings == load_separation_model(None, "cpu").separation_settings
-    # MODEL_CARD.md: +0.78 dB on 200 unseen-speaker mixtures; the demo mixture gains too (7.07 -> 7.26 dB).
+    # MODEL_CARD.md: +1.1 dB on 200 unseen-speaker mixtures; the demo mixture gains too (7.07 -> 7.35 dB).
     refined = run_demo(tmp_path / "refined", device="cpu")
-    plain = run_demo(tmp_path / "plain", device="cpu", polarity_ensemble=False, mixture_consistency=False)
-    assert refined["refinements"] == "polarity ensemble + mixture consistency" and plain["refinements"] == "none"
-    assert refined["si_sdri"] > plain["si_sdri"]
+    ensemble = run_demo(tmp_path / "ensemble", device="cpu", wiener_filter=False)
+    plain = run_demo(tmp_path / "plain", device="cpu", polarity_ensemble=False, wiener_filter=False)
+    assert refined["refinements"] == "polarity ensemble + wiener filter" and plain["refinements"] == "none"
+    assert ensemble["refinements"] == "polarity ensemble"
+    assert refined["si_sdri"] > ensemble["si_sdri"] > plain["si_sdri"]
 
 
 def test_demo_command(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path / "demo"), "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "mean SI-SDRi" in captured.out and "built-in model" in captured.err
-    assert "refinements: polarity ensemble + mixture consistency" in captured.out
+    assert "refinements: polarity ensemble + wiener filter" in captured.out
     mix = (tmp_path / "demo" / "mixture.wav")
     assert mix.is_file()
 
@@ -83,11 +86,11 @@ def test_separate_uses_the_built_in_model_by_default(tmp_path, capsys):
     sf.write(tmp_path / "noise.wav", wave, 16000)
     assert main(["separate", str(tmp_path / "noise.wav"), "-o", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
-    assert "built-in model" in err and "refinements: polarity ensemble + mixture consistency" in err
+    assert "built-in model" in err and "refinements: polarity ensemble + wiener filter" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["noise_s1.wav", "noise_s2.wav"]
     # --no-... turns the recommended refinements off.
     assert main(["separate", str(tmp_path / "noise.wav"), "-o", str(tmp_path / "plain"), "--no-polarity-ensemble",
-                 "--no-mixture-consistency"]) == 0
+                 "--no-wiener-filter"]) == 0
     assert "refinements" not in capsys.readouterr().err
     refined, _ = sf.read(tmp_path / "out" / "noise_s1.wav")
     plain, _ = sf.read(tmp_path / "plain" / "noise_s1.wav")

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from mossformer2 import build_model, save_checkpoint
-from mossformer2.losses import best_permutation, pairwise_si_sdr
+from mossformer2.cli import REFINEMENT_HELP, describe_refinements
+from mossformer2.losses import best_permutation, pairwise_si_sdr, si_sdr
 from mossformer2.separation import Separator, load_separation_model
-from mossformer2.separation.refine import mixture_consistency, polarity_ensemble
+from mossformer2.separation.refine import REFINEMENTS, mixture_consistency, polarity_ensemble, wiener_filter
 from mossformer2.separation.stitching import match_sources
 from tests.conftest import make_tiny_config
 
@@ -120,33 +121,87 @@ def test_mixture_consistency_ignores_padding():
     np.testing.assert_allclose(out[1, :, :200], mixture_consistency(estimates[1:, :, :200], mixture[1:, :200])[0])
 
 
+def _tones(samples: int, rate: int = RATE) -> np.ndarray:
+    """Two sources with disjoint spectra: [2, samples]."""
+    t = np.arange(samples) / rate
+    return np.stack([np.sin(2 * np.pi * 300 * t), 0.7 * np.sin(2 * np.pi * 1800 * t)]).astype(np.float32)
+
+
+def test_wiener_filter_sums_to_the_mixture_and_removes_leakage_between_disjoint_spectra():
+    sources = _tones(16000)
+    mixture = sources.sum(0)
+    leaky = np.stack([sources[0] + 0.4 * sources[1], sources[1] + 0.4 * sources[0]])  # each holds some of the other
+    out = wiener_filter(leaky[None], mixture[None])[0]
+    assert out.dtype == np.float32 and out.shape == leaky.shape
+    np.testing.assert_allclose(out.sum(0), mixture, atol=1e-5)
+    before = si_sdr(torch.from_numpy(leaky), torch.from_numpy(sources))
+    after = si_sdr(torch.from_numpy(out), torch.from_numpy(sources))
+    # On each tone's bins the power masks are 1 : 0.16, so the other estimate keeps 0.14 of that tone instead of
+    # 0.4: about 9 dB less leakage (measured 11.1 -> 19.0 dB and 4.9 -> 12.8 dB).
+    assert bool((after > before + 7).all())
+
+
+def test_wiener_filter_handles_padding_short_items_and_silent_estimates():
+    mixture = randn(2, 6000)
+    mixture[1, 1000:] = 0.0
+    estimates = randn(2, 2, 6000, seed=1)
+    out = wiener_filter(estimates, mixture, np.array([6000, 1000]))
+    assert np.all(out[1, :, 1000:] == 0)
+    # The short item (below one 4096-sample window) is filtered alone, with a window of its length.
+    np.testing.assert_allclose(out[1, :, :1000], wiener_filter(estimates[1:, :, :1000], mixture[1:, :1000])[0],
+                               atol=1e-6)
+    np.testing.assert_allclose(out.sum(1), mixture, atol=1e-5)
+    # Bins no estimate claims are shared equally; a 3-sample input is kept as it is.
+    silent = wiener_filter(np.zeros((1, 2, 6000), np.float32), mixture[:1])
+    np.testing.assert_allclose(silent[0], np.stack([mixture[0], mixture[0]]) / 2, atol=1e-5)
+    np.testing.assert_array_equal(wiener_filter(estimates[:1, :, :3], mixture[:1, :3]), estimates[:1, :, :3])
+
+
+def test_every_refinement_has_a_command_option():
+    assert tuple(REFINEMENT_HELP) == REFINEMENTS
+
+
 def test_separator_applies_the_refinements_on_every_path(tiny_model):
     wave = randn(2400)
     plain = Separator(tiny_model, device="cpu", polarity_ensemble=False, mixture_consistency=False)
     refined = Separator(tiny_model, device="cpu", polarity_ensemble=True, mixture_consistency=True)
+    assert describe_refinements(plain) == "none"
+    assert describe_refinements(refined) == "polarity ensemble + mixture consistency"
     out = refined.separate(wave, RATE)
     np.testing.assert_allclose(out.sum(0), wave, atol=1e-5)  # consistent, and the level restored
     assert np.abs(out - plain.separate(wave, RATE)).max() > 1e-4
+    # The Wiener filter's outputs also sum to the input, and differ from the ensemble's alone.
+    wiener = Separator(tiny_model, device="cpu", polarity_ensemble=True, wiener_filter=True)
+    assert wiener.refinements == {"polarity_ensemble": True, "wiener_filter": True, "mixture_consistency": False}
+    filtered = wiener.separate(wave, RATE)
+    np.testing.assert_allclose(filtered.sum(0), wave, atol=1e-5)
+    ensemble = Separator(tiny_model, device="cpu", polarity_ensemble=True).separate(wave, RATE)
+    assert np.abs(filtered - ensemble).max() > 1e-4
     # Chunked (stitched) and padded-batch paths are refined too: each chunk's sources sum to the chunk.
     chunked = Separator(tiny_model, device="cpu", chunk_seconds=0.1, overlap_seconds=0.02, mixture_consistency=True)
     np.testing.assert_allclose(chunked.separate(wave, RATE).sum(0), wave, atol=1e-5)
-    batched = Separator(tiny_model, device="cpu", batch_size=3, polarity_ensemble=True, mixture_consistency=True)
-    waves = [wave, wave[:1500], wave[:1900]]
-    for single, many in zip([refined.separate(w, RATE) for w in waves], batched.separate_many(waves, RATE)):
-        np.testing.assert_allclose(many, single, atol=1e-5)
+    chunked = Separator(tiny_model, device="cpu", chunk_seconds=0.1, overlap_seconds=0.02, wiener_filter=True)
+    np.testing.assert_allclose(chunked.separate(wave, RATE).sum(0), wave, atol=1e-5)
+    for single_sep in (refined, wiener):
+        batched = Separator(tiny_model, device="cpu", batch_size=3, **single_sep.refinements)
+        waves = [wave, wave[:1500], wave[:1900]]
+        for single, many in zip([single_sep.separate(w, RATE) for w in waves], batched.separate_many(waves, RATE)):
+            np.testing.assert_allclose(many, single, atol=1e-5)
 
 
 def test_checkpoint_recommends_refinements_and_arguments_override(tiny_model, tmp_path):
     plain = tmp_path / "plain.pt"
     save_checkpoint(plain, tiny_model)
     recommending = tmp_path / "recommending.pt"
-    save_checkpoint(recommending, tiny_model, extra={"separation": {"polarity_ensemble": True,
+    save_checkpoint(recommending, tiny_model, extra={"separation": {"polarity_ensemble": True, "wiener_filter": True,
                                                                     "mixture_consistency": False}})
     assert load_separation_model(plain, "cpu").separation_settings == {}
     model = load_separation_model(recommending, "cpu")
-    assert model.separation_settings == {"polarity_ensemble": True, "mixture_consistency": False}
+    assert model.separation_settings == {"polarity_ensemble": True, "wiener_filter": True,
+                                         "mixture_consistency": False}
     sep = Separator(model, device="cpu")
-    assert sep.polarity_ensemble and not sep.mixture_consistency
+    assert sep.polarity_ensemble and sep.wiener_filter and not sep.mixture_consistency
+    assert not Separator(model, device="cpu", wiener_filter=False).wiener_filter
     sep = Separator.from_pretrained(recommending, device="cpu", polarity_ensemble=False, mixture_consistency=True)
     assert not sep.polarity_ensemble and sep.mixture_consistency
     assert not Separator.from_pretrained(plain, device="cpu").polarity_ensemble

@@ -6,8 +6,9 @@
 Keeps the model weights and config, sets the output level (``mossformer2.training.calibration``: one gain on
 the decoder, measured on training-speaker mixtures, so no held-out speaker is used), and stores the training
 provenance under ``"training"`` (the input's own ``"training"`` entry, updated with ``--training-json``).
-``--polarity-ensemble`` / ``--mixture-consistency`` record the inference-time refinements measured with this model
-(``"separation"`` entry: the ``Separator``'s defaults for it; without the flags the input's entry is kept).
+``--polarity-ensemble`` / ``--wiener-filter`` / ``--mixture-consistency`` record the inference-time refinements
+measured with this model (``"separation"`` entry: the ``Separator``'s defaults for it; without the flags the
+input's entry is kept).
 The file is written atomically; the output gains applied so far are multiplied into ``"output_gain"``.
 """
 
@@ -40,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measure and fold the output gain (default); --no-calibrate keeps the weights as they are")
     parser.add_argument("--polarity-ensemble", action=argparse.BooleanOptionalAction, default=None,
                         help="recommend (or not) the polarity ensemble for this model")
+    parser.add_argument("--wiener-filter", action=argparse.BooleanOptionalAction, default=None,
+                        help="recommend (or not) the Wiener filter for this model")
     parser.add_argument("--mixture-consistency", action=argparse.BooleanOptionalAction, default=None,
                         help="recommend (or not) mixture consistency for this model")
     return parser.parse_args(argv)

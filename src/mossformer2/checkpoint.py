@@ -3,7 +3,7 @@
 Official file: ``torch.save({'model': state_dict, 'optimizer': ..., 'epoch': int, 'step': int})``.
 Ours adds ``'config'`` (the MossFormer2Config as a dict) so that no shape inference is needed; the official
 loader reads it too because it only looks at ``'model'``. A checkpoint may also recommend inference-time
-refinements for its model (``'separation'``: ``{'polarity_ensemble': bool, 'mixture_consistency': bool}``).
+refinements for its model (``'separation'``: ``{name: bool}`` for the names in ``separation.refine.REFINEMENTS``).
 """
 
 from __future__ import annotations

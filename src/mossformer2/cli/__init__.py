@@ -39,22 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REFINEMENT_HELP = {
+    "polarity_ensemble": "also separate the negated input and average both estimates (twice the compute)",
+    "wiener_filter": "re-estimate the sources as soft masks on the input's spectrogram (Wiener filter)",
+    "mixture_consistency": "make the separated sources sum to the input",
+}
+
+
 def add_refinement_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--[no-]polarity-ensemble`` and ``--[no-]mixture-consistency``; ``None`` (neither given): as the
-    checkpoint recommends (``Separator``)."""
-    parser.add_argument("--polarity-ensemble", action=argparse.BooleanOptionalAction, default=None,
-                        help="also separate the negated input and average both estimates (twice the compute); "
-                             "default: as the checkpoint recommends (on for the built-in model)")
-    parser.add_argument("--mixture-consistency", action=argparse.BooleanOptionalAction, default=None,
-                        help="make the separated sources sum to the input; default: as the checkpoint "
-                             "recommends (on for the built-in model)")
+    """``--[no-]polarity-ensemble``, ``--[no-]wiener-filter``, ``--[no-]mixture-consistency``; ``None`` (neither
+    form given): as the checkpoint recommends (``Separator``)."""
+    for name, text in REFINEMENT_HELP.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
+                            help=f"{text}; default: as the checkpoint recommends")
+
+
+def refinement_options(args: argparse.Namespace) -> dict[str, bool | None]:
+    """The ``Separator`` keyword arguments of ``add_refinement_arguments``' options."""
+    return {name: getattr(args, name) for name in REFINEMENT_HELP}
 
 
 def describe_refinements(separator) -> str:
-    """``"polarity ensemble + mixture consistency"``, ``"none"``, ...: what a ``Separator`` applies."""
-    names = [name for name, on in (("polarity ensemble", separator.polarity_ensemble),
-                                   ("mixture consistency", separator.mixture_consistency)) if on]
-    return " + ".join(names) or "none"
+    """``"polarity ensemble + wiener filter"``, ``"none"``, ...: what a ``Separator`` applies."""
+    return " + ".join(name.replace("_", " ") for name, on in separator.refinements.items() if on) or "none"
 
 
 @contextlib.contextmanager

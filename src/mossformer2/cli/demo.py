@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mossformer2.cli import add_refinement_arguments, describe_refinements
+from mossformer2.cli import add_refinement_arguments, describe_refinements, refinement_options
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "pretrained" / "demo"
 DEMO_CLIPS = ("speaker_ro.flac", "speaker_es.flac")
@@ -26,10 +26,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = None,
-             device: str = "auto", polarity_ensemble: bool | None = None,
-             mixture_consistency: bool | None = None) -> dict:
+             device: str = "auto", **refinements: bool | None) -> dict:
     """Mix, separate, write ``mixture.wav``, ``speaker1.wav``, ``speaker2.wav``, ``reference_*.wav`` and
-    ``spectrogram.png`` into ``out_dir``; return the scores (see ``mossformer2.metrics.score_separation``)."""
+    ``spectrogram.png`` into ``out_dir``; return the scores (see ``mossformer2.metrics.score_separation``).
+    ``refinements``: ``Separator`` switches (``polarity_ensemble=False``, ...; default: the model's)."""
     from mossformer2.audio import read_audio, resample, to_mono, write_audio
     from mossformer2.evaluation.mixing import levels_for_sirs, mix_waves
     from mossformer2.metrics import score_separation
@@ -37,8 +37,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     from mossformer2.separation import Separator
     from mossformer2.separation.separator import write_sources
 
-    separator = Separator.from_pretrained(checkpoint, device=device, polarity_ensemble=polarity_ensemble,
-                                          mixture_consistency=mixture_consistency)
+    separator = Separator.from_pretrained(checkpoint, device=device, **refinements)
     rate = separator.model.config.sample_rate
     clips = []
     for name in DEMO_CLIPS:
@@ -66,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
         from mossformer2.pretrained import DEFAULT_MODEL_NAME
 
         print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass --checkpoint to use another)", file=sys.stderr)
-    scores = run_demo(args.out_dir, args.sir, args.checkpoint, args.device, args.polarity_ensemble,
-                      args.mixture_consistency)
+    scores = run_demo(args.out_dir, args.sir, args.checkpoint, args.device, **refinement_options(args))
     si = scores["per_speaker"]
     print(f"mixture of 2 speakers at {args.sir:+.1f} dB SIR -> {args.out_dir}/")
     for k in range(len(si["si_sdr"])):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mossformer2.cli import add_refinement_arguments, describe_refinements
+from mossformer2.cli import add_refinement_arguments, describe_refinements, refinement_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -58,16 +58,13 @@ def run(args: argparse.Namespace) -> int:
     model = load_separation_model(ref, args.device)
     separator = Separator(model, device=args.device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                           overlap_seconds=args.overlap_seconds, stitching=args.stitching,
-                          normalize=args.normalize, polarity_ensemble=args.polarity_ensemble,
-                          mixture_consistency=args.mixture_consistency)
+                          normalize=args.normalize, **refinement_options(args))
     print(f"refinements: {describe_refinements(separator)}", file=sys.stderr)
     checkpoint = "built-in" if ref is None else str(Path(ref).resolve()) if Path(ref).exists() else str(ref)
     info = {"checkpoint": checkpoint,
             "device": str(separator.device), "dtype": args.dtype,
             "separator": {"chunk_seconds": args.chunk_seconds, "overlap_seconds": args.overlap_seconds,
-                          "stitching": args.stitching, "normalize": args.normalize,
-                          "polarity_ensemble": separator.polarity_ensemble,
-                          "mixture_consistency": separator.mixture_consistency}}
+                          "stitching": args.stitching, "normalize": args.normalize, **separator.refinements}}
     summary = evaluate(separator, args.data, args.out, metrics=metrics, score_rate=args.score_rate,
                        limit=args.limit, overwrite=args.overwrite, info=info)
     print(format_table(summary))

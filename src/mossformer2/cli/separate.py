@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mossformer2.cli import add_refinement_arguments, describe_refinements
+from mossformer2.cli import add_refinement_arguments, describe_refinements, refinement_options
 
 LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
 
@@ -190,8 +190,8 @@ def run(args: argparse.Namespace) -> int:
                     overlap_seconds=args.overlap_seconds, stitching=args.stitching, normalize=args.normalize,
                     batch_size=args.batch_size, channels=args.channels,
                     backend=args.backend, progress=True, cuda_graphs=args.cuda_graphs,
-                    polarity_ensemble=args.polarity_ensemble, mixture_consistency=args.mixture_consistency)
-    if (sep.polarity_ensemble or sep.mixture_consistency) and rank == 0:
+                    **refinement_options(args))
+    if any(sep.refinements.values()) and rank == 0:
         print(f"refinements: {describe_refinements(sep)}", file=sys.stderr)
 
     inputs = collect_inputs(args.inputs, exclude=Path(args.out_dir))

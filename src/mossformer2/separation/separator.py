@@ -18,7 +18,13 @@ from tqdm import tqdm
 
 from mossformer2.audio import fit_to_full_scale, peak_amplitude, read_audio, resample, to_mono, write_audio
 from mossformer2.separation.batching import make_batches
-from mossformer2.separation.refine import mixture_consistency, polarity_ensemble, recommended_refinements
+from mossformer2.separation.refine import (
+    REFINEMENTS,
+    mixture_consistency,
+    polarity_ensemble,
+    recommended_refinements,
+    wiener_filter,
+)
 from mossformer2.separation.stitching import (
     clearvoice_audio_norm,
     clearvoice_separate,
@@ -68,18 +74,22 @@ class Separator:
             activation memory). Padded batches of unequal short inputs still run eagerly. Ignored on the CPU.
         polarity_ensemble: also separate the negated input and average the two estimates (twice the compute;
             ``refine.polarity_ensemble``). ``None``: as the checkpoint recommends (see below), else off.
+        wiener_filter: re-estimate the sources of each pass as soft masks on the input's STFT, in proportion to
+            their estimated powers (``refine.wiener_filter``; the outputs then sum to the input). ``None``: as the
+            checkpoint recommends, else off.
         mixture_consistency: make the sources of each pass sum to its input (``refine.mixture_consistency``; for
             models whose outputs are at the sources' level). ``None``: as the checkpoint recommends, else off.
 
     A model from ``load_separation_model`` carries its checkpoint's recommended refinements as
-    ``model.separation_settings`` (the built-in model recommends both: its model card has the measurements).
+    ``model.separation_settings`` (the built-in model recommends the polarity ensemble and the Wiener filter: its
+    model card has the measurements). They apply in that order: ensemble, Wiener filter, mixture consistency.
     """
 
     def __init__(self, model: Any, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
                  chunk_seconds: float = 10.0, overlap_seconds: float = 2.0, stitching: str = "aligned",
                  normalize: str = "rms", batch_size: int = 1, channels: str = "mix", backend: str = "auto",
                  progress: bool = False, cuda_graphs: bool = False, polarity_ensemble: bool | None = None,
-                 mixture_consistency: bool | None = None) -> None:
+                 mixture_consistency: bool | None = None, wiener_filter: bool | None = None) -> None:
         _check_choice("stitching", stitching, STITCHING)
         _check_choice("normalize", normalize, NORMALIZE)
         _check_choice("channels", channels, CHANNELS)
@@ -138,6 +148,7 @@ class Separator:
         recommended = getattr(model, "separation_settings", {})
         self.polarity_ensemble = bool(recommended.get("polarity_ensemble", False) if polarity_ensemble is None
                                       else polarity_ensemble)
+        self.wiener_filter = bool(recommended.get("wiener_filter", False) if wiener_filter is None else wiener_filter)
         self.mixture_consistency = bool(recommended.get("mixture_consistency", False) if mixture_consistency is None
                                         else mixture_consistency)
 
@@ -149,6 +160,11 @@ class Separator:
         TorchScript file."""
         return cls(load_separation_model(ref, device), device=device, **kwargs)
 
+    @property
+    def refinements(self) -> dict[str, bool]:
+        """``{name: on}`` for every name in ``refine.REFINEMENTS``: what this Separator applies."""
+        return {name: bool(getattr(self, name)) for name in REFINEMENTS}
+
     # -- model call --------------------------------------------------------------------------------------------
 
     def _forward(self, batch: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
@@ -157,6 +173,8 @@ class Separator:
             out = polarity_ensemble(self._run_model, batch, lengths)
         else:
             out = self._run_model(batch, lengths)
+        if self.wiener_filter:
+            out = wiener_filter(out, batch, lengths)
         if self.mixture_consistency:
             out = mixture_consistency(out, batch, lengths)
         return out
@@ -314,7 +332,7 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
     """The shipped model (``ref=None``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` or
     TorchScript file.
 
-    A checkpoint's ``"separation"`` entry (``{"polarity_ensemble": bool, "mixture_consistency": bool}``, written
+    A checkpoint's ``"separation"`` entry (``{name: bool}`` for names in ``refine.REFINEMENTS``, written
     by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults;
     ``mossformer2 export`` carries it into the ONNX and TorchScript files, whose wrappers expose it the same way.
     """
