@@ -111,14 +111,17 @@ def test_mixture_consistency_sums_to_the_mixture_and_fixes_polarity_first():
     assert np.all(np.einsum("bsl,bl->bs", out, mixture) > 0)
 
 
-def test_mixture_consistency_ignores_padding():
-    mixture = randn(2, 300)
-    mixture[1, 200:] = 0.0
-    estimates = randn(2, 2, 300, seed=1)
-    out = mixture_consistency(estimates, mixture, np.array([300, 200]))
-    assert np.all(out[1, :, 200:] == 0)
+@pytest.mark.parametrize(("refine", "full", "short"), [(mixture_consistency, 300, 200), (wiener_filter, 6000, 1000)])
+def test_refinements_ignore_padding(refine, full, short):
+    """A padded item is refined over its true length alone (for the Wiener filter: shorter than one 4096-sample
+    window, so with a window of its length), its padding stays zero, and the outputs sum to the mixture."""
+    mixture = randn(2, full)
+    mixture[1, short:] = 0.0
+    estimates = randn(2, 2, full, seed=1)
+    out = refine(estimates, mixture, np.array([full, short]))
+    assert np.all(out[1, :, short:] == 0)
     np.testing.assert_allclose(out.sum(1), mixture, atol=1e-5)
-    np.testing.assert_allclose(out[1, :, :200], mixture_consistency(estimates[1:, :, :200], mixture[1:, :200])[0])
+    np.testing.assert_allclose(out[1, :, :short], refine(estimates[1:, :, :short], mixture[1:, :short])[0], atol=1e-6)
 
 
 def _tones(samples: int, rate: int = RATE) -> np.ndarray:
@@ -141,20 +144,12 @@ def test_wiener_filter_sums_to_the_mixture_and_removes_leakage_between_disjoint_
     assert bool((after > before + 7).all())
 
 
-def test_wiener_filter_handles_padding_short_items_and_silent_estimates():
-    mixture = randn(2, 6000)
-    mixture[1, 1000:] = 0.0
-    estimates = randn(2, 2, 6000, seed=1)
-    out = wiener_filter(estimates, mixture, np.array([6000, 1000]))
-    assert np.all(out[1, :, 1000:] == 0)
-    # The short item (below one 4096-sample window) is filtered alone, with a window of its length.
-    np.testing.assert_allclose(out[1, :, :1000], wiener_filter(estimates[1:, :, :1000], mixture[1:, :1000])[0],
-                               atol=1e-6)
-    np.testing.assert_allclose(out.sum(1), mixture, atol=1e-5)
-    # Bins no estimate claims are shared equally; a 3-sample input is kept as it is.
-    silent = wiener_filter(np.zeros((1, 2, 6000), np.float32), mixture[:1])
+def test_wiener_filter_shares_unclaimed_bins_and_keeps_too_short_inputs():
+    mixture = randn(1, 6000)
+    silent = wiener_filter(np.zeros((1, 2, 6000), np.float32), mixture)
     np.testing.assert_allclose(silent[0], np.stack([mixture[0], mixture[0]]) / 2, atol=1e-5)
-    np.testing.assert_array_equal(wiener_filter(estimates[:1, :, :3], mixture[:1, :3]), estimates[:1, :, :3])
+    estimates = randn(1, 2, 3, seed=1)
+    np.testing.assert_array_equal(wiener_filter(estimates, mixture[:, :3]), estimates)
 
 
 def test_every_refinement_has_a_command_option():
