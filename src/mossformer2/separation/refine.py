@@ -90,9 +90,9 @@ def wiener_filter(sources: np.ndarray, mixture: np.ndarray, lengths: np.ndarray 
     ``X * |S_j|^p / sum_k |S_k|^p``: the mixture's own coefficients, shared out in proportion to the estimated
     source powers (the single-channel Wiener filter for ``p = 2``). The outputs sum to the mixture. It keeps the
     model's decision of which source owns each time-frequency region and drops what the model got wrong inside
-    it; long windows (more frequency resolution than the model's 1 ms encoder frames) carry the gain. Whether it
-    helps depends on the model (measured per checkpoint: model card). Each item is filtered over its true length
-    (``lengths``); padding stays zero. Items shorter than ``fft_size`` use a window of their length.
+    it; long windows (finer frequency resolution than the model's millisecond encoder frames) carry the gain.
+    Whether it helps depends on the model (measured per checkpoint: model card). Each item is filtered over its
+    true length (``lengths``); padding stays zero. Items shorter than ``fft_size`` use a window of their length.
     """
     out = np.zeros_like(sources, dtype=np.float32)
     for b in range(sources.shape[0]):
