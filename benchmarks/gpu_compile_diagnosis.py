@@ -47,9 +47,7 @@ def compiled_copy(model: torch.nn.Module, regions: str, shifted: bool) -> torch.
     """A copy of ``model`` with the chosen regions compiled (``compile_layers`` restricted to them)."""
     model = copy.deepcopy(model)
     if shifted:
-        for module in model.modules():
-            if hasattr(module, "cuda_depthwise_layout"):
-                module.cuda_depthwise_layout = "shifted_sum"
+        model.set_cuda_depthwise_layout("shifted_sum")
     layers = model.mask_net.mdl.intra_mdl.mossformerM
     chosen = {"flash": [*layers.layers], "fsmn": [*layers.fsmn], "both": [*layers.layers, *layers.fsmn]}[regions]
     for layer in chosen:

@@ -379,9 +379,7 @@ def test_a_module_layout_overrides_the_global_one(monkeypatch):
     with torch.no_grad():
         expected = model(wave)
         assert not calls
-        for module in model.modules():
-            if hasattr(module, "cuda_depthwise_layout"):
-                module.cuda_depthwise_layout = "shifted_sum"
+        model.set_cuda_depthwise_layout("shifted_sum")
         out = model(wave)
     assert calls
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)

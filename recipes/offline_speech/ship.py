@@ -39,12 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--training-json", help="JSON object merged into the stored training provenance")
     parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                         help="measure and fold the output gain (default); --no-calibrate keeps the weights as they are")
-    parser.add_argument("--polarity-ensemble", action=argparse.BooleanOptionalAction, default=None,
-                        help="recommend (or not) the polarity ensemble for this model")
-    parser.add_argument("--wiener-filter", action=argparse.BooleanOptionalAction, default=None,
-                        help="recommend (or not) the Wiener filter for this model")
-    parser.add_argument("--mixture-consistency", action=argparse.BooleanOptionalAction, default=None,
-                        help="recommend (or not) mixture consistency for this model")
+    for name in REFINEMENTS:
+        parser.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
+                            help=f"recommend (or not) the {name.replace('_', ' ')} for this model")
     return parser.parse_args(argv)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mossformer2.models.config import MossFormer2Config
+from mossformer2.models.convolution import CUDA_DEPTHWISE_LAYOUTS
 from mossformer2.models.embeddings import RotaryEmbedding, ScaledSinusoidalEmbedding
 from mossformer2.models.flash import FLASHLayer
 from mossformer2.models.fsmn import GatedFSMNBlock
@@ -176,6 +177,15 @@ class MossFormer2(nn.Module):
         # The decoder yields (F-1)*hop + K <= T samples: zero-pad to the input length (no branch: exportable).
         return F.pad(out, (0, T - out.shape[-1]))
 
+    def set_cuda_depthwise_layout(self, layout: str) -> None:
+        """How every depth-wise conv module runs on CUDA inputs: one of ``convolution.CUDA_DEPTHWISE_LAYOUTS``,
+        or "" for the module-wide ``convolution.CUDA_DEPTHWISE_LAYOUT``."""
+        if layout and layout not in CUDA_DEPTHWISE_LAYOUTS:
+            raise ValueError(f"unknown depth-wise layout {layout!r}; choose from {CUDA_DEPTHWISE_LAYOUTS}")
+        for module in self.modules():
+            if hasattr(module, "cuda_depthwise_layout"):
+                module.cuda_depthwise_layout = layout
+
     def compile_layers(self, dynamic: bool | None = None) -> "MossFormer2":
         """``torch.compile`` each FLASH layer and gated FSMN block in place; returns ``self``.
 
@@ -190,9 +200,7 @@ class MossFormer2(nn.Module):
         checks it), and on the CPU a compiled bf16 forward did not finish (torch 2.13). ``dynamic``: as
         ``torch.compile``'s (``None``: static for the first input shape, one dynamic recompile on a second).
         """
-        for module in self.modules():
-            if hasattr(module, "cuda_depthwise_layout"):
-                module.cuda_depthwise_layout = "shifted_sum"
+        self.set_cuda_depthwise_layout("shifted_sum")
         layers = self.mask_net.mdl.intra_mdl.mossformerM
         for layer in [*layers.layers, *layers.fsmn]:
             layer.compile(dynamic=dynamic)

@@ -107,7 +107,7 @@ def wiener_filter(sources: np.ndarray, mixture: np.ndarray, lengths: np.ndarray 
         weight = np.abs(src_spec) ** power
         total = weight.sum(0, keepdims=True)
         # Bins no source claims are shared equally, so the outputs still sum to the mixture.
-        masks = np.where(total > 0, weight / np.where(total > 0, total, 1.0), 1.0 / weight.shape[0])
+        masks = np.divide(weight, total, out=np.full_like(weight, 1.0 / weight.shape[0]), where=total > 0)
         _, filtered = istft(masks * mix_spec[None], nperseg=window, noverlap=overlap)
         out[b, :, :n] = filtered[:, :n]
     return out

@@ -146,11 +146,10 @@ class Separator:
         self.channels = channels
         self.progress = progress
         recommended = getattr(model, "separation_settings", {})
-        self.polarity_ensemble = bool(recommended.get("polarity_ensemble", False) if polarity_ensemble is None
-                                      else polarity_ensemble)
-        self.wiener_filter = bool(recommended.get("wiener_filter", False) if wiener_filter is None else wiener_filter)
-        self.mixture_consistency = bool(recommended.get("mixture_consistency", False) if mixture_consistency is None
-                                        else mixture_consistency)
+        requested = {"polarity_ensemble": polarity_ensemble, "wiener_filter": wiener_filter,
+                     "mixture_consistency": mixture_consistency}
+        for name in REFINEMENTS:  # None: as the checkpoint recommends, else off
+            setattr(self, name, bool(recommended.get(name, False) if requested[name] is None else requested[name]))
 
     @classmethod
     def from_pretrained(cls, ref: str | Path | None = None, device: str | torch.device = "auto",
