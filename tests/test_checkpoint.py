@@ -103,11 +103,16 @@ class _Evil:
         return (print, ("pwned",))
 
 
-def test_untrusted_pickle_is_not_executed(tmp_path):
+def test_untrusted_pickle_is_not_executed(tmp_path, capsys):
+    """Refused in our own words: PyTorch's message has ANSI bold codes and advises ``weights_only=False``."""
     path = tmp_path / "evil.pt"
     torch.save({"model": _Evil()}, path)
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="not a plain tensor checkpoint") as caught:
         load_model(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and "refusing to load it" in message and "\n" not in message
+    assert "weights_only" not in message and "\x1b" not in message
+    assert "pwned" not in capsys.readouterr().out
 
 
 def test_save_checkpoint_embeds_config_and_is_official_layout(tmp_path, tiny_model):
@@ -144,3 +149,45 @@ def test_info_cli_checkpoint(tmp_path, tiny_model, capsys):
     summary = checkpoint_summary(path)
     assert summary["num_rotary_aliases"] == 1
     assert main(["info", "--checkpoint", str(tmp_path / "nope.pt")]) == 1
+
+
+def test_info_cli_reads_folders_and_bare_state_dicts(tmp_path, tiny_model, capsys):
+    """``info --checkpoint`` takes what ``separate`` and ``export`` take (a folder was "not a checkpoint file");
+    a bare state dict is named as such instead of listing its every tensor as "container keys"."""
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    torch.save(tiny_model.state_dict(), folder / "weights.pt")
+    assert main(["info", "--checkpoint", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"checkpoint: {folder / 'weights.pt'}") and "bare state dict" in out
+    assert "container keys" not in out and "enc.conv1d.weight" not in out
+    assert checkpoint_summary(folder / "weights.pt")["container_keys"] == []
+
+
+def test_info_reads_a_checkpoint_once(tmp_path, tiny_model, monkeypatch, capsys):
+    """``info`` read the file twice (summary, then model): twice the time on the official 670 MB file."""
+    path = tmp_path / "official.pt"
+    torch.save(_official_container(tiny_model), path)
+    real_load, loads = torch.load, []
+
+    def counting_load(*args, **kwargs):
+        loads.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    assert main(["info", "--checkpoint", str(path)]) == 0
+    assert len(loads) == 1 and "epoch: 7" in capsys.readouterr().out
+
+
+def test_info_reads_model_names_as_separate_does(capsys):
+    """``separate --model default`` is the built-in model; ``info --model default`` was an unknown name."""
+    from mossformer2.pretrained import default_model_path
+
+    assert main(["info", "--model", "default"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"checkpoint: {default_model_path()}") and "recommended separation settings" in out
+    assert main(["info", "--model", "MossFormer2-S"]) == 0  # configuration names still work
+    assert "model: MossFormer2-S" in capsys.readouterr().out
+    assert main(["info", "--model", "nonsense"]) == 1
+    err = capsys.readouterr().err
+    assert "'default'" in err and "MossFormer2-S" in err, err

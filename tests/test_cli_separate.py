@@ -273,3 +273,70 @@ def test_folders_and_patterns_skip_the_output_folder(tmp_path, capsys):
     assert "ignoring 1 file(s)" in err and "ignoring 5 file(s)" in err  # old_s1, then + 4 outputs
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.wav")) == [
         "a_s1.wav", "a_s2.wav", "old_s1.wav", "y/b_s1.wav", "y/b_s2.wav"]
+
+
+def test_a_bad_output_folder_fails_before_any_work(ckpt, tmp_path, capsys):
+    """An output folder that is a file, or lies under one, is one clear error before the model loads (it was
+    a separation followed by an errno message per input file)."""
+    src = tmp_path / "a.wav"
+    sf.write(str(src), noise(4000), 16000)
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    missing_model = str(tmp_path / "not_loaded.pt")  # the model would be loaded after the folder check
+    for out, reason in [(blocker, "exists and is not a folder"), (blocker / "sub", "cannot create the output")]:
+        assert main(["separate", str(src), "-o", str(out), "--checkpoint", missing_model]) == 1
+        err = capsys.readouterr().err
+        assert "mossformer2 separate: error: " in err and reason in err and "checkpoint" not in err, err
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_float_samples_into_flac_fail_before_separating(ckpt, tmp_path, capsys):
+    """FLAC holds integer samples: --subtype FLOAT with FLAC outputs (a FLAC input's default) is refused up
+    front, not after separating every file."""
+    sf.write(str(tmp_path / "a.flac"), noise(4000), 16000)
+    sf.write(str(tmp_path / "b.wav"), noise(4000), 16000)
+    out = tmp_path / "out"
+    assert main(["separate", str(tmp_path / "a.flac"), str(tmp_path / "b.wav"), "-o", str(out), "--checkpoint",
+                 str(ckpt), "--subtype", "FLOAT"]) == 1
+    err = capsys.readouterr().err
+    assert "mossformer2 separate: error: --subtype FLOAT" in err and "--format wav" in err, err
+    assert outputs_under(out) == []  # b.wav was not separated either: the request is refused as a whole
+    assert main(["separate", str(tmp_path / "a.flac"), "-o", str(out), "--checkpoint", str(ckpt),
+                 "--subtype", "FLOAT", "--format", "wav"]) == 0
+    assert outputs_under(out) == ["a_s1.wav", "a_s2.wav"]
+
+
+def test_list_paths_with_spaces_and_symlinked_inputs_keep_their_names(ckpt, tmp_path):
+    """A list line that names a file with spaces or '#' is that file (it was split at the first space); a
+    symlinked input (git-annex, DVC, Hugging Face cache) gives outputs named after the link, not its target."""
+    spaced = tmp_path / "my recordings" / "take #1 final.wav"
+    spaced.parent.mkdir()
+    sf.write(str(spaced), noise(4000, 1), 16000)
+    blob = tmp_path / "store" / "SHA256E-s8044--0123abcd"
+    blob.parent.mkdir()
+    sf.write(str(blob), noise(4000, 2), 16000, format="WAV")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "meeting.wav").symlink_to(blob)
+    listing = tmp_path / "todo.txt"
+    listing.write_text(f"my recordings/take #1 final.wav\n{tmp_path / 'links' / 'meeting.wav'}\n")
+    found = collect_inputs([str(listing)])
+    assert found.errors == [] and [p.name for p in found.files] == ["meeting.wav", "take #1 final.wav"]
+    out = tmp_path / "out"
+    assert main(["separate", str(listing), "-o", str(out), "--checkpoint", str(ckpt)]) == 0
+    assert outputs_under(out) == ["links/meeting_s1.wav", "links/meeting_s2.wav",
+                                  "my recordings/take #1 final_s1.wav", "my recordings/take #1 final_s2.wav"]
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_outputs_that_are_inputs_of_the_same_run_are_refused(ckpt, tmp_path, monkeypatch, capsys, overwrite):
+    """`separate *.wav -o . --overwrite` once wrote a.wav's outputs over the input a_s1.wav (and without
+    --overwrite too when only some of a.wav's outputs existed): the run is refused before anything is written."""
+    sf.write(str(tmp_path / "a.wav"), noise(4000, 1), 16000)
+    sf.write(str(tmp_path / "a_s1.wav"), noise(4000, 2), 16000)  # an input that a.wav's output would replace
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    args = ["separate", "a_s1.wav", str(tmp_path / "a.wav"), "-o", ".", "--checkpoint", str(ckpt)]
+    assert main(args + (["--overwrite"] if overwrite else [])) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refusing to overwrite inputs" in err and "a_s1.wav" in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing lost

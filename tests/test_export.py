@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -319,3 +320,121 @@ def test_cli_export_errors(checkpoint_path, tmp_path, capsys):
                  "--tolerance", "-1", "--length-seconds", "0.1"]) == 1
     assert "was not written" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_refuses_bad_requests_before_exporting(tiny_model, checkpoint_path, tmp_path, capsys):
+    """Each was a traceback, an export into a folder that failed only after the export, a file the other commands
+    could not recognise, or an opset silently replaced by 18."""
+    ckpt = str(checkpoint_path)
+    script = export_torchscript(tiny_model, tmp_path / "tiny.ts.pt", example=0.1 * torch.randn(1, 900))
+    (tmp_path / "folder").mkdir()
+    for args, reason in [
+        (["--format", "onnx", "-o", str(tmp_path / "folder")], "is a folder"),
+        (["--format", "onnx", "-o", str(tmp_path / "model.pt")], "must end in .onnx"),
+        (["--format", "torchscript", "-o", str(tmp_path / "model.onnx")], "must not end in .onnx"),
+        (["--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--opset", "17"], "opset 17"),
+        (["--format", "torchscript", "-o", str(tmp_path / "m.pt"), "--length-seconds", "inf"], "positive number"),
+    ]:
+        assert main(["export", "--checkpoint", ckpt, *args]) == 1, args
+        err = capsys.readouterr().err
+        assert err.startswith("mossformer2 export: error:") and reason in err, err
+    assert main(["export", "--checkpoint", str(script), "--format", "onnx", "-o", str(tmp_path / "again.onnx")]) == 1
+    assert "already a TorchScript export" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "tiny.ts.pt"]
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(tiny_model, tmp_path / "x.onnx", opset=17)
+
+
+def test_missing_onnx_packages_are_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """Without the optional onnx / onnxruntime packages: an ImportError that is also a ValueError, so the command
+    prints one line saying what to install (it printed a ModuleNotFoundError traceback)."""
+    import soundfile as sf
+
+    from mossformer2.runtime import MissingDependencyError
+
+    fake = tmp_path / "m.onnx"
+    fake.write_bytes(b"not read: the import fails first")
+    sf.write(tmp_path / "a.wav", np.full(800, 0.1, np.float32), 16000)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match="pip install onnxruntime") as info:
+        OnnxRuntimeModel(fake)
+    assert isinstance(info.value, MissingDependencyError) and isinstance(info.value, ValueError)
+    for command in (["separate", str(tmp_path / "a.wav"), "-o", str(tmp_path / "out"), "--checkpoint", str(fake)],
+                    ["info", "--checkpoint", str(fake)]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert "needs the Python package 'onnxruntime'" in err and "Traceback" not in err, err
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(MissingDependencyError, match="pip install onnx"):
+        export_onnx(build_model(make_tiny_config()), tmp_path / "x.onnx")
+
+
+def test_torchscript_exports_run_in_float32(tiny_model, tmp_path):
+    """Under bfloat16 autocast a traced graph failed on a dtype mismatch (the built-in model) or never finished
+    (this tiny one): TorchScript exports run in float32, and the Separator says that it ignores a reduced dtype."""
+    from mossformer2.export import TorchScriptModel
+
+    traced = export_torchscript(tiny_model, tmp_path / "traced.pt", example=0.1 * torch.randn(1, 900))
+    scripted = export_torchscript(tiny_model, tmp_path / "scripted.pt", method="script")
+    wave = 0.1 * torch.randn(1, 1200)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert TorchScriptModel(scripted)(wave).dtype == torch.float32
+    with pytest.warns(UserWarning, match="float32 only"):
+        separator = Separator(TorchScriptModel(traced), device="cpu", dtype="bfloat16")
+    expected = Separator(tiny_model, device="cpu").separate(wave[0].numpy(), 16000)
+    np.testing.assert_allclose(separator.separate(wave[0].numpy(), 16000), expected, atol=1e-5)
+
+
+def test_onnx_providers_follow_the_device(onnx_path, tmp_path, monkeypatch, capsys):
+    """``--device cpu`` kept ONNX Runtime on CUDA whenever its build had CUDA: the providers follow the device."""
+    import onnxruntime
+    import soundfile as sf
+
+    from mossformer2.runtime import providers_for_device
+
+    real_session = onnxruntime.InferenceSession
+    requested = []
+
+    def session(path, options=None, providers=None):
+        requested.append(list(providers))
+        return real_session(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider",
+                                                                          "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    wav = tmp_path / "mix.wav"
+    sf.write(str(wav), (0.1 * np.random.default_rng(0).standard_normal(1600)).astype(np.float32), 16000)
+    assert main(["separate", str(wav), "-o", str(tmp_path / "out"), "--checkpoint", str(onnx_path),
+                 "--device", "cpu"]) == 0
+    assert requested == [["CPUExecutionProvider"]]
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert providers_for_device("auto", cuda) == cuda and providers_for_device("auto", cuda[1:]) == cuda[1:]
+    assert providers_for_device("cuda:1", cuda)[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    with pytest.raises(ValueError, match="no CUDA provider"):
+        providers_for_device("cuda", cuda[1:])
+    with pytest.raises(ValueError, match="unknown device"):
+        providers_for_device("gpu", cuda)
+
+
+def test_a_fixed_length_onnx_export_is_checked_once_before_separating(tiny_model, tmp_path, capsys):
+    """A fixed-length export failed every file of another length, one by one: one error up front now. Files of
+    its length run, with the ensemble too (a fixed batch of 1 takes larger batches item by item)."""
+    import soundfile as sf
+
+    fixed = export_onnx(tiny_model, tmp_path / "fixed.onnx", dynamic_length=False, example=0.1 * torch.randn(1, 1600))
+    data = tmp_path / "in"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name, length in (("fits.wav", 1600), ("longer.wav", 2000), ("shorter.wav", 1200)):
+        sf.write(str(data / name), (0.1 * rng.standard_normal(length)).astype(np.float32), 16000)
+    out = tmp_path / "out"
+    assert main(["separate", str(data), "-o", str(out), "--checkpoint", str(fixed)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 of 3 input(s)" in err and "--dynamic-length" in err, err
+    assert list(out.iterdir()) == []  # refused before separating anything
+    assert main(["separate", str(data / "fits.wav"), "-o", str(out), "--checkpoint", str(fixed),
+                 "--polarity-ensemble", "--batch-size", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["fits_s1.wav", "fits_s2.wav"]
+    separator = Separator(OnnxRuntimeModel(fixed))
+    with pytest.raises(ValueError, match="fixed input length of 1600 samples"):
+        separator.separate(np.ones(2000, np.float32), 16000)

@@ -122,6 +122,10 @@ def test_model_names():
     assert model_name_to_ref("me/MyModel") == "me/MyModel"
     with pytest.raises(ValueError, match="unknown model"):
         model_name_to_ref("no such model")
+    from mossformer2.hub import model_checkpoint
+    from mossformer2.pretrained import default_model_path
+
+    assert model_checkpoint("default") == default_model_path()  # `info --model` reads names as `separate` does
 
 
 def test_separator_from_pretrained_hub_id_offline(offline_cache):

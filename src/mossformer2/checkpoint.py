@@ -24,6 +24,8 @@ _REQUIRED = ("enc.conv1d.weight", "mask_net.conv1d_encoder.weight", "mask_net.co
 _ROTARY_ALIAS = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.\d+\.rotary_pos_emb\.freqs$")
 # Entries that are closed-form tables: a checkpoint may omit them and we fill them in.
 _COMPUTED = re.compile(r"(rotary_pos_emb\.freqs|pos_enc\.inv_freq)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 class TorchScriptFileError(ValueError):
@@ -55,11 +57,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as err:  # the safe unpickler raises many types on garbage input
         if isinstance(err, MemoryError):
             raise
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        raise ValueError(_load_error(path, err)) from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
     return obj
+
+
+def _load_error(path: Path, err: Exception) -> str:
+    """One line for a ``torch.load`` failure, without PyTorch's ANSI codes or its advice to set
+    ``weights_only=False`` (which would run whatever code the file holds)."""
+    text = _ANSI.sub("", str(err))
+    if "Weights only load failed" in text:
+        unsafe = _UNSAFE_GLOBAL.search(text)
+        if unsafe:
+            return (f"{path}: not a plain tensor checkpoint: it holds Python objects that could run code "
+                    f"({unsafe.group(1)}); refusing to load it")
+        detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else ""
+        text = next((line.strip() for line in detail.splitlines() if line.strip()), "unreadable pickle data")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}{': ' + first if first else ''})"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -215,17 +231,19 @@ def save_checkpoint(path: str | Path, model: MossFormer2, optimizer: torch.optim
     return Path(path)
 
 
-def checkpoint_summary(path: str | Path) -> dict[str, Any]:
-    """What ``mossformer2 info --checkpoint`` prints: container keys, epoch/step, tensors, inferred config."""
+def checkpoint_summary(path: str | Path, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``mossformer2 info --checkpoint`` prints: container keys, epoch/step, tensors, inferred config.
+
+    ``checkpoint``: the file's contents if already read (``read_checkpoint``), so that it is not read twice."""
     from mossformer2.separation.refine import recommended_refinements
 
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path) if checkpoint is None else checkpoint
     state = extract_state_dict(obj)
     config = _config_from_checkpoint(obj) or infer_config(state)
     unique = {v.data_ptr(): v.numel() for v in state.values()}
     return {
         "path": str(path),
-        "container_keys": sorted(map(str, obj)),
+        "container_keys": [] if _is_state_dict(obj) else sorted(map(str, obj)),  # [] for a bare state dict
         "epoch": obj.get("epoch"),
         "step": obj.get("step"),
         "has_optimizer_state": "optimizer" in obj,

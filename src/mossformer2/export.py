@@ -25,6 +25,7 @@ from mossformer2.runtime import (
     OUTPUT_NAME,
     SEPARATION_METADATA_KEY,
     OnnxRuntimeModel,
+    import_optional,
 )
 from mossformer2.separation.refine import recommended_refinements
 from mossformer2.utils import atomic_path
@@ -86,8 +87,10 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
         example: input ``[B, T]`` to trace with (default: :func:`example_input`).
     Returns the path.
     """
-    import onnx
-
+    onnx = import_optional("onnx", "ONNX export")
+    import_optional("onnxscript", "ONNX export")  # torch's exporter needs it; fail before tracing
+    if int(opset) < DEFAULT_OPSET:  # the exporter would fall back to its own opset without a word
+        raise ValueError(f"ONNX opset {opset} is not available: the exporter writes opset {DEFAULT_OPSET} or newer")
     path = Path(path)
     with _eval_float32_cpu(model) as model:
         example = example_input(model) if example is None else example.detach().float().cpu()
@@ -166,15 +169,20 @@ class TorchScriptModel(torch.nn.Module):
     """An exported TorchScript file as a separation model: ``.config`` and ``forward(wave [B, T]) -> [B, S, T]``.
 
     Like the ONNX model it takes no ``lengths`` (a traced graph has one input), so ``Separator`` batches only
-    inputs of equal length with it.
+    inputs of equal length with it. It runs in float32 (``float32_only``; ``Separator`` ignores a reduced
+    ``dtype`` with a warning): under bfloat16 autocast a traced graph, whose float32 casts are recorded in it,
+    failed on a dtype mismatch or ran for minutes without finishing.
     """
+
+    float32_only = True
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
         self.module, self.config, self.separation_settings = _load_torchscript_files(path)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        return self.module(wave)
+        with torch.autocast(wave.device.type, enabled=False):
+            return self.module(wave.float())
 
 
 def verify_export(model: MossFormer2, path: str | Path, format: str, wave: torch.Tensor | None = None) -> float:

@@ -30,6 +30,16 @@ def model_name_to_ref(name: str) -> str | None:
                      f"{sorted(v.split('/')[1] for v in KNOWN_MODELS.values())}, or a hub id like OWNER/NAME")
 
 
+def model_checkpoint(name: str) -> Path:
+    """``--model NAME`` -> its checkpoint file: the shipped one for 'default', else the hub download (cached)."""
+    ref = model_name_to_ref(name)
+    if ref is None:
+        from mossformer2.pretrained import default_model_path
+
+        return default_model_path()
+    return resolve_checkpoint(ref)
+
+
 def is_hub_id(ref: str | Path) -> bool:
     """``owner/name`` that is not a local path (nothing there, no checkpoint suffix, owner not a local folder)."""
     if not isinstance(ref, str) or not _HUB_ID.match(ref):

@@ -7,6 +7,7 @@ are written by ``mossformer2.export.export_onnx``; they carry the model config a
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,43 @@ INPUT_NAME = "wave"
 OUTPUT_NAME = "sources"
 
 
+class MissingDependencyError(ImportError, ValueError):
+    """An optional package that a feature needs is not installed. Also a ``ValueError``, so that the
+    ``mossformer2`` command reports it as a one-line user error instead of a traceback."""
+
+
+def import_optional(name: str, purpose: str) -> Any:
+    """``import name``, or a :class:`MissingDependencyError` that says how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise MissingDependencyError(f"{purpose} needs the Python package '{name}', which is not installed: "
+                                     f"pip install {name} (or pip install 'mossformer2[onnx]')",
+                                     name=name) from err
+
+
+def providers_for_device(device: Any = "auto", available: Sequence[str] | None = None) -> list[Any]:
+    """ONNX Runtime execution providers for a device name, as ``--device`` reads it for torch models.
+
+    "auto": CUDA when this onnxruntime build has it, else the CPU; "cpu": the CPU only; "cuda" / "cuda:N": that
+    GPU, or a clear error when this onnxruntime build has no CUDA provider (no silent fallback to the CPU).
+    """
+    name = "auto" if device is None else str(device).strip().lower()
+    if available is None:
+        available = import_optional("onnxruntime", "running an ONNX model").get_available_providers()
+    if name == "auto":
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if name == "cpu":
+        return ["CPUExecutionProvider"]
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or not (index == "" or index.isdigit()):
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if "CUDAExecutionProvider" not in available:
+        raise ValueError(f"device {device!r} requested, but this onnxruntime build has no CUDA provider (it has "
+                         f"{', '.join(available)}): install onnxruntime-gpu, or use --device cpu")
+    return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+
+
 class OnnxRuntimeModel:
     """An exported ``.onnx`` MossFormer2 run by ONNX Runtime, usable where a torch model is expected.
 
@@ -36,20 +74,19 @@ class OnnxRuntimeModel:
 
     Args:
         path: the ``.onnx`` file written by :func:`export_onnx`.
-        providers: ONNX Runtime execution providers (default: CUDA when this onnxruntime build has it, else CPU).
+        providers: ONNX Runtime execution providers (default: CUDA when this onnxruntime build has it, else CPU;
+            :func:`providers_for_device` gives them for a device name).
         num_threads: intra-op threads (default: ONNX Runtime's choice, all cores).
     """
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
                  num_threads: int | None = None) -> None:
-        import onnxruntime as ort
-
+        ort = import_optional("onnxruntime", "running an ONNX model")
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
         if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            providers = providers_for_device("auto", ort.get_available_providers())
         options = ort.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = int(num_threads)
@@ -73,8 +110,15 @@ class OnnxRuntimeModel:
         is_torch = torch is not None and isinstance(wave, torch.Tensor)
         array = wave.detach().cpu().float().numpy() if is_torch else np.asarray(wave, dtype=np.float32)
         self._check_input(array)
-        (sources,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(array)})
+        if self.input_shape[0] == 1 and array.shape[0] > 1:  # a fixed batch of 1: one item at a time
+            sources = np.concatenate([self._run(array[i:i + 1]) for i in range(array.shape[0])])
+        else:
+            sources = self._run(array)
         return torch.from_numpy(sources) if is_torch else sources
+
+    def _run(self, array: np.ndarray) -> np.ndarray:
+        (sources,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(array)})
+        return sources
 
     def _check_input(self, array: np.ndarray) -> None:
         if array.ndim != 2:
@@ -83,6 +127,8 @@ class OnnxRuntimeModel:
             raise ValueError(f"input has {array.shape[-1]} samples but the network needs at least "
                              f"{self.min_input_length}")
         for axis, expected in enumerate(self.input_shape):
+            if axis == 0 and expected == 1:
+                continue  # a fixed batch of 1 takes larger batches item by item
             if isinstance(expected, int) and array.shape[axis] != expected:
                 raise ValueError(f"this ONNX model was exported with a fixed input shape {self.input_shape}; got "
                                  f"{array.shape}. Re-export with --dynamic-length for other lengths")
@@ -97,4 +143,5 @@ class OnnxRuntimeModel:
         return f"OnnxRuntimeModel({str(self.path)!r}, providers={self.session.get_providers()})"
 
 
-__all__ = ["CONFIG_METADATA_KEY", "INPUT_NAME", "OUTPUT_NAME", "SEPARATION_METADATA_KEY", "OnnxRuntimeModel"]
+__all__ = ["CONFIG_METADATA_KEY", "INPUT_NAME", "OUTPUT_NAME", "SEPARATION_METADATA_KEY", "MissingDependencyError",
+           "OnnxRuntimeModel", "import_optional", "providers_for_device"]

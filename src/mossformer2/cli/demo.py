@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -37,7 +38,11 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     from mossformer2.separation import Separator
     from mossformer2.separation.separator import write_sources
 
+    if not math.isfinite(sir_db):
+        raise ValueError(f"the SIR must be a finite number of dB, got {sir_db}")
     separator = Separator.from_pretrained(checkpoint, device=device, **refinements)
+    if separator.num_spks != len(DEMO_CLIPS):
+        raise ValueError(f"the demo mixes {len(DEMO_CLIPS)} speakers; this model separates {separator.num_spks}")
     rate = separator.model.config.sample_rate
     clips = []
     for name in DEMO_CLIPS:
@@ -61,6 +66,9 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
 
 
 def run(args: argparse.Namespace) -> int:
+    from mossformer2.cli.separate import prepare_out_dir
+
+    prepare_out_dir(args.out_dir)  # a bad -o fails before the work, with a clear message
     if args.checkpoint is None:
         from mossformer2.pretrained import DEFAULT_MODEL_NAME
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -31,17 +32,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from mossformer2.export import DEFAULT_OPSET, example_input, export_onnx, export_torchscript, verify_export
+    from mossformer2.models import MossFormer2
+    from mossformer2.runtime import import_optional
     from mossformer2.separation.separator import load_separation_model
     from mossformer2.utils import atomic_path
 
-    if args.length_seconds <= 0:
-        raise ValueError(f"--length-seconds must be positive, got {args.length_seconds}")
+    if not 0 < args.length_seconds < math.inf:
+        raise ValueError(f"--length-seconds must be a positive number, got {args.length_seconds}")
     if str(args.checkpoint or "").lower().endswith(".onnx"):
         raise ValueError("--checkpoint is already an exported ONNX model; export needs a PyTorch checkpoint")
+    output = Path(args.output)
+    if output.is_dir():
+        raise ValueError(f"-o {output} is a folder: give the file to write, e.g. {output / 'model'}"
+                         f"{'.onnx' if args.format == 'onnx' else '.pt'}")
+    # `separate`, `info` and Separator.from_pretrained tell an ONNX file from a TorchScript one by its suffix.
+    if (output.suffix.lower() == ".onnx") != (args.format == "onnx"):
+        rule = "must end in .onnx" if args.format == "onnx" else "must not end in .onnx (use e.g. .pt)"
+        kind = "an ONNX" if args.format == "onnx" else "a TorchScript"
+        raise ValueError(f"-o {output}: {kind} export's name {rule}; `separate`, `info` and "
+                         "Separator.from_pretrained recognise ONNX files by that suffix")
+    if args.format == "onnx":
+        import_optional("onnxruntime", "checking the ONNX export")  # before the export, not after it
     if args.checkpoint is None:
         print("no --checkpoint given: exporting the model shipped with the package")
     model = load_separation_model(args.checkpoint, device="cpu")
-    output = Path(args.output)
+    if not isinstance(model, MossFormer2):  # a TorchScript export: nothing to trace or script again
+        raise ValueError(f"--checkpoint {args.checkpoint} is already a TorchScript export; export needs the "
+                         "PyTorch checkpoint it was exported from")
     # Export to a temp file, check it, and only then move it onto the output: a bad export never lands.
     with atomic_path(output) as tmp:
         if args.format == "onnx":

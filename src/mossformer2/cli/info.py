@@ -11,38 +11,56 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Print the configuration and parameter count of a named model or a checkpoint "
                     "(for a checkpoint also its epoch, step and keys).")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--model", default=None, help="named configuration: MossFormer2 (default), MossFormer2-S")
+    group.add_argument("--model", default=None,
+                       help="named configuration: MossFormer2 (default), MossFormer2-S; or a named model as in "
+                            "`separate --model`: 'default' (built in), MossFormer2_SS_16K, a hub id")
     group.add_argument("--checkpoint", default=None,
-                       help="checkpoint file (official or ours), or an export (.onnx or TorchScript)")
+                       help="checkpoint file (official or ours) or folder, hub id (OWNER/NAME), or an export "
+                            "(.onnx or TorchScript)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mossformer2.checkpoint import checkpoint_summary, is_torchscript_archive, load_model
-    from mossformer2.models import build_model, count_parameters
+    from mossformer2.checkpoint import checkpoint_summary, is_torchscript_archive, load_model, read_checkpoint
+    from mossformer2.hub import model_checkpoint, resolve_checkpoint
+    from mossformer2.models import NAMED_CONFIGS, build_model, count_parameters, get_config
 
-    if args.checkpoint and str(args.checkpoint).lower().endswith(".onnx"):
+    onnx = bool(args.checkpoint) and str(args.checkpoint).lower().endswith(".onnx")
+    path = resolve_checkpoint(args.checkpoint) if args.checkpoint and not onnx else None  # a file, folder or hub id
+    if args.model is not None:
+        try:
+            get_config(args.model)  # a configuration name (MossFormer2_SS_16K too: its architecture, no download)
+        except ValueError:
+            try:  # else a model name, as `separate --model` and `evaluate --model` read it
+                path = model_checkpoint(args.model)
+            except ValueError as err:
+                raise ValueError(f"{err}; or a configuration: {', '.join(NAMED_CONFIGS)}") from None
+    if onnx:
         from mossformer2.runtime import OnnxRuntimeModel
 
         model = OnnxRuntimeModel(args.checkpoint, providers=["CPUExecutionProvider"])
         print(f"ONNX export: {args.checkpoint}")
         print(f"input shape: {model.input_shape} ({'dynamic' if model.dynamic_length else 'fixed'} length)")
         _print_refinements(model.separation_settings)
-    elif args.checkpoint and is_torchscript_archive(args.checkpoint):
+    elif path is not None and is_torchscript_archive(path):
         from mossformer2.export import TorchScriptModel
 
-        model = TorchScriptModel(args.checkpoint)
-        print(f"TorchScript export: {args.checkpoint}")
+        model = TorchScriptModel(path)
+        print(f"TorchScript export: {path}")
         _print_refinements(model.separation_settings)
-    elif args.checkpoint:
-        summary = checkpoint_summary(args.checkpoint)
-        model = load_model(args.checkpoint)
+    elif path is not None:
+        checkpoint = read_checkpoint(path)  # once: the official file is 670 MB
+        summary = checkpoint_summary(path, checkpoint)
+        model = load_model(checkpoint)
         print(f"checkpoint: {summary['path']}")
-        print(f"container keys: {', '.join(summary['container_keys'])}")
-        print(f"epoch: {summary['epoch']}  step: {summary['step']}  "
-              f"optimizer state: {'yes' if summary['has_optimizer_state'] else 'no'}")
+        if summary["container_keys"]:
+            print(f"container keys: {', '.join(summary['container_keys'])}")
+            print(f"epoch: {summary['epoch']}  step: {summary['step']}  "
+                  f"optimizer state: {'yes' if summary['has_optimizer_state'] else 'no'}")
+        else:
+            print("container: none, a bare state dict (no epoch, step or optimizer state)")
         print(f"tensors: {summary['num_tensors']} ({summary['num_rotary_aliases']} rotary aliases), "
               f"elements: {summary['num_elements']:,}")
         _print_refinements(summary["separation"])

@@ -24,23 +24,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder, glob or list file")
     parser.add_argument("-o", "--out-dir", required=True, help="output folder")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="checkpoint file or folder, hub id (OWNER/NAME), or exported .onnx")
+    source.add_argument("--checkpoint",
+                        help="checkpoint file or folder, hub id (OWNER/NAME), or an export (.onnx or TorchScript)")
     source.add_argument("--model", help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
     parser.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
                         help="onnxruntime runs an exported .onnx checkpoint without torch's model code")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="autocast precision, torch backend (default float32; float16 needs CUDA)")
     parser.add_argument("--chunk-seconds", type=float, default=10.0, help="chunk length for long inputs (10)")
     parser.add_argument("--overlap-seconds", type=float, default=2.0, help="overlap between chunks (2)")
     parser.add_argument("--stitching", choices=["aligned", "clearvoice"], default="aligned",
                         help="aligned: speaker alignment + cross-fade; clearvoice: the official tool's windows")
-    parser.add_argument("--normalize", choices=["rms", "peak", "none", "clearvoice"], default="rms")
+    parser.add_argument("--normalize", choices=["rms", "peak", "none", "clearvoice"], default="rms",
+                        help="input level the model sees (default rms: -25 dBFS; outputs restored to the input "
+                             "level, except clearvoice)")
     parser.add_argument("--channels", choices=["mix", "each"], default="mix",
                         help="mix: downmix to mono; each: separate every channel (multichannel outputs)")
     parser.add_argument("--output-rate", default="input", help="'input' (default) or a rate in Hz, e.g. 16000")
     parser.add_argument("--format", choices=["wav", "flac"], default=None,
                         help="output format (default: the input's if wav/flac, else wav)")
-    parser.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], default="PCM_16")
+    parser.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], default="PCM_16",
+                        help="output sample format (default PCM_16; FLOAT needs wav)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="chunks / short files per forward pass; files are sorted by length and "
                              "zero-padded with their true lengths (default 1)")
@@ -63,14 +68,22 @@ class Inputs:
 
 
 def _list_entries(list_file: Path) -> list[Path]:
-    """Paths in a text list: one path a line, ``mix s1 s2`` lines (first field) or Kaldi ``id path`` lines."""
+    """Paths in a text list: one path a line (spaces and ``#`` allowed if the whole line names a file),
+    ``mix s1 s2`` lines (first field) or Kaldi ``id path`` lines; ``#`` starts a comment otherwise."""
+
+    def locate(text: str) -> Path:  # relative paths: to the current folder if found there, else to the list's
+        path = Path(text).expanduser()
+        return path if path.is_absolute() or path.exists() else list_file.parent / path
+
     entries = []
     for line in list_file.read_text().splitlines():
+        if line.strip() and locate(line.strip()).is_file():
+            entries.append(locate(line.strip()))
+            continue
         fields = line.split("#", 1)[0].split()
         if not fields:
             continue
-        candidates = [Path(f).expanduser() for f in fields[:2]]
-        candidates = [c if c.is_absolute() or c.exists() else list_file.parent / c for c in candidates]
+        candidates = [locate(f) for f in fields[:2]]
         if len(fields) > 1 and not candidates[0].is_file() and candidates[1].is_file():
             entries.append(candidates[1])  # "utt_id path"
         else:
@@ -113,7 +126,9 @@ def collect_inputs(specs: list[str], exclude: Path | None = None) -> Inputs:
             files.extend(kept(matches))
         else:
             found.errors.append((spec, "no such file or folder"))
-    found.files = sorted({p.resolve() for p in files})
+    # Absolute, but symlinks kept: outputs take the name and folder the user sees, not a link target's (git-annex,
+    # DVC and the Hugging Face cache link meaningful names to content-hashed files).
+    found.files = sorted({Path(os.path.abspath(p)) for p in files})
     return found
 
 
@@ -123,6 +138,30 @@ def mirrored_out_dirs(files: list[Path], out_dir: Path) -> dict[Path, Path]:
         return {}
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
     return {f: out_dir / f.parent.relative_to(root) for f in files}
+
+
+def inputs_overwritten(files: list[Path], plan: dict[Path, list[Path]]) -> list[tuple[Path, Path]]:
+    """``(input, its planned output)`` pairs where the output would replace an input file of the same run
+    (compared with symlinked folders resolved; an output may neither replace an input nor its link target)."""
+    def where(path: Path) -> Path:  # the output name itself is not resolved: the atomic rename replaces a link
+        return path.parent.resolve() / path.name
+
+    taken = {where(f) for f in files} | {f.resolve() for f in files}
+    return [(f, out) for f in files for out in plan[f] if where(out) in taken]
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create the output folder up front: one clear error before any work, instead of one per input file."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"the output folder {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the output folder {path}: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write into the output folder {path}: permission denied")
+    return path
 
 
 def shard_files(files: list[Path], rank: int, world_size: int) -> list[Path]:
@@ -179,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.separation.batching import make_batches
 
     output_rate = _parse_output_rate(args.output_rate)
+    prepare_out_dir(args.out_dir)
     rank, world_size, local_rank = _distributed()
     device = args.device
     if device == "auto" and world_size > 1:
@@ -200,6 +240,16 @@ def run(args: argparse.Namespace) -> int:
     failed: list[tuple[str, str]] = list(inputs.errors) if rank == 0 else []
     out_dirs = mirrored_out_dirs(inputs.files, Path(args.out_dir))
     plan = {f: output_paths(f, out_dirs[f], sep.num_spks, args.format) for f in inputs.files}
+    flac = [f for f in inputs.files if plan[f][0].suffix == ".flac"]
+    if args.subtype == "FLOAT" and flac:  # before separating anything: write_audio would refuse every one
+        raise ValueError(f"--subtype FLOAT: FLAC stores integer samples only, and {len(flac)} input(s) would be "
+                         f"written as FLAC (e.g. {flac[0].name}); add --format wav, or use --subtype PCM_24")
+    overwritten = inputs_overwritten(inputs.files, plan)
+    if overwritten:  # never lose an input (`separate *.wav -o .` twice: a.wav's a_s1.wav is an input the second time)
+        source, output = overwritten[0]
+        raise ValueError(f"refusing to overwrite inputs: {output}, an output of {source.name}, is also an input of "
+                         f"this run ({len(overwritten)} such output(s)); choose another -o folder, or leave earlier "
+                         "outputs out of the inputs")
     # Over all files, before sharding, so that every rank sees the same clashes (a.wav and a.mp3 -> a_s1.wav).
     owner: dict[Path, Path] = {}
     clashes: dict[Path, Path] = {}
@@ -220,6 +270,20 @@ def run(args: argparse.Namespace) -> int:
             skipped += 1
             continue
         todo.append(f)
+
+    if sep.fixed_length is not None:  # an ONNX export of one input length: check every file once, up front
+        wrong: list[tuple[Path, str]] = []
+        for f in todo:
+            try:
+                info = sf.info(str(f))
+            except (sf.LibsndfileError, RuntimeError):
+                continue  # unreadable here: it fails on its own, with its reason
+            problem = sep.fixed_length_error(info.frames, info.samplerate)
+            if problem is not None:
+                wrong.append((f, problem))
+        if wrong:
+            raise ValueError(f"{len(wrong)} of {len(todo)} input(s) have another length (e.g. {wrong[0][0].name}): "
+                             f"{wrong[0][1]}")
 
     # Short files share forward passes (sorted by length and zero-padded with true lengths when the model takes
     # them, else only files of identical shape); long files run one at a time, in batched chunks.

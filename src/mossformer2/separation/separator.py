@@ -8,6 +8,7 @@ alignment and cross-fades, or the official ClearVoice windows) -> level restored
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from mossformer2.separation.refine import (
 )
 from mossformer2.separation.stitching import (
     clearvoice_audio_norm,
+    clearvoice_padded_length,
     clearvoice_separate,
     clearvoice_window_count,
     plan_chunks,
@@ -94,8 +96,9 @@ class Separator:
         _check_choice("normalize", normalize, NORMALIZE)
         _check_choice("channels", channels, CHANNELS)
         _check_choice("backend", backend, BACKENDS)
-        if not (chunk_seconds > 0 and 0 <= overlap_seconds < chunk_seconds):
-            raise ValueError(f"need chunk_seconds > overlap_seconds >= 0, got {chunk_seconds} and {overlap_seconds}")
+        if not (0 < chunk_seconds < math.inf and 0 <= overlap_seconds < chunk_seconds):
+            raise ValueError(f"need finite chunk_seconds > overlap_seconds >= 0, got {chunk_seconds} and "
+                             f"{overlap_seconds}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not hasattr(model, "config"):
@@ -117,13 +120,17 @@ class Separator:
                 warnings.warn("float16 inference needs CUDA; using float32 on the CPU (bfloat16 works on CPU)",
                               stacklevel=2)
                 self.dtype = torch.float32
+            if self.dtype != torch.float32 and getattr(model, "float32_only", False):  # a TorchScript export
+                warnings.warn(f"the exported TorchScript model runs in float32 only; ignoring dtype "
+                              f"{dtype_name(dtype)}", stacklevel=2)
+                self.dtype = torch.float32
             model = model.to(self.device).eval()
             if cuda_graphs and self.device.type == "cuda":
                 from mossformer2.separation.cuda_graphs import CudaGraphModel
 
                 self.graphs = CudaGraphModel(model, self.dtype, max_graphs=4)
         else:
-            self.device = "cpu"  # the callable's own business (ONNX Runtime picks its providers)
+            self.device = "cpu"  # the callable's own business (ONNX Runtime: providers_for_device at loading)
             if dtype_name(dtype) != "float32":
                 raise ValueError(f"dtype {dtype} is only available with the torch backend; the exported model "
                                  "runs in float32")
@@ -140,6 +147,9 @@ class Separator:
         self.overlap = int(round(overlap_seconds * self.sample_rate))
         if self.chunk < self.min_samples:
             raise ValueError(f"chunk_seconds={chunk_seconds} is shorter than the model kernel")
+        # An ONNX export without --dynamic-length takes one input length only: its time axis is a fixed int.
+        shape = None if self.is_torch else getattr(model, "input_shape", None)
+        self.fixed_length = int(shape[-1]) if shape and isinstance(shape[-1], int) else None
         self.stitching = stitching
         self.normalize = normalize
         self.batch_size = int(batch_size)
@@ -232,6 +242,9 @@ class Separator:
         for index, raw in enumerate(waves):
             wave = _as_channels_first(raw)
             shapes.append(wave.shape)
+            problem = self.fixed_length_error(wave.shape[-1], int(sample_rate))
+            if problem is not None:  # before any forward pass
+                raise ValueError(f"{problem}; got {wave.shape[-1]} samples at {sample_rate} Hz")
             channels = [to_mono(wave)] if self.channels == "mix" else list(wave)
             for c, channel in enumerate(channels):
                 model_wave = resample(channel, int(sample_rate), self.sample_rate)
@@ -267,6 +280,25 @@ class Separator:
         paths = output_paths(path, out_dir, self.num_spks, format)
         return write_separation(paths, sources, int(output_rate or sample_rate), subtype,
                                 plot_mixture=(wave, sample_rate) if plot else None, title=Path(path).name)
+
+    def pass_length(self, num_samples: int, sample_rate: int) -> int:
+        """Samples (at the model rate) of each forward pass for a recording of ``num_samples`` at ``sample_rate``
+        (chunks and windows have one length per recording)."""
+        length = int(round(num_samples * self.sample_rate / sample_rate))  # soxr's output length
+        if self.stitching == "clearvoice":  # clearvoice_separate's default windows
+            window = int(2.0 * self.sample_rate)
+            return window if length > window else clearvoice_padded_length(length, window, int(0.75 * window))
+        return min(length, self.chunk)
+
+    def fixed_length_error(self, num_samples: int, sample_rate: int) -> str | None:
+        """Why a fixed-length model (an ONNX export without ``--dynamic-length``) cannot separate a recording of
+        ``num_samples`` at ``sample_rate``; ``None`` if it can, or if the model takes any length."""
+        if self.fixed_length is None or self.pass_length(num_samples, sample_rate) == self.fixed_length:
+            return None
+        return (f"the model was exported with a fixed input length of {self.fixed_length} samples "
+                f"({self.fixed_length / self.sample_rate:g} s at {self.sample_rate} Hz) and separates recordings of "
+                "that length only: export it again with `mossformer2 export --format onnx --dynamic-length` (the "
+                "default)")
 
     def chunk_count(self, num_samples: int, sample_rate: int) -> int:
         """Forward passes (per channel) a recording of ``num_samples`` at ``sample_rate`` needs."""
@@ -336,11 +368,11 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
     ``mossformer2 export`` carries it into the ONNX and TorchScript files, whose wrappers expose it the same way.
     """
     if str(ref).lower().endswith(".onnx"):
-        from mossformer2.runtime import OnnxRuntimeModel
+        from mossformer2.runtime import OnnxRuntimeModel, providers_for_device
 
         if not Path(ref).is_file():
             raise FileNotFoundError(f"ONNX model not found: {ref}")
-        return OnnxRuntimeModel(ref)
+        return OnnxRuntimeModel(ref, providers=providers_for_device(device))  # "cpu" keeps ONNX Runtime off CUDA
     from mossformer2.checkpoint import TorchScriptFileError, load_model, read_checkpoint
 
     if ref is None:
