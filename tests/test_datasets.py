@@ -79,6 +79,23 @@ def test_corrupt_file_error_names_it_or_is_skipped(tmp_path):
         MixtureDataset(entries, AudioStore(SR, cache=True))
 
 
+def test_source_of_another_length_or_rate_is_a_bad_example_not_zero_padded(tmp_path):
+    root = _make_wsj_folder(tmp_path / "d", [1000, 1000, 1000])
+    s1, _ = sf.read(root / "s1" / "u0.wav", dtype="float32")
+    sf.write(root / "s1" / "u0.wav", s1[:900], SR, subtype="FLOAT")  # truncated
+    s2, _ = sf.read(root / "s2" / "u1.wav", dtype="float32")
+    sf.write(root / "s2" / "u1.wav", s2, 2 * SR, subtype="FLOAT")  # wrong rate in the header: half as long
+    entries = load_manifest(root)
+    ds = MixtureDataset(entries, AudioStore(SR), segment_samples=500)
+    with pytest.raises(BadAudioError, match=r"lengths differ .* source 1 .*u0.wav 900"):
+        ds[[e.id for e in entries].index("u0")]
+    with pytest.raises(BadAudioError, match=r"source 2 .*u1.wav 500"):
+        ds[[e.id for e in entries].index("u1")]
+    skipping = MixtureDataset(entries, AudioStore(SR), skip_bad_files=True)
+    batch = collate_fn([skipping[i] for i in range(3)])
+    assert batch["skipped"] == 2 and batch["ids"] == ["u2"]
+
+
 def test_missing_file_named(tmp_path):
     root = _make_wsj_folder(tmp_path / "d", [1000])
     scp = tmp_path / "list.scp"
@@ -116,3 +133,28 @@ def test_resumable_sampler_skips_consumed_examples_and_shards():
     assert sorted(seen) == data  # each example once per epoch across ranks
     shards = [list(ShardSampler(list(range(7)), 2, r)) for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == list(range(7))  # validation: no padding duplicates
+
+
+def test_cache_loading_bar_shows_on_rank_0_only(tmp_path, capsys):
+    import dataclasses
+
+    from mossformer2.data.loaders import create_dataloaders
+    from mossformer2.training.config import train_config_from_dict
+    from mossformer2.training.distributed import DistInfo
+
+    root = _make_wsj_folder(tmp_path / "d", [1000, 1000])
+    cfg = train_config_from_dict({"model": {"sample_rate": SR}, "data": {
+        "sample_rate": SR, "segment_seconds": 0.1, "train": str(root), "valid": str(root), "num_workers": 0,
+        "cache_audio": True}})
+    for rank, shown in ((1, False), (0, True)):
+        create_dataloaders(cfg, DistInfo(rank=rank, world_size=2))
+        assert ("loading audio" in capsys.readouterr().err) == shown, rank
+    create_dataloaders(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, progress_bar=False)))
+    assert "loading audio" not in capsys.readouterr().err
+
+
+def test_mixtures_dropped_while_the_cache_loads_are_counted(tmp_path):
+    root = _make_wsj_folder(tmp_path / "d", [1000, 1000, 1000])
+    (root / "s2" / "u1.wav").write_bytes(b"RIFF garbage, not audio")
+    cached = MixtureDataset(load_manifest(root), AudioStore(SR, cache=True, progress=False), skip_bad_files=True)
+    assert len(cached) == 2 and cached.preload_skipped == 1

@@ -186,6 +186,10 @@ def test_cli_rejects_bad_options(dataset, tmp_path, tiny_config, capsys):
     assert "unknown metric" in capsys.readouterr().err
     assert main([*base[:2], str(tmp_path / "missing"), *base[3:], "--checkpoint", str(checkpoint)]) == 1
     assert "--data not found" in capsys.readouterr().err
+    broken = tmp_path / "list.scp"
+    broken.write_text(f"{tmp_path}/nope_mix.wav {tmp_path}/nope_s1.wav {tmp_path}/nope_s2.wav\n")
+    assert main([*base[:2], str(broken), *base[3:], "--checkpoint", str(tmp_path / "not_loaded_yet.pt")]) == 1
+    assert "3 listed file(s) do not exist" in capsys.readouterr().err  # the data is checked before the model
 
 
 def test_load_mixture_reports_mismatched_rates(dataset, tmp_path):

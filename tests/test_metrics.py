@@ -79,6 +79,8 @@ def test_pesq_and_stoi_match_direct_calls(signals):
     assert metrics.pesq_wb(ref[0], ref[0], sr) > 4.0
     with pytest.raises(ValueError, match="PESQ failed"):
         metrics.pesq_wb(np.zeros(sr), np.zeros(sr), sr)
+    with pytest.raises(ValueError, match="PESQ failed: the estimate is silent"):
+        metrics.pesq_wb(np.zeros_like(ref[0]), ref[0], sr)
 
 
 def test_score_separation_aligns_permutation_and_reports_improvements(signals):

@@ -178,3 +178,35 @@ def test_mix_reports_bad_requests(tmp_path, capsys):
     assert main(["mix", str(speech), str(silent), "-o", str(tmp_path / "s")]) == 1
     assert "silent" in capsys.readouterr().err
     assert not (tmp_path / "s" / "metadata.csv").exists()
+
+
+def test_overwrite_leaves_no_stale_mixtures_and_a_failed_run_leaves_no_files(tmp_path):
+    from mossformer2.evaluation.mixing import MixtureSpec, create_mixtures
+
+    root = make_speaker_folder(tmp_path / "speakers", speakers=3, files=1)
+    out = tmp_path / "out"
+    assert main(["mix", str(root), "-o", str(out), "--num-mixtures", "4", "--seed", "1"]) == 0
+    assert main(["mix", str(root), "-o", str(out), "--num-mixtures", "2", "--seed", "2", "--overwrite"]) == 0
+    assert len(load_manifest(out)) == len(load_manifest(out / "metadata.csv")) == 2  # the folder: 2, not 6
+    assert len([p for p in out.rglob("*") if p.is_file()]) == 2 * 3 + 1
+    silent = tmp_path / "silent.wav"
+    sf.write(str(silent), np.zeros(SR, dtype=np.float32), SR)
+    speech = sorted(root.rglob("*.wav"))
+    specs = [MixtureSpec("good", speech[:2], [0.0, 0.0]), MixtureSpec("bad", [speech[2], silent], [0.0, 0.0])]
+    with pytest.raises(ValueError, match="mixture bad .* silent"):
+        create_mixtures(specs, tmp_path / "failed", progress=False)
+    assert not [p for p in (tmp_path / "failed").rglob("*") if p.is_file()]  # "good" removed again
+
+
+def test_sir_0_names_have_no_negative_zero(tmp_path):
+    f1 = write_speech(tmp_path / "in" / "alice.wav", seed=1, seconds=0.5)
+    f2 = write_speech(tmp_path / "in" / "bob.wav", seed=2, seconds=0.5)
+    assert main(["mix", str(f1), str(f2), "-o", str(tmp_path / "pair"), "--sir", "0"]) == 0
+    (row,) = metadata_rows(tmp_path / "pair")
+    assert row["mixture_ID"] == "alice_0_bob_0" and (tmp_path / "pair" / "mix" / "alice_0_bob_0.wav").is_file()
+    assert row["source_1_level_db"] == row["source_2_level_db"] == row["sir_db"] == "0"
+    root = make_speaker_folder(tmp_path / "speakers", speakers=3, files=1)
+    assert main(["mix", str(root), "-o", str(tmp_path / "folder"), "--num-mixtures", "2", "--num-spks", "3",
+                 "--sir-range", "0", "0"]) == 0
+    names = [r["mixture_ID"] for r in metadata_rows(tmp_path / "folder")]
+    assert len(names) == 2 and all("-0" not in n and n.endswith("_0") for n in names), names

@@ -365,3 +365,79 @@ def test_a_cuda_run_trains_validates_and_resumes_on_cpu(corpus, tmp_path, precis
     on_cpu = Trainer(make_config(corpus, "trainer.max_epochs=2"), tmp_path)
     assert on_cpu.state.epoch == 1 and next(on_cpu.model.parameters()).device.type == "cpu"
     on_cpu.close()
+
+
+def test_cli_run_stopped_before_any_validation_says_so(corpus, tmp_path, capsys):
+    from mossformer2.cli import main
+    from mossformer2.training.config import save_train_config
+
+    save_train_config(make_config(corpus), tmp_path / "tiny.yaml")
+    assert main(["train", "--config", str(tmp_path / "tiny.yaml"), "--exp-dir", str(tmp_path / "exp"),
+                 "trainer.max_steps=1"]) == 0
+    out = capsys.readouterr().out
+    assert "step 1, no validation yet" in out and "-inf" not in out
+    assert "-inf" not in (tmp_path / "exp" / "train.log").read_text()
+
+
+def test_log_lines_are_not_glued_onto_the_progress_bar(corpus, tmp_path, capsys):
+    import logging
+    import re
+    import sys
+
+    console = logging.StreamHandler(sys.stderr)  # what `mossformer2 train` has: a console handler on the root
+    logging.getLogger().addHandler(console)
+    try:
+        Trainer(make_config(corpus, "trainer.max_steps=3", "trainer.progress_bar=true"), tmp_path).fit()
+    finally:
+        logging.getLogger().removeHandler(console)
+    err = capsys.readouterr().err
+    starts = [m.start() for m in re.finditer(r"epoch 0 step \d: loss", err)]
+    assert len(starts) == 3 and "batch" in err  # the bar was drawn
+    assert all(err[i - 1] in "\r\n" for i in starts), err  # each log line starts a fresh line
+
+
+def test_progress_is_logged_by_rank_0_only(corpus, tmp_path):
+    import logging
+
+    from mossformer2.training.distributed import DistInfo
+    from mossformer2.training.trainer import log
+
+    parent = logging.getLogger("mossformer2")
+    levels = log.level, parent.level
+    parent.setLevel(logging.INFO)  # as `mossformer2 train` sets it, on every rank
+    log.setLevel(logging.NOTSET)
+    try:
+        Trainer(make_config(corpus), tmp_path / "rank1", loaders=(None, None), dist_info=DistInfo(rank=1))
+        assert not log.isEnabledFor(logging.INFO) and log.isEnabledFor(logging.WARNING)
+        Trainer(make_config(corpus), tmp_path / "rank0")
+        assert log.isEnabledFor(logging.INFO)
+    finally:
+        log.setLevel(levels[0])
+        parent.setLevel(levels[1])
+
+
+def test_resume_with_another_model_config_names_only_the_keys_that_differ(corpus, tmp_path):
+    first = Trainer(make_config(corpus), tmp_path, loaders=(None, None))
+    first.save_checkpoint(tmp_path / "last.pt")
+    first.close()
+    other = make_config(corpus, "model.num_mossformer_layer=2", "model.dropout=0.0")
+    with pytest.raises(ValueError, match="model config") as err:
+        Trainer(other, tmp_path, loaders=(None, None))
+    message = str(err.value)
+    assert "model.num_mossformer_layer: 1 in the checkpoint, 2 in the config" in message
+    assert "model.dropout: 0.1 in the checkpoint, 0.0 in the config" in message
+    assert "encoder_embedding_dim" not in message and "sample_rate" not in message  # unchanged keys: not listed
+
+
+def test_files_dropped_while_the_cache_loads_are_counted_as_skipped(corpus, tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF garbage, not audio")
+    extra = tmp_path / "extra.txt"
+    extra.write_text(f"{bad} spk_bad\n")
+    cfg = make_config(corpus, "data.skip_bad_files=true", "data.dynamic_mixing.examples_per_epoch=4",
+                      "optim.accum_steps=1", "trainer.max_epochs=1", "trainer.checkpoint_every_steps=null")
+    cfg.data.dynamic_mixing.train_utterances = [corpus.train_utterances, str(extra)]
+    trainer = Trainer(cfg, tmp_path / "exp")
+    assert trainer.preload_skipped == 1
+    trainer.fit()
+    assert "0 skipped steps, 1 skipped files" in (tmp_path / "exp" / "train.log").read_text()

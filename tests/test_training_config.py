@@ -63,6 +63,9 @@ def test_overrides_and_type_errors(tmp_path):
         load_train_config(path, ["data.batch_size=two"])
     with pytest.raises(ConfigError, match="batch_size"):
         load_train_config(path, ["data.batch_size=0"])
+    for override in ("optim.lr=nan", "data.segment_seconds=.nan", "optim.grad_clip=nan"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_train_config(path, [override])
 
 
 def test_data_section_consistency(tmp_path):
@@ -75,8 +78,71 @@ def test_data_section_consistency(tmp_path):
     with pytest.raises(ConfigError, match="gain_db"):
         load_train_config(_write(tmp_path, {"data": {"dynamic_mixing": {
             "train_utterances": "a", "valid_utterances": "b", "gain_db": [3, -3]}}}))
+    with pytest.raises(ConfigError, match="data.valid .* or data.dynamic_mixing.valid_utterances"):
+        load_train_config(_write(tmp_path, {"data": {"valid": "cv.scp", "dynamic_mixing": {
+            "train_utterances": "a", "valid_utterances": "b"}}}))
 
 
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="not found"):
         load_train_config("/nonexistent/config.yaml")
+
+
+def test_unknown_override_key_is_reported_as_an_override_not_as_the_yaml_file(tmp_path):
+    path = _write(tmp_path, {"data": {"synthetic": True}})
+    for override, words in (("foo.bar=1", "unknown key 'foo'"), ("trainer.max_epoch=3", "unknown key 'max_epoch'"),
+                            ("data.dynamic_mixing.nois=x", "unknown key 'nois' in data.dynamic_mixing"),
+                            ("trainer.max_epochs.x=3", "trainer.max_epochs is a value, not a section"),
+                            ("optim.lr=[1,", "not valid YAML")):
+        with pytest.raises(ConfigError) as err:
+            load_train_config(path, [override])
+        message = str(err.value)
+        assert message.startswith(f"command-line override {override!r}") and words in message, message
+        assert str(path) not in message
+    # known keys, the preset name and optional sections still pass
+    cfg = load_train_config(path, ["model.name=MossFormer2-S", "data.dynamic_mixing.noise_prob=0.5"])
+    assert cfg.model.num_mossformer_layer == 25 and cfg.data.dynamic_mixing.noise_prob == 0.5
+
+
+def test_duplicate_yaml_key_is_an_error_naming_it_and_its_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("data:\n  synthetic: true\noptim:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 5: duplicate key 'lr' \(already set on line 4\)"):
+        load_train_config(path)
+    path.write_text("trainer:\n  max_epochs: 3\ndata:\n  synthetic: true\ntrainer:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match="line 5: duplicate key 'trainer'"):
+        load_train_config(path)
+    # the same key in different mappings, and a key overriding a merged (<<) one, are fine
+    path.write_text("data:\n  synthetic: true\n  batch_size: 2\noptim:\n  lr: 1.0e-3\n"
+                    "trainer: &t {seed: 1, max_epochs: 3}\n")
+    assert load_train_config(path).data.batch_size == 2
+    from mossformer2.config_utils import safe_load_yaml
+
+    assert safe_load_yaml("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")["b"] == {"x": 3, "y": 2}
+
+
+def test_segment_shorter_than_the_models_minimum_input_is_a_config_error():
+    import torch
+
+    from mossformer2.config_utils import to_dict
+    from mossformer2.models import build_model
+    from mossformer2.models.config import tiny_test_config
+    from mossformer2.training.config import train_config_from_dict
+
+    model = tiny_test_config(sample_rate=8000, encoder_kernel_size=16)
+    net = build_model(model)
+    assert net.min_input_length == 24  # kernel 16 + hop 8 samples: 3 ms at 8 kHz
+
+    def config(**data):
+        return train_config_from_dict({"model": to_dict(model), "data": {"synthetic": True, "sample_rate": 8000,
+                                                                          **data}})
+
+    with pytest.raises(ConfigError, match=r"data.segment_seconds \(0.002 s = 16 samples at 8000 Hz\).*at least 24"):
+        config(segment_seconds=0.002)
+    with pytest.raises(ConfigError, match="data.max_valid_seconds"):
+        config(max_valid_seconds=0.001)
+    with pytest.raises(ConfigError, match="data.dynamic_mixing.valid_max_seconds"):
+        config(dynamic_mixing={"valid_max_seconds": 0.001})
+    shortest = config(segment_seconds=0.003)  # exactly the minimum: the network takes it
+    samples = int(round(shortest.data.segment_seconds * 8000))
+    assert net(torch.zeros(1, samples)).shape == (1, 2, samples)

@@ -136,12 +136,49 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return plain(obj)
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping sets the same key twice (PyYAML would silently keep the last value)."""
+
+    def __init__(self, key: Any, line: int, first_line: int, mark: Any) -> None:
+        super().__init__(problem=f"duplicate key {key!r}", problem_mark=mark)
+        self.key, self.line, self.first_line = key, line, first_line
+
+    def __str__(self) -> str:
+        return f"line {self.line}: duplicate key {self.key!r} (already set on line {self.first_line})"
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key set twice in one mapping (merge keys ``<<`` may still be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise DuplicateKeyError(key, line, seen[key], key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that raises :class:`DuplicateKeyError` for a key set twice in one mapping."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict; a missing file, invalid YAML, a duplicate key or a non-mapping top level
+    raises :class:`ConfigError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load_yaml(path.read_text()) or {}
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -164,7 +201,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = safe_load_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"command-line override {item!r}: the value is not valid YAML: "
+                              f"{' '.join(str(err).split())}") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:

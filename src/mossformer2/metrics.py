@@ -89,6 +89,8 @@ def pesq_wb(est: np.ndarray, ref: np.ndarray, sample_rate: int) -> np.ndarray | 
     def one(e: np.ndarray, r: np.ndarray) -> float:
         if not np.abs(r).max() > 0:
             raise ValueError("PESQ failed: the reference is silent")
+        if not np.abs(e).max() > 0:  # the pesq package itself fails with "cannot convert float NaN to integer"
+            raise ValueError("PESQ failed: the estimate is silent")
         try:
             return pesq(sample_rate, r, e, mode)
         except PesqError as err:  # e.g. no speech found in a silent reference

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from mossformer2.data.manifests import load_manifest
     from mossformer2.evaluation.evaluate import evaluate, format_table
     from mossformer2.hub import model_name_to_ref
     from mossformer2.metrics import parse_metrics
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = parse_metrics(args.metrics)  # fail on a typo before loading anything
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data not found: {args.data}")
+    load_manifest(args.data)  # and on a bad manifest (missing files, ...) before loading a large model
     ref = model_name_to_ref(args.model) if args.model is not None else args.checkpoint
     if ref is None:
         from mossformer2.pretrained import DEFAULT_MODEL_NAME

@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.data.loaders import prepare_synthetic_data
     from mossformer2.training import Trainer, load_train_config
     from mossformer2.training.distributed import barrier, cleanup_distributed, init_distributed
+    from mossformer2.training.trainer import best_summary
 
     cfg = load_train_config(args.config, args.overrides)
     if cfg.trainer.cpu_threads:
@@ -46,6 +47,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup_distributed()
     if dist_info.is_main:
-        print(f"done: epoch {state.epoch}, step {state.step}, best validation SI-SDRi {state.best_metric:.2f} dB "
-              f"(epoch {state.best_epoch}); checkpoints in {exp_dir}")
+        print(f"done: epoch {state.epoch}, step {state.step}, {best_summary(state)}; checkpoints in {exp_dir}")
     return 0

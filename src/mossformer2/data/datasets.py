@@ -35,9 +35,10 @@ class AudioStore:
     the decoded arrays instead of each decoding the corpus again.
     """
 
-    def __init__(self, sample_rate: int, cache: bool = False) -> None:
+    def __init__(self, sample_rate: int, cache: bool = False, progress: bool = True) -> None:
         self.sample_rate = sample_rate
         self.cache = cache
+        self.progress = progress  # the "loading audio" bar of preload (off on ranks other than 0)
         self._cache: dict[str, np.ndarray] = {}
 
     def load(self, path: str | Path) -> np.ndarray:
@@ -58,10 +59,13 @@ class AudioStore:
             self._cache[key] = wave
         return wave
 
-    def preload(self, paths: Iterable[str | Path], skip_bad_files: bool, progress: bool = True) -> set[str]:
-        """Decode ``paths`` into the cache; return the bad ones (raise on the first unless ``skip_bad_files``)."""
+    def preload(self, paths: Iterable[str | Path], skip_bad_files: bool, progress: bool | None = None) -> set[str]:
+        """Decode ``paths`` into the cache; return the bad ones (raise on the first unless ``skip_bad_files``).
+
+        ``progress``: show a bar (None: the store's ``progress``)."""
         from tqdm import tqdm
 
+        progress = self.progress if progress is None else progress
         paths = list(dict.fromkeys(str(p) for p in paths))
         bad: set[str] = set()
         for path in tqdm(paths, desc="loading audio", unit="file", disable=not progress, leave=False):
@@ -102,7 +106,8 @@ class MixtureDataset(Dataset):
 
     ``segment_samples`` set: a random crop of that length with the same offset for mix and sources (zero-padded
     when shorter) — training. ``segment_samples=None``: the full utterance (cut to ``max_samples`` from its start
-    when given) — validation. Sources shorter than the mixture are zero-padded to its length.
+    when given) — validation. Mixture and sources must have equal lengths (after resampling to the store's
+    rate): a mismatch is a bad example (an error, or skipped with ``skip_bad_files``).
     """
 
     def __init__(self, entries: list[MixtureEntry], store: AudioStore, segment_samples: int | None = None,
@@ -120,8 +125,10 @@ class MixtureDataset(Dataset):
         self.seed = seed
         self.skip_bad_files = skip_bad_files
         self.epoch = 0
+        self.preload_skipped = 0  # unreadable files dropped while the cache loaded (the trainer reports them)
         if store.cache:
             bad = store.preload([p for e in entries for p in (e.mix, *e.sources)], skip_bad_files)
+            self.preload_skipped = len(bad)
             if bad:
                 self.entries = [e for e in entries if not ({str(e.mix), *map(str, e.sources)} & bad)]
                 log.warning("skipped %d of %d mixtures with unreadable files", len(entries) - len(self.entries),
@@ -145,8 +152,17 @@ class MixtureDataset(Dataset):
                 raise
             log.warning("skipping mixture %s: %s", entry.id, err)
             return None
-        length = max(mix.shape[-1], *(s.shape[-1] for s in sources))
-        stacked = np.stack([pad_to(w, length) for w in (mix, *sources)])  # [1 + S, T]
+        for k, (path, source) in enumerate(zip(entry.sources, sources)):
+            if source.shape[-1] != mix.shape[-1]:
+                # A truncated file or one at another sample rate: zero-padding it would train on wrong targets.
+                err = BadAudioError(f"mixture {entry.id}: lengths differ at {self.store.sample_rate} Hz: mixture "
+                                    f"{entry.mix} has {mix.shape[-1]} samples, source {k + 1} {path} "
+                                    f"{source.shape[-1]} (a truncated file or another sample rate?)")
+                if not self.skip_bad_files:
+                    raise err
+                log.warning("skipping %s", err)
+                return None
+        stacked = np.stack([mix, *sources])  # [1 + S, T]
         if self.segment_samples is not None:
             stacked = random_crop(stacked, self.segment_samples, example_rng(self.seed, self.epoch, index))
         elif self.max_samples is not None:

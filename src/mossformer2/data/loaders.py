@@ -82,14 +82,16 @@ def prepare_synthetic_data(cfg: TrainConfig, root: str | Path, progress: bool = 
     return dataclasses.replace(cfg, data=dataclasses.replace(d, synthetic=False, dynamic_mixing=dm))
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
-    """(training dataset, validation dataset) described by ``cfg.data`` (after :func:`prepare_synthetic_data`)."""
+def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[Dataset, Dataset]:
+    """(training dataset, validation dataset) described by ``cfg.data`` (after :func:`prepare_synthetic_data`).
+
+    ``progress``: show the ``cache_audio`` loading bar (create_dataloaders shows it on rank 0 only)."""
     from mossformer2.data.manifests import load_manifest
 
     d, seed, num_spks = cfg.data, cfg.trainer.seed, cfg.model.num_spks
     if d.synthetic:
         raise ValueError("data.synthetic is set: call prepare_synthetic_data(config, folder) first")
-    store = AudioStore(d.sample_rate, cache=d.cache_audio)
+    store = AudioStore(d.sample_rate, cache=d.cache_audio, progress=progress)
     segment = int(round(d.segment_seconds * d.sample_rate))
     max_valid = None if d.max_valid_seconds is None else int(round(d.max_valid_seconds * d.sample_rate))
     dm = d.dynamic_mixing
@@ -132,7 +134,7 @@ def create_dataloaders(cfg: TrainConfig, dist_info: DistInfo | None = None,
     from mossformer2.training.distributed import get_dist_info
 
     dist_info = dist_info or get_dist_info()
-    train, valid = datasets or build_datasets(cfg)
+    train, valid = datasets or build_datasets(cfg, progress=dist_info.is_main and cfg.trainer.progress_bar)
     d = cfg.data
     if len(train) < d.batch_size * dist_info.world_size:
         raise ValueError(f"the training set has {len(train)} examples, fewer than one batch "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,7 @@ def mix_waves(waves: Sequence[np.ndarray], levels_db: Sequence[float], sample_ra
 
 
 def _level_tag(level_db: float) -> str:
-    return f"{level_db:.4g}"
+    return f"{level_db + 0.0:.4g}"  # + 0.0 turns -0.0 (the level of s2 at SIR 0) into 0: "0", not "-0"
 
 
 def plan_from_files(files: Sequence[str | Path], sir_db: float = 0.0) -> list[MixtureSpec]:
@@ -234,12 +235,31 @@ def _load_mono(path: Path, sample_rate: int) -> np.ndarray:
     return resample(to_mono(wave), rate, sample_rate)
 
 
+def _remove_previous_set(out_dir: Path, metadata_path: Path) -> None:
+    """Delete the audio files that an earlier ``metadata.csv`` in ``out_dir`` lists (only those inside
+    ``out_dir``), then the metadata itself."""
+    if not metadata_path.is_file():
+        return
+    with metadata_path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    root = out_dir.resolve()
+    for row in rows:
+        for column, value in row.items():
+            if column and value and (column == "mixture_path" or re.fullmatch(r"source_\d+_path", column)):
+                path = (out_dir / value).resolve()
+                if path.is_relative_to(root) and path.suffix.lower() in AUDIO_SUFFIXES:
+                    path.unlink(missing_ok=True)
+    metadata_path.unlink()
+
+
 def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_rate: int = 16000,
                     mode: str = "min", subtype: str = "PCM_16", overwrite: bool = False,
                     progress: bool = True) -> Path:
     """Render ``specs`` into ``out_dir`` (wsj0-2mix layout) and write ``metadata.csv``; returns its path.
 
-    Every file is written atomically; ``metadata.csv`` comes last, so its presence marks a complete set.
+    Every file is written atomically; ``metadata.csv`` comes last, so its presence marks a complete set. A run
+    that fails part-way removes the files it wrote; ``overwrite`` first removes the set that an existing
+    ``metadata.csv`` lists (so no stale mixture is left in ``mix/`` for the folder loader to pick up).
     """
     from tqdm import tqdm
 
@@ -261,23 +281,33 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
     header = (["mixture_ID", "mixture_path"] + [f"source_{k + 1}_path" for k in range(num_spks)] + ["length"]
               + [f"source_{k + 1}_{what}" for k in range(num_spks) for what in ("file", "offset", "gain",
                                                                                   "level_db")] + ["sir_db"])
+    if overwrite:
+        # The folder loader reads every file in mix/: the previous set's files must not outlive it.
+        _remove_previous_set(out_dir, metadata_path)
     rows = []
-    for spec in tqdm(specs, desc="mixing", unit="mix", disable=not progress):
-        waves = [_load_mono(f, sample_rate) for f in spec.files]
-        try:
-            mix, sources, gains, starts = mix_waves(waves, spec.levels_db, sample_rate, mode,
-                                                    spec.start_fractions, spec.level_on_whole_file)
-        except ValueError as err:
-            raise ValueError(f"mixture {spec.id} ({', '.join(map(str, spec.files))}): {err}") from err
-        name = f"{spec.id}.wav"
-        write_audio(out_dir / "mix" / name, mix.astype(np.float32), sample_rate, subtype=subtype)
-        for k in range(num_spks):
-            write_audio(out_dir / f"s{k + 1}" / name, sources[k].astype(np.float32), sample_rate,
-                        subtype=subtype)
-        row = [spec.id, f"mix/{name}"] + [f"s{k + 1}/{name}" for k in range(num_spks)] + [mix.size]
-        for k in range(num_spks):
-            row += [str(spec.files[k]), starts[k], f"{gains[k]:.8g}", f"{spec.levels_db[k]:.6g}"]
-        rows.append(row + [f"{spec.levels_db[0] - spec.levels_db[1]:.6g}"])
+    written: list[Path] = []
+    try:
+        for spec in tqdm(specs, desc="mixing", unit="mix", disable=not progress):
+            waves = [_load_mono(f, sample_rate) for f in spec.files]
+            try:
+                mix, sources, gains, starts = mix_waves(waves, spec.levels_db, sample_rate, mode,
+                                                        spec.start_fractions, spec.level_on_whole_file)
+            except ValueError as err:
+                raise ValueError(f"mixture {spec.id} ({', '.join(map(str, spec.files))}): {err}") from err
+            name = f"{spec.id}.wav"
+            written.append(write_audio(out_dir / "mix" / name, mix.astype(np.float32), sample_rate,
+                                       subtype=subtype))
+            for k in range(num_spks):
+                written.append(write_audio(out_dir / f"s{k + 1}" / name, sources[k].astype(np.float32),
+                                           sample_rate, subtype=subtype))
+            row = [spec.id, f"mix/{name}"] + [f"s{k + 1}/{name}" for k in range(num_spks)] + [mix.size]
+            for k in range(num_spks):
+                row += [str(spec.files[k]), starts[k], f"{gains[k]:.8g}", f"{spec.levels_db[k] + 0.0:.6g}"]
+            rows.append(row + [f"{spec.levels_db[0] - spec.levels_db[1]:.6g}"])
+    except BaseException:  # a bad input file, Ctrl-C: leave no incomplete set that the folder loader would read
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)

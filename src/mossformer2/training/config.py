@@ -8,6 +8,8 @@ base and the other keys override it.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +46,8 @@ class DataConfig:
     segment_seconds: float = 4.0  # random training crops; same offset for mix and sources
     train: str | None = None  # pre-mixed training set: wsj0-2mix folder, LibriMix CSV or scp list
     valid: str | None = None  # pre-mixed validation set (full utterances)
-    dynamic_mixing: DynamicMixingConfig | None = None  # replaces ``train`` (and ``valid`` if it has speakers)
+    # Replaces ``train``; validation then uses either ``valid`` or the held-out ``valid_utterances``.
+    dynamic_mixing: DynamicMixingConfig | None = None
     max_valid_seconds: float | None = None  # crop long validation utterances (memory); None: full length
     batch_size: int = 1
     valid_batch_size: int = 1
@@ -112,6 +115,16 @@ class TrainConfig:
             raise ConfigError(f"data.sample_rate ({d.sample_rate}) must equal model.sample_rate "
                               f"({self.model.sample_rate})")
         dm = d.dynamic_mixing
+        # The network needs at least two encoder frames (MossFormer2.min_input_length); the loaders round alike.
+        min_samples = self.model.encoder_kernel_size + self.model.hop_size
+        crops = {"data.segment_seconds": d.segment_seconds, "data.max_valid_seconds": d.max_valid_seconds,
+                 "data.dynamic_mixing.valid_max_seconds": dm.valid_max_seconds if dm is not None else None}
+        for name, seconds in crops.items():
+            if seconds is not None and int(round(seconds * d.sample_rate)) < min_samples:
+                raise ConfigError(f"{name} ({seconds:g} s = {int(round(seconds * d.sample_rate))} samples at "
+                                  f"{d.sample_rate} Hz) is too short: the model needs at least {min_samples} samples "
+                                  f"({min_samples / d.sample_rate:.4g} s; two encoder frames: encoder_kernel_size "
+                                  f"{self.model.encoder_kernel_size} + hop {self.model.hop_size})")
         if d.synthetic:
             if d.train or d.valid or (dm is not None and (dm.train_utterances or dm.valid_utterances)):
                 raise ConfigError("data.synthetic generates its own data: leave data.train, data.valid and "
@@ -124,6 +137,9 @@ class TrainConfig:
                 raise ConfigError("data.dynamic_mixing.train_utterances is required with dynamic mixing")
             if d.train:
                 raise ConfigError("set either data.train (pre-mixed) or data.dynamic_mixing, not both")
+            if d.valid and dm.valid_utterances:  # one of them would be ignored
+                raise ConfigError("set either data.valid (pre-mixed) or data.dynamic_mixing.valid_utterances "
+                                  "(held-out speakers), not both")
             if not (d.valid or dm.valid_utterances):
                 raise ConfigError("validation data is required: set data.valid (pre-mixed) or "
                                   "data.dynamic_mixing.valid_utterances (held-out speakers)")
@@ -145,7 +161,7 @@ class TrainConfig:
                 raise ConfigError("data.dynamic_mixing.noise_prob must be in [0, 1]")
         if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-        if o.weight_decay < 0 or (o.grad_clip is not None and o.grad_clip <= 0):
+        if not o.weight_decay >= 0 or (o.grad_clip is not None and not o.grad_clip > 0):
             raise ConfigError("optim.weight_decay must be >= 0 and optim.grad_clip > 0 (or null)")
         if not 0.0 < o.plateau_factor < 1.0:
             raise ConfigError("optim.plateau_factor must be in (0, 1)")
@@ -165,7 +181,7 @@ def _positive(cfg: TrainConfig, *names: str) -> None:
     for name in names:
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)
-        if value <= 0:
+        if not value > 0:  # also rejects NaN
             raise ConfigError(f"{name} must be > 0, got {value!r}")
 
 
@@ -202,9 +218,35 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+def _check_override_key(item: str) -> None:
+    """Reject an override ``key.sub=value`` whose key is not in the config schema, naming the override (not the
+    YAML file, which may be fine)."""
+    key = item.split("=", 1)[0].strip()
+    cls: Any = TrainConfig
+    done: list[str] = []
+    for part in key.split("."):
+        if cls is None:  # the previous part is a value, not a section
+            raise ConfigError(f"command-line override {item!r}: {'.'.join(done)} is a value, not a section")
+        allowed = {f.name: f.name for f in dataclasses.fields(cls) if f.init}
+        if cls is MossFormer2Config:
+            allowed["name"] = "name"  # the preset name
+        if part not in allowed:
+            where = ".".join(done) or "the config"
+            raise ConfigError(f"command-line override {item!r}: unknown key {part!r} in {where}; allowed keys are "
+                              f"{sorted(allowed)}")
+        done.append(part)
+        tp = str if (cls is MossFormer2Config and part == "name") else typing.get_type_hints(cls)[part]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[section]
+            tp = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), tp)
+        cls = tp if dataclasses.is_dataclass(tp) else None
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Load a YAML training config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
     data = load_yaml(path) if path is not None else {}
+    for item in overrides or []:
+        if "=" in item:  # apply_overrides rejects the others
+            _check_override_key(item)
     data = apply_overrides(data, list(overrides or []))
     where = f"{path}: " if path is not None else ""
     try:

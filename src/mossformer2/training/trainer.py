@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mossformer2.checkpoint import read_checkpoint, save_checkpoint
 from mossformer2.config_utils import to_dict
@@ -48,7 +49,7 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0  # consecutive validations without improvement
     skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient
-    skipped_files: int = 0  # unreadable files skipped by the data pipeline (this rank)
+    skipped_files: int = 0  # unreadable files skipped by the data pipeline (this rank; cache loading: see Trainer)
     epoch_loss_sum: float = 0.0  # training loss of the current epoch so far (survives a resume)
     epoch_loss_count: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch validation results
@@ -114,6 +115,8 @@ class Trainer:
         if self.dist.is_main:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
             self._setup_file_logging()
+        else:  # under torchrun, one copy of the progress messages (rank 0's); every rank still warns
+            log.setLevel(logging.WARNING)
 
         _seed_everything(t.seed)  # identical initial weights on every rank
         self.model: MossFormer2 = build_model(cfg.model)
@@ -138,6 +141,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.state = TrainState()
         self.train_loader, self.valid_loader = loaders or create_dataloaders(cfg, self.dist)
+        # Unreadable files dropped while ``data.cache_audio`` loaded (each run loads the cache again, so this is
+        # not part of the resumable state); reported with the files skipped while batches are made.
+        self.preload_skipped = sum(int(getattr(getattr(loader, "dataset", None), "preload_skipped", 0))
+                                   for loader in (self.train_loader, self.valid_loader))
         self.writer = None
         if self.dist.is_main and t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -224,8 +231,9 @@ class Trainer:
             raise ValueError(f"{path} is not a resumable training checkpoint (missing {missing}); use "
                              "trainer.init_from to start from its weights")
         if ckpt.get("config") != self.cfg.model.to_dict():
-            raise ValueError(f"{path} was trained with model config {ckpt.get('config')}, but the config asks for "
-                             f"{self.cfg.model.to_dict()}; use another --exp-dir or trainer.resume=false")
+            diff = _config_diff(ckpt.get("config"), self.cfg.model.to_dict())
+            raise ValueError(f"{path} was trained with another model config ({diff}); use another --exp-dir or "
+                             "trainer.resume=false")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -418,7 +426,8 @@ class Trainer:
         log.info("epoch %d done (step %d): train loss %.3f | valid loss %.3f, SI-SDR %.2f dB, SI-SDRi %.2f dB "
                  "(best %.2f at epoch %d) | lr %.3g | %d skipped steps, %d skipped files | valid %.1fs",
                  s.epoch, s.step, train_stats["loss"], valid["loss"], valid["si_sdr"], metric, s.best_metric,
-                 s.best_epoch, self.lr, s.skipped_steps, s.skipped_files, time.time() - start)
+                 s.best_epoch, self.lr, s.skipped_steps, s.skipped_files + self.preload_skipped,
+                 time.time() - start)
         if self.writer is not None:
             for key in ("loss", "si_sdr", "si_sdri"):
                 self.writer.add_scalar(f"valid/{key}", valid[key], s.step)
@@ -445,7 +454,8 @@ class Trainer:
             while self.state.epoch < t.max_epochs:
                 if self._limit_reached():
                     break
-                stats = self.train_epoch()
+                with logging_redirect_tqdm():  # log lines are printed above the progress bar, not glued onto it
+                    stats = self.train_epoch()
                 if self._limit_reached() and self.state.batches_done < self._epoch_batches():
                     self.save_checkpoint(self.exp_dir / LAST)  # stopped mid-epoch: resumable from here
                     log.info("step or time limit reached mid-epoch at step %d: state saved to %s", self.state.step,
@@ -453,8 +463,7 @@ class Trainer:
                     break
                 if self._end_epoch(stats):
                     break
-            log.info("finished at epoch %d, step %d; best validation SI-SDRi %.2f dB (epoch %d)",
-                     self.state.epoch, self.state.step, self.state.best_metric, self.state.best_epoch)
+            log.info("finished at epoch %d, step %d; %s", self.state.epoch, self.state.step, best_summary(self.state))
         finally:
             self.close()
         return self.state
@@ -473,6 +482,23 @@ class Trainer:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+
+
+def best_summary(state: TrainState) -> str:
+    """``best validation SI-SDRi 9.87 dB (epoch 3)``, or that no epoch has been validated yet."""
+    if state.best_epoch < 0:
+        return "no validation yet (the run stopped before its first epoch ended)"
+    return f"best validation SI-SDRi {state.best_metric:.2f} dB (epoch {state.best_epoch})"
+
+
+def _config_diff(old: Any, new: dict[str, Any]) -> str:
+    """``model.num_mossformer_layer: 1 in the checkpoint, 2 in the config; ...`` for the keys that differ."""
+    if not isinstance(old, dict):
+        return f"the checkpoint holds no model config (found {type(old).__name__})"
+    missing = "(not set)"
+    return "; ".join(f"model.{key}: {old.get(key, missing)!r} in the checkpoint, {new.get(key, missing)!r} in "
+                     "the config" for key in sorted(set(old) | set(new), key=str)
+                     if old.get(key, missing) != new.get(key, missing))
 
 
 def _padded_lengths(lengths: torch.Tensor, mix: torch.Tensor) -> torch.Tensor | None:
