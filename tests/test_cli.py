@@ -57,3 +57,58 @@ def test_warnings_are_one_line_messages_and_the_format_is_restored():
     lines = out.stderr.splitlines()
     assert lines[0] == "mossformer2 info: warning: outputs over full scale"
     assert "UserWarning: after the command" in out.stderr  # Python's own format again outside the command
+
+
+def test_demo_refuses_bad_requests_before_separating(tmp_path, capsys):
+    """A file where the output folder should be, a non-finite SIR, a model with other than two speakers: one
+    line each, before the separation (they were an errno after it, "audio contains NaN", a scoring error)."""
+    from mossformer2 import build_model, save_checkpoint
+    from tests.conftest import make_tiny_config
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    save_checkpoint(tmp_path / "three.pt", build_model(make_tiny_config(num_spks=3)))
+    for args, reason in [(["-o", str(taken)], "exists and is not a folder"),
+                         (["-o", str(tmp_path / "a"), "--sir", "nan"], "finite"),
+                         (["-o", str(tmp_path / "b"), "--checkpoint", str(tmp_path / "three.pt")], "separates 3")]:
+        assert main(["demo", "--device", "cpu", *args]) == 1
+        err = capsys.readouterr().err
+        assert "mossformer2 demo: error:" in err and reason in err, err
+    assert not list((tmp_path / "b").iterdir())  # nothing written
+
+
+def test_train_overrides_may_sit_on_both_sides_of_an_option(monkeypatch):
+    import mossformer2.cli.train as train_cli
+
+    seen = []
+    monkeypatch.setattr(train_cli, "run", lambda args: seen.append(args.overrides) or 0)
+    assert main(["train", "--config", "c.yaml", "a.x=1", "--exp-dir", "d", "b.y=2", "a.x=3"]) == 0
+    assert seen == [["a.x=1", "b.y=2", "a.x=3"]]  # all of them, in the given order (the last a.x wins)
+    with pytest.raises(SystemExit):  # anything else left over is still refused
+        main(["train", "--config", "c.yaml", "a.x=1", "--exp-dir", "d", "stray"])
+
+
+def test_a_closed_pipe_ends_quietly_and_a_missing_package_is_one_line(monkeypatch, capsys):
+    import mossformer2.cli.info as info_cli
+
+    def broken_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(info_cli, "run", broken_pipe)
+    assert main(["info"]) == 141  # `mossformer2 info | head`: no "error: [Errno 32] Broken pipe"
+    assert capsys.readouterr().err == ""
+
+    def missing(args):
+        raise ModuleNotFoundError("No module named 'pesq'", name="pesq")
+
+    monkeypatch.setattr(info_cli, "run", missing)
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mossformer2 info: error: No module named 'pesq'") and "pip install pesq" in err
+
+    def ours(args):
+        raise ModuleNotFoundError("No module named 'mossformer2.nothing'", name="mossformer2.nothing")
+
+    monkeypatch.setattr(info_cli, "run", ours)
+    with pytest.raises(ModuleNotFoundError):  # a missing module of our own is a bug: the traceback shows
+        main(["info"])

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -77,7 +78,14 @@ def _one_line_warnings(command: str) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse fills a nargs="*" positional from one run of arguments only, so `train ... a=1 --exp-dir D b=2`
+        # leaves b=2 over: key=value overrides may sit on both sides of an option, in their given order.
+        if getattr(args, "command", None) == "train" and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Our own INFO messages (training progress) show; other libraries' only from WARNING on (the ONNX exporter
     # alone logs hundreds of INFO lines), unless --verbose.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -92,6 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`mossformer2 info | head`): stop quietly, as other command-line tools do. Point
+        # stdout at /dev/null so that the interpreter's final flush does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the shell's code for a command ended by a closed pipe
+    except ModuleNotFoundError as err:
+        # An optional package a command needs (pesq, pystoi, onnx, onnxruntime, ...): one line, no traceback.
+        package = (err.name or "").split(".")[0]
+        if args.verbose or package == "mossformer2":  # our own modules are not optional: a bug, show it
+            raise
+        hint = f"; install it with `pip install {package}`" if package else ""
+        print(f"mossformer2 {args.command}: error: {err}{hint}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, OSError) as err:
         # User errors (bad file, bad option value): one clear line, no traceback.
         if args.verbose:
