@@ -2,18 +2,21 @@
 
 Session 8 found, on an H200, the Separator on ``compile_layers()`` with CUDA graphs 11.9 dB SI-SDR from eager fp32
 in float32, but 36.8 dB in bf16 (benchmarks/RESULTS.md). This script separates the suspects, one row each, on the
-same input (batch 3 of 4 s, random full model), scored against eager fp32 with TF32 off everywhere:
+same input (batch 3, random full model), scored against eager fp32 with TF32 off everywhere:
 
 - which regions are compiled (FLASH layers, FSMN blocks, both);
 - depth-wise convs as cuDNN / PyTorch kernels or as fused shifted sums;
 - with or without a CUDA graph around the compiled model;
-- float32 or bf16 autocast.
+- float32 or bf16 autocast;
+- equal lengths, or a zero-padded batch with ``lengths`` (the masked path, which padded batches of short files
+  take);
+- items of 4 s, or of 10 s as in session 8's failing check (three 10 s chunks in one CUDA graph, fp32).
 
 A row scores far below the others' precision (fp32 > 60 dB, bf16 > 30 dB) where the fault lies. CPU dry run (the
 convs stay convs there)::
 
     python benchmarks/gpu_compile_diagnosis.py --device cpu --tiny --rows 2
-    python benchmarks/gpu_compile_diagnosis.py --json diagnosis.json       # CUDA, ~4 min
+    python benchmarks/gpu_compile_diagnosis.py --json diagnosis.json       # CUDA, ~6 min (9 rows)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import copy
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -32,15 +36,30 @@ from mossformer2.losses import si_sdr
 from mossformer2.models.config import tiny_test_config
 from mossformer2.separation.cuda_graphs import CudaGraphModel
 
-# (name, regions compiled, shifted sums, CUDA graph, dtype); the first rows are the cheapest to tell apart.
+
+class Row(NamedTuple):
+    name: str
+    regions: str  # "flash", "fsmn" or "both"
+    shifted: bool  # depth-wise convs as fused shifted sums
+    graph: bool  # a CUDA graph around the compiled model (not for padded batches: CudaGraphModel runs them eagerly)
+    dtype: torch.dtype
+    padded: bool = False  # items of PADDED_FRACTIONS of the length, zero-padded, with ``lengths``
+    seconds: float = 4.0  # length of each of the three items
+
+
+# The first rows are the cheapest to tell apart.
 ROWS = [
-    ("both regions, shifted sums, fp32", "both", True, False, torch.float32),
-    ("both regions, default convs, fp32", "both", False, False, torch.float32),
-    ("FLASH only, default convs, fp32", "flash", False, False, torch.float32),
-    ("FSMN only, shifted sums, fp32", "fsmn", True, False, torch.float32),
-    ("both regions, shifted sums, fp32, CUDA graph", "both", True, True, torch.float32),
-    ("both regions, shifted sums, bf16, CUDA graph", "both", True, True, torch.bfloat16),
+    Row("both regions, shifted sums, fp32", "both", True, False, torch.float32),
+    Row("both regions, shifted sums, fp32, padded batch", "both", True, False, torch.float32, padded=True),
+    Row("both regions, default convs, fp32", "both", False, False, torch.float32),
+    Row("FLASH only, default convs, fp32", "flash", False, False, torch.float32),
+    Row("FSMN only, shifted sums, fp32", "fsmn", True, False, torch.float32),
+    Row("both regions, shifted sums, fp32, CUDA graph", "both", True, True, torch.float32),
+    Row("both regions, shifted sums, fp32, CUDA graph, 10 s", "both", True, True, torch.float32, seconds=10.0),
+    Row("both regions, shifted sums, bf16, CUDA graph", "both", True, True, torch.bfloat16),
+    Row("both regions, shifted sums, bf16, padded batch", "both", True, False, torch.bfloat16, padded=True),
 ]
+PADDED_FRACTIONS = (1.0, 0.78, 0.5627)  # of the batch length; the last one not a multiple of the hop
 
 
 def compiled_copy(model: torch.nn.Module, regions: str, shifted: bool) -> torch.nn.Module:
@@ -71,13 +90,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     model = build_model(tiny_test_config() if args.tiny else MossFormer2Config()).to(device).eval()
-    wave = 0.1 * torch.randn(3, 4 * 16000, generator=torch.Generator().manual_seed(1)).to(device)
-    with torch.inference_mode():
-        reference = model(wave)
     results = []
-    for name, regions, shifted, graph, dtype in ROWS[: args.rows]:
+    for name, regions, shifted, graph, dtype, pad, seconds in ROWS[: args.rows]:
         if dtype != torch.float32 and device.type != "cuda":
             continue  # compiled bf16 does not finish on the CPU (torch 2.13)
+        samples = int(seconds * 16000)
+        wave = 0.1 * torch.randn(3, samples, generator=torch.Generator().manual_seed(1)).to(device)
+        lengths = torch.tensor([int(f * samples) for f in PADDED_FRACTIONS], device=device)
+        valid = (torch.arange(samples, device=device) < lengths[:, None]).unsqueeze(1)  # [B, 1, T]
+        if pad:
+            wave = wave * valid[:, 0]
+        with torch.inference_mode():
+            reference = model(wave, lengths) * valid if pad else model(wave)
         torch._dynamo.reset()  # each row compiles afresh: no code cached from an earlier row
         start = time.perf_counter()
         try:
@@ -90,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                             else contextlib.nullcontext())
                 with torch.inference_mode(), autocast:
-                    out = compiled(wave)
+                    out = compiled(wave, lengths) * valid if pad else compiled(wave)
             row = {"variant": name, "si_sdr_vs_eager_fp32_db": score_db(out, reference),
                    "max_abs_diff": float((out.float() - reference).abs().max())}
         except Exception as err:  # one failing row must not hide the others
