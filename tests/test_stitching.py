@@ -283,3 +283,17 @@ def test_clearvoice_audio_norm_levels():
     loud = power[power > power.mean()]
     assert abs(10 * np.log10(loud.mean()) + 25) < 0.01
     np.testing.assert_allclose(y / y[np.argmax(np.abs(y))], x / x[np.argmax(np.abs(y))], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("total", [1000, 32000, 32001, 56000, 100003])
+def test_clearvoice_pass_length_and_count_are_what_clearvoice_separate_runs(total):
+    from mossformer2.separation.stitching import clearvoice_pass_length, clearvoice_separate, clearvoice_window_count
+
+    seen = []
+
+    def model_fn(batch):
+        seen.append(batch.shape[-1])
+        return np.stack([batch, batch], axis=1)
+
+    clearvoice_separate(np.ones(total, dtype=np.float32), model_fn)
+    assert set(seen) == {clearvoice_pass_length(total)} and len(seen) == clearvoice_window_count(total)

@@ -77,8 +77,9 @@ def _list_entries(list_file: Path) -> list[Path]:
 
     entries = []
     for line in list_file.read_text().splitlines():
-        if line.strip() and locate(line.strip()).is_file():
-            entries.append(locate(line.strip()))
+        whole = locate(line.strip()) if line.strip() else None
+        if whole is not None and whole.is_file():
+            entries.append(whole)
             continue
         fields = line.split("#", 1)[0].split()
         if not fields:

@@ -59,16 +59,14 @@ class AudioStore:
             self._cache[key] = wave
         return wave
 
-    def preload(self, paths: Iterable[str | Path], skip_bad_files: bool, progress: bool | None = None) -> set[str]:
-        """Decode ``paths`` into the cache; return the bad ones (raise on the first unless ``skip_bad_files``).
-
-        ``progress``: show a bar (None: the store's ``progress``)."""
+    def preload(self, paths: Iterable[str | Path], skip_bad_files: bool) -> set[str]:
+        """Decode ``paths`` into the cache (with a bar if the store's ``progress``); return the bad ones (raise on
+        the first unless ``skip_bad_files``)."""
         from tqdm import tqdm
 
-        progress = self.progress if progress is None else progress
         paths = list(dict.fromkeys(str(p) for p in paths))
         bad: set[str] = set()
-        for path in tqdm(paths, desc="loading audio", unit="file", disable=not progress, leave=False):
+        for path in tqdm(paths, desc="loading audio", unit="file", disable=not self.progress, leave=False):
             try:
                 self.load(path)
             except BadAudioError as err:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import lfilter
 
-from mossformer2.data.manifests import AUDIO_SUFFIXES
+from mossformer2.data.manifests import AUDIO_SUFFIXES, load_manifest
 
 PEAK_LIMIT = 0.9  # wsj0-2mix multiplies everything by 0.9 / max(1, peak)
 
@@ -240,15 +239,16 @@ def _remove_previous_set(out_dir: Path, metadata_path: Path) -> None:
     ``out_dir``), then the metadata itself."""
     if not metadata_path.is_file():
         return
-    with metadata_path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        entries = load_manifest(metadata_path, check_files=False)
+    except ValueError:  # not a metadata file this function wrote: leave the files it may name alone
+        entries = []
     root = out_dir.resolve()
-    for row in rows:
-        for column, value in row.items():
-            if column and value and (column == "mixture_path" or re.fullmatch(r"source_\d+_path", column)):
-                path = (out_dir / value).resolve()
-                if path.is_relative_to(root) and path.suffix.lower() in AUDIO_SUFFIXES:
-                    path.unlink(missing_ok=True)
+    for entry in entries:
+        for path in (entry.mix, *entry.sources):
+            path = path.resolve()
+            if path.is_relative_to(root) and path.suffix.lower() in AUDIO_SUFFIXES:
+                path.unlink(missing_ok=True)
     metadata_path.unlink()
 
 

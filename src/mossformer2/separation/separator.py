@@ -28,7 +28,7 @@ from mossformer2.separation.refine import (
 )
 from mossformer2.separation.stitching import (
     clearvoice_audio_norm,
-    clearvoice_padded_length,
+    clearvoice_pass_length,
     clearvoice_separate,
     clearvoice_window_count,
     plan_chunks,
@@ -281,13 +281,16 @@ class Separator:
         return write_separation(paths, sources, int(output_rate or sample_rate), subtype,
                                 plot_mixture=(wave, sample_rate) if plot else None, title=Path(path).name)
 
+    def _model_length(self, num_samples: int, sample_rate: int) -> int:
+        """Samples at the model rate of a recording of ``num_samples`` at ``sample_rate`` (soxr's output length)."""
+        return int(round(num_samples * self.sample_rate / sample_rate))
+
     def pass_length(self, num_samples: int, sample_rate: int) -> int:
         """Samples (at the model rate) of each forward pass for a recording of ``num_samples`` at ``sample_rate``
         (chunks and windows have one length per recording)."""
-        length = int(round(num_samples * self.sample_rate / sample_rate))  # soxr's output length
-        if self.stitching == "clearvoice":  # clearvoice_separate's default windows
-            window = int(2.0 * self.sample_rate)
-            return window if length > window else clearvoice_padded_length(length, window, int(0.75 * window))
+        length = self._model_length(num_samples, sample_rate)
+        if self.stitching == "clearvoice":
+            return clearvoice_pass_length(length, self.sample_rate)
         return min(length, self.chunk)
 
     def fixed_length_error(self, num_samples: int, sample_rate: int) -> str | None:
@@ -302,7 +305,7 @@ class Separator:
 
     def chunk_count(self, num_samples: int, sample_rate: int) -> int:
         """Forward passes (per channel) a recording of ``num_samples`` at ``sample_rate`` needs."""
-        length = int(round(num_samples * self.sample_rate / sample_rate))
+        length = self._model_length(num_samples, sample_rate)
         if self.stitching == "clearvoice":
             return clearvoice_window_count(length, self.sample_rate)
         return len(plan_chunks(length, self.chunk, self.overlap))

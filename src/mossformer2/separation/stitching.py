@@ -112,6 +112,12 @@ def stitch_aligned(wave: np.ndarray, model_fn: ModelFn, num_spks: int, chunk: in
 # ClearVoice (official MossFormer2_SS_16K path-mode decoding, SPEC.md section 5)
 
 
+def _clearvoice_window(sample_rate: int, decode_window: float) -> tuple[int, int]:
+    """(window, stride) in samples of the official decoding: windows of ``decode_window`` s at stride 0.75 W."""
+    window = int(sample_rate * decode_window)
+    return window, int(0.75 * window)
+
+
 def clearvoice_padded_length(total: int, window: int, stride: int) -> int:
     """Length after the official zero-padding rule (more than needed in the last case: W + remainder)."""
     if total < window:
@@ -134,8 +140,7 @@ def clearvoice_separate(wave: np.ndarray, model_fn: ModelFn, sample_rate: int = 
     Windows are independent forwards, so running ``batch_size`` of them at once gives the same result.
     """
     total = wave.shape[-1]
-    window = int(sample_rate * decode_window)
-    stride = int(0.75 * window)
+    window, stride = _clearvoice_window(sample_rate, decode_window)
     give_up = (window - stride) // 2
     rms_in = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
     padded = np.zeros(clearvoice_padded_length(total, window, stride), dtype=np.float32)
@@ -167,11 +172,20 @@ def clearvoice_separate(wave: np.ndarray, model_fn: ModelFn, sample_rate: int = 
 
 def clearvoice_window_count(total: int, sample_rate: int = 16000, decode_window: float = 2.0,
                             one_time_decode_length: float = 2.0) -> int:
-    window = int(sample_rate * decode_window)
-    stride = int(0.75 * window)
+    """Forward passes ``clearvoice_separate`` makes for ``total`` samples."""
+    window, stride = _clearvoice_window(sample_rate, decode_window)
     if total <= sample_rate * one_time_decode_length:
         return 1
     return (clearvoice_padded_length(total, window, stride) - window) // stride + 1
+
+
+def clearvoice_pass_length(total: int, sample_rate: int = 16000, decode_window: float = 2.0,
+                           one_time_decode_length: float = 2.0) -> int:
+    """Samples of each forward pass ``clearvoice_separate`` makes for ``total`` samples."""
+    window, stride = _clearvoice_window(sample_rate, decode_window)
+    if total <= sample_rate * one_time_decode_length:
+        return clearvoice_padded_length(total, window, stride)  # one pass over the padded input
+    return window
 
 
 def clearvoice_audio_norm(wave: np.ndarray) -> np.ndarray:
@@ -186,6 +200,6 @@ def clearvoice_audio_norm(wave: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
-__all__ = ["AlignedStitcher", "clearvoice_audio_norm", "clearvoice_padded_length",
-           "clearvoice_separate", "clearvoice_window_count", "crossfade_weights", "plan_chunks",
-           "match_sources", "stitch_aligned"]
+__all__ = ["AlignedStitcher", "clearvoice_audio_norm", "clearvoice_padded_length", "clearvoice_pass_length",
+           "clearvoice_separate", "clearvoice_window_count", "crossfade_weights", "match_sources", "plan_chunks",
+           "stitch_aligned"]
