@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from mossformer2 import MossFormer2Config, build_model, load_model
+from mossformer2 import MossFormer2, MossFormer2Config, build_model, load_model
 from mossformer2.losses import pit_si_sdr_loss, si_sdr
 from mossformer2.models import convolution
 from mossformer2.models.config import tiny_test_config
@@ -273,29 +273,53 @@ def run_onnx(model: torch.nn.Module, s: Settings, wave: torch.Tensor,
         run(f"onnxruntime ({providers[0].replace('ExecutionProvider', '')})", lambda: runtime(wave), setup_s=setup)
 
 
-def profile_forward(model: torch.nn.Module, wave: torch.Tensor, path: str | Path) -> None:
-    """Kernel table of one forward of ``wave`` (on the model's GPU) in fp32 and in bf16 (torch.profiler, sorted by
-    device time), written to ``path`` after each precision."""
+def profile_forward(model: torch.nn.Module, wave: torch.Tensor, path: str | Path,
+                    dtypes: tuple[torch.dtype | None, ...] = (None, torch.bfloat16), title: str = "") -> None:
+    """Kernel table of one forward of ``wave`` per precision in ``dtypes`` (torch.profiler, sorted by device time on
+    a GPU, by CPU time on the CPU), written to ``path`` after each precision. The forward before the profiled one
+    warms up (and compiles a compiled model)."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = wave.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     parts = []
-    for dtype in (None, torch.bfloat16):
+    for dtype in dtypes:
+        label = f"{title}{DTYPE_NAMES[dtype]}, batch {wave.shape[0]}"
         try:
             with torch.inference_mode(), autocast(wave.device, dtype):
                 model(wave)  # warm-up
                 _sync(wave.device)
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                with profile(activities=activities) as prof:
                     model(wave)
                     _sync(wave.device)
         except Exception as err:  # the profile is a diagnostic: never lose the benchmark to it
-            parts.append(f"== {DTYPE_NAMES[dtype]}: failed: {type(err).__name__}: {err}\n")
+            parts.append(f"== {label}: failed: {type(err).__name__}: {err}\n")
+            Path(path).write_text("\n".join(parts))
             continue
         events = prof.key_averages()
-        kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
-        table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
-        parts.append(f"== {DTYPE_NAMES[dtype]}: {kernels} device events per forward ==\n{table}\n")
-        print(f"  profile    {DTYPE_NAMES[dtype]}: {kernels} device events per forward", flush=True)
+        if cuda:
+            kernels = sum(e.count for e in events
+                          if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+            heading = f"{kernels} device events per forward"
+        else:
+            heading = f"{sum(e.count for e in events)} operator events per forward"
+        table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40,
+                             max_name_column_width=70)
+        parts.append(f"== {label}: {heading} ==\n{table}\n")
+        print(f"  profile    {label}: {heading}", flush=True)
         Path(path).write_text("\n".join(parts))
+
+
+def profile_compiled(model: MossFormer2, s: Settings, path: str | Path) -> None:
+    """Kernel tables of the compiled-layers model (``MossFormer2.compile_layers``, no CUDA graph, so that each
+    generated kernel shows) at batch 1 and at the throughput batch: bf16 on a GPU (its best variant), fp32 on the
+    CPU (where a compiled bf16 forward does not finish). Written to ``path`` (batch 1) and ``<path>.batchN``."""
+    compiled = copy.deepcopy(model).compile_layers(dynamic=False)
+    dtypes = (torch.bfloat16,) if s.device.type == "cuda" else (None,)
+    samples = int(s.seconds * model.config.sample_rate)
+    for batch, out in ((1, Path(path)), (s.batch, Path(f"{path}.batch{s.batch}"))):
+        profile_forward(compiled, speech_like(batch, samples).to(s.device), out, dtypes, title="compiled layers, ")
+    del compiled
 
 
 def bench_separator(model: torch.nn.Module, s: Settings) -> None:
@@ -453,6 +477,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds after which remaining variants are skipped (rows so far are kept)")
     parser.add_argument("--profile", default=None,
                         help="CUDA only: write the kernels of one batch-1 forward (fp32 and bf16) to this text file")
+    parser.add_argument("--profile-compiled", default=None,
+                        help="write the kernels of one forward of the compiled-layers model (bf16 on CUDA, fp32 on "
+                             "the CPU) at batch 1 to this file, and at the throughput batch to <file>.batchN")
     parser.add_argument("--cuda-depthwise", default=None, choices=convolution.CUDA_DEPTHWISE_LAYOUTS,
                         help="CUDA only: how depth-wise convs run (models.convolution.CUDA_DEPTHWISE_LAYOUT; "
                              "shifted_sum is meant for the compiled variants)")
@@ -495,6 +522,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         s.save = lambda: atomic_write_text(args.json, json.dumps(result, indent=2))
     if args.profile and device.type == "cuda":
         profile_forward(model, speech_like(1, int(s.seconds * model.config.sample_rate)).to(device), args.profile)
+    if args.profile_compiled:
+        profile_compiled(model, s, args.profile_compiled)
     benches: dict[str, Callable[[], None]] = {
         "latency": lambda: bench_inference(model, s, 1, "latency"),
         "throughput": lambda: bench_inference(model, s, s.batch, "throughput"),

@@ -11,6 +11,7 @@
 set -u
 source scripts/device_env.sh
 CHECKS_LIMIT=${CHECKS_LIMIT:-300} BENCH_LIMIT=${BENCH_LIMIT:-120} LATENCY_LIMIT=${LATENCY_LIMIT:-240}
+PROFILE_LIMIT=${PROFILE_LIMIT:-0}
 CHECKS=${CHECKS:-padded_batch,dtypes,cuda_graphs,compiled}
 LATENCY_SECTIONS=${LATENCY_SECTIONS:-latency}
 # Compiled variants last: they take longest. regional-compile-graph-bf16 runs MossFormer2.compile_layers (fused
@@ -35,4 +36,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
     --repeats 20 --warmup 3 --variants "$LATENCY_VARIANTS" \
     --time-budget $((LATENCY_LIMIT - 60)) --profile "$OUT/profile.txt" --json "$OUT/bench_latency.json" \
     2>&1 | tee "$OUT/bench_latency.log"
+
+# Issue 6: where the best variant's time goes: kernel tables of the compiled-layers model (bf16, no CUDA graph so
+# that each generated kernel shows) at batch 1 and 16. Off by default (PROFILE_LIMIT=240 turns it on, ~3 min).
+[ "$PROFILE_LIMIT" -gt 0 ] && timeout "$PROFILE_LIMIT" "$PYTHON" benchmarks/benchmark.py --device cuda --sections "" \
+    --profile-compiled "$OUT/profile_compiled.txt" 2>&1 | tee "$OUT/profile_compiled.log"
 exit 0

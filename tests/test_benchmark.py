@@ -87,3 +87,20 @@ def test_cuda_depthwise_option_sets_the_layout_and_refuses_unknown_names(capsys)
         assert convolution.CUDA_DEPTHWISE_LAYOUT == "shifted_sum" and result["rows"]
     finally:
         convolution.CUDA_DEPTHWISE_LAYOUT = before
+
+
+def test_compiled_profile_writes_a_table_per_batch(tmp_path):
+    """--profile-compiled profiles the compile_layers() model at batch 1 and at the throughput batch (fp32 on the
+    CPU); the tables list the compiled regions' work."""
+    benchmark = _load_benchmark()
+    out = tmp_path / "profile.txt"
+    threads = torch.get_num_threads()
+    try:
+        benchmark.main(["--quick", "--threads", "1", "--sections", "", "--batch", "2",
+                        "--profile-compiled", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    for path, batch in ((out, 1), (tmp_path / "profile.txt.batch2", 2)):
+        text = path.read_text()
+        assert f"== compiled layers, fp32, batch {batch}: " in text and "failed" not in text
+        assert "Self CPU" in text and "Torch-Compiled Region" in text  # the compiled regions ran in the profiled call
