@@ -44,13 +44,17 @@ class RotaryEmbedding(nn.Module):
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables ``[F, dim]`` in ``dtype``, each angle repeated for its pair.
 
-        Angles are float32 products as in the reference library (which caches them in float32), then cast.
+        Angles are float32 products, as in the reference library (which caches them in float32); their cos / sin
+        are taken in float32 or ``dtype``, whichever is wider, and only the tables are cast. Casting the angles to
+        half precision first would quantise them (bfloat16 keeps 8 bits: frame 8000's angle to a multiple of
+        32 rad) and scramble the positions.
         """
         t = torch.arange(num_frames, device=device, dtype=torch.float32)
         angles = t[:, None] * self.freqs.float()[None, :]  # [F, dim/2]
         # Each angle twice, by expand + flatten: repeat_interleave may wait for the device (no CUDA graphs then).
-        angles = angles.unsqueeze(-1).expand(-1, -1, 2).flatten(-2).to(dtype)  # [F, dim]
-        return angles.cos(), angles.sin()
+        angles = angles.unsqueeze(-1).expand(-1, -1, 2).flatten(-2)  # [F, dim]
+        angles = angles.to(torch.promote_types(dtype, torch.float32))
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: ``[B, F, d]`` (d >= dim) -> rotated copy; features beyond ``dim`` pass through."""
