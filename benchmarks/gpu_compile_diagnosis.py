@@ -12,8 +12,11 @@ same input (batch 3, random full model), scored against eager fp32 with TF32 off
   take);
 - items of 4 s, or of 10 s as in session 8's failing check (three 10 s chunks in one CUDA graph, fp32).
 
-A row scores far below the others' precision (fp32 > 60 dB, bf16 > 30 dB) where the fault lies. CPU dry run (the
-convs stay convs there)::
+A row scores far below the others' precision (fp32 > 60 dB, bf16 > 30 dB) where the fault lies. A first probe row
+compares the rotary cos / sin tables of a 10 s item (20,000 frames, angles up to 20,000 rad) computed by a compiled
+function with eager ones: GPU code generators may use fast, approximate sin / cos whose error grows with the
+argument, which would change the FLASH layers' positions only when compiled. CPU dry run (the convs stay convs
+there)::
 
     python benchmarks/gpu_compile_diagnosis.py --device cpu --tiny --rows 2
     python benchmarks/gpu_compile_diagnosis.py --json diagnosis.json       # CUDA, ~6 min (9 rows)
@@ -74,6 +77,26 @@ def compiled_copy(model: torch.nn.Module, regions: str, shifted: bool) -> torch.
     return model
 
 
+def probe_rotary_tables(model: torch.nn.Module, device: torch.device, frames: int = 20_000) -> dict:
+    """Largest difference between compiled and eager rotary cos / sin tables of ``frames`` frames (float32)."""
+    rotary = model.mask_net.mdl.intra_mdl.mossformerM.layers[0].rotary_pos_emb
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    try:
+        def tables() -> tuple[torch.Tensor, torch.Tensor]:
+            return rotary.cos_sin(frames, device, torch.float32)
+
+        with torch.inference_mode():
+            eager = tables()
+            compiled = torch.compile(tables, dynamic=False)()
+        row = {"variant": f"probe: rotary cos/sin tables, {frames} frames, compiled vs eager, fp32",
+               "max_abs_diff": max(float((c - e).abs().max()) for c, e in zip(compiled, eager))}
+    except Exception as err:  # a probe must not stop the rows
+        row = {"variant": "probe: rotary cos/sin tables", "error": f"{type(err).__name__}: {err}"}
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
 def score_db(estimate: torch.Tensor, reference: torch.Tensor) -> float:
     return float(si_sdr(estimate.double().flatten(0, 1), reference.double().flatten(0, 1)).mean())
 
@@ -90,7 +113,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     model = build_model(tiny_test_config() if args.tiny else MossFormer2Config()).to(device).eval()
-    results = []
+    results = [probe_rotary_tables(model, device)]
+    print(json.dumps(results[0]), flush=True)
     for name, regions, shifted, graph, dtype, pad, seconds in ROWS[: args.rows]:
         if dtype != torch.float32 and device.type != "cuda":
             continue  # compiled bf16 does not finish on the CPU (torch 2.13)
