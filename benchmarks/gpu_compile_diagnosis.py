@@ -15,8 +15,8 @@ same input (batch 3, random full model), scored against eager fp32 with TF32 off
 A row scores far below the others' precision (fp32 > 60 dB, bf16 > 30 dB) where the fault lies. A first probe row
 compares the rotary cos / sin tables of a 10 s item (20,000 frames, angles up to 20,000 rad) computed by a compiled
 function with eager ones: GPU code generators may use fast, approximate sin / cos whose error grows with the
-argument, which would change the FLASH layers' positions only when compiled. CPU dry run (the convs stay convs
-there)::
+argument, which would change the FLASH layers' positions only when compiled (a cheap exclusion: under bf16
+autocast the tables are float32 too, and bf16 matched). CPU dry run (the convs stay convs there)::
 
     python benchmarks/gpu_compile_diagnosis.py --device cpu --tiny --rows 2
     python benchmarks/gpu_compile_diagnosis.py --json diagnosis.json       # CUDA, ~6 min (9 rows)
