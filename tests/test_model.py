@@ -114,6 +114,22 @@ def test_rotary_tables_in_half_precision_keep_the_float32_angles(dtype):
     assert (sin.float() - sin32).abs().max() <= tolerance
 
 
+def test_model_with_bfloat16_weights_follows_float32():
+    """``model.bfloat16()`` rounds the closed-form position tables too; the positions are still computed from exact
+    float32 frequencies, so the output stays close to fp32 (measured on this model: 41.9 dB on 4 s; 5.6 dB when
+    the absolute encoding used the rounded table and bf16 positions)."""
+    from mossformer2.losses import si_sdr
+
+    torch.manual_seed(0)
+    model = build_model(make_tiny_config()).eval()
+    wave = 0.1 * torch.randn(1, 4 * 16000)
+    with torch.inference_mode():
+        reference = model(wave)
+        half = model.bfloat16()(wave.bfloat16())
+    assert half.dtype == torch.bfloat16
+    assert si_sdr(half.float().flatten(0, 1), reference.flatten(0, 1)).min() > 30
+
+
 @pytest.mark.parametrize("length", [24, 1001, 64 * 8 + 3, 3 * 64 * 8 + 8])
 def test_output_shape_any_length(tiny_config, length):
     model = build_model(tiny_config).eval()
