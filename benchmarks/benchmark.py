@@ -41,6 +41,8 @@ from mossformer2.separation.cuda_graphs import CudaGraphModel
 
 GRAPH_VARIANTS = {"graph": None, "graph-bf16": torch.bfloat16, "graph-fp16": torch.float16}
 DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# The model cast to bf16 (model.bfloat16(), bf16 input) instead of autocast; graph variants on CUDA only.
+BF16_WEIGHT_VARIANTS = ("bf16-weights", "graph-bf16-weights", "regional-compile-graph-bf16-weights")
 
 
 
@@ -191,16 +193,16 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
               f"peak {row['peak_mib']:8.0f} MiB" + (f"  SI-SDR vs fp32 {row['si_sdr_vs_fp32_db']:.1f} dB"
                                                      if "si_sdr_vs_fp32_db" in row else ""), flush=True)
 
-    def eager(m: torch.nn.Module, dtype: torch.dtype | None) -> Callable[[], torch.Tensor]:
+    def eager(m: torch.nn.Module, dtype: torch.dtype | None, x: torch.Tensor = wave_dev) -> Callable[[], torch.Tensor]:
         def fn() -> torch.Tensor:
             with torch.inference_mode(), autocast(s.device, dtype):
-                return m(wave_dev)
+                return m(x)
         return fn
 
-    def inference(graphed: CudaGraphModel) -> Callable[[], torch.Tensor]:
+    def inference(graphed: CudaGraphModel, x: torch.Tensor = wave_dev) -> Callable[[], torch.Tensor]:
         def fn() -> torch.Tensor:
             with torch.inference_mode():  # with gradients enabled the runner would fall back to eager
-                return graphed(wave_dev)
+                return graphed(x)
         return fn
 
     run("eager fp32 (baseline)", eager(model, None))
@@ -226,6 +228,25 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
                 del graphed
             elif variant == "bf16":
                 run("eager bf16 autocast", eager(model, torch.bfloat16))
+            elif variant in BF16_WEIGHT_VARIANTS and (variant == "bf16-weights" or s.device.type == "cuda"):
+                # The whole network in bf16 (weights and activations, no autocast): no per-call casts, and the
+                # elementwise ops that fp32 parameters promote to fp32 under autocast stay bf16.
+                start = time.perf_counter()
+                halved = copy.deepcopy(model).bfloat16()
+                if variant == "regional-compile-graph-bf16-weights":
+                    halved.compile_layers(dynamic=False)
+                wave_half = wave_dev.bfloat16()
+                if variant == "bf16-weights":
+                    run("eager bf16 weights", eager(halved, None, wave_half), setup_s=time.perf_counter() - start)
+                else:
+                    graphed = CudaGraphModel(halved)
+                    with torch.inference_mode():
+                        graphed(wave_half)  # compiles (regional), then captures
+                    _sync(s.device)
+                    name = ("compiled layers + " if "compile" in variant else "") + "CUDA graph, bf16 weights"
+                    run(name, inference(graphed, wave_half), setup_s=time.perf_counter() - start)
+                    del graphed
+                del halved
             elif variant == "fp16" and s.device.type == "cuda":
                 run("eager fp16 autocast", eager(model, torch.float16))
             elif variant in ("compile", "compile-bf16", "compile-cudagraphs"):
@@ -468,7 +489,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 3; quick 2)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", default="tf32,bf16,fp16,graph,graph-bf16,graph-fp16,compile,compile-bf16,"
-                        "compile-cudagraphs,regional-compile-graph-bf16,onnxruntime,int8",
+                        "compile-cudagraphs,regional-compile-graph-bf16,bf16-weights,graph-bf16-weights,"
+                        "regional-compile-graph-bf16-weights,onnxruntime,int8",
                         help="comma list of optimised variants beside the eager fp32 baseline")
     parser.add_argument("--sections", default="latency,throughput,separator,training",
                         help="comma list of latency, throughput, separator, training")

@@ -4,8 +4,9 @@
 # a kernel profile).
 #
 #   bash benchmarks/device_session.sh            # on the GPU machine, from the repository root (~9 min)
-#   CHECKS_LIMIT=0 BENCH_LIMIT=0 LATENCY_VARIANTS=graph-bf16,regional-compile-graph-bf16 \
-#       LATENCY_SECTIONS=latency,throughput bash benchmarks/device_session.sh    # the best variants only (~3 min)
+#   CHECKS_LIMIT=0 BENCH_LIMIT=0 LATENCY_VARIANTS=graph-bf16,regional-compile-graph-bf16,graph-bf16-weights,\
+#       regional-compile-graph-bf16-weights LATENCY_SECTIONS=latency,throughput bash benchmarks/device_session.sh
+#       # the best variants only (~4 min)
 #
 # Missing pure-Python / manylinux dependencies travel as wheels in .whl/ (scripts/device_env.sh).
 set -u
@@ -16,7 +17,7 @@ CHECKS=${CHECKS:-padded_batch,dtypes,cuda_graphs,compiled}
 LATENCY_SECTIONS=${LATENCY_SECTIONS:-latency}
 # Compiled variants last: they take longest. regional-compile-graph-bf16 runs MossFormer2.compile_layers (fused
 # shifted-sum depth-wise convs); compiling the whole model with them did not finish in 240 s on an H200.
-LATENCY_VARIANTS=${LATENCY_VARIANTS:-tf32,bf16,fp16,graph,graph-bf16,graph-fp16,regional-compile-graph-bf16}
+LATENCY_VARIANTS=${LATENCY_VARIANTS:-tf32,bf16,fp16,graph,graph-bf16,graph-fp16,regional-compile-graph-bf16,graph-bf16-weights,regional-compile-graph-bf16-weights}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"

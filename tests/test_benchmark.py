@@ -21,7 +21,7 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         result = benchmark.main(["--quick", "--threads", "1", "--sections", "latency,separator,training",
-                                 "--variants", "onnxruntime,int8", "--repeats", "1", "--json", str(out)])
+                                 "--variants", "onnxruntime,int8,bf16-weights", "--repeats", "1", "--json", str(out)])
     finally:
         torch.set_num_threads(threads)
     rows = {(r["section"], r["variant"]): r for r in result["rows"]}
@@ -33,6 +33,8 @@ def test_quick_benchmark_runs_and_writes_json(tmp_path, capsys):
 
     onnx = rows[("latency", "onnxruntime (CPU)")]
     assert onnx["si_sdr_vs_fp32_db"] > 40 and onnx["rel_err"] < 1e-3 and onnx["setup_s"] > 0
+    half = rows[("latency", "eager bf16 weights")]  # model.bfloat16(): close to fp32 (the position tables stay exact)
+    assert half["si_sdr_vs_fp32_db"] > 30
     int8 = rows[("latency", "dynamic int8 (Linear)")]
     assert math.isfinite(int8["si_sdr_vs_fp32_db"]) and int8["rel_err"] > 0  # lossy, but measured
 
