@@ -315,19 +315,18 @@ def profile_forward(model: torch.nn.Module, wave: torch.Tensor, path: str | Path
                     _sync(wave.device)
         except Exception as err:  # the profile is a diagnostic: never lose the benchmark to it
             parts.append(f"== {label}: failed: {type(err).__name__}: {err}\n")
-            Path(path).write_text("\n".join(parts))
-            continue
-        events = prof.key_averages()
-        if cuda:
-            kernels = sum(e.count for e in events
-                          if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
-            heading = f"{kernels} device events per forward"
         else:
-            heading = f"{sum(e.count for e in events)} operator events per forward"
-        table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40,
-                             max_name_column_width=70)
-        parts.append(f"== {label}: {heading} ==\n{table}\n")
-        print(f"  profile    {label}: {heading}", flush=True)
+            events = prof.key_averages()
+            if cuda:
+                kernels = sum(e.count for e in events
+                              if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+                heading = f"{kernels} device events per forward"
+            else:
+                heading = f"{sum(e.count for e in events)} operator events per forward"
+            table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40,
+                                 max_name_column_width=70)
+            parts.append(f"== {label}: {heading} ==\n{table}\n")
+            print(f"  profile    {label}: {heading}", flush=True)
         Path(path).write_text("\n".join(parts))
 
 
