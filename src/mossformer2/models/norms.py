@@ -20,9 +20,12 @@ class ScaleNorm(nn.Module):
         self.g = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True) * self.scale
+        # Half-precision input is normalised in float32 (as autocast runs norms): in float16, 1 / eps = 1e5
+        # overflows, and a quiet frame's factor became inf (then NaN), as in a model cast with .half().
+        full = _float32_statistics(x)
+        norm = torch.linalg.vector_norm(full, dim=-1, keepdim=True) * self.scale
         # One pass over x: the per-frame factor g / norm is formed on the small [..., 1] tensor first.
-        return x * (self.g / norm.clamp(min=self.eps))
+        return (full * (self.g.to(full.dtype) / norm.clamp(min=self.eps))).to(x.dtype)
 
 
 class ChannelLayerNorm(nn.LayerNorm):
