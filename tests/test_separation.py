@@ -210,6 +210,24 @@ def test_bfloat16_on_cpu_and_float16_fallback(tiny_model):
     np.testing.assert_allclose(fp16.separate(x, SR), ref, atol=1e-6)
 
 
+def test_models_cast_to_half_precision_get_their_input_dtype(tiny_model):
+    """A model cast with .bfloat16() separates (its input is cast to match) close to the fp32 model; a .half()
+    model on the CPU is cast back to float32 with a warning (the CPU's fp16 convolutions all but hang)."""
+    import copy
+
+    x = noise(20000, 4)
+    ref = Separator(tiny_model, device="cpu").separate(x, SR)
+    bf16 = Separator(copy.deepcopy(tiny_model).bfloat16(), device="cpu").separate(x, SR)
+    assert bf16.dtype == np.float32 and np.isfinite(bf16).all()
+    assert si_sdr(torch.from_numpy(bf16), torch.from_numpy(ref)).min() > 20
+    assert not np.allclose(bf16, ref, atol=1e-7)  # really ran in bf16
+    with pytest.warns(UserWarning, match="a float16 model needs CUDA"):
+        fp16 = Separator(copy.deepcopy(tiny_model).half(), device="cpu")
+    assert fp16.input_dtype == torch.float32
+    # Only the weights' fp16 rounding remains (32 dB on this random model).
+    assert si_sdr(torch.from_numpy(fp16.separate(x, SR)), torch.from_numpy(ref)).min() > 25
+
+
 @pytest.mark.parametrize("normalize", ["rms", "peak", "none"])
 def test_normalisation_feeds_target_level_and_restores_input_level(normalize):
     model = LinearModel()

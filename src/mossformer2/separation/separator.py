@@ -57,7 +57,8 @@ class Separator:
             onnxruntime only).
         device: "auto" | "cpu" | "cuda[:N]" (torch backend only).
         dtype: "float32" | "bfloat16" | "float16": autocast precision; float16 needs CUDA (falls back to float32
-            with a warning on CPU).
+            with a warning on CPU). A model already cast to bf16 / fp16 (``model.bfloat16()``) gets its input in
+            that dtype; a float16 model on the CPU is cast back to float32, with a warning.
         chunk_seconds / overlap_seconds: inputs longer than a chunk are separated in overlapping chunks
             (``stitching="aligned"``); memory then no longer grows with the file length beyond the audio.
         stitching: "aligned" (speaker order aligned on each overlap by SI-SDR, raised-cosine cross-fade) or
@@ -124,6 +125,13 @@ class Separator:
                 warnings.warn(f"the exported TorchScript model runs in float32 only; ignoring dtype "
                               f"{dtype_name(dtype)}", stacklevel=2)
                 self.dtype = torch.float32
+            # A model cast to half precision (model.bfloat16() / .half()) takes its input in that dtype.
+            weights = next((p for p in model.parameters() if p.is_floating_point()), None)
+            self.input_dtype = torch.float32 if weights is None else weights.dtype
+            if self.input_dtype == torch.float16 and self.device.type != "cuda":
+                warnings.warn("a float16 model needs CUDA (the CPU's float16 convolutions are very slow); "
+                              "casting it to float32 on the CPU", stacklevel=2)
+                model, self.input_dtype = model.float(), torch.float32
             model = model.to(self.device).eval()
             if cuda_graphs and self.device.type == "cuda":
                 from mossformer2.separation.cuda_graphs import CudaGraphModel
@@ -205,7 +213,7 @@ class Separator:
     def _run_torch_model(self, batch: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
         import torch
 
-        wave = torch.from_numpy(batch).to(self.device)
+        wave = torch.from_numpy(batch).to(self.device, self.input_dtype)
         lengths_t = None if lengths is None else torch.from_numpy(np.asarray(lengths)).to(self.device)
         with torch.inference_mode():
             if self.graphs is not None:
