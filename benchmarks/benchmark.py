@@ -205,6 +205,15 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
                 return graphed(x)
         return fn
 
+    def run_graphed(name: str, m: torch.nn.Module, dtype: torch.dtype | None, x: torch.Tensor) -> None:
+        """Time the replays of ``m`` captured in CUDA graphs; setup: compiling (compiled layers) and capturing."""
+        start = time.perf_counter()
+        graphed = CudaGraphModel(m, dtype)
+        with torch.inference_mode():
+            graphed(x)  # compiles (regional), then captures
+        _sync(s.device)
+        run(name, inference(graphed, x), setup_s=time.perf_counter() - start)
+
     run("eager fp32 (baseline)", eager(model, None))
     for variant in s.variants:
         if s.out_of_time():
@@ -217,15 +226,8 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
             elif (variant in GRAPH_VARIANTS or variant == "regional-compile-graph-bf16") and s.device.type == "cuda":
                 regional = variant not in GRAPH_VARIANTS
                 dtype = torch.bfloat16 if regional else GRAPH_VARIANTS[variant]
-                graphed = CudaGraphModel(copy.deepcopy(model).compile_layers(dynamic=False) if regional else model,
-                                         dtype)
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    graphed(wave_dev)  # compiles (regional), then captures
-                _sync(s.device)
-                name = ("compiled layers + " if regional else "") + f"CUDA graph {DTYPE_NAMES[dtype]}"
-                run(name, inference(graphed), setup_s=time.perf_counter() - start)
-                del graphed
+                run_graphed(("compiled layers + " if regional else "") + f"CUDA graph {DTYPE_NAMES[dtype]}",
+                            copy.deepcopy(model).compile_layers(dynamic=False) if regional else model, dtype, wave_dev)
             elif variant == "bf16":
                 run("eager bf16 autocast", eager(model, torch.bfloat16))
             elif variant in BF16_WEIGHT_VARIANTS and (variant == "bf16-weights" or s.device.type == "cuda"):
@@ -239,13 +241,8 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
                 if variant == "bf16-weights":
                     run("eager bf16 weights", eager(halved, None, wave_half), setup_s=time.perf_counter() - start)
                 else:
-                    graphed = CudaGraphModel(halved)
-                    with torch.inference_mode():
-                        graphed(wave_half)  # compiles (regional), then captures
-                    _sync(s.device)
-                    name = ("compiled layers + " if "compile" in variant else "") + "CUDA graph, bf16 weights"
-                    run(name, inference(graphed, wave_half), setup_s=time.perf_counter() - start)
-                    del graphed
+                    run_graphed(("compiled layers + " if "compile" in variant else "") + "CUDA graph, bf16 weights",
+                                halved, None, wave_half)
                 del halved
             elif variant == "fp16" and s.device.type == "cuda":
                 run("eager fp16 autocast", eager(model, torch.float16))
