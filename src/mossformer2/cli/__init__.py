@@ -60,6 +60,25 @@ def refinement_options(args: argparse.Namespace) -> dict[str, bool | None]:
     return {name: getattr(args, name) for name in REFINEMENT_HELP}
 
 
+def model_ref(args: argparse.Namespace) -> str | None:
+    """The model a ``--checkpoint PATH`` / ``--model NAME`` pair names: a path, or ``None`` for the built-in model."""
+    from mossformer2.hub import model_name_to_ref
+
+    return model_name_to_ref(args.model) if args.model is not None else args.checkpoint
+
+
+def load_model(ref: str | None, device: str):
+    """``load_separation_model(ref, device)``, saying so on stderr when ``ref`` is ``None`` (the built-in model)."""
+    from mossformer2.separation import load_separation_model
+
+    if ref is None:
+        from mossformer2.pretrained import DEFAULT_MODEL_NAME
+
+        print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass --checkpoint PATH or --model NAME for "
+              "another)", file=sys.stderr)
+    return load_separation_model(ref, device)
+
+
 def describe_refinements(separator) -> str:
     """``"polarity ensemble + wiener filter"``, ``"none"``, ...: what a ``Separator`` applies."""
     return " + ".join(name.replace("_", " ") for name, on in separator.refinements.items() if on) or "none"

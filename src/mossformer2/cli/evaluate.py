@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mossformer2.cli import add_refinement_arguments, describe_refinements, refinement_options
+from mossformer2.cli import add_refinement_arguments, describe_refinements, load_model, model_ref, refinement_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,21 +43,15 @@ def run(args: argparse.Namespace) -> int:
 
     from mossformer2.data.manifests import load_manifest
     from mossformer2.evaluation.evaluate import evaluate, format_table
-    from mossformer2.hub import model_name_to_ref
     from mossformer2.metrics import parse_metrics
-    from mossformer2.separation import Separator, load_separation_model
+    from mossformer2.separation import Separator
 
     metrics = parse_metrics(args.metrics)  # fail on a typo before loading anything
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data not found: {args.data}")
     load_manifest(args.data)  # and on a bad manifest (missing files, ...) before loading a large model
-    ref = model_name_to_ref(args.model) if args.model is not None else args.checkpoint
-    if ref is None:
-        from mossformer2.pretrained import DEFAULT_MODEL_NAME
-
-        print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass --checkpoint PATH or --model NAME for "
-              "another)", file=sys.stderr)
-    model = load_separation_model(ref, args.device)
+    ref = model_ref(args)
+    model = load_model(ref, args.device)
     separator = Separator(model, device=args.device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                           overlap_seconds=args.overlap_seconds, stitching=args.stitching,
                           normalize=args.normalize, **refinement_options(args))

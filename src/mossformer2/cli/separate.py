@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mossformer2.cli import add_refinement_arguments, describe_refinements, refinement_options
+from mossformer2.cli import add_refinement_arguments, describe_refinements, load_model, model_ref, refinement_options
 
 LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
 
@@ -194,20 +194,10 @@ def _parse_output_rate(value: str) -> int | None:
 
 
 def _load_model(args: argparse.Namespace, device: str):
-    from mossformer2.hub import model_name_to_ref
-    from mossformer2.separation import load_separation_model
-
-    ref = args.checkpoint
-    if args.model is not None:
-        ref = model_name_to_ref(args.model)
+    ref = model_ref(args)
     if args.backend == "onnxruntime" and not str(ref or "").lower().endswith(".onnx"):
         raise ValueError("--backend onnxruntime needs --checkpoint MODEL.onnx (see `mossformer2 export`)")
-    if ref is None:
-        from mossformer2.pretrained import DEFAULT_MODEL_NAME
-
-        print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass --checkpoint PATH or --model NAME for "
-              "another)", file=sys.stderr)
-    return load_separation_model(ref, device)
+    return load_model(ref, device)
 
 
 def run(args: argparse.Namespace) -> int:
