@@ -114,6 +114,28 @@ def test_rotary_tables_in_half_precision_keep_the_float32_angles(dtype):
     assert (sin.float() - sin32).abs().max() <= tolerance
 
 
+def test_linear_attention_counts_the_valid_frames_of_a_bfloat16_mask_exactly():
+    """With ``lengths``, the global linear attention divides by each item's frame count. In a model cast to bf16
+    the mask is bf16, whose sum rounded 10,001 to 9,984: every output 0.17 % too large. Only the linear part is
+    kept (quadratic queries zeroed) and its scale compared with the same call in float64."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = build_model(make_tiny_config()).mask_net.mdl.intra_mdl.mossformerM.layers[0].eval()
+    frames, valid = 10_100, 10_001
+    dk = layer.qk_offset_scale.gamma.shape[-1]
+    qk = torch.randn(1, frames, 4, dk, dtype=torch.float64)
+    qk[:, :, 0] = 0  # no quadratic attention
+    vu = torch.randn(1, frames, 16, dtype=torch.float64)
+    mask = (torch.arange(frames) < valid).double()[None, :, None]
+    with torch.no_grad():
+        ref = torch.cat(copy.deepcopy(layer).double()._attention(qk, vu, mask), dim=-1)[:, :valid]
+        out = torch.cat(layer.bfloat16()._attention(qk.bfloat16(), vu.bfloat16(), mask.bfloat16()), dim=-1)
+    out = out[:, :valid].double()
+    scale = float((out * ref).sum() / ref.square().sum())
+    assert abs(scale - 1) < 5e-4, scale  # a bf16 count gave 1.0017
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_model_cast_to_half_precision_follows_float32(dtype):
     """``model.bfloat16()`` / ``model.half()`` run close to fp32. The casts round the closed-form position tables,
@@ -370,6 +392,15 @@ def test_shifted_sum_keeps_a_reduced_dtype_and_accumulates_in_fp32():
     assert out.dtype == torch.bfloat16
     exact = F.conv2d(x.double(), weight.double(), padding=(0, 8), groups=8)
     assert float((out.double() - exact).norm() / exact.norm()) < 4e-3  # one bf16 rounding of the result
+
+
+def test_shifted_sum_keeps_float64_in_float64():
+    x = torch.randn(1, 8, 1, 300, dtype=torch.float64)
+    weight = torch.randn(8, 1, 1, 39, dtype=torch.float64)
+    out = depthwise_shifted_sum(x, weight, 38, 2)
+    assert out.dtype == torch.float64
+    exact = F.conv2d(x, weight, padding=(0, 38), dilation=(1, 2), groups=8)
+    assert float((out - exact).abs().max()) < 1e-12  # float32 accumulation would be off by ~1e-6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the layout knob applies on CUDA only")

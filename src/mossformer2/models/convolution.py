@@ -18,7 +18,8 @@ CUDA_DEPTHWISE_LAYOUT = "contiguous"
 
 
 def depthwise_shifted_sum(x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int) -> torch.Tensor:
-    """Depth-wise conv along the last axis as a sum of ``K`` shifted, scaled slices of ``x``, accumulated in fp32.
+    """Depth-wise conv along the last axis as a sum of ``K`` shifted, scaled slices of ``x``, accumulated in
+    float32 (float64 input in float64).
 
     x: ``[B, C, 1, T]`` (any strides), weight: ``[C, 1, 1, K]`` -> ``[B, C, 1, T + 2 * padding - dilation * (K - 1)]``
     in ``x``'s dtype: the same sums as ``F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation),
@@ -27,10 +28,11 @@ def depthwise_shifted_sum(x: torch.Tensor, weight: torch.Tensor, padding: int, d
     taps = weight.shape[-1]
     padded = F.pad(x, (padding, padding))
     length = padded.shape[-1] - dilation * (taps - 1)
-    w = weight.float().reshape(1, -1, 1, taps)
-    out = padded[..., :length].float() * w[..., :1]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    w = weight.to(acc).reshape(1, -1, 1, taps)
+    out = padded[..., :length].to(acc) * w[..., :1]
     for k in range(1, taps):
-        out = out + padded[..., k * dilation:k * dilation + length].float() * w[..., k:k + 1]
+        out = out + padded[..., k * dilation:k * dilation + length].to(acc) * w[..., k:k + 1]
     return out.to(x.dtype)
 
 

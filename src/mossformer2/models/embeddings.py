@@ -71,7 +71,8 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: ``[B, F, d]`` (d >= dim) -> rotated copy; features beyond ``dim`` pass through."""
+        """x: ``[B, F, ..., d]`` (d >= dim; the model passes ``[B, F, 4, dk]``), cos / sin broadcastable to its
+        first ``dim`` features (``[F, 1, dim]`` there) -> rotated copy; features beyond ``dim`` pass through."""
         rot, rest = x[..., : self.dim], x[..., self.dim :]
         pairs = rot.unflatten(-1, (-1, 2))
         rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)

@@ -87,7 +87,9 @@ class FLASHLayer(nn.Module):
             lin_kvu = torch.matmul(lin_k.transpose(1, 2), vu) / n  # [B, dk, 2dv]
         else:
             vu = vu * mask
-            lin_kvu = torch.matmul(lin_k.transpose(1, 2), vu) / mask.sum(dim=1, keepdim=True)
+            # Frames counted in float32: a bfloat16 mask (a model cast with .bfloat16()) counts 10,001 as 9,984.
+            lin_kvu = torch.matmul(lin_k.transpose(1, 2), vu)
+            lin_kvu = (lin_kvu / mask.sum(dim=1, keepdim=True, dtype=torch.float32)).to(lin_kvu.dtype)
 
         quad_q = heads[0].reshape(B * groups, g, -1)
         quad_k = heads[2].reshape(B * groups, g, -1)
