@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,16 +106,29 @@ class _Evil:
         return (print, ("pwned",))
 
 
-def test_untrusted_pickle_is_not_executed(tmp_path, capsys):
+class _EvilShell:
+    """torch words a global of a blocked module (os, subprocess, ...) differently from other refused globals."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["print", "os.system"])
+def test_untrusted_pickle_is_not_executed(tmp_path, capsys, kind):
     """Refused in our own words: PyTorch's message has ANSI bold codes and advises ``weights_only=False``."""
     path = tmp_path / "evil.pt"
-    torch.save({"model": _Evil()}, path)
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Evil() if kind == "print" else _EvilShell(marker)}, path)
     with pytest.raises(ValueError, match="not a plain tensor checkpoint") as caught:
         load_model(path)
     message = str(caught.value)
     assert message.startswith(f"{path}: ") and "refusing to load it" in message and "\n" not in message
     assert "weights_only" not in message and "\x1b" not in message
-    assert "pwned" not in capsys.readouterr().out
+    assert ("(print)" if kind == "print" else ".system)") in message
+    assert "pwned" not in capsys.readouterr().out and not marker.exists()
 
 
 def test_save_checkpoint_embeds_config_and_is_official_layout(tmp_path, tiny_model):

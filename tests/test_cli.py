@@ -68,13 +68,33 @@ def test_demo_refuses_bad_requests_before_separating(tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("a file")
     save_checkpoint(tmp_path / "three.pt", build_model(make_tiny_config(num_spks=3)))
-    for args, reason in [(["-o", str(taken)], "exists and is not a folder"),
+    for args, reason in [(["-o", str(taken)], "it is a file, not a folder"),
                          (["-o", str(tmp_path / "a"), "--sir", "nan"], "finite"),
                          (["-o", str(tmp_path / "b"), "--checkpoint", str(tmp_path / "three.pt")], "separates 3")]:
         assert main(["demo", "--device", "cpu", *args]) == 1
         err = capsys.readouterr().err
         assert "mossformer2 demo: error:" in err and reason in err, err
     assert not list((tmp_path / "b").iterdir())  # nothing written
+
+
+def test_an_output_path_under_a_file_is_named_before_any_work(tmp_path, capsys):
+    """`os.mkdir` only says "[Errno 17] File exists: 'taken'"; export said so after loading the checkpoint."""
+    from tests.test_mix import make_speaker_folder
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    speakers = make_speaker_folder(tmp_path / "speakers", speakers=2, files=1)
+    assert main(["mix", str(speakers), "-o", str(tmp_path / "mixed"), "--num-mixtures", "1"]) == 0
+    missing = str(tmp_path / "never_loaded.pt")
+    for command in (["export", "--checkpoint", missing, "--format", "torchscript", "-o", str(taken / "m.pt")],
+                    ["mix", str(speakers), "-o", str(taken / "mixtures"), "--num-mixtures", "1"],
+                    ["evaluate", "--data", str(tmp_path / "mixed"), "--checkpoint", missing, "--out",
+                     str(taken / "scores")]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert str(taken) in err and "is a file, not a folder" in err, err
+        assert "Errno" not in err and "never_loaded" not in err, err
+    assert taken.read_text() == "a file"
 
 
 def test_train_overrides_may_sit_on_both_sides_of_an_option(monkeypatch):

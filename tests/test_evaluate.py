@@ -114,6 +114,34 @@ def test_resume_skips_scored_mixtures_and_survives_a_cut_off_line(dataset, tmp_p
     assert oracle.calls == 2 * NUM_MIXTURES
 
 
+def test_a_metric_undefined_on_one_mixture_blanks_only_that_metric(dataset, tmp_path):
+    """A silent output for one speaker of one mixture: its PESQ is undefined, but its SI-SDR (-80 dB) still
+    counts, so the SI-SDR mean does not depend on whether PESQ was asked for."""
+    sep = Separator(OracleModel(dataset), device="cpu")
+    first = load_manifest(dataset)[0].mix
+
+    def silent_on_first(wave: np.ndarray, sample_rate: int) -> np.ndarray:
+        out = sep.separate(wave, sample_rate)
+        if wave.shape[-1] == sf.info(str(first)).frames and np.allclose(wave, sf.read(str(first))[0], atol=1e-6):
+            out[1] = 0.0
+        return out
+
+    fake = SimpleNamespace(num_spks=2, separate=silent_on_first)
+    both = evaluate(fake, dataset, tmp_path / "a", metrics="si_sdr,pesq", progress=False)
+    alone = evaluate(fake, dataset, tmp_path / "b", metrics="si_sdr", progress=False)
+    assert both["num_scored"] == NUM_MIXTURES and both["num_failed"] == 0
+    assert both["scores"]["si_sdr"] == alone["scores"]["si_sdr"]
+    assert both["scores"]["si_sdr"]["count"] == NUM_MIXTURES
+    assert both["scores"]["pesq"]["count"] == NUM_MIXTURES - 1
+    assert both["num_incomplete"] == 1 and "PESQ failed: the estimate is silent" in both["incomplete"][0]["error"]
+    row = read_csv(tmp_path / "a" / "per_utterance.csv")[0]
+    assert row["status"] == "ok" and row["pesq"] == "" and row["error"].startswith("pesq: ")
+    assert float(row["si_sdr"]) < 30  # the oracle's > 60 dB averaged with the silent speaker's -80 dB
+    from mossformer2.evaluation.evaluate import format_table
+
+    assert "missing: " in format_table(both)
+
+
 def test_score_rate_8000_changes_scoring(dataset, tmp_path):
     sep = Separator(OracleModel(dataset), device="cpu", normalize="none")
 

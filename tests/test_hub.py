@@ -78,7 +78,7 @@ def test_hub_offline_miss_says_how_to_get_the_file(offline_cache):
     with pytest.raises(FileNotFoundError) as info:
         resolve_checkpoint("someone/NotCached")
     message = str(info.value)
-    assert "huggingface-cli download someone/NotCached last_best_checkpoint.pt" in message
+    assert "hf download someone/NotCached last_best_checkpoint.pt" in message
     assert "--checkpoint PATH" in message and "HF_HUB_OFFLINE" in message
 
 

@@ -129,6 +129,45 @@ def test_score_separation_rejects_bad_input(signals):
         metrics.score_separation(bad, ref, mix, sr, metrics="si_sdr")
 
 
+def test_silent_estimate_scores_far_below_a_poor_one(signals):
+    """eps in the numerator too gave a silent estimate 0 dB SI-SDR: outputting silence for the quieter speaker
+    looked like a gain. The official recipe's form gives it -80 dB (SDR: -100 dB)."""
+    est, ref, mix, sr = signals
+    quiet = ref * np.array([[1.0], [0.5]])  # speaker 2 six dB below speaker 1
+    silent = np.stack([quiet.sum(0), np.zeros(ref.shape[1])])
+    assert metrics.si_sdr(silent[1], quiet[1]) < -60
+    scores = metrics.score_separation(silent, quiet, quiet.sum(0), sr, metrics="si_sdr,sdr")
+    assert scores["per_speaker"]["si_sdri"][1] < -50 and scores["per_speaker"]["sdri"][1] < -50
+    assert metrics.si_sdr(0.5 * ref[0] + 0.5 * ref[1], ref[0]) > -1  # an ordinary poor estimate
+
+
+def test_a_silent_reference_is_named(signals):
+    est, ref, mix, sr = signals
+    silent = ref.copy()
+    silent[1] = 0.25  # a constant is silent too: zero after mean removal
+    for chosen in ("si_sdr,stoi", "sdr"):  # sdr failed deep inside its solver, si_sdr scored +-119 dB
+        with pytest.raises(ValueError, match="reference 2 is silent"):
+            metrics.score_separation(est, silent, silent.sum(0), sr, metrics=chosen)
+
+
+def test_an_undefined_metric_leaves_the_others(signals):
+    """PESQ of a silent estimate and STOI of a clip too short for pystoi (which only warns and returns 1e-5)
+    are reported as errors for that metric; SI-SDR and SDR are still scored."""
+    est, ref, mix, sr = signals
+    with_silence = est.copy()
+    with_silence[1] = 0.0
+    scores = metrics.score_separation(with_silence, ref, mix, sr, metrics="si_sdr,pesq,sdr")
+    assert set(scores["errors"]) == {"pesq"} and "silent" in scores["errors"]["pesq"]
+    assert "pesq" not in scores and "pesq" not in scores["per_speaker"]
+    assert scores["per_speaker"]["si_sdr"][1] < -60 and np.isfinite(scores["sdr"])
+    short = slice(0, int(0.3 * sr))
+    scores = metrics.score_separation(est[:, short], ref[:, short], mix[short], sr, metrics="stoi,si_sdr")
+    assert set(scores["errors"]) == {"stoi"} and "STOI undefined" in scores["errors"]["stoi"]
+    assert scores["si_sdr"] > 5
+    with pytest.raises(ValueError, match="STOI undefined"):
+        metrics.stoi(est[0, short], ref[0, short], sr)
+
+
 def test_missing_metric_package_is_named(monkeypatch):
     import importlib.util
 

@@ -78,6 +78,9 @@ def test_levels_and_mix_waves_give_requested_sir_and_avoid_clipping():
     assert crop_starts == [0, int(0.5 * 0.5 * SR)]  # only the longer source is cropped, where asked
     with pytest.raises(ValueError, match="mode"):
         mix_waves([a, b], [0.0, 0.0], SR, mode="avg")
+    # Quiet levels are brought up to 0.9 as well, as the scripts do (0.9 / max(1, peak) left them quiet).
+    quiet_mix, quiet_sources, _, _ = mix_waves([a, b], [-30.0, -30.0], SR, mode="min")
+    assert max(np.abs(quiet_mix).max(), np.abs(quiet_sources).max()) == pytest.approx(0.9)
 
 
 def test_mix_two_files_at_sir_with_resampling_reads_back(tmp_path):
@@ -94,7 +97,7 @@ def test_mix_two_files_at_sir_with_resampling_reads_back(tmp_path):
     np.testing.assert_allclose(mix, s1 + s2, atol=1e-6)
     assert measured_sir_db(s1, s2) == pytest.approx(6.0, abs=0.01)
     (row,) = metadata_rows(out)
-    assert row["source_2_file"] == str(f2) and float(row["sir_db"]) == pytest.approx(6.0)
+    assert row["source_2_file"] == str(f2.resolve()) and float(row["sir_db"]) == pytest.approx(6.0)
     assert int(row["length"]) == SR
     np.testing.assert_allclose(s1, float(row["source_1_gain"]) * read(f1), atol=1e-6)
     # existing output is never replaced silently

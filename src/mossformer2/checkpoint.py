@@ -25,7 +25,9 @@ _ROTARY_ALIAS = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.\d+
 # Entries that are closed-form tables: a checkpoint may omit them and we fill them in.
 _COMPUTED = re.compile(r"(rotary_pos_emb\.freqs|pos_enc\.inv_freq)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# torch's wordings for a global the safe unpickler refuses: "Unsupported global: GLOBAL argparse.Namespace" and,
+# for blocked modules (os, subprocess, ...), "Trying to load unsupported GLOBAL posix.system whose module ...".
+_UNSAFE_GLOBAL = re.compile(r"unsupported global:? (?:GLOBAL )?([\w.]+)", re.IGNORECASE)
 
 
 class TorchScriptFileError(ValueError):

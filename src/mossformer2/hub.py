@@ -98,8 +98,9 @@ def _download_from_hub(repo_id: str, filename: str, cache_dir: str | Path | None
     from huggingface_hub import hf_hub_download
 
     cache = str(cache_dir) if cache_dir is not None else _cache_dir_from_env()
-    how_to = (f"on a machine with internet run `huggingface-cli download {repo_id} {filename}` (or download it "
-              f"from https://huggingface.co/{repo_id}), copy the file here and pass --checkpoint PATH")
+    how_to = (f"on a machine with internet run `hf download {repo_id} {filename}` (huggingface_hub >= 0.34; "
+              f"`huggingface-cli download` before 1.0) or download it from https://huggingface.co/{repo_id}, "
+              "copy the file here and pass --checkpoint PATH")
     if not _offline():
         try:
             return Path(hf_hub_download(repo_id, filename, cache_dir=cache))

@@ -25,8 +25,10 @@ def pairwise_si_sdr(est: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor 
                     eps: float = EPS) -> torch.Tensor:
     """SI-SDR in dB of every estimate against every reference: ``[B, S_est, S_ref]``.
 
-    Zero-mean over the valid samples, eps-safe in the projection and the ratio, so silent targets give finite
-    values and finite gradients.
+    Zero-mean over the valid samples; ``10 log10(|target|^2 / (|noise|^2 + eps) + eps)`` (the official recipe's
+    and SpeechBrain's form), eps-safe in the projection and the ratio: silent targets or estimates give finite
+    values and gradients, and a silent estimate scores -80 dB (eps in the numerator as well gave it 0 dB, above
+    any poor estimate).
     """
     if est.shape[0] != ref.shape[0] or est.shape[-1] != ref.shape[-1]:
         raise ValueError(f"estimate {tuple(est.shape)} and reference {tuple(ref.shape)} shapes differ")
@@ -46,7 +48,7 @@ def pairwise_si_sdr(est: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor 
     noise = est[:, :, None, :] - target
     target_energy = (target**2).sum(-1)
     noise_energy = (noise**2).sum(-1)
-    return 10 * torch.log10((target_energy + eps) / (noise_energy + eps))
+    return 10 * torch.log10(target_energy / (noise_energy + eps) + eps)
 
 
 def si_sdr(est: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor | None = None,

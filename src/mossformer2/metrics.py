@@ -12,6 +12,7 @@ metric in that single order, with improvements over the unprocessed mixture for 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -23,6 +24,7 @@ METRICS = ("si_sdr", "sdr", "pesq", "stoi")
 BSS_EVAL_FILTER_LENGTH = 512  # BSS-eval v3 default, as in mir_eval and the published wsj0-2mix SDR numbers
 # fast_bss_eval's SDR of a (near-)perfect estimate is +inf; beyond 100 dB only rounding speaks, so cap there.
 SDR_CLAMP_DB = 100.0
+PYSTOI_UNDEFINED = 1e-5  # what pystoi returns (with a warning) when too little speech is left to score
 
 
 def _pair(est: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +105,17 @@ def stoi(est: np.ndarray, ref: np.ndarray, sample_rate: int, extended: bool = Fa
     """STOI (or extended STOI) of matching pairs, 0..1. ``[..., T]`` -> ``[...]``."""
     from pystoi import stoi as pystoi_stoi
 
-    return _per_row(lambda e, r: pystoi_stoi(r, e, sample_rate, extended=extended), est, ref)
+    def one(e: np.ndarray, r: np.ndarray) -> float:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = pystoi_stoi(r, e, sample_rate, extended=extended)
+        # pystoi only warns, and returns 1e-5, when fewer than 30 frames of speech (~0.4 s) are left after its
+        # silence removal: a sentinel, not a score.
+        if value == PYSTOI_UNDEFINED and any("Not enough STFT frames" in str(w.message) for w in caught):
+            raise ValueError("STOI undefined: fewer than 30 frames (~0.4 s) of speech in the reference")
+        return value
+
+    return _per_row(one, est, ref)
 
 
 def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
@@ -138,7 +150,11 @@ def score_separation(est: np.ndarray, ref: np.ndarray, mix: np.ndarray, sample_r
     to compare with published 8 kHz numbers), all three are resampled with soxr before scoring.
     Returns a dict: ``permutation`` (list: estimate i matches reference ``permutation[i]``, chosen by
     SI-SDR), then per metric the mean over speakers (``si_sdr``, ``sdr``, ``pesq``, ``stoi``), the
-    improvements over the mixture ``si_sdri`` and ``sdri``, and the per-speaker values under ``per_speaker``.
+    improvements over the mixture ``si_sdri`` and ``sdri``, the per-speaker values under ``per_speaker``, and
+    ``errors``: metric -> reason for each metric undefined on this mixture (PESQ of a silent estimate, STOI of
+    less than ~0.4 s of speech), whose keys are then left out; the other metrics are still scored.
+
+    Raises ValueError for inputs no metric can score: mismatched shapes, non-finite values, a silent reference.
     """
     names = parse_metrics(metrics)
     est = np.asarray(est, dtype=np.float64)
@@ -160,26 +176,39 @@ def score_separation(est: np.ndarray, ref: np.ndarray, mix: np.ndarray, sample_r
         sample_rate = score_rate
     _pair(est, ref)
     _pair(mix, ref[0])
+    silent = [k + 1 for k, r in enumerate(ref) if not np.abs(r - r.mean()).max() > 0]
+    if silent:
+        raise ValueError(f"reference {', '.join(map(str, silent))} is silent: no separation metric is defined")
 
     pairwise = losses.pairwise_si_sdr(torch.from_numpy(est)[None], torch.from_numpy(ref)[None])
     perm = losses.best_permutation(pairwise)  # [1, S]
     aligned = losses.reorder_estimates(torch.from_numpy(est)[None], perm)[0].numpy()  # reference order
     mix_as_est = np.broadcast_to(mix, ref.shape)
 
+    def with_improvement(metric) -> dict[str, np.ndarray]:
+        value = metric(aligned, ref)
+        return {"": value, "i": value - metric(mix_as_est, ref)}
+
+    scorers = {
+        "si_sdr": lambda: with_improvement(si_sdr),
+        "sdr": lambda: with_improvement(sdr),
+        "pesq": lambda: {"": pesq_wb(aligned, ref, sample_rate)},
+        "stoi": lambda: {"": stoi(aligned, ref, sample_rate)},
+    }
     per_speaker: dict[str, list[float]] = {}
-    if "si_sdr" in names:
-        per_speaker["si_sdr"] = list(np.atleast_1d(si_sdr(aligned, ref)))
-        per_speaker["si_sdri"] = list(np.atleast_1d(si_sdr(aligned, ref) - si_sdr(mix_as_est, ref)))
-    if "sdr" in names:
-        per_speaker["sdr"] = list(np.atleast_1d(sdr(aligned, ref)))
-        per_speaker["sdri"] = list(np.atleast_1d(sdr(aligned, ref) - sdr(mix_as_est, ref)))
-    if "pesq" in names:
-        per_speaker["pesq"] = list(np.atleast_1d(pesq_wb(aligned, ref, sample_rate)))
-    if "stoi" in names:
-        per_speaker["stoi"] = list(np.atleast_1d(stoi(aligned, ref, sample_rate)))
+    errors: dict[str, str] = {}
+    for name in names:
+        try:
+            values = scorers[name]()
+        except ValueError as err:  # undefined for this mixture only: the other metrics still count
+            errors[name] = str(err)
+            continue
+        for suffix, value in values.items():
+            per_speaker[name + suffix] = [float(v) for v in np.atleast_1d(value)]
 
     result: dict = {"permutation": [int(p) for p in perm[0]]}
     for key, values in per_speaker.items():
         result[key] = float(np.mean(values))
-    result["per_speaker"] = {k: [float(v) for v in vals] for k, vals in per_speaker.items()}
+    result["per_speaker"] = per_speaker
+    result["errors"] = errors
     return result

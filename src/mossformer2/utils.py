@@ -15,6 +15,21 @@ if TYPE_CHECKING:
     import torch
 
 
+def make_folder(path: str | Path, what: str = "folder") -> Path:
+    """``mkdir -p path`` with one clear error (naming ``what``, e.g. "output folder") when ``path`` or one of its
+    parents is an existing file, or the folder cannot be created (``os.mkdir`` only says "File exists")."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "it" if existing == path else str(existing)
+        raise NotADirectoryError(f"cannot create the {what} {path}: {where} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the {what} {path}: {err.strerror or err}") from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``, else delete it.
@@ -22,7 +37,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     Readers never see a half-written file, and a failure never destroys an existing one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     suffix = path.suffix if suffix is None else suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)

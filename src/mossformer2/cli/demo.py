@@ -37,6 +37,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     from mossformer2.plotting import plot_separation
     from mossformer2.separation import Separator
     from mossformer2.separation.separator import write_sources
+    from mossformer2.utils import make_folder
 
     if not math.isfinite(sir_db):
         raise ValueError(f"the SIR must be a finite number of dB, got {sir_db}")
@@ -54,8 +55,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     scores = score_separation(est, refs, mix, rate, metrics=("si_sdr",))
     scores["refinements"] = describe_refinements(separator)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir, "output folder")
     write_audio(out / "mixture.wav", mix, rate)
     write_sources([out / f"speaker{k + 1}.wav" for k in range(len(est))], est, rate)
     for k, ref in enumerate(refs):

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.models import MossFormer2
     from mossformer2.runtime import import_optional
     from mossformer2.separation.separator import load_separation_model
-    from mossformer2.utils import atomic_path
+    from mossformer2.utils import atomic_path, make_folder
 
     if not 0 < args.length_seconds < math.inf:
         raise ValueError(f"--length-seconds must be a positive number, got {args.length_seconds}")
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         kind = "an ONNX" if args.format == "onnx" else "a TorchScript"
         raise ValueError(f"-o {output}: {kind} export's name {rule}; `separate`, `info` and "
                          "Separator.from_pretrained recognise ONNX files by that suffix")
+    make_folder(output.parent, "output folder")  # a bad -o fails before the checkpoint loads
     if args.format == "onnx":
         import_optional("onnxruntime", "checking the ONNX export")  # before the export, not after it
     if args.checkpoint is None:

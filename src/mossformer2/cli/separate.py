@@ -153,13 +153,9 @@ def inputs_overwritten(files: list[Path], plan: dict[Path, list[Path]]) -> list[
 
 def prepare_out_dir(out_dir: str | Path) -> Path:
     """Create the output folder up front: one clear error before any work, instead of one per input file."""
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"the output folder {path} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OSError(f"cannot create the output folder {path}: {err.strerror or err}") from None
+    from mossformer2.utils import make_folder
+
+    path = make_folder(out_dir, "output folder")
     if not os.access(path, os.W_OK | os.X_OK):
         raise OSError(f"cannot write into the output folder {path}: permission denied")
     return path

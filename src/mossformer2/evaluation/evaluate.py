@@ -3,8 +3,11 @@
 ``per_utterance.csv`` gets one row per mixture as soon as it is scored (appended and flushed to disk), so an
 interrupted run loses at most the mixture in progress. Re-running with the same output folder skips the
 mixtures already scored and retries the failed ones. Failed mixtures (unreadable files, mismatched lengths or
-sample rates, speaker-count mismatches, ...) are rows with ``status=failed`` and the reason; the summary
-counts them next to every mean, so nothing is dropped silently.
+sample rates, speaker-count mismatches, a silent reference, ...) are rows with ``status=failed`` and the reason;
+the summary counts them next to every mean, so nothing is dropped silently. A metric undefined on one mixture
+only (PESQ of a silent estimate, STOI of under ~0.4 s of speech) leaves that cell empty, with the reason in
+``error``; the row keeps ``status=ok`` and its other metrics, and the summary lists it under ``incomplete``
+(each column's mean states its own count).
 
 CSV columns: ``id, duration_s``, each metric and its improvement over the mixture (``si_sdr, si_sdri, sdr,
 sdri, pesq, stoi`` as selected), ``permutation`` (space-separated: output i of the separator is reference
@@ -28,7 +31,7 @@ import numpy as np
 
 from mossformer2.data.manifests import MixtureEntry, load_manifest
 from mossformer2.metrics import METRICS, check_metric_dependencies, parse_metrics, score_separation
-from mossformer2.utils import atomic_write_text
+from mossformer2.utils import atomic_write_text, make_folder
 
 CSV_NAME = "per_utterance.csv"
 SUMMARY_NAME = "summary.json"
@@ -110,6 +113,13 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"  failed: {failure['id']}: {failure['error']}")
     if summary["num_failed"] > 10:
         lines.append(f"  ... and {summary['num_failed'] - 10} more (see {CSV_NAME})")
+    incomplete = summary.get("incomplete", [])
+    if incomplete:
+        lines.append(f"scored without some metric(s): {len(incomplete)} mixture(s)")
+    for item in incomplete[:10]:
+        lines.append(f"  missing: {item['id']}: {item['error']}")
+    if len(incomplete) > 10:
+        lines.append(f"  ... and {len(incomplete) - 10} more (see {CSV_NAME})")
     return "\n".join(lines)
 
 
@@ -138,8 +148,7 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
         raise ValueError(f"the data has {len(entries[0].sources)} speakers per mixture but the model separates "
                          f"{separator.num_spks}")
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(out_dir, "output folder")
     csv_path = out_dir / CSV_NAME
     settings = {"data": str(Path(data).resolve()) if isinstance(data, (str, Path)) else f"{len(entries)} entries",
                 "metrics": list(names), "score_rate": score_rate, "limit": limit, **(info or {})}
@@ -189,6 +198,7 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
     by_id = {**done, **{r["id"]: r for r in new_rows}}
     rows = [by_id[e.id] for e in entries]
     failed = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
+    incomplete = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "ok" and r["error"]]
     summary = {
         "scores": summarize(rows, names),
         "num_mixtures": len(entries),
@@ -196,6 +206,8 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
         "num_failed": len(failed),
         "num_skipped_already_scored": len(wanted & set(done)),
         "failed": failed,
+        "num_incomplete": len(incomplete),
+        "incomplete": incomplete,
         "seconds_evaluated_this_run": round(audio_seconds, 3),
         "real_time_factor_this_run": round(elapsed / audio_seconds, 4) if audio_seconds else None,
         "data": settings["data"],
@@ -218,12 +230,15 @@ def _evaluate_one(separator: Any, entry: MixtureEntry, metrics: Sequence[str], s
             raise ValueError(f"the separator returned shape {estimates.shape}, the references are {refs.shape}")
         scores = score_separation(estimates, refs, mix, rate, metrics=metrics, score_rate=score_rate)
         for column in metric_columns(metrics):
+            if column not in scores:  # undefined on this mixture: the reason goes to the error column
+                continue
             value = scores[column]
             if not math.isfinite(value):
                 raise ValueError(f"{column} is not finite ({value})")
             row[column] = _format_value(value)
         row["permutation"] = " ".join(str(p) for p in scores["permutation"])
         row["status"] = "ok"
+        row["error"] = "; ".join(f"{name}: {reason}" for name, reason in scores["errors"].items())
     except Exception as err:  # any failure is recorded for this mixture and the run goes on
         for column in metric_columns(metrics):
             row[column] = ""

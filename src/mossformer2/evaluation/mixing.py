@@ -4,8 +4,8 @@ Scaling follows the wsj0-2mix scripts (``create_wav_2speakers.m``): every source
 P.56 active speech level, multiplied by ``10 ** (level_db / 20)``, and the sources are summed. For two speakers
 the levels are ``+sir/2`` and ``-sir/2`` dB, so the signal-to-interference ratio of s1 over s2 is ``sir``.
 **Clipping** is avoided by one common rescale, the scripts' own: mixture and sources are all multiplied by
-``0.9 / max(1, peak)``, ``peak`` being the largest absolute sample of the mixture and of every source, so
-nothing exceeds 0.9 of full scale while ``mix == s1 + s2 + ...`` and the SIR stay exact.
+``0.9 / peak``, ``peak`` being the largest absolute sample of the mixture and of every source, so the loudest
+sample sits at 0.9 of full scale while ``mix == s1 + s2 + ...`` and the SIR stay exact.
 ``mode="min"`` truncates every source to the shortest one; ``"max"`` zero-pads to the longest. The active level
 is measured on the whole file for recipes (as the scripts do) and on the part that is mixed otherwise (so that
 a random crop still gets the requested SIR).
@@ -29,7 +29,7 @@ from scipy.signal import lfilter
 
 from mossformer2.data.manifests import AUDIO_SUFFIXES, load_manifest
 
-PEAK_LIMIT = 0.9  # wsj0-2mix multiplies everything by 0.9 / max(1, peak)
+PEAK_LIMIT = 0.9  # wsj0-2mix multiplies everything by 0.9 / peak (create_wav_2speakers.m: 1 / max_amp * 0.9)
 
 
 @dataclass
@@ -124,7 +124,9 @@ def mix_waves(waves: Sequence[np.ndarray], levels_db: Sequence[float], sample_ra
         starts.append(start)
     mix = sources.sum(0)
     peak = max(float(np.abs(mix).max()), float(np.abs(sources).max()))
-    rescale = PEAK_LIMIT / max(1.0, peak)
+    if not peak > 0:
+        raise ValueError("the mixture is silent")
+    rescale = PEAK_LIMIT / peak
     mix *= rescale
     sources *= rescale
     return mix, sources, [g * rescale for g in gains], starts
@@ -264,9 +266,9 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
     from tqdm import tqdm
 
     from mossformer2.audio import write_audio
-    from mossformer2.utils import atomic_write_text
+    from mossformer2.utils import atomic_write_text, make_folder
 
-    out_dir = Path(out_dir)
+    out_dir = make_folder(out_dir, "output folder")
     metadata_path = out_dir / "metadata.csv"
     if metadata_path.exists() and not overwrite:
         raise ValueError(f"{out_dir} already holds mixtures (metadata.csv); pass --overwrite to replace them")
@@ -302,7 +304,9 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
                                            sample_rate, subtype=subtype))
             row = [spec.id, f"mix/{name}"] + [f"s{k + 1}/{name}" for k in range(num_spks)] + [mix.size]
             for k in range(num_spks):
-                row += [str(spec.files[k]), starts[k], f"{gains[k]:.8g}", f"{spec.levels_db[k] + 0.0:.6g}"]
+                # The original file as an absolute path: relative to where `mix` ran it would say nothing.
+                row += [str(Path(spec.files[k]).resolve()), starts[k], f"{gains[k]:.8g}",
+                        f"{spec.levels_db[k] + 0.0:.6g}"]
             rows.append(row + [f"{spec.levels_db[0] - spec.levels_db[1]:.6g}"])
     except BaseException:  # a bad input file, Ctrl-C: leave no incomplete set that the folder loader would read
         for path in written:

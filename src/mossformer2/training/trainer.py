@@ -32,7 +32,7 @@ from mossformer2.losses import pit_si_sdr_loss, si_sdr
 from mossformer2.models import MossFormer2, build_model
 from mossformer2.training.config import TrainConfig, save_train_config
 from mossformer2.training.distributed import DistInfo, all_reduce_sum, get_dist_info
-from mossformer2.utils import resolve_device
+from mossformer2.utils import make_folder, resolve_device
 
 log = logging.getLogger("mossformer2.training")
 
@@ -113,7 +113,7 @@ class Trainer:
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
         self._log_handler: logging.Handler | None = None
         if self.dist.is_main:
-            self.exp_dir.mkdir(parents=True, exist_ok=True)
+            make_folder(self.exp_dir, "experiment folder")
             self._setup_file_logging()
         else:  # under torchrun, one copy of the progress messages (rank 0's); every rank still warns
             log.setLevel(logging.WARNING)
