@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -61,6 +62,14 @@ def test_any_rate_returns_input_rate_and_length(tiny_model, rate):
     assert out.shape == (2, x.shape[0]) and out.dtype == np.float32 and np.isfinite(out).all()
     out16 = sep.separate(x, rate, output_rate=16000)
     assert abs(out16.shape[-1] - int(0.6 * 16000)) <= 1
+
+
+@pytest.mark.parametrize(("samples", "rate", "out_rate", "expected"),
+                         [(221, 22050, 44100, 442), (481, 48000, 44100, 442), (12345, 11025, 44100, 49380)])
+def test_another_output_rate_gives_the_input_length_at_that_rate(tiny_model, samples, rate, out_rate, expected):
+    """Through the model rate the length was rounded twice (221 samples at 22.05 kHz -> 441 at 44.1 kHz)."""
+    out = Separator(tiny_model, device="cpu").separate(noise(samples), rate, output_rate=out_rate)
+    assert out.shape == (2, expected)
 
 
 def test_channels_mix_each_and_torch_input(tiny_model):
@@ -266,11 +275,25 @@ def test_bad_options_are_rejected(tiny_model):
                                                                  "overlap"),
                             ({"batch_size": 0}, "batch_size"), ({"dtype": "int8"}, "dtype"),
                             ({"backend": "onnxruntime"}, "onnx"), ({"device": "tpu"}, "device"),
-                            ({"chunk_seconds": float("inf")}, "finite")]:  # was an OverflowError traceback
+                            ({"chunk_seconds": float("inf")}, "finite"),  # was an OverflowError traceback
+                            # aligned stitching matches speakers on the overlap: with none they swapped silently
+                            ({"overlap_seconds": 0}, "--overlap-seconds.* above 0")]:
         with pytest.raises(ValueError, match=message):
             Separator(tiny_model, **kwargs)
     with pytest.raises(ValueError, match="config"):
         Separator(lambda x: x)
+    Separator(tiny_model, stitching="clearvoice", overlap_seconds=0)  # its windows have their own overlap
+
+
+def test_channels_that_cancel_in_the_downmix_are_warned_about(tiny_model):
+    x = noise(8000)
+    sep = Separator(tiny_model, device="cpu")
+    with pytest.warns(UserWarning, match="channels cancel.*--channels each"):
+        sep.separate(np.stack([x, -x]), SR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sep.separate(np.stack([x, 0.5 * x]), SR)
+        Separator(tiny_model, device="cpu", channels="each").separate(np.stack([x, -x]), SR)
 
 
 def test_separate_file_writes_all_speakers_and_plot(tiny_model, tmp_path):
@@ -287,6 +310,8 @@ def test_separate_file_writes_all_speakers_and_plot(tiny_model, tmp_path):
     wav_paths = sep.separate_file(src, tmp_path / "out16", output_rate=16000, format="wav", subtype="FLOAT")
     assert sf.info(str(wav_paths[0])).samplerate == 16000 and sf.info(str(wav_paths[0])).subtype == "FLOAT"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)
+    with pytest.raises(ValueError, match="output format must be one of"):  # it wrote .wav files instead
+        sep.separate_file(src, tmp_path / "ogg", format="ogg")
 
 
 def test_write_sources_is_all_or_nothing(tmp_path):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mossformer2.utils import atomic_path, atomic_write_text
+from mossformer2.utils import atomic_path, atomic_paths, atomic_write_text
 
 SCRIPT = """
 import re
@@ -60,3 +60,43 @@ def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path):
         raise RuntimeError("writer failed")
     assert (tmp_path / "kept.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]
+
+
+def test_atomic_paths_replace_all_targets_or_none(tmp_path, monkeypatch):
+    """A failure while renaming (here the second rename) puts the first target back: s1 and s2 never hold
+    outputs of different runs."""
+    s1, s2 = tmp_path / "x_s1.wav", tmp_path / "x_s2.wav"
+    s1.write_text("old 1")
+    real_replace = os.replace
+    onto_targets = []
+
+    def fail_on_second_target(src, dst):
+        if os.fspath(dst) in (os.fspath(s1), os.fspath(s2)):
+            onto_targets.append(dst)
+            if len(onto_targets) == 2:
+                raise KeyboardInterrupt  # Ctrl-C between the two renames, whichever comes first
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_second_target)
+    with pytest.raises(KeyboardInterrupt), atomic_paths([s1, s2]) as temps:
+        for tmp, text in zip(temps, ("new 1", "new 2")):
+            tmp.write_text(text)
+    assert s1.read_text() == "old 1" and not s2.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_s1.wav"]  # no temp or backup left
+    monkeypatch.setattr(os, "replace", real_replace)
+    with atomic_paths([s1, s2]) as temps:
+        for tmp, text in zip(temps, ("new 1", "new 2")):
+            tmp.write_text(text)
+    assert (s1.read_text(), s2.read_text()) == ("new 1", "new 2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_s1.wav", "x_s2.wav"]
+
+
+def test_atomic_paths_refuse_a_folder_target_before_replacing_anything(tmp_path):
+    s1, s2 = tmp_path / "x_s1.wav", tmp_path / "x_s2.wav"
+    s1.mkdir()
+    s2.write_text("old 2")
+    with pytest.raises(IsADirectoryError, match="x_s1.wav"), atomic_paths([s1, s2]) as temps:
+        for tmp in temps:
+            tmp.write_text("new")
+    assert s2.read_text() == "old 2" and s1.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_s1.wav", "x_s2.wav"]

@@ -7,7 +7,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,22 +36,68 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
 
     Readers never see a half-written file, and a failure never destroys an existing one.
     """
-    path = Path(path)
-    make_folder(path.parent)
-    suffix = path.suffix if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    with atomic_paths([path], suffix) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | Path], suffix: str | None = None) -> Iterator[list[Path]]:
+    """Yield temporary paths next to ``paths``; on success rename each onto its target, all or none.
+
+    A failure while renaming (a target that is a folder, Ctrl-C) puts back the files already replaced, so the
+    targets never hold a mix of old and new files (e.g. one speaker's output of this run, the other's of an
+    earlier one). Temporary files never outlive the call.
+    """
+    targets = [Path(p) for p in paths]
+    temps: list[Path] = []
     try:
-        yield tmp_path
+        for path in targets:
+            make_folder(path.parent)
+            ext = path.suffix if suffix is None else suffix
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{ext}", dir=path.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+        yield temps
+        _replace_all(temps, targets)
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _replace_all(temps: Sequence[Path], targets: Sequence[Path]) -> None:
+    """``os.replace`` every temp onto its target; on any failure restore the targets already replaced."""
+    folder = next((t for t in targets if t.is_dir()), None)
+    if folder is not None:
+        raise IsADirectoryError(f"cannot write {folder}: a folder has that name")
+    for tmp, path in zip(temps, targets):
         # mkstemp creates the file private (0600); give it the mode a plain open() would: the replaced file's,
         # else 0666 less the umask.
-        os.chmod(tmp_path, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp_path, path)
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
+    if len(targets) == 1:
+        os.replace(temps[0], targets[0])
+        return
+    replaced: list[tuple[Path, Path | None]] = []  # (target, its previous file moved aside, or None)
+    try:
+        for tmp, path in zip(temps, targets):
+            backup = None
+            if path.exists() or path.is_symlink():
+                fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".bak", dir=path.parent)
+                os.close(fd)
+                backup = Path(name)
+                os.replace(path, backup)
+            replaced.append((path, backup))
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        for path, backup in reversed(replaced):
+            if backup is not None:
+                os.replace(backup, path)
+            else:
+                path.unlink(missing_ok=True)
         raise
+    for _, backup in replaced:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
 
 
 def _umask() -> int:

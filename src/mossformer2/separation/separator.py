@@ -34,7 +34,7 @@ from mossformer2.separation.stitching import (
     plan_chunks,
     stitch_aligned,
 )
-from mossformer2.utils import atomic_path, dtype_name, loaded_torch, resolve_device, resolve_dtype
+from mossformer2.utils import atomic_paths, dtype_name, loaded_torch, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +43,7 @@ STITCHING = ("aligned", "clearvoice")
 NORMALIZE = ("rms", "peak", "none", "clearvoice")
 CHANNELS = ("mix", "each")
 BACKENDS = ("auto", "torch", "onnxruntime")
+OUTPUT_FORMATS = ("wav", "flac")
 TARGET_RMS = 10 ** (-25 / 20)  # -25 dBFS, the level ClearVoice feeds the model
 TARGET_PEAK = 0.9
 
@@ -60,9 +61,12 @@ class Separator:
             with a warning on CPU). A model already cast to bf16 / fp16 (``model.bfloat16()``) gets its input in
             that dtype; a float16 model on the CPU is cast back to float32, with a warning.
         chunk_seconds / overlap_seconds: inputs longer than a chunk are separated in overlapping chunks
-            (``stitching="aligned"``); memory then no longer grows with the file length beyond the audio.
+            (``stitching="aligned"``; the overlap, where the speakers are matched, must not be 0); memory
+            then no longer grows with the file length beyond the audio.
         stitching: "aligned" (speaker order aligned on each overlap by SI-SDR, raised-cosine cross-fade) or
-            "clearvoice" (the official tool's 2 s windows, SPEC.md section 5, for identical output).
+            "clearvoice" (the official tool's 2 s windows, SPEC.md section 5, for identical output; like the
+            official tool, it leaves up to the last 0.25 s silent for some lengths: its last window writes only
+            up to its give-up margin).
         normalize: "rms" (model sees -25 dBFS RMS, outputs scaled back to the input level), "peak" (peak 0.9,
             scaled back), "none", or "clearvoice" (the official ``audio_norm``; outputs stay at that level).
             ``stitching="clearvoice", normalize="clearvoice", channels="each"`` is the official path mode; on
@@ -98,8 +102,13 @@ class Separator:
         _check_choice("channels", channels, CHANNELS)
         _check_choice("backend", backend, BACKENDS)
         if not (0 < chunk_seconds < math.inf and 0 <= overlap_seconds < chunk_seconds):
-            raise ValueError(f"need finite chunk_seconds > overlap_seconds >= 0, got {chunk_seconds} and "
-                             f"{overlap_seconds}")
+            raise ValueError(f"need finite chunk_seconds > overlap_seconds >= 0 (--chunk-seconds, "
+                             f"--overlap-seconds), got {chunk_seconds} and {overlap_seconds}")
+        if stitching == "aligned" and not overlap_seconds > 0:
+            # Speaker order and polarity are matched on the overlap of consecutive chunks: with none, they swap
+            # between chunks (an audit measured a third of the seconds on the right speaker at overlap 0).
+            raise ValueError("aligned stitching matches the speakers of consecutive chunks on their overlap: "
+                             "overlap_seconds (--overlap-seconds) must be above 0 (default 2)")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not hasattr(model, "config"):
@@ -254,6 +263,8 @@ class Separator:
             if problem is not None:  # before any forward pass
                 raise ValueError(f"{problem}; got {wave.shape[-1]} samples at {sample_rate} Hz")
             channels = [to_mono(wave)] if self.channels == "mix" else list(wave)
+            if self.channels == "mix" and wave.shape[0] > 1:
+                _warn_if_downmix_cancels(wave, channels[0], index)
             for c, channel in enumerate(channels):
                 model_wave = resample(channel, int(sample_rate), self.sample_rate)
                 if model_wave.shape[-1] < self.min_samples:
@@ -268,9 +279,8 @@ class Separator:
                 sources /= gain  # in place: a 1-hour output is hundreds of MB
             if out_rate != self.sample_rate:
                 sources = resample(sources, self.sample_rate, out_rate)
-                expected = shapes[index][1] if out_rate == sample_rate else None
-                if expected is not None:
-                    sources = _fix_length(sources, expected)
+                # The input's length at the output rate: through the model rate it is rounded twice.
+                sources = _fix_length(sources, int(round(shapes[index][1] * out_rate / int(sample_rate))))
             per_input[index].append(sources.astype(np.float32, copy=False))
         if self.channels == "mix":
             return [outputs[0] for outputs in per_input]
@@ -306,10 +316,11 @@ class Separator:
         ``num_samples`` at ``sample_rate``; ``None`` if it can, or if the model takes any length."""
         if self.fixed_length is None or self.pass_length(num_samples, sample_rate) == self.fixed_length:
             return None
+        seconds = self.fixed_length / self.sample_rate
         return (f"the model was exported with a fixed input length of {self.fixed_length} samples "
-                f"({self.fixed_length / self.sample_rate:g} s at {self.sample_rate} Hz) and separates recordings of "
-                "that length only: export it again with `mossformer2 export --format onnx --dynamic-length` (the "
-                "default)")
+                f"({seconds:g} s at {self.sample_rate} Hz): it separates recordings of that length, or longer ones in "
+                f"chunks of exactly that length (chunk_seconds={seconds:g}, --chunk-seconds {seconds:g}); export it "
+                "again with `mossformer2 export --format onnx --dynamic-length` (the default) for any length")
 
     def chunk_count(self, num_samples: int, sample_rate: int) -> int:
         """Forward passes (per channel) a recording of ``num_samples`` at ``sample_rate`` needs."""
@@ -408,8 +419,10 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
 def output_paths(input_path: str | Path, out_dir: str | Path, num_spks: int, format: str | None = None) -> list[Path]:
     """``out_dir/<stem>_s1.<ext>`` ... for an input file; ext from ``format``, the input (wav/flac) or wav."""
     input_path = Path(input_path)
+    if format is not None and format.lower() not in OUTPUT_FORMATS:
+        raise ValueError(f"output format must be one of {list(OUTPUT_FORMATS)}, got {format!r}")
     ext = (format or input_path.suffix.lstrip(".")).lower()
-    if ext not in ("wav", "flac"):
+    if ext not in OUTPUT_FORMATS:
         ext = "wav"
     return [Path(out_dir) / f"{input_path.stem}_s{k + 1}.{ext}" for k in range(num_spks)]
 
@@ -419,9 +432,8 @@ def write_sources(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, 
 
     Outputs louder than full scale are scaled down together (``fit_to_full_scale``), never clipped."""
     sources = fit_to_full_scale(np.asarray(sources, dtype=np.float32), subtype, ", ".join(p.name for p in paths))
-    with contextlib.ExitStack() as stack:
-        for path, source in zip(paths, sources):
-            tmp = stack.enter_context(atomic_path(path))
+    with atomic_paths(paths) as temps:
+        for tmp, path, source in zip(temps, paths, sources):
             write_audio(tmp, source, sample_rate, subtype=subtype, format=path.suffix.lstrip("."))
 
 
@@ -473,6 +485,16 @@ def _as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:
     if not np.any(wave):
         raise ValueError("audio is all silent (every sample is zero): nothing to separate")
     return wave
+
+
+def _warn_if_downmix_cancels(wave: np.ndarray, mono: np.ndarray, index: int) -> None:
+    """Warn when channels cancel in the mono downmix (e.g. one channel wired in reverse polarity): the model
+    would see near silence and put out silent speakers."""
+    loudest = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64), axis=-1)).max())
+    if loudest > 0 and float(np.sqrt(np.mean(np.square(mono, dtype=np.float64)))) < 1e-3 * loudest:
+        warnings.warn(f"input {index + 1}: its channels cancel when mixed down to mono (the mix is over 60 dB "
+                      "below the loudest channel): separate each channel instead (channels='each', "
+                      "--channels each)", stacklevel=3)
 
 
 def _fix_length(wave: np.ndarray, length: int) -> np.ndarray:
