@@ -59,6 +59,25 @@ def test_warnings_are_one_line_messages_and_the_format_is_restored():
     assert "UserWarning: after the command" in out.stderr  # Python's own format again outside the command
 
 
+def test_a_warning_during_a_progress_bar_gets_its_own_line():
+    script = (
+        "import sys, warnings, mossformer2.cli.info as info\n"
+        "from tqdm import tqdm\n"
+        "from mossformer2.cli import main\n"
+        "def run(args):\n"
+        "    with tqdm(total=2, file=sys.stderr, desc='separating') as bar:\n"
+        "        bar.update(1)\n"
+        "        warnings.warn('outputs over full scale')\n"
+        "        bar.update(1)\n"
+        "info.run = run\n"
+        "main(['info'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    (line,) = [line for line in out.stderr.split("\n") if "warning:" in line]
+    assert line.split("\r")[-1].strip() == "mossformer2 info: warning: outputs over full scale", repr(line)
+
+
 def test_demo_refuses_bad_requests_before_separating(tmp_path, capsys):
     """A file where the output folder should be, a non-finite SIR, a model with other than two speakers: one
     line each, before the separation (they were an errno after it, "audio contains NaN", a scoring error)."""

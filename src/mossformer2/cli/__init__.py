@@ -86,13 +86,19 @@ def describe_refinements(separator) -> str:
 
 @contextlib.contextmanager
 def _one_line_warnings(command: str) -> Iterator[None]:
-    """Show warnings as ``mossformer2 CMD: warning: ...`` (not source path, line and code) while a command runs."""
-    original = warnings.formatwarning
-    warnings.formatwarning = lambda message, *_args, **_kwargs: f"mossformer2 {command}: warning: {message}\n"
+    """Show warnings as ``mossformer2 CMD: warning: ...`` (not source path, line and code) while a command runs,
+    through ``tqdm.write``: printed while a progress bar is active, they would land on the bar's line."""
+    from tqdm import tqdm
+
+    def show(message, *_args, **_kwargs) -> None:
+        tqdm.write(f"mossformer2 {command}: warning: {message}", file=sys.stderr)
+
+    original = warnings.showwarning
+    warnings.showwarning = show
     try:
         yield
     finally:
-        warnings.formatwarning = original
+        warnings.showwarning = original
 
 
 def main(argv: list[str] | None = None) -> int:
