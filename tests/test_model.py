@@ -394,6 +394,16 @@ def test_shifted_sum_keeps_a_reduced_dtype_and_accumulates_in_fp32():
     assert float((out.double() - exact).norm() / exact.norm()) < 4e-3  # one bf16 rounding of the result
 
 
+@pytest.mark.parametrize("fsmn_inner_dim", [16, 15])  # even: the split stage-2 conv; odd: the grouped fallback
+def test_every_gradient_has_its_parameters_strides(fsmn_inner_dim):
+    """DDP buckets gradients by the parameters' strides; a kernel used through a transpose got its gradient
+    back with other strides, and every rank printed "Grad strides do not match bucket view strides"."""
+    model = build_model(make_tiny_config(fsmn_inner_dim=fsmn_inner_dim))
+    model(torch.randn(2, 1000)).square().sum().backward()
+    mismatched = [name for name, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+    assert mismatched == []
+
+
 def test_shifted_sum_keeps_float64_in_float64():
     x = torch.randn(1, 8, 1, 300, dtype=torch.float64)
     weight = torch.randn(8, 1, 1, 39, dtype=torch.float64)

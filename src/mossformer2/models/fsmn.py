@@ -52,7 +52,9 @@ class DilatedDenseNet(nn.Module):
         if mask is not None:
             x = x * mask
         C = self.channels
-        o1 = self._conv(x, self.conv1.weight.transpose(2, 3), self.paddings[0], 1)
+        # [C, 1, K, 1] -> [C, 1, 1, K] as a view of the contiguous weight: the gradient then comes back with the
+        # parameter's own strides (a transpose gave it others, and DDP warned on every rank).
+        o1 = self._conv(x, self.conv1.weight.flatten(2).unsqueeze(2), self.paddings[0], 1)
         o1 = self._norm_prelu(o1, self.norm1.weight, self.norm1.bias, self.prelu1.weight, mask)
         if mask is not None:
             o1 = o1 * mask
@@ -65,7 +67,7 @@ class DilatedDenseNet(nn.Module):
             y2 = self._conv(x, per_input[C:], self.paddings[1], 2)
             o2 = torch.cat((y1[..., 0::2] + y1[..., 1::2], y2[..., 0::2] + y2[..., 1::2]), dim=-1)
         else:
-            o2 = self._conv(torch.cat((o1, x), dim=-1), self.conv2.weight.transpose(2, 3), self.paddings[1], 2)
+            o2 = self._conv(torch.cat((o1, x), dim=-1), self.conv2.weight.flatten(2).unsqueeze(2), self.paddings[1], 2)
         return self._norm_prelu(o2, self.norm2.weight, self.norm2.bias, self.prelu2.weight, mask)
 
 
