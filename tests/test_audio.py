@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import av
@@ -9,7 +10,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mossformer2.audio import peak_amplitude, read_audio, resample, to_mono, write_audio
+from mossformer2.audio import (
+    check_writable,
+    find_audio_files,
+    peak_amplitude,
+    read_audio,
+    resample,
+    soundfile_name,
+    to_mono,
+    write_audio,
+)
 
 
 def _sine(freq: float, sr: int, seconds: float, amp: float = 0.5) -> np.ndarray:
@@ -171,3 +181,45 @@ def test_reading_a_format_for_pyav_without_pyav_says_what_to_install(tmp_path, m
     monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
     with pytest.raises(ValueError, match="PyAV.*not installed.*pip install av"):
         read_audio(tmp_path / "clip.m4a")
+
+
+def test_write_refuses_what_the_format_cannot_hold_naming_the_cause(tmp_path):
+    """FLAC holds integer samples, at most 8 channels, rates up to 655350 Hz: libsndfile said 'Format not
+    recognised' about an internal temp file."""
+    with pytest.raises(ValueError, match=r"^FLAC cannot store 10 channels: use --format wav$"):
+        write_audio(tmp_path / "x.flac", np.zeros((10, 100), np.float32), 16000)
+    with pytest.raises(ValueError, match=r"^FLAC cannot store a sample rate of 700000 Hz: use --format wav$"):
+        write_audio(tmp_path / "x.flac", np.zeros(100, np.float32), 700000)
+    with pytest.raises(ValueError, match=r"^FLAC cannot store FLOAT samples: .*--format wav$"):
+        check_writable("flac", 1, 16000, "FLOAT")
+    check_writable("flac", 8, 655350, "PCM_24")
+    check_writable("wav", 10, 700000, "FLOAT")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_errors_name_the_file_not_its_temp(tmp_path, monkeypatch):
+    def failing_write(file, *_args, **_kwargs):  # as libsndfile fails on a full disk
+        raise sf.LibsndfileError(2, prefix=f"Error opening {file!r}: ")
+
+    monkeypatch.setattr(sf, "write", failing_write)
+    with pytest.raises(sf.LibsndfileError) as err:
+        write_audio(tmp_path / "out.wav", np.zeros(100, np.float32), 16000)
+    assert str(err.value).startswith(f"cannot write {tmp_path / 'out.wav'}: ") and ".tmp" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_names_that_are_not_utf8_are_read_and_written(tmp_path):
+    """A Latin-1 file name (an old share, a list read as bytes) is held as surrogates, which soundfile could not
+    encode ('surrogates not allowed')."""
+    name = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.wav")
+    write_audio(name, _sine(440, 8000, 0.1), 8000)
+    got, rate = read_audio(name)
+    assert rate == 8000 and got.shape == (1, 800)
+    assert soundfile_name(tmp_path / "plain.wav") == str(tmp_path / "plain.wav")
+
+
+def test_folder_scans_skip_hidden_names(tmp_path):
+    for rel in ("a.wav", "b/c.FLAC", "b/.d.wav", ".e/f.wav", "g.txt"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_audio_files(tmp_path)] == ["a.wav", "b/c.FLAC"]

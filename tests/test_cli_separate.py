@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import mossformer2.pretrained
 from mossformer2 import build_model, save_checkpoint
 from mossformer2.audio import read_audio
 from mossformer2.cli import main
-from mossformer2.cli.separate import collect_inputs, mirrored_out_dirs, shard_files
+from mossformer2.cli.separate import Inputs, collect_inputs, mirrored_out_dirs, shard_files
 from tests.conftest import make_tiny_config
 from tests.test_hub import REPO, fake_hf_cache
 
@@ -95,7 +96,9 @@ def test_bad_files_fail_alone_with_reasons_and_no_partial_output(ckpt, tmp_path,
     code = main(["separate", str(data), str(tmp_path / "missing.wav"), str(tmp_path / "nomatch*.wav"),
                  "-o", str(out), "--checkpoint", str(ckpt)])
     assert code == 1
-    assert outputs_under(out) == ["good_s1.wav", "good_s2.wav"]  # nothing partial, no temp files
+    # Nothing partial, no temp files; mirrored from tmp_path, the common folder of mixed/ and the pattern's folder
+    # (a pattern counts though it matches nothing: the layout must not change once it does).
+    assert outputs_under(out) == ["mixed/good_s1.wav", "mixed/good_s2.wav"]
     captured = capsys.readouterr()
     assert "separated 1 file(s), skipped 0, failed 7" in captured.out
     for name, reason in [("empty.wav", "empty file"), ("junk.wav", "cannot read"), ("silent.wav", "silent"),
@@ -248,7 +251,7 @@ def test_collect_inputs_and_mirroring(tmp_path):
     found = collect_inputs([str(tmp_path / "x"), str(tmp_path / "x" / "a.wav"), str(tmp_path / "none.wav")])
     assert [p.relative_to(tmp_path).as_posix() for p in found.files] == ["x/a.wav", "x/y/a.wav", "x/y/b.mp3"]
     assert found.errors == [(str(tmp_path / "none.wav"), "no such file or folder")]
-    dirs = mirrored_out_dirs(found.files, Path("/out"))
+    dirs = mirrored_out_dirs(found.files, Path("/out"), found.roots)
     assert sorted(str(d) for d in dirs.values()) == ["/out", "/out/y", "/out/y"]
 
 
@@ -340,3 +343,128 @@ def test_outputs_that_are_inputs_of_the_same_run_are_refused(ckpt, tmp_path, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "refusing to overwrite inputs" in err and "a_s1.wav" in err, err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing lost
+
+
+def test_layout_follows_the_named_inputs_not_the_files_found(ckpt, tmp_path, capsys):
+    """Outputs mirror the folder named, not the common folder of the files found there: with data/a/x.wav alone
+    the layout was OUT/x_s1.wav, and after data/b/y.wav arrived a rerun re-separated x into OUT/a/ and left the
+    first outputs behind."""
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    sf.write(str(data / "a" / "x.wav"), noise(4000, 1), 16000)
+    args = ["separate", str(data), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt)]
+    assert main(args) == 0
+    assert outputs_under(tmp_path / "out") == ["a/x_s1.wav", "a/x_s2.wav"]
+    (data / "b").mkdir()
+    sf.write(str(data / "b" / "y.wav"), noise(4000, 2), 16000)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "separated 1 file(s), skipped 1" in capsys.readouterr().out  # x was not separated again
+    assert outputs_under(tmp_path / "out") == ["a/x_s1.wav", "a/x_s2.wav", "b/y_s1.wav", "b/y_s2.wav"]
+
+    def layout(*specs: str) -> list[str]:
+        found = collect_inputs(list(specs))
+        dirs = mirrored_out_dirs(found.files, Path("/out"), found.roots)
+        return sorted(str(dirs[f] / f.name) for f in found.files)
+
+    assert layout(str(data / "*" / "x.wav")) == ["/out/a/x.wav"]  # a pattern: its folder before the wildcard
+    assert layout(str(data / "a" / "x.wav")) == ["/out/x.wav"]  # a file named alone: flat
+    # Equal names in folders named one by one: apart under their common folder (no clash).
+    sf.write(str(data / "b" / "x.wav"), noise(4000, 3), 16000)
+    assert layout(str(data / "a"), str(data / "b" / "x.wav")) == ["/out/a/x.wav", "/out/b/x.wav"]
+    # A list: the common folder of its entries, whichever of them exist.
+    listing = tmp_path / "todo.lst"
+    listing.write_text(f"{data / 'b' / 'y.wav'}\n{data / 'b' / 'later' / 'z.wav'}\n")
+    assert layout(str(listing)) == ["/out/later/z.wav", "/out/y.wav"]
+
+
+def test_inputs_that_yield_no_file_are_errors(ckpt, tmp_path, monkeypatch, capsys):
+    """An empty folder, a folder whose every file lies inside the output folder (`separate . -o .`) and an empty
+    list were 'separated 0 file(s)' with exit status 0."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no audio here")
+    here = tmp_path / "here"
+    here.mkdir()
+    for name in ("a.wav", "b.wav"):
+        sf.write(str(here / name), noise(4000), 16000)
+    (tmp_path / "none.lst").write_text("# nothing yet\n")
+    found = collect_inputs([str(tmp_path / "empty"), str(here), str(here / "*.wav"), str(tmp_path / "none.lst")],
+                           exclude=here)
+    assert found.files == [] and found.excluded == 4
+    assert found.errors == [(str(tmp_path / "empty"), "no audio files in the folder"),
+                            (str(here), f"all 2 file(s) found lie inside the output folder {here}"),
+                            (str(here / "*.wav"), f"all 2 file(s) found lie inside the output folder {here}"),
+                            (str(tmp_path / "none.lst"), "the list names no file")]
+    assert main(["separate", str(tmp_path / "empty"), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 1
+    assert "failed: " in capsys.readouterr().err
+    # The run-level guard: nothing separated, skipped or failed is an error, not success.
+    monkeypatch.setattr("mossformer2.cli.separate.collect_inputs", lambda *_args, **_kwargs: Inputs())
+    assert main(["separate", str(here), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 1
+    assert "error: nothing to separate" in capsys.readouterr().err
+
+
+def test_list_files_name_missing_kaldi_paths_and_read_any_bytes(ckpt, tmp_path, capsys):
+    """`utt2 missing.wav` reported `no such audio file: .../utt2`; a Latin-1 list aborted the whole run with a
+    bare 'utf-8' codec error."""
+    sf.write(str(tmp_path / "r.wav"), noise(4000, 1), 16000)
+    scp = tmp_path / "wav.scp"
+    scp.write_text("utt1 r.wav\nutt2 missing_recording.wav\nmix.wav s1.wav s2.wav\n")
+    assert collect_inputs([str(scp)]).files == [tmp_path / "missing_recording.wav", tmp_path / "mix.wav",
+                                                tmp_path / "r.wav"]
+    latin = os.fsencode(tmp_path) + b"/caf\xe9.wav"  # a file name that is not UTF-8, as on an old share
+    sf.write(latin, noise(4000, 2), 16000, format="WAV")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9.wav\n")
+    assert [os.fsencode(p) for p in collect_inputs([str(tmp_path / "latin1.txt")]).files] == [latin]
+    assert main(["separate", str(scp), str(tmp_path / "latin1.txt"), "-o", str(tmp_path / "o"),
+                 "--checkpoint", str(ckpt)]) == 1
+    captured = capsys.readouterr()
+    assert "separated 2 file(s), skipped 0, failed 2" in captured.out
+    assert f"no such audio file: {tmp_path / 'missing_recording.wav'}" in captured.err
+    assert len(list((tmp_path / "o").glob("caf*_s1.wav"))) == 1
+
+
+def test_outputs_a_format_cannot_hold_fail_before_separating(ckpt, tmp_path, capsys):
+    """FLAC holds at most 8 channels and rates up to 655350 Hz: the run failed after separating, naming a temp
+    file ('Error opening .../.x_s1.XXXX.tmp.XXXX.tmp.flac': Format not recognised)."""
+    src = tmp_path / "ch10.wav"
+    sf.write(str(src), noise(4000, 1, channels=10), 16000)
+    out = tmp_path / "out"
+    for extra, cause in [(["--channels", "each"], "FLAC cannot store 10 channels: use --format wav"),
+                         (["--output-rate", "700000"], "FLAC cannot store a sample rate of 700000 Hz")]:
+        assert main(["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt), "--format", "flac",
+                     *extra]) == 1
+        err = capsys.readouterr().err
+        assert f"error: 1 of 1 input(s) cannot be written as asked (e.g. ch10.wav): {cause}" in err, err
+        assert "tmp" not in err and not out.exists()  # refused before anything was separated or created
+    assert main(["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt), "--channels", "each"]) == 0
+    assert sf.info(str(out / "ch10_s1.wav")).channels == 10
+
+
+def test_folder_scans_skip_hidden_files_and_folders(tmp_path):
+    """macOS `._x.wav` sidecars failed as 'cannot read ... as audio', and a killed run's temp file
+    `.x_s1.k2j3h4.tmp.wav` was separated into `.x_s1.k2j3h4.tmp_s1.wav`."""
+    (tmp_path / "d" / ".trash").mkdir(parents=True)
+    for rel in ("x.wav", ".x_s1.k2j3h4.tmp.wav", ".trash/y.wav", "sub.d/z.wav"):
+        (tmp_path / "d" / rel).parent.mkdir(exist_ok=True)
+        sf.write(str(tmp_path / "d" / rel), noise(100), 16000)
+    (tmp_path / "d" / "._x.wav").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    found = collect_inputs([str(tmp_path / "d")])
+    assert [p.relative_to(tmp_path / "d").as_posix() for p in found.files] == ["sub.d/z.wav", "x.wav"]
+    hidden_root = collect_inputs([str(tmp_path / "d" / ".trash")])  # a hidden folder named itself is searched
+    assert [p.name for p in hidden_root.files] == ["y.wav"]
+
+
+def test_bad_options_leave_no_output_folder(ckpt, tmp_path, capsys):
+    """`separate x.wav -o fresh --chunk-seconds 0` and `demo -o fresh --sir nan` created `fresh` and then
+    refused the option."""
+    src = tmp_path / "x.wav"
+    sf.write(str(src), noise(4000), 16000)
+    fresh = tmp_path / "fresh" / "deeper"
+    for bad in (["--chunk-seconds", "0"], ["--batch-size", "0"], ["--format", "flac", "--subtype", "FLOAT"]):
+        assert main(["separate", str(src), "-o", str(fresh), "--checkpoint", str(ckpt), *bad]) == 1
+        assert "error: " in capsys.readouterr().err and not (tmp_path / "fresh").exists(), bad
+    three = tmp_path / "three.pt"
+    save_checkpoint(three, build_model(make_tiny_config(num_spks=3)))
+    for bad in (["--sir", "nan"], ["--checkpoint", str(three)]):
+        assert main(["demo", "-o", str(fresh), "--device", "cpu", *bad]) == 1
+        assert "error: " in capsys.readouterr().err and not (tmp_path / "fresh").exists(), bad

@@ -5,6 +5,9 @@ Waveforms are numpy float32 arrays: ``[C, T]`` (channels first) or ``[T]`` for m
 
 from __future__ import annotations
 
+import io
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -24,6 +27,29 @@ WRITE_FORMATS = {"wav": "WAV", "flac": "FLAC"}
 WRITE_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 
 
+def find_audio_files(folder: str | Path) -> list[Path]:
+    """The files under ``folder`` (recursive) with an audio suffix, sorted. Hidden names (``.x``) are skipped,
+    folders included: macOS ``._x.wav`` sidecars are not audio, and ``.x_s1.*.tmp.wav`` are temp files that a
+    killed run left behind (``atomic_path``)."""
+    found = []
+    for parent, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(Path(parent, name) for name in names
+                     if not name.startswith(".") and Path(name).suffix.lower() in AUDIO_SUFFIXES)
+    return sorted(p for p in found if p.is_file())  # a link to a file counts, a dangling one does not
+
+
+def soundfile_name(path: str | Path) -> str | bytes:
+    """``path`` as soundfile must get it. soundfile encodes a str name strictly, so a name that is not valid in
+    the file-system encoding (a Latin-1 name on a UTF-8 system, which Python holds as surrogates) goes as bytes."""
+    name = os.fspath(path)
+    try:
+        name.encode(sys.getfilesystemencoding())
+    except UnicodeEncodeError:
+        return os.fsencode(name)
+    return name
+
+
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """Read any audio file as float32 ``[C, T]`` in [-1, 1] (ints scaled) and its sample rate.
 
@@ -38,7 +64,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     if path.stat().st_size == 0:
         raise ValueError(f"empty file (0 bytes): {path}")
     try:
-        data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)  # [T, C]
+        data, sample_rate = sf.read(soundfile_name(path), dtype="float32", always_2d=True)  # [T, C]
         wave = np.ascontiguousarray(data.T)
     except (sf.LibsndfileError, RuntimeError, TypeError) as sf_err:
         try:
@@ -144,6 +170,27 @@ def fit_to_full_scale(waves: np.ndarray, subtype: str, name: str, headroom: floa
     return np.multiply(waves, gain, dtype=np.float32)
 
 
+def check_writable(format: str, channels: int, sample_rate: int, subtype: str = "PCM_16") -> None:
+    """Raise ValueError, naming the cause, when a ``format`` ("wav" / "flac") file of ``channels`` channels at
+    ``sample_rate`` Hz in ``subtype`` cannot be written (FLAC: integer samples, at most 8 channels, rates up to
+    655350 Hz). libsndfile decides, by opening an in-memory file; its own message names neither the file nor,
+    for too many channels, the cause ("Format not recognised")."""
+    fmt = WRITE_FORMATS[format]
+    if not sf.check_format(fmt, subtype):  # FLOAT in FLAC: WAV takes every subtype of WRITE_SUBTYPES
+        raise ValueError(f"{fmt} cannot store {subtype} samples: use --subtype PCM_16 or PCM_24, or --format wav")
+
+    def opens(num_channels: int, rate: int) -> bool:
+        try:
+            sf.SoundFile(io.BytesIO(), "w", rate, num_channels, subtype, format=fmt).close()
+        except (sf.LibsndfileError, ValueError):
+            return False
+        return True
+
+    if not opens(channels, sample_rate):
+        cause = f"{channels} channels" if opens(1, sample_rate) else f"a sample rate of {sample_rate} Hz"
+        raise ValueError(f"{fmt} cannot store {cause}" + (": use --format wav" if fmt != "WAV" else ""))
+
+
 def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, subtype: str = "PCM_16",
                 format: str | None = None) -> Path:
     """Write ``[T]`` or ``[C, T]`` atomically as wav/flac (format from the suffix unless given).
@@ -157,15 +204,17 @@ def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, subtype: s
     subtype = subtype.upper()
     if subtype not in WRITE_SUBTYPES:
         raise ValueError(f"subtype must be one of {WRITE_SUBTYPES}, got {subtype!r}")
-    if fmt == "flac" and subtype == "FLOAT":
-        raise ValueError("FLAC stores integer samples only: use --subtype PCM_16 or PCM_24, or --format wav")
     wave = np.asarray(wave, dtype=np.float32)
     if wave.ndim not in (1, 2) or wave.shape[-1] == 0:
         raise ValueError(f"expected non-empty audio [T] or [C, T], got shape {wave.shape}")
+    check_writable(fmt, 1 if wave.ndim == 1 else wave.shape[0], int(sample_rate), subtype)
     if not np.isfinite(wave).all():
         raise ValueError(f"refusing to write {path}: the audio contains NaN or infinite values")
     wave = clip_guard(wave, subtype, path.name)
     frames = wave if wave.ndim == 1 else wave.T  # soundfile wants [T, C]
-    with atomic_path(path) as tmp:
-        sf.write(str(tmp), frames, int(sample_rate), subtype=subtype, format=WRITE_FORMATS[fmt])
+    try:
+        with atomic_path(path) as tmp:
+            sf.write(soundfile_name(tmp), frames, int(sample_rate), subtype=subtype, format=WRITE_FORMATS[fmt])
+    except sf.LibsndfileError as err:  # its message names the temp file: name the file asked for
+        raise sf.LibsndfileError(err.code, prefix=f"cannot write {path}: ") from None
     return path

@@ -66,9 +66,9 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
 
 
 def run(args: argparse.Namespace) -> int:
-    from mossformer2.cli.separate import prepare_out_dir
+    from mossformer2.cli.separate import check_out_dir
 
-    prepare_out_dir(args.out_dir)  # a bad -o fails before the work, with a clear message
+    check_out_dir(args.out_dir)  # a bad -o fails before the work; run_demo creates it once the options are checked
     if args.checkpoint is None:
         from mossformer2.pretrained import DEFAULT_MODEL_NAME
 

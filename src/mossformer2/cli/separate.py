@@ -7,6 +7,7 @@ import glob
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "separate", help="separate recordings into one file per speaker",
         description="Separate each INPUT (audio files, folders searched recursively, glob patterns, or text lists "
                     "with one path a line / ClearVoice .scp) into OUT_DIR/<stem>_s1.<ext>, <stem>_s2.<ext>, ..., "
-                    "mirroring the input folders. Any length, format, sample rate and channel count.")
+                    "mirroring the input folders: a file's output folder is its folder relative to the inputs as "
+                    "named (a folder itself, a glob's folder before its first wildcard, a named file's folder, the "
+                    "common folder of a list's entries; the common folder of these when there are several), so "
+                    "reruns find earlier outputs. Folder scans skip hidden names (.*). Any length, format, sample "
+                    "rate and channel count.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder, glob or list file")
     parser.add_argument("-o", "--out-dir", required=True, help="output folder")
     source = parser.add_mutually_exclusive_group()
@@ -33,9 +38,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="autocast precision, torch backend (default float32; float16 needs CUDA)")
     parser.add_argument("--chunk-seconds", type=float, default=10.0, help="chunk length for long inputs (10)")
-    parser.add_argument("--overlap-seconds", type=float, default=2.0, help="overlap between chunks (2)")
+    parser.add_argument("--overlap-seconds", type=float, default=2.0,
+                        help="overlap between chunks, > 0 for aligned stitching (2)")
     parser.add_argument("--stitching", choices=["aligned", "clearvoice"], default="aligned",
-                        help="aligned: speaker alignment + cross-fade; clearvoice: the official tool's windows")
+                        help="aligned: speaker alignment + cross-fade; clearvoice: the official tool's windows "
+                             "(as there, up to the last 0.25 s may come out silent)")
     parser.add_argument("--normalize", choices=["rms", "peak", "none", "clearvoice"], default="rms",
                         help="input level the model sees (default rms: -25 dBFS; outputs restored to the input "
                              "level, except clearvoice)")
@@ -65,18 +72,25 @@ class Inputs:
     files: list[Path] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
     excluded: int = 0  # files a folder or pattern found inside the output folder (earlier outputs)
+    roots: list[Path] = field(default_factory=list)  # absolute; the folders the inputs name (mirrored_out_dirs)
 
 
 def _list_entries(list_file: Path) -> list[Path]:
     """Paths in a text list: one path a line (spaces and ``#`` allowed if the whole line names a file),
     ``mix s1 s2`` lines (first field) or Kaldi ``id path`` lines; ``#`` starts a comment otherwise."""
+    from mossformer2.audio import AUDIO_SUFFIXES
 
     def locate(text: str) -> Path:  # relative paths: to the current folder if found there, else to the list's
         path = Path(text).expanduser()
         return path if path.is_absolute() or path.exists() else list_file.parent / path
 
+    def audio_name(text: str) -> bool:
+        return Path(text).suffix.lower() in AUDIO_SUFFIXES
+
     entries = []
-    for line in list_file.read_text().splitlines():
+    # Decoded as the OS decodes file names: on POSIX a name is bytes, and a Latin-1 name in a list still names
+    # its file (a strict UTF-8 read failed the whole run).
+    for line in os.fsdecode(list_file.read_bytes()).splitlines():
         whole = locate(line.strip()) if line.strip() else None
         if whole is not None and whole.is_file():
             entries.append(whole)
@@ -84,60 +98,91 @@ def _list_entries(list_file: Path) -> list[Path]:
         fields = line.split("#", 1)[0].split()
         if not fields:
             continue
-        candidates = [locate(f) for f in fields[:2]]
-        if len(fields) > 1 and not candidates[0].is_file() and candidates[1].is_file():
-            entries.append(candidates[1])  # "utt_id path"
+        first = locate(fields[0])
+        # "utt_id path": the path is the entry, also when it is missing (the error then names the missing file)
+        kaldi = len(fields) == 2 and audio_name(fields[1]) and not audio_name(fields[0])
+        if len(fields) > 1 and not first.is_file() and (kaldi or locate(fields[1]).is_file()):
+            entries.append(locate(fields[1]))
         else:
-            entries.append(candidates[0])
+            entries.append(first)
     return entries
 
 
+def _pattern_root(pattern: str) -> Path:
+    """The folder a glob pattern searches: its parts before the first one with a wildcard."""
+    parts = Path(pattern).parts
+    return Path(*parts[:next(i for i, part in enumerate(parts) if glob.has_magic(part))])
+
+
 def collect_inputs(specs: list[str], exclude: Path | None = None) -> Inputs:
-    """Expand files, folders (recursive), globs and list files into a sorted, de-duplicated file list.
+    """Expand files, folders (recursive, hidden names skipped), globs and list files into a sorted, de-duplicated
+    file list, and note the folder each input names (``Inputs.roots``). An input that yields no file is an error.
 
     Folders and patterns skip what lies under ``exclude`` (the output folder: separating ``.`` into ``./out``
     twice must not separate the first run's outputs); files named one by one are always taken.
     """
-    from mossformer2.audio import AUDIO_SUFFIXES  # lazy: `mossformer2 --help` stays light
+    from mossformer2.audio import find_audio_files  # lazy: `mossformer2 --help` stays light
 
     found = Inputs()
     files: list[Path] = []
     skip = exclude.expanduser().resolve() if exclude is not None else None
 
-    def kept(found_files: list[Path]) -> list[Path]:
-        if skip is None:
-            return found_files
-        outside = [p for p in found_files if not p.resolve().is_relative_to(skip)]
-        found.excluded += len(found_files) - len(outside)
+    def kept(spec: str, matches: list[Path], none_found: str) -> list[Path]:
+        outside = [p for p in matches if skip is None or not p.resolve().is_relative_to(skip)]
+        found.excluded += len(matches) - len(outside)
+        if not matches:
+            found.errors.append((spec, none_found))
+        elif not outside:
+            found.errors.append((spec, f"all {len(matches)} file(s) found lie inside the output folder {exclude}"))
         return outside
 
     for spec in specs:
         path = Path(spec).expanduser()
         if path.is_dir():
-            files.extend(kept([p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]))
+            files.extend(kept(spec, find_audio_files(path), "no audio files in the folder"))
+            found.roots.append(path)
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
-            files.extend(_list_entries(path))
+            try:
+                entries = _list_entries(path)
+            except (OSError, ValueError) as err:  # unreadable, or undecodable where names are not bytes
+                found.errors.append((spec, f"cannot read the list file: {err}"))
+                continue
+            if not entries:
+                found.errors.append((spec, "the list names no file"))
+                continue
+            files.extend(entries)
+            # The entries' common folder: it changes only when the list does (the list's own folder would put
+            # absolute entries elsewhere, e.g. a ClearVoice .scp, under OUT/their/whole/path).
+            found.roots.append(Path(os.path.commonpath([os.path.abspath(p.parent) for p in entries])))
         elif path.is_file():
             files.append(path)
+            found.roots.append(path.parent)
         elif glob.has_magic(spec):
-            matches = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)]
-            matches = [p for p in matches if p.is_file()]
-            if not matches:
-                found.errors.append((spec, "the pattern matches no file"))
-            files.extend(kept(matches))
+            pattern = os.path.expanduser(spec)
+            matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
+            files.extend(kept(spec, [p for p in matches if p.is_file()], "the pattern matches no file"))
+            found.roots.append(_pattern_root(pattern))
         else:
             found.errors.append((spec, "no such file or folder"))
     # Absolute, but symlinks kept: outputs take the name and folder the user sees, not a link target's (git-annex,
     # DVC and the Hugging Face cache link meaningful names to content-hashed files).
     found.files = sorted({Path(os.path.abspath(p)) for p in files})
+    found.roots = [Path(os.path.abspath(p)) for p in found.roots]
     return found
 
 
-def mirrored_out_dirs(files: list[Path], out_dir: Path) -> dict[Path, Path]:
-    """Output folder per input: its folder relative to the inputs' common root, under ``out_dir``."""
+def mirrored_out_dirs(files: list[Path], out_dir: Path, roots: Sequence[Path] = ()) -> dict[Path, Path]:
+    """Output folder per input file: its folder relative to one root, under ``out_dir``.
+
+    The root is the common folder of ``roots``, the folders the inputs name (``Inputs.roots``), so the layout
+    depends on the command line and the lists, not on which files a folder or glob holds today: a rerun after new
+    files arrive finds its earlier outputs and skips them. One root for all inputs keeps equal names in different
+    named folders apart (``separate A B``: ``OUT/A/x_s1.wav`` and ``OUT/B/x_s1.wav``). Absolute paths.
+    """
     if not files:
         return {}
-    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    # The files' own folders lie under the roots and change nothing (but for a glob such as '*/../x.wav').
+    root = Path(os.path.commonpath([*map(str, roots), *(str(f.parent) for f in files)]))
     return {f: out_dir / f.parent.relative_to(root) for f in files}
 
 
@@ -152,13 +197,22 @@ def inputs_overwritten(files: list[Path], plan: dict[Path, list[Path]]) -> list[
 
 
 def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create the output folder up front: one clear error before any work, instead of one per input file."""
+    """Create the output folder before separating: one clear error, instead of one per input file."""
     from mossformer2.utils import make_folder
 
     path = make_folder(out_dir, "output folder")
     if not os.access(path, os.W_OK | os.X_OK):
         raise OSError(f"cannot write into the output folder {path}: permission denied")
     return path
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Fail on an output folder that cannot be created or written, without creating it: a bad -o fails before
+    the (possibly large) model loads, and a bad option, found later, leaves no empty folder behind."""
+    path = Path(out_dir)
+    existing = next((p for p in (path, *path.parents) if p.exists()), path)
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        prepare_out_dir(path)  # raises its clear error (a file in the way, no permission)
 
 
 def shard_files(files: list[Path], rank: int, world_size: int) -> list[Path]:
@@ -200,12 +254,12 @@ def run(args: argparse.Namespace) -> int:
     import soundfile as sf
     from tqdm import tqdm
 
-    from mossformer2.audio import read_audio
+    from mossformer2.audio import check_writable, read_audio, soundfile_name
     from mossformer2.separation import Separator, output_paths, write_separation
     from mossformer2.separation.batching import make_batches
 
     output_rate = _parse_output_rate(args.output_rate)
-    prepare_out_dir(args.out_dir)
+    check_out_dir(args.out_dir)  # created once every option and input is checked
     rank, world_size, local_rank = _distributed()
     device = args.device
     if device == "auto" and world_size > 1:
@@ -225,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
     if inputs.excluded and rank == 0:
         print(f"ignoring {inputs.excluded} file(s) found inside the output folder {args.out_dir}", file=sys.stderr)
     failed: list[tuple[str, str]] = list(inputs.errors) if rank == 0 else []
-    out_dirs = mirrored_out_dirs(inputs.files, Path(args.out_dir))
+    out_dirs = mirrored_out_dirs(inputs.files, Path(args.out_dir), inputs.roots)
     plan = {f: output_paths(f, out_dirs[f], sep.num_spks, args.format) for f in inputs.files}
     flac = [f for f in inputs.files if plan[f][0].suffix == ".flac"]
     if args.subtype == "FLOAT" and flac:  # before separating anything: write_audio would refuse every one
@@ -257,17 +311,33 @@ def run(args: argparse.Namespace) -> int:
             skipped += 1
             continue
         todo.append(f)
+    if rank == 0 and not (todo or skipped or failed):  # rank 0 gets a file whenever the run has one
+        raise ValueError("nothing to separate: the inputs name no audio file")
 
+    def header(f: Path):
+        try:
+            return sf.info(soundfile_name(f))
+        except (sf.LibsndfileError, RuntimeError):
+            return None  # unreadable here (a PyAV format or a damaged file): it runs, or fails, on its own
+
+    infos = {f: header(f) for f in todo}
+    # Before separating anything: the outputs' format must hold their channels and rate (FLAC: at most 8, up to
+    # 655350 Hz); writing would refuse each file only after its separation.
+    unwritable: list[tuple[Path, ValueError]] = []
+    for f, info in infos.items():
+        if info is None:
+            continue
+        try:
+            check_writable(plan[f][0].suffix[1:], info.channels if args.channels == "each" else 1,
+                           output_rate or info.samplerate, args.subtype)
+        except ValueError as err:
+            unwritable.append((f, err))
+    if unwritable:
+        raise ValueError(f"{len(unwritable)} of {len(todo)} input(s) cannot be written as asked (e.g. "
+                         f"{unwritable[0][0].name}): {unwritable[0][1]}")
     if sep.fixed_length is not None:  # an ONNX export of one input length: check every file once, up front
-        wrong: list[tuple[Path, str]] = []
-        for f in todo:
-            try:
-                info = sf.info(str(f))
-            except (sf.LibsndfileError, RuntimeError):
-                continue  # unreadable here: it fails on its own, with its reason
-            problem = sep.fixed_length_error(info.frames, info.samplerate)
-            if problem is not None:
-                wrong.append((f, problem))
+        wrong = [(f, problem) for f, info in infos.items()
+                 if info is not None and (problem := sep.fixed_length_error(info.frames, info.samplerate))]
         if wrong:
             raise ValueError(f"{len(wrong)} of {len(todo)} input(s) have another length (e.g. {wrong[0][0].name}): "
                              f"{wrong[0][1]}")
@@ -278,13 +348,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size > 1 and args.stitching == "aligned":
         groups, shapes = [], []
         singles: list[Path] = []
-        for f in todo:
-            try:
-                info = sf.info(str(f))
-            except (sf.LibsndfileError, RuntimeError):
-                singles.append(f)
-                continue
-            if info.frames / info.samplerate > args.chunk_seconds:
+        for f, info in infos.items():
+            if info is None or info.frames / info.samplerate > args.chunk_seconds:
                 singles.append(f)
             else:
                 shapes.append((f, (info.frames, info.samplerate, info.channels)))
@@ -298,6 +363,8 @@ def run(args: argparse.Namespace) -> int:
             groups.extend([members[i][0] for i in batch] for batch in batches)
         groups.extend([f] for f in singles)
 
+    if todo:
+        prepare_out_dir(args.out_dir)
     done, audio_seconds = 0, 0.0
     start_time = time.perf_counter()
     with tqdm(total=len(todo), desc="files", unit="file", disable=not todo) as bar:
