@@ -213,3 +213,17 @@ def test_sir_0_names_have_no_negative_zero(tmp_path):
                  "--sir-range", "0", "0"]) == 0
     names = [r["mixture_ID"] for r in metadata_rows(tmp_path / "folder")]
     assert len(names) == 2 and all("-0" not in n and n.endswith("_0") for n in names), names
+
+
+def test_speaker_folders_skip_hidden_names(tmp_path):
+    """A folder copied from macOS holds `._x.wav` AppleDouble sidecars: not audio, and they failed the run."""
+    from mossformer2.evaluation.mixing import speaker_files
+
+    root = make_speaker_folder(tmp_path / "speakers", speakers=2, files=1)
+    alice = sorted(root.iterdir())[0]
+    (alice / "._a.wav").write_bytes(b"\x00\x05\x16\x07 not audio")
+    (root / ".cache").mkdir()
+    write_speech(root / ".cache" / "x.wav", seed=3, seconds=0.5)
+    table = speaker_files(root)
+    assert sorted(table) == sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+    assert all(not f.name.startswith(".") for files in table.values() for f in files)

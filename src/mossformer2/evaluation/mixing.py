@@ -150,14 +150,16 @@ def plan_from_files(files: Sequence[str | Path], sir_db: float = 0.0) -> list[Mi
 
 
 def speaker_files(root: str | Path) -> dict[str, list[Path]]:
-    """``<root>/<speaker>/**/*.wav`` (any audio suffix) -> {speaker: sorted files}; speakers without audio
-    are left out."""
+    """``<root>/<speaker>/**/*.wav`` (any audio suffix, hidden names skipped) -> {speaker: sorted files};
+    speakers without audio are left out."""
+    from mossformer2.audio import find_audio_files
+
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"speaker folder not found: {root}")
     table = {}
-    for speaker_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(p for p in speaker_dir.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    for speaker_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = find_audio_files(speaker_dir)  # hidden names (macOS ._x.wav sidecars) are not recordings
         if files:
             table[speaker_dir.name] = files
     return table
