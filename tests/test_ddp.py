@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -20,22 +22,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, corpus, exp_dir: str) -> None:
+def _worker(rank: int, world_size: int, port: int, corpus, exp_dir: str, overrides: list[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     info = init_distributed("cpu")
     try:
-        cfg = make_config(corpus, "model.dropout=0.0", "data.batch_size=2", "optim.accum_steps=1",
-                          "trainer.max_epochs=1", "trainer.ema_decay=0.5")
+        cfg = make_config(corpus, "model.dropout=0.0", "optim.accum_steps=1", "trainer.max_epochs=1", *overrides)
         trainer = Trainer(cfg, exp_dir, dist_info=info)
         assert trainer.dist.rank == rank and trainer.dist.world_size == world_size
         state = trainer.fit()
-        torch.save({"weights": trainer.model.state_dict(), "averaged": trainer.ema.module.state_dict(),
-                    "step": state.step, "history": state.history,
+        torch.save({"weights": trainer.model.state_dict(), "averaged": trainer.eval_model.state_dict(),
+                    "step": state.step, "history": state.history, "skipped_files": state.skipped_files,
                     "valid_count": trainer.validate()["count"]}, os.path.join(exp_dir, f"result_{rank}.pt"))
     finally:
         cleanup_distributed()
+
+
+def _train_two_ranks(corpus, exp_dir, *overrides: str, timeout: float = 60.0) -> list[dict]:
+    """Train with 2 gloo ranks and return each rank's results; a hang (ranks waiting in different collectives)
+    fails the test after ``timeout`` seconds instead of waiting for gloo's 30-minute timeout."""
+    exp_dir.mkdir()
+    context = mp.spawn(_worker, args=(2, _free_port(), corpus, str(exp_dir), list(overrides)), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the 2-rank run did not finish in {timeout:.0f} s (hung?)")
+    return [torch.load(exp_dir / f"result_{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +62,7 @@ def corpus(tmp_path_factory):
 
 def test_two_process_gloo_matches_single_process(corpus, tmp_path):
     ddp_dir = tmp_path / "ddp"
-    ddp_dir.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), corpus, str(ddp_dir)), nprocs=2, join=True)
-    results = [torch.load(ddp_dir / f"result_{r}.pt", weights_only=True) for r in (0, 1)]
+    results = _train_two_ranks(corpus, ddp_dir, "data.batch_size=2", "trainer.ema_decay=0.5")
     for key, value in results[0]["weights"].items():
         assert torch.equal(value, results[1]["weights"][key]), key  # ranks stay in lockstep
     assert results[0]["step"] == results[1]["step"] == 4  # 16 examples / (2 ranks x batch 2)
@@ -68,3 +81,24 @@ def test_two_process_gloo_matches_single_process(corpus, tmp_path):
     for key, value in single.ema.module.state_dict().items():
         assert torch.equal(results[0]["averaged"][key], results[1]["averaged"][key]), key
         torch.testing.assert_close(results[0]["averaged"][key], value, atol=2e-5, rtol=1e-4)
+    # The logged train loss is the mean over both ranks' batches, as in one process (not rank 0's alone).
+    train_losses = [r["history"][0]["train_loss"] for r in results]
+    assert train_losses[0] == train_losses[1]
+    assert math.isclose(train_losses[0], single.state.history[0]["train_loss"], rel_tol=1e-4)
+
+
+def test_a_rank_whose_batch_is_all_unreadable_files_keeps_step_with_the_others(corpus, tmp_path):
+    """data.skip_bad_files: the rank whose batch is empty once hung the job in a collective of its own."""
+    from tests.test_datasets import _make_wsj_folder
+
+    folder = _make_wsj_folder(tmp_path / "wsj", [2000] * 8)
+    (folder / "mix" / "u3.wav").write_bytes(b"not audio")  # on one rank only: batch 1, 2 ranks
+    results = _train_two_ranks(corpus, tmp_path / "exp", "data.dynamic_mixing=null", f"data.train={folder}",
+                               f"data.valid={folder}", "data.batch_size=1", "data.cache_audio=false",
+                               "data.skip_bad_files=true")
+    assert results[0]["step"] == results[1]["step"] == 4  # 8 examples / (2 ranks x batch 1)
+    for key, value in results[0]["weights"].items():
+        assert torch.equal(value, results[1]["weights"][key]), key
+    assert all(math.isfinite(v) for v in results[0]["weights"]["enc.conv1d.weight"].flatten().tolist())
+    assert sum(r["skipped_files"] for r in results) == 2  # once in training, once in validation
+    assert "2 skipped files" in (tmp_path / "exp" / "train.log").read_text()  # counted over both ranks

@@ -179,3 +179,21 @@ def test_too_few_speakers(corpus):
     utts = [u for u in load_utterances(root) if u.speaker == "spk0"]
     with pytest.raises(ValueError, match="at least 2 speakers"):
         DynamicMixingDataset(utts, 2, AudioStore(SR), 4, segment_samples=100)
+
+
+def test_a_synthetic_corpus_is_made_again_when_its_settings_change(tmp_path):
+    from mossformer2.data.loaders import prepare_synthetic_data
+    from mossformer2.training.config import train_config_from_dict
+
+    def prepare(speakers: int) -> list[str]:
+        cfg = train_config_from_dict({"data": {"synthetic": True, "synthetic_speakers": speakers,
+                                               "synthetic_utterances": 1, "synthetic_seconds": 0.1}})
+        prepare_synthetic_data(cfg, tmp_path, progress=False)
+        return sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/spk*"))
+
+    six = prepare(6)
+    assert len(six) == 6
+    wav = next(tmp_path.glob("train/spk*/*.wav"))
+    made = wav.stat().st_mtime_ns
+    assert prepare(6) == six and wav.stat().st_mtime_ns == made  # same settings: the corpus is reused
+    assert len(prepare(10)) == 10  # not the 6 speakers still on disk

@@ -356,7 +356,7 @@ def test_validation_scores_do_not_depend_on_the_batch_size(corpus, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none; run on a GPU machine)")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_a_cuda_run_trains_validates_and_resumes_on_cpu(corpus, tmp_path, precision):
     """Validation once summed CPU and CUDA tensors together; a GPU state must also resume on a CPU."""
     cfg = make_config(corpus, "trainer.device=cuda", f"trainer.precision={precision}", "trainer.max_epochs=1")
@@ -441,3 +441,111 @@ def test_files_dropped_while_the_cache_loads_are_counted_as_skipped(corpus, tmp_
     assert trainer.preload_skipped == 1
     trainer.fit()
     assert "0 skipped steps, 1 skipped files" in (tmp_path / "exp" / "train.log").read_text()
+
+
+def test_resume_applies_changed_optimizer_settings_and_ignores_init_from(corpus, tmp_path, caplog):
+    import logging
+
+    from mossformer2.training.config import load_train_config
+
+    first = Trainer(make_config(corpus), tmp_path, loaders=(None, None))
+    first.optimizer.param_groups[0]["lr"] = 2.5e-4  # as if the plateau schedule had halved it twice
+    first.save_checkpoint(tmp_path / "last.pt")
+    first.close()
+    same = Trainer(make_config(corpus), tmp_path, loaders=(None, None))
+    assert same.lr == 2.5e-4  # optim.lr unchanged: the schedule's lr goes on
+    same.close()
+    changed = make_config(corpus, "optim.lr=0.5", "optim.betas=[0.8,0.9]", "optim.eps=1e-6", "optim.weight_decay=0.1",
+                          "optim.plateau_factor=0.1", "optim.plateau_patience=0", "optim.min_lr=1e-5",
+                          f"trainer.init_from={tmp_path / 'none.pt'}")
+    with caplog.at_level(logging.WARNING, logger="mossformer2.training"):
+        resumed = Trainer(changed, tmp_path, loaders=(None, None))
+    group = resumed.optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.5, (0.8, 0.9), 1e-6, 0.1)
+    assert (resumed.scheduler.factor, resumed.scheduler.patience, resumed.scheduler.min_lrs) == (0.1, 0, [1e-5])
+    assert "optim.lr 0.001 -> 0.5" in caplog.text and "(the lr was 0.00025)" in caplog.text
+    assert f"trainer.init_from {tmp_path / 'none.pt'} is ignored" in caplog.text
+    resumed.close()
+    # config.yaml tells what runs: the new optimizer settings, and no init_from (this run never used one)
+    written = load_train_config(tmp_path / "config.yaml")
+    assert written.optim == changed.optim and written.trainer.init_from is None
+
+
+def test_a_finished_run_stays_finished(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"loss": 0.0, "si_sdr": 0.0, "si_sdri": 1.0, "count": 1.0})
+    cfg = make_config(corpus, "trainer.max_epochs=10", "optim.early_stop_patience=2", "optim.accum_steps=1",
+                      "data.dynamic_mixing.examples_per_epoch=4")
+    first = Trainer(cfg, tmp_path).fit()
+    assert first.epoch == 3 and first.bad_epochs == 2  # epoch 0 is the best, 1 and 2 are not
+    again = Trainer(cfg, tmp_path).fit()  # the same command again: nothing more to train
+    assert (again.epoch, again.step, again.history) == (3, first.step, first.history)
+    log = (tmp_path / "train.log").read_text()
+    assert "already finished (epoch 3 of 10; stopped early after 2 epochs without improvement)" in log
+    Trainer(make_config(corpus, "trainer.max_epochs=3", "optim.early_stop_patience=null", "optim.accum_steps=1",
+                        "data.dynamic_mixing.examples_per_epoch=4"), tmp_path).fit()
+    assert "already finished (epoch 3 of 3)\n" in (tmp_path / "train.log").read_text()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_a_validation_utterance_shorter_than_the_network_minimum_is_zero_padded(corpus, tmp_path, batch_size):
+    from tests.test_datasets import _make_wsj_folder
+
+    folder = _make_wsj_folder(tmp_path / "cv", [10, 2000])  # the network needs 24 samples
+    cfg = make_config(corpus, "data.dynamic_mixing.valid_utterances=null", f"data.valid={folder}",
+                      f"data.valid_batch_size={batch_size}")
+    trainer = Trainer(cfg, tmp_path / "exp")
+    result = trainer.validate()
+    trainer.close()
+    assert result["count"] == 2 and all(math.isfinite(result[k]) for k in ("loss", "si_sdr", "si_sdri"))
+
+
+def test_nan_validation_and_an_epoch_of_skipped_steps_are_reported_as_such(corpus, tmp_path, monkeypatch):
+    from mossformer2.training.trainer import best_summary
+
+    nan = float("nan")
+    monkeypatch.setattr(Trainer, "_loss", lambda self, est, batch: est.float().sum() * nan)
+    monkeypatch.setattr(Trainer, "validate", lambda self: {"loss": nan, "si_sdr": nan, "si_sdri": nan, "count": 1.0})
+    cfg = make_config(corpus, "trainer.max_epochs=1", "optim.accum_steps=1", "data.dynamic_mixing.examples_per_epoch=4")
+    state = Trainer(cfg, tmp_path).fit()
+    assert state.skipped_steps == 2 and math.isnan(state.history[0]["train_loss"])  # not 0.0
+    assert best_summary(state) == "validation SI-SDRi was NaN in all 1 validated epochs (the model diverged?)"
+    log = (tmp_path / "train.log").read_text()
+    assert "train loss nan" in log and "(no best yet)" in log and "-inf" not in log
+    assert "validation SI-SDRi is nan (the model diverged?); every training step of the epoch was skipped" in log
+
+
+def test_init_from_another_architecture_names_the_config_keys_that_differ(corpus, tmp_path):
+    pre = tmp_path / "pre.pt"
+    mossformer2.save_checkpoint(pre, mossformer2.build_model(make_config(corpus).model))
+    with pytest.raises(ValueError) as err:
+        Trainer(make_config(corpus, f"trainer.init_from={pre}", "model.num_mossformer_layer=2"), tmp_path / "ft")
+    message = str(err.value)
+    assert message.startswith(f"trainer.init_from {pre}: the checkpoint's model config differs")
+    assert "model.num_mossformer_layer: 1 in the checkpoint, 2 in the config" in message
+    assert "missing keys" not in message and "encoder_embedding_dim" not in message
+    with pytest.raises(FileNotFoundError, match=f"^trainer.init_from {tmp_path / 'none.pt'}: "):
+        Trainer(make_config(corpus, f"trainer.init_from={tmp_path / 'none.pt'}"), tmp_path / "ft2")
+
+
+def test_a_missing_data_path_names_its_key_before_the_experiment_folder_is_made(corpus, tmp_path):
+    for overrides, key in (([f"data.valid={tmp_path / 'nope'}", "data.dynamic_mixing.valid_utterances=null"],
+                            "data.valid: manifest not found"),
+                           ([f"data.dynamic_mixing.train_utterances={tmp_path / 'nope'}"],
+                            "data.dynamic_mixing.train_utterances: utterance list or folder not found")):
+        with pytest.raises(FileNotFoundError, match=f"^{key}"):
+            Trainer(make_config(corpus, *overrides), tmp_path / "exp")
+        assert not (tmp_path / "exp").exists()
+
+
+def test_fp16_loss_scaling_scales_the_loss_before_backward(corpus, tmp_path):
+    """fp16 (CUDA only) steps through a GradScaler; a CPU GradScaler stands in for it here. Its unscale_ once
+    failed at the first step ("did not use scaler.scale(loss)"); a power-of-2 scale must not change the steps."""
+    cfg = make_config(corpus, "trainer.max_steps=2", "model.dropout=0.0")
+    plain = Trainer(cfg, tmp_path / "plain")
+    plain.fit()
+    scaled = Trainer(cfg, tmp_path / "scaled")
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = scaled.fit()
+    assert state.skipped_steps == 0
+    for key, value in weights(plain.model).items():
+        torch.testing.assert_close(weights(scaled.model)[key], value)

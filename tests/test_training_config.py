@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,48 @@ def test_segment_shorter_than_the_models_minimum_input_is_a_config_error():
     shortest = config(segment_seconds=0.003)  # exactly the minimum: the network takes it
     samples = int(round(shortest.data.segment_seconds * 8000))
     assert net(torch.zeros(1, samples)).shape == (1, 2, samples)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.early_stop_patience=0", "optim.early_stop_patience must be >= 1 or null"),
+    ("optim.plateau_patience=-1", "optim.plateau_patience must be >= 0, got -1"),
+    ("optim.min_lr=-1", "optim.min_lr must be >= 0, got -1.0"),
+    ("optim.eps=-1", "optim.eps must be > 0, got -1.0"),
+    ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+    ("data.segment_seconds=.inf", "data.segment_seconds must be a finite number"),
+    ("data.max_valid_seconds=.inf", "data.max_valid_seconds must be a finite number"),
+    ("data.dynamic_mixing.valid_max_seconds=-.inf", "data.dynamic_mixing.valid_max_seconds must be a finite number"),
+    ("data.dynamic_mixing.gain_db=[0,.inf]", "data.dynamic_mixing.gain_db must be a finite number, got [0.0, inf]"),
+])
+def test_values_that_would_break_training_are_errors_naming_the_override(tmp_path, override, message):
+    path = _write(tmp_path, {"data": {"synthetic": True}})
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path, [override])
+    assert str(err.value).startswith(f"command-line override {override!r}: {message}"), str(err.value)
+
+
+def test_errors_caused_by_an_override_name_it_not_the_yaml_file(tmp_path):
+    path = _write(tmp_path, {"data": {"synthetic": True}, "optim": {"lr": 1e-3}})
+    for override, words in (("optim.lr=-1", "optim.lr must be > 0, got -1.0"),
+                            ("optim.lr=abc", "config.optim.lr: expected a number, got 'abc'")):
+        with pytest.raises(ConfigError) as err:
+            load_train_config(path, ["data.batch_size=2", override])
+        assert str(err.value) == f"command-line override {override!r}: {words}"
+    # An error of the file itself is still the file's, whatever the overrides.
+    bad = _write(tmp_path, {"data": {"synthetic": True}, "optim": {"lr": -1}})
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: optim.lr must be > 0"):
+        load_train_config(bad, ["data.batch_size=2"])
+
+
+def test_errors_inside_an_optional_section_name_the_key(tmp_path):
+    typo = _write(tmp_path, {"data": {"dynamic_mixing": {"train_utterance": "a", "valid_utterances": "b"}}})
+    with pytest.raises(ConfigError) as err:
+        load_train_config(typo)
+    assert "config.data.dynamic_mixing: unknown key(s) ['train_utterance']; allowed keys are" in str(err.value)
+    path = _write(tmp_path, {"data": {"dynamic_mixing": {"train_utterances": "a", "valid_utterances": "b"}}})
+    for override, words in (("data.dynamic_mixing.examples_per_epoch=abc", "examples_per_epoch: expected an integer"),
+                            ("data.dynamic_mixing.speed_perturb=[x,1]", "speed_perturb[0]: expected a number"),
+                            ("optim.grad_clip=abc", "config.optim.grad_clip: expected a number, got 'abc'")):
+        with pytest.raises(ConfigError, match=re.escape(words)) as err:
+            load_train_config(path, [override])
+        assert "does not match" not in str(err.value)

@@ -24,6 +24,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _same_shape(value: Any, tp: Any) -> bool:
+    """``value`` is a mapping and ``tp`` a dataclass or dict, or both are lists."""
+    origin = typing.get_origin(tp)
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(tp) or origin is dict
+    return isinstance(value, (list, tuple)) and origin in (list, tuple)
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``where``."""
     origin = typing.get_origin(tp)
@@ -33,15 +41,21 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors: list[tuple[Any, ConfigError]] = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, where)
             except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{where}: {value!r} does not match any of {[_type_name(a) for a in args]}")
+                errors.append((arg, err))
+        # The member the value was meant for (the only one, or the only one of its shape: a mapping for a
+        # section, a list for a list) knows what is wrong inside it, e.g. an unknown key in a nested section.
+        meant = [err for arg, err in errors if len(errors) == 1 or _same_shape(value, arg)]
+        if len(meant) == 1:
+            raise meant[0]
+        details = "; ".join(str(err).removeprefix(f"{where}: ") for _, err in errors)
+        raise ConfigError(f"{where}: {value!r} does not match any of {[_type_name(a) for a in args]} ({details})")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")

@@ -9,7 +9,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "train", help="train or fine-tune a model from a YAML config",
         description="Train MossFormer2 from a YAML config (see configs/). Resumes from EXP_DIR/last.pt when it "
-                    "exists. Override any config key with key.sub=value, e.g. optim.lr=5e-5 data.batch_size=2. "
+                    "exists (changed optim.* settings then apply from there). Override any config key with "
+                    "key.sub=value, e.g. optim.lr=5e-5 data.batch_size=2. "
                     "Several GPUs or machines: torchrun --nproc_per_node=N -m mossformer2 train ...")
     parser.add_argument("--config", required=True, help="YAML training config")
     parser.add_argument("--exp-dir", required=True, help="experiment folder: checkpoints, logs, TensorBoard")

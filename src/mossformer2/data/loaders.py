@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from mossformer2.training.distributed import DistInfo
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ResumableSampler(DistributedSampler):
@@ -69,14 +72,22 @@ def prepare_synthetic_data(cfg: TrainConfig, root: str | Path, progress: bool = 
     d = cfg.data
     root = Path(root)
     n_valid = max(cfg.model.num_spks, d.synthetic_speakers // 4)
+    # The marker records the settings the corpus was made with: changed ones make a new corpus.
+    settings = json.dumps({"train_speakers": d.synthetic_speakers - n_valid, "valid_speakers": n_valid,
+                           "utterances": d.synthetic_utterances, "seconds": d.synthetic_seconds,
+                           "sample_rate": d.sample_rate, "seed": cfg.trainer.seed}, sort_keys=True) + "\n"
     marker = root / "complete.txt"
-    if not marker.is_file():
-        log.info("generating a synthetic speaker corpus in %s", root)
+    if not marker.is_file() or marker.read_text() != settings:
+        log.info("generating a synthetic speaker corpus in %s%s", root,
+                 " (the one there was made with other data.synthetic_* settings)" if marker.is_file() else "")
+        marker.unlink(missing_ok=True)
+        for part in ("train", "valid"):  # no speakers or files of an older or unfinished corpus may remain
+            shutil.rmtree(root / part, ignore_errors=True)
         generate_speaker_corpus(root / "train", d.synthetic_speakers - n_valid, d.synthetic_utterances,
                                 d.synthetic_seconds, d.sample_rate, seed=cfg.trainer.seed)
         generate_speaker_corpus(root / "valid", n_valid, d.synthetic_utterances, d.synthetic_seconds,
                                 d.sample_rate, seed=cfg.trainer.seed + 1)
-        marker.write_text("done\n")
+        marker.write_text(settings)
     dm = d.dynamic_mixing or DynamicMixingConfig(examples_per_epoch=256, valid_examples=32)
     dm = dataclasses.replace(dm, train_utterances=str(root / "train"), valid_utterances=str(root / "valid"))
     return dataclasses.replace(cfg, data=dataclasses.replace(d, synthetic=False, dynamic_mixing=dm))
@@ -97,26 +108,36 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[Dataset, Da
     dm = d.dynamic_mixing
 
     if dm is not None:
-        noise = load_noise_files(dm.noise) if dm.noise else None
+        noise = _named("data.dynamic_mixing.noise", load_noise_files, dm.noise) if dm.noise else None
         common = dict(num_spks=num_spks, store=store, seed=seed, gain_db=tuple(dm.gain_db),
                       level_db=tuple(dm.level_db), noise_files=noise, noise_snr_db=tuple(dm.noise_snr_db),
                       noise_prob=dm.noise_prob, skip_bad_files=d.skip_bad_files)
-        train = DynamicMixingDataset(load_utterances(dm.train_utterances), num_examples=dm.examples_per_epoch,
+        utterances = _named("data.dynamic_mixing.train_utterances", load_utterances, dm.train_utterances)
+        train = DynamicMixingDataset(utterances, num_examples=dm.examples_per_epoch,
                                      segment_samples=segment, speed_perturb=_pair(dm.speed_perturb),
                                      random_polarity=dm.random_polarity, **common)
         if dm.valid_utterances and not d.valid:
             valid_max = int(round(dm.valid_max_seconds * d.sample_rate))
             if max_valid is not None:
                 valid_max = min(valid_max, max_valid)
-            valid = DynamicMixingDataset(load_utterances(dm.valid_utterances), num_examples=dm.valid_examples,
-                                         max_samples=valid_max, fixed=True, **common)
+            utterances = _named("data.dynamic_mixing.valid_utterances", load_utterances, dm.valid_utterances)
+            valid = DynamicMixingDataset(utterances, num_examples=dm.valid_examples, max_samples=valid_max,
+                                         fixed=True, **common)
             return train, valid
     else:
-        train = MixtureDataset(load_manifest(d.train, num_spks), store, segment_samples=segment, seed=seed,
-                               skip_bad_files=d.skip_bad_files)
-    valid = MixtureDataset(load_manifest(d.valid, num_spks), store, max_samples=max_valid, seed=seed,
-                           skip_bad_files=d.skip_bad_files)
+        train = MixtureDataset(_named("data.train", load_manifest, d.train, num_spks), store,
+                               segment_samples=segment, seed=seed, skip_bad_files=d.skip_bad_files)
+    valid = MixtureDataset(_named("data.valid", load_manifest, d.valid, num_spks), store, max_samples=max_valid,
+                           seed=seed, skip_bad_files=d.skip_bad_files)
     return train, valid
+
+
+def _named(key: str, load: Callable[..., T], *args: Any) -> T:
+    """``load(*args)`` with its errors (missing or malformed list) naming the config key that gave the path."""
+    try:
+        return load(*args)
+    except (FileNotFoundError, ValueError) as err:
+        raise (FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError)(f"{key}: {err}") from None
 
 
 def _pair(values: list[float] | None) -> tuple[float, float] | None:

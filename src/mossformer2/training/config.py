@@ -8,6 +8,8 @@ base and the other keys override it.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,8 +109,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         d, o, t = self.data, self.optim, self.trainer
+        _finite(self, "")
         _positive(self, "data.sample_rate", "data.segment_seconds", "data.batch_size", "data.valid_batch_size",
-                  "optim.lr", "optim.accum_steps", "trainer.max_epochs", "trainer.log_every_steps")
+                  "optim.lr", "optim.eps", "optim.accum_steps", "trainer.max_epochs", "trainer.log_every_steps")
         if d.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
         if d.sample_rate != self.model.sample_rate:
@@ -126,6 +129,7 @@ class TrainConfig:
                                   f"({min_samples / d.sample_rate:.4g} s; two encoder frames: encoder_kernel_size "
                                   f"{self.model.encoder_kernel_size} + hop {self.model.hop_size})")
         if d.synthetic:
+            _positive(self, "data.synthetic_utterances", "data.synthetic_seconds")
             if d.train or d.valid or (dm is not None and (dm.train_utterances or dm.valid_utterances)):
                 raise ConfigError("data.synthetic generates its own data: leave data.train, data.valid and "
                                   "data.dynamic_mixing's utterance lists unset")
@@ -165,6 +169,13 @@ class TrainConfig:
             raise ConfigError("optim.weight_decay must be >= 0 and optim.grad_clip > 0 (or null)")
         if not 0.0 < o.plateau_factor < 1.0:
             raise ConfigError("optim.plateau_factor must be in (0, 1)")
+        if o.plateau_patience < 0:
+            raise ConfigError(f"optim.plateau_patience must be >= 0, got {o.plateau_patience}")
+        if o.min_lr < 0:
+            raise ConfigError(f"optim.min_lr must be >= 0, got {o.min_lr}")
+        if o.early_stop_patience is not None and o.early_stop_patience < 1:
+            raise ConfigError(f"optim.early_stop_patience must be >= 1 or null (never stop early), got "
+                              f"{o.early_stop_patience}")
         if t.cpu_threads is not None and t.cpu_threads <= 0:
             raise ConfigError("trainer.cpu_threads must be > 0 or null")
         if t.max_steps is not None and t.max_steps <= 0:
@@ -183,6 +194,18 @@ def _positive(cfg: TrainConfig, *names: str) -> None:
         value = getattr(getattr(cfg, section), key)
         if not value > 0:  # also rejects NaN
             raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+def _finite(section: Any, where: str) -> None:
+    """Every number of the config is finite: an infinite lr or duration would only fail later (NaN weights,
+    OverflowError on conversion to samples)."""
+    for f in dataclasses.fields(section):
+        value, name = getattr(section, f.name), f"{where}{f.name}"
+        numbers = value if isinstance(value, list) else [value]
+        if dataclasses.is_dataclass(value):
+            _finite(value, f"{name}.")
+        elif any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 def _range(values: list[float], name: str) -> None:
@@ -247,12 +270,32 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     for item in overrides or []:
         if "=" in item:  # apply_overrides rejects the others
             _check_override_key(item)
-    data = apply_overrides(data, list(overrides or []))
-    where = f"{path}: " if path is not None else ""
+    overrides = list(overrides or [])
     try:
-        return train_config_from_dict(data)
+        return train_config_from_dict(apply_overrides(data, overrides))
     except ConfigError as err:
-        raise ConfigError(f"{where}{err}") from None
+        raise ConfigError(_blame(err, path, data, overrides)) from None
+
+
+def _blame(err: ConfigError, path: str | Path | None, data: dict[str, Any], overrides: list[str]) -> str:
+    """``err``'s message prefixed with its cause: the YAML file when the file alone gives the same error, else the
+    command-line overrides whose keys it names (all overrides if it names none)."""
+    if not overrides:
+        return f"{path}: {err}" if path is not None else str(err)
+    if path is not None:
+        try:
+            train_config_from_dict(data)
+        except ConfigError as alone:
+            if str(alone) == str(err):
+                return f"{path}: {err}"
+    # Messages name keys as "optim.lr" or "config.optim.lr".
+    named = [item for item in overrides
+             if re.search(rf"(?:^|[^\w.]|config\.){re.escape(item.split('=', 1)[0].strip())}(?!\w)", str(err))]
+    culprits = ", ".join(repr(item) for item in named or overrides)
+    what = "command-line override" + ("s" if len(named or overrides) > 1 else "")
+    if not named and path is not None:
+        return f"{path} with {what} {culprits}: {err}"
+    return f"{what} {culprits}: {err}"
 
 
 def save_train_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -11,6 +11,7 @@ nondeterminism on GPU).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -49,10 +50,14 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0  # consecutive validations without improvement
     skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient
-    skipped_files: int = 0  # unreadable files skipped by the data pipeline (this rank; cache loading: see Trainer)
+    skipped_files: int = 0  # unreadable files skipped by the data pipeline (cache loading: see Trainer)
     epoch_loss_sum: float = 0.0  # training loss of the current epoch so far (survives a resume)
     epoch_loss_count: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch validation results
+
+
+# Counted by each rank for its own data under DDP: a checkpoint holds their totals, which rank 0 resumes with.
+_RANK_SUMS = ("skipped_files", "epoch_loss_sum", "epoch_loss_count")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -111,6 +116,8 @@ class Trainer:
             # threads copy this mode only when created: `mossformer2 train` sets it before any torch op.)
             torch.set_flush_denormal(True)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+        # Data first: a missing or malformed corpus fails before the experiment folder is created.
+        self.train_loader, self.valid_loader = loaders or create_dataloaders(cfg, self.dist)
         self._log_handler: logging.Handler | None = None
         if self.dist.is_main:
             make_folder(self.exp_dir, "experiment folder")
@@ -140,7 +147,6 @@ class Trainer:
             threshold_mode="abs", min_lr=o.min_lr)
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.state = TrainState()
-        self.train_loader, self.valid_loader = loaders or create_dataloaders(cfg, self.dist)
         # Unreadable files dropped while ``data.cache_audio`` loaded (each run loads the cache again, so this is
         # not part of the resumable state); reported with the files skipped while batches are made.
         self.preload_skipped = sum(int(getattr(getattr(loader, "dataset", None), "preload_skipped", 0))
@@ -161,7 +167,7 @@ class Trainer:
                 self._init_from(t.init_from)
             _seed_everything(t.seed + self.dist.rank)  # different dropout masks per rank
         if self.dist.is_main:
-            save_train_config(cfg, self.exp_dir / "config.yaml")
+            save_train_config(self.cfg, self.exp_dir / "config.yaml")
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info("model: %.2f M parameters on %s, precision %s", n_params / 1e6, self.device, t.precision)
 
@@ -178,7 +184,17 @@ class Trainer:
         """Start from pretrained weights (official checkpoint or ours) of the configured architecture."""
         from mossformer2.checkpoint import load_model
 
-        pretrained = load_model(path, config=self.cfg.model)
+        ckpt: dict[str, Any] = {}
+        try:
+            ckpt = read_checkpoint(path)
+            pretrained = load_model(ckpt, config=self.cfg.model)
+        except (ValueError, FileNotFoundError) as err:
+            # Our checkpoints embed their model config: the keys that differ say more than 40 missing weight names.
+            embedded = ckpt.get("config")
+            diff = _config_diff(embedded, self.cfg.model.to_dict()) if isinstance(embedded, dict) else ""
+            why = f"the checkpoint's model config differs from the config's ({diff})" if diff else str(err)
+            cls = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError
+            raise cls(f"trainer.init_from {path}: {why}") from None
         self.model.load_state_dict(pretrained.state_dict())
         if self.ema is not None:  # the average starts from these weights
             self.ema.module.load_state_dict(pretrained.state_dict())
@@ -201,19 +217,19 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | Path) -> None:
         """Write everything needed to resume (rank 0 writes; every rank must call it under DDP: RNG gather)."""
-        rng = _rng_state()
+        rng_states = [_rng_state()]
+        sums = {key: getattr(self.state, key) for key in _RANK_SUMS}
         if self.dist.is_distributed:
             gathered: list[Any] = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(gathered, rng)
-            rng_states = gathered
-        else:
-            rng_states = [rng]
+            torch.distributed.all_gather_object(gathered, (rng_states[0], sums))
+            rng_states = [g[0] for g in gathered]
+            sums = {key: sum(g[1][key] for g in gathered) for key in _RANK_SUMS}
         if not self.dist.is_main:
             return
         extra = {
             "scheduler": self.scheduler.state_dict(),
             "rng_states": rng_states,  # one per rank
-            "trainer_state": to_dict(self.state),
+            "trainer_state": to_dict(dataclasses.replace(self.state, **sums)),
             "train_config": to_dict(self.cfg),
         }
         if self.scaler is not None:
@@ -237,6 +253,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._apply_changed_settings(ckpt.get("train_config") or {}, path)
         if self.scaler is not None and "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:
@@ -246,8 +263,38 @@ class Trainer:
                 log.warning("%s holds no weight average: trainer.ema_decay starts one from its weights", path)
                 self.ema.module.load_state_dict(ckpt["model"])
         self.state = TrainState(**ckpt["trainer_state"])
+        if self.dist.rank > 0:  # rank 0 goes on from the totals over all ranks
+            self.state = dataclasses.replace(self.state, **dict.fromkeys(_RANK_SUMS, 0))
         rng_states = ckpt["rng_states"]
         _set_rng_state(rng_states[self.dist.rank if self.dist.rank < len(rng_states) else 0])
+
+    def _apply_changed_settings(self, saved: dict[str, Any], path: str | Path) -> None:
+        """After loading ``path``'s optimizer/scheduler states (which hold the settings of the run that wrote it),
+        apply this config's, so that config.yaml tells what runs. The lr is only set when ``optim.lr`` changed:
+        otherwise the checkpoint's (maybe plateau-reduced) lr goes on. ``trainer.init_from`` only initialises a
+        new run: on resume it is ignored, and config.yaml keeps the value the run started from."""
+        o, old = self.cfg.optim, saved.get("optim", {})
+        changed = [f"optim.{key} {old[key]!r} -> {value!r}" for key, value in to_dict(o).items()
+                   if key in old and old[key] != value]
+        if changed:
+            log.warning("resuming %s with changed settings: %s%s", path, "; ".join(changed),
+                        f" (the lr was {self.lr:.3g})" if old.get("lr", o.lr) != o.lr else "")
+        for group in self.optimizer.param_groups:
+            group.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                         decoupled_weight_decay=o.decoupled_weight_decay)
+            if old.get("lr", o.lr) != o.lr:
+                group["lr"] = o.lr
+        self.scheduler.factor, self.scheduler.patience = o.plateau_factor, o.plateau_patience
+        self.scheduler.default_min_lr = o.min_lr
+        self.scheduler.min_lrs = [o.min_lr] * len(self.optimizer.param_groups)
+        # (grad_clip, accum_steps, loss_clamp_db and early_stop_patience are read from the config when used.)
+        started_from = saved.get("trainer", {}).get("init_from")
+        if self.cfg.trainer.init_from != started_from:
+            if self.cfg.trainer.init_from:
+                log.warning("trainer.init_from %s is ignored: resuming from %s (use another --exp-dir or "
+                            "trainer.resume=false to start from it)", self.cfg.trainer.init_from, path)
+            self.cfg = dataclasses.replace(self.cfg, trainer=dataclasses.replace(self.cfg.trainer,
+                                                                                 init_from=started_from))
 
     def _write_best(self) -> None:
         if self.dist.is_main:
@@ -327,7 +374,13 @@ class Trainer:
             self.state.batches_done += 1
             self.state.skipped_files += int(batch["skipped"])
             last_micro = self.state.batches_done % accum == 0
-            if batch["mix"].shape[0] > 0:
+            empty = batch["mix"].shape[0] == 0  # every file of the batch was unreadable (data.skip_bad_files)
+            if empty and self.dist.is_distributed:
+                # The other ranks wait in DDP's gradient all-reduce and in _all_finite: take part with a
+                # zero-weight pass on silence, or the job hangs.
+                n = self.model.min_input_length
+                batch = {"mix": torch.zeros(1, n), "lengths": torch.tensor([n])}
+            if not empty or self.dist.is_distributed:
                 batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                          for k, v in batch.items()}
                 sync = last_micro or not self.dist.is_distributed
@@ -335,14 +388,16 @@ class Trainer:
                 with no_sync:
                     with self._autocast():
                         est = self.train_model(batch["mix"], _padded_lengths(batch["lengths"], batch["mix"]))
-                    loss = self._loss(est, batch)
+                    loss = est.float().sum() * 0.0 if empty else self._loss(est, batch)
                     if self._all_finite(loss.detach()):
-                        (loss / accum).backward()
-                        value = float(loss.detach())
-                        self.state.epoch_loss_sum += value
-                        self.state.epoch_loss_count += 1
-                        window["loss"] += value
-                        window["n"] += 1
+                        scaled = loss / accum  # fp16: scaled up against underflow, unscaled in _optimizer_step
+                        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                        if not empty:
+                            value = float(loss.detach())
+                            self.state.epoch_loss_sum += value
+                            self.state.epoch_loss_count += 1
+                            window["loss"] += value
+                            window["n"] += 1
                     else:
                         bad = True
             bar.update(1)
@@ -368,8 +423,13 @@ class Trainer:
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                 self.save_checkpoint(self.exp_dir / LAST)
         bar.close()
-        return {"loss": self.state.epoch_loss_sum / max(self.state.epoch_loss_count, 1),
+        # The epoch's loss over all ranks (the per-step log lines show rank 0's); NaN when every step was skipped.
+        loss_sum, count = self._sum_over_ranks(self.state.epoch_loss_sum, self.state.epoch_loss_count)
+        return {"loss": loss_sum / count if count else math.nan,
                 "grad_norm": sums["grad_norm"] / max(sums["steps"], 1)}
+
+    def _sum_over_ranks(self, *values: float) -> list[float]:
+        return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -384,8 +444,11 @@ class Trainer:
             if batch["mix"].shape[0] == 0:
                 continue
             mix, ref, lengths = (batch[k].to(self.device) for k in ("mix", "sources", "lengths"))
+            short = model.min_input_length - mix.shape[-1]
+            if short > 0:  # utterances shorter than the network's minimum input: zero-padded, scored on their length
+                mix, ref = torch.nn.functional.pad(mix, (0, short)), torch.nn.functional.pad(ref, (0, short))
             with self._autocast():
-                est = model(mix, _padded_lengths(lengths, mix))
+                est = model(mix, _padded_lengths(lengths.clamp(min=model.min_input_length), mix))
             est = est.float()
             plain, _ = pit_si_sdr_loss(est, ref, lengths, reduction="none")  # unclamped: -SI-SDR
             clamp = self.cfg.optim.loss_clamp_db
@@ -410,9 +473,10 @@ class Trainer:
 
     def _end_epoch(self, train_stats: dict[str, float]) -> bool:
         """Validate, update best / plateau / early stopping, checkpoint. Returns True to stop training."""
-        o, s = self.cfg.optim, self.state
+        s = self.state
         start = time.time()
         valid = self.validate()
+        skipped_files = int(self._sum_over_ranks(s.skipped_files)[0]) + self.preload_skipped
         metric = valid["si_sdri"]
         improved = metric > s.best_metric
         if improved:
@@ -424,10 +488,13 @@ class Trainer:
                           "valid_loss": valid["loss"], "valid_si_sdr": valid["si_sdr"], "valid_si_sdri": metric,
                           "lr": self.lr})
         log.info("epoch %d done (step %d): train loss %.3f | valid loss %.3f, SI-SDR %.2f dB, SI-SDRi %.2f dB "
-                 "(best %.2f at epoch %d) | lr %.3g | %d skipped steps, %d skipped files | valid %.1fs",
-                 s.epoch, s.step, train_stats["loss"], valid["loss"], valid["si_sdr"], metric, s.best_metric,
-                 s.best_epoch, self.lr, s.skipped_steps, s.skipped_files + self.preload_skipped,
-                 time.time() - start)
+                 "(%s) | lr %.3g | %d skipped steps, %d skipped files | valid %.1fs",
+                 s.epoch, s.step, train_stats["loss"], valid["loss"], valid["si_sdr"], metric,
+                 f"best {s.best_metric:.2f} at epoch {s.best_epoch}" if s.best_epoch >= 0 else "no best yet",
+                 self.lr, s.skipped_steps, skipped_files, time.time() - start)
+        if not math.isfinite(metric):
+            log.warning("epoch %d: validation SI-SDRi is %s (the model diverged?)%s", s.epoch, metric,
+                        "; every training step of the epoch was skipped" if math.isnan(train_stats["loss"]) else "")
         if self.writer is not None:
             for key in ("loss", "si_sdr", "si_sdri"):
                 self.writer.add_scalar(f"valid/{key}", valid[key], s.step)
@@ -439,19 +506,33 @@ class Trainer:
         s.batches_done = 0
         s.epoch_loss_sum, s.epoch_loss_count = 0.0, 0
         self.save_checkpoint(self.exp_dir / LAST)
-        if o.early_stop_patience is not None and s.bad_epochs >= o.early_stop_patience:
+        if self._early_stopped():
             log.info("early stopping: no validation improvement for %d epochs", s.bad_epochs)
             return True
         return False
+
+    def _early_stopped(self) -> bool:
+        patience = self.cfg.optim.early_stop_patience
+        return patience is not None and self.state.bad_epochs >= patience
+
+    def _finished(self) -> bool:
+        """All epochs trained, or stopped early (checked before each epoch: a rerun of a finished run trains
+        nothing)."""
+        return self.state.epoch >= self.cfg.trainer.max_epochs or self._early_stopped()
 
     def fit(self) -> TrainState:
         """Train until ``max_epochs``, ``max_steps``, ``max_minutes`` or early stopping; return the final state."""
         t = self.cfg.trainer
         self._fit_started, self._time_checked_at_step, self._time_up = time.monotonic(), -1, False
-        log.info("training in %s: epochs %d-%d, %d batches per epoch", self.exp_dir, self.state.epoch,
-                 t.max_epochs - 1, batches_per_epoch(self.train_loader))
+        if self._finished():
+            log.info("%s: already finished (epoch %d of %d%s)", self.exp_dir, self.state.epoch, t.max_epochs,
+                     f"; stopped early after {self.state.bad_epochs} epochs without improvement"
+                     if self._early_stopped() else "")
+        else:
+            log.info("training in %s: epochs %d-%d, %d batches per epoch", self.exp_dir, self.state.epoch,
+                     t.max_epochs - 1, batches_per_epoch(self.train_loader))
         try:
-            while self.state.epoch < t.max_epochs:
+            while not self._finished():
                 if self._limit_reached():
                     break
                 with logging_redirect_tqdm():  # log lines are printed above the progress bar, not glued onto it
@@ -485,7 +566,9 @@ class Trainer:
 
 
 def best_summary(state: TrainState) -> str:
-    """``best validation SI-SDRi 9.87 dB (epoch 3)``, or that no epoch has been validated yet."""
+    """``best validation SI-SDRi 9.87 dB (epoch 3)``, or that no epoch has been validated (or none finitely)."""
+    if state.best_epoch < 0 and state.history:  # only NaN scores: no epoch is ever better than -inf
+        return f"validation SI-SDRi was NaN in all {len(state.history)} validated epochs (the model diverged?)"
     if state.best_epoch < 0:
         return "no validation yet (the run stopped before its first epoch ended)"
     return f"best validation SI-SDRi {state.best_metric:.2f} dB (epoch {state.best_epoch})"
