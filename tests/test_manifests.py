@@ -25,6 +25,8 @@ def make_folder(root: Path, names: list[str], num_spks: int = 2) -> None:
 def test_folder_layout_pairs_by_relative_name_recursively(tmp_path):
     make_folder(tmp_path, ["b.wav", "a.wav", "sub/c.flac"], num_spks=3)
     touch(tmp_path / "mix" / "notes.txt")  # non-audio files are ignored
+    touch(tmp_path / "mix" / "._a.wav")  # and hidden names: a macOS sidecar has no s1/s2 twin, and is no audio
+    touch(tmp_path / "mix" / ".cache" / "d.wav")
     entries = load_manifest(tmp_path)
     assert [e.id for e in entries] == ["a", "b", "sub/c"]
     c = entries[2]

@@ -22,8 +22,8 @@ import soxr
 import torch
 from torch.utils.data import Dataset
 
+from mossformer2.audio import find_audio_files
 from mossformer2.data.datasets import AudioStore, BadAudioError, example_rng
-from mossformer2.data.manifests import AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ class Utterance:
     speaker: str
 
 
-def _audio_files_below(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-
-
 def load_utterances(source: str | Path | list[str] | list[Path]) -> list[Utterance]:
     """Single-speaker utterances from a ``<root>/<speaker>/`` folder or a ``path speaker`` list (or several)."""
     if isinstance(source, (list, tuple)):
@@ -48,8 +44,8 @@ def load_utterances(source: str | Path | list[str] | list[Path]) -> list[Utteran
     if not path.exists():
         raise FileNotFoundError(f"utterance list or folder not found: {path}")
     if path.is_dir():
-        speakers = sorted(p for p in path.iterdir() if p.is_dir())
-        utterances = [Utterance(f, spk.name) for spk in speakers for f in _audio_files_below(spk)]
+        speakers = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        utterances = [Utterance(f, spk.name) for spk in speakers for f in find_audio_files(spk)]
         if not utterances:
             raise ValueError(f"{path} holds no audio in speaker folders: expected <root>/<speaker>/*.wav")
         return utterances
@@ -76,7 +72,7 @@ def load_noise_files(source: str | Path) -> list[Path]:
     if not path.exists():
         raise FileNotFoundError(f"noise list or folder not found: {path}")
     if path.is_dir():
-        files = _audio_files_below(path)
+        files = find_audio_files(path)
     else:
         files = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

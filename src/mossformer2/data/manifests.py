@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mossformer2.audio import AUDIO_SUFFIXES  # the suffixes a folder scan picks up
+from mossformer2.audio import find_audio_files  # hidden names skipped
 
 
 @dataclass
@@ -68,8 +68,7 @@ def _looks_like_librimix_csv(path: Path) -> bool:
 
 def _audio_files(folder: Path) -> dict[str, Path]:
     """Relative POSIX path (with suffix) -> file, for every audio file below ``folder``."""
-    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES}
+    return {p.relative_to(folder).as_posix(): p for p in find_audio_files(folder)}
 
 
 def _load_folder(root: Path, num_spks: int | None) -> list[MixtureEntry]:

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import lfilter
 
-from mossformer2.data.manifests import AUDIO_SUFFIXES, load_manifest
+from mossformer2.audio import AUDIO_SUFFIXES
+from mossformer2.data.manifests import load_manifest
 
 PEAK_LIMIT = 0.9  # wsj0-2mix multiplies everything by 0.9 / peak (create_wav_2speakers.m: 1 / max_amp * 0.9)
 
