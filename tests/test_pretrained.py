@@ -77,6 +77,10 @@ def test_demo_command(tmp_path, capsys):
     assert "refinements: polarity ensemble + wiener filter" in captured.out
     mix = (tmp_path / "demo" / "mixture.wav")
     assert mix.is_file()
+    import json
+
+    saved = json.loads((tmp_path / "demo" / "scores.json").read_text())
+    assert saved["sir_db"] == 0.0 and f"mean SI-SDRi: {saved['si_sdri']:.2f} dB" in captured.out
 
 
 def test_separate_uses_the_built_in_model_by_default(tmp_path, capsys):

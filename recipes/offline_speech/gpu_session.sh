@@ -5,10 +5,12 @@
 # validation, train.log, config.yaml) and gpu.txt, also when training fails (its console tail then goes to stderr).
 # Two candidates can share one call and GPU, each with its own OUT, EXP and STATE (see the recipe README).
 #
-#   python recipes/offline_speech/prepare.py --out /work/corpus                        # here, once (490 MB of wav)
+#   python recipes/offline_speech/prepare.py --out /work/corpus                        # here, once (545 MB of wav)
 #   python recipes/offline_speech/pack_corpus.py --corpus /work/corpus --out .corpus_pack   # ~44 MiB: travels
 #   device run: MINUTES=8 bash recipes/offline_speech/gpu_session.sh     with carry [".whl", ".corpus_pack"]
-#   then here: cp <files_at>/last.pt recipes/offline_speech/state/gpu_last.pt; the next call resumes from it.
+#   then here: cp <files_at>/last.pt recipes/offline_speech/state/gpu_last.pt; the next call resumes from it
+#   (or, where the full state would not travel, save the weights as gpu_model.yaml's trainer.init_from file,
+#   state/gpu_model_weights.pt; gpu_small.yaml's state lives in state/gpu_small_last.pt: see the recipe README).
 #
 # Extra arguments are config overrides (key=value), e.g. trainer.device=cpu for a dry run.
 set -eu

@@ -55,6 +55,22 @@ def add_refinement_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{text}; default: as the checkpoint recommends")
 
 
+def add_separator_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``Separator`` options ``separate`` and ``evaluate`` share: device, precision, chunking, level."""
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="autocast precision, torch backend (default float32; float16 needs CUDA)")
+    parser.add_argument("--chunk-seconds", type=float, default=10.0, help="chunk length for long inputs (10)")
+    parser.add_argument("--overlap-seconds", type=float, default=2.0,
+                        help="overlap between chunks, > 0 for aligned stitching (2)")
+    parser.add_argument("--stitching", choices=["aligned", "clearvoice"], default="aligned",
+                        help="aligned (default): speaker alignment + cross-fade; clearvoice: the official tool's "
+                             "windows (as there, up to the last 0.25 s may come out silent)")
+    parser.add_argument("--normalize", choices=["rms", "peak", "none", "clearvoice"], default="rms",
+                        help="input level the model sees (default rms: -25 dBFS; outputs restored to the input "
+                             "level, except clearvoice)")
+
+
 def refinement_options(args: argparse.Namespace) -> dict[str, bool | None]:
     """The ``Separator`` keyword arguments of ``add_refinement_arguments``' options."""
     return {name: getattr(args, name) for name in REFINEMENT_HELP}

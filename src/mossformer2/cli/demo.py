@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Build a two-speaker mixture from two clips shipped with the package, separate it with the "
                     "built-in model (or --checkpoint), write the audio and a spectrogram, and print SI-SDRi.")
     parser.add_argument("-o", "--out-dir", default="mossformer2_demo", help="output folder (default: %(default)s)")
-    parser.add_argument("--sir", type=float, default=0.0, help="level of speaker 1 over speaker 2 in dB")
+    parser.add_argument("--sir", type=float, default=0.0, help="level of speaker 1 over speaker 2 in dB (default 0)")
     parser.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the built-in model")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     add_refinement_arguments(parser)
@@ -28,8 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = None,
              device: str = "auto", **refinements: bool | None) -> dict:
-    """Mix, separate, write ``mixture.wav``, ``speaker1.wav``, ``speaker2.wav``, ``reference_*.wav`` and
-    ``spectrogram.png`` into ``out_dir``; return the scores (see ``mossformer2.metrics.score_separation``).
+    """Mix, separate, write ``mixture.wav``, ``speaker1.wav``, ``speaker2.wav``, ``reference_*.wav``,
+    ``spectrogram.png`` and ``scores.json`` into ``out_dir``; return the scores (see
+    ``mossformer2.metrics.score_separation``).
     ``refinements``: ``Separator`` switches (``polarity_ensemble=False``, ...; default: the model's)."""
     from mossformer2.audio import read_audio, resample, to_mono, write_audio
     from mossformer2.evaluation.mixing import levels_for_sirs, mix_waves
@@ -37,7 +39,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     from mossformer2.plotting import plot_separation
     from mossformer2.separation import Separator
     from mossformer2.separation.separator import write_sources
-    from mossformer2.utils import make_folder
+    from mossformer2.utils import atomic_write_text, make_folder
 
     if not math.isfinite(sir_db):
         raise ValueError(f"the SIR must be a finite number of dB, got {sir_db}")
@@ -62,6 +64,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
         write_audio(out / f"reference{k + 1}.wav", ref, rate)
     plot_separation(mix, est, rate, out / "spectrogram.png",
                     title=f"mossformer2 demo: SI-SDRi {scores['si_sdri']:.1f} dB")
+    atomic_write_text(out / "scores.json", json.dumps({"sir_db": sir_db, **scores}, indent=2) + "\n")
     return scores
 
 
@@ -79,5 +82,6 @@ def run(args: argparse.Namespace) -> int:
     for k in range(len(si["si_sdr"])):
         print(f"  speaker {k + 1}: SI-SDR {si['si_sdr'][k]:6.2f} dB  (improvement {si['si_sdri'][k]:+.2f} dB)")
     print(f"mean SI-SDRi: {scores['si_sdri']:.2f} dB (refinements: {scores['refinements']})")
-    print("wrote mixture.wav, speaker1.wav, speaker2.wav, reference1.wav, reference2.wav, spectrogram.png")
+    print("wrote mixture.wav, speaker1.wav, speaker2.wav, reference1.wav, reference2.wav, spectrogram.png, "
+          "scores.json")
     return 0

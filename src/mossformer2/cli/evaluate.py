@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from mossformer2.cli import add_refinement_arguments, describe_refinements, load_model, model_ref, refinement_options
+from mossformer2.cli import (
+    add_refinement_arguments,
+    add_separator_arguments,
+    describe_refinements,
+    load_model,
+    model_ref,
+    refinement_options,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,12 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="resample estimates, references and mixture to this rate before scoring (e.g. "
                              "8000 to compare with published 8 kHz numbers; default: the data's rate)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N mixtures")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--chunk-seconds", type=float, default=10.0, help="chunk length for long inputs (10)")
-    parser.add_argument("--overlap-seconds", type=float, default=2.0, help="overlap between chunks (2)")
-    parser.add_argument("--stitching", choices=["aligned", "clearvoice"], default="aligned")
-    parser.add_argument("--normalize", choices=["rms", "peak", "none", "clearvoice"], default="rms")
+    add_separator_arguments(parser)
     add_refinement_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in OUT and start again")
     return parser

@@ -11,8 +11,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "export", help="export a model to ONNX or TorchScript",
         description="Export a checkpoint to ONNX (run it with ONNX Runtime, e.g. `mossformer2 separate "
-                    "--checkpoint model.onnx --backend onnxruntime`) or TorchScript. The file is written "
-                    "atomically, then run once beside PyTorch and the max abs difference is printed.")
+                    "--checkpoint model.onnx --backend onnxruntime`) or TorchScript. The export is run once "
+                    "beside PyTorch and the max abs difference printed before it is moved into place: one that "
+                    "differs by more than --tolerance is never written.")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file or folder, or hub id (default: the model shipped with the package)")
     parser.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="export format")

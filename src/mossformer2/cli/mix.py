@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--wsj-root", help="folder the recipe's paths are relative to")
     parser.add_argument("--sir", type=float, default=0.0,
                         help="files mode: level of s1 over each other source in dB (default 0)")
-    parser.add_argument("--num-mixtures", type=int, default=None, help="folder mode: how many mixtures")
+    parser.add_argument("--num-mixtures", type=int, default=None,
+                        help="folder mode (required there): how many mixtures")
     parser.add_argument("--num-spks", type=int, default=2, help="folder mode: speakers per mixture (2)")
     parser.add_argument("--sir-range", type=float, nargs=2, default=(-5.0, 5.0), metavar=("LOW", "HIGH"),
                         help="folder mode: SIR of s1 over the others, uniform in dB (default -5 5)")

@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mossformer2.cli import add_refinement_arguments, describe_refinements, load_model, model_ref, refinement_options
+from mossformer2.cli import (
+    add_refinement_arguments,
+    add_separator_arguments,
+    describe_refinements,
+    load_model,
+    model_ref,
+    refinement_options,
+)
 
 LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
 
@@ -26,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "common folder of a list's entries; the common folder of these when there are several), so "
                     "reruns find earlier outputs. Folder scans skip hidden names (.*). Any length, format, sample "
                     "rate and channel count.")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder, glob or list file")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="audio file, folder, glob or list file (.txt, .lst, .list, .scp)")
     parser.add_argument("-o", "--out-dir", required=True, help="output folder")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint",
@@ -34,18 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     source.add_argument("--model", help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
     parser.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
                         help="onnxruntime runs an exported .onnx checkpoint without torch's model code")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="autocast precision, torch backend (default float32; float16 needs CUDA)")
-    parser.add_argument("--chunk-seconds", type=float, default=10.0, help="chunk length for long inputs (10)")
-    parser.add_argument("--overlap-seconds", type=float, default=2.0,
-                        help="overlap between chunks, > 0 for aligned stitching (2)")
-    parser.add_argument("--stitching", choices=["aligned", "clearvoice"], default="aligned",
-                        help="aligned: speaker alignment + cross-fade; clearvoice: the official tool's windows "
-                             "(as there, up to the last 0.25 s may come out silent)")
-    parser.add_argument("--normalize", choices=["rms", "peak", "none", "clearvoice"], default="rms",
-                        help="input level the model sees (default rms: -25 dBFS; outputs restored to the input "
-                             "level, except clearvoice)")
+    add_separator_arguments(parser)
     parser.add_argument("--channels", choices=["mix", "each"], default="mix",
                         help="mix: downmix to mono; each: separate every channel (multichannel outputs)")
     parser.add_argument("--output-rate", default="input", help="'input' (default) or a rate in Hz, e.g. 16000")

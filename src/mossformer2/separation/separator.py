@@ -64,9 +64,9 @@ class Separator:
             (``stitching="aligned"``; the overlap, where the speakers are matched, must not be 0); memory
             then no longer grows with the file length beyond the audio.
         stitching: "aligned" (speaker order aligned on each overlap by SI-SDR, raised-cosine cross-fade) or
-            "clearvoice" (the official tool's 2 s windows, SPEC.md section 5, for identical output; like the
-            official tool, it leaves up to the last 0.25 s silent for some lengths: its last window writes only
-            up to its give-up margin).
+            "clearvoice" (the official tool's 2 s windows, ClearVoice's ``decode_one_audio_mossformer2_ss_16k``
+            in path mode, for identical output; like the official tool, it leaves up to the last 0.25 s silent
+            for some lengths: its last window writes only up to its give-up margin).
         normalize: "rms" (model sees -25 dBFS RMS, outputs scaled back to the input level), "peak" (peak 0.9,
             scaled back), "none", or "clearvoice" (the official ``audio_norm``; outputs stay at that level).
             ``stitching="clearvoice", normalize="clearvoice", channels="each"`` is the official path mode; on

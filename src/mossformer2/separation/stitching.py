@@ -109,7 +109,7 @@ def stitch_aligned(wave: np.ndarray, model_fn: ModelFn, num_spks: int, chunk: in
 
 
 # ------------------------------------------------------------------------------------------------------------
-# ClearVoice (official MossFormer2_SS_16K path-mode decoding, SPEC.md section 5)
+# ClearVoice (official MossFormer2_SS_16K path-mode decoding: decode_one_audio_mossformer2_ss_16k)
 
 
 def _clearvoice_window(sample_rate: int, decode_window: float) -> tuple[int, int]:
