@@ -76,6 +76,14 @@ def test_onnx_runtime_input_errors(onnx_path, tmp_path):
         runtime(torch.zeros(100))
     with pytest.raises(ValueError, match="at least"):
         runtime(torch.zeros(1, 10))
+    # As the torch model: integer PCM (cast unscaled, 32768x too loud) and non-finite samples are refused.
+    with pytest.raises(ValueError, match="floating-point samples"):
+        runtime(np.full((1, 4000), 1000, dtype=np.int16))
+    with pytest.raises(ValueError, match="NaN"):
+        runtime(np.full((1, 4000), np.nan, dtype=np.float32))
+    # Providers asked for must start: ONNX Runtime would only warn and run on the CPU.
+    with pytest.raises(ValueError, match="could not start CUDAExecutionProvider"):
+        OnnxRuntimeModel(onnx_path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(FileNotFoundError):
         OnnxRuntimeModel(tmp_path / "missing.onnx")
     garbage = tmp_path / "garbage.onnx"
@@ -151,6 +159,7 @@ np.save(npy_path, separator.separate(wave, rate))
 code = main(["separate", wav_path, "-o", out_dir, "--checkpoint", onnx_path, "--backend", "onnxruntime",
              "--chunk-seconds", "1.0", "--overlap-seconds", "0.25", "--subtype", "FLOAT"])
 assert code == 0, code
+assert main(["info", "--checkpoint", onnx_path]) == 0  # info on an export needs no torch either
 assert [name for name, module in sys.modules.items() if name.split(".")[0] == "torch" and module] == []
 """
 
@@ -412,8 +421,9 @@ def test_onnx_providers_follow_the_device(onnx_path, tmp_path, monkeypatch, caps
     assert providers_for_device("cuda:1", cuda)[0] == ("CUDAExecutionProvider", {"device_id": 1})
     with pytest.raises(ValueError, match="no CUDA provider"):
         providers_for_device("cuda", cuda[1:])
-    with pytest.raises(ValueError, match="unknown device"):
-        providers_for_device("gpu", cuda)
+    for bad in ("gpu", "cuda:", "cuda:x"):
+        with pytest.raises(ValueError, match="unknown device"):
+            providers_for_device(bad, cuda)
 
 
 def test_a_fixed_length_onnx_export_is_checked_once_before_separating(tiny_model, tmp_path, capsys):
@@ -436,5 +446,11 @@ def test_a_fixed_length_onnx_export_is_checked_once_before_separating(tiny_model
                  "--polarity-ensemble", "--batch-size", "2"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["fits_s1.wav", "fits_s2.wav"]
     separator = Separator(OnnxRuntimeModel(fixed))
-    with pytest.raises(ValueError, match="fixed input length of 1600 samples"):
+    with pytest.raises(ValueError, match="fixed input length of 1600 samples.*--overlap-seconds 0.025"):
         separator.separate(np.ones(2000, np.float32), 16000)
+    # The advice works: chunks of the export's length, with a shorter overlap than the default 2 s.
+    chunked = Separator(OnnxRuntimeModel(fixed), chunk_seconds=0.1, overlap_seconds=0.025)
+    assert chunked.separate(0.1 * rng.standard_normal(2000).astype(np.float32), 16000).shape == (2, 2000)
+    # Without an example, a fixed-length export takes batch 1 (batch 2 made every other batch size fail).
+    default = OnnxRuntimeModel(export_onnx(tiny_model, tmp_path / "default.onnx", dynamic_length=False))
+    assert default.input_shape[0] == 1

@@ -84,7 +84,7 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
         dynamic_length: symbolic batch and time axes (any ``T >= model.min_input_length``); otherwise the graph
             is fixed to the shape of ``example``.
         opset: ONNX opset version (18 or newer for the torch.export-based exporter).
-        example: input ``[B, T]`` to trace with (default: :func:`example_input`).
+        example: input ``[B, T]`` to trace with (default: :func:`example_input`, batch 1 for a fixed shape).
     Returns the path.
     """
     onnx = import_optional("onnx", "ONNX export")
@@ -93,7 +93,9 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
         raise ValueError(f"ONNX opset {opset} is not available: the exporter writes opset {DEFAULT_OPSET} or newer")
     path = Path(path)
     with _eval_float32_cpu(model) as model:
-        example = example_input(model) if example is None else example.detach().float().cpu()
+        if example is None:  # batch 2 keeps the batch axis symbolic; a fixed shape takes one item at a time
+            example = example_input(model, batch_size=2 if dynamic_length else 1)
+        example = example.detach().float().cpu()
         if example.dim() != 2:
             raise ValueError(f"example input must be [batch, samples], got shape {tuple(example.shape)}")
         dynamic_shapes = None

@@ -57,7 +57,7 @@ def providers_for_device(device: Any = "auto", available: Sequence[str] | None =
     if name == "cpu":
         return ["CPUExecutionProvider"]
     kind, _, index = name.partition(":")
-    if kind != "cuda" or not (index == "" or index.isdigit()):
+    if kind != "cuda" or not (name == "cuda" or index.isdigit()):
         raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if "CUDAExecutionProvider" not in available:
         raise ValueError(f"device {device!r} requested, but this onnxruntime build has no CUDA provider (it has "
@@ -85,6 +85,7 @@ class OnnxRuntimeModel:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        asked = providers is not None  # "auto" may fall back to the CPU; providers asked for must start
         if providers is None:
             providers = providers_for_device("auto", ort.get_available_providers())
         options = ort.SessionOptions()
@@ -94,6 +95,13 @@ class OnnxRuntimeModel:
             self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
         except Exception as err:  # onnxruntime raises its own exception types for unreadable files
             raise ValueError(f"cannot load ONNX model {self.path}: {err}") from err
+        # ONNX Runtime falls back to the CPU with a mere warning when the first provider asked for cannot start
+        # (a CPU-only build, CUDA libraries that fail to load): say so instead.
+        first = next((p[0] if isinstance(p, tuple) else p for p in providers), None)
+        if asked and first is not None and first not in self.session.get_providers():
+            raise ValueError(f"ONNX Runtime could not start {first} for {self.path} (it runs on "
+                             f"{', '.join(self.session.get_providers())}): check the onnxruntime-gpu install "
+                             "and its CUDA libraries, or use --device cpu")
         metadata = self.session.get_modelmeta().custom_metadata_map
         if CONFIG_METADATA_KEY not in metadata:
             raise ValueError(f"{self.path} has no '{CONFIG_METADATA_KEY}' metadata: export it with "
@@ -108,6 +116,10 @@ class OnnxRuntimeModel:
     def __call__(self, wave: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         torch = loaded_torch()
         is_torch = torch is not None and isinstance(wave, torch.Tensor)
+        floating = wave.is_floating_point() if is_torch else np.issubdtype(np.asarray(wave).dtype, np.floating)
+        if not floating:  # as the torch model: int16 PCM cast to float32 would be 32768x too loud
+            raise ValueError(f"the ONNX model expects floating-point samples in [-1, 1], got dtype {wave.dtype}; "
+                             "convert integer PCM first (e.g. int16 / 32768)")
         array = wave.detach().cpu().float().numpy() if is_torch else np.asarray(wave, dtype=np.float32)
         self._check_input(array)
         if self.input_shape[0] == 1 and array.shape[0] > 1:  # a fixed batch of 1: one item at a time
@@ -126,6 +138,8 @@ class OnnxRuntimeModel:
         if array.shape[-1] < self.min_input_length:
             raise ValueError(f"input has {array.shape[-1]} samples but the network needs at least "
                              f"{self.min_input_length}")
+        if not np.isfinite(array).all():
+            raise ValueError("input contains NaN or infinite samples")
         for axis, expected in enumerate(self.input_shape):
             if axis == 0 and expected == 1:
                 continue  # a fixed batch of 1 takes larger batches item by item

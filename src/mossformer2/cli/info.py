@@ -21,14 +21,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.checkpoint and str(args.checkpoint).lower().endswith(".onnx"):
+        return _info_onnx(args.checkpoint)  # without torch, as separating with an ONNX export
     import torch
 
     from mossformer2.checkpoint import checkpoint_summary, is_torchscript_archive, load_model, read_checkpoint
     from mossformer2.hub import model_checkpoint, resolve_checkpoint
     from mossformer2.models import NAMED_CONFIGS, build_model, count_parameters, get_config
 
-    onnx = bool(args.checkpoint) and str(args.checkpoint).lower().endswith(".onnx")
-    path = resolve_checkpoint(args.checkpoint) if args.checkpoint and not onnx else None  # a file, folder or hub id
+    path = resolve_checkpoint(args.checkpoint) if args.checkpoint else None  # a file, folder or hub id
     if args.model is not None:
         try:
             get_config(args.model)  # a configuration name (MossFormer2_SS_16K too: its architecture, no download)
@@ -37,14 +38,7 @@ def run(args: argparse.Namespace) -> int:
                 path = model_checkpoint(args.model)
             except ValueError as err:
                 raise ValueError(f"{err}; or a configuration: {', '.join(NAMED_CONFIGS)}") from None
-    if onnx:
-        from mossformer2.runtime import OnnxRuntimeModel
-
-        model = OnnxRuntimeModel(args.checkpoint, providers=["CPUExecutionProvider"])
-        print(f"ONNX export: {args.checkpoint}")
-        print(f"input shape: {model.input_shape} ({'dynamic' if model.dynamic_length else 'fixed'} length)")
-        _print_refinements(model.separation_settings)
-    elif path is not None and is_torchscript_archive(path):
+    if path is not None and is_torchscript_archive(path):
         from mossformer2.export import TorchScriptModel
 
         model = TorchScriptModel(path)
@@ -67,12 +61,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = build_model(args.model or "MossFormer2")
         print(f"model: {args.model or 'MossFormer2'}")
-    print("config:")
-    for key, value in model.config.to_dict().items():
-        print(f"  {key}: {value}")
-    if isinstance(model, torch.nn.Module):  # an ONNX session holds no parameters to count
+    _print_config(model.config)
+    if isinstance(model, torch.nn.Module):
         print(f"parameters: {count_parameters(model):,}")
     return 0
+
+
+def _info_onnx(path: str) -> int:
+    from mossformer2.runtime import OnnxRuntimeModel
+
+    model = OnnxRuntimeModel(path, providers=["CPUExecutionProvider"])
+    print(f"ONNX export: {path}")
+    print(f"input shape: {model.input_shape} ({'dynamic' if model.dynamic_length else 'fixed'} length)")
+    _print_refinements(model.separation_settings)
+    _print_config(model.config)
+    return 0
+
+
+def _print_config(config) -> None:
+    print("config:")
+    for key, value in config.to_dict().items():
+        print(f"  {key}: {value}")
 
 
 def _print_refinements(settings: dict[str, bool]) -> None:

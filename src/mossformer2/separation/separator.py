@@ -319,7 +319,8 @@ class Separator:
         seconds = self.fixed_length / self.sample_rate
         return (f"the model was exported with a fixed input length of {self.fixed_length} samples "
                 f"({seconds:g} s at {self.sample_rate} Hz): it separates recordings of that length, or longer ones in "
-                f"chunks of exactly that length (chunk_seconds={seconds:g}, --chunk-seconds {seconds:g}); export it "
+                f"chunks of exactly that length with a shorter overlap (chunk_seconds={seconds:g}, overlap_seconds="
+                f"{seconds / 4:g}: --chunk-seconds {seconds:g} --overlap-seconds {seconds / 4:g}); export it "
                 "again with `mossformer2 export --format onnx --dynamic-length` (the default) for any length")
 
     def chunk_count(self, num_samples: int, sample_rate: int) -> int:
@@ -394,7 +395,9 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
 
         if not Path(ref).is_file():
             raise FileNotFoundError(f"ONNX model not found: {ref}")
-        return OnnxRuntimeModel(ref, providers=providers_for_device(device))  # "cpu" keeps ONNX Runtime off CUDA
+        # "cpu" keeps ONNX Runtime off CUDA; "cuda" must start there; "auto" may fall back to the CPU.
+        auto = device is None or str(device).strip().lower() == "auto"
+        return OnnxRuntimeModel(ref, providers=None if auto else providers_for_device(device))
     from mossformer2.checkpoint import TorchScriptFileError, load_model, read_checkpoint
 
     if ref is None:
