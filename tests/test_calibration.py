@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mossformer2.checkpoint import load_model, save_checkpoint
 from mossformer2.data.synthetic import generate_speaker_corpus
@@ -92,3 +93,68 @@ def test_ship_records_recommended_refinements_without_touching_the_weights(tmp_p
     assert torch.load(out, weights_only=True)["separation"] == {"polarity_ensemble": True, "mixture_consistency": True}
     with pytest.raises(SystemExit, match="--train-utterances"):
         ship.main([str(out), "--out", str(out)])
+
+
+def test_ship_refuses_a_resumable_state_unless_told_which_weights(tmp_path, capsys):
+    """A trainer last.pt of an EMA run: 'model' is the raw weights, 'ema' the average that validation scored
+    (and that best.pt holds). Shipping it silently took the raw weights."""
+    ship = load_script("recipes/offline_speech/ship.py", "offline_speech_ship")
+    average, raw = tiny_model(4), tiny_model(5)
+    ema = AveragedModel(average, multi_avg_fn=get_ema_multi_avg_fn(0.999))
+    ema.n_averaged += 7
+    save_checkpoint(tmp_path / "last.pt", raw, torch.optim.SGD(raw.parameters(), lr=0.1), epoch=2, step=7,
+                    extra={"ema": ema.state_dict(), "trainer_state": {"step": 7}})
+    out = tmp_path / "shipped.pt"
+    common = ["--out", str(out), "--no-calibrate", "--force"]
+    with pytest.raises(SystemExit, match=r"resumable training state \(optimizer, trainer_state, ema\).*best\.pt"):
+        ship.main([str(tmp_path / "last.pt"), *common])
+    assert not out.exists()
+
+    assert ship.main([str(tmp_path / "last.pt"), *common, "--weights", "ema"]) == 0
+    assert "the moving average ('ema', 7 updates)" in capsys.readouterr().out
+    shipped = torch.load(out, weights_only=True)
+    assert not {"optimizer", "ema", "trainer_state"} & set(shipped)
+    for name, weight in average.state_dict().items():
+        assert torch.equal(shipped["model"][name], weight)
+
+    assert ship.main([str(tmp_path / "last.pt"), *common, "--weights", "model"]) == 0
+    assert "weights: 'model' of" in capsys.readouterr().out
+    for name, weight in raw.state_dict().items():
+        assert torch.equal(torch.load(out, weights_only=True)["model"][name], weight)
+    with pytest.raises(SystemExit, match="no moving average"):
+        ship.main([str(out), *common, "--weights", "ema"])
+
+
+def test_ship_without_calibration_refuses_a_never_calibrated_model(tmp_path, capsys):
+    ship = load_script("recipes/offline_speech/ship.py", "offline_speech_ship")
+    model = tiny_model(6)
+    save_checkpoint(tmp_path / "best.pt", model, extra={"valid": {"valid_si_sdri": 2.0}})  # no output_gain
+    out = tmp_path / "shipped.pt"
+    with pytest.raises(SystemExit, match="never calibrated.*--force"):
+        ship.main([str(tmp_path / "best.pt"), "--out", str(out), "--no-calibrate"])
+    assert not out.exists()
+    # Mixture consistency shares out a residual that, on uncalibrated outputs, is mostly level error: never.
+    with pytest.raises(SystemExit, match="mixture consistency"):
+        ship.main([str(tmp_path / "best.pt"), "--out", str(out), "--no-calibrate", "--force", "--mixture-consistency"])
+    assert not out.exists()
+    assert ship.main([str(tmp_path / "best.pt"), "--out", str(out), "--no-calibrate", "--force",
+                      "--polarity-ensemble"]) == 0
+    assert "UNCALIBRATED" in capsys.readouterr().out
+    shipped = torch.load(out, weights_only=True)
+    assert "output_gain" not in shipped and shipped["separation"] == {"polarity_ensemble": True}
+    # No output_gain recorded, so shipping the result again is refused as well.
+    with pytest.raises(SystemExit, match="never calibrated"):
+        ship.main([str(out), "--out", str(out), "--no-calibrate"])
+
+
+def test_ship_warns_when_calibrating_on_a_held_out_split(tmp_path, capsys):
+    ship = load_script("recipes/offline_speech/ship.py", "offline_speech_ship")
+    config = tiny_test_config()
+    held_out = generate_speaker_corpus(tmp_path / "corpus" / "valid", 2, 2, seconds=0.3,
+                                       sample_rate=config.sample_rate)
+    save_checkpoint(tmp_path / "best.pt", tiny_model(7))
+    out = tmp_path / "shipped.pt"
+    assert ship.main([str(tmp_path / "best.pt"), "--out", str(out), "--train-utterances", f"{held_out}/",
+                      "--examples", "2", "--seconds", "0.25"]) == 0
+    assert "held-out split" in capsys.readouterr().err
+    assert torch.load(out, weights_only=True)["output_gain"] > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +37,117 @@ def test_guard_allows_training_packages_and_normalises_names():
     assert prepare.check_package_allowed("asterisk-prompt-fr-armelle") == "asterisk-prompt-fr-armelle"
     assert prepare.check_package_allowed("ktuberling-data=4:22.12.3-1") == "ktuberling-data"
     assert prepare.check_package_allowed("debs/klettres-data_4%3a22.12.3-1_all.deb") == "klettres-data"
+    assert prepare.check_package_allowed("ktuberling-data/bookworm") == "ktuberling-data"  # apt's name/release
+    assert prepare.check_package_allowed("gcin-voice:all/stable") == "gcin-voice"
     assert not any(prepare.RESERVED_PACKAGE_PREFIX in name for name in prepare.PACKAGES)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "asterisk-core-sounds-en-wav/bookworm",  # name/release: the name, not the release, is checked
+        "asterisk-core-sounds-en/..",
+        "x/asterisk-core-sounds-en-wav_1.6_all.deb.bak",
+        "asterisk-core-sounds-en\u200b",
+    ],
+)
+def test_guard_refuses_reserved_names_in_any_apt_spelling(name):
+    with pytest.raises(ValueError, match="reserved for\\s+independent evaluation"):
+        prepare.check_package_allowed(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        # apt globs and patterns resolve to reserved packages without spelling their name
+        "asterisk-core-sound?-en-wav",
+        "asterisk-core-*",
+        "asterisk-core-sound[s]-en-wav",
+        "asterisk-[cp]*-e[ns]*",
+        "?name(asterisk-core-.*)",
+        "~nasterisk-core",
+        # look-alike letters, whitespace, options, empty
+        "\u0430sterisk-core-sound-en",
+        "\uff41sterisk-core-sound-en",
+        "asterisk\u2010core",
+        "ktuberling data",
+        " ktuberling-data",
+        "-oDebug::NoLocking=1",
+        "",
+        "x",
+    ],
+)
+def test_guard_refuses_anything_but_a_plain_package_name(name):
+    with pytest.raises(ValueError, match="not a plain Debian package name"):
+        prepare.check_package_allowed(name)
+
+
+def _fake_apt(tmp_path: Path, monkeypatch) -> Path:
+    """An apt-get on PATH that only records its arguments (nothing is downloaded)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "apt.log"
+    (bin_dir / "apt-get").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 100\n')
+    (bin_dir / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
+def test_fetch_passes_only_validated_names_to_apt(tmp_path, monkeypatch):
+    log = _fake_apt(tmp_path, monkeypatch)
+    for name in ("asterisk-core-sound?-en-wav", "asterisk-core-*", "asterisk-core-sound[s]-en-wav"):
+        with pytest.raises(ValueError, match="not a plain Debian package name"):
+            prepare.fetch_package(name, tmp_path / "cache")
+    assert not log.exists()  # apt never ran
+    with pytest.raises(ValueError, match="apt-get download ktuberling-data failed"):
+        prepare.fetch_package("ktuberling-data=4:22.12.3-1", tmp_path / "cache")
+    assert log.read_text() == "download -- ktuberling-data\n"
+
+
+def _build_deb(path: Path, package: str, version: str) -> None:
+    """A minimal local .deb (no download) with one file, whose Package field may differ from its file name."""
+    tree = path.parent / f"tree-{path.name}"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN/control").write_text(
+        f"Package: {package}\nVersion: {version}\nArchitecture: all\nMaintainer: x <x@x>\nDescription: test\n"
+    )
+    (tree / "usr/share/doc" / package).mkdir(parents=True)
+    (tree / "usr/share/doc" / package / "copyright").write_text("License: GPL-2+\n")
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(path)], check=True, capture_output=True)
+    shutil.rmtree(tree)
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_fetch_checks_the_package_field_of_every_cached_deb(tmp_path, monkeypatch):
+    log = _fake_apt(tmp_path, monkeypatch)
+    debs = tmp_path / "cache/debs"
+    debs.mkdir(parents=True)
+    # A renamed .deb of another package: it would be credited (LICENSES.md) as the package asked for.
+    _build_deb(debs / "ktuberling-data_9_all.deb", "some-other-package", "9")
+    with pytest.raises(ValueError, match="holds package 'some-other-package', not 'ktuberling-data'"):
+        prepare.fetch_package("ktuberling-data", tmp_path / "cache")
+    # A reserved package under a training package's file name is refused even when it is not the newest file.
+    (debs / "ktuberling-data_9_all.deb").unlink()
+    _build_deb(debs / "ktuberling-data_1_all.deb", "asterisk-core-sounds-en-wav", "1")
+    _build_deb(debs / "ktuberling-data_2_all.deb", "ktuberling-data", "2")
+    with pytest.raises(ValueError, match="reserved"):
+        prepare.fetch_package("ktuberling-data", tmp_path / "cache")
+    assert not (tmp_path / "cache/unpacked").exists()
+    assert not log.exists()  # the cache was used: apt never ran
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_fetch_unpacks_the_named_package_and_reports_the_unpacked_version(tmp_path, monkeypatch):
+    _fake_apt(tmp_path, monkeypatch)
+    debs = tmp_path / "cache/debs"
+    debs.mkdir(parents=True)
+    _build_deb(debs / "ktuberling-data_1_all.deb", "ktuberling-data", "1")
+    _build_deb(debs / "ktuberling-data-extra_1_all.deb", "ktuberling-data-extra", "1")  # another package: ignored
+    root, version = prepare.fetch_package("ktuberling-data", tmp_path / "cache")
+    assert version == "1" and (root / "usr/share/doc/ktuberling-data/copyright").is_file()
+    # A newer .deb joining the cache does not change what was unpacked, so the version stays that of the files.
+    _build_deb(debs / "ktuberling-data_2_all.deb", "ktuberling-data", "2")
+    assert prepare.fetch_package("ktuberling-data", tmp_path / "cache") == (root, "1")
 
 
 def test_guard_refuses_files_and_cli_packages_before_any_download(tmp_path, capsys):

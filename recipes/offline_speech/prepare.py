@@ -47,26 +47,37 @@ SPLITS = ("train", "valid", "test")
 AUDIO_SUFFIXES = (".ogg", ".opus", ".wav", ".gsm", ".flac", ".mp3")
 # Reserved for independent evaluation: never download, unpack or read these.
 RESERVED_PACKAGE_PREFIX = "asterisk-core-sounds"
+# Debian policy 5.6.7. Explicit ASCII ranges: no look-alike letter, digit or dash matches.
+_DEBIAN_PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 
 # ---------------------------------------------------------------------------------------------------------
 # Guard
 
 
 def check_package_allowed(name: str) -> str:
-    """Return the bare package name, or raise ValueError for a package reserved for evaluation.
+    """Return the bare package name, or raise ValueError for a reserved package or anything but a plain name.
 
-    Accepts ``name``, ``name=version``, ``name:arch`` and ``.deb`` file names (``name_version_arch.deb``).
+    Accepts ``name``, ``name=version``, ``name:arch``, ``name/release`` and ``.deb`` file names
+    (``[dir/]name_version_arch.deb``). What is left must follow Debian's package-name grammar: apt also expands
+    globs (``*?[]``) and patterns (``?name(...)``, ``~n``), which could resolve to a reserved package while
+    never spelling its name, so those are refused rather than passed on.
     """
-    bare = Path(str(name)).name.strip().lower()
-    if bare.endswith(".deb"):
-        bare = bare.split("_", 1)[0]
-    bare = re.split(r"[=:]", bare, maxsplit=1)[0]
-    if not bare:
-        raise ValueError(f"empty package name {name!r}")
-    if RESERVED_PACKAGE_PREFIX in bare:
+    text = str(name).lower()
+    # Any mention of the reserved prefix, whatever surrounds it, is refused with the clearest message.
+    if RESERVED_PACKAGE_PREFIX in text:
         raise ValueError(
             f"package {name!r} is refused: the {RESERVED_PACKAGE_PREFIX}-* packages are reserved for "
             "independent evaluation and must never be used to build training data"
+        )
+    if text.endswith(".deb"):  # a file: only then is '/' a folder ('name/release' elsewhere)
+        bare = Path(text).name.split("_", 1)[0].removesuffix(".deb")
+    else:
+        bare = text.split("/", 1)[0]
+    bare = re.split(r"[=:]", bare, maxsplit=1)[0]
+    if not _DEBIAN_PACKAGE_NAME.fullmatch(bare):
+        raise ValueError(
+            f"package {name!r} is refused: {bare!r} is not a plain Debian package name ([a-z0-9][a-z0-9+.-]+); "
+            "apt globs, patterns, whitespace and look-alike characters are not accepted"
         )
     return bare
 
@@ -610,30 +621,43 @@ def synthesize(setting: VoiceSetting, text: str) -> np.ndarray:
 # Debian packages
 
 
+def _cached_debs(debs: Path, name: str) -> list[Path]:
+    # By exact package name: 'name_*.deb' would also be a pattern if name were not already validated.
+    return sorted(p for p in debs.glob("*.deb") if p.name.split("_", 1)[0] == name)
+
+
+def _deb_control(deb: Path) -> dict[str, str]:
+    fields = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Package", "Version"], capture_output=True, text=True, check=True
+    ).stdout
+    return dict(line.split(": ", 1) for line in fields.strip().splitlines())
+
+
 def fetch_package(name: str, cache: Path) -> tuple[Path, str]:
     """``apt-get download`` + ``dpkg-deb -x`` into ``cache``; returns (unpacked root, version). Cached."""
     name = check_package_allowed(name)
     debs = cache / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    found = sorted(debs.glob(f"{name}_*.deb"))
+    found = _cached_debs(debs, name)
     if not found:
-        result = subprocess.run(["apt-get", "download", name], cwd=debs, capture_output=True, text=True)
-        found = sorted(debs.glob(f"{name}_*.deb"))
+        # '--': the validated name can never be read as an option.
+        result = subprocess.run(["apt-get", "download", "--", name], cwd=debs, capture_output=True, text=True)
+        found = _cached_debs(debs, name)
         if result.returncode != 0 or not found:
             raise ValueError(f"apt-get download {name} failed (run `apt-get update`?): {result.stderr.strip()[:300]}")
-    deb = found[-1]
-    fields = subprocess.run(
-        ["dpkg-deb", "-f", str(deb), "Package", "Version"], capture_output=True, text=True, check=True
-    ).stdout
-    control = dict(line.split(": ", 1) for line in fields.strip().splitlines())
-    check_package_allowed(control["Package"])  # the file's own name could lie
+    controls = [_deb_control(deb) for deb in found]  # every file, not only the one unpacked: file names can lie
+    for deb, control in zip(found, controls):
+        check_package_allowed(control["Package"])
+        if control["Package"] != name:  # otherwise LICENSES.md would credit the wrong package and version
+            raise ValueError(f"{deb} holds package {control['Package']!r}, not {name!r}: remove it from the cache")
     root = cache / "unpacked" / name
     if not (root / ".complete").is_file():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-        (root / ".complete").write_text(control["Version"])
-    return root, control["Version"]
+        subprocess.run(["dpkg-deb", "-x", str(found[-1]), str(root)], check=True)
+        (root / ".complete").write_text(controls[-1]["Version"])
+    # The version of what was unpacked (a newer .deb may have joined the cache since).
+    return root, (root / ".complete").read_text()
 
 
 def licence_lines(copyright_text: str) -> list[str]:

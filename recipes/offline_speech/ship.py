@@ -10,6 +10,12 @@ provenance under ``"training"`` (the input's own ``"training"`` entry, updated w
 measured with this model (``"separation"`` entry: the ``Separator``'s defaults for it; without the flags the
 input's entry is kept).
 The file is written atomically; the output gains applied so far are multiplied into ``"output_gain"``.
+
+A resumable training state (a run's ``last.pt``: ``optimizer`` / ``trainer_state`` / ``ema``) is refused unless
+``--weights`` says which of its weights to ship: its ``"model"`` holds the raw weights, while validation scored
+the moving average (``"ema"``) when the run kept one; ``best.pt`` holds those validated weights.
+``--no-calibrate`` on a never-calibrated input (no ``"output_gain"``) needs ``--force``, and such a model is
+not shipped with mixture consistency, which needs outputs at the level of the sources.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from pathlib import Path
 from mossformer2.checkpoint import load_model, read_checkpoint, save_checkpoint
 from mossformer2.data.datasets import AudioStore
 from mossformer2.data.dynamic_mixing import DynamicMixingDataset, load_utterances
+from mossformer2.models import MossFormer2
 from mossformer2.pretrained import DEFAULT_MODEL_FILE
 from mossformer2.separation.refine import REFINEMENTS, recommended_refinements
 from mossformer2.training.calibration import estimate_output_gain, fold_output_gain
+
+RESUMABLE_KEYS = ("optimizer", "trainer_state", "ema")  # what the trainer's last.pt holds and best.pt does not
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,10 +48,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--training-json", help="JSON object merged into the stored training provenance")
     parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                         help="measure and fold the output gain (default); --no-calibrate keeps the weights as they are")
+    parser.add_argument("--force", action="store_true",
+                        help="with --no-calibrate: ship a checkpoint that was never calibrated (no output_gain)")
+    parser.add_argument("--weights", choices=("ema", "model"),
+                        help="for a resumable training state (last.pt): ship its moving average ('ema', what "
+                             "validation scored) or its raw 'model' weights; not needed for best.pt")
     for name in REFINEMENTS:
         parser.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
                             help=f"recommend (or not) the {name.replace('_', ' ')} for this model")
     return parser.parse_args(argv)
+
+
+def pick_weights(source: dict, path: str, choice: str | None) -> tuple[MossFormer2, str]:
+    """The model to ship and a line saying which weights it holds."""
+    resumable = [key for key in RESUMABLE_KEYS if key in source]
+    if resumable and choice is None:
+        if "ema" in source:
+            average, options = "its moving average ('ema') is what validation scored", "--weights ema / --weights model"
+        else:
+            average, options = "it keeps no average", "--weights model"
+        raise SystemExit(f"{path} is a resumable training state ({', '.join(resumable)}): its 'model' holds the raw "
+                         f"weights and {average}. Pass the run's best.pt (the validated weights), or choose with "
+                         f"{options}")
+    if choice == "ema":
+        if "ema" not in source:
+            raise SystemExit(f"{path} holds no moving average ('ema'): use --weights model")
+        # AveragedModel.state_dict(): the averaged network under 'module.', plus the 'n_averaged' counter.
+        ema = source["ema"]
+        state = {key.removeprefix("module."): value for key, value in ema.items() if key.startswith("module.")}
+        model = load_model({"model": state, "config": source.get("config")})
+        return model, f"weights: the moving average ('ema', {int(ema.get('n_averaged', 0))} updates) of {path}"
+    return load_model(source), f"weights: 'model' of {path}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--examples and --seconds must be > 0")
     if args.calibrate and not args.train_utterances:
         raise SystemExit("--train-utterances DIR is needed to measure the output gain (or pass --no-calibrate)")
+    if args.calibrate and Path(args.train_utterances).resolve().name in ("valid", "test"):
+        print(f"warning: --train-utterances {args.train_utterances} looks like a held-out split: calibrating on "
+              "its speakers uses them before they are scored; use the train split", file=sys.stderr)
     source = read_checkpoint(args.checkpoint)
-    model = load_model(source)
+    model, weights = pick_weights(source, args.checkpoint, args.weights)
+    calibrated = args.calibrate or "output_gain" in source
+    if not calibrated and not args.force:
+        raise SystemExit(f"{args.checkpoint} was never calibrated (no output_gain): a model trained with SI-SDR "
+                         "puts out any level; calibrate it with --train-utterances DIR, or pass --force to ship it "
+                         "uncalibrated")
     training = dict(source.get("training") or {})
     if args.training_json:
         extra = json.loads(Path(args.training_json).read_text())
@@ -68,19 +112,29 @@ def main(argv: list[str] | None = None) -> int:
         gain = estimate_output_gain(model, (mixtures[i] for i in range(len(mixtures))))
         fold_output_gain(model, gain)
     total_gain = float(source.get("output_gain", 1.0)) * gain
-    extra = {"training": training, "output_gain": total_gain}
+    extra = {"training": training}
+    if calibrated:  # an uncalibrated model gets no output_gain, so that shipping it again is refused too
+        extra["output_gain"] = total_gain
     if "valid" in source:
         extra["valid"] = source["valid"]
     settings = recommended_refinements(source.get("separation"), args.checkpoint)
     for name in REFINEMENTS:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
+    if settings.get("mixture_consistency") and not calibrated:
+        raise SystemExit("mixture consistency needs outputs at the level of the sources (on an uncalibrated model "
+                         "the residual it shares out is mostly level error): calibrate, or pass "
+                         "--no-mixture-consistency")
     if settings:
         extra["separation"] = settings
     save_checkpoint(args.out, model, epoch=int(source.get("epoch", 0)), step=int(source.get("step", 0)), extra=extra)
-    measured = f"from {args.examples} training mixtures" if args.calibrate else "(not measured: --no-calibrate)"
-    print(f"{args.out}: output gain {gain:.4g} ({total_gain:.4g} in all) {measured}; "
-          f"separation settings {settings or 'none'}")
+    if args.calibrate:
+        level = f"output gain {gain:.4g} ({total_gain:.4g} in all) from {args.examples} training mixtures"
+    elif calibrated:
+        level = f"output gain {total_gain:.4g} kept (not measured: --no-calibrate)"
+    else:
+        level = "UNCALIBRATED (--no-calibrate --force: no output_gain recorded)"
+    print(f"{args.out}: {weights}; {level}; separation settings {settings or 'none'}")
     return 0
 
 
