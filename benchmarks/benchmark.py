@@ -2,17 +2,20 @@
 
 Prints a table and writes JSON. Every optimised variant is compared with the baseline in the same run: eager
 PyTorch fp32, which is numerically the official network (fixture equivalence, tests/test_model.py). Variants:
-eager bf16 autocast, torch.compile (fp32 / bf16; on CUDA also ``mode="reduce-overhead"``, i.e. CUDA graphs for the
-fixed shape), ONNX Runtime (CPU, or the CUDA provider when onnxruntime has it) and, on the CPU, opt-in dynamic
+eager bf16 autocast, torch.compile (fp32; on CUDA also bf16 and ``mode="reduce-overhead"``, i.e. CUDA graphs for
+the fixed shape), ONNX Runtime (CPU, or the CUDA provider when onnxruntime has it) and, on the CPU, opt-in dynamic
 int8 quantisation of the Linear layers. Each output is scored against the eager fp32 output (max abs error,
-relative error, SI-SDR in dB).
+relative error, SI-SDR in dB). ``--variants`` refuses unknown names; variants for another device type are skipped
+with a line that says so.
 
-    python benchmarks/benchmark.py --quick                      # CI size: tiny model, seconds
+    python benchmarks/benchmark.py --quick                      # CI size: tiny model, under a minute
     python benchmarks/benchmark.py --threads 2 --json cpu.json  # full model on the CPU
     python benchmarks/benchmark.py --device cuda --json gpu.json
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the process peak RSS (VmHWM), reset before
 each measurement through ``/proc/self/clear_refs`` where the kernel allows it (else it is the process-wide peak).
+For the CUDA graph rows it covers the capture as well as the replays: the graph's private memory pool is allocated
+while capturing. Separator rows time one run (``elapsed_s``, the first call's set-up included), not a median.
 """
 
 from __future__ import annotations
@@ -43,7 +46,15 @@ GRAPH_VARIANTS = {"graph": None, "graph-bf16": torch.bfloat16, "graph-fp16": tor
 DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # The model cast to bf16 (model.bfloat16(), bf16 input) instead of autocast; graph variants on CUDA only.
 BF16_WEIGHT_VARIANTS = ("bf16-weights", "graph-bf16-weights", "regional-compile-graph-bf16-weights")
-
+VARIANTS = ("tf32", "bf16", "fp16", "graph", "graph-bf16", "graph-fp16", "compile", "compile-bf16",
+            "compile-cudagraphs", "regional-compile-graph-bf16", "bf16-weights", "graph-bf16-weights",
+            "regional-compile-graph-bf16-weights", "onnxruntime", "int8")
+# Variants run on one device type only; the others run anywhere. compile-bf16: a compiled bf16 forward does not
+# finish on the CPU (torch 2.13, tiny model, > 400 s; see RESULTS.md).
+CUDA_ONLY = ("tf32", "fp16", "graph", "graph-bf16", "graph-fp16", "compile-bf16", "compile-cudagraphs",
+             "regional-compile-graph-bf16", "graph-bf16-weights", "regional-compile-graph-bf16-weights")
+DEVICE_ONLY = {"int8": "cpu", **dict.fromkeys(CUDA_ONLY, "cuda")}
+SECTIONS = ("latency", "throughput", "separator", "training")
 
 
 @dataclass
@@ -58,6 +69,7 @@ class Settings:
     train_seconds: float
     train_batches: list[int]
     variants: list[str]
+    skipped_variants: list[str] = field(default_factory=list)  # not for this device type
     time_budget_s: float | None = None
     started: float = 0.0
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -176,9 +188,15 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
     wave_dev = wave.to(s.device)
     reference: torch.Tensor | None = None
 
-    def run(name: str, fn: Callable[[], torch.Tensor], setup_s: float = 0.0, **info: Any) -> None:
+    def run(name: str, fn: Callable[[], torch.Tensor], setup_s: float = 0.0,
+            setup: Callable[[], None] | None = None, **info: Any) -> None:
+        """Time ``fn``; ``setup`` runs first inside the peak-memory block and adds to ``setup_s``."""
         nonlocal reference
         with peak_memory(s.device) as mem:
+            if setup is not None:
+                start = time.perf_counter()
+                setup()
+                setup_s += time.perf_counter() - start
             times, out = time_call(fn, s.device, s.repeats, s.warmup)
         median = statistics.median(times)
         row = {"section": section, "variant": name, "batch": batch, "audio_s": audio_seconds,
@@ -206,13 +224,11 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
         return fn
 
     def run_graphed(name: str, m: torch.nn.Module, dtype: torch.dtype | None, x: torch.Tensor) -> None:
-        """Time the replays of ``m`` captured in CUDA graphs; setup: compiling (compiled layers) and capturing."""
-        start = time.perf_counter()
+        """Time the replays of ``m`` captured in CUDA graphs; setup: compiling (compiled layers) and capturing.
+        The capture runs inside the peak-memory block: it allocates the graph's private pool, which replays reuse
+        without allocating, so a peak taken around the replays alone would leave the graph's activations out."""
         graphed = CudaGraphModel(m, dtype)
-        with torch.inference_mode():
-            graphed(x)  # compiles (regional), then captures
-        _sync(s.device)
-        run(name, inference(graphed, x), setup_s=time.perf_counter() - start)
+        run(name, inference(graphed, x), setup=lambda: capture(graphed, x, s.device))
 
     run("eager fp32 (baseline)", eager(model, None))
     for variant in s.variants:
@@ -220,17 +236,17 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
             print(f"  {section:<10} {variant:<28} skipped: time budget spent", flush=True)
             continue
         try:
-            if variant == "tf32" and s.device.type == "cuda":
+            if variant == "tf32":
                 with tf32_matmuls():
                     run("eager fp32 + TF32 matmuls", eager(model, None))
-            elif (variant in GRAPH_VARIANTS or variant == "regional-compile-graph-bf16") and s.device.type == "cuda":
+            elif variant in GRAPH_VARIANTS or variant == "regional-compile-graph-bf16":
                 regional = variant not in GRAPH_VARIANTS
                 dtype = torch.bfloat16 if regional else GRAPH_VARIANTS[variant]
                 run_graphed(("compiled layers + " if regional else "") + f"CUDA graph {DTYPE_NAMES[dtype]}",
                             copy.deepcopy(model).compile_layers(dynamic=False) if regional else model, dtype, wave_dev)
             elif variant == "bf16":
                 run("eager bf16 autocast", eager(model, torch.bfloat16))
-            elif variant in BF16_WEIGHT_VARIANTS and (variant == "bf16-weights" or s.device.type == "cuda"):
+            elif variant in BF16_WEIGHT_VARIANTS:
                 # The whole network in bf16 (weights and activations, no autocast): no per-call casts, and the
                 # elementwise ops that fp32 parameters promote to fp32 under autocast stay bf16.
                 start = time.perf_counter()
@@ -244,11 +260,9 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
                     run_graphed(("compiled layers + " if "compile" in variant else "") + "CUDA graph, bf16 weights",
                                 halved, None, wave_half)
                 del halved
-            elif variant == "fp16" and s.device.type == "cuda":
+            elif variant == "fp16":
                 run("eager fp16 autocast", eager(model, torch.float16))
             elif variant in ("compile", "compile-bf16", "compile-cudagraphs"):
-                if variant == "compile-cudagraphs" and s.device.type != "cuda":
-                    continue
                 mode = "reduce-overhead" if variant == "compile-cudagraphs" else None
                 dtype = torch.bfloat16 if variant != "compile" else None
                 compiled = torch.compile(model, mode=mode, dynamic=False)
@@ -259,17 +273,30 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
                     + (" cudagraphs" if mode else ""), eager(compiled, dtype), setup_s=time.perf_counter() - start)
             elif variant == "onnxruntime":
                 run_onnx(model, s, wave, run)
-            elif variant == "int8" and s.device.type == "cpu":
+            elif variant == "int8":
                 start = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # torch.ao's migration notice
                     quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu(),
                                                                        {torch.nn.Linear}, dtype=torch.qint8)
                 run("dynamic int8 (Linear)", eager(quantized, None), setup_s=time.perf_counter() - start)
+            else:  # main() refuses unknown names; this keeps a new name from being dropped without a row
+                raise ValueError(f"unknown variant {variant!r}")
         except Exception as err:  # report a variant that cannot run here instead of aborting the benchmark
             print(f"  {section:<10} {variant:<28} FAILED: {type(err).__name__}: {err}", flush=True)
             s.add({"section": section, "variant": variant, "batch": batch,
                    "error": f"{type(err).__name__}: {err}"})
+
+
+def capture(graphed: CudaGraphModel, x: torch.Tensor, device: torch.device) -> None:
+    """First call of ``graphed``: compiles (compiled layers), then captures. On CUDA a failed capture leaves the
+    runner eager (it warns), and timing that under a graph label would be wrong: raise instead. On the CPU the
+    runner is eager by design, which lets the tests run this path there."""
+    with torch.inference_mode():
+        graphed(x)
+    if device.type == "cuda" and not graphed.captured_shapes:
+        raise RuntimeError("no CUDA graph was captured (see the warning above); the calls would run eagerly")
+    _sync(device)
 
 
 def run_onnx(model: torch.nn.Module, s: Settings, wave: torch.Tensor,
@@ -366,8 +393,9 @@ def bench_separator(model: torch.nn.Module, s: Settings) -> None:
             s.add({"section": "separator", "variant": name, "error": f"{type(err).__name__}: {err}"})
             continue
         assert out.shape == (model.config.num_spks, wave.shape[-1])
+        # One run, its first call's set-up (cuDNN algorithm choice, graph capture) included: not a median.
         row = {"section": "separator", "variant": name, "audio_s": s.separator_seconds,
-               "median_s": elapsed, "rtf": elapsed / s.separator_seconds, **mem}
+               "elapsed_s": elapsed, "rtf": elapsed / s.separator_seconds, **mem}
         print(f"  separator  {row['variant']:<28} {elapsed:8.2f} s for {s.separator_seconds:.0f} s audio  "
               f"RTF {row['rtf']:.4f}  peak {row['peak_mib']:8.0f} MiB", flush=True)
         s.add(row)
@@ -389,10 +417,11 @@ def bench_training(model: torch.nn.Module, s: Settings) -> None:
                 name = f"train {dtype_name}" + (" + act. ckpt" if checkpointing else "")
                 try:
                     s.add(_bench_train_variant(model, s, mix, sources, dtype, checkpointing, name))
-                except torch.OutOfMemoryError as err:
-                    print(f"  training   {name:<28} batch {batch}: out of memory", flush=True)
-                    s.add({"section": "training", "variant": name, "batch": batch,
-                           "error": f"out of memory: {str(err).splitlines()[0]}"})
+                except Exception as err:  # as for inference: report the variant and go on with the others
+                    error = (f"out of memory: {str(err).splitlines()[0]}" if isinstance(err, torch.OutOfMemoryError)
+                             else f"{type(err).__name__}: {err}")
+                    print(f"  training   {name:<28} batch {batch}: FAILED: {error}", flush=True)
+                    s.add({"section": "training", "variant": name, "batch": batch, "error": error})
                 if s.device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -409,10 +438,15 @@ def _bench_train_variant(model: torch.nn.Module, s: Settings, mix: torch.Tensor,
     median = statistics.median(times)
     audio = batch * s.train_seconds
     row = {"section": "training", "variant": name, "batch": batch, "audio_s": audio,
-           "median_s": median, "audio_s_per_s": audio / median, **mem,
-           "peak_mib_per_sample": mem["peak_mib"] / batch}
+           "median_s": median, "audio_s_per_s": audio / median, **mem}
+    per_sample = ""
+    # CUDA only: the CPU peak is the process's RSS (torch, onnxruntime, the model, heap that glibc keeps), which
+    # says nothing per sample; on CUDA the activations dominate the allocated peak.
+    if s.device.type == "cuda":
+        row["peak_mib_per_sample"] = mem["peak_mib"] / batch
+        per_sample = f" ({row['peak_mib_per_sample']:.0f} per sample)"
     print(f"  training   {name:<28} batch {batch:>2} median {median:8.3f} s/step  {audio / median:7.2f} audio-s/s  "
-          f"peak {mem['peak_mib']:8.0f} MiB ({row['peak_mib_per_sample']:.0f} per sample)", flush=True)
+          f"peak {mem['peak_mib']:8.0f} MiB{per_sample}", flush=True)
     return row
 
 
@@ -466,8 +500,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         sisdr = f"{r['si_sdr_vs_fp32_db']:.1f} dB" if "si_sdr_vs_fp32_db" in r else "-"
         rel = f"{r['rel_err']:.1e}" if "rel_err" in r else "-"
         rtf = f"{r['rtf']:.4f}" if "rtf" in r else f"{r['audio_s_per_s']:.2f}a/s"
+        seconds = f"{r['median_s']:.3f}" if "median_s" in r else f"{r['elapsed_s']:.3f}*"
         print(f"{r['section']:<10} {r['variant']:<30} {r.get('batch', 1):>5} {r['audio_s']:>8.1f} "
-              f"{r['median_s']:>9.3f} {rtf:>8} {r['peak_mib']:>9.0f} {sisdr:>14} {rel:>9}")
+              f"{seconds:>9} {rtf:>8} {r['peak_mib']:>9.0f} {sisdr:>14} {rel:>9}")
+    if any("elapsed_s" in r for r in rows):
+        print("* one run, its first call's set-up included (not a median)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -484,12 +521,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-batches", default="1", help="comma list of training batch sizes (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 3; quick 2)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--variants", default="tf32,bf16,fp16,graph,graph-bf16,graph-fp16,compile,compile-bf16,"
-                        "compile-cudagraphs,regional-compile-graph-bf16,bf16-weights,graph-bf16-weights,"
-                        "regional-compile-graph-bf16-weights,onnxruntime,int8",
-                        help="comma list of optimised variants beside the eager fp32 baseline")
-    parser.add_argument("--sections", default="latency,throughput,separator,training",
-                        help="comma list of latency, throughput, separator, training")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma list of optimised variants beside the eager fp32 baseline (default: all; CPU "
+                             f"only: int8; CUDA only: {', '.join(CUDA_ONLY)})")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     parser.add_argument("--json", default=None, help="write the results here (rewritten after each section)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds after which remaining variants are skipped (rows so far are kept)")
@@ -501,7 +536,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cuda-depthwise", default=None, choices=convolution.CUDA_DEPTHWISE_LAYOUTS,
                         help="CUDA only: how depth-wise convs run (models.convolution.CUDA_DEPTHWISE_LAYOUT; "
                              "shifted_sum is meant for the compiled variants)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for option, names, known in (("--variants", args.variants, VARIANTS), ("--sections", args.sections, SECTIONS)):
+        unknown = [name for name in names.split(",") if name and name not in known]
+        if unknown:
+            parser.error(f"{option}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -514,6 +554,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         convolution.CUDA_DEPTHWISE_LAYOUT = args.cuda_depthwise
     device = resolve_device(args.device)
     quick = args.quick
+    variants, skipped = [], []
+    for variant in (v for v in args.variants.split(",") if v):
+        (variants if DEVICE_ONLY.get(variant, device.type) == device.type else skipped).append(variant)
     s = Settings(device=device, quick=quick,
                  seconds=args.seconds or (1.0 if quick else 4.0),
                  repeats=args.repeats or (2 if quick else 3), warmup=args.warmup,
@@ -521,17 +564,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  separator_seconds=args.separator_seconds or (12.0 if quick else 300.0),  # quick: 2 chunks
                  train_seconds=args.train_seconds or (0.5 if quick else 4.0),
                  train_batches=[int(b) for b in args.train_batches.split(",") if b],
-                 variants=[v for v in args.variants.split(",") if v],
+                 variants=variants, skipped_variants=skipped,
                  time_budget_s=args.time_budget, started=time.perf_counter())
     sections = [x for x in args.sections.split(",") if x]
-    unknown = set(sections) - {"latency", "throughput", "separator", "training"}
-    if unknown:
-        raise SystemExit(f"unknown sections: {sorted(unknown)}")
     model = make_model(args).to(device)
     info = machine_info(device)
     print(f"device {device} | {info.get('gpu', info.get('cpu'))} | threads {info['threads']} | "
           f"model {'tiny' if quick and not args.checkpoint else 'full'} "
           f"({sum(p.numel() for p in model.parameters()):,} params)", flush=True)
+    for variant in skipped:
+        print(f"  {variant:<39} skipped: {DEVICE_ONLY[variant].upper()} only", flush=True)
     rows = s.rows
     result = {"machine": info, "settings": {k: str(v) if isinstance(v, torch.device) else v
                                             for k, v in vars(s).items() if k not in ("rows", "save")},

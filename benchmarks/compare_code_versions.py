@@ -20,9 +20,13 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys, time, torch
+from pathlib import Path
 src, weights, out, tuned, threads, seconds, calls = sys.argv[1:8]
 sys.path.insert(0, src)
 import mossformer2
+# A src without the package (a typo) would silently import the installed current code: refuse before timing.
+if not Path(mossformer2.__file__).resolve().is_relative_to(Path(src).resolve()):
+    sys.exit(f"mossformer2 was imported from {mossformer2.__file__}, not from under {src}")
 from mossformer2 import MossFormer2Config, build_model
 if tuned == "1":
     import ctypes
@@ -46,14 +50,26 @@ print(json.dumps({"module": mossformer2.__file__, "times": times}))
 """
 
 
-def main() -> None:
+def run_child(name: str, src: str, weights: str, out: str, tuned: str, threads: int, seconds: float,
+              calls: int) -> dict:
+    """Run CHILD for one checkout; on failure show its stderr (the reason) and stop."""
+    proc = subprocess.run([sys.executable, "-c", CHILD, src, weights, out, tuned, str(threads), str(seconds),
+                           str(calls)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"{name} run (--{name}-src {src}) failed with exit status {proc.returncode}: "
+                         f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline-src", required=True, help="src/ folder of the baseline checkout")
     parser.add_argument("--current-src", default=str(Path(__file__).resolve().parents[1] / "src"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--calls", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -64,13 +80,11 @@ def main() -> None:
         outputs = {}
         for name, src, tuned in runs:
             out = str(Path(tmp) / f"{name}{tuned}.pt")
-            line = subprocess.run([sys.executable, "-c", CHILD, src, weights, out, tuned, str(args.threads),
-                                   str(args.seconds), str(args.calls)], check=True, capture_output=True,
-                                  text=True).stdout.strip().splitlines()[-1]
-            result = json.loads(line)
+            result = run_child(name, src, weights, out, tuned, args.threads, args.seconds, args.calls)
             outputs[name] = torch.load(out, weights_only=True)
             allocator = "keep_freed_memory_for_reuse" if tuned == "1" else "default"
-            print(f"{name:9s} allocator {allocator:28s} " + "  ".join(f"{t:.2f} s" for t in result["times"]))
+            print(f"{name:9s} allocator {allocator:28s} " + "  ".join(f"{t:.2f} s" for t in result["times"])
+                  + f"  ({result['module']})")
         ref, cur = outputs["baseline"], outputs["current"]
         rel = float((cur - ref).norm() / ref.norm())
         print(f"current vs baseline output: relative L2 error {rel:.2e}, max abs {float((cur - ref).abs().max()):.2e}")

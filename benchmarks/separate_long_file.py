@@ -29,6 +29,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def current_rss_mib() -> float:
+    """Resident memory now (VmRSS), not the lifetime peak that ``ru_maxrss`` reports."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def write_long_mixture(path: Path, minutes: float, seed: int = 0) -> float:
     """Two amplitude-modulated noise 'talkers', one minute per block. Returns the duration in seconds."""
     rng = np.random.default_rng(seed)
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from mossformer2.separation.refine import REFINEMENTS
 
     model = load(args.model)
-    rss_model = peak_rss_mib()
+    rss_model = current_rss_mib()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "long.wav"
         seconds = write_long_mixture(src, args.minutes)
