@@ -40,6 +40,7 @@ from mossformer2 import MossFormer2, MossFormer2Config, build_model, load_model
 from mossformer2.losses import pit_si_sdr_loss, si_sdr
 from mossformer2.models import convolution
 from mossformer2.models.config import tiny_test_config
+from mossformer2.models.mossformer import REALIZE_REUSED_PRODUCERS
 from mossformer2.separation.cuda_graphs import CudaGraphModel
 
 GRAPH_VARIANTS = {"graph": None, "graph-bf16": torch.bfloat16, "graph-fp16": torch.float16}
@@ -243,7 +244,7 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
                 regional = variant not in GRAPH_VARIANTS
                 dtype = torch.bfloat16 if regional else GRAPH_VARIANTS[variant]
                 run_graphed(("compiled layers + " if regional else "") + f"CUDA graph {DTYPE_NAMES[dtype]}",
-                            copy.deepcopy(model).compile_layers(dynamic=False) if regional else model, dtype, wave_dev)
+                            compile_regions(copy.deepcopy(model)) if regional else model, dtype, wave_dev)
             elif variant == "bf16":
                 run("eager bf16 autocast", eager(model, torch.bfloat16))
             elif variant in BF16_WEIGHT_VARIANTS:
@@ -252,7 +253,7 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
                 start = time.perf_counter()
                 halved = copy.deepcopy(model).bfloat16()
                 if variant == "regional-compile-graph-bf16-weights":
-                    halved.compile_layers(dynamic=False)
+                    compile_regions(halved)
                 wave_half = wave_dev.bfloat16()
                 if variant == "bf16-weights":
                     run("eager bf16 weights", eager(halved, None, wave_half), setup_s=time.perf_counter() - start)
@@ -354,11 +355,20 @@ def profile_forward(model: torch.nn.Module, wave: torch.Tensor, path: str | Path
         Path(path).write_text("\n".join(parts))
 
 
+# Inductor options of the compiled-layers variants (--realize-reused: MossFormer2's REALIZE_REUSED_PRODUCERS).
+COMPILE_OPTIONS: dict | None = None
+
+
+def compile_regions(model: MossFormer2) -> MossFormer2:
+    """``model.compile_layers`` for one static shape, with ``COMPILE_OPTIONS``."""
+    return model.compile_layers(dynamic=False, options=COMPILE_OPTIONS)
+
+
 def profile_compiled(model: MossFormer2, s: Settings, path: str | Path) -> None:
     """Kernel tables of the compiled-layers model (``MossFormer2.compile_layers``, no CUDA graph, so that each
     generated kernel shows) at batch 1 and at the throughput batch: bf16 on a GPU (its best variant), fp32 on the
     CPU (where a compiled bf16 forward does not finish). Written to ``path`` (batch 1) and ``<path>.batchN``."""
-    compiled = copy.deepcopy(model).compile_layers(dynamic=False)
+    compiled = compile_regions(copy.deepcopy(model))
     dtypes = (torch.bfloat16,) if s.device.type == "cuda" else (None,)
     samples = int(s.seconds * model.config.sample_rate)
     for batch, out in ((1, Path(path)), (s.batch, Path(f"{path}.batch{s.batch}"))):
@@ -482,6 +492,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda_depthwise"] = convolution.CUDA_DEPTHWISE_LAYOUT
+        info["compile_options"] = COMPILE_OPTIONS
     with contextlib.suppress(ImportError):
         import onnxruntime
 
@@ -536,6 +547,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cuda-depthwise", default=None, choices=convolution.CUDA_DEPTHWISE_LAYOUTS,
                         help="CUDA only: how depth-wise convs run (models.convolution.CUDA_DEPTHWISE_LAYOUT; "
                              "shifted_sum is meant for the compiled variants)")
+    parser.add_argument("--realize-reused", action="store_true",
+                        help="compiled-layers variants store reused producers of the shifted-sum convs "
+                             "(models.mossformer.REALIZE_REUSED_PRODUCERS) instead of recomputing them per tap")
     args = parser.parse_args(argv)
     for option, names, known in (("--variants", args.variants, VARIANTS), ("--sections", args.sections, SECTIONS)):
         unknown = [name for name in names.split(",") if name and name not in known]
@@ -552,6 +566,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     if args.cuda_depthwise:
         convolution.CUDA_DEPTHWISE_LAYOUT = args.cuda_depthwise
+    global COMPILE_OPTIONS
+    COMPILE_OPTIONS = dict(REALIZE_REUSED_PRODUCERS) if args.realize_reused else None
     device = resolve_device(args.device)
     quick = args.quick
     variants, skipped = [], []

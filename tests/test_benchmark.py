@@ -201,6 +201,22 @@ def test_cuda_depthwise_option_sets_the_layout_and_refuses_unknown_names(capsys)
         convolution.CUDA_DEPTHWISE_LAYOUT = before
 
 
+def test_realize_reused_passes_its_options_to_every_compiled_region(monkeypatch):
+    from mossformer2.models.mossformer import REALIZE_REUSED_PRODUCERS
+
+    benchmark = _load_benchmark()
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    for flags, expected in (([], None), (["--realize-reused"], REALIZE_REUSED_PRODUCERS)):
+        calls.clear()
+        benchmark.main(["--quick", "--device", "cpu", "--sections", "", "--variants", "", *flags])
+        from mossformer2 import build_model
+        from mossformer2.models.config import tiny_test_config
+
+        benchmark.compile_regions(build_model(tiny_test_config()))
+        assert calls and all(kwargs["options"] == expected and kwargs["dynamic"] is False for kwargs in calls)
+
+
 def test_compiled_profile_writes_a_table_per_batch(tmp_path):
     """--profile-compiled profiles the compile_layers() model at batch 1 and at the throughput batch (fp32 on the
     CPU); the tables list the compiled regions' work."""

@@ -126,6 +126,15 @@ class MaskNet(nn.Module):
         return masks.transpose(0, 1)
 
 
+# Opt-in inductor options for compile_layers. A shifted-sum conv reads its input K times (17 or 39 taps); on CUDA
+# the compiler inlines a cheap producer (SiLU, norm + PReLU: ~8-15 ops) into every read instead of storing it
+# once, so the conv kernels recompute it K times per output: on an H200 (bf16, 4 s) they took ~24 of 35 ms at
+# batch 1 and ~300 of 437 ms at batch 16. Storing reused producers of more than 7 ops (inductor's CUDA default:
+# 30) took the bf16-weight model from 32 to 27 ms at batch 1 (36.3 dB from fp32), but under bf16 autocast the
+# output broke (11.5 dB, like compiled float32's 11.9 dB): not a default until that fault is understood.
+REALIZE_REUSED_PRODUCERS = {"realize_opcount_threshold": 7}
+
+
 class MossFormer2(nn.Module):
     """MossFormer2 speech separation network (official MossFormer2_SS_16K layout).
 
@@ -186,7 +195,7 @@ class MossFormer2(nn.Module):
             if hasattr(module, "cuda_depthwise_layout"):
                 module.cuda_depthwise_layout = layout
 
-    def compile_layers(self, dynamic: bool | None = None) -> "MossFormer2":
+    def compile_layers(self, dynamic: bool | None = None, options: dict | None = None) -> "MossFormer2":
         """``torch.compile`` each FLASH layer and gated FSMN block in place; returns ``self``.
 
         Regional compilation: the FLASH layers share one compiled region and the FSMN blocks another, so it takes
@@ -199,11 +208,12 @@ class MossFormer2(nn.Module):
         that GPU a float32 run did not match eager (11.9 dB; ``benchmarks/gpu_checks.py --checks compiled``
         checks it), and on the CPU a compiled bf16 forward did not finish (torch 2.13). ``dynamic``: as
         ``torch.compile``'s (``None``: static for the first input shape, one dynamic recompile on a second).
+        ``options``: inductor options for every region, e.g. ``REALIZE_REUSED_PRODUCERS`` (see its note).
         """
         self.set_cuda_depthwise_layout("shifted_sum")
         layers = self.mask_net.mdl.intra_mdl.mossformerM
         for layer in [*layers.layers, *layers.fsmn]:
-            layer.compile(dynamic=dynamic)
+            layer.compile(dynamic=dynamic, options=dict(options) if options else None)
         return self
 
     def check_input(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
