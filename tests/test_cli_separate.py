@@ -238,8 +238,11 @@ def test_torchrun_rank_processes_its_shard_only(ckpt, tmp_path, monkeypatch, cap
         monkeypatch.setenv("LOCAL_RANK", str(rank))
         assert main(["separate", str(data), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 0
         now = set(outputs_under(tmp_path / "o"))
-        assert not (now - done) & done
-        assert f"[rank {rank}/2]" in capsys.readouterr().out
+        # Rank r takes files r, r + 2, ... of the sorted list, and only those (not the other rank's, then skipped).
+        mine = range(rank, 5, 2)
+        assert now - done == {f"f{k}_s{j}.wav" for k in mine for j in (1, 2)}
+        out = capsys.readouterr().out
+        assert f"[rank {rank}/2]" in out and f"separated {len(mine)} file(s), skipped 0" in out, out
         done |= now
     assert len(done) == 10
 
@@ -468,3 +471,47 @@ def test_bad_options_leave_no_output_folder(ckpt, tmp_path, capsys):
     for bad in (["--sir", "nan"], ["--checkpoint", str(three)]):
         assert main(["demo", "-o", str(fresh), "--device", "cpu", *bad]) == 1
         assert "error: " in capsys.readouterr().err and not (tmp_path / "fresh").exists(), bad
+
+
+SEPARATOR_FLAGS = ["--dtype", "bfloat16", "--chunk-seconds", "3", "--overlap-seconds", "0.5", "--stitching",
+                   "clearvoice", "--normalize", "peak", "--no-polarity-ensemble", "--wiener-filter"]
+SEPARATOR_KWARGS = {"dtype": "bfloat16", "chunk_seconds": 3.0, "overlap_seconds": 0.5, "stitching": "clearvoice",
+                    "normalize": "peak", "polarity_ensemble": False, "wiener_filter": True}
+
+
+def recording_separator(monkeypatch) -> list[dict]:
+    """Replace the Separator the commands build with one that records its keyword arguments."""
+    import mossformer2.separation as separation
+
+    seen: list[dict] = []
+
+    class Recording(separation.Separator):
+        def __init__(self, model, **kwargs):
+            seen.append(kwargs)
+            super().__init__(model, **kwargs)
+
+    monkeypatch.setattr(separation, "Separator", Recording)
+    return seen
+
+
+def test_separate_passes_its_options_to_the_separator(ckpt, tmp_path, monkeypatch):
+    """Each option reaches the Separator (an audit hard-coded dtype, stitching and normalize: no test noticed)."""
+    sf.write(str(tmp_path / "a.wav"), noise(8000), 16000)
+    seen = recording_separator(monkeypatch)
+    assert main(["separate", str(tmp_path / "a.wav"), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
+                 "--device", "cpu", "--batch-size", "2", "--channels", "each", *SEPARATOR_FLAGS]) == 0
+    (kwargs,) = seen
+    assert {key: kwargs[key] for key in SEPARATOR_KWARGS} == SEPARATOR_KWARGS
+    assert (kwargs["batch_size"], kwargs["channels"]) == (2, "each")
+
+
+def test_evaluate_passes_its_options_to_the_separator(ckpt, tmp_path, monkeypatch):
+    from tests.test_mix import make_speaker_folder
+
+    speakers = make_speaker_folder(tmp_path / "speakers", speakers=2, files=1)
+    assert main(["mix", str(speakers), "-o", str(tmp_path / "mixed"), "--num-mixtures", "1"]) == 0
+    seen = recording_separator(monkeypatch)
+    main(["evaluate", "--data", str(tmp_path / "mixed"), "--out", str(tmp_path / "scores"), "--checkpoint",
+          str(ckpt), "--device", "cpu", "--metrics", "si_sdr", *SEPARATOR_FLAGS])
+    (kwargs,) = seen
+    assert {key: kwargs[key] for key in SEPARATOR_KWARGS} == SEPARATOR_KWARGS
