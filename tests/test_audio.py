@@ -107,7 +107,7 @@ def test_resample_keeps_layout_and_content():
     assert 10 * np.log10(np.sum(expected[:, inner] ** 2) / np.sum(err**2)) > 60  # high quality
     mono = resample(wave[0], 48000, 44100)
     assert mono.shape == (44100,)
-    assert resample(wave, 16000, 16000) is not None and resample(wave, 16000, 16000).shape == wave.shape
+    np.testing.assert_array_equal(resample(wave, 16000, 16000), wave)  # same rate: the samples themselves
     with pytest.raises(ValueError):
         resample(wave, 0, 16000)
 

@@ -227,3 +227,14 @@ def test_speaker_folders_skip_hidden_names(tmp_path):
     table = speaker_files(root)
     assert sorted(table) == sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
     assert all(not f.name.startswith(".") for files in table.values() for f in files)
+
+
+def test_mix_writes_at_the_requested_sample_rate(tmp_path):
+    f1 = write_speech(tmp_path / "in" / "a.wav", seed=1, seconds=1.0)
+    f2 = write_speech(tmp_path / "in" / "b.wav", seed=2, seconds=1.0, f0=220.0)
+    out = tmp_path / "out"
+    assert main(["mix", str(f1), str(f2), "-o", str(out), "--sample-rate", "8000"]) == 0
+    (entry,) = load_manifest(out)
+    for path in (entry.mix, *entry.sources):
+        info = sf.info(str(path))
+        assert info.samplerate == 8000 and info.frames == 8000  # 1 s of 16 kHz input, resampled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from mossformer2.cli import main
@@ -81,6 +82,15 @@ def test_demo_command(tmp_path, capsys):
 
     saved = json.loads((tmp_path / "demo" / "scores.json").read_text())
     assert saved["sir_db"] == 0.0 and f"mean SI-SDRi: {saved['si_sdri']:.2f} dB" in captured.out
+    # --sir sets the level of speaker 1 over speaker 2 (measured on the written references, P.56 active level).
+    import soundfile as sf
+
+    from tests.test_mix import measured_sir_db
+
+    assert main(["demo", "-o", str(tmp_path / "demo6"), "--device", "cpu", "--sir", "6"]) == 0
+    refs = [sf.read(tmp_path / "demo6" / f"reference{k}.wav", dtype="float32")[0] for k in (1, 2)]
+    assert measured_sir_db(refs[0], refs[1]) == pytest.approx(6.0, abs=0.1)
+    assert json.loads((tmp_path / "demo6" / "scores.json").read_text())["sir_db"] == 6.0
 
 
 def test_separate_uses_the_built_in_model_by_default(tmp_path, capsys):
