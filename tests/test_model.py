@@ -253,17 +253,34 @@ def test_gradients_flow(tiny_config):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_activation_checkpointing_gives_same_gradients(tiny_config):
+def test_activation_checkpointing_gives_same_gradients(tiny_config, monkeypatch):
+    from mossformer2.models import mossformer
+
+    calls: list[type] = []
+    original = mossformer.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        calls.append(type(function))
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(mossformer, "checkpoint", counting_checkpoint)  # the name the layer stack calls
     torch.manual_seed(1)
-    model = build_model(tiny_config.replace(dropout=0.0)).train()
+    model = build_model(tiny_config.replace(dropout=0.0, num_mossformer_layer=2)).train()
     x = torch.randn(2, 1500)
     model(x).square().mean().backward()
+    assert calls == []  # off by default
     plain = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
     model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing = True
     model(x).square().mean().backward()
+    # Each of the 2 layers checkpoints its FLASH layer and its FSMN block, once per forward
+    assert calls == [mossformer.FLASHLayer, mossformer.GatedFSMNBlock] * 2
     for a, p in zip(plain, (p for p in model.parameters() if p.requires_grad)):
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # inference and eval never checkpoint
+        model(x)
+        model.eval()(x)
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize(

@@ -208,6 +208,7 @@ def test_weight_decay_is_applied(corpus, tmp_path, decoupled):
                           "optim.lr=0.01")
         trainer = Trainer(cfg, tmp_path / f"wd{wd}")
         assert trainer.optimizer.param_groups[0]["weight_decay"] == wd
+        assert isinstance(trainer.optimizer, torch.optim.AdamW) == decoupled  # (AdamW subclasses Adam)
         for p in trainer.model.parameters():
             p.grad = torch.zeros_like(p)  # only weight decay can move the weights
         before = weights(trainer.model)
@@ -217,6 +218,39 @@ def test_weight_decay_is_applied(corpus, tmp_path, decoupled):
     before, after = results[0.5]
     w = "enc.conv1d.weight"
     assert float(after[w].abs().sum()) < float(before[w].abs().sum())  # shrunk toward zero
+    # Zero gradients, first step, lr 0.01, wd 0.5. AdamW decays the weights directly: w * (1 - lr * wd). Adam adds
+    # wd * w to the gradient, and its first step moves each weight by lr * g / (|g| + eps) = lr * sign(w).
+    if decoupled:
+        torch.testing.assert_close(after[w], before[w] * (1 - 0.01 * 0.5), rtol=1e-6, atol=0.0)
+    else:
+        big = 0.5 * before[w].abs() > 1e-5  # |g| >> eps
+        assert big.float().mean() > 0.9
+        torch.testing.assert_close(after[w][big], before[w][big] - 0.01 * before[w][big].sign(), rtol=1e-3, atol=1e-6)
+
+
+def test_loss_clamp_db_caps_each_speakers_si_sdr_in_the_training_loss(corpus, tmp_path):
+    plain = Trainer(make_config(corpus), tmp_path / "plain")
+    batch = next(iter(plain.train_loader))
+    torch.manual_seed(0)
+    est = batch["sources"] + 1e-4 * torch.randn_like(batch["sources"])  # about 50 dB SI-SDR
+    clamped = Trainer(make_config(corpus, "optim.loss_clamp_db=30"), tmp_path / "clamped", loaders=(None, None))
+    assert float(plain._loss(est, batch)) < -40.0
+    assert float(clamped._loss(est, batch)) == pytest.approx(-30.0, abs=1e-4)
+    plain.close()
+    clamped.close()
+
+
+def test_resume_false_starts_a_fresh_run_beside_last_pt(corpus, tmp_path):
+    Trainer(make_config(corpus, "trainer.max_steps=1"), tmp_path / "exp").fit()
+    assert (tmp_path / "exp" / "last.pt").is_file()
+    fresh = Trainer(make_config(corpus, "trainer.resume=false"), tmp_path / "exp", loaders=(None, None))
+    assert fresh.state.step == 0 and fresh.state.epoch == 0 and not fresh.optimizer.state
+    new = Trainer(make_config(corpus), tmp_path / "new", loaders=(None, None))  # the same seed, nothing to resume
+    assert_bitwise_equal(weights(new.model), weights(fresh.model))
+    resumed = Trainer(make_config(corpus), tmp_path / "exp", loaders=(None, None))  # the default resumes
+    assert resumed.state.step == 1
+    for t in (fresh, new, resumed):
+        t.close()
 
 
 def test_plateau_halves_lr_and_early_stopping_keeps_best(corpus, tmp_path, monkeypatch):
@@ -238,16 +272,44 @@ def test_plateau_halves_lr_and_early_stopping_keeps_best(corpus, tmp_path, monke
     assert best["epoch"] == 1 and best["valid"]["valid_si_sdri"] == 2.0
 
 
-def test_bf16_autocast_and_activation_checkpointing(corpus, tmp_path):
+def _record_linear_dtypes(trainer: Trainer) -> list[torch.dtype]:
+    """Output dtypes of the first FLASH layer's hidden projection (an nn.Linear) in every forward pass."""
+    linear = trainer.model.mask_net.mdl.intra_mdl.mossformerM.layers[0].to_hidden.mdl[1]
+    assert isinstance(linear, torch.nn.Linear)
+    dtypes: list[torch.dtype] = []
+    linear.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    return dtypes
+
+
+def test_bf16_autocast_and_activation_checkpointing(corpus, tmp_path, monkeypatch):
+    from mossformer2.models import mossformer
+
     cfg = make_config(corpus, "trainer.max_steps=2", "trainer.precision=bf16", "model.dropout=0.0")
-    state = Trainer(cfg, tmp_path / "bf16").fit()
+    bf16 = Trainer(cfg, tmp_path / "bf16")
+    bf16_dtypes = _record_linear_dtypes(bf16)
+    state = bf16.fit()
     assert state.skipped_steps == 0
+    assert torch.bfloat16 in bf16_dtypes  # trainer.precision=bf16 really runs the layers under bf16 autocast
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # fp32 master weights
     plain = make_config(corpus, "trainer.max_steps=2", "model.dropout=0.0")
     ckpt = make_config(corpus, "trainer.max_steps=2", "model.dropout=0.0", "trainer.activation_checkpointing=true")
     a, b = Trainer(plain, tmp_path / "plain"), Trainer(ckpt, tmp_path / "ckpt")
+    fp32_dtypes = _record_linear_dtypes(a)
     assert b.model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing
+    calls = {"n": 0}
+    original = mossformer.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mossformer, "checkpoint", counting_checkpoint)
     a.fit()
+    assert calls["n"] == 0
+    assert fp32_dtypes and torch.bfloat16 not in fp32_dtypes
     b.fit()
+    # 2 steps x 2 micro-batches, one (FLASH, FSMN) pair per layer: 2 checkpointed calls per training forward
+    assert calls["n"] == 2 * 2 * 2 * cfg.model.num_mossformer_layer
     for k, v in weights(a.model).items():
         torch.testing.assert_close(v, weights(b.model)[k], atol=1e-6, rtol=1e-5)
 
@@ -336,6 +398,39 @@ def test_validation_reports_si_sdri(corpus, tmp_path):
     trainer = Trainer(make_config(corpus), tmp_path)
     result = trainer.validate()
     assert result["count"] == 2 and all(math.isfinite(result[k]) for k in ("loss", "si_sdr", "si_sdri"))
+    trainer.close()
+
+
+def test_validation_si_sdri_is_the_improvement_over_the_mixture(corpus, tmp_path):
+    """With 3 speakers the mixture's SI-SDR against each source is about -3 dB (with 2 it averages about 0 over
+    the speakers, which hid a validation that reported SI-SDR as SI-SDRi). A "separator" that returns the
+    mixture for every speaker improves nothing: SI-SDRi 0, SI-SDR well below 0."""
+    from mossformer2 import losses
+
+    # The module corpus's training folder holds 3 speakers: enough for 3-speaker validation mixtures.
+    cfg = make_config(corpus, "model.num_spks=3", f"data.dynamic_mixing.valid_utterances={corpus.train_utterances}",
+                      "data.dynamic_mixing.valid_examples=4")
+    trainer = Trainer(cfg, tmp_path)
+    trainer.eval_model.forward = lambda mix, lengths=None: mix[:, None, :].expand(-1, 3, -1).clone()
+    result = trainer.validate()
+    assert result["count"] == 4
+    assert abs(result["si_sdri"]) < 1e-3 and result["si_sdr"] < -1.0, result
+    # The real (untrained) network, checked against SI-SDRi recomputed from mossformer2.losses
+    del trainer.eval_model.forward
+    result = trainer.validate()
+    expected, count = 0.0, 0
+    with torch.no_grad():
+        for batch in trainer.valid_loader:
+            mix, ref, lengths = batch["mix"], batch["sources"], batch["lengths"]
+            est = trainer.eval_model(mix, lengths)
+            perm = losses.best_permutation(losses.pairwise_si_sdr(est, ref, lengths))  # est i -> ref perm[i]
+            matched = torch.stack([est[b, perm[b].argsort()] for b in range(len(est))])  # reordered like ref
+            improvement = losses.si_sdr(matched, ref, lengths) - losses.si_sdr(mix[:, None].expand_as(ref), ref,
+                                                                                lengths)
+            expected += float(improvement.mean(-1).sum())
+            count += len(mix)
+    assert count == 4 and result["si_sdri"] == pytest.approx(expected / count, abs=1e-4)
+    assert abs(result["si_sdri"] - result["si_sdr"]) > 1.0  # the two differ here, so the check above means something
     trainer.close()
 
 
