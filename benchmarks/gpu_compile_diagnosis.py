@@ -19,7 +19,7 @@ argument, which would change the FLASH layers' positions only when compiled (a c
 autocast the tables are float32 too, and bf16 matched). CPU dry run (the convs stay convs there)::
 
     python benchmarks/gpu_compile_diagnosis.py --device cpu --tiny --rows 2
-    python benchmarks/gpu_compile_diagnosis.py --json diagnosis.json       # CUDA, ~6 min (9 rows)
+    python benchmarks/gpu_compile_diagnosis.py --json diagnosis.json       # CUDA, ~7 min (11 rows)
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import torch
 from mossformer2 import MossFormer2Config, build_model
 from mossformer2.losses import si_sdr
 from mossformer2.models.config import tiny_test_config
+from mossformer2.models.mossformer import REALIZE_REUSED_PRODUCERS
 from mossformer2.separation.cuda_graphs import CudaGraphModel
 
 
@@ -48,10 +49,15 @@ class Row(NamedTuple):
     dtype: torch.dtype
     padded: bool = False  # items of PADDED_FRACTIONS of the length, zero-padded, with ``lengths``
     seconds: float = 4.0  # length of each of the three items
+    realize: bool = False  # compiled with REALIZE_REUSED_PRODUCERS (reused producers stored, not recomputed)
 
 
-# The first rows are the cheapest to tell apart.
+# The first rows are the cheapest to tell apart. The first two: session 11 found bf16 autocast broken (11.5 dB)
+# once reused producers are stored (REALIZE_REUSED_PRODUCERS), a fast reproducer; with and without a CUDA graph.
 ROWS = [
+    Row("both regions, shifted sums, bf16, stored producers, CUDA graph", "both", True, True, torch.bfloat16,
+        realize=True),
+    Row("both regions, shifted sums, bf16, stored producers", "both", True, False, torch.bfloat16, realize=True),
     Row("both regions, shifted sums, fp32", "both", True, False, torch.float32),
     Row("both regions, shifted sums, fp32, padded batch", "both", True, False, torch.float32, padded=True),
     Row("both regions, default convs, fp32", "both", False, False, torch.float32),
@@ -65,7 +71,7 @@ ROWS = [
 PADDED_FRACTIONS = (1.0, 0.78, 0.5627)  # of the batch length; the last one not a multiple of the hop
 
 
-def compiled_copy(model: torch.nn.Module, regions: str, shifted: bool) -> torch.nn.Module:
+def compiled_copy(model: torch.nn.Module, regions: str, shifted: bool, realize: bool = False) -> torch.nn.Module:
     """A copy of ``model`` with the chosen regions compiled (``compile_layers`` restricted to them)."""
     model = copy.deepcopy(model)
     if shifted:
@@ -73,7 +79,7 @@ def compiled_copy(model: torch.nn.Module, regions: str, shifted: bool) -> torch.
     layers = model.mask_net.mdl.intra_mdl.mossformerM
     chosen = {"flash": [*layers.layers], "fsmn": [*layers.fsmn], "both": [*layers.layers, *layers.fsmn]}[regions]
     for layer in chosen:
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=False, options=dict(REALIZE_REUSED_PRODUCERS) if realize else None)
     return model
 
 
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = build_model(tiny_test_config() if args.tiny else MossFormer2Config()).to(device).eval()
     results = [probe_rotary_tables(model, device)]
     print(json.dumps(results[0]), flush=True)
-    for name, regions, shifted, graph, dtype, pad, seconds in ROWS[: args.rows]:
+    for name, regions, shifted, graph, dtype, pad, seconds, realize in ROWS[: args.rows]:
         if dtype != torch.float32 and device.type != "cuda":
             continue  # compiled bf16 does not finish on the CPU (torch 2.13)
         samples = int(seconds * 16000)
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch._dynamo.reset()  # each row compiles afresh: no code cached from an earlier row
         start = time.perf_counter()
         try:
-            compiled = compiled_copy(model, regions, shifted)
+            compiled = compiled_copy(model, regions, shifted, realize)
             if graph and device.type == "cuda":
                 runner = CudaGraphModel(compiled, dtype)
                 with torch.inference_mode():

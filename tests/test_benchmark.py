@@ -172,14 +172,15 @@ def test_cuda_graphs_check_fails_when_nothing_was_captured():
 
 
 def test_compile_diagnosis_dry_run_on_cpu(tmp_path):
-    """benchmarks/gpu_compile_diagnosis.py probes the compiled rotary tables, then scores its first row (compiled
-    layers, fp32) against eager on the CPU."""
+    """benchmarks/gpu_compile_diagnosis.py probes the compiled rotary tables, then scores its first fp32 row
+    (compiled layers) against eager on the CPU; the two bf16 rows before it are CUDA only."""
     diagnosis = _load_benchmark("gpu_compile_diagnosis")
     out = tmp_path / "diagnosis.json"
-    rows = diagnosis.main(["--device", "cpu", "--tiny", "--rows", "1", "--json", str(out)])
+    rows = diagnosis.main(["--device", "cpu", "--tiny", "--rows", "3", "--json", str(out)])
     assert rows[0]["variant"].startswith("probe: rotary cos/sin tables, 20000 frames")
     assert rows[0]["max_abs_diff"] < 1e-3  # the CPU's compiled cos / sin are accurate
-    assert [row["variant"] for row in rows[1:]] == [diagnosis.ROWS[0][0]]
+    assert [r.dtype for r in diagnosis.ROWS[:3]] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    assert [row["variant"] for row in rows[1:]] == [diagnosis.ROWS[2].name]
     assert rows[1]["si_sdr_vs_eager_fp32_db"] > 60
     assert json.loads(out.read_text()) == rows
 

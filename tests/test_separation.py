@@ -318,8 +318,9 @@ def test_write_sources_is_all_or_nothing(tmp_path):
     sources = noise((2, 1000))
     sources[1, 10] = np.nan  # the second file cannot be written
     paths = [tmp_path / "a_s1.wav", tmp_path / "a_s2.wav"]
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="NaN") as caught:
         write_sources(paths, sources, SR)
+    assert str(paths[1]) in str(caught.value) and ".tmp" not in str(caught.value)  # the file, not its temp
     assert list(tmp_path.iterdir()) == []
     write_audio(paths[0], np.full(100, 0.5, np.float32), SR)
     with pytest.raises(ValueError):

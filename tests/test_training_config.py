@@ -174,6 +174,10 @@ def test_errors_caused_by_an_override_name_it_not_the_yaml_file(tmp_path):
         with pytest.raises(ConfigError) as err:
             load_train_config(path, ["data.batch_size=2", override])
         assert str(err.value) == f"command-line override {override!r}: {words}"
+    # A value that is not YAML is named once (the override was prefixed twice).
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path, ["optim.lr=["])
+    assert str(err.value).count("command-line override 'optim.lr=['") == 1, str(err.value)
     # An error of the file itself is still the file's, whatever the overrides.
     bad = _write(tmp_path, {"data": {"synthetic": True}, "optim": {"lr": -1}})
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: optim.lr must be > 0"):

@@ -5,6 +5,7 @@ Waveforms are numpy float32 arrays: ``[C, T]`` (channels first) or ``[T]`` for m
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -37,6 +38,11 @@ def find_audio_files(folder: str | Path) -> list[Path]:
         found.extend(Path(parent, name) for name in names
                      if not name.startswith(".") and Path(name).suffix.lower() in AUDIO_SUFFIXES)
     return sorted(p for p in found if p.is_file())  # a link to a file counts, a dangling one does not
+
+
+def visible_subfolders(folder: str | Path) -> list[Path]:
+    """The folders directly in ``folder`` (speaker folders of a corpus), sorted; hidden ones (``.x``) skipped."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def soundfile_name(path: str | Path) -> str | bytes:
@@ -192,10 +198,12 @@ def check_writable(format: str, channels: int, sample_rate: int, subtype: str = 
 
 
 def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, subtype: str = "PCM_16",
-                format: str | None = None) -> Path:
+                format: str | None = None, temp: Path | None = None) -> Path:
     """Write ``[T]`` or ``[C, T]`` atomically as wav/flac (format from the suffix unless given).
 
     Integer subtypes would wrap around on samples outside [-1, 1]; such samples are clipped with a warning.
+    ``temp``: write there instead, a temporary file the caller renames onto ``path`` (``atomic_paths``, for files
+    that appear together); messages still name ``path``.
     """
     path = Path(path)
     fmt = (format or path.suffix.lstrip(".")).lower()
@@ -213,7 +221,7 @@ def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, subtype: s
     wave = clip_guard(wave, subtype, path.name)
     frames = wave if wave.ndim == 1 else wave.T  # soundfile wants [T, C]
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path) if temp is None else contextlib.nullcontext(temp) as tmp:
             sf.write(soundfile_name(tmp), frames, int(sample_rate), subtype=subtype, format=WRITE_FORMATS[fmt])
     except sf.LibsndfileError as err:  # its message names the temp file: name the file asked for
         raise sf.LibsndfileError(err.code, prefix=f"cannot write {path}: ") from None

@@ -83,15 +83,19 @@ def model_ref(args: argparse.Namespace) -> str | None:
     return model_name_to_ref(args.model) if args.model is not None else args.checkpoint
 
 
+def announce_builtin_model(alternatives: str = "--checkpoint PATH or --model NAME") -> None:
+    """Say on stderr that the built-in model runs, and how to pick another."""
+    from mossformer2.pretrained import DEFAULT_MODEL_NAME
+
+    print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass {alternatives} for another)", file=sys.stderr)
+
+
 def load_model(ref: str | None, device: str):
     """``load_separation_model(ref, device)``, saying so on stderr when ``ref`` is ``None`` (the built-in model)."""
     from mossformer2.separation import load_separation_model
 
     if ref is None:
-        from mossformer2.pretrained import DEFAULT_MODEL_NAME
-
-        print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass --checkpoint PATH or --model NAME for "
-              "another)", file=sys.stderr)
+        announce_builtin_model()
     return load_separation_model(ref, device)
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
-from mossformer2.cli import add_refinement_arguments, describe_refinements, refinement_options
+from mossformer2.cli import add_refinement_arguments, announce_builtin_model, describe_refinements, refinement_options
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "pretrained" / "demo"
 DEMO_CLIPS = ("speaker_ro.flac", "speaker_es.flac")
@@ -29,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = None,
              device: str = "auto", **refinements: bool | None) -> dict:
-    """Mix, separate, write ``mixture.wav``, ``speaker1.wav``, ``speaker2.wav``, ``reference_*.wav``,
+    """Mix, separate, write ``mixture.wav``, ``speaker1.wav``, ``speaker2.wav``, ``reference1.wav``, ``reference2.wav``,
     ``spectrogram.png`` and ``scores.json`` into ``out_dir``; return the scores (see
     ``mossformer2.metrics.score_separation``).
     ``refinements``: ``Separator`` switches (``polarity_ensemble=False``, ...; default: the model's)."""
@@ -73,9 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_out_dir(args.out_dir)  # a bad -o fails before the work; run_demo creates it once the options are checked
     if args.checkpoint is None:
-        from mossformer2.pretrained import DEFAULT_MODEL_NAME
-
-        print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass --checkpoint to use another)", file=sys.stderr)
+        announce_builtin_model("--checkpoint")
     scores = run_demo(args.out_dir, args.sir, args.checkpoint, args.device, **refinement_options(args))
     si = scores["per_speaker"]
     print(f"mixture of 2 speakers at {args.sir:+.1f} dB SIR -> {args.out_dir}/")

@@ -64,8 +64,9 @@ class ShardSampler(Sampler):
 
 
 def prepare_synthetic_data(cfg: TrainConfig, root: str | Path, progress: bool = True) -> TrainConfig:
-    """Generate the synthetic corpus of ``data.synthetic`` under ``root`` (once) and return the config with
-    ``data.dynamic_mixing`` pointing at it: ``root/train`` and held-out speakers in ``root/valid``."""
+    """Generate the synthetic corpus of ``data.synthetic`` under ``root`` (again only if its settings changed) and
+    return the config with ``data.dynamic_mixing`` pointing at it: ``root/train`` and held-out speakers in
+    ``root/valid``."""
     from mossformer2.data.synthetic import generate_speaker_corpus
     from mossformer2.training.config import DynamicMixingConfig
 

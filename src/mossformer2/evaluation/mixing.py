@@ -27,7 +27,15 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import lfilter
 
-from mossformer2.audio import AUDIO_SUFFIXES
+from mossformer2.audio import (
+    AUDIO_SUFFIXES,
+    find_audio_files,
+    read_audio,
+    resample,
+    to_mono,
+    visible_subfolders,
+    write_audio,
+)
 from mossformer2.data.manifests import load_manifest
 
 PEAK_LIMIT = 0.9  # wsj0-2mix multiplies everything by 0.9 / peak (create_wav_2speakers.m: 1 / max_amp * 0.9)
@@ -153,13 +161,11 @@ def plan_from_files(files: Sequence[str | Path], sir_db: float = 0.0) -> list[Mi
 def speaker_files(root: str | Path) -> dict[str, list[Path]]:
     """``<root>/<speaker>/**/*.wav`` (any audio suffix, hidden names skipped) -> {speaker: sorted files};
     speakers without audio are left out."""
-    from mossformer2.audio import find_audio_files
-
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"speaker folder not found: {root}")
     table = {}
-    for speaker_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for speaker_dir in visible_subfolders(root):
         files = find_audio_files(speaker_dir)  # hidden names (macOS ._x.wav sidecars) are not recordings
         if files:
             table[speaker_dir.name] = files
@@ -233,7 +239,6 @@ def plan_from_recipe(recipe: str | Path, wsj_root: str | Path) -> list[MixtureSp
 
 
 def _load_mono(path: Path, sample_rate: int) -> np.ndarray:
-    from mossformer2.audio import read_audio, resample, to_mono
 
     wave, rate = read_audio(path)
     return resample(to_mono(wave), rate, sample_rate)
@@ -268,7 +273,6 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
     """
     from tqdm import tqdm
 
-    from mossformer2.audio import write_audio
     from mossformer2.utils import atomic_write_text, make_folder
 
     out_dir = make_folder(out_dir, "output folder")

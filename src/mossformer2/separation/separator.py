@@ -437,7 +437,7 @@ def write_sources(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, 
     sources = fit_to_full_scale(np.asarray(sources, dtype=np.float32), subtype, ", ".join(p.name for p in paths))
     with atomic_paths(paths) as temps:
         for tmp, path, source in zip(temps, paths, sources):
-            write_audio(tmp, source, sample_rate, subtype=subtype, format=path.suffix.lstrip("."))
+            write_audio(path, source, sample_rate, subtype=subtype, temp=tmp)
 
 
 def write_separation(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, subtype: str = "PCM_16",

@@ -271,8 +271,9 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
         if "=" in item:  # apply_overrides rejects the others
             _check_override_key(item)
     overrides = list(overrides or [])
+    merged = apply_overrides(data, overrides)  # its errors already name the override
     try:
-        return train_config_from_dict(apply_overrides(data, overrides))
+        return train_config_from_dict(merged)
     except ConfigError as err:
         raise ConfigError(_blame(err, path, data, overrides)) from None
 

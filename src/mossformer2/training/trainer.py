@@ -50,7 +50,7 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0  # consecutive validations without improvement
     skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient
-    skipped_files: int = 0  # unreadable files skipped by the data pipeline (cache loading: see Trainer)
+    skipped_files: int = 0  # unreadable files skipped by this rank's data pipeline (checkpoints: all ranks' total)
     epoch_loss_sum: float = 0.0  # training loss of the current epoch so far (survives a resume)
     epoch_loss_count: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch validation results
@@ -492,9 +492,10 @@ class Trainer:
                  s.epoch, s.step, train_stats["loss"], valid["loss"], valid["si_sdr"], metric,
                  f"best {s.best_metric:.2f} at epoch {s.best_epoch}" if s.best_epoch >= 0 else "no best yet",
                  self.lr, s.skipped_steps, skipped_files, time.time() - start)
+        if math.isnan(train_stats["loss"]):  # the weights did not change this epoch
+            log.warning("epoch %d: every training step was skipped (NaN / inf loss or gradients)", s.epoch)
         if not math.isfinite(metric):
-            log.warning("epoch %d: validation SI-SDRi is %s (the model diverged?)%s", s.epoch, metric,
-                        "; every training step of the epoch was skipped" if math.isnan(train_stats["loss"]) else "")
+            log.warning("epoch %d: validation SI-SDRi is %s (the model diverged?)", s.epoch, metric)
         if self.writer is not None:
             for key in ("loss", "si_sdr", "si_sdri"):
                 self.writer.add_scalar(f"valid/{key}", valid[key], s.step)
