@@ -90,7 +90,7 @@ def announce_builtin_model(alternatives: str = "--checkpoint PATH or --model NAM
     print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass {alternatives} for another)", file=sys.stderr)
 
 
-def load_model(ref: str | None, device: str):
+def load_chosen_model(ref: str | None, device: str):
     """``load_separation_model(ref, device)``, saying so on stderr when ``ref`` is ``None`` (the built-in model)."""
     from mossformer2.separation import load_separation_model
 

@@ -8,7 +8,7 @@ from mossformer2.cli import (
     add_refinement_arguments,
     add_separator_arguments,
     describe_refinements,
-    load_model,
+    load_chosen_model,
     model_ref,
     refinement_options,
 )
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     load_manifest(args.data)  # and on a bad manifest (missing files, ...) before loading a large model
     make_folder(args.out, "output folder")  # and on a bad --out
     ref = model_ref(args)
-    model = load_model(ref, args.device)
+    model = load_chosen_model(ref, args.device)
     separator = Separator(model, device=args.device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                           overlap_seconds=args.overlap_seconds, stitching=args.stitching,
                           normalize=args.normalize, **refinement_options(args))

@@ -15,7 +15,7 @@ from mossformer2.cli import (
     add_refinement_arguments,
     add_separator_arguments,
     describe_refinements,
-    load_model,
+    load_chosen_model,
     model_ref,
     refinement_options,
 )
@@ -244,7 +244,7 @@ def _load_model(args: argparse.Namespace, device: str):
     ref = model_ref(args)
     if args.backend == "onnxruntime" and not str(ref or "").lower().endswith(".onnx"):
         raise ValueError("--backend onnxruntime needs --checkpoint MODEL.onnx (see `mossformer2 export`)")
-    return load_model(ref, device)
+    return load_chosen_model(ref, device)
 
 
 def run(args: argparse.Namespace) -> int:

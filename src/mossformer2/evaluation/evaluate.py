@@ -109,18 +109,20 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append(f"{name:<8} {'-':>9} {'-':>9} {'-':>9} {0:>6d}")
     lines.append(f"scored {summary['num_scored']} of {summary['num_mixtures']} mixture(s); "
                  f"failed {summary['num_failed']}")
-    for failure in summary["failed"][:10]:
-        lines.append(f"  failed: {failure['id']}: {failure['error']}")
-    if summary["num_failed"] > 10:
-        lines.append(f"  ... and {summary['num_failed'] - 10} more (see {CSV_NAME})")
+    lines += _first_ten("failed", summary["failed"])
     incomplete = summary.get("incomplete", [])
     if incomplete:
         lines.append(f"scored without some metric(s): {len(incomplete)} mixture(s)")
-    for item in incomplete[:10]:
-        lines.append(f"  missing: {item['id']}: {item['error']}")
-    if len(incomplete) > 10:
-        lines.append(f"  ... and {len(incomplete) - 10} more (see {CSV_NAME})")
+    lines += _first_ten("missing", incomplete)
     return "\n".join(lines)
+
+
+def _first_ten(label: str, items: list[dict[str, str]]) -> list[str]:
+    """``  label: id: error`` lines for the first ten items, then how many more the CSV holds."""
+    lines = [f"  {label}: {item['id']}: {item['error']}" for item in items[:10]]
+    if len(items) > 10:
+        lines.append(f"  ... and {len(items) - 10} more (see {CSV_NAME})")
+    return lines
 
 
 def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir: str | Path,
