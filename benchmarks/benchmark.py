@@ -355,13 +355,14 @@ def profile_forward(model: torch.nn.Module, wave: torch.Tensor, path: str | Path
         Path(path).write_text("\n".join(parts))
 
 
-# Inductor options of the compiled-layers variants (--realize-reused: MossFormer2's REALIZE_REUSED_PRODUCERS).
+# How the compiled-layers variants compile (--realize-reused, --stored-conv-inputs); set once by main().
 COMPILE_OPTIONS: dict | None = None
+COMPILE_LAYOUT = "shifted_sum"
 
 
 def compile_regions(model: MossFormer2) -> MossFormer2:
-    """``model.compile_layers`` for one static shape, with ``COMPILE_OPTIONS``."""
-    return model.compile_layers(dynamic=False, options=COMPILE_OPTIONS)
+    """``model.compile_layers`` for one static shape, with ``COMPILE_OPTIONS`` and ``COMPILE_LAYOUT``."""
+    return model.compile_layers(dynamic=False, options=COMPILE_OPTIONS, layout=COMPILE_LAYOUT)
 
 
 def profile_compiled(model: MossFormer2, s: Settings, path: str | Path) -> None:
@@ -493,6 +494,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda_depthwise"] = convolution.CUDA_DEPTHWISE_LAYOUT
         info["compile_options"] = COMPILE_OPTIONS
+        info["compile_layout"] = COMPILE_LAYOUT
     with contextlib.suppress(ImportError):
         import onnxruntime
 
@@ -550,6 +552,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--realize-reused", action="store_true",
                         help="compiled-layers variants store reused producers of the shifted-sum convs "
                              "(models.mossformer.REALIZE_REUSED_PRODUCERS) instead of recomputing them per tap")
+    parser.add_argument("--stored-conv-inputs", action="store_true",
+                        help="compiled-layers variants pad each conv input with convolution.pad_frames, so that "
+                             "it is stored once (layout shifted_sum_stored) instead of recomputed per tap")
     args = parser.parse_args(argv)
     for option, names, known in (("--variants", args.variants, VARIANTS), ("--sections", args.sections, SECTIONS)):
         unknown = [name for name in names.split(",") if name and name not in known]
@@ -566,8 +571,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     if args.cuda_depthwise:
         convolution.CUDA_DEPTHWISE_LAYOUT = args.cuda_depthwise
-    global COMPILE_OPTIONS
+    global COMPILE_OPTIONS, COMPILE_LAYOUT
     COMPILE_OPTIONS = dict(REALIZE_REUSED_PRODUCERS) if args.realize_reused else None
+    COMPILE_LAYOUT = "shifted_sum_stored" if args.stored_conv_inputs else "shifted_sum"
     device = resolve_device(args.device)
     quick = args.quick
     variants, skipped = [], []

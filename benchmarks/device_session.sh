@@ -14,6 +14,9 @@ set -u -o pipefail  # pipefail: a step's status is its command's, not tee's
 source scripts/device_env.sh
 CHECKS_LIMIT=${CHECKS_LIMIT:-300} BENCH_LIMIT=${BENCH_LIMIT:-120} LATENCY_LIMIT=${LATENCY_LIMIT:-240}
 PROFILE_LIMIT=${PROFILE_LIMIT:-0}
+# Extra benchmark.py flags for the latency and compiled-profile steps, e.g. "--stored-conv-inputs" (session 11's
+# prepared fix for the compiled convs' recomputed inputs) or "--realize-reused".
+BENCH_FLAGS=${BENCH_FLAGS:-}
 CHECKS=${CHECKS:-padded_batch,dtypes,cuda_graphs,compiled}
 LATENCY_SECTIONS=${LATENCY_SECTIONS:-latency}
 # Compiled variants last: they take longest. regional-compile-graph-bf16 runs MossFormer2.compile_layers (fused
@@ -50,7 +53,7 @@ if [ "$LATENCY_LIMIT" -gt 0 ]; then
     timeout "$LATENCY_LIMIT" "$PYTHON" benchmarks/benchmark.py --device cuda --sections "$LATENCY_SECTIONS" \
         --repeats 20 --warmup 3 --variants "$LATENCY_VARIANTS" \
         --time-budget $((LATENCY_LIMIT - 60)) --profile "$OUT/profile.txt" --json "$OUT/bench_latency.json" \
-        2>&1 | tee "$OUT/bench_latency.log"
+        $BENCH_FLAGS 2>&1 | tee "$OUT/bench_latency.log"
     note bench_latency $?
 fi
 
@@ -58,7 +61,7 @@ fi
 # that each generated kernel shows) at batch 1 and 16. Off by default (PROFILE_LIMIT=240 turns it on, ~3 min).
 if [ "$PROFILE_LIMIT" -gt 0 ]; then
     timeout "$PROFILE_LIMIT" "$PYTHON" benchmarks/benchmark.py --device cuda --sections "" \
-        --profile-compiled "$OUT/profile_compiled.txt" 2>&1 | tee "$OUT/profile_compiled.log"
+        --profile-compiled "$OUT/profile_compiled.txt" $BENCH_FLAGS 2>&1 | tee "$OUT/profile_compiled.log"
     note profile_compiled $?
 fi
 

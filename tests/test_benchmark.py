@@ -202,20 +202,24 @@ def test_cuda_depthwise_option_sets_the_layout_and_refuses_unknown_names(capsys)
         convolution.CUDA_DEPTHWISE_LAYOUT = before
 
 
-def test_realize_reused_passes_its_options_to_every_compiled_region(monkeypatch):
+def test_compile_flags_reach_every_compiled_region(monkeypatch):
     from mossformer2.models.mossformer import REALIZE_REUSED_PRODUCERS
 
     benchmark = _load_benchmark()
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
-    for flags, expected in (([], None), (["--realize-reused"], REALIZE_REUSED_PRODUCERS)):
+    from mossformer2 import build_model
+    from mossformer2.models.config import tiny_test_config
+    from mossformer2.models.convolution import ConvModule
+
+    for flags, expected, layout in (([], None, "shifted_sum"),
+                                    (["--realize-reused"], REALIZE_REUSED_PRODUCERS, "shifted_sum"),
+                                    (["--stored-conv-inputs"], None, "shifted_sum_stored")):
         calls.clear()
         benchmark.main(["--quick", "--device", "cpu", "--sections", "", "--variants", "", *flags])
-        from mossformer2 import build_model
-        from mossformer2.models.config import tiny_test_config
-
-        benchmark.compile_regions(build_model(tiny_test_config()))
+        model = benchmark.compile_regions(build_model(tiny_test_config()))
         assert calls and all(kwargs["options"] == expected and kwargs["dynamic"] is False for kwargs in calls)
+        assert {m.cuda_depthwise_layout for m in model.modules() if isinstance(m, ConvModule)} == {layout}
 
 
 def test_compiled_profile_writes_a_table_per_batch(tmp_path):
@@ -278,11 +282,12 @@ def test_device_session_runs_every_step_and_exits_1_if_one_failed(tmp_path, fail
         tool.chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "PYTHON": str(bin_dir / "python"),
-           "WHEELS": str(tmp_path / "no_wheels"), "PROFILE_LIMIT": "10"}
+           "WHEELS": str(tmp_path / "no_wheels"), "PROFILE_LIMIT": "10", "BENCH_FLAGS": "--stored-conv-inputs"}
     proc = subprocess.run(["bash", "benchmarks/device_session.sh"], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     calls = (out / "calls.txt").read_text().splitlines()
     assert len(calls) == 5  # device name, gpu_checks, two benchmarks, compiled profile: every step ran
+    assert [call.endswith("--stored-conv-inputs") for call in calls] == [False, False, False, True, True]
     if failing:
         assert proc.returncode == 1 and "failed steps: gpu_checks (exit 3)" in proc.stderr
     else:

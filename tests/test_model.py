@@ -386,20 +386,39 @@ def test_zero_stuffed_kernel_equals_dilated_conv(dilation):
     torch.testing.assert_close(F.conv2d(x, stuffed, padding=(0, padding), groups=6), expected)
 
 
+@pytest.mark.parametrize("store_input", [False, True])
 @pytest.mark.parametrize(("taps", "padding", "dilation"), [(17, 8, 1), (39, 19, 1), (39, 38, 2), (5, 0, 1)])
-def test_shifted_sum_equals_the_depthwise_conv_and_its_gradients(taps, padding, dilation):
-    """The compile-friendly formulation (ConvModule: 17 taps; dense FSMN: 39 taps, dilation 1 and 2)."""
+def test_shifted_sum_equals_the_depthwise_conv_and_its_gradients(taps, padding, dilation, store_input):
+    """The compile-friendly formulation (ConvModule: 17 taps; dense FSMN: 39 taps, dilation 1 and 2), also with
+    its input padded by the pad_frames operator."""
     btc = torch.randn(2, 120, 6, requires_grad=True)
     weight = torch.randn(6, 1, 1, taps, requires_grad=True)
     x = btc.transpose(1, 2).unsqueeze(2)  # the [B, C, 1, T] view of [B, T, C] the model passes
     expected = F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation), groups=6)
-    out = depthwise_shifted_sum(x, weight, padding, dilation)
+    out = depthwise_shifted_sum(x, weight, padding, dilation, store_input=store_input)
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(out.square().sum(), (btc, weight))
     expected_grads = torch.autograd.grad(expected.square().sum(), (btc, weight))
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_compiled_shifted_sum_stores_its_input_once_with_pad_frames():
+    """The stored form keeps pad_frames as an operator of its own in the compiled code: the SiLU before it is
+    computed once into a buffer (CUDA inductor inlined it into all 17 reads of the fused form); same output."""
+    from torch._inductor.utils import run_and_get_code
+
+    weight = torch.randn(16, 1, 1, 17)
+
+    def conv(h: torch.Tensor, store_input: bool) -> torch.Tensor:
+        x = F.silu(h).transpose(1, 2).unsqueeze(2)
+        return depthwise_shifted_sum(x, weight, 8, 1, store_input=store_input).squeeze(2).transpose(1, 2)
+
+    h = torch.randn(2, 300, 16)
+    out, (code, *_) = run_and_get_code(torch.compile(conv, dynamic=False), h, True)
+    torch.testing.assert_close(out, conv(h, False), atol=1e-5, rtol=1e-5)
+    assert "torch.ops.mossformer2.pad_frames.default(" in code
 
 
 def test_shifted_sum_keeps_a_reduced_dtype_and_accumulates_in_fp32():
@@ -459,6 +478,8 @@ def test_compile_layers_fuses_cuda_convs_and_keeps_the_output_on_cpu():
     assert conv_modules and all(m.cuda_depthwise_layout == "" for m in conv_modules)
     assert model.compile_layers() is model
     assert all(m.cuda_depthwise_layout == "shifted_sum" for m in conv_modules)
+    with pytest.raises(ValueError, match="shifted sums"):
+        model.compile_layers(layout="contiguous")
     with torch.inference_mode():
         out = model(wave)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)

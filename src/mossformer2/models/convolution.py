@@ -11,22 +11,56 @@ from torch import nn
 # (PyTorch's own depth-wise kernel). Measured end to end (benchmarks/gpu_conv_layouts.py, H200, torch 2.11, full
 # model, 4 s, bf16 CUDA graph): contiguous 47.8 ms, channels_last 59.6 ms, hence the default. Tunable per GPU.
 # "shifted_sum" (depthwise_shifted_sum) is meant for torch.compile, which fuses it into one elementwise kernel on
-# the [B, T, C] layout (no layout copies, no conv kernel); eager, it makes K passes over the input. Modules can
-# override the global with their own ``cuda_depthwise_layout`` (MossFormer2.compile_layers sets "shifted_sum").
-CUDA_DEPTHWISE_LAYOUTS = ("contiguous", "channels_last", "shifted_sum")
+# the [B, T, C] layout (no layout copies, no conv kernel); eager, it makes K passes over the input. On CUDA the
+# compiler also inlines the input's producer (SiLU, norm + PReLU) into each of the K reads: an H200 profile showed
+# these kernels at 25x their memory-bound time. "shifted_sum_stored" pads the input with an operator the compiler
+# cannot fuse (pad_frames), so the input is stored once and read K times (prepared in session 11, not yet measured
+# on a GPU). Modules can override the global with their own ``cuda_depthwise_layout`` (MossFormer2.compile_layers
+# sets one of the shifted-sum forms).
+CUDA_DEPTHWISE_LAYOUTS = ("contiguous", "channels_last", "shifted_sum", "shifted_sum_stored")
 CUDA_DEPTHWISE_LAYOUT = "contiguous"
 
 
-def depthwise_shifted_sum(x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int) -> torch.Tensor:
+@torch.library.custom_op("mossformer2::pad_frames", mutates_args=())
+def pad_frames(x: torch.Tensor, padding: int) -> torch.Tensor:
+    """``[B, T, C]`` -> ``[B, T + 2 * padding, C]`` (contiguous), zeros at both ends of the time axis.
+
+    An operator of its own: torch.compile cannot fuse it with its producer, so a value read once per conv tap is
+    computed and stored once instead of being recomputed inside every read.
+    """
+    return F.pad(x, (0, 0, padding, padding)).contiguous()
+
+
+@pad_frames.register_fake
+def _pad_frames_fake(x: torch.Tensor, padding: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], x.shape[1] + 2 * padding, x.shape[2]))
+
+
+def _pad_frames_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    return grad[:, ctx.padding : grad.shape[1] - ctx.padding], None
+
+
+def _pad_frames_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.padding = inputs[1]
+
+
+pad_frames.register_autograd(_pad_frames_backward, setup_context=_pad_frames_setup)
+
+
+def depthwise_shifted_sum(x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int,
+                          store_input: bool = False) -> torch.Tensor:
     """Depth-wise conv along the last axis as a sum of ``K`` shifted, scaled slices of ``x``, accumulated in
     float32 (float64 input in float64).
 
     x: ``[B, C, 1, T]`` (any strides), weight: ``[C, 1, 1, K]`` -> ``[B, C, 1, T + 2 * padding - dilation * (K - 1)]``
     in ``x``'s dtype: the same sums as ``F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation),
-    groups=C)``.
+    groups=C)``. ``store_input``: pad with :func:`pad_frames`, which a compiler cannot fuse with x's producer.
     """
     taps = weight.shape[-1]
-    padded = F.pad(x, (padding, padding))
+    if store_input:  # padded in the [B, T, C] layout of the model's activations, then viewed as [B, C, 1, T']
+        padded = pad_frames(x.squeeze(2).transpose(1, 2), padding).transpose(1, 2).unsqueeze(2)
+    else:
+        padded = F.pad(x, (padding, padding))
     length = padded.shape[-1] - dilation * (taps - 1)
     acc = torch.promote_types(x.dtype, torch.float32)
     w = weight.to(acc).reshape(1, -1, 1, taps)
@@ -66,8 +100,8 @@ def conv_along_time(x: torch.Tensor, weight: torch.Tensor, padding: int, dilatio
             dilation = 1
     elif not torch.jit.is_scripting() and x.is_cuda:  # the default is a Python global, which TorchScript cannot read
         layout = cuda_layout or CUDA_DEPTHWISE_LAYOUT
-        if layout == "shifted_sum" and weight.shape[1] == 1:
-            return depthwise_shifted_sum(x, weight.to(x.dtype), padding, dilation)
+        if layout.startswith("shifted_sum") and weight.shape[1] == 1:
+            return depthwise_shifted_sum(x, weight.to(x.dtype), padding, dilation, layout == "shifted_sum_stored")
         if layout == "contiguous":
             x = x.contiguous()
     return F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation), groups=groups)

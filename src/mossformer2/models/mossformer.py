@@ -195,7 +195,8 @@ class MossFormer2(nn.Module):
             if hasattr(module, "cuda_depthwise_layout"):
                 module.cuda_depthwise_layout = layout
 
-    def compile_layers(self, dynamic: bool | None = None, options: dict | None = None) -> "MossFormer2":
+    def compile_layers(self, dynamic: bool | None = None, options: dict | None = None,
+                       layout: str = "shifted_sum") -> "MossFormer2":
         """``torch.compile`` each FLASH layer and gated FSMN block in place; returns ``self``.
 
         Regional compilation: the FLASH layers share one compiled region and the FSMN blocks another, so it takes
@@ -209,8 +210,12 @@ class MossFormer2(nn.Module):
         checks it), and on the CPU a compiled bf16 forward did not finish (torch 2.13). ``dynamic``: as
         ``torch.compile``'s (``None``: static for the first input shape, one dynamic recompile on a second).
         ``options``: inductor options for every region, e.g. ``REALIZE_REUSED_PRODUCERS`` (see its note).
+        ``layout``: "shifted_sum" (measured above) or "shifted_sum_stored" (each conv input stored once rather than
+        recomputed per tap: ``convolution.pad_frames``; prepared, not yet measured on a GPU).
         """
-        self.set_cuda_depthwise_layout("shifted_sum")
+        if not layout.startswith("shifted_sum"):
+            raise ValueError(f"compile_layers runs the convs as shifted sums; got layout {layout!r}")
+        self.set_cuda_depthwise_layout(layout)
         layers = self.mask_net.mdl.intra_mdl.mossformerM
         for layer in [*layers.layers, *layers.fsmn]:
             layer.compile(dynamic=dynamic, options=dict(options) if options else None)
