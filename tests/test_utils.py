@@ -100,3 +100,18 @@ def test_atomic_paths_refuse_a_folder_target_before_replacing_anything(tmp_path)
             tmp.write_text("new")
     assert s2.read_text() == "old 2" and s1.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x_s1.wav", "x_s2.wav"]
+
+
+def test_auto_device_is_read_the_same_everywhere():
+    """`--device AUTO` chose a device for ONNX models but was an unknown device for torch ones."""
+    import torch
+
+    from mossformer2.runtime import providers_for_device
+    from mossformer2.utils import is_auto_device, resolve_device
+
+    assert all(is_auto_device(name) for name in (None, "auto", "AUTO", " Auto "))
+    assert not any(is_auto_device(name) for name in ("cpu", "cuda", "autos"))
+    expected = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("AUTO") == resolve_device(" auto ") == expected
+    cpu_only = ["CPUExecutionProvider"]
+    assert providers_for_device("AUTO", cpu_only) == providers_for_device("auto", cpu_only) == cpu_only

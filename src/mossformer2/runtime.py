@@ -17,7 +17,7 @@ import numpy as np
 
 from mossformer2.models.config import MossFormer2Config
 from mossformer2.separation.refine import recommended_refinements
-from mossformer2.utils import loaded_torch
+from mossformer2.utils import is_auto_device, loaded_torch
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,7 @@ def providers_for_device(device: Any = "auto", available: Sequence[str] | None =
     "auto": CUDA when this onnxruntime build has it, else the CPU; "cpu": the CPU only; "cuda" / "cuda:N": that
     GPU, or a clear error when this onnxruntime build has no CUDA provider (no silent fallback to the CPU).
     """
-    name = "auto" if device is None else str(device).strip().lower()
+    name = "auto" if is_auto_device(device) else str(device).strip().lower()
     if available is None:
         available = import_optional("onnxruntime", "running an ONNX model").get_available_providers()
     if name == "auto":

@@ -122,11 +122,16 @@ def atomic_torch_save(obj: object, path: str | Path) -> None:
     atomic_write(path, lambda p: torch.save(obj, p))
 
 
+def is_auto_device(device: Any) -> bool:
+    """``None`` or "auto" (any case, spaces around): the device is chosen for the caller."""
+    return device is None or str(device).strip().lower() == "auto"
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """'auto' -> cuda if available else cpu; otherwise ``torch.device(device)`` with a clear error."""
     import torch
 
-    if device is None or str(device) == "auto":
+    if is_auto_device(device):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)

@@ -34,7 +34,7 @@ from mossformer2.separation.stitching import (
     plan_chunks,
     stitch_aligned,
 )
-from mossformer2.utils import atomic_paths, dtype_name, loaded_torch, resolve_device, resolve_dtype
+from mossformer2.utils import atomic_paths, dtype_name, is_auto_device, loaded_torch, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -396,8 +396,7 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
         if not Path(ref).is_file():
             raise FileNotFoundError(f"ONNX model not found: {ref}")
         # "cpu" keeps ONNX Runtime off CUDA; "cuda" must start there; "auto" may fall back to the CPU.
-        auto = device is None or str(device).strip().lower() == "auto"
-        return OnnxRuntimeModel(ref, providers=None if auto else providers_for_device(device))
+        return OnnxRuntimeModel(ref, providers=None if is_auto_device(device) else providers_for_device(device))
     from mossformer2.checkpoint import TorchScriptFileError, load_model, read_checkpoint
 
     if ref is None:
