@@ -15,14 +15,24 @@ if TYPE_CHECKING:
     import torch
 
 
-def make_folder(path: str | Path, what: str = "folder") -> Path:
-    """``mkdir -p path`` with one clear error (naming ``what``, e.g. "output folder") when ``path`` or one of its
-    parents is an existing file, or the folder cannot be created (``os.mkdir`` only says "File exists")."""
+def check_folder_creatable(path: str | Path, what: str = "folder") -> None:
+    """Raise what :func:`make_folder` would for a file in the way or a folder it may not write into, without
+    creating anything (a bad output folder then fails before a large model loads, and leaves nothing behind)."""
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         where = "it" if existing == path else str(existing)
         raise NotADirectoryError(f"cannot create the {what} {path}: {where} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        verb = "write into" if existing == path else "create"
+        raise OSError(f"cannot {verb} the {what} {path}: permission denied")
+
+
+def make_folder(path: str | Path, what: str = "folder") -> Path:
+    """``mkdir -p path`` with one clear error (naming ``what``, e.g. "output folder") when ``path`` or one of its
+    parents is an existing file, or the folder cannot be created (``os.mkdir`` only says "File exists")."""
+    path = Path(path)
+    check_folder_creatable(path, what)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:

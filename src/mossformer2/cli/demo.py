@@ -68,9 +68,10 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
 
 
 def run(args: argparse.Namespace) -> int:
-    from mossformer2.cli.separate import check_out_dir
+    from mossformer2.utils import check_folder_creatable
 
-    check_out_dir(args.out_dir)  # a bad -o fails before the work; run_demo creates it once the options are checked
+    # A bad -o fails before the work; run_demo creates the folder once the options are checked.
+    check_folder_creatable(args.out_dir, "output folder")
     if args.checkpoint is None:
         announce_builtin_model("--checkpoint")
     scores = run_demo(args.out_dir, args.sir, args.checkpoint, args.device, **refinement_options(args))

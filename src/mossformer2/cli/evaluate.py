@@ -47,13 +47,13 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.evaluation.evaluate import evaluate, format_table
     from mossformer2.metrics import parse_metrics
     from mossformer2.separation import Separator
-    from mossformer2.utils import make_folder
+    from mossformer2.utils import check_folder_creatable
 
     metrics = parse_metrics(args.metrics)  # fail on a typo before loading anything
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data not found: {args.data}")
     load_manifest(args.data)  # and on a bad manifest (missing files, ...) before loading a large model
-    make_folder(args.out, "output folder")  # and on a bad --out
+    check_folder_creatable(args.out, "output folder")  # and on a bad --out (evaluate() creates it)
     ref = model_ref(args)
     model = load_chosen_model(ref, args.device)
     separator = Separator(model, device=args.device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,

@@ -193,25 +193,6 @@ def inputs_overwritten(files: list[Path], plan: dict[Path, list[Path]]) -> list[
     return [(f, out) for f in files for out in plan[f] if where(out) in taken]
 
 
-def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create the output folder before separating: one clear error, instead of one per input file."""
-    from mossformer2.utils import make_folder
-
-    path = make_folder(out_dir, "output folder")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise OSError(f"cannot write into the output folder {path}: permission denied")
-    return path
-
-
-def check_out_dir(out_dir: str | Path) -> None:
-    """Fail on an output folder that cannot be created or written, without creating it: a bad -o fails before
-    the (possibly large) model loads, and a bad option, found later, leaves no empty folder behind."""
-    path = Path(out_dir)
-    existing = next((p for p in (path, *path.parents) if p.exists()), path)
-    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
-        prepare_out_dir(path)  # raises its clear error (a file in the way, no permission)
-
-
 def shard_files(files: list[Path], rank: int, world_size: int) -> list[Path]:
     """Files ``i`` with ``i % world_size == rank`` of the sorted list (torchrun ranks)."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -254,9 +235,10 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.audio import check_writable, read_audio, soundfile_name
     from mossformer2.separation import Separator, output_paths, write_separation
     from mossformer2.separation.batching import make_batches
+    from mossformer2.utils import check_folder_creatable, make_folder
 
     output_rate = _parse_output_rate(args.output_rate)
-    check_out_dir(args.out_dir)  # created once every option and input is checked
+    check_folder_creatable(args.out_dir, "output folder")  # created once every option and input is checked
     rank, world_size, local_rank = _distributed()
     device = args.device
     if device == "auto" and world_size > 1:
@@ -361,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
         groups.extend([f] for f in singles)
 
     if todo:
-        prepare_out_dir(args.out_dir)
+        make_folder(args.out_dir, "output folder")
     done, audio_seconds = 0, 0.0
     start_time = time.perf_counter()
     with tqdm(total=len(todo), desc="files", unit="file", disable=not todo) as bar:
