@@ -72,6 +72,8 @@ class Settings:
     variants: list[str]
     skipped_variants: list[str] = field(default_factory=list)  # not for this device type
     time_budget_s: float | None = None
+    compile_options: dict | None = None  # inductor options of the compiled-layers variants (--realize-reused)
+    compile_layout: str = "shifted_sum"  # their depth-wise conv form (--stored-conv-inputs: shifted_sum_stored)
     started: float = 0.0
     rows: list[dict[str, Any]] = field(default_factory=list)
     save: Callable[[], None] | None = None  # called after each row, so an interrupted run keeps what it measured
@@ -244,7 +246,7 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
                 regional = variant not in GRAPH_VARIANTS
                 dtype = torch.bfloat16 if regional else GRAPH_VARIANTS[variant]
                 run_graphed(("compiled layers + " if regional else "") + f"CUDA graph {DTYPE_NAMES[dtype]}",
-                            compile_regions(copy.deepcopy(model)) if regional else model, dtype, wave_dev)
+                            compile_regions(copy.deepcopy(model), s) if regional else model, dtype, wave_dev)
             elif variant == "bf16":
                 run("eager bf16 autocast", eager(model, torch.bfloat16))
             elif variant in BF16_WEIGHT_VARIANTS:
@@ -253,7 +255,7 @@ def bench_inference(model: torch.nn.Module, s: Settings, batch: int, section: st
                 start = time.perf_counter()
                 halved = copy.deepcopy(model).bfloat16()
                 if variant == "regional-compile-graph-bf16-weights":
-                    compile_regions(halved)
+                    compile_regions(halved, s)
                 wave_half = wave_dev.bfloat16()
                 if variant == "bf16-weights":
                     run("eager bf16 weights", eager(halved, None, wave_half), setup_s=time.perf_counter() - start)
@@ -355,21 +357,16 @@ def profile_forward(model: torch.nn.Module, wave: torch.Tensor, path: str | Path
         Path(path).write_text("\n".join(parts))
 
 
-# How the compiled-layers variants compile (--realize-reused, --stored-conv-inputs); set once by main().
-COMPILE_OPTIONS: dict | None = None
-COMPILE_LAYOUT = "shifted_sum"
-
-
-def compile_regions(model: MossFormer2) -> MossFormer2:
-    """``model.compile_layers`` for one static shape, with ``COMPILE_OPTIONS`` and ``COMPILE_LAYOUT``."""
-    return model.compile_layers(dynamic=False, options=COMPILE_OPTIONS, layout=COMPILE_LAYOUT)
+def compile_regions(model: MossFormer2, s: Settings) -> MossFormer2:
+    """``model.compile_layers`` for one static shape, with the run's compile options and conv layout."""
+    return model.compile_layers(dynamic=False, options=s.compile_options, layout=s.compile_layout)
 
 
 def profile_compiled(model: MossFormer2, s: Settings, path: str | Path) -> None:
     """Kernel tables of the compiled-layers model (``MossFormer2.compile_layers``, no CUDA graph, so that each
     generated kernel shows) at batch 1 and at the throughput batch: bf16 on a GPU (its best variant), fp32 on the
     CPU (where a compiled bf16 forward does not finish). Written to ``path`` (batch 1) and ``<path>.batchN``."""
-    compiled = compile_regions(copy.deepcopy(model))
+    compiled = compile_regions(copy.deepcopy(model), s)
     dtypes = (torch.bfloat16,) if s.device.type == "cuda" else (None,)
     samples = int(s.seconds * model.config.sample_rate)
     for batch, out in ((1, Path(path)), (s.batch, Path(f"{path}.batch{s.batch}"))):
@@ -493,8 +490,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda_depthwise"] = convolution.CUDA_DEPTHWISE_LAYOUT
-        info["compile_options"] = COMPILE_OPTIONS
-        info["compile_layout"] = COMPILE_LAYOUT
     with contextlib.suppress(ImportError):
         import onnxruntime
 
@@ -571,9 +566,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     if args.cuda_depthwise:
         convolution.CUDA_DEPTHWISE_LAYOUT = args.cuda_depthwise
-    global COMPILE_OPTIONS, COMPILE_LAYOUT
-    COMPILE_OPTIONS = dict(REALIZE_REUSED_PRODUCERS) if args.realize_reused else None
-    COMPILE_LAYOUT = "shifted_sum_stored" if args.stored_conv_inputs else "shifted_sum"
     device = resolve_device(args.device)
     quick = args.quick
     variants, skipped = [], []
@@ -587,7 +579,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  train_seconds=args.train_seconds or (0.5 if quick else 4.0),
                  train_batches=[int(b) for b in args.train_batches.split(",") if b],
                  variants=variants, skipped_variants=skipped,
-                 time_budget_s=args.time_budget, started=time.perf_counter())
+                 time_budget_s=args.time_budget, started=time.perf_counter(),
+                 compile_options=dict(REALIZE_REUSED_PRODUCERS) if args.realize_reused else None,
+                 compile_layout="shifted_sum_stored" if args.stored_conv_inputs else "shifted_sum")
     sections = [x for x in args.sections.split(",") if x]
     model = make_model(args).to(device)
     info = machine_info(device)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -216,8 +217,10 @@ def test_compile_flags_reach_every_compiled_region(monkeypatch):
                                     (["--realize-reused"], REALIZE_REUSED_PRODUCERS, "shifted_sum"),
                                     (["--stored-conv-inputs"], None, "shifted_sum_stored")):
         calls.clear()
-        benchmark.main(["--quick", "--device", "cpu", "--sections", "", "--variants", "", *flags])
-        model = benchmark.compile_regions(build_model(tiny_test_config()))
+        result = benchmark.main(["--quick", "--device", "cpu", "--sections", "", "--variants", "", *flags])
+        settings = result["settings"]
+        run = SimpleNamespace(compile_options=settings["compile_options"], compile_layout=settings["compile_layout"])
+        model = benchmark.compile_regions(build_model(tiny_test_config()), run)
         assert calls and all(kwargs["options"] == expected and kwargs["dynamic"] is False for kwargs in calls)
         assert {m.cuda_depthwise_layout for m in model.modules() if isinstance(m, ConvModule)} == {layout}
 

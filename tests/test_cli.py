@@ -43,38 +43,35 @@ def test_subcommand_help(command, capsys):
     assert "usage: mossformer2" in capsys.readouterr().out
 
 
-def test_warnings_are_one_line_messages_and_the_format_is_restored():
-    """A command's warnings read `mossformer2 CMD: warning: ...`, without source path and code line."""
-    script = (
-        "import warnings, mossformer2.cli.info as info\n"
-        "from mossformer2.cli import main\n"
-        "info.run = lambda args: warnings.warn('outputs over full scale')\n"
-        "main(['info'])\n"
-        "warnings.warn('after the command')\n"
-    )
+def run_info_with(run_body: str) -> str:
+    """Run `mossformer2 info` in a fresh interpreter with its ``run`` replaced by ``def run(args):`` + ``run_body``
+    (indented lines); then warn once outside the command. Returns stderr."""
+    script = ("import sys, warnings, mossformer2.cli.info as info\n"
+              "from tqdm import tqdm\n"
+              "from mossformer2.cli import main\n"
+              f"def run(args):\n{run_body}"
+              "info.run = run\n"
+              "main(['info'])\n"
+              "warnings.warn('after the command')\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    lines = out.stderr.splitlines()
+    return out.stderr
+
+
+def test_warnings_are_one_line_messages_and_the_format_is_restored():
+    """A command's warnings read `mossformer2 CMD: warning: ...`, without source path and code line."""
+    stderr = run_info_with("    warnings.warn('outputs over full scale')\n")
+    lines = stderr.splitlines()
     assert lines[0] == "mossformer2 info: warning: outputs over full scale"
-    assert "UserWarning: after the command" in out.stderr  # Python's own format again outside the command
+    assert "UserWarning: after the command" in stderr  # Python's own format again outside the command
 
 
 def test_a_warning_during_a_progress_bar_gets_its_own_line():
-    script = (
-        "import sys, warnings, mossformer2.cli.info as info\n"
-        "from tqdm import tqdm\n"
-        "from mossformer2.cli import main\n"
-        "def run(args):\n"
-        "    with tqdm(total=2, file=sys.stderr, desc='separating') as bar:\n"
-        "        bar.update(1)\n"
-        "        warnings.warn('outputs over full scale')\n"
-        "        bar.update(1)\n"
-        "info.run = run\n"
-        "main(['info'])\n"
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    (line,) = [line for line in out.stderr.split("\n") if "warning:" in line]
+    stderr = run_info_with("    with tqdm(total=2, file=sys.stderr, desc='separating') as bar:\n"
+                           "        bar.update(1)\n"
+                           "        warnings.warn('outputs over full scale')\n"
+                           "        bar.update(1)\n")
+    (line,) = [line for line in stderr.split("\n") if "warning:" in line]
     assert line.split("\r")[-1].strip() == "mossformer2 info: warning: outputs over full scale", repr(line)
 
 

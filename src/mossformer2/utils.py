@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     import torch
 
 
+def with_context(err: Exception, message: str) -> Exception:
+    """A ``FileNotFoundError`` or ``ValueError`` (as ``err`` was) with ``message``: a user error re-raised with
+    what it concerns (a config key, a checkpoint path) in front, still reported as one line by the CLI."""
+    return (FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError)(message)
+
+
 def check_folder_creatable(path: str | Path, what: str = "folder") -> None:
     """Raise what :func:`make_folder` would for a file in the way or a folder it may not write into, without
     creating anything (a bad output folder then fails before a large model loads, and leaves nothing behind)."""
@@ -84,7 +90,7 @@ def _replace_all(temps: Sequence[Path], targets: Sequence[Path]) -> None:
         # mkstemp creates the file private (0600); give it the mode a plain open() would: the replaced file's,
         # else 0666 less the umask.
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
-    if len(targets) == 1:
+    if len(targets) == 1:  # one rename is atomic by itself: no moment without the target, nothing to put back
         os.replace(temps[0], targets[0])
         return
     replaced: list[tuple[Path, Path | None]] = []  # (target, its previous file moved aside, or None)

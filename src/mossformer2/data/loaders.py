@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from mossformer2.data.collate import collate_fn
 from mossformer2.data.datasets import AudioStore, MixtureDataset
 from mossformer2.data.dynamic_mixing import DynamicMixingDataset, load_noise_files, load_utterances
+from mossformer2.utils import with_context
 
 if TYPE_CHECKING:
     from mossformer2.training.config import TrainConfig
@@ -138,7 +139,7 @@ def _named(key: str, load: Callable[..., T], *args: Any) -> T:
     try:
         return load(*args)
     except (FileNotFoundError, ValueError) as err:
-        raise (FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError)(f"{key}: {err}") from None
+        raise with_context(err, f"{key}: {err}") from None
 
 
 def _pair(values: list[float] | None) -> tuple[float, float] | None:

@@ -33,7 +33,7 @@ from mossformer2.losses import pit_si_sdr_loss, si_sdr
 from mossformer2.models import MossFormer2, build_model
 from mossformer2.training.config import TrainConfig, save_train_config
 from mossformer2.training.distributed import DistInfo, all_reduce_sum, get_dist_info
-from mossformer2.utils import make_folder, resolve_device
+from mossformer2.utils import make_folder, resolve_device, with_context
 
 log = logging.getLogger("mossformer2.training")
 
@@ -193,8 +193,7 @@ class Trainer:
             embedded = ckpt.get("config")
             diff = _config_diff(embedded, self.cfg.model.to_dict()) if isinstance(embedded, dict) else ""
             why = f"the checkpoint's model config differs from the config's ({diff})" if diff else str(err)
-            cls = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError
-            raise cls(f"trainer.init_from {path}: {why}") from None
+            raise with_context(err, f"trainer.init_from {path}: {why}") from None
         self.model.load_state_dict(pretrained.state_dict())
         if self.ema is not None:  # the average starts from these weights
             self.ema.module.load_state_dict(pretrained.state_dict())
