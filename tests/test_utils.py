@@ -91,6 +91,27 @@ def test_atomic_paths_replace_all_targets_or_none(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x_s1.wav", "x_s2.wav"]
 
 
+def test_atomic_paths_interrupt_right_after_an_old_file_moved_aside_restores_it(tmp_path, monkeypatch):
+    """Ctrl-C can land between any two steps: here just after s2's old file moved aside, before the new one
+    arrives. Both old files come back, and no hidden backup is left holding one of them."""
+    s1, s2 = tmp_path / "x_s1.wav", tmp_path / "x_s2.wav"
+    s1.write_text("old 1")
+    s2.write_text("old 2")
+    real_replace = os.replace
+
+    def interrupt_after_moving_s2_aside(src, dst):
+        real_replace(src, dst)
+        if os.fspath(src) == os.fspath(s2) and os.fspath(dst).endswith(".bak"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupt_after_moving_s2_aside)
+    with pytest.raises(KeyboardInterrupt), atomic_paths([s1, s2]) as temps:
+        for tmp, text in zip(temps, ("new 1", "new 2")):
+            tmp.write_text(text)
+    assert (s1.read_text(), s2.read_text()) == ("old 1", "old 2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_s1.wav", "x_s2.wav"]
+
+
 def test_atomic_paths_refuse_a_folder_target_before_replacing_anything(tmp_path):
     s1, s2 = tmp_path / "x_s1.wav", tmp_path / "x_s2.wav"
     s1.mkdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 import sys
 import tempfile
@@ -93,23 +94,24 @@ def _replace_all(temps: Sequence[Path], targets: Sequence[Path]) -> None:
     if len(targets) == 1:  # one rename is atomic by itself: no moment without the target, nothing to put back
         os.replace(temps[0], targets[0])
         return
-    replaced: list[tuple[Path, Path | None]] = []  # (target, its previous file moved aside, or None)
+    # Each target is recorded *before* its old file moves aside, so an interrupt between any two steps (Ctrl-C
+    # lands between any two bytecodes) still finds every backup: a backup that exists holds the old file.
+    replaced: list[tuple[Path, Path | None]] = []  # (target, where its previous file goes, or None: no such file)
     try:
         for tmp, path in zip(temps, targets):
             backup = None
             if path.exists() or path.is_symlink():
-                fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".bak", dir=path.parent)
-                os.close(fd)
-                backup = Path(name)
-                os.replace(path, backup)
+                backup = path.with_name(f".{path.stem}.{secrets.token_hex(8)}.bak")  # not created: see above
             replaced.append((path, backup))
+            if backup is not None:
+                os.replace(path, backup)
             os.replace(tmp, path)
     except BaseException:
         for path, backup in reversed(replaced):
-            if backup is not None:
-                os.replace(backup, path)
-            else:
+            if backup is None:
                 path.unlink(missing_ok=True)
+            elif backup.exists() or backup.is_symlink():
+                os.replace(backup, path)
         raise
     for _, backup in replaced:
         if backup is not None:
