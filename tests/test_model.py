@@ -147,6 +147,26 @@ def test_linear_attention_counts_the_valid_frames_of_a_bfloat16_mask_exactly():
     assert abs(scale - 1) < 5e-4, scale  # a bf16 count gave 1.0017
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_float16_linear_attention_does_not_overflow_on_a_long_input(with_mask):
+    """The global linear attention averages over all frames. Summed first in float16 (as the reference does),
+    the sum passed 65504 and came out inf on a long input in one pass; the mean itself is far smaller."""
+    import copy
+
+    layer = build_model(make_tiny_config()).mask_net.mdl.intra_mdl.mossformerM.layers[0].eval()
+    frames = 40_000  # 20 s at the encoder's 2,000 frames per second
+    dk = layer.qk_offset_scale.gamma.shape[-1]
+    qk = torch.full((1, frames, 4, dk), 3.0)
+    vu = torch.full((1, frames, 16), 3.0)
+    mask = torch.ones(1, frames, 1) if with_mask else None
+    with torch.no_grad():
+        ref = torch.cat(copy.deepcopy(layer)._attention(qk, vu, mask), dim=-1)
+        half_mask = None if mask is None else mask.half()
+        out = torch.cat(layer.half()._attention(qk.half(), vu.half(), half_mask), dim=-1).float()
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 2.0 ** -9
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_model_cast_to_half_precision_follows_float32(dtype):
     """``model.bfloat16()`` / ``model.half()`` run close to fp32. The casts round the closed-form position tables,
