@@ -207,3 +207,47 @@ def test_info_reads_model_names_as_separate_does(capsys):
     assert main(["info", "--model", "nonsense"]) == 1
     err = capsys.readouterr().err
     assert "'default'" in err and "MossFormer2-S" in err, err
+
+
+def _ema_training_state(tmp_path: Path, tiny_config) -> tuple[Path, torch.nn.Module, torch.nn.Module]:
+    """A trainer ``last.pt`` that kept a moving average: raw weights in 'model', the average in 'ema'."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(1)
+    average, raw = build_model(tiny_config), build_model(tiny_config)
+    ema = AveragedModel(average, multi_avg_fn=get_ema_multi_avg_fn(0.999))
+    ema.n_averaged += 12
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, raw, torch.optim.SGD(raw.parameters(), lr=0.1), epoch=3, step=12,
+                    extra={"ema": ema.state_dict(),
+                           "trainer_state": {"epoch": 3, "step": 12, "best_metric": 4.5, "best_epoch": 1}})
+    return path, average, raw
+
+
+def test_load_model_takes_the_moving_average_of_a_training_state(tmp_path, tiny_config, caplog):
+    """An EMA run's last.pt: validation scored the average (best.pt holds it), so separating with last.pt used
+    the raw weights without a word. The average is now the default, said in the log; the raw ones on request."""
+    path, average, raw = _ema_training_state(tmp_path, tiny_config)
+    with caplog.at_level("INFO", logger="mossformer2"):
+        model = load_model(path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in average.state_dict().items())
+    assert "moving average ('ema', 12 updates)" in caplog.text
+    model = load_model(path, weights="model")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in raw.state_dict().items())
+    with pytest.raises(ValueError, match="no moving average"):
+        load_model(raw.state_dict(), weights="average")
+
+
+def test_info_says_which_weights_separate_uses_and_the_validation_scores(tmp_path, tiny_config, capsys):
+    path, _, _ = _ema_training_state(tmp_path, tiny_config)
+    assert main(["info", "--checkpoint", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "weights used to separate: the moving average ('ema', 12 updates)" in out
+    assert "validation: 3 epochs completed; best SI-SDRi 4.50 dB at epoch 1" in out
+    best = tmp_path / "best.pt"
+    save_checkpoint(best, build_model(tiny_config), epoch=1, step=8,
+                    extra={"valid": {"epoch": 1.0, "step": 8.0, "valid_si_sdri": 4.5, "valid_si_sdr": 3.25}})
+    assert main(["info", "--checkpoint", str(best)]) == 0
+    out = capsys.readouterr().out
+    assert "validation: SI-SDRi 4.50 dB, SI-SDR 3.25 dB (epoch 1, counting from 0; step 8)" in out
+    assert "weights used to separate" not in out

@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from mossformer2.checkpoint import load_model, read_checkpoint, save_checkpoint
+from mossformer2.checkpoint import load_model, moving_average_weights, read_checkpoint, save_checkpoint, select_weights
 from mossformer2.data.datasets import AudioStore
 from mossformer2.data.dynamic_mixing import DynamicMixingDataset, load_utterances
 from mossformer2.models import MossFormer2
@@ -71,14 +71,11 @@ def pick_weights(source: dict, path: str, choice: str | None) -> tuple[MossForme
                          f"weights and {average}. Pass the run's best.pt (the validated weights), or choose with "
                          f"{options}")
     if choice == "ema":
-        if "ema" not in source:
+        if moving_average_weights(source) is None:
             raise SystemExit(f"{path} holds no moving average ('ema'): use --weights model")
-        # AveragedModel.state_dict(): the averaged network under 'module.', plus the 'n_averaged' counter.
-        ema = source["ema"]
-        state = {key.removeprefix("module."): value for key, value in ema.items() if key.startswith("module.")}
-        model = load_model({"model": state, "config": source.get("config")})
-        return model, f"weights: the moving average ('ema', {int(ema.get('n_averaged', 0))} updates) of {path}"
-    return load_model(source), f"weights: 'model' of {path}"
+        chosen, which = select_weights(source, "average")
+        return load_model(chosen, weights="model"), f"weights: the {which} of {path}"
+    return load_model(source, weights="model"), f"weights: 'model' of {path}"
 
 
 def main(argv: list[str] | None = None) -> int:

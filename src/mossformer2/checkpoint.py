@@ -8,10 +8,11 @@ refinements for its model (``'separation'``: ``{name: bool}`` for the names in `
 
 from __future__ import annotations
 
+import logging
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -28,6 +29,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # torch's wordings for a global the safe unpickler refuses: "Unsupported global: GLOBAL argparse.Namespace" and,
 # for blocked modules (os, subprocess, ...), "Trying to load unsupported GLOBAL posix.system whose module ...".
 _UNSAFE_GLOBAL = re.compile(r"unsupported global:? (?:GLOBAL )?([\w.]+)", re.IGNORECASE)
+
+log = logging.getLogger(__name__)
 
 
 class TorchScriptFileError(ValueError):
@@ -186,17 +189,56 @@ def load_state_dict_strict(model: MossFormer2, state: dict[str, torch.Tensor]) -
         model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in merged.items()})
 
 
+def moving_average_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The averaged weights of a training state that kept a moving average (the trainer's ``last.pt`` with
+    ``trainer.ema_decay``: ``'ema'`` is ``AveragedModel.state_dict()``, the network under ``module.`` plus an
+    ``n_averaged`` counter), or None."""
+    average = checkpoint.get("ema")
+    if not isinstance(average, dict):
+        return None
+    state = {key.removeprefix("module."): value for key, value in average.items()
+             if isinstance(key, str) and key.startswith("module.") and isinstance(value, torch.Tensor)}
+    return state or None
+
+
+WeightsChoice = Literal["auto", "average", "model"]
+
+
+def select_weights(checkpoint: dict[str, Any], weights: WeightsChoice = "auto") -> tuple[dict[str, Any], str]:
+    """The checkpoint to build the model from and which of its weights those are.
+
+    A training state with a moving average holds two sets: ``'model'`` (the raw weights, to resume from) and
+    ``'ema'`` (the average, what validation scored and ``best.pt`` holds). ``"auto"`` takes the average where
+    there is one, ``"model"`` always the raw weights, ``"average"`` requires the average.
+    """
+    if weights not in ("auto", "average", "model"):
+        raise ValueError(f"weights must be 'auto', 'average' or 'model', got {weights!r}")
+    average = moving_average_weights(checkpoint) if weights != "model" else None
+    if average is None:
+        if weights == "average":
+            raise ValueError("the checkpoint holds no moving average ('ema'): its weights are in 'model'")
+        return checkpoint, "model"
+    updates = checkpoint["ema"].get("n_averaged")
+    count = f", {int(updates)} updates" if isinstance(updates, torch.Tensor) and updates.numel() == 1 else ""
+    return {**checkpoint, "model": average}, f"moving average ('ema'{count})"
+
+
 def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Config | str | None = None,
-               device: str | torch.device = "cpu") -> MossFormer2:
+               device: str | torch.device = "cpu", weights: WeightsChoice = "auto") -> MossFormer2:
     """Build a MossFormer2 from a checkpoint file or dict and return it in eval mode on ``device``.
 
     Accepts the official container, our checkpoints (config embedded), or a bare state dict; keys with or without
     ``module.``; with or without the rotary aliases. Without ``config`` the architecture is read from the
     checkpoint (embedded config, else tensor shapes). A checkpoint of another architecture raises ValueError.
+    A training state that kept a moving average loads the average by default (see :func:`select_weights`).
     """
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     if not isinstance(obj, dict):
         raise ValueError(f"expected a checkpoint path or dict, got {type(obj).__name__}")
+    obj, chosen = select_weights(obj, weights)
+    if chosen != "model" and weights == "auto":
+        where = f" of {checkpoint}" if isinstance(checkpoint, (str, Path)) else ""
+        log.info("using the %s%s, the weights validation scored (its raw weights: weights='model')", chosen, where)
     state = extract_state_dict(obj)
     if isinstance(config, str):
         model = build_model(config)
@@ -254,4 +296,22 @@ def checkpoint_summary(path: str | Path, checkpoint: dict[str, Any] | None = Non
         "num_elements": sum(unique.values()),
         "config": config,
         "separation": recommended_refinements(obj.get("separation"), path),
+        "weights": select_weights(obj)[1],  # the set load_model uses: "model", or the moving average
+        "validation": _validation_summary(obj),
     }
+
+
+def _validation_summary(checkpoint: dict[str, Any]) -> str | None:
+    """What a training checkpoint says of validation: a ``best.pt`` its own scores (``'valid'``, one epoch of the
+    history), a ``last.pt`` the best epoch so far (``'trainer_state'``); None for other files."""
+    valid, trainer_state = checkpoint.get("valid"), checkpoint.get("trainer_state")
+    if isinstance(valid, dict) and "valid_si_sdri" in valid:
+        return (f"SI-SDRi {float(valid['valid_si_sdri']):.2f} dB, SI-SDR {float(valid.get('valid_si_sdr', 0.0)):.2f} "
+                f"dB (epoch {int(valid.get('epoch', -1))}, counting from 0; step {int(valid.get('step', -1))})")
+    if isinstance(trainer_state, dict) and "best_epoch" in trainer_state:
+        done = f"{int(trainer_state.get('epoch', 0))} epochs completed"
+        if int(trainer_state["best_epoch"]) < 0:
+            return f"{done}, none validated yet"
+        return (f"{done}; best SI-SDRi {float(trainer_state['best_metric']):.2f} dB at epoch "
+                f"{int(trainer_state['best_epoch'])} (counting from 0)")
+    return None

@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
             print("container: none, a bare state dict (no epoch, step or optimizer state)")
         print(f"tensors: {summary['num_tensors']} ({summary['num_rotary_aliases']} rotary aliases), "
               f"elements: {summary['num_elements']:,}")
+        if summary["weights"] != "model":
+            print(f"weights used to separate: the {summary['weights']}; the raw weights are in 'model'")
+        if summary["validation"]:
+            print(f"validation: {summary['validation']}")
         _print_refinements(summary["separation"])
     else:
         model = build_model(args.model or "MossFormer2")
