@@ -297,3 +297,76 @@ def test_clearvoice_pass_length_and_count_are_what_clearvoice_separate_runs(tota
 
     clearvoice_separate(np.ones(total, dtype=np.float32), model_fn)
     assert set(seen) == {clearvoice_pass_length(total)} and len(seen) == clearvoice_window_count(total)
+
+
+def _turn_taking(seconds: float = 12.0, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """``(sources [2, T], active [2, T] bool)``: A talks in 0-4.5 s and 7.5-12 s, B in 2.5-9.5 s, so only B
+    talks in 4.5-7.5 s."""
+    sources = speech_like_sources(2, seconds, seed=seed)
+    t = np.arange(sources.shape[-1]) / SR
+    active = np.stack([(t < 4.5) | (t >= 7.5), (t >= 2.5) & (t < 9.5)])
+    return sources * active, active
+
+
+def _duplicating_model_output(sources: np.ndarray, active: np.ndarray, start: int, end: int, order: list[int],
+                              rng: np.random.Generator) -> np.ndarray:
+    """What a real model does where one voice talks alone: it puts that voice into every output (each a
+    slightly different copy), so an overlap holding one voice cannot tell the outputs apart."""
+    seg, alone = sources[:, start:end], active[:, start:end].sum(0) == 1
+    lone_voice = seg.sum(0)
+    out = np.empty_like(seg)
+    for row, spk in enumerate(order):
+        copy = 0.8 * lone_voice + 0.02 * rng.standard_normal(lone_voice.shape).astype(np.float32)
+        out[row] = np.where(alone, copy, seg[spk])
+    return out
+
+
+def test_an_overlap_where_one_voice_talks_alone_is_decided_by_the_voices():
+    """A turn-taking recording: the overlap at 5.0-6.5 s holds B only, which the model puts into both outputs.
+    The overlap then cannot tell the order (before: a coin flip that swapped A and B for the rest of the file);
+    the voices heard so far can."""
+    from mossformer2.separation.stitching import DECISIVE_MARGIN_DB, match_sources_with_margin
+
+    sources, active = _turn_taking()
+    rng = np.random.default_rng(0)
+    chunk, overlap = 4 * SR, int(1.5 * SR)
+    plan = plan_chunks(sources.shape[-1], chunk, overlap)
+    assert (5 * SR, 9 * SR) in plan
+    stitcher = AlignedStitcher(2, sources.shape[-1], sample_rate=SR)
+    for index, (start, end) in enumerate(plan):
+        order = [1, 0] if index % 2 else [0, 1]
+        out = _duplicating_model_output(sources, active, start, end, order, rng)
+        if start == 5 * SR:  # the ambiguous overlap: the overlap alone would choose the wrong order here
+            written = stitcher.output[:, start:start + (plan[index - 1][1] - start)]
+            by_overlap, _, margin = match_sources_with_margin(out[:, :written.shape[-1]], written)
+            assert margin < DECISIVE_MARGIN_DB
+            assert list(by_overlap) != [1, 0]  # chunk row 1 holds A, which stream 0 has held so far
+        stitcher.add(start, out)
+    both = active.all(0)  # where both talk the outputs are exact: each must hold one speaker throughout
+    first, later = both & (np.arange(both.size) < 5 * SR), both & (np.arange(both.size) >= 5 * SR)
+    for region in (first, later):
+        np.testing.assert_allclose(stitcher.output[:, region], sources[:, region], atol=1e-6)
+    assert stitcher.uncertain == []
+
+
+def test_a_guessed_speaker_order_is_reported_once(caplog):
+    """Without a clear overlap and without enough clear speech to compare voices, the stitcher says where it
+    guessed (in seconds), in one warning; silent stretches are not reported."""
+    from mossformer2.separation.stitching import stitch_aligned
+
+    rng = np.random.default_rng(1)
+    lone = 0.1 * rng.standard_normal(8 * SR).astype(np.float32)  # one voice throughout: never dominant anywhere
+    wave = np.concatenate([np.zeros(8 * SR, np.float32), lone])
+
+    def duplicating(batch: np.ndarray) -> np.ndarray:
+        return np.stack([np.stack([c * (0.8 + 0.05 * rng.standard_normal(c.shape)).astype(np.float32)] * 2)
+                         for c in batch])  # silence stays silent
+
+    with caplog.at_level("WARNING", logger="mossformer2"):
+        stitch_aligned(wave, duplicating, 2, 4 * SR, SR, sample_rate=SR)
+    warnings = [r for r in caplog.records if "was a guess" in r.getMessage()]
+    assert len(warnings) == 1
+    starts = [s for s, _ in plan_chunks(wave.size, 4 * SR, SR)][1:]
+    sounding = [s for s in starts if s + 4 * SR > 8 * SR]  # chunks that reach the voice
+    assert f"{sounding[0] / SR:.1f} s" in warnings[0].getMessage()
+    assert f"at {len(sounding)} chunk boundar" in warnings[0].getMessage()

@@ -6,6 +6,8 @@ separation of an exported ONNX model runs without torch.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 from collections.abc import Callable, Iterator
 
@@ -13,6 +15,14 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 ModelFn = Callable[[np.ndarray], np.ndarray]
+
+log = logging.getLogger(__name__)
+
+# An overlap decides the speaker order when its best order beats the next best by this much summed SI-SDR (dB).
+# A decisive overlap (both speakers talk in it) wins by tens of dB; one where only one speaker talks (the model
+# then puts that voice into every output) or nobody does wins by a fraction of a dB, i.e. by chance.
+DECISIVE_MARGIN_DB = 3.0
+SILENCE_PEAK = 1e-4  # -80 dBFS: a chunk this quiet holds no voice whose order could be wrong
 
 
 def plan_chunks(total: int, chunk: int, overlap: int) -> list[tuple[int, int]]:
@@ -36,6 +46,38 @@ def crossfade_weights(length: int) -> tuple[np.ndarray, np.ndarray]:
     return (1.0 - fade_in).astype(np.float32), fade_in
 
 
+def _pair_si_sdr(estimate: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(si_sdr [S_est, S_ref] in dB, rho [S_est, S_ref])`` of every estimate / reference pair (zero-mean)."""
+    est = estimate - estimate.mean(-1, keepdims=True, dtype=np.float64)
+    ref = reference - reference.mean(-1, keepdims=True, dtype=np.float64)
+    norms = np.linalg.norm(est, axis=-1)[:, None] * np.linalg.norm(ref, axis=-1)[None, :]
+    rho = (est @ ref.T) / np.maximum(norms, 1e-30)  # 0 where a signal is silent
+    rho2 = np.clip(rho**2, 1e-12, 1.0 - 1e-12)
+    return 10 * np.log10(rho2 / (1.0 - rho2)), rho
+
+
+def _best_order(score: np.ndarray, maximize: bool = True) -> np.ndarray:
+    """``order [S]``: estimate ``order[j]`` goes to reference ``j``, optimising the summed ``score[est, ref]``."""
+    rows, cols = linear_sum_assignment(score, maximize=maximize)
+    order = np.empty(len(cols), dtype=np.int64)
+    order[cols] = rows
+    return order
+
+
+def _runner_up_gap(score: np.ndarray, order: np.ndarray, maximize: bool = True) -> float:
+    """How much ``order`` beats every other order on the summed ``score`` (inf beyond 5 speakers: 120 orders)."""
+    num = len(order)
+    if num > 5:
+        return math.inf
+    columns = np.arange(num)
+    best = float(score[order, columns].sum())
+    others = [float(score[list(perm), columns].sum()) for perm in itertools.permutations(range(num))
+              if list(perm) != list(order)]
+    if not others:
+        return math.inf
+    return best - max(others) if maximize else min(others) - best
+
+
 def match_sources(estimate: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Speaker order and polarity of ``estimate`` ``[S, n]`` that best match ``reference`` ``[S, n]``.
 
@@ -45,27 +87,98 @@ def match_sources(estimate: np.ndarray, reference: np.ndarray) -> tuple[np.ndarr
     two runs of a model may put out x and -x for one speaker: averaging or cross-fading them unmatched would
     cancel that speaker.
     """
-    est = estimate - estimate.mean(-1, keepdims=True, dtype=np.float64)
-    ref = reference - reference.mean(-1, keepdims=True, dtype=np.float64)
-    norms = np.linalg.norm(est, axis=-1)[:, None] * np.linalg.norm(ref, axis=-1)[None, :]
-    rho = (est @ ref.T) / np.maximum(norms, 1e-30)  # [S_est, S_ref]; 0 where a signal is silent
-    rho2 = np.clip(rho**2, 1e-12, 1.0 - 1e-12)
-    rows, cols = linear_sum_assignment(10 * np.log10(rho2 / (1.0 - rho2)), maximize=True)
-    order = np.empty(len(cols), dtype=np.int64)
-    order[cols] = rows  # estimate rows[i] goes to reference cols[i]
-    signs = np.where(rho[order, np.arange(len(order))] >= 0, 1.0, -1.0).astype(np.float32)
+    order, signs, _ = match_sources_with_margin(estimate, reference)
     return order, signs
+
+
+def match_sources_with_margin(estimate: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`match_sources` plus how sure it is: the summed-SI-SDR lead (dB) of the chosen order over the next."""
+    score, rho = _pair_si_sdr(estimate, reference)
+    order = _best_order(score)
+    signs = np.where(rho[order, np.arange(len(order))] >= 0, 1.0, -1.0).astype(np.float32)
+    return order, signs, _runner_up_gap(score, order)
+
+
+class VoiceProfiles:
+    """Long-term spectral envelope of each output's voice, from frames where that output clearly dominates.
+
+    When a chunk overlap cannot decide the speaker order (one voice in every output, or silence), the voices
+    can: each output's average log spectrum (level removed) is compared with what each stitched output held so
+    far. Frames where outputs have similar energy (the model duplicating one voice) are left out.
+    """
+
+    FRAME = 512  # 32 ms at 16 kHz
+    BANDS = 24  # log-spaced, like a coarse mel scale
+    DOMINANCE_DB = 6.0  # an output's frame counts when it is this much louder than every other output
+    ACTIVE_DB = 45.0  # ... and within this range of the loudest frame seen in the chunk
+    MIN_FRAMES = 8  # about 0.25 s of clear speech before a profile is trusted
+
+    def __init__(self, num_spks: int) -> None:
+        edges = np.unique(np.geomspace(2, self.FRAME // 2 + 1, self.BANDS + 1).astype(np.int64))
+        self._edges = edges
+        self._window = np.hanning(self.FRAME).astype(np.float32)
+        self.sums = np.zeros((num_spks, len(edges) - 1))
+        self.counts = np.zeros(num_spks, dtype=np.int64)
+
+    def measure(self, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(sums [S, bands], counts [S])`` of level-free log band spectra over each output's dominant frames."""
+        num_spks, length = sources.shape
+        frames = length // self.FRAME
+        sums, counts = np.zeros_like(self.sums), np.zeros_like(self.counts)
+        if frames == 0:
+            return sums, counts
+        framed = sources[:, :frames * self.FRAME].reshape(num_spks, frames, self.FRAME) * self._window
+        power = np.abs(np.fft.rfft(framed, axis=-1)) ** 2  # [S, F, bins]
+        bands = np.add.reduceat(power, self._edges[:-1], axis=-1)[..., :len(self._edges) - 1]
+        log_bands = 10 * np.log10(bands + 1e-12)
+        energy = 10 * np.log10(power.sum(-1) + 1e-12)  # [S, F]
+        for spk in range(num_spks):
+            others = np.delete(energy, spk, axis=0).max(axis=0) if num_spks > 1 else np.full(frames, -np.inf)
+            clear = (energy[spk] - others >= self.DOMINANCE_DB) & (energy[spk] >= energy.max() - self.ACTIVE_DB)
+            shapes = log_bands[spk, clear]
+            sums[spk] = (shapes - shapes.mean(-1, keepdims=True)).sum(0)
+            counts[spk] = int(clear.sum())
+        return sums, counts
+
+    def add(self, sources: np.ndarray) -> None:
+        """Add the (already aligned) ``sources`` ``[S, L]`` to each output's profile."""
+        sums, counts = self.measure(sources)
+        self.sums += sums
+        self.counts += counts
+
+    def order(self, sources: np.ndarray) -> tuple[np.ndarray, float] | None:
+        """The order of ``sources`` ``[S, L]`` whose voices best match the profiles so far and its lead (mean dB
+        distance), or None when too few clear frames exist on either side to compare anything."""
+        sums, counts = self.measure(sources)
+        known_new, known_old = counts >= self.MIN_FRAMES, self.counts >= self.MIN_FRAMES
+        if not known_new.any() or not known_old.any():
+            return None
+        new = sums / np.maximum(counts, 1)[:, None]
+        old = self.sums / np.maximum(self.counts, 1)[:, None]
+        distance = np.sqrt(((new[:, None, :] - old[None, :, :]) ** 2).mean(-1))  # [S_new, S_old], dB
+        # A voice without a profile on one side adds the same to every order: it cannot sway the choice.
+        distance[~known_new, :] = 0.0
+        distance[:, ~known_old] = 0.0
+        order = _best_order(distance, maximize=False)
+        return order, _runner_up_gap(distance, order, maximize=False)
 
 
 class AlignedStitcher:
     """Fills a preallocated ``[S, T]`` output chunk by chunk, aligning speakers (order and polarity) and
     cross-fading overlaps.
 
-    Chunks must arrive in increasing start order. Memory is the output array plus one chunk.
+    The overlap with the previous chunk decides the order when it is clear (both voices talk in it). When it is
+    not (one voice, which the model then puts into every output, or silence), the voices decide: each output's
+    spectral profile so far against the new chunk's outputs (:class:`VoiceProfiles`); if neither can, the
+    overlap's guess stands and ``uncertain`` records where. Chunks must arrive in increasing start order.
+    Memory is the output array plus one chunk.
     """
 
-    def __init__(self, num_spks: int, total: int) -> None:
+    def __init__(self, num_spks: int, total: int, sample_rate: int | None = None) -> None:
         self.output = np.zeros((num_spks, total), dtype=np.float32)
+        self.profiles = VoiceProfiles(num_spks)
+        self.sample_rate = sample_rate
+        self.uncertain: list[int] = []  # chunk starts (samples) whose speaker order was a guess
         self._end = 0  # samples written so far
 
     def add(self, start: int, chunk_out: np.ndarray) -> None:
@@ -77,13 +190,36 @@ class AlignedStitcher:
         if overlap > 0:
             written = self.output[:, start:self._end]
             # A model may flip a speaker's polarity from one chunk to the next, as well as the order.
-            order, signs = match_sources(chunk_out[:, :overlap], written)
+            order, signs = self._align(start, chunk_out, written)
             chunk_out = chunk_out[order] if (signs > 0).all() else chunk_out[order] * signs[:, None]
             fade_out, fade_in = crossfade_weights(overlap)
             written *= fade_out
             written += fade_in * chunk_out[:, :overlap]
         self.output[:, self._end:end] = chunk_out[:, overlap:]
+        self.profiles.add(chunk_out[:, overlap:])
         self._end = max(self._end, end)
+
+    def _align(self, start: int, chunk_out: np.ndarray, written: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        overlap = written.shape[-1]
+        order, signs, margin = match_sources_with_margin(chunk_out[:, :overlap], written)
+        if margin >= DECISIVE_MARGIN_DB:
+            return order, signs
+        by_voice = self.profiles.order(chunk_out)
+        if by_voice is None or by_voice[1] <= 0.0:
+            if np.abs(chunk_out).max() >= SILENCE_PEAK:  # in a silent chunk the order cannot matter yet
+                self.uncertain.append(start)
+            log.debug("speaker order at %s: neither the overlap (lead %.2f dB) nor the voices decide it",
+                      self._where(start), margin)
+            return order, signs
+        voice_order = by_voice[0]
+        log.debug("speaker order at %s set by the voices (lead %.2f dB; the overlap's lead was %.2f dB)",
+                  self._where(start), by_voice[1], margin)
+        _, rho = _pair_si_sdr(chunk_out[:, :overlap], written)
+        voice_signs = np.where(rho[voice_order, np.arange(len(voice_order))] >= 0, 1.0, -1.0).astype(np.float32)
+        return voice_order, voice_signs
+
+    def _where(self, start: int) -> str:
+        return f"{start / self.sample_rate:.1f} s" if self.sample_rate else f"sample {start}"
 
 
 def batched(items: list, size: int) -> Iterator[list]:
@@ -92,19 +228,29 @@ def batched(items: list, size: int) -> Iterator[list]:
 
 
 def stitch_aligned(wave: np.ndarray, model_fn: ModelFn, num_spks: int, chunk: int, overlap: int,
-                   batch_size: int = 1, progress: Callable[[int], None] | None = None) -> np.ndarray:
+                   batch_size: int = 1, progress: Callable[[int], None] | None = None,
+                   sample_rate: int | None = None) -> np.ndarray:
     """Separate ``wave`` ``[T]`` chunk by chunk: ``[S, T]``. Equal-length chunks run ``batch_size`` at a time.
 
-    ``progress(n)`` is called after each batch with the number of chunks done in it.
+    ``progress(n)`` is called after each batch with the number of chunks done in it. Chunk boundaries whose
+    speaker order neither the overlap nor the voices could decide are logged as one warning (``sample_rate``
+    puts them in seconds).
     """
     plan = plan_chunks(wave.shape[-1], chunk, overlap)
-    stitcher = AlignedStitcher(num_spks, wave.shape[-1])
+    stitcher = AlignedStitcher(num_spks, wave.shape[-1], sample_rate)
     for group in batched(plan, max(1, batch_size)):
         outputs = model_fn(np.stack([wave[s:e] for s, e in group]))  # [B, S, L]
         for (start, _), out in zip(group, outputs):
             stitcher.add(start, out)
         if progress is not None:
             progress(len(group))
+    if stitcher.uncertain:
+        where = ", ".join(stitcher._where(s) for s in stitcher.uncertain[:5])
+        more = f" and {len(stitcher.uncertain) - 5} more" if len(stitcher.uncertain) > 5 else ""
+        log.warning("the speaker order at %d chunk boundar%s (%s%s) was a guess: only one voice or silence in "
+                    "the overlap, and not enough clear speech to tell the voices apart; the speakers may swap "
+                    "there (a longer --overlap-seconds or --chunk-seconds helps)", len(stitcher.uncertain),
+                    "y" if len(stitcher.uncertain) == 1 else "ies", where, more)
     return stitcher.output
 
 
@@ -200,6 +346,6 @@ def clearvoice_audio_norm(wave: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
-__all__ = ["AlignedStitcher", "clearvoice_audio_norm", "clearvoice_padded_length", "clearvoice_pass_length",
-           "clearvoice_separate", "clearvoice_window_count", "crossfade_weights", "match_sources", "plan_chunks",
-           "stitch_aligned"]
+__all__ = ["DECISIVE_MARGIN_DB", "AlignedStitcher", "VoiceProfiles", "clearvoice_audio_norm",
+           "clearvoice_padded_length", "clearvoice_pass_length", "clearvoice_separate", "clearvoice_window_count",
+           "crossfade_weights", "match_sources", "match_sources_with_margin", "plan_chunks", "stitch_aligned"]
