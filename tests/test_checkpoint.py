@@ -251,3 +251,16 @@ def test_info_says_which_weights_separate_uses_and_the_validation_scores(tmp_pat
     out = capsys.readouterr().out
     assert "validation: SI-SDRi 4.50 dB, SI-SDR 3.25 dB (epoch 1, counting from 0; step 8)" in out
     assert "weights used to separate" not in out
+
+
+def test_info_says_when_group_size_was_assumed(tmp_path, tiny_model, capsys):
+    """A bare state dict stores no config: its sizes come from the tensor shapes, but group_size (and dropout)
+    cannot, so the printed group_size is the official default, which info now says instead of passing it off as
+    the model's."""
+    torch.save(tiny_model.state_dict(), tmp_path / "bare.pt")
+    assert main(["info", "--checkpoint", str(tmp_path / "bare.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "group_size and dropout leave no trace in the weights" in out and "group_size: 256" in out
+    save_checkpoint(tmp_path / "ours.pt", tiny_model)
+    assert main(["info", "--checkpoint", str(tmp_path / "ours.pt")]) == 0
+    assert "leave no trace" not in capsys.readouterr().out

@@ -283,7 +283,8 @@ def checkpoint_summary(path: str | Path, checkpoint: dict[str, Any] | None = Non
 
     obj = read_checkpoint(path) if checkpoint is None else checkpoint
     state = extract_state_dict(obj)
-    config = _config_from_checkpoint(obj) or infer_config(state)
+    embedded = _config_from_checkpoint(obj)
+    config = embedded or infer_config(state)
     unique = {v.data_ptr(): v.numel() for v in state.values()}
     return {
         "path": str(path),
@@ -295,6 +296,9 @@ def checkpoint_summary(path: str | Path, checkpoint: dict[str, Any] | None = Non
         "num_rotary_aliases": sum(1 for k in state if _ROTARY_ALIAS.match(k)),
         "num_elements": sum(unique.values()),
         "config": config,
+        # Without an embedded config, the sizes come from tensor shapes; group_size and dropout leave no trace in
+        # the weights, so they are the official values, assumed.
+        "config_inferred": embedded is None,
         "separation": recommended_refinements(obj.get("separation"), path),
         "weights": select_weights(obj)[1],  # the set load_model uses: "model", or the moving average
         "validation": _validation_summary(obj),

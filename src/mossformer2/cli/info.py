@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
         if summary["validation"]:
             print(f"validation: {summary['validation']}")
         _print_refinements(summary["separation"])
+        if summary["config_inferred"]:
+            print("config read from the tensor shapes (the file stores none): group_size and dropout leave no trace "
+                  "in the weights, so the official values below are assumed")
     else:
         model = build_model(args.model or "MossFormer2")
         print(f"model: {args.model or 'MossFormer2'}")
