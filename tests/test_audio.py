@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import types
 import warnings
 
 import av
@@ -13,6 +15,7 @@ import soundfile as sf
 from mossformer2.audio import (
     check_writable,
     find_audio_files,
+    pcm_to_float,
     peak_amplitude,
     read_audio,
     resample,
@@ -206,6 +209,35 @@ def test_write_errors_name_the_file_not_its_temp(tmp_path, monkeypatch):
         write_audio(tmp_path / "out.wav", np.zeros(100, np.float32), 16000)
     assert str(err.value).startswith(f"cannot write {tmp_path / 'out.wav'}: ") and ".tmp" not in str(err.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_named_instead_of_system_error(tmp_path, monkeypatch):
+    def failing_write(file, *_args, **_kwargs):  # libsndfile's code 2, "System error.", for a failed write(2)
+        raise sf.LibsndfileError(2, prefix=f"Error opening {file!r}: ")
+
+    monkeypatch.setattr(sf, "write", failing_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**9, used=10**9, free=1000))
+    with pytest.raises(OSError, match=r"^cannot write .*out\.wav: No space left on device \(0\.0 MB free, about "
+                                      r"0\.1 MB needed\)$"):
+        write_audio(tmp_path / "out.wav", np.zeros((2, 16000), np.float32), 16000)  # 64 kB of PCM_16
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**9, used=0, free=10**9))
+    with pytest.raises(sf.LibsndfileError, match="System error"):  # space left: libsndfile's own words
+        write_audio(tmp_path / "out.wav", np.zeros((2, 16000), np.float32), 16000)
+
+
+def test_integer_pcm_is_scaled_as_libsndfile_reads_it(tmp_path):
+    pcm = np.array([-32768, -16384, 0, 16384, 32767], np.int16)
+    sf.write(str(tmp_path / "x.wav"), pcm, 8000, subtype="PCM_16")
+    np.testing.assert_array_equal(pcm_to_float(pcm), read_audio(tmp_path / "x.wav")[0][0])
+    pcm8 = np.array([0, 64, 128, 255], np.uint8)  # 8-bit WAV is unsigned
+    sf.write(str(tmp_path / "u8.wav"), (pcm8 - 128.0) / 128, 8000, subtype="PCM_U8")
+    np.testing.assert_array_equal(pcm_to_float(pcm8), read_audio(tmp_path / "u8.wav")[0][0])
+    assert pcm_to_float(np.array([-(2**31), 2**30], np.int32)).tolist() == [-1.0, 0.5]
+    with pytest.raises(ValueError, match="int64 has no PCM full scale"):
+        pcm_to_float(np.array([1, 2, 3]))
+    floats = np.array([0.5, 2.0], np.float32)
+    assert pcm_to_float(floats) is floats  # floats pass as they are, not copied
 
 
 def test_names_that_are_not_utf8_are_read_and_written(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -148,3 +149,36 @@ def test_a_closed_pipe_ends_quietly_and_a_missing_package_is_one_line(monkeypatc
     monkeypatch.setattr(info_cli, "run", ours)
     with pytest.raises(ModuleNotFoundError):  # a missing module of our own is a bug: the traceback shows
         main(["info"])
+
+
+def test_commands_that_need_torch_say_so_in_one_line_without_it(tmp_path):
+    """An ONNX-only install (README, "Export and deployment"): torch made unimportable as if not installed."""
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n")
+    wav = tmp_path / "x.wav"
+    wav.write_bytes(b"")  # never read: the model comes first
+    commands = [["separate", str(wav), "-o", str(tmp_path / "o")],
+                ["separate", str(wav), "-o", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "m.ts.pt")],
+                ["info"], ["demo", "-o", str(tmp_path / "d")], ["export", "--format", "onnx", "-o", "m.onnx"]]
+    script = (f"import sys\nfrom mossformer2.cli import main\ncodes = [main(a) for a in {commands!r}]\n"
+              "print(codes, 'torch' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
+    assert out.stdout.split() == ["[1,", "1,", "1,", "1,", "1]", "False"], out.stderr
+    errors = [line for line in out.stderr.splitlines() if not line.startswith("using the built-in model")]
+    onnx_hint = ("error: PyTorch is not installed: the built-in model and .pt checkpoints need it; pass "
+                 "--checkpoint MODEL.onnx (README, \"Export and deployment\")")
+    assert errors == [f"mossformer2 separate: {onnx_hint}", f"mossformer2 separate: {onnx_hint}",
+                      f"mossformer2 info: {onnx_hint}",
+                      "mossformer2 demo: error: PyTorch is not installed, and `mossformer2 demo` needs it here: "
+                      "pip install torch",
+                      "mossformer2 export: error: PyTorch is not installed, and `mossformer2 export` needs it "
+                      "here: pip install torch"], out.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,6 @@ def test_folder_input_mirrors_structure_and_summarises(ckpt, corpus, tmp_path, c
     captured = capsys.readouterr()
     assert "separated 5 file(s), skipped 0, failed 0" in captured.out
     assert "real-time factor" in captured.out and "s of audio" in captured.out
-    assert "files" in captured.err  # tqdm bar over files
 
 
 def test_globs_lists_scp_and_skip_existing(ckpt, corpus, tmp_path, capsys):
@@ -515,3 +515,70 @@ def test_evaluate_passes_its_options_to_the_separator(ckpt, tmp_path, monkeypatc
           str(ckpt), "--device", "cpu", "--metrics", "si_sdr", *SEPARATOR_FLAGS])
     (kwargs,) = seen
     assert {key: kwargs[key] for key in SEPARATOR_KWARGS} == SEPARATOR_KWARGS
+
+
+def test_progress_bars_only_on_a_terminal_and_quiet_leaves_the_summary(ckpt, tmp_path, monkeypatch, capsys):
+    src = tmp_path / "long.wav"
+    sf.write(str(src), noise(56000, 6), 16000)  # 3.5 s: two 2 s chunks
+    args = ["separate", str(src), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt), "--chunk-seconds", "2",
+            "--overlap-seconds", "1"]
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""  # stderr is not a terminal (a log file): no \r bars, no cursor codes
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert main([*args, "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "files:" in err and "chunks:" in err
+    assert main([*args, "--overwrite", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "separated 1 file(s)" in captured.out
+    assert main([*args, "-q"]) == 0  # skipped: without the per-file note
+    captured = capsys.readouterr()
+    assert captured.err == "" and "skipped 1" in captured.out
+    assert main([*args, "--overlap-seconds", "0.5", "--overwrite", "-q"]) == 0  # warnings still show
+    assert capsys.readouterr().err.startswith("mossformer2 separate: warning: overlap_seconds=0.5 (--overlap-seconds)")
+
+
+def test_a_lone_file_with_an_output_name_is_not_replaced(ckpt, tmp_path, capsys):
+    src = tmp_path / "mix.wav"
+    sf.write(str(src), noise(8000, 7), 16000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mix_s1.wav").write_text("a reference the user saved here")
+    args = ["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt)]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert f"failed: {src}: not separated: {out / 'mix_s1.wav'} exists but mix_s2.wav does not" in captured.err
+    assert "--overwrite to replace it" in captured.err and "failed 1" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["mix_s1.wav"]
+    assert (out / "mix_s1.wav").read_text() == "a reference the user saved here"
+    assert main([*args, "--overwrite"]) == 0
+    assert sf.info(str(out / "mix_s1.wav")).frames == 8000 and (out / "mix_s2.wav").is_file()
+
+
+def test_plot_counts_as_an_output_and_a_missing_one_is_drawn_from_the_outputs(ckpt, tmp_path, capsys):
+    src = tmp_path / "mix.wav"
+    sf.write(str(src), noise(8000, 8, channels=2), 16000)
+    out = tmp_path / "out"
+    args = ["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt), "--channels", "each"]
+    assert main(args) == 0
+    speaker_file = out / "mix_s1.wav"
+    before = speaker_file.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*args, "--plot"]) == 0  # an earlier run without --plot: only the spectrogram is missing
+    assert "writing only its missing spectrogram" in capsys.readouterr().err
+    assert (out / "mix_spectrogram.png").read_bytes()[:4] == b"\x89PNG"
+    assert speaker_file.stat().st_mtime_ns == before  # not separated again
+    assert main([*args, "--plot"]) == 0
+    assert "skipped 1" in capsys.readouterr().out
+    (out / "mix_s2.wav").unlink()  # plot and one speaker file: not a complete set, nothing replaced
+    assert main([*args, "--plot"]) == 1
+    assert "mix_s2.wav does not" in capsys.readouterr().err and speaker_file.stat().st_mtime_ns == before
+
+
+def test_output_rates_below_1000_hz_are_refused(ckpt, tmp_path, capsys):
+    src = tmp_path / "mix.wav"
+    sf.write(str(src), noise(8000, 9), 16000)
+    assert main(["separate", str(src), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt),
+                 "--output-rate", "1"]) == 1
+    assert "--output-rate must be at least 1000 Hz, got 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

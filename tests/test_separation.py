@@ -14,7 +14,7 @@ import mossformer2.pretrained
 from mossformer2 import build_model, save_checkpoint
 from mossformer2.audio import read_audio, write_audio
 from mossformer2.losses import si_sdr
-from mossformer2.separation import Separator, write_sources
+from mossformer2.separation import Separator, write_separation, write_sources
 from mossformer2.separation.batching import equal_length_batches, length_sorted_batches, make_batches
 from mossformer2.separation.cuda_graphs import CudaGraphModel
 from mossformer2.separation.separator import TARGET_PEAK, TARGET_RMS
@@ -389,3 +389,92 @@ def test_cuda_graphs_option_is_ignored_on_cpu(tiny_model):
     assert sep.graphs is None
     expected = Separator(tiny_model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.25).separate(wave, SR)
     np.testing.assert_array_equal(sep.separate(wave, SR), expected)
+
+
+class LouderBandFirst:
+    """A deterministic NumPy "model" ``[B, T] -> [B, 2, T]``: the spectrum below and above 2 kHz, the louder part
+    first (a network's output order is arbitrary per pass; here it follows the input's balance)."""
+
+    def __init__(self, input_shape=None):
+        self.config = make_tiny_config()
+        if input_shape is not None:
+            self.input_shape = input_shape  # as an ONNX export of a fixed length
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        spec = np.fft.rfft(batch, axis=-1)
+        low_bins = np.fft.rfftfreq(batch.shape[-1], 1 / SR) < 2000
+        low = np.fft.irfft(spec * low_bins, n=batch.shape[-1], axis=-1)
+        out = np.stack([low, batch - low], axis=1)
+        high_louder = np.square(out[:, 1]).sum(-1) > np.square(out[:, 0]).sum(-1)
+        out[high_louder] = out[high_louder, ::-1]
+        return out.astype(np.float32)
+
+
+def test_channels_each_share_the_first_channels_speaker_order_and_polarity():
+    t = np.arange(SR) / SR
+    low, high = np.sin(2 * np.pi * 300 * t), np.sin(2 * np.pi * 3000 * t)
+    # Left: the low voice louder; right: the high voice louder and the polarity reversed. The model puts the
+    # louder voice first, so each channel on its own has another order.
+    stereo = np.stack([low + 0.3 * high, -(0.3 * low + high)]).astype(np.float32)
+    out = Separator(LouderBandFirst(), channels="each").separate(stereo, SR)
+    assert out.shape == (2, 2, SR)
+    for c in range(2):
+        assert np.corrcoef(out[0, c], low)[0, 1] > 0.99 and np.corrcoef(out[1, c], high)[0, 1] > 0.99
+    # --stitching clearvoice keeps the official tool's independent channels (documented).
+    official = Separator(LouderBandFirst(), channels="each", stitching="clearvoice").separate(stereo, SR)
+    assert np.corrcoef(official[0, 1], high)[0, 1] < -0.99
+
+
+def test_short_overlaps_are_warned_about_and_the_fixed_length_advice_is_safe(tiny_model):
+    with pytest.warns(UserWarning, match=r"overlap_seconds=0\.5 .* under 1 s: .*speakers may swap"):
+        Separator(tiny_model, device="cpu", overlap_seconds=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Separator(tiny_model, device="cpu", overlap_seconds=1.0)
+        Separator(tiny_model, device="cpu", overlap_seconds=0.5, stitching="clearvoice")  # no matching there
+    fixed = Separator(LouderBandFirst(input_shape=[1, 4 * SR]))
+    advice = fixed.fixed_length_error(10 * SR, SR)
+    assert "--chunk-seconds 4 --overlap-seconds 2)" in advice  # half the chunk, the default 2 s
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chunked = Separator(LouderBandFirst(input_shape=[1, 4 * SR]), chunk_seconds=4, overlap_seconds=2)
+    assert chunked.fixed_length_error(10 * SR, SR) is None
+    assert "--overlap-seconds 2)" in Separator(LouderBandFirst(input_shape=[1, 20 * SR])).fixed_length_error(SR, SR)
+    short = Separator(LouderBandFirst(input_shape=[1, SR])).fixed_length_error(3 * SR, SR)
+    assert "--overlap-seconds 0.5; an export this short" in short and "longer --length-seconds" in short
+
+
+def test_integer_pcm_is_scaled_like_files_and_bad_rates_are_refused():
+    sep = Separator(LinearModel(record=False), device="cpu", normalize="none")  # sources: 0.25 x and 0.75 x
+    x = noise(4000, 5, scale=0.3)
+    pcm16 = np.round(x * 32767).astype(np.int16)
+    expected = sep.separate(pcm16 / 32768.0, SR)
+    for pcm in (pcm16, pcm16.astype(np.int32) << 16, torch.from_numpy(pcm16)):
+        np.testing.assert_allclose(sep.separate(pcm, SR), expected, atol=1e-6)
+    pcm8 = (np.round(x * 127) + 128).astype(np.uint8)
+    np.testing.assert_allclose(sep.separate(pcm8, SR)[0], 0.25 * (pcm8 - 128.0) / 128, atol=1e-6)
+    for rate in (None, 0, -16000, 16000.5, float("nan"), "16000"):
+        with pytest.raises(ValueError, match=r"sample_rate must be a positive whole number of Hz"):
+            sep.separate(x, rate)
+    for rate in (0, -8000):
+        with pytest.raises(ValueError, match=r"output_rate must be a positive whole number of Hz"):
+            sep.separate(x, SR, output_rate=rate)
+    assert sep.separate(x, 16000.0, output_rate=np.int64(8000)).shape == (2, 2000)
+
+
+def test_the_spectrogram_appears_together_with_the_speaker_files(tmp_path, monkeypatch):
+    """Ctrl-C while the plot is drawn (the slowest part of writing) leaves neither plot nor speaker files."""
+    import mossformer2.plotting
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mossformer2.plotting, "plot_separation", interrupted)
+    paths = [tmp_path / "a_s1.wav", tmp_path / "a_s2.wav"]
+    with pytest.raises(KeyboardInterrupt):
+        write_separation(paths, noise((2, 1000)), SR, plot_mixture=(noise((1, 1000)), SR))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    written = write_separation(paths, noise((2, 1000)), SR, plot_mixture=(noise((1, 1000)), SR), title="a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_s1.wav", "a_s2.wav", "a_spectrogram.png"]
+    assert written == [*paths, tmp_path / "a_spectrogram.png"]

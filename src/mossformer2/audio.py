@@ -6,8 +6,10 @@ Waveforms are numpy float32 arrays: ``[C, T]`` (channels first) or ``[T]`` for m
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -26,6 +28,7 @@ AUDIO_SUFFIXES = frozenset({
 })
 WRITE_FORMATS = {"wav": "WAV", "flac": "FLAC"}
 WRITE_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
+SAMPLE_BYTES = {"PCM_16": 2, "PCM_24": 3, "FLOAT": 4}
 
 
 def find_audio_files(folder: str | Path) -> list[Path]:
@@ -111,6 +114,24 @@ def _read_with_pyav(path: Path) -> tuple[np.ndarray, int]:
     if not pieces:
         raise ValueError("the audio stream holds no samples")
     return np.ascontiguousarray(np.concatenate(pieces, axis=-1), dtype=np.float32), int(sample_rate)
+
+
+def pcm_to_float(wave: np.ndarray) -> np.ndarray:
+    """float32 samples of ``wave``: floats as they are, integer PCM (8 to 32 bits, as ``scipy.io.wavfile.read``
+    gives it) scaled to [-1, 1) as libsndfile (and so ``read_audio``) reads it: signed n-bit / 2**(n-1), unsigned
+    (8-bit WAV) centred on 2**(n-1) first. 64-bit integers have no PCM scale: a ValueError."""
+    wave = np.asarray(wave)
+    if not np.issubdtype(wave.dtype, np.integer):
+        return wave.astype(np.float32, copy=False)
+    if wave.dtype.itemsize > 4:  # e.g. a list of Python ints: full scale 2**63 would silence it
+        raise ValueError(f"audio of dtype {wave.dtype} has no PCM full scale: pass float samples in [-1, 1] or "
+                         "int16 / int32 / uint8 PCM")
+    half = float(2 ** (8 * wave.dtype.itemsize - 1))
+    scaled = wave.astype(np.float32)
+    if np.issubdtype(wave.dtype, np.unsignedinteger):
+        scaled -= half
+    scaled /= half
+    return scaled
 
 
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -224,5 +245,20 @@ def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, subtype: s
         with atomic_path(path) if temp is None else contextlib.nullcontext(temp) as tmp:
             sf.write(soundfile_name(tmp), frames, int(sample_rate), subtype=subtype, format=WRITE_FORMATS[fmt])
     except sf.LibsndfileError as err:  # its message names the temp file: name the file asked for
+        full = _disk_full(path.parent, frames.size * SAMPLE_BYTES[subtype])
+        if full is not None:
+            raise OSError(f"cannot write {path}: {full}") from None
         raise sf.LibsndfileError(err.code, prefix=f"cannot write {path}: ") from None
     return path
+
+
+def _disk_full(folder: Path, needed: int) -> str | None:
+    """Why a write of about ``needed`` bytes into ``folder`` failed if the disk is full, else None. libsndfile
+    reports a failed write(2) as "System error." only; the free space, checked after the temp file is gone, tells."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free >= needed:
+        return None
+    return f"{os.strerror(errno.ENOSPC)} ({free / 1e6:.1f} MB free, about {needed / 1e6:.1f} MB needed)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,11 @@ from mossformer2.utils import atomic_path
 
 
 def plot_separation(mixture: np.ndarray, sources: np.ndarray, sample_rate: int, path: str | Path,
-                    title: str | None = None) -> Path:
-    """Write a PNG with log-magnitude spectrograms: mixture ``[T]`` on top, then each source of ``[S, T]``."""
+                    title: str | None = None, temp: Path | None = None) -> Path:
+    """Write a PNG with log-magnitude spectrograms: mixture ``[T]`` on top, then each source of ``[S, T]``.
+
+    ``temp``: write there instead, a temporary file the caller renames onto ``path`` (``atomic_paths``, for a plot
+    that appears together with the audio files)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,7 +38,7 @@ def plot_separation(mixture: np.ndarray, sources: np.ndarray, sample_rate: int, 
             fig.suptitle(title)
         fig.tight_layout()
         path = Path(path)
-        with atomic_path(path) as tmp:
+        with atomic_path(path) if temp is None else contextlib.nullcontext(temp) as tmp:
             fig.savefig(tmp, format="png", dpi=80)
     finally:
         plt.close(fig)

@@ -62,7 +62,8 @@ def add_separator_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast precision, torch backend (default float32; float16 needs CUDA)")
     parser.add_argument("--chunk-seconds", type=float, default=10.0, help="chunk length for long inputs (10)")
     parser.add_argument("--overlap-seconds", type=float, default=2.0,
-                        help="overlap between chunks, > 0 for aligned stitching (2)")
+                        help="overlap between chunks, where their speakers are matched: > 0 for aligned stitching; "
+                             "under 1 s (or with short chunks) speakers may swap between chunks (2)")
     parser.add_argument("--stitching", choices=["aligned", "clearvoice"], default="aligned",
                         help="aligned (default): speaker alignment + cross-fade; clearvoice: the official tool's "
                              "windows (as there, up to the last 0.25 s may come out silent)")
@@ -90,11 +91,12 @@ def announce_builtin_model(alternatives: str = "--checkpoint PATH or --model NAM
     print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass {alternatives} for another)", file=sys.stderr)
 
 
-def load_chosen_model(ref: str | None, device: str):
-    """``load_separation_model(ref, device)``, saying so on stderr when ``ref`` is ``None`` (the built-in model)."""
+def load_chosen_model(ref: str | None, device: str, announce: bool = True):
+    """``load_separation_model(ref, device)``, saying so on stderr when ``ref`` is ``None`` (the built-in model)
+    and ``announce``."""
     from mossformer2.separation import load_separation_model
 
-    if ref is None:
+    if ref is None and announce:
         announce_builtin_model()
     return load_separation_model(ref, device)
 
@@ -119,6 +121,23 @@ def _one_line_warnings(command: str) -> Iterator[None]:
         yield
     finally:
         warnings.showwarning = original
+
+
+ONNX_COMMANDS = {"separate", "evaluate", "info"}  # they run an exported model without torch: --checkpoint X.onnx
+
+
+def _is_torch(err: ImportError) -> bool:
+    """Whether ``err`` is torch (or one of its modules) failing to import: not installed in this environment."""
+    return (err.name or "").split(".")[0] == "torch"
+
+
+def _torch_missing(args: argparse.Namespace) -> str:
+    """What to do when a command needed torch and it is not installed."""
+    checkpoint = str(getattr(args, "checkpoint", None) or "")
+    if args.command in ONNX_COMMANDS and not checkpoint.lower().endswith(".onnx"):
+        return ("PyTorch is not installed: the built-in model and .pt checkpoints need it; pass --checkpoint "
+                "MODEL.onnx (README, \"Export and deployment\")")
+    return f"PyTorch is not installed, and `mossformer2 {args.command}` needs it here: pip install torch"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, the shell's code for a command ended by a closed pipe
     except ModuleNotFoundError as err:
+        if _is_torch(err) and not args.verbose:  # an ONNX-only deployment (README, "Export and deployment")
+            print(f"mossformer2 {args.command}: error: {_torch_missing(args)}", file=sys.stderr)
+            return 1
         # An optional package a command needs (pesq, pystoi, onnx, onnxruntime, ...): one line, no traceback.
         package = (err.name or "").split(".")[0]
         if args.verbose or package == "mossformer2":  # our own modules are not optional: a bug, show it

@@ -21,6 +21,7 @@ from mossformer2.cli import (
 )
 
 LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
+MIN_OUTPUT_RATE = 1000  # Hz: lower is a typo (--output-rate 1 wrote a 1 Hz file), not a speech rate
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,8 +45,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="onnxruntime runs an exported .onnx checkpoint without torch's model code")
     add_separator_arguments(parser)
     parser.add_argument("--channels", choices=["mix", "each"], default="mix",
-                        help="mix: downmix to mono; each: separate every channel (multichannel outputs)")
-    parser.add_argument("--output-rate", default="input", help="'input' (default) or a rate in Hz, e.g. 16000")
+                        help="mix: downmix to mono; each: separate every channel (multichannel outputs; each "
+                             "channel's speakers are matched to the first channel's order, except with "
+                             "--stitching clearvoice)")
+    parser.add_argument("--output-rate", default="input",
+                        help=f"'input' (default) or a rate in Hz, at least {MIN_OUTPUT_RATE}, e.g. 16000")
     parser.add_argument("--format", choices=["wav", "flac"], default=None,
                         help="output format (default: the input's if wav/flac, else wav)")
     parser.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], default="PCM_16",
@@ -56,8 +60,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="on CUDA, replay one captured CUDA graph per chunk shape (lower latency)")
     add_refinement_arguments(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip)")
-    parser.add_argument("--plot", action="store_true", help="also write <stem>_spectrogram.png per input")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing outputs (default: skip an input whose outputs all exist; refuse one "
+                             "where only some exist)")
+    parser.add_argument("--plot", action="store_true",
+                        help="also write <stem>_spectrogram.png per input (from the existing outputs where only the "
+                             "plot is missing)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars and no per-file messages, only warnings, errors and the summary "
+                             "(bars are off anyway when stderr is not a terminal)")
     return parser
 
 
@@ -213,8 +224,8 @@ def _parse_output_rate(value: str) -> int | None:
         rate = int(value)
     except ValueError:
         raise ValueError(f"--output-rate must be 'input' or a rate in Hz, got {value!r}") from None
-    if rate <= 0:
-        raise ValueError(f"--output-rate must be positive, got {rate}")
+    if rate < MIN_OUTPUT_RATE:
+        raise ValueError(f"--output-rate must be at least {MIN_OUTPUT_RATE} Hz, got {rate}")
     return rate
 
 
@@ -225,7 +236,35 @@ def _load_model(args: argparse.Namespace, device: str):
     ref = model_ref(args)
     if args.backend == "onnxruntime" and not str(ref or "").lower().endswith(".onnx"):
         raise ValueError("--backend onnxruntime needs --checkpoint MODEL.onnx (see `mossformer2 export`)")
-    return load_chosen_model(ref, device)
+    return load_chosen_model(ref, device, announce=not args.quiet)
+
+
+def existing_outputs_problem(outputs: list[Path]) -> str | None:
+    """Why an input whose ``outputs`` partly exist must not be separated without --overwrite (``None``: none or
+    all exist): a lone file with an output's name (a reference saved there, another tool's file) is not ours to
+    replace, and this tool writes an input's outputs all together."""
+    existing = [p for p in outputs if p.exists()]
+    if not existing or len(existing) == len(outputs):
+        return None
+    missing = next(p for p in outputs if not p.exists())
+    return (f"not separated: {existing[0]} exists but {missing.name} does not, so it is not a complete earlier "
+            "output of this input; move it away, or pass --overwrite to replace it")
+
+
+def plot_from_outputs(input_path: Path, outputs: list[Path]) -> Path:
+    """Write the spectrogram of an input from its existing speaker files (no separation); returns its path."""
+    import numpy as np
+
+    from mossformer2.audio import read_audio
+    from mossformer2.separation.separator import spectrogram_path, write_spectrogram
+
+    wave, rate = read_audio(input_path)
+    speakers = [read_audio(p) for p in outputs]
+    if len({w.shape for w, _ in speakers}) != 1:
+        raise ValueError(f"cannot plot from the existing outputs {outputs[0].name}, ...: their lengths or channel "
+                         "counts differ (pass --overwrite to separate again)")
+    return write_spectrogram(spectrogram_path(outputs[0]), np.stack([w for w, _ in speakers]), speakers[0][1],
+                             wave, rate, title=input_path.name)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -235,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.audio import check_writable, read_audio, soundfile_name
     from mossformer2.separation import Separator, output_paths, write_separation
     from mossformer2.separation.batching import make_batches
+    from mossformer2.separation.separator import bar_disabled, spectrogram_path
     from mossformer2.utils import check_folder_creatable, make_folder
 
     output_rate = _parse_output_rate(args.output_rate)
@@ -246,17 +286,23 @@ def run(args: argparse.Namespace) -> int:
 
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     model = _load_model(args, device)
+    show_bars = False if args.quiet else None  # None: only on a terminal (no \r and cursor codes in logs)
     sep = Separator(model, device=device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                     overlap_seconds=args.overlap_seconds, stitching=args.stitching, normalize=args.normalize,
                     batch_size=args.batch_size, channels=args.channels,
-                    backend=args.backend, progress=True, cuda_graphs=args.cuda_graphs,
+                    backend=args.backend, progress=show_bars, cuda_graphs=args.cuda_graphs,
                     **refinement_options(args))
+
+    def say(message: str) -> None:  # per-run and per-file notes on stderr, silenced by --quiet
+        if not args.quiet:
+            print(message, file=sys.stderr)
+
     if any(sep.refinements.values()) and rank == 0:
-        print(f"refinements: {describe_refinements(sep)}", file=sys.stderr)
+        say(f"refinements: {describe_refinements(sep)}")
 
     inputs = collect_inputs(args.inputs, exclude=Path(args.out_dir))
     if inputs.excluded and rank == 0:
-        print(f"ignoring {inputs.excluded} file(s) found inside the output folder {args.out_dir}", file=sys.stderr)
+        say(f"ignoring {inputs.excluded} file(s) found inside the output folder {args.out_dir}")
     failed: list[tuple[str, str]] = list(inputs.errors) if rank == 0 else []
     out_dirs = mirrored_out_dirs(inputs.files, Path(args.out_dir), inputs.roots)
     plan = {f: output_paths(f, out_dirs[f], sep.num_spks, args.format) for f in inputs.files}
@@ -280,15 +326,27 @@ def run(args: argparse.Namespace) -> int:
         else:
             owner.update({p: f for p in plan[f]})
     todo: list[Path] = []
+    plot_only: list[Path] = []  # --plot: the speaker files exist, the spectrogram does not
     skipped = 0
     for f in shard_files(inputs.files, rank, world_size):
         if f in clashes:
             failed.append((str(f), f"its outputs would overwrite those of {clashes[f]}; rename one of them"))
             continue
-        if not args.overwrite and all(p.exists() for p in plan[f]):
-            print(f"skipping {f}: outputs exist in {out_dirs[f]} (use --overwrite to replace)", file=sys.stderr)
-            skipped += 1
-            continue
+        if not args.overwrite:
+            outputs = [*plan[f], spectrogram_path(plan[f][0])] if args.plot else plan[f]
+            if args.plot and all(p.exists() for p in plan[f]) and not outputs[-1].exists():
+                say(f"skipping {f}: outputs exist in {out_dirs[f]}; writing only its missing spectrogram")
+                plot_only.append(f)
+                skipped += 1
+                continue
+            if all(p.exists() for p in outputs):
+                say(f"skipping {f}: outputs exist in {out_dirs[f]} (use --overwrite to replace)")
+                skipped += 1
+                continue
+            problem = existing_outputs_problem(outputs)
+            if problem is not None:
+                failed.append((str(f), problem))
+                continue
         todo.append(f)
     if rank == 0 and not (todo or skipped or failed):  # rank 0 gets a file whenever the run has one
         raise ValueError("nothing to separate: the inputs name no audio file")
@@ -342,11 +400,16 @@ def run(args: argparse.Namespace) -> int:
             groups.extend([members[i][0] for i in batch] for batch in batches)
         groups.extend([f] for f in singles)
 
+    for f in plot_only:
+        try:
+            plot_from_outputs(f, plan[f])
+        except (ValueError, OSError, RuntimeError) as err:
+            failed.append((str(f), f"cannot write its spectrogram: {err}"))
     if todo:
         make_folder(args.out_dir, "output folder")
     done, audio_seconds = 0, 0.0
     start_time = time.perf_counter()
-    with tqdm(total=len(todo), desc="files", unit="file", disable=not todo) as bar:
+    with tqdm(total=len(todo), desc="files", unit="file", disable=True if not todo else bar_disabled(show_bars)) as bar:
         for group in groups:
             loaded = []
             for f in group:

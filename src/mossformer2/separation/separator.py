@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from mossformer2.audio import fit_to_full_scale, peak_amplitude, read_audio, resample, to_mono, write_audio
+from mossformer2.audio import (
+    fit_to_full_scale,
+    pcm_to_float,
+    peak_amplitude,
+    read_audio,
+    resample,
+    to_mono,
+    write_audio,
+)
 from mossformer2.separation.batching import make_batches
 from mossformer2.separation.refine import (
     REFINEMENTS,
@@ -31,6 +40,7 @@ from mossformer2.separation.stitching import (
     clearvoice_pass_length,
     clearvoice_separate,
     clearvoice_window_count,
+    match_sources,
     plan_chunks,
     stitch_aligned,
 )
@@ -46,6 +56,9 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 OUTPUT_FORMATS = ("wav", "flac")
 TARGET_RMS = 10 ** (-25 / 20)  # -25 dBFS, the level ClearVoice feeds the model
 TARGET_PEAK = 0.9
+# Below this overlap the speaker matching of consecutive chunks often goes wrong (an audit measured swaps at
+# 0.1-0.5 s, and at 1 s with 4 s chunks), so shorter overlaps are warned about.
+SAFE_OVERLAP_SECONDS = 1.0
 
 
 class Separator:
@@ -61,8 +74,9 @@ class Separator:
             with a warning on CPU). A model already cast to bf16 / fp16 (``model.bfloat16()``) gets its input in
             that dtype; a float16 model on the CPU is cast back to float32, with a warning.
         chunk_seconds / overlap_seconds: inputs longer than a chunk are separated in overlapping chunks
-            (``stitching="aligned"``; the overlap, where the speakers are matched, must not be 0); memory
-            then no longer grows with the file length beyond the audio.
+            (``stitching="aligned"``; the overlap, where the speakers are matched, must not be 0, and below
+            1 s the speakers may swap between chunks: a warning says so); memory then no longer grows with the
+            file length beyond the audio.
         stitching: "aligned" (speaker order aligned on each overlap by SI-SDR, raised-cosine cross-fade) or
             "clearvoice" (the official tool's 2 s windows, ClearVoice's ``decode_one_audio_mossformer2_ss_16k``
             in path mode, for identical output; like the official tool, it leaves up to the last 0.25 s silent
@@ -74,8 +88,11 @@ class Separator:
         batch_size: chunks / short inputs per forward pass. Short inputs are sorted by length and zero-padded
             (our network takes their true lengths, so each output equals the unbatched one); models without
             ``lengths`` support (ONNX, official modules) batch equal-length inputs only.
-        channels: "mix" (downmix to mono, output ``[S, T]``) or "each" (separate every channel, ``[S, C, T]``).
-        progress: show a tqdm bar over the chunks of long inputs.
+        channels: "mix" (downmix to mono, output ``[S, T]``) or "each" (separate every channel, ``[S, C, T]``;
+            each channel's speaker order and polarity are matched to the first non-silent channel's over the whole
+            signal, as chunks are on their overlaps; with ``stitching="clearvoice"`` the channels stay
+            independent, as in the official tool).
+        progress: show a tqdm bar over the chunks of long inputs; ``None``: only when stderr is a terminal.
         cuda_graphs: on CUDA, replay a captured CUDA graph per chunk shape instead of launching the network's
             kernels one by one (much lower latency at small batches; costs one capture per shape and the graph's
             activation memory). Padded batches of unequal short inputs still run eagerly. Ignored on the CPU.
@@ -95,7 +112,7 @@ class Separator:
     def __init__(self, model: Any, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
                  chunk_seconds: float = 10.0, overlap_seconds: float = 2.0, stitching: str = "aligned",
                  normalize: str = "rms", batch_size: int = 1, channels: str = "mix", backend: str = "auto",
-                 progress: bool = False, cuda_graphs: bool = False, polarity_ensemble: bool | None = None,
+                 progress: bool | None = False, cuda_graphs: bool = False, polarity_ensemble: bool | None = None,
                  mixture_consistency: bool | None = None, wiener_filter: bool | None = None) -> None:
         _check_choice("stitching", stitching, STITCHING)
         _check_choice("normalize", normalize, NORMALIZE)
@@ -109,6 +126,10 @@ class Separator:
             # between chunks (an audit measured a third of the seconds on the right speaker at overlap 0).
             raise ValueError("aligned stitching matches the speakers of consecutive chunks on their overlap: "
                              "overlap_seconds (--overlap-seconds) must be above 0 (default 2)")
+        if stitching == "aligned" and overlap_seconds < SAFE_OVERLAP_SECONDS:
+            warnings.warn(f"overlap_seconds={overlap_seconds:g} (--overlap-seconds) is under "
+                          f"{SAFE_OVERLAP_SECONDS:g} s: in inputs longer than a chunk the speakers may swap between "
+                          "chunks (use 1-2 s; default 2)", stacklevel=2)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not hasattr(model, "config"):
@@ -240,19 +261,21 @@ class Separator:
 
     def separate(self, wave: np.ndarray | torch.Tensor, sample_rate: int,
                  output_rate: int | None = None) -> np.ndarray:
-        """Separate one recording ``[T]`` or ``[C, T]`` at ``sample_rate``.
+        """Separate one recording ``[T]`` or ``[C, T]`` at ``sample_rate`` (Hz, a positive whole number).
 
+        Float samples are taken as they are (full scale 1.0); integer PCM (int16 / int32 / uint8, as
+        ``scipy.io.wavfile.read`` returns it) is scaled to [-1, 1] as ``read_audio`` reads such files.
         Returns float32 ``[S, T']`` (``channels="mix"``) or ``[S, C, T']`` (``"each"``) at ``output_rate``
-        (default: the input rate, where T' = T).
+        (default ``None``: the input rate, where T' = T).
         """
         return self.separate_many([wave], sample_rate, output_rate)[0]
 
     def separate_many(self, waves: Sequence[np.ndarray | torch.Tensor], sample_rate: int,
                       output_rate: int | None = None) -> list[np.ndarray]:
-        """Separate several recordings at one rate; equal-length short inputs share forward passes."""
-        if int(sample_rate) <= 0:
-            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-        out_rate = int(output_rate or sample_rate)
+        """Separate several recordings at one rate; equal-length short inputs share forward passes (inputs and
+        outputs as in ``separate``)."""
+        sample_rate = _check_rate("sample_rate", sample_rate)
+        out_rate = sample_rate if output_rate is None else _check_rate("output_rate", output_rate)
         # Flatten every input into mono model-rate items: (input index, channel, wave, gain).
         items: list[tuple[int, int, np.ndarray, float]] = []
         shapes: list[tuple[int, int]] = []
@@ -273,6 +296,11 @@ class Separator:
                 model_wave, gain = self._normalize_level(model_wave)
                 items.append((index, c, model_wave, gain))
         separated = self._separate_items([w for _, _, w, _ in items])
+        if self.channels == "each" and self.stitching == "aligned":  # ClearVoice's channels stay independent
+            for index in range(len(waves)):
+                rows = [k for k, item in enumerate(items) if item[0] == index]
+                for k, sources in zip(rows, _aligned_channels([separated[k] for k in rows])):
+                    separated[k] = sources
         per_input: list[list[np.ndarray]] = [[] for _ in waves]
         for (index, _, _, gain), sources in zip(items, separated):
             if gain != 1.0:
@@ -317,10 +345,14 @@ class Separator:
         if self.fixed_length is None or self.pass_length(num_samples, sample_rate) == self.fixed_length:
             return None
         seconds = self.fixed_length / self.sample_rate
+        # The default 2 s overlap where the chunk allows it, else half the chunk (still >= 1 s from 2 s exports on).
+        overlap = min(2.0, seconds / 2)
+        short = ("; an export this short leaves under 1 s of overlap, where speakers may swap between chunks: "
+                 "export a longer --length-seconds" if overlap < SAFE_OVERLAP_SECONDS else "")
         return (f"the model was exported with a fixed input length of {self.fixed_length} samples "
                 f"({seconds:g} s at {self.sample_rate} Hz): it separates recordings of that length, or longer ones in "
                 f"chunks of exactly that length with a shorter overlap (chunk_seconds={seconds:g}, overlap_seconds="
-                f"{seconds / 4:g}: --chunk-seconds {seconds:g} --overlap-seconds {seconds / 4:g}); export it "
+                f"{overlap:g}: --chunk-seconds {seconds:g} --overlap-seconds {overlap:g}{short}); export it "
                 "again with `mossformer2 export --format onnx --dynamic-length` (the default) for any length")
 
     def chunk_count(self, num_samples: int, sample_rate: int) -> int:
@@ -374,12 +406,12 @@ class Separator:
         total = (clearvoice_window_count(wave.shape[-1], self.sample_rate) if self.stitching == "clearvoice"
                  else len(plan_chunks(wave.shape[-1], self.chunk, self.overlap)))
         with tqdm(total=total, desc="chunks", unit="chunk", leave=False,
-                  disable=not self.progress or total < 2) as bar:
+                  disable=True if total < 2 else bar_disabled(self.progress)) as bar:
             if self.stitching == "clearvoice":
                 return clearvoice_separate(wave, self._forward, self.sample_rate, batch_size=self.batch_size,
                                            progress=bar.update)
             return stitch_aligned(wave, self._forward, self.num_spks, self.chunk, self.overlap,
-                                  batch_size=self.batch_size, progress=bar.update)
+                                  batch_size=self.batch_size, progress=bar.update, sample_rate=self.sample_rate)
 
 
 def load_separation_model(ref: str | Path | None = None, device: str | torch.device = "auto") -> Any:
@@ -433,28 +465,69 @@ def write_sources(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, 
     """Write ``sources[k]`` (``[T]`` or ``[C, T]``) to ``paths[k]``: all files appear together or none does.
 
     Outputs louder than full scale are scaled down together (``fit_to_full_scale``), never clipped."""
-    sources = fit_to_full_scale(np.asarray(sources, dtype=np.float32), subtype, ", ".join(p.name for p in paths))
-    with atomic_paths(paths) as temps:
-        for tmp, path, source in zip(temps, paths, sources):
-            write_audio(path, source, sample_rate, subtype=subtype, temp=tmp)
+    write_separation(paths, sources, sample_rate, subtype)
+
+
+def spectrogram_path(first_output: str | Path) -> Path:
+    """``<stem>_spectrogram.png`` beside ``<stem>_s1.<ext>``."""
+    first_output = Path(first_output)
+    return first_output.with_name(first_output.stem.rsplit("_s1", 1)[0] + "_spectrogram.png")
 
 
 def write_separation(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, subtype: str = "PCM_16",
                      plot_mixture: tuple[np.ndarray, int] | None = None, title: str | None = None) -> list[Path]:
-    """Write the speaker files (all or none) and, given ``(mixture [C, T], its rate)``, a spectrogram PNG
-    ``<stem>_spectrogram.png`` beside them (stem = the part of the first name before ``_s1``)."""
+    """Write the speaker files and, given ``(mixture [C, T], its rate)``, the spectrogram PNG
+    (``spectrogram_path``): all of them appear together or none does. Outputs louder than full scale are scaled
+    down together (``fit_to_full_scale``), never clipped. Returns the paths written."""
     paths = [Path(p) for p in paths]
-    write_sources(paths, sources, sample_rate, subtype)
-    if plot_mixture is None:
-        return paths
+    sources = fit_to_full_scale(np.asarray(sources, dtype=np.float32), subtype, ", ".join(p.name for p in paths))
+    targets = paths if plot_mixture is None else [*paths, spectrogram_path(paths[0])]
+    with atomic_paths(targets) as temps:
+        for tmp, path, source in zip(temps, paths, sources):
+            write_audio(path, source, sample_rate, subtype=subtype, temp=tmp)
+        if plot_mixture is not None:
+            write_spectrogram(targets[-1], sources, sample_rate, *plot_mixture, title=title, temp=temps[-1])
+    return targets
+
+
+def write_spectrogram(path: Path, sources: np.ndarray, sample_rate: int, mixture: np.ndarray, mixture_rate: int,
+                      title: str | None = None, temp: Path | None = None) -> Path:
+    """The spectrogram PNG of a mixture ``[C, T]`` at ``mixture_rate`` and its separated ``sources`` (``[S, T]``,
+    or ``[S, C, T]``, shown mixed down) at ``sample_rate``; ``temp`` as in ``plot_separation``."""
     from mossformer2.plotting import plot_separation
 
-    wave, mixture_rate = plot_mixture
-    mixture = resample(to_mono(wave), mixture_rate, sample_rate)
+    mono = resample(to_mono(mixture), mixture_rate, sample_rate)
     speakers = sources if sources.ndim == 2 else sources.mean(axis=1)
-    png = paths[0].with_name(paths[0].stem.rsplit("_s1", 1)[0] + "_spectrogram.png")
-    plot_separation(mixture, speakers, sample_rate, png, title=title)
-    return [*paths, png]
+    return plot_separation(mono, speakers, sample_rate, path, title=title, temp=temp)
+
+
+def _aligned_channels(channels: list[np.ndarray]) -> list[np.ndarray]:
+    """Each channel's separated speakers ``[S, T]`` in the order and polarity of the first non-silent channel's,
+    matched over the whole signal as consecutive chunks are on their overlap (``match_sources``): the model orders
+    the speakers of each pass by chance, so ``_s1`` could hold one person on the left and another on the right."""
+    reference = next((sources for sources in channels if np.any(sources)), None)
+    aligned = []
+    for sources in channels:
+        if sources is not reference and np.any(sources):
+            order, signs = match_sources(sources, reference)
+            sources = sources[order] * signs[:, None]
+        aligned.append(sources)
+    return aligned
+
+
+def _check_rate(name: str, rate: Any) -> int:
+    """``rate`` as an int, or a ValueError naming ``name`` unless it is a positive whole number of Hz."""
+    whole = (isinstance(rate, numbers.Real) and not isinstance(rate, bool) and math.isfinite(rate)
+             and rate == int(rate))
+    if not whole or rate <= 0:
+        raise ValueError(f"{name} must be a positive whole number of Hz (e.g. 16000), got {rate!r}")
+    return int(rate)
+
+
+def bar_disabled(show: bool | None) -> bool | None:
+    """tqdm's ``disable`` for ``show``: ``None`` shows a bar only when stderr is a terminal (tqdm's own rule), so
+    that logs get no carriage returns and cursor codes."""
+    return None if show is None else not show
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -471,8 +544,9 @@ def _as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:
     """Validate and convert ``[T]`` / ``[C, T]`` (numpy or torch) to float32 numpy ``[C, T]``."""
     torch = loaded_torch()
     if torch is not None and isinstance(wave, torch.Tensor):
-        wave = wave.detach().float().cpu().numpy()
-    wave = np.asarray(wave, dtype=np.float32)
+        wave = wave.detach().cpu()
+        wave = (wave.float() if wave.is_floating_point() else wave).numpy()  # NumPy has no bfloat16
+    wave = pcm_to_float(np.asarray(wave))
     if wave.ndim == 1:
         wave = wave[None]
     if wave.ndim != 2:

@@ -46,12 +46,29 @@ def crossfade_weights(length: int) -> tuple[np.ndarray, np.ndarray]:
     return (1.0 - fade_in).astype(np.float32), fade_in
 
 
-def _pair_si_sdr(estimate: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(si_sdr [S_est, S_ref] in dB, rho [S_est, S_ref])`` of every estimate / reference pair (zero-mean)."""
-    est = estimate - estimate.mean(-1, keepdims=True, dtype=np.float64)
-    ref = reference - reference.mean(-1, keepdims=True, dtype=np.float64)
-    norms = np.linalg.norm(est, axis=-1)[:, None] * np.linalg.norm(ref, axis=-1)[None, :]
-    rho = (est @ ref.T) / np.maximum(norms, 1e-30)  # 0 where a signal is silent
+def _pair_si_sdr(estimate: np.ndarray, reference: np.ndarray,
+                 block: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+    """``(si_sdr [S_est, S_ref] in dB, rho [S_est, S_ref])`` of every estimate / reference pair (zero-mean).
+
+    Sums are taken in float64 over blocks of ``block`` samples, so whole hour-long signals (aligning the
+    channels of a file) need no full-length float64 copies.
+    """
+    num = estimate.shape[-1]
+    sum_e, sum_r = np.zeros(estimate.shape[0]), np.zeros(reference.shape[0])
+    energy_e, energy_r = np.zeros_like(sum_e), np.zeros_like(sum_r)
+    cross = np.zeros((estimate.shape[0], reference.shape[0]))
+    for i in range(0, num, block):
+        est, ref = estimate[:, i:i + block].astype(np.float64), reference[:, i:i + block].astype(np.float64)
+        sum_e += est.sum(-1)
+        sum_r += ref.sum(-1)
+        energy_e += np.einsum("sn,sn->s", est, est)
+        energy_r += np.einsum("sn,sn->s", ref, ref)
+        cross += est @ ref.T
+    mean_e, mean_r = sum_e / max(num, 1), sum_r / max(num, 1)
+    covariance = cross - num * mean_e[:, None] * mean_r[None, :]
+    var_e = np.maximum(energy_e - num * mean_e**2, 0.0)
+    var_r = np.maximum(energy_r - num * mean_r**2, 0.0)
+    rho = covariance / np.maximum(np.sqrt(var_e[:, None] * var_r[None, :]), 1e-30)  # 0 where a signal is silent
     rho2 = np.clip(rho**2, 1e-12, 1.0 - 1e-12)
     return 10 * np.log10(rho2 / (1.0 - rho2)), rho
 
@@ -121,23 +138,33 @@ class VoiceProfiles:
         self.counts = np.zeros(num_spks, dtype=np.int64)
 
     def measure(self, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(sums [S, bands], counts [S])`` of level-free log band spectra over each output's dominant frames."""
+        """``(sums [S, bands], counts [S])`` of level-free log band spectra over each output's dominant frames.
+
+        Frame energies come from the time domain; only the dominant frames are transformed (memory stays a
+        fraction of one chunk).
+        """
         num_spks, length = sources.shape
         frames = length // self.FRAME
         sums, counts = np.zeros_like(self.sums), np.zeros_like(self.counts)
         if frames == 0:
             return sums, counts
-        framed = sources[:, :frames * self.FRAME].reshape(num_spks, frames, self.FRAME) * self._window
-        power = np.abs(np.fft.rfft(framed, axis=-1)) ** 2  # [S, F, bins]
-        bands = np.add.reduceat(power, self._edges[:-1], axis=-1)[..., :len(self._edges) - 1]
-        log_bands = 10 * np.log10(bands + 1e-12)
-        energy = 10 * np.log10(power.sum(-1) + 1e-12)  # [S, F]
+        framed = sources[:, :frames * self.FRAME].reshape(num_spks, frames, self.FRAME)  # a view
+        weights = np.square(self._window)
+        energy = np.stack([10 * np.log10(np.einsum("fn,fn,n->f", framed[spk], framed[spk], weights) + 1e-12)
+                           for spk in range(num_spks)])  # [S, F] dB
+        loudest = energy.max()
         for spk in range(num_spks):
             others = np.delete(energy, spk, axis=0).max(axis=0) if num_spks > 1 else np.full(frames, -np.inf)
-            clear = (energy[spk] - others >= self.DOMINANCE_DB) & (energy[spk] >= energy.max() - self.ACTIVE_DB)
-            shapes = log_bands[spk, clear]
+            clear = np.flatnonzero((energy[spk] - others >= self.DOMINANCE_DB)
+                                   & (energy[spk] >= loudest - self.ACTIVE_DB))
+            if clear.size == 0:
+                continue
+            spectrum = np.fft.rfft(framed[spk, clear] * self._window, axis=-1)
+            power = np.square(spectrum.real) + np.square(spectrum.imag)
+            bands = np.add.reduceat(power, self._edges[:-1], axis=-1)[:, :len(self._edges) - 1]
+            shapes = 10 * np.log10(bands.astype(np.float64) + 1e-12)
             sums[spk] = (shapes - shapes.mean(-1, keepdims=True)).sum(0)
-            counts[spk] = int(clear.sum())
+            counts[spk] = clear.size
         return sums, counts
 
     def add(self, sources: np.ndarray) -> None:
