@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import time
 
@@ -39,11 +40,44 @@ def _worker(rank: int, world_size: int, port: int, corpus, exp_dir: str, overrid
         cleanup_distributed()
 
 
-def _train_two_ranks(corpus, exp_dir, *overrides: str, timeout: float = 60.0) -> list[dict]:
+def _signalled_worker(rank: int, world_size: int, port: int, corpus, exp_dir: str, overrides: list[str]) -> None:
+    """Rank 1 alone gets SIGTERM inside its 2nd optimizer step (torchrun forwards signals to the ranks at slightly
+    different times); each rank records the step it stopped at."""
+    from mossformer2.training.trainer import TrainingInterrupted
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    original, calls = Trainer._optimizer_step, [0]
+
+    def step(self, bad):
+        calls[0] += 1
+        if rank == 1 and calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, bad)
+
+    Trainer._optimizer_step = step
+    try:
+        cfg = make_config(corpus, "model.dropout=0.0", "optim.accum_steps=1", "trainer.max_epochs=1",
+                          "trainer.checkpoint_every_steps=null", *overrides)
+        trainer = Trainer(cfg, exp_dir, dist_info=info)
+        try:
+            trainer.fit()
+            signum = None
+        except TrainingInterrupted as stop:
+            signum = stop.signum
+        torch.save({"weights": trainer.model.state_dict(), "step": trainer.state.step, "signum": signum},
+                   os.path.join(exp_dir, f"result_{rank}.pt"))
+    finally:
+        cleanup_distributed()
+
+
+def _train_two_ranks(corpus, exp_dir, *overrides: str, timeout: float = 60.0, worker=_worker) -> list[dict]:
     """Train with 2 gloo ranks and return each rank's results; a hang (ranks waiting in different collectives)
     fails the test after ``timeout`` seconds instead of waiting for gloo's 30-minute timeout."""
     exp_dir.mkdir()
-    context = mp.spawn(_worker, args=(2, _free_port(), corpus, str(exp_dir), list(overrides)), nprocs=2, join=False)
+    context = mp.spawn(worker, args=(2, _free_port(), corpus, str(exp_dir), list(overrides)), nprocs=2, join=False)
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -101,4 +135,15 @@ def test_a_rank_whose_batch_is_all_unreadable_files_keeps_step_with_the_others(c
         assert torch.equal(value, results[1]["weights"][key]), key
     assert all(math.isfinite(v) for v in results[0]["weights"]["enc.conv1d.weight"].flatten().tolist())
     assert sum(r["skipped_files"] for r in results) == 2  # once in training, once in validation
-    assert "2 skipped files" in (tmp_path / "exp" / "train.log").read_text()  # counted over both ranks
+    assert "2 skipped file reads" in (tmp_path / "exp" / "train.log").read_text()  # counted over both ranks
+
+
+def test_a_signal_that_reaches_one_rank_stops_all_ranks_at_the_same_step(corpus, tmp_path):
+    results = _train_two_ranks(corpus, tmp_path / "exp", "data.batch_size=2", worker=_signalled_worker)
+    assert [r["signum"] for r in results] == [signal.SIGTERM] * 2
+    assert results[0]["step"] == results[1]["step"] == 2  # rank 1's step 2 finished, then both stopped
+    for key, value in results[0]["weights"].items():
+        assert torch.equal(value, results[1]["weights"][key]), key
+    last = torch.load(tmp_path / "exp" / "last.pt", map_location="cpu", weights_only=True)
+    assert last["step"] == 2 and len(last["rng_states"]) == 2 and last["trainer_state"]["world_size"] == 2
+    assert "interrupted by SIGTERM at step 2" in (tmp_path / "exp" / "train.log").read_text()

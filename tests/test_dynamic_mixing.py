@@ -193,8 +193,22 @@ def test_bad_files_error_or_skip(corpus, tmp_path):
 def test_too_few_speakers(corpus):
     root, _ = corpus
     utts = [u for u in load_utterances(root) if u.speaker == "spk0"]
-    with pytest.raises(ValueError, match="at least 2 speakers"):
+    with pytest.raises(ValueError, match=r"\(model.num_spks\) needs utterances of at least 2 different speakers"):
         DynamicMixingDataset(utts, 2, AudioStore(SR), 4, segment_samples=100)
+
+
+def test_too_few_speakers_names_the_config_key(corpus):
+    from mossformer2.data.loaders import build_datasets
+    from mossformer2.training.config import train_config_from_dict
+
+    root, _ = corpus
+    one = root.parent / "one_speaker.txt"  # a `path speaker` list of a single speaker
+    one.write_text("".join(f"{f} spk0\n" for f in sorted((root / "spk0").iterdir())))
+    cfg = train_config_from_dict({"model": {"sample_rate": SR}, "data": {
+        "sample_rate": SR, "segment_seconds": 0.1, "num_workers": 0,
+        "dynamic_mixing": {"train_utterances": str(one), "valid_utterances": str(root)}}})
+    with pytest.raises(ValueError, match=r"^data\.dynamic_mixing\.train_utterances: dynamic mixing of 2 speakers"):
+        build_datasets(cfg, progress=False)
 
 
 def test_a_synthetic_corpus_is_made_again_when_its_settings_change(tmp_path):

@@ -37,9 +37,17 @@ def test_folder_layout_pairs_by_relative_name_recursively(tmp_path):
 
 def test_folder_num_spks_limits_and_checks_source_folders(tmp_path):
     make_folder(tmp_path, ["a.wav"], num_spks=3)
-    assert len(load_manifest(tmp_path, num_spks=2)[0].sources) == 2
+    assert len(load_manifest(tmp_path, num_spks=3)[0].sources) == 3
+    assert len(load_manifest(tmp_path)[0].sources) == 3  # evaluate: the folder says, the model is checked later
     with pytest.raises(FileNotFoundError, match="s4"):
         load_manifest(tmp_path, num_spks=4)
+
+
+def test_folder_with_more_source_folders_than_speakers_is_refused(tmp_path):
+    """A wsj0-3mix folder given to a 2-speaker model: s3/ was ignored and the model learnt from 3-speaker mixtures."""
+    make_folder(tmp_path, ["a.wav"], num_spks=4)
+    with pytest.raises(ValueError, match=r"has 4 source folders \(s1\.\.s4\) but 2 speakers were expected"):
+        load_manifest(tmp_path, num_spks=2)
 
 
 def test_folder_names_files_missing_in_a_source_folder(tmp_path):
@@ -144,3 +152,15 @@ def test_missing_manifest_and_binary_list(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
     with pytest.raises(ValueError, match="not a text list"):
         load_manifest(binary)
+
+
+def test_a_list_with_kaldi_utterance_ids_says_so(tmp_path):
+    for name in ("m.wav", "a.wav", "b.wav"):
+        touch(tmp_path / name)
+    listing = tmp_path / "tr.scp"
+    listing.write_text("id1 m.wav a.wav b.wav\n")
+    with pytest.raises(ValueError, match=r"tr\.scp, line 1: the first field 'id1' is not an audio file but looks like "
+                                         r"a Kaldi utterance id: the list format is 'mix s1 s2 \.\.\.' without ids"):
+        load_manifest(listing, num_spks=2)
+    listing.write_text("m.wav a.wav b.wav\n")  # the same files without the id
+    assert load_manifest(listing, num_spks=2)[0].mix == tmp_path / "m.wav"

@@ -122,7 +122,11 @@ def test_time_limit_stops_mid_epoch_with_a_resumable_state(corpus, tmp_path, mon
     assert trainer.state.step == 3 and trainer.state.epoch == 0
     last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     assert last["step"] == 3 and last["trainer_state"]["batches_done"] == 6
-    assert "time limit reached" in (tmp_path / "train.log").read_text()
+    text = (tmp_path / "train.log").read_text()
+    # Not the wording of a completed run: which limit, where, and how to go on.
+    assert (f"stopped: trainer.max_minutes (2.5) reached at step 3 (mid-epoch 0): state saved to {tmp_path / 'last.pt'}"
+            "; run the same command to continue") in text
+    assert "finished at epoch" not in text
 
     resumed = Trainer(make_config(corpus, "trainer.max_minutes=100"), tmp_path)
     monkeypatch.setattr(trainer_module.time, "monotonic", lambda: 60.0 * resumed.state.step)
@@ -240,17 +244,27 @@ def test_loss_clamp_db_caps_each_speakers_si_sdr_in_the_training_loss(corpus, tm
     clamped.close()
 
 
-def test_resume_false_starts_a_fresh_run_beside_last_pt(corpus, tmp_path):
-    Trainer(make_config(corpus, "trainer.max_steps=1"), tmp_path / "exp").fit()
-    assert (tmp_path / "exp" / "last.pt").is_file()
-    fresh = Trainer(make_config(corpus, "trainer.resume=false"), tmp_path / "exp", loaders=(None, None))
+def test_resume_false_starts_a_fresh_run_and_moves_the_previous_one_aside(corpus, tmp_path):
+    exp = tmp_path / "exp"
+    Trainer(make_config(corpus, "trainer.max_steps=1", "trainer.tensorboard=true"), exp).fit()
+    resumed = Trainer(make_config(corpus), exp, loaders=(None, None))  # the default resumes
+    assert resumed.state.step == 1
+    resumed.close()
+    old = {name: (exp / name).read_bytes() for name in ("last.pt", "train.log", "config.yaml")}
+
+    fresh = Trainer(make_config(corpus, "trainer.resume=false"), exp, loaders=(None, None))
+    fresh.close()
     assert fresh.state.step == 0 and fresh.state.epoch == 0 and not fresh.optimizer.state
     new = Trainer(make_config(corpus), tmp_path / "new", loaders=(None, None))  # the same seed, nothing to resume
+    new.close()
     assert_bitwise_equal(weights(new.model), weights(fresh.model))
-    resumed = Trainer(make_config(corpus), tmp_path / "exp", loaders=(None, None))  # the default resumes
-    assert resumed.state.step == 1
-    for t in (fresh, new, resumed):
-        t.close()
+    # The previous run is kept whole, in one folder that the warning names (also in the new train.log).
+    [aside] = exp.glob("replaced-*")
+    assert {name: (aside / name).read_bytes() for name in old} == old and any((aside / "tensorboard").iterdir())
+    assert not (exp / "last.pt").exists() and not (exp / "tensorboard").exists()
+    assert f"the previous run's files were moved to {aside}" in (exp / "train.log").read_text()
+    text = (exp / "train.log").read_text()
+    assert "trainer.resume=false" in text and "resumed" not in text
 
 
 def test_plateau_halves_lr_and_early_stopping_keeps_best(corpus, tmp_path, monkeypatch):
@@ -325,6 +339,21 @@ def test_init_from_our_checkpoint(corpus, tmp_path):
     assert_bitwise_equal(weights(source), weights(trainer.model))
     with pytest.raises(FileNotFoundError):
         Trainer(make_config(corpus, f"trainer.init_from={tmp_path / 'none.pt'}"), tmp_path / "ft2")
+
+
+def test_a_fine_tuned_model_keeps_the_separation_settings_its_base_recommends(corpus, tmp_path):
+    """The built-in model recommends inference-time refinements ('separation'); a model fine-tuned from it lost
+    them, so separating with it silently ran without. They go into best.pt and last.pt, and survive a resume."""
+    cfg = make_config(corpus)
+    mossformer2.save_checkpoint(tmp_path / "pre.pt", mossformer2.build_model(cfg.model),
+                                extra={"separation": {"polarity_ensemble": True, "wiener_filter": False}})
+    init = f"trainer.init_from={tmp_path / 'pre.pt'}"
+    Trainer(make_config(corpus, init, "trainer.max_epochs=1"), tmp_path / "ft").fit()
+    for name in ("best.pt", "last.pt"):
+        saved = torch.load(tmp_path / "ft" / name, weights_only=True)
+        assert saved["separation"] == {"polarity_ensemble": True, "wiener_filter": False}, name
+    Trainer(make_config(corpus, init, "trainer.max_epochs=2"), tmp_path / "ft").fit()  # resumes from last.pt
+    assert torch.load(tmp_path / "ft" / "last.pt", weights_only=True)["separation"]["polarity_ensemble"] is True
 
 
 def test_weight_average_follows_the_steps_and_is_what_gets_validated_and_saved(corpus, tmp_path, monkeypatch):
@@ -470,7 +499,10 @@ def test_cli_run_stopped_before_any_validation_says_so(corpus, tmp_path, capsys)
     assert main(["train", "--config", str(tmp_path / "tiny.yaml"), "--exp-dir", str(tmp_path / "exp"),
                  "trainer.max_steps=1"]) == 0
     out = capsys.readouterr().out
-    assert "step 1, no validation yet" in out and "-inf" not in out
+    assert "no validation yet" in out and "-inf" not in out
+    # A limited run does not read like a finished one: which limit, and how to go on.
+    assert out.startswith("stopped: trainer.max_steps (1) reached at step 1 (mid-epoch 0)") and "done" not in out
+    assert "raise trainer.max_steps (or set it to null) and run again to continue" in out
     assert "-inf" not in (tmp_path / "exp" / "train.log").read_text()
 
 
@@ -535,7 +567,7 @@ def test_files_dropped_while_the_cache_loads_are_counted_as_skipped(corpus, tmp_
     trainer = Trainer(cfg, tmp_path / "exp")
     assert trainer.preload_skipped == 1
     trainer.fit()
-    assert "0 skipped steps, 1 skipped files" in (tmp_path / "exp" / "train.log").read_text()
+    assert "0 skipped steps, 1 skipped file reads" in (tmp_path / "exp" / "train.log").read_text()
 
 
 def test_resume_applies_changed_optimizer_settings_and_ignores_init_from(corpus, tmp_path, caplog):
@@ -650,3 +682,220 @@ def test_fp16_loss_scaling_scales_the_loss_before_backward(corpus, tmp_path):
     assert state.skipped_steps == 0
     for key, value in weights(plain.model).items():
         torch.testing.assert_close(weights(scaled.model)[key], value)
+
+
+def _signal_at_step(monkeypatch, step: int, signum: int, repeats: int = 1) -> None:
+    """Send ``signum`` to this process from inside the ``step``-th optimizer step (as Ctrl-C or a preemption would
+    arrive in the middle of one)."""
+    import os
+
+    calls = {"n": 0}
+    original = Trainer._optimizer_step
+
+    def signalled_step(self, bad):
+        calls["n"] += 1
+        if calls["n"] == step:
+            for _ in range(repeats):
+                os.kill(os.getpid(), signum)
+        return original(self, bad)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", signalled_step)
+
+
+def test_sigint_mid_epoch_saves_the_finished_step_and_the_resumed_run_equals_uninterrupted(corpus, tmp_path,
+                                                                                          monkeypatch):
+    import signal
+
+    from mossformer2.training.trainer import TrainingInterrupted
+
+    cfg = make_config(corpus, "trainer.checkpoint_every_steps=null")  # only the interruption saves mid-epoch
+    reference = Trainer(cfg, tmp_path / "ref")
+    reference.fit()
+    before = signal.getsignal(signal.SIGINT)
+    _signal_at_step(monkeypatch, 5, signal.SIGINT, repeats=2)  # torchrun repeats the terminal's Ctrl-C at once
+    with pytest.raises(KeyboardInterrupt) as stop:
+        Trainer(cfg, tmp_path / "run").fit()
+    assert isinstance(stop.value, TrainingInterrupted) and stop.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is only fit()'s
+    last = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    assert last["step"] == 5 and last["trainer_state"]["batches_done"] == 2  # step 5 finished: epoch 1, 2 batches
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"interrupted by SIGINT at step 5 (mid-epoch 1): state saved to {tmp_path / 'run' / 'last.pt'}" in log
+    monkeypatch.undo()
+    resumed = Trainer(cfg, tmp_path / "run")
+    resumed.fit()
+    assert resumed.state.step == 8 and resumed.state.history == reference.state.history
+    assert_bitwise_equal(weights(reference.model), weights(resumed.model))
+
+
+def test_sigterm_makes_the_cli_save_and_exit_with_143(corpus, tmp_path, monkeypatch):
+    import signal
+
+    from mossformer2.cli import main
+    from mossformer2.training.config import save_train_config
+
+    class Terminated(Exception):
+        pass
+
+    def terminated(signum, frame):  # stands in for the default action, which would end the test process
+        raise Terminated
+
+    save_train_config(make_config(corpus, "trainer.checkpoint_every_steps=null"), tmp_path / "c.yaml")
+    _signal_at_step(monkeypatch, 2, signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        assert main(["train", "--config", str(tmp_path / "c.yaml"), "--exp-dir", str(tmp_path / "exp")]) == 143
+        assert signal.getsignal(signal.SIGTERM) is terminated  # restored after fit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert torch.load(tmp_path / "exp" / "last.pt", map_location="cpu", weights_only=True)["step"] == 2
+    log = (tmp_path / "exp" / "train.log").read_text()
+    assert "interrupted by SIGTERM at step 2 (mid-epoch 0): state saved to" in log
+
+
+def test_a_second_sigint_while_saving_aborts_at_once_and_keeps_the_previous_last_pt(corpus, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from mossformer2.training import trainer as trainer_module
+    from mossformer2.training.trainer import TrainingInterrupted
+
+    cfg = make_config(corpus, "trainer.checkpoint_every_steps=2")
+    clock = {"now": 0.0}
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: clock["now"])
+    original_save = Trainer.save_checkpoint
+
+    def save_then_ctrl_c_again(self, path):
+        if self.state.step == 3:  # the save of the interruption: the user presses Ctrl-C again, 10 s later
+            clock["now"] += 10.0
+            os.kill(os.getpid(), signal.SIGINT)
+        original_save(self, path)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_ctrl_c_again)
+    _signal_at_step(monkeypatch, 3, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        Trainer(cfg, tmp_path).fit()
+    assert not isinstance(stop.value, TrainingInterrupted)  # aborted, not the orderly stop
+    assert torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)["step"] == 2  # untouched
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_resumed_run_does_not_log_the_interrupted_runs_later_steps_twice(corpus, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_config(corpus, "trainer.tensorboard=true", "trainer.checkpoint_every_steps=2")
+    resumed = killed_and_resumed(cfg, tmp_path, monkeypatch, kill_at_call=4)  # logged 1-3, last.pt at step 2
+    assert resumed.state.step == 2
+    resumed.fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))  # not 1, 2, 3, 3, 4, ...
+
+
+def test_a_second_run_in_the_same_experiment_folder_fails_at_once(corpus, tmp_path, monkeypatch):
+    import os
+
+    from mossformer2.training import trainer as trainer_module
+    from mossformer2.training.trainer import ExperimentInUseError
+
+    first = Trainer(make_config(corpus), tmp_path, loaders=(None, None))
+    monkeypatch.setattr(trainer_module, "create_dataloaders", lambda *a: pytest.fail("the data was read"))
+    with pytest.raises(ExperimentInUseError, match=rf"^another training run \(pid {os.getpid()}\) is using {tmp_path}"):
+        Trainer(make_config(corpus), tmp_path)
+    assert "another" not in (tmp_path / "train.log").read_text()  # the first run's files are untouched
+    first.close()  # the lock goes with the run
+    Trainer(make_config(corpus), tmp_path, loaders=(None, None)).close()
+
+
+def test_mid_epoch_resume_with_another_layout_continues_after_the_examples_used(corpus, tmp_path, caplog):
+    import logging
+
+    Trainer(make_config(corpus, "optim.accum_steps=1", "trainer.max_steps=3"), tmp_path).fit()  # 3 batches of 2
+    last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert (last["trainer_state"]["world_size"], last["trainer_state"]["batch_size"]) == (1, 2)
+
+    def resumed_batches(*overrides: str, **saved) -> int:
+        ckpt = dict(last, trainer_state={**last["trainer_state"], **saved})
+        for key in [k for k, v in saved.items() if v is None]:
+            del ckpt["trainer_state"][key]
+        torch.save(ckpt, tmp_path / "last.pt")
+        trainer = Trainer(make_config(corpus, "optim.accum_steps=1", *overrides), tmp_path, loaders=(None, None))
+        trainer.close()
+        return trainer.state.batches_done
+
+    with caplog.at_level(logging.WARNING, logger="mossformer2.training"):
+        assert resumed_batches() == 3  # the same layout: exact, no warning
+        assert "not exact" not in caplog.text
+        assert resumed_batches("data.batch_size=4") == 1  # 6 examples used: one batch of 4, then on
+        assert "(1 process(es) x batch 2 -> 1 x 4, optim.accum_steps 1): continuing after 4 of the 6" in caplog.text
+        assert "the rest of this epoch is not exact" in caplog.text
+        assert resumed_batches(world_size=2) == 6  # two processes had used 12 examples
+        assert resumed_batches("optim.accum_steps=2") == 2  # whole optimizer steps
+        caplog.clear()
+        assert resumed_batches(world_size=None, batch_size=None) == 3  # an older checkpoint: as before
+        assert "not exact" not in caplog.text
+
+
+def test_a_diverged_run_stops_and_keeps_the_last_finite_checkpoint(corpus, tmp_path, monkeypatch):
+    from mossformer2.training.trainer import TrainingDivergedError
+
+    calls = {"n": 0}
+    original = Trainer._loss
+
+    def nan_from_step_3(self, est, batch):
+        calls["n"] += 1
+        return original(self, est, batch) * (float("nan") if calls["n"] > 2 else 1.0)
+
+    monkeypatch.setattr(Trainer, "_loss", nan_from_step_3)
+    cfg = make_config(corpus, "optim.accum_steps=1", "trainer.checkpoint_every_steps=1",
+                      "trainer.max_nonfinite_steps=3")
+    with pytest.raises(TrainingDivergedError, match=r"^the model diverged: 3 optimizer steps in a row \(steps 3-5\) "
+                                                    rf"had a NaN/inf loss.*; {tmp_path / 'last.pt'} keeps step 2"):
+        Trainer(cfg, tmp_path).fit()
+    assert torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)["step"] == 2
+    assert "ERROR the model diverged" in (tmp_path / "train.log").read_text()
+
+
+def test_nan_estimates_are_not_written_as_tensorboard_audio(corpus, tmp_path):
+    import warnings
+
+    trainer = Trainer(make_config(corpus, "trainer.tensorboard=true"), tmp_path, loaders=(None, None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in cast" reached the user
+        trainer._log_audio("x", torch.ones(100), torch.full((2, 100), float("nan")))
+    trainer.close()
+
+
+def test_config_yaml_names_the_data_with_absolute_paths(corpus, tmp_path, monkeypatch):
+    import os
+
+    from mossformer2.training.config import load_train_config
+
+    pre = tmp_path / "pre.pt"
+    mossformer2.save_checkpoint(pre, mossformer2.build_model(make_config(corpus).model))
+    monkeypatch.chdir(tmp_path)
+    train = os.path.relpath(corpus.train_utterances, tmp_path)
+    cfg = make_config(corpus, f"data.dynamic_mixing.train_utterances={train}", "trainer.init_from=pre.pt")
+    Trainer(cfg, "exp", loaders=(None, None)).close()
+    monkeypatch.chdir(tmp_path / "exp")  # used from elsewhere, the saved config names the same files
+    saved = load_train_config("config.yaml")
+    assert saved.data.dynamic_mixing.train_utterances == corpus.train_utterances
+    assert saved.trainer.init_from == str(pre) and saved.optim == cfg.optim
+
+
+def test_a_failed_start_leaves_no_log_or_event_file_and_checks_init_from_first(corpus, tmp_path, monkeypatch):
+    from mossformer2.training import trainer as trainer_module
+
+    pre = tmp_path / "pre.pt"
+    mossformer2.save_checkpoint(pre, mossformer2.build_model(make_config(corpus, "model.num_mossformer_layer=2").model))
+    with pytest.raises(ValueError, match="model config differs"):  # found after the data was read
+        Trainer(make_config(corpus, f"trainer.init_from={pre}", "trainer.tensorboard=true"), tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()
+    (tmp_path / "old").mkdir()  # a folder that existed keeps what it held, and gets nothing new
+    with pytest.raises(ValueError, match="model config differs"):
+        Trainer(make_config(corpus, f"trainer.init_from={pre}", "trainer.tensorboard=true"), tmp_path / "old")
+    assert [p.name for p in (tmp_path / "old").iterdir()] in ([], [".lock"])
+    monkeypatch.setattr(trainer_module, "create_dataloaders", lambda *a: pytest.fail("the data was read first"))
+    with pytest.raises(FileNotFoundError, match="^trainer.init_from .*none.pt: checkpoint not found"):
+        Trainer(make_config(corpus, f"trainer.init_from={tmp_path / 'none.pt'}"), tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()

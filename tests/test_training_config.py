@@ -196,3 +196,29 @@ def test_errors_inside_an_optional_section_name_the_key(tmp_path):
         with pytest.raises(ConfigError, match=re.escape(words)) as err:
             load_train_config(path, [override])
         assert "does not match" not in str(err.value)
+
+
+def test_max_nonfinite_steps_is_typed_and_validated(tmp_path):
+    path = _write(tmp_path, {"data": {"synthetic": True}})
+    assert load_train_config(path).trainer.max_nonfinite_steps == 100
+    assert load_train_config(path, ["trainer.max_nonfinite_steps=null"]).trainer.max_nonfinite_steps is None
+    with pytest.raises(ConfigError, match="trainer.max_nonfinite_steps must be > 0 or null"):
+        load_train_config(path, ["trainer.max_nonfinite_steps=0"])
+
+
+def test_with_absolute_paths_resolves_every_path_against_the_current_folder(tmp_path, monkeypatch):
+    from mossformer2.training.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, {"data": {"valid": "cv.scp", "dynamic_mixing": {
+        "train_utterances": ["spk/train", "/abs/list.txt"], "noise": "noise"}},
+        "trainer": {"init_from": "pre/model.pt"}})
+    cfg = load_train_config(path)
+    absolute = with_absolute_paths(cfg)
+    dm = absolute.data.dynamic_mixing
+    assert absolute.data.valid == str(tmp_path / "cv.scp") and absolute.data.train is None
+    assert dm.train_utterances == [str(tmp_path / "spk" / "train"), "/abs/list.txt"]
+    assert dm.noise == str(tmp_path / "noise") and dm.valid_utterances is None
+    assert absolute.trainer.init_from == str(tmp_path / "pre" / "model.pt")
+    # Nothing else changes, and the user's config object is left as it was.
+    assert absolute.optim == cfg.optim and absolute.model == cfg.model and cfg.data.valid == "cv.scp"

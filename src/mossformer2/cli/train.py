@@ -9,7 +9,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "train", help="train or fine-tune a model from a YAML config",
         description="Train MossFormer2 from a YAML config (see configs/). Resumes from EXP_DIR/last.pt when it "
-                    "exists (changed optim.* settings then apply from there). Override any config key with "
+                    "exists (changed optim.* settings then apply from there); Ctrl-C or SIGTERM saves it after "
+                    "the current step. Override any config key with "
                     "key.sub=value, e.g. optim.lr=5e-5 data.batch_size=2. "
                     "Several GPUs or machines: torchrun --nproc_per_node=N -m mossformer2 train ...")
     parser.add_argument("--config", required=True, help="YAML training config")
@@ -19,6 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
     from pathlib import Path
 
     import torch
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.data.loaders import prepare_synthetic_data
     from mossformer2.training import Trainer, load_train_config
     from mossformer2.training.distributed import barrier, cleanup_distributed, init_distributed
-    from mossformer2.training.trainer import best_summary
+    from mossformer2.training.trainer import TrainingInterrupted, best_summary
 
     cfg = load_train_config(args.config, args.overrides)
     if cfg.trainer.cpu_threads:
@@ -45,8 +47,14 @@ def run(args: argparse.Namespace) -> int:
                 cfg = prepare_synthetic_data(cfg, exp_dir / "synthetic")
         trainer = Trainer(cfg, exp_dir, dist_info=dist_info)
         state = trainer.fit()
+    except TrainingInterrupted as stop:  # SIGINT/SIGTERM: state saved after the current step (the log says where)
+        if stop.signum == signal.SIGTERM:
+            return 128 + signal.SIGTERM  # 143, as if the signal had ended the process
+        raise  # SIGINT: the dispatcher prints "interrupted" and exits with 130
     finally:
         cleanup_distributed()
-    if dist_info.is_main:
+    if dist_info.is_main and trainer.stop_reason is not None:  # a step or time limit: not the end of the run
+        print(f"stopped: {trainer.stop_summary()}; {best_summary(state)}")
+    elif dist_info.is_main:
         print(f"done: epoch {state.epoch}, step {state.step}, {best_summary(state)}; checkpoints in {exp_dir}")
     return 0

@@ -120,8 +120,8 @@ class DynamicMixingDataset(Dataset):
         for u in utterances:
             by_speaker.setdefault(u.speaker, []).append(u.path)
         if len(by_speaker) < num_spks:
-            raise ValueError(f"dynamic mixing of {num_spks} speakers needs at least {num_spks} speakers; "
-                             f"the utterance list has {len(by_speaker)}")
+            raise ValueError(f"dynamic mixing of {num_spks} speakers (model.num_spks) needs utterances of at least "
+                             f"{num_spks} different speakers; the utterance list has {len(by_speaker)}")
         self.speakers = sorted(by_speaker)
         self.by_speaker = [by_speaker[s] for s in self.speakers]
         self.num_spks = num_spks

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mossformer2.data.collate import collate_fn
-from mossformer2.data.datasets import AudioStore, MixtureDataset
+from mossformer2.data.datasets import AudioStore, BadAudioError, MixtureDataset
 from mossformer2.data.dynamic_mixing import DynamicMixingDataset, load_noise_files, load_utterances
 from mossformer2.utils import with_context
 
@@ -115,16 +115,16 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[Dataset, Da
                       level_db=tuple(dm.level_db), noise_files=noise, noise_snr_db=tuple(dm.noise_snr_db),
                       noise_prob=dm.noise_prob, skip_bad_files=d.skip_bad_files)
         utterances = _named("data.dynamic_mixing.train_utterances", load_utterances, dm.train_utterances)
-        train = DynamicMixingDataset(utterances, num_examples=dm.examples_per_epoch,
-                                     segment_samples=segment, speed_perturb=_pair(dm.speed_perturb),
-                                     random_polarity=dm.random_polarity, **common)
+        train = _mixing_dataset("data.dynamic_mixing.train_utterances", utterances,
+                                num_examples=dm.examples_per_epoch, segment_samples=segment,
+                                speed_perturb=_pair(dm.speed_perturb), random_polarity=dm.random_polarity, **common)
         if dm.valid_utterances and not d.valid:
             valid_max = int(round(dm.valid_max_seconds * d.sample_rate))
             if max_valid is not None:
                 valid_max = min(valid_max, max_valid)
             utterances = _named("data.dynamic_mixing.valid_utterances", load_utterances, dm.valid_utterances)
-            valid = DynamicMixingDataset(utterances, num_examples=dm.valid_examples, max_samples=valid_max,
-                                         fixed=True, **common)
+            valid = _mixing_dataset("data.dynamic_mixing.valid_utterances", utterances,
+                                    num_examples=dm.valid_examples, max_samples=valid_max, fixed=True, **common)
             return train, valid
     else:
         train = MixtureDataset(_named("data.train", load_manifest, d.train, num_spks), store,
@@ -139,6 +139,17 @@ def _named(key: str, load: Callable[..., T], *args: Any) -> T:
     try:
         return load(*args)
     except (FileNotFoundError, ValueError) as err:
+        raise with_context(err, f"{key}: {err}") from None
+
+
+def _mixing_dataset(key: str, utterances: list, **kwargs: Any) -> DynamicMixingDataset:
+    """A DynamicMixingDataset whose errors about its utterances (too few speakers) name the config key; an unreadable
+    file's error names the file itself (it may be a noise file)."""
+    try:
+        return DynamicMixingDataset(utterances, **kwargs)
+    except BadAudioError:
+        raise
+    except ValueError as err:
         raise with_context(err, f"{key}: {err}") from None
 
 

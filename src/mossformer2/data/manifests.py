@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mossformer2.audio import find_audio_files  # hidden names skipped
+from mossformer2.audio import AUDIO_SUFFIXES, find_audio_files  # hidden names skipped
 
 
 @dataclass
@@ -82,6 +82,12 @@ def _load_folder(root: Path, num_spks: int | None) -> list[MixtureEntry]:
             num_spks += 1
         if num_spks == 0:
             raise ValueError(f"{root} has 'mix/' but no source folders 's1/', 's2/', ...")
+    elif (root / f"s{num_spks + 1}").is_dir():  # e.g. a wsj0-3mix folder given to a 2-speaker model
+        found = num_spks + 1
+        while (root / f"s{found + 1}").is_dir():
+            found += 1
+        raise ValueError(f"{root} has {found} source folders (s1..s{found}) but {num_spks} speakers were expected: "
+                         f"its mixtures hold {found} speakers")
     source_dirs = [root / f"s{k + 1}" for k in range(num_spks)]
     for d in source_dirs:
         if not d.is_dir():
@@ -152,6 +158,10 @@ def _load_list(path: Path, num_spks: int | None) -> list[tuple[int, MixtureEntry
         if len(fields) < 2:
             raise ValueError(f"{path}, line {line_no}: expected 'mix s1 s2 ...' (a mixture and its sources), "
                              f"got {len(fields)} field(s)")
+        if _is_utterance_id(fields, base):
+            raise ValueError(f"{path}, line {line_no}: the first field {fields[0]!r} is not an audio file but looks "
+                             "like a Kaldi utterance id: the list format is 'mix s1 s2 ...' without ids (remove "
+                             "the first column, e.g. `cut -d' ' -f2-`)")
         if num_spks is not None and len(fields) != num_spks + 1:
             raise ValueError(f"{path}, line {line_no}: {len(fields) - 1} source(s) but {num_spks} speakers "
                              "were expected")
@@ -168,6 +178,16 @@ def _load_list(path: Path, num_spks: int | None) -> list[tuple[int, MixtureEntry
         for _, e in entries:
             e.id = e.mix.with_suffix("").as_posix()
     return entries
+
+
+def _is_utterance_id(fields: list[str], base: Path) -> bool:
+    """A Kaldi-style ``utt_id mix s1 ...`` line: a first field without an audio suffix that names no file, followed
+    by audio names (the test that ``mossformer2 separate`` applies to ``utt_id path`` lines)."""
+    def audio_name(text: str) -> bool:
+        return Path(text).suffix.lower() in AUDIO_SUFFIXES
+
+    return (not audio_name(fields[0]) and all(audio_name(f) for f in fields[1:])
+            and not _resolve(base, fields[0]).is_file())
 
 
 def _check_unique_ids(entries: list[MixtureEntry], path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -92,8 +93,13 @@ class TrainerConfig:
     # selected model use the averaged weights; last.pt keeps both, so a run resumes exactly.
     ema_decay: float | None = None
     init_from: str | None = None  # fine-tune: official checkpoint or one of ours
-    resume: bool = True  # continue from <exp-dir>/last.pt when it exists
+    # Continue from <exp-dir>/last.pt when it exists. False: start a fresh run; the files of a run already in
+    # <exp-dir> (last.pt, best.pt, train.log, config.yaml, tensorboard/) are moved to <exp-dir>/replaced-<time>/.
+    resume: bool = True
     checkpoint_every_steps: int | None = 5000
+    # Stop with an error after this many consecutive optimizer steps skipped for a NaN/inf loss or gradient (the
+    # model diverged; last.pt keeps the state before them). None: never stop, keep skipping.
+    max_nonfinite_steps: int | None = 100
     log_every_steps: int = 50
     audio_examples: int = 2  # validation examples written to TensorBoard
     tensorboard: bool = True
@@ -186,6 +192,8 @@ class TrainConfig:
             raise ConfigError(f"trainer.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
         if t.checkpoint_every_steps is not None and t.checkpoint_every_steps <= 0:
             raise ConfigError("trainer.checkpoint_every_steps must be > 0 or null")
+        if t.max_nonfinite_steps is not None and t.max_nonfinite_steps <= 0:
+            raise ConfigError("trainer.max_nonfinite_steps must be > 0 or null (never stop)")
 
 
 def _positive(cfg: TrainConfig, *names: str) -> None:
@@ -297,6 +305,23 @@ def _blame(err: ConfigError, path: str | Path | None, data: dict[str, Any], over
     if not named and path is not None:
         return f"{path} with {what} {culprits}: {err}"
     return f"{what} {culprits}: {err}"
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its data and checkpoint paths made absolute against the current folder (the launch folder),
+    so that the config saved in the experiment folder still names the same files when used from elsewhere."""
+    def absolute(value: Any) -> Any:
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value else value
+
+    d, dm = cfg.data, cfg.data.dynamic_mixing
+    if dm is not None:
+        dm = dataclasses.replace(dm, train_utterances=absolute(dm.train_utterances),
+                                 valid_utterances=absolute(dm.valid_utterances), noise=absolute(dm.noise))
+    data = dataclasses.replace(d, train=absolute(d.train), valid=absolute(d.valid), dynamic_mixing=dm)
+    trainer = dataclasses.replace(cfg.trainer, init_from=absolute(cfg.trainer.init_from))
+    return dataclasses.replace(cfg, data=data, trainer=trainer)
 
 
 def save_train_config(cfg: TrainConfig, path: str | Path) -> None:

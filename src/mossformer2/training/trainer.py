@@ -5,7 +5,8 @@ Counters: ``step`` counts optimizer steps (including skipped ones), ``epoch`` is
 ``batches_done`` the micro-batches of it already consumed. A checkpoint taken after any optimizer step holds
 these, the RNG states, the optimizer/scheduler/scaler states and the weight average, so a resumed run continues
 exactly where the interrupted one stopped and ends with bit-identical weights (on CPU; cuDNN/NCCL may add
-nondeterminism on GPU).
+nondeterminism on GPU). SIGINT (Ctrl-C) or SIGTERM (preemption) during :meth:`Trainer.fit` stops the run after the
+current optimizer step with such a checkpoint saved.
 """
 
 from __future__ import annotations
@@ -13,9 +14,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import logging.handlers
 import math
+import os
 import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +37,14 @@ from mossformer2.config_utils import to_dict
 from mossformer2.data.loaders import batches_per_epoch, create_dataloaders, set_loader_epoch
 from mossformer2.losses import pit_si_sdr_loss, si_sdr
 from mossformer2.models import MossFormer2, build_model
-from mossformer2.training.config import TrainConfig, save_train_config
+from mossformer2.training.config import TrainConfig, save_train_config, with_absolute_paths
 from mossformer2.training.distributed import DistInfo, all_reduce_sum, get_dist_info
 from mossformer2.utils import make_folder, resolve_device, with_context
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs in one folder are not guarded against each other
+    fcntl = None
 
 log = logging.getLogger("mossformer2.training")
 
@@ -50,10 +61,16 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0  # consecutive validations without improvement
     skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient
-    skipped_files: int = 0  # unreadable files skipped by this rank's data pipeline (checkpoints: all ranks' total)
+    # Reads of unreadable files skipped by this rank's data pipeline (a bad file read in every epoch counts once
+    # per epoch; checkpoints: all ranks' total).
+    skipped_files: int = 0
     epoch_loss_sum: float = 0.0  # training loss of the current epoch so far (survives a resume)
     epoch_loss_count: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch validation results
+    # The units of ``batches_done``: processes x examples per batch of the run that saved it (0: unknown, older
+    # checkpoints). A resume with another layout converts ``batches_done`` through the examples consumed.
+    world_size: int = 0
+    batch_size: int = 0
 
 
 # Counted by each rank for its own data under DDP: a checkpoint holds their totals, which rank 0 resumes with.
@@ -84,6 +101,65 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class ExperimentInUseError(OSError):
+    """Another training run holds the experiment folder's lock."""
+
+
+class TrainingDivergedError(ValueError):
+    """``trainer.max_nonfinite_steps`` consecutive optimizer steps had a NaN/inf loss or gradient."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """:meth:`Trainer.fit` stopped by SIGINT or SIGTERM (``signum``) after an optimizer step, its state saved."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+class ExperimentLock:
+    """An exclusive lock on an experiment folder for one training run: ``<exp-dir>/.lock`` (holding the pid) locked
+    with ``flock``, which the OS drops when the process ends, however it ends. Creates the folder. No lock where
+    ``fcntl`` is missing (Windows) or the file system refuses locks."""
+
+    def __init__(self, exp_dir: Path) -> None:
+        self.created_folder = not exp_dir.exists()
+        make_folder(exp_dir, "experiment folder")
+        self.path = exp_dir / ".lock"
+        self._file = None
+        if fcntl is None:
+            return
+        file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the whole run)
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            pid = file.read().strip() or "?"
+            file.close()
+            raise ExperimentInUseError(f"another training run (pid {pid}) is using {exp_dir}: wait for it to end "
+                                       "or use another --exp-dir") from None
+        except OSError as err:  # e.g. a network file system without locks
+            file.close()
+            log.warning("cannot lock %s (%s): a second run in this folder would not be stopped", self.path, err)
+            return
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self._file = file
+
+    def release(self, remove_created_folder: bool = False) -> None:
+        """Unlock; ``remove_created_folder``: also remove the folder if this lock created it and it is empty again
+        (a failed start leaves nothing behind)."""
+        if remove_created_folder and self.created_folder:
+            self.path.unlink(missing_ok=True)  # while still locked: no other run can have taken this file
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -99,15 +175,19 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, exp_dir: str | Path, loaders: tuple[DataLoader, DataLoader] | None = None,
                  dist_info: DistInfo | None = None) -> None:
-        self.cfg = cfg
+        self.cfg = with_absolute_paths(cfg)  # config.yaml and the checkpoints then name the files from anywhere
         self.exp_dir = Path(exp_dir)
         self.dist = dist_info or get_dist_info()
-        t, o = cfg.trainer, cfg.optim
+        t = self.cfg.trainer
         self.device = resolve_device(t.device)
         if self.dist.is_distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         if t.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("trainer.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        self.resuming = t.resume and (self.exp_dir / LAST).is_file()
+        if t.init_from and not self.resuming and not Path(t.init_from).exists():
+            # Before the data is read (minutes with data.cache_audio) and before the experiment folder is made.
+            raise FileNotFoundError(f"trainer.init_from {t.init_from}: checkpoint not found")
         if t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
         if self.device.type == "cpu":
@@ -116,22 +196,43 @@ class Trainer:
             # threads copy this mode only when created: `mossformer2 train` sets it before any torch op.)
             torch.set_flush_denormal(True)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
-        # Data first: a missing or malformed corpus fails before the experiment folder is created.
-        self.train_loader, self.valid_loader = loaders or create_dataloaders(cfg, self.dist)
+        self.writer = None
         self._log_handler: logging.Handler | None = None
+        self._lock: ExperimentLock | None = None
+        self._setup_log: logging.handlers.MemoryHandler | None = None
+        self.stop_reason: str | None = None  # why fit() stopped before the end (a limit or a signal); None: it ended
+        self._stop_signal: int | None = None
+        self._nonfinite_streak = 0  # consecutive optimizer steps skipped for a NaN/inf loss or gradient
+        self._saved_step: int | None = None  # the step last.pt holds
+        self._fit_started, self._stop_checked_at, self._signal = time.monotonic(), None, None
         if self.dist.is_main:
-            make_folder(self.exp_dir, "experiment folder")
-            self._setup_file_logging()
+            if log.level == logging.NOTSET or log.level > logging.INFO:
+                log.setLevel(logging.INFO)
+            self._lock = ExperimentLock(self.exp_dir)  # at once: a second run in this folder fails before any work
+            # Setup messages (resume warnings, ...) are kept for train.log, which is only made once setup succeeded.
+            self._setup_log = logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1)
+            log.addHandler(self._setup_log)
         else:  # under torchrun, one copy of the progress messages (rank 0's); every rank still warns
             log.setLevel(logging.WARNING)
+        try:
+            self._setup(loaders)
+        except BaseException:
+            self._abandon_setup()
+            raise
 
+    def _setup(self, loaders: tuple[DataLoader, DataLoader] | None) -> None:
+        t, o = self.cfg.trainer, self.cfg.optim
+        # Data first: a missing or malformed corpus fails before any file of the run is written.
+        self.train_loader, self.valid_loader = loaders or create_dataloaders(self.cfg, self.dist)
         _seed_everything(t.seed)  # identical initial weights on every rank
-        self.model: MossFormer2 = build_model(cfg.model)
+        self.model: MossFormer2 = build_model(self.cfg.model)
         if t.activation_checkpointing:
             self.model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing = True
         self.model.to(self.device)
         # The averaged copy is made before DDP wraps the model; every rank averages the same weights.
         self.ema: AveragedModel | None = None
+        # Inference-time refinements the init_from model recommends ('separation'): a fine-tuned model keeps them.
+        self.separation: dict[str, bool] = {}
         if t.ema_decay is not None:
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
         self.train_model: torch.nn.Module = self.model
@@ -146,20 +247,15 @@ class Trainer:
             self.optimizer, mode="max", factor=o.plateau_factor, patience=o.plateau_patience, threshold=0.0,
             threshold_mode="abs", min_lr=o.min_lr)
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-        self.state = TrainState()
+        self.state = TrainState(world_size=self.dist.world_size, batch_size=self.cfg.data.batch_size)
         # Unreadable files dropped while ``data.cache_audio`` loaded (each run loads the cache again, so this is
         # not part of the resumable state); reported with the files skipped while batches are made.
         self.preload_skipped = sum(int(getattr(getattr(loader, "dataset", None), "preload_skipped", 0))
                                    for loader in (self.train_loader, self.valid_loader))
-        self.writer = None
-        if self.dist.is_main and t.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"))
-
         last = self.exp_dir / LAST
-        if t.resume and last.is_file():
+        if self.resuming:
             self.load_checkpoint(last)
+            self._saved_step = self.state.step
             log.info("resumed from %s: epoch %d, step %d, %d batches into the epoch", last, self.state.epoch,
                      self.state.step, self.state.batches_done)
         else:
@@ -167,18 +263,59 @@ class Trainer:
                 self._init_from(t.init_from)
             _seed_everything(t.seed + self.dist.rank)  # different dropout masks per rank
         if self.dist.is_main:
-            save_train_config(self.cfg, self.exp_dir / "config.yaml")
+            self._open_run_files()
             n_params = sum(p.numel() for p in self.model.parameters())
             log.info("model: %.2f M parameters on %s, precision %s", n_params / 1e6, self.device, t.precision)
 
     # ------------------------------------------------------------------ setup helpers
-    def _setup_file_logging(self) -> None:
-        path = self.exp_dir / "train.log"
-        self._log_handler = logging.FileHandler(path)
+    def _open_run_files(self) -> None:
+        """Once setup succeeded (rank 0): set a previous run aside if this one starts afresh, open train.log (with
+        the setup's messages) and TensorBoard, save config.yaml."""
+        if not self.resuming:
+            self._move_previous_run_aside()
+        self._log_handler = logging.FileHandler(self.exp_dir / "train.log")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(self._log_handler)
-        if log.level == logging.NOTSET or log.level > logging.INFO:
-            log.setLevel(logging.INFO)
+        if self._setup_log is not None:
+            self._setup_log.setTarget(self._log_handler)
+            self._setup_log.flush()
+            log.removeHandler(self._setup_log)
+            self._setup_log = None
+        if self.cfg.trainer.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # Resumed: TensorBoard drops the points the interrupted run logged after the saved step (they are
+            # logged again), instead of drawing them twice.
+            purge = self.state.step + 1 if self.resuming else None
+            self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=purge)
+        save_train_config(self.cfg, self.exp_dir / "config.yaml")
+
+    def _move_previous_run_aside(self) -> None:
+        """A fresh run in a folder that holds another run's checkpoints (``trainer.resume=false``): move that run's
+        files to ``replaced-<UTC time>/`` rather than overwrite them or mix both runs' logs."""
+        if not any((self.exp_dir / name).exists() for name in (LAST, BEST)):
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        folder, n = self.exp_dir / f"replaced-{stamp}", 1
+        while folder.exists():
+            folder, n = self.exp_dir / f"replaced-{stamp}-{n}", n + 1
+        folder.mkdir()
+        for name in (LAST, BEST, "train.log", "config.yaml", "tensorboard"):
+            if (self.exp_dir / name).exists():
+                (self.exp_dir / name).rename(folder / name)
+        why = "trainer.resume=false" if not self.cfg.trainer.resume else f"no {LAST} to resume from"
+        log.warning("%s holds a previous run and this one starts afresh (%s): the previous run's files were moved "
+                    "to %s", self.exp_dir, why, folder)
+
+    def _abandon_setup(self) -> None:
+        """After a failed start: close what was opened; remove the experiment folder if this start created it."""
+        if self._setup_log is not None:
+            log.removeHandler(self._setup_log)
+            self._setup_log = None
+        self._close_files()
+        if self._lock is not None:
+            self._lock.release(remove_created_folder=True)
+            self._lock = None
 
     def _init_from(self, path: str) -> None:
         """Start from pretrained weights (official checkpoint or ours) of the configured architecture."""
@@ -198,6 +335,12 @@ class Trainer:
         if self.ema is not None:  # the average starts from these weights
             self.ema.module.load_state_dict(pretrained.state_dict())
         log.info("initialised the weights from %s", path)
+        from mossformer2.separation.refine import recommended_refinements
+
+        self.separation = recommended_refinements(ckpt.get("separation"), path)
+        if self.separation:
+            log.info("its recommended separation settings (%s) go into this run's checkpoints",
+                     ", ".join(f"{k}={v}" for k, v in self.separation.items()))
 
     @property
     def eval_model(self) -> MossFormer2:
@@ -235,6 +378,8 @@ class Trainer:
             extra["scaler"] = self.scaler.state_dict()
         if self.ema is not None:
             extra["ema"] = self.ema.state_dict()
+        if self.separation:
+            extra["separation"] = dict(self.separation)
         save_checkpoint(path, self.model, self.optimizer, epoch=self.state.epoch, step=self.state.step,
                         extra=extra)
 
@@ -247,9 +392,11 @@ class Trainer:
                              "trainer.init_from to start from its weights")
         if ckpt.get("config") != self.cfg.model.to_dict():
             diff = _config_diff(ckpt.get("config"), self.cfg.model.to_dict())
-            raise ValueError(f"{path} was trained with another model config ({diff}); use another --exp-dir or "
-                             "trainer.resume=false")
+            raise ValueError(f"{path} was trained with another model config ({diff}); use another --exp-dir for "
+                             "this model (or trainer.resume=false to start afresh here: the current run's files are "
+                             "then moved to a replaced-<time>/ subfolder)")
         self.model.load_state_dict(ckpt["model"])
+        self.separation = dict(ckpt.get("separation") or {})
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self._apply_changed_settings(ckpt.get("train_config") or {}, path)
@@ -264,8 +411,28 @@ class Trainer:
         self.state = TrainState(**ckpt["trainer_state"])
         if self.dist.rank > 0:  # rank 0 goes on from the totals over all ranks
             self.state = dataclasses.replace(self.state, **dict.fromkeys(_RANK_SUMS, 0))
+        self._continue_epoch_in_this_layout(path)
         rng_states = ckpt["rng_states"]
         _set_rng_state(rng_states[self.dist.rank if self.dist.rank < len(rng_states) else 0])
+
+    def _continue_epoch_in_this_layout(self, path: str | Path) -> None:
+        """Express a mid-epoch ``batches_done`` saved by a run with another number of processes or batch size (or
+        optim.accum_steps) in this run's batches: the examples of the epoch already used are skipped as closely as
+        whole steps allow. Every rank takes every world_size-th example of one shuffled epoch order, so the
+        examples used are the first ``batches_done x world_size x batch_size`` of it whatever the layout."""
+        s, accum = self.state, self.cfg.optim.accum_steps
+        new = (self.dist.world_size, self.cfg.data.batch_size)
+        old = (s.world_size, s.batch_size) if s.world_size and s.batch_size else new  # older checkpoints: unknown
+        s.world_size, s.batch_size = new
+        if old == new and s.batches_done % accum == 0:  # (also at an epoch boundary)
+            return
+        used, per_batch = s.batches_done * old[0] * old[1], new[0] * new[1]
+        done = used // per_batch // accum * accum  # whole optimizer steps of this run
+        log.warning("resuming mid-epoch %d from %s with another data layout (%d process(es) x batch %d -> %d x %d, "
+                    "optim.accum_steps %d): continuing after %d of the %d examples the epoch had used; the rest of "
+                    "this epoch is not exact (the per-rank data order changes)", s.epoch, path, *old, *new, accum,
+                    done * per_batch, used)
+        s.batches_done = done
 
     def _apply_changed_settings(self, saved: dict[str, Any], path: str | Path) -> None:
         """After loading ``path``'s optimizer/scheduler states (which hold the settings of the run that wrote it),
@@ -288,17 +455,21 @@ class Trainer:
         self.scheduler.min_lrs = [o.min_lr] * len(self.optimizer.param_groups)
         # (grad_clip, accum_steps, loss_clamp_db and early_stop_patience are read from the config when used.)
         started_from = saved.get("trainer", {}).get("init_from")
+        if started_from:  # older checkpoints hold it as given, maybe relative
+            started_from = os.path.abspath(started_from)
         if self.cfg.trainer.init_from != started_from:
             if self.cfg.trainer.init_from:
-                log.warning("trainer.init_from %s is ignored: resuming from %s (use another --exp-dir or "
-                            "trainer.resume=false to start from it)", self.cfg.trainer.init_from, path)
+                log.warning("trainer.init_from %s is ignored: resuming from %s (to start from it, use another "
+                            "--exp-dir, or trainer.resume=false: the current run's files are then moved to a "
+                            "replaced-<time>/ subfolder)", self.cfg.trainer.init_from, path)
             self.cfg = dataclasses.replace(self.cfg, trainer=dataclasses.replace(self.cfg.trainer,
                                                                                  init_from=started_from))
 
     def _write_best(self) -> None:
         if self.dist.is_main:
             save_checkpoint(self.exp_dir / BEST, self.eval_model, epoch=self.state.epoch, step=self.state.step,
-                            extra={"valid": self.state.history[-1], "train_config": to_dict(self.cfg)})
+                            extra={"valid": self.state.history[-1], "train_config": to_dict(self.cfg),
+                                   **({"separation": dict(self.separation)} if self.separation else {})})
 
     # ------------------------------------------------------------------ training
     def _loss(self, est: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -320,11 +491,14 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if bad or not self._all_finite(grad_norm):
             self.state.skipped_steps += 1
-            log.warning("step %d skipped: non-finite %s (%d skipped so far)", self.state.step,
+            self._nonfinite_streak += 1
+            log.warning("step %d skipped: non-finite %s (%d skipped so far)", self.state.step + 1,
                         "loss" if bad else "gradient", self.state.skipped_steps)
             if self.scaler is not None:
                 self.scaler.update()
+            self._check_diverged()
         else:
+            self._nonfinite_streak = 0
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -336,20 +510,53 @@ class Trainer:
         self.state.step += 1
         return float(grad_norm)
 
-    def _limit_reached(self) -> bool:
-        """``trainer.max_steps`` or ``trainer.max_minutes`` reached (decided once per optimizer step, by all ranks)."""
-        t = self.cfg.trainer
-        if t.max_steps is not None and self.state.step >= t.max_steps:
+    def _check_diverged(self) -> None:
+        """Stop after ``trainer.max_nonfinite_steps`` skipped steps in a row (identical on every rank)."""
+        limit, n = self.cfg.trainer.max_nonfinite_steps, self._nonfinite_streak
+        if limit is None or n < limit:
+            return
+        kept = (f"{self.exp_dir / LAST} keeps step {self._saved_step}, before them" if self._saved_step is not None
+                else f"no {LAST} was written")
+        message = (f"the model diverged: {n} optimizer steps in a row (steps {self.state.step + 2 - n}-"
+                   f"{self.state.step + 1}) had a NaN/inf loss or gradient (trainer.max_nonfinite_steps); {kept}. "
+                   "Lower optim.lr (or set optim.grad_clip) and run again to resume from there (if it diverges "
+                   "again at once, start afresh with trainer.resume=false)")
+        log.error("%s", message)
+        raise TrainingDivergedError(message)
+
+    def _should_stop(self) -> bool:
+        """A step or time limit reached, or SIGINT/SIGTERM received (sets ``stop_reason``). Decided once per
+        optimizer step and again after each validation, by all ranks together in one all-reduce: signals and clocks
+        reach the ranks at slightly different times, and all must stop at the same step."""
+        if self.stop_reason is not None:
             return True
-        if t.max_minutes is None:
+        t, key = self.cfg.trainer, (self.state.epoch, self.state.step)
+        if self._stop_checked_at == key:
             return False
-        if self._time_checked_at_step != self.state.step:
-            self._time_checked_at_step = self.state.step
-            late = time.monotonic() - self._fit_started > t.max_minutes * 60
-            if self.dist.is_distributed:  # clocks differ slightly: stop when any rank is late, all at the same step
-                late = float(all_reduce_sum(torch.tensor([float(late)], device=self.device)).item()) > 0
-            self._time_up = late
-        return self._time_up
+        self._stop_checked_at = key
+        late = t.max_minutes is not None and time.monotonic() - self._fit_started > t.max_minutes * 60
+        flags = [float(late), float(self._signal == signal.SIGINT), float(self._signal == signal.SIGTERM)]
+        if self.dist.is_distributed:
+            flags = all_reduce_sum(torch.tensor(flags, device=self.device)).tolist()
+        late, sigint, sigterm = (flag > 0 for flag in flags)
+        if sigint or sigterm:
+            self._stop_signal = signal.SIGINT if sigint else signal.SIGTERM
+            self.stop_reason = f"interrupted by {signal.Signals(self._stop_signal).name}"
+        elif t.max_steps is not None and self.state.step >= t.max_steps:
+            self.stop_reason = f"trainer.max_steps ({t.max_steps}) reached"
+        elif late:
+            self.stop_reason = f"trainer.max_minutes ({t.max_minutes:g}) reached"
+        return self.stop_reason is not None
+
+    def _save_last(self) -> None:
+        """Write last.pt, unless the latest steps were skipped for NaN/inf losses: the weights may be diverged ones
+        (the previous last.pt stays)."""
+        if self._nonfinite_streak:
+            log.warning("%s not updated at step %d: the last %d steps had a NaN/inf loss or gradient", LAST,
+                        self.state.step, self._nonfinite_streak)
+            return
+        self.save_checkpoint(self.exp_dir / LAST)
+        self._saved_step = self.state.step
 
     def train_epoch(self) -> dict[str, float]:
         """Run the rest of the current epoch (or to the step/time limit); return mean loss and grad norm."""
@@ -368,7 +575,7 @@ class Trainer:
         bad = False
         self.optimizer.zero_grad(set_to_none=True)
         iterator = iter(self.train_loader)
-        while self.state.batches_done < per_epoch and not self._limit_reached():
+        while self.state.batches_done < per_epoch and not self._should_stop():
             batch = next(iterator)
             self.state.batches_done += 1
             self.state.skipped_files += int(batch["skipped"])
@@ -420,7 +627,7 @@ class Trainer:
                     self.writer.add_scalar("train/skipped_steps", self.state.skipped_steps, step)
                 window = {"loss": 0.0, "n": 0}
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
-                self.save_checkpoint(self.exp_dir / LAST)
+                self._save_last()
         bar.close()
         # The epoch's loss over all ranks (the per-step log lines show rank 0's); NaN when every step was skipped.
         loss_sum, count = self._sum_over_ranks(self.state.epoch_loss_sum, self.state.epoch_loss_count)
@@ -464,6 +671,8 @@ class Trainer:
                 "si_sdri": float(totals[2]) / count, "count": float(totals[3])}
 
     def _log_audio(self, name: str, mix: torch.Tensor, est: torch.Tensor) -> None:
+        if not (torch.isfinite(mix).all() and torch.isfinite(est).all()):
+            return  # a diverged model (reported with the scores): NaN cannot be written as 16-bit audio
         sr = self.cfg.data.sample_rate
         peak = float(torch.cat([mix.abs().flatten(), est.abs().flatten()]).max()) + 1e-8
         self.writer.add_audio(f"valid/{name}/mix", (mix / peak).cpu(), self.state.step, sample_rate=sr)
@@ -487,7 +696,7 @@ class Trainer:
                           "valid_loss": valid["loss"], "valid_si_sdr": valid["si_sdr"], "valid_si_sdri": metric,
                           "lr": self.lr})
         log.info("epoch %d done (step %d): train loss %.3f | valid loss %.3f, SI-SDR %.2f dB, SI-SDRi %.2f dB "
-                 "(%s) | lr %.3g | %d skipped steps, %d skipped files | valid %.1fs",
+                 "(%s) | lr %.3g | %d skipped steps, %d skipped file reads | valid %.1fs",
                  s.epoch, s.step, train_stats["loss"], valid["loss"], valid["si_sdr"], metric,
                  f"best {s.best_metric:.2f} at epoch {s.best_epoch}" if s.best_epoch >= 0 else "no best yet",
                  self.lr, s.skipped_steps, skipped_files, time.time() - start)
@@ -505,7 +714,7 @@ class Trainer:
         s.epoch += 1
         s.batches_done = 0
         s.epoch_loss_sum, s.epoch_loss_count = 0.0, 0
-        self.save_checkpoint(self.exp_dir / LAST)
+        self._save_last()
         if self._early_stopped():
             log.info("early stopping: no validation improvement for %d epochs", s.bad_epochs)
             return True
@@ -521,9 +730,13 @@ class Trainer:
         return self.state.epoch >= self.cfg.trainer.max_epochs or self._early_stopped()
 
     def fit(self) -> TrainState:
-        """Train until ``max_epochs``, ``max_steps``, ``max_minutes`` or early stopping; return the final state."""
+        """Train until ``max_epochs``, ``max_steps``, ``max_minutes`` or early stopping; return the final state.
+
+        SIGINT/SIGTERM: the run stops after the current optimizer step, saves last.pt and raises
+        :class:`TrainingInterrupted` (a KeyboardInterrupt)."""
         t = self.cfg.trainer
-        self._fit_started, self._time_checked_at_step, self._time_up = time.monotonic(), -1, False
+        self._fit_started, self._stop_checked_at = time.monotonic(), None
+        self.stop_reason, self._stop_signal, self._signal = None, None, None
         if self._finished():
             log.info("%s: already finished (epoch %d of %d%s)", self.exp_dir, self.state.epoch, t.max_epochs,
                      f"; stopped early after {self.state.bad_epochs} epochs without improvement"
@@ -532,22 +745,79 @@ class Trainer:
             log.info("training in %s: epochs %d-%d, %d batches per epoch", self.exp_dir, self.state.epoch,
                      t.max_epochs - 1, batches_per_epoch(self.train_loader))
         try:
-            while not self._finished():
-                if self._limit_reached():
-                    break
-                with logging_redirect_tqdm():  # log lines are printed above the progress bar, not glued onto it
-                    stats = self.train_epoch()
-                if self._limit_reached() and self.state.batches_done < self._epoch_batches():
-                    self.save_checkpoint(self.exp_dir / LAST)  # stopped mid-epoch: resumable from here
-                    log.info("step or time limit reached mid-epoch at step %d: state saved to %s", self.state.step,
-                             self.exp_dir / LAST)
-                    break
-                if self._end_epoch(stats):
-                    break
-            log.info("finished at epoch %d, step %d; %s", self.state.epoch, self.state.step, best_summary(self.state))
+            with self._stop_on_signals():
+                self._train_epochs()
         finally:
             self.close()
         return self.state
+
+    def _train_epochs(self) -> None:
+        while not self._finished():
+            if self._should_stop():
+                break
+            with logging_redirect_tqdm():  # log lines are printed above the progress bar, not glued onto it
+                stats = self.train_epoch()
+            if self.state.batches_done < self._epoch_batches():  # stopped mid-epoch: resumable from here
+                if self._saved_step != self.state.step:  # (unless a periodic checkpoint was just written)
+                    self._save_last()
+                break
+            if self._end_epoch(stats):
+                break
+        if self.stop_reason is None:
+            log.info("finished at epoch %d, step %d; %s", self.state.epoch, self.state.step, best_summary(self.state))
+        elif self._stop_signal is None:
+            log.info("stopped: %s", self.stop_summary())
+        else:
+            log.warning("%s", self.stop_summary())
+            raise TrainingInterrupted(self._stop_signal, self.stop_summary())
+
+    def stop_summary(self) -> str:
+        """Why and where fit() stopped before the end, what last.pt holds and how to go on."""
+        s, last = self.state, self.exp_dir / LAST
+        where = f"mid-epoch {s.epoch}" if s.batches_done else f"before epoch {s.epoch}"
+        if self._saved_step == s.step:
+            saved = f"state saved to {last}"
+        elif self._saved_step is not None:
+            saved = f"{last} keeps step {self._saved_step} (the later steps had NaN/inf losses)"
+        else:
+            saved = "nothing saved"
+        how = ("raise trainer.max_steps (or set it to null) and run again to continue"
+               if self.stop_reason and self.stop_reason.startswith("trainer.max_steps")
+               else "run the same command to continue")
+        return f"{self.stop_reason} at step {s.step} ({where}): {saved}; {how}"
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While fit() runs (main thread only), SIGINT/SIGTERM ask for a stop after the current optimizer step.
+
+        Repeats within 2 s are ignored (torchrun passes the terminal's Ctrl-C on to workers that got it already); a
+        later second signal acts at once through the handler that was there before (SIGINT: KeyboardInterrupt;
+        SIGTERM: the process ends), and the atomic save keeps the previous last.pt whole. A signal that was
+        ignored before fit() stays ignored."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: handler for sig, handler in previous.items()
+                    if handler is not None and handler is not signal.SIG_IGN}
+        first_at = [0.0]
+
+        def handle(signum: int, frame: Any) -> None:
+            if self._signal is None:
+                self._signal, first_at[0] = signum, time.monotonic()
+                log.warning("%s received: stopping after the current optimizer step (a second one aborts at once)",
+                            signal.Signals(signum).name)
+            elif time.monotonic() - first_at[0] > 2.0:
+                signal.signal(signum, previous[signum])
+                signal.raise_signal(signum)
+
+        for sig in previous:
+            signal.signal(sig, handle)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _epoch_batches(self) -> int:
         """Batches of one epoch that make whole optimizer steps (leftovers would make a partial step)."""
@@ -555,7 +825,13 @@ class Trainer:
         return batches_per_epoch(self.train_loader) // accum * accum
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer and the log file (idempotent)."""
+        """Flush and close the TensorBoard writer and the log file, release the folder's lock (idempotent)."""
+        self._close_files()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _close_files(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
