@@ -43,7 +43,7 @@ def _worker(rank: int, world_size: int, port: int, corpus, exp_dir: str, overrid
 def _signalled_worker(rank: int, world_size: int, port: int, corpus, exp_dir: str, overrides: list[str]) -> None:
     """Rank 1 alone gets SIGTERM inside its 2nd optimizer step (torchrun forwards signals to the ranks at slightly
     different times); each rank records the step it stopped at."""
-    from mossformer2.training.trainer import TrainingInterrupted
+    from mossformer2.training.experiment import TrainingInterrupted
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))

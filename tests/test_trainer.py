@@ -706,7 +706,7 @@ def test_sigint_mid_epoch_saves_the_finished_step_and_the_resumed_run_equals_uni
                                                                                           monkeypatch):
     import signal
 
-    from mossformer2.training.trainer import TrainingInterrupted
+    from mossformer2.training.experiment import TrainingInterrupted
 
     cfg = make_config(corpus, "trainer.checkpoint_every_steps=null")  # only the interruption saves mid-epoch
     reference = Trainer(cfg, tmp_path / "ref")
@@ -758,7 +758,7 @@ def test_a_second_sigint_while_saving_aborts_at_once_and_keeps_the_previous_last
     import signal
 
     from mossformer2.training import trainer as trainer_module
-    from mossformer2.training.trainer import TrainingInterrupted
+    from mossformer2.training.experiment import TrainingInterrupted
 
     cfg = make_config(corpus, "trainer.checkpoint_every_steps=2")
     clock = {"now": 0.0}
@@ -796,7 +796,7 @@ def test_a_second_run_in_the_same_experiment_folder_fails_at_once(corpus, tmp_pa
     import os
 
     from mossformer2.training import trainer as trainer_module
-    from mossformer2.training.trainer import ExperimentInUseError
+    from mossformer2.training.experiment import ExperimentInUseError
 
     first = Trainer(make_config(corpus), tmp_path, loaders=(None, None))
     monkeypatch.setattr(trainer_module, "create_dataloaders", lambda *a: pytest.fail("the data was read"))

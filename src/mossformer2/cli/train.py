@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.data.loaders import prepare_synthetic_data
     from mossformer2.training import Trainer, load_train_config
     from mossformer2.training.distributed import barrier, cleanup_distributed, init_distributed
-    from mossformer2.training.trainer import TrainingInterrupted, best_summary
+    from mossformer2.training.experiment import TrainingInterrupted
+    from mossformer2.training.trainer import best_summary
 
     cfg = load_train_config(args.config, args.overrides)
     if cfg.trainer.cpu_threads:

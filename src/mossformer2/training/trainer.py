@@ -19,9 +19,7 @@ import math
 import os
 import random
 import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +37,13 @@ from mossformer2.losses import pit_si_sdr_loss, si_sdr
 from mossformer2.models import MossFormer2, build_model
 from mossformer2.training.config import TrainConfig, save_train_config, with_absolute_paths
 from mossformer2.training.distributed import DistInfo, all_reduce_sum, get_dist_info
-from mossformer2.utils import make_folder, resolve_device, with_context
-
-try:
-    import fcntl
-except ImportError:  # Windows: runs in one folder are not guarded against each other
-    fcntl = None
+from mossformer2.training.experiment import (
+    ExperimentLock,
+    TrainingInterrupted,
+    move_run_files_aside,
+    stop_signals,
+)
+from mossformer2.utils import resolve_device, with_context
 
 log = logging.getLogger("mossformer2.training")
 
@@ -101,63 +100,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class ExperimentInUseError(OSError):
-    """Another training run holds the experiment folder's lock."""
-
-
 class TrainingDivergedError(ValueError):
     """``trainer.max_nonfinite_steps`` consecutive optimizer steps had a NaN/inf loss or gradient."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """:meth:`Trainer.fit` stopped by SIGINT or SIGTERM (``signum``) after an optimizer step, its state saved."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = int(signum)
-
-
-class ExperimentLock:
-    """An exclusive lock on an experiment folder for one training run: ``<exp-dir>/.lock`` (holding the pid) locked
-    with ``flock``, which the OS drops when the process ends, however it ends. Creates the folder. No lock where
-    ``fcntl`` is missing (Windows) or the file system refuses locks."""
-
-    def __init__(self, exp_dir: Path) -> None:
-        self.created_folder = not exp_dir.exists()
-        make_folder(exp_dir, "experiment folder")
-        self.path = exp_dir / ".lock"
-        self._file = None
-        if fcntl is None:
-            return
-        file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open for the whole run)
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            pid = file.read().strip() or "?"
-            file.close()
-            raise ExperimentInUseError(f"another training run (pid {pid}) is using {exp_dir}: wait for it to end "
-                                       "or use another --exp-dir") from None
-        except OSError as err:  # e.g. a network file system without locks
-            file.close()
-            log.warning("cannot lock %s (%s): a second run in this folder would not be stopped", self.path, err)
-            return
-        file.seek(0)
-        file.truncate()
-        file.write(f"{os.getpid()}\n")
-        file.flush()
-        self._file = file
-
-    def release(self, remove_created_folder: bool = False) -> None:
-        """Unlock; ``remove_created_folder``: also remove the folder if this lock created it and it is empty again
-        (a failed start leaves nothing behind)."""
-        if remove_created_folder and self.created_folder:
-            self.path.unlink(missing_ok=True)  # while still locked: no other run can have taken this file
-            with contextlib.suppress(OSError):
-                self.path.parent.rmdir()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 def _seed_everything(seed: int) -> None:
@@ -295,14 +239,7 @@ class Trainer:
         files to ``replaced-<UTC time>/`` rather than overwrite them or mix both runs' logs."""
         if not any((self.exp_dir / name).exists() for name in (LAST, BEST)):
             return
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        folder, n = self.exp_dir / f"replaced-{stamp}", 1
-        while folder.exists():
-            folder, n = self.exp_dir / f"replaced-{stamp}-{n}", n + 1
-        folder.mkdir()
-        for name in (LAST, BEST, "train.log", "config.yaml", "tensorboard"):
-            if (self.exp_dir / name).exists():
-                (self.exp_dir / name).rename(folder / name)
+        folder = move_run_files_aside(self.exp_dir, (LAST, BEST, "train.log", "config.yaml", "tensorboard"))
         why = "trainer.resume=false" if not self.cfg.trainer.resume else f"no {LAST} to resume from"
         log.warning("%s holds a previous run and this one starts afresh (%s): the previous run's files were moved "
                     "to %s", self.exp_dir, why, folder)
@@ -745,7 +682,7 @@ class Trainer:
             log.info("training in %s: epochs %d-%d, %d batches per epoch", self.exp_dir, self.state.epoch,
                      t.max_epochs - 1, batches_per_epoch(self.train_loader))
         try:
-            with self._stop_on_signals():
+            with stop_signals(self._request_stop):
                 self._train_epochs()
         finally:
             self.close()
@@ -786,38 +723,8 @@ class Trainer:
                else "run the same command to continue")
         return f"{self.stop_reason} at step {s.step} ({where}): {saved}; {how}"
 
-    @contextlib.contextmanager
-    def _stop_on_signals(self) -> Iterator[None]:
-        """While fit() runs (main thread only), SIGINT/SIGTERM ask for a stop after the current optimizer step.
-
-        Repeats within 2 s are ignored (torchrun passes the terminal's Ctrl-C on to workers that got it already); a
-        later second signal acts at once through the handler that was there before (SIGINT: KeyboardInterrupt;
-        SIGTERM: the process ends), and the atomic save keeps the previous last.pt whole. A signal that was
-        ignored before fit() stays ignored."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        previous = {sig: handler for sig, handler in previous.items()
-                    if handler is not None and handler is not signal.SIG_IGN}
-        first_at = [0.0]
-
-        def handle(signum: int, frame: Any) -> None:
-            if self._signal is None:
-                self._signal, first_at[0] = signum, time.monotonic()
-                log.warning("%s received: stopping after the current optimizer step (a second one aborts at once)",
-                            signal.Signals(signum).name)
-            elif time.monotonic() - first_at[0] > 2.0:
-                signal.signal(signum, previous[signum])
-                signal.raise_signal(signum)
-
-        for sig in previous:
-            signal.signal(sig, handle)
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def _request_stop(self, signum: int) -> None:
+        self._signal = signum
 
     def _epoch_batches(self) -> int:
         """Batches of one epoch that make whole optimizer steps (leftovers would make a partial step)."""
