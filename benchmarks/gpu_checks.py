@@ -9,7 +9,8 @@
    on the CPU the peak RSS during this check where ``/proc/self/clear_refs`` can reset it, else the process's) and
    real-time factor (with ``--long-compile``, timed on a second pass after compiling).
 
-Prints one JSON object and exits 1 if a check fails. CPU dry run (CI runs it, tiny random model)::
+Prints one JSON object on stdout (the report so far goes to stderr before the long file, the longest check) and
+exits 1 if a check fails. CPU dry run (CI runs it, tiny random model)::
 
     python benchmarks/gpu_checks.py --device cpu --tiny --minutes 0.2
     python benchmarks/gpu_checks.py --device cuda --minutes 60 --json gpu_checks.json   # full model
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             report[name] = check(model, device)
         except Exception as err:  # report the failure and go on with the other checks
             report[name] = {"error": f"{type(err).__name__}: {err}", "ok": False}
-    print(json.dumps(report, indent=2), flush=True)
+    print(json.dumps(report, indent=2), file=sys.stderr, flush=True)  # stdout stays one JSON object
     report["long_file"] = check_long_file(model, device, args.minutes, args.long_dtype, args.long_batch_size,
                                           args.long_cuda_graphs, args.long_compile)
     text = json.dumps(report, indent=2)

@@ -151,8 +151,10 @@ def test_device_checks_dry_run_on_cpu(tmp_path, capsys):
     out = tmp_path / "checks.json"
     assert checks.main(["--device", "cpu", "--tiny", "--minutes", "0.1", "--checks",
                         "padded_batch,dtypes,compiled,cuda_graphs", "--json", str(out)]) == 0
-    assert "cuda_graphs: skipped: CUDA only" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "cuda_graphs: skipped: CUDA only" in captured.err
     report = json.loads(out.read_text())
+    assert json.loads(captured.out) == report  # stdout is one JSON object (an interim one came first)
     assert "cuda_graphs" not in report
     assert report["compiled"]["float32_compiled_vs_eager_float32_db"] > 60
     assert report["padded_batch"]["padded_batch_max_relative_error"] < 1e-4

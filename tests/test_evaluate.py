@@ -231,3 +231,73 @@ def test_load_mixture_reports_mismatched_rates(dataset, tmp_path):
     sf.write(str(slow), refs[1, ::2], 8000)
     with pytest.raises(ValueError, match=r"sample rates differ: mixture 16000 Hz, source 2 \(s2_8k.wav\) 8000"):
         load_mixture(MixtureEntry(id="x", mix=entry.mix, sources=[entry.sources[0], slow]))
+
+
+def test_resume_refuses_other_weights_at_the_same_checkpoint_path(dataset, tmp_path, tiny_config, capsys):
+    """`exp/best.pt` after more training: the old rows were kept and averaged with the new weights' rows."""
+    checkpoint = tmp_path / "best.pt"
+    mossformer2.save_checkpoint(checkpoint, mossformer2.build_model(tiny_config))
+    out = tmp_path / "out"
+    argv = ["evaluate", "--data", str(dataset), "--checkpoint", str(checkpoint), "--out", str(out), "--device",
+            "cpu", "--metrics", "si_sdr", "--dtype", "float16"]
+    assert main([*argv, "--limit", "1"]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    import hashlib
+
+    assert settings["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    # float16 needs CUDA: the CPU ran float32, and that is what the results record
+    assert settings["dtype"] == "float32"
+    assert json.loads((out / "summary.json").read_text())["settings"]["dtype"] == "float32"
+    torch.manual_seed(1)
+    mossformer2.save_checkpoint(checkpoint, mossformer2.build_model(tiny_config))  # other weights, same path
+    capsys.readouterr()
+    assert main([*argv, "--limit", "2"]) == 1
+    assert ("holds results of a run with other settings (checkpoint_sha256: other weights at the same checkpoint "
+            "path); evaluate into a new --out folder or pass --overwrite") in capsys.readouterr().err
+    assert len(read_csv(out / "per_utterance.csv")) == 1  # nothing added
+    # A settings.json written before the weights were recorded: resumed, with a warning that says so.
+    del settings["checkpoint_sha256"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    assert main([*argv, "--limit", "2"]) == 0
+    assert "does not record which weights scored the results" in capsys.readouterr().err
+    assert "checkpoint_sha256" in json.loads((out / "settings.json").read_text())
+    assert main([*argv, "--limit", "2", "--overwrite"]) == 0
+
+
+def test_multichannel_references_fail_their_row_and_stereo_mixtures_are_downmixed_once(dataset, tmp_path):
+    entries = load_manifest(dataset)[:3]
+    data = tmp_path / "odd"
+    for sub in ("mix", "s1", "s2"):
+        (data / sub).mkdir(parents=True)
+    for k, entry in enumerate(entries):
+        mix = sf.read(str(entry.mix), dtype="float32")[0]
+        s1, s2 = (sf.read(str(p), dtype="float32")[0] for p in entry.sources)
+        name = f"{entry.id}.wav"
+        # mixture 0: both speakers in one two-channel reference file; 1 and 2: stereo mixtures
+        sf.write(str(data / "mix" / name), mix if k == 0 else np.stack([mix, mix], 1), 16000, subtype="FLOAT")
+        sf.write(str(data / "s1" / name), np.stack([s1, s2], 1) if k == 0 else s1, 16000, subtype="FLOAT")
+        sf.write(str(data / "s2" / name), s2, 16000, subtype="FLOAT")
+    sep = Separator(OracleModel(dataset), device="cpu")
+    with pytest.warns(UserWarning, match="has 2 channels: multi-channel mixtures are averaged") as caught:
+        summary = evaluate(sep, data, tmp_path / "out", metrics="si_sdr", progress=False)
+    assert len([w for w in caught if "channels" in str(w.message)]) == 1  # said once
+    rows = {r["id"]: r for r in read_csv(tmp_path / "out" / "per_utterance.csv")}
+    assert rows[entries[0].id]["status"] == "failed"
+    assert f"source 1 ({entries[0].id}.wav) has 2 channels" in rows[entries[0].id]["error"]
+    assert all(rows[e.id]["status"] == "ok" and float(rows[e.id]["si_sdr"]) > 60 for e in entries[1:])
+    assert summary["num_failed"] == 1 and "pesq_mode" not in summary
+
+
+def test_summary_names_the_pesq_mode(dataset, tmp_path):
+    from mossformer2.evaluation.evaluate import format_table
+
+    sep = Separator(OracleModel(dataset), device="cpu")
+    wide = evaluate(sep, dataset, tmp_path / "wb", metrics="pesq", limit=1, progress=False)
+    narrow = evaluate(sep, dataset, tmp_path / "nb", metrics="pesq", limit=1, score_rate=8000, progress=False)
+    assert wide["pesq_mode"] == "wb: wide band (ITU-T P.862.2)"
+    assert narrow["pesq_mode"] == "nb: narrow band (ITU-T P.862)"
+    assert "pesq: nb: narrow band (ITU-T P.862)" in format_table(narrow)
+    # a resumed run that scores nothing new still knows the mode of the mixtures scored before
+    assert evaluate(sep, dataset, tmp_path / "wb", metrics="pesq", limit=1, progress=False)["pesq_mode"] == (
+        "wb: wide band (ITU-T P.862.2)")
+    assert json.loads((tmp_path / "nb" / "summary.json").read_text())["pesq_mode"].startswith("nb")

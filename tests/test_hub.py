@@ -82,6 +82,20 @@ def test_hub_offline_miss_says_how_to_get_the_file(offline_cache):
     assert "--checkpoint PATH" in message and "HF_HUB_OFFLINE" in message
 
 
+def test_a_mistyped_local_path_is_named_as_both_readings(offline_cache, tmp_path, monkeypatch):
+    """`checkpoint/MossFormer2_SS_16K` for the folder `checkpoints/...` looks like a hub id; the error named only
+    the hub cache, never that no such local file or folder exists."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints" / "MossFormer2_SS_16K").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_checkpoint("checkpoint/MossFormer2_SS_16K")
+    message = str(info.value)
+    assert message.startswith("no file or folder checkpoint/MossFormer2_SS_16K here (if you meant a local "
+                              "checkpoint, check the path), and as a hub id: checkpoint/MossFormer2_SS_16K/"
+                              "last_best_checkpoint.pt is not in the local Hugging Face cache"), message
+    assert "offline mode (HF_HUB_OFFLINE=1)" in message
+
+
 def test_network_failure_falls_back_to_cache(offline_cache, monkeypatch):
     _, cached = offline_cache
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -97,7 +111,7 @@ def test_network_failure_falls_back_to_cache(offline_cache, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
     assert resolve_checkpoint(REPO).resolve() == cached.resolve()
     assert calls == [False, True]  # tried the hub first, then the cache
-    with pytest.raises(FileNotFoundError, match="download failed: network unreachable"):
+    with pytest.raises(FileNotFoundError, match="download failed: network unreachable .*HF_HUB_OFFLINE=1 skips"):
         resolve_checkpoint("someone/NotCached")
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +179,12 @@ def test_mix_reports_bad_requests(tmp_path, capsys):
     assert "--num-mixtures" in capsys.readouterr().err
     assert main(["mix", str(tmp_path / "nope.wav"), str(tmp_path / "nope2.wav"), "-o", str(tmp_path / "o")]) == 1
     assert "no such audio file" in capsys.readouterr().err
+    # one speaker's folder instead of the folder of speaker folders; a file and a folder together
+    assert main(["mix", str(root / "spk0"), "-o", str(tmp_path / "o"), "--num-mixtures", "2"]) == 1
+    assert f"{root / 'spk0'} holds audio files itself, so it looks like one speaker's folder" in (
+        capsys.readouterr().err)
+    assert main(["mix", str(root / "spk0" / "utt0.wav"), str(root), "-o", str(tmp_path / "o")]) == 1
+    assert f"{root} is a folder: give two or more audio files, or one folder" in capsys.readouterr().err
     silent = tmp_path / "silent.wav"
     sf.write(str(silent), np.zeros(SR, dtype=np.float32), SR)
     speech = write_speech(tmp_path / "speech.wav", seed=0, seconds=1.0)
@@ -238,3 +248,76 @@ def test_mix_writes_at_the_requested_sample_rate(tmp_path):
     for path in (entry.mix, *entry.sources):
         info = sf.info(str(path))
         assert info.samplerate == 8000 and info.frames == 8000  # 1 s of 16 kHz input, resampled
+
+
+def test_a_killed_run_is_noticed_and_overwrite_removes_its_files(tmp_path, capsys):
+    """SIGKILL (OOM, a lost machine) in the middle of a set: its files were left without metadata.csv, and the
+    next run wrote its own set beside them, so `evaluate --data OUT` scored both."""
+    root = make_speaker_folder(tmp_path / "speakers", speakers=3, files=1)
+    out = tmp_path / "out"
+    script = f"""
+import os, signal
+import mossformer2.evaluation.mixing as mixing
+from mossformer2.cli import main
+real_write, count = mixing.write_audio, [0]
+def write_then_die(path, *args, **kwargs):
+    count[0] += 1
+    if count[0] == 5:  # killed while writing the 5th file: its temp file stays behind
+        (path.parent / f".{{path.stem}}.abcd_123.tmp.wav").write_bytes(b"RIFF")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_write(path, *args, **kwargs)
+mixing.write_audio = write_then_die
+main(["mix", {str(root)!r}, "-o", {str(out)!r}, "--num-mixtures", "3", "--seed", "1"])
+"""
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert len([p for p in left if not p.name.startswith(".")]) == 4 and Path("metadata.csv") not in left
+    assert main(["mix", str(root), "-o", str(out), "--num-mixtures", "2", "--seed", "5"]) == 1
+    assert "holds the files of a `mix` run that did not finish" in capsys.readouterr().err
+    assert main(["mix", str(root), "-o", str(out), "--num-mixtures", "2", "--seed", "5", "--overwrite"]) == 0
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert len(files) == 2 * 3 + 1 and not [p for p in files if p.name.startswith(".")], files
+    assert len(load_manifest(out)) == 2
+
+
+def test_audio_files_no_set_lists_are_never_mixed_with_a_new_set(tmp_path, capsys):
+    """Files in mix/ that no metadata.csv lists (a user's, or a killed run of an older version): the folder
+    loader would read them as mixtures of the new set. --overwrite removes only files of ours, so it refuses too;
+    a stale temp file of ours is removed."""
+    root = make_speaker_folder(tmp_path / "speakers", speakers=3, files=1)
+    out = tmp_path / "out"
+    stray = write_speech(out / "mix" / "mine.wav", seed=9, seconds=0.3)
+    (out / "s1").mkdir()
+    stale_temp = out / "s1" / ".0_x.k2j4_9ab.tmp.wav"
+    stale_temp.write_bytes(b"RIFF")
+    for extra in ([], ["--overwrite"]):
+        assert main(["mix", str(root), "-o", str(out), "--num-mixtures", "2", *extra]) == 1
+        assert "holds 1 audio file(s) that no metadata.csv lists and this set does not write (mix/mine.wav)" in (
+            capsys.readouterr().err)
+    assert stray.is_file() and not (out / "metadata.csv").exists()
+    stray.unlink()
+    assert main(["mix", str(root), "-o", str(out), "--num-mixtures", "2"]) == 0
+    assert not stale_temp.exists() and not (out / ".mix_unfinished.txt").exists()
+
+
+def test_mix_runs_without_torch(tmp_path):
+    """The README's torch-less deployment: mixing is NumPy only (mix imported torch through the metrics)."""
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n")
+    f1 = write_speech(tmp_path / "a.wav", seed=1, seconds=0.5)
+    f2 = write_speech(tmp_path / "b.wav", seed=2, seconds=0.5, f0=220.0)
+    script = (f"import sys\nfrom mossformer2.cli import main\n"
+              f"print(main(['mix', {str(f1)!r}, {str(f2)!r}, '-o', {str(tmp_path / 'pair')!r}]), "
+              "'torch' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert out.stdout.split()[-2:] == ["0", "False"], out.stderr
+    assert len(load_manifest(tmp_path / "pair")) == 1

@@ -75,6 +75,16 @@ def _quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def check_opset(opset: int) -> None:
+    """Raise ValueError unless ``opset`` is one the exporter writes and the installed onnx knows."""
+    onnx = import_optional("onnx", "ONNX export")
+    newest = onnx.defs.onnx_opset_version()
+    # Below 18 the exporter falls back to its own opset without a word; above onnx's newest it fails deep inside.
+    if not DEFAULT_OPSET <= int(opset) <= newest:
+        raise ValueError(f"ONNX opset {opset} is not available: the exporter with this onnx ({onnx.__version__}) "
+                         f"writes {DEFAULT_OPSET} to {newest}")
+
+
 def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = True, opset: int = DEFAULT_OPSET,
                 example: torch.Tensor | None = None) -> Path:
     """Export ``model`` to an ONNX file (written atomically) with its config in the metadata, and its
@@ -83,14 +93,14 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
     Args:
         dynamic_length: symbolic batch and time axes (any ``T >= model.min_input_length``); otherwise the graph
             is fixed to the shape of ``example``.
-        opset: ONNX opset version (18 or newer for the torch.export-based exporter).
+        opset: ONNX opset version (18 or newer for the torch.export-based exporter, up to the newest the installed
+            onnx knows; :func:`check_opset`).
         example: input ``[B, T]`` to trace with (default: :func:`example_input`, batch 1 for a fixed shape).
     Returns the path.
     """
     onnx = import_optional("onnx", "ONNX export")
     import_optional("onnxscript", "ONNX export")  # torch's exporter needs it; fail before tracing
-    if int(opset) < DEFAULT_OPSET:  # the exporter would fall back to its own opset without a word
-        raise ValueError(f"ONNX opset {opset} is not available: the exporter writes opset {DEFAULT_OPSET} or newer")
+    check_opset(opset)
     path = Path(path)
     with _eval_float32_cpu(model) as model:
         if example is None:  # batch 2 keeps the batch axis symbolic; a fixed shape takes one item at a time

@@ -56,7 +56,11 @@ def resolve_checkpoint(ref: str | Path, filename: str = HUB_FILENAME, cache_dir:
     if path.is_dir():
         return _checkpoint_in_folder(path)
     if is_hub_id(str(ref)):
-        return _download_from_hub(str(ref), filename, cache_dir)
+        try:
+            return _download_from_hub(str(ref), filename, cache_dir)
+        except FileNotFoundError as err:  # a mistyped local path looks like owner/name too: name both readings
+            raise FileNotFoundError(f"no file or folder {ref} here (if you meant a local checkpoint, check the "
+                                    f"path), and as a hub id: {err}") from None
     raise FileNotFoundError(f"checkpoint not found: {ref} (expected a .pt file, a folder holding one, or a "
                             f"hub id like {KNOWN_MODELS['mossformer2_ss_16k']})")
 
@@ -111,6 +115,11 @@ def _download_from_hub(repo_id: str, filename: str, cache_dir: str | Path | None
     try:
         return Path(hf_hub_download(repo_id, filename, cache_dir=cache, local_files_only=True))
     except Exception:
-        reason = "offline mode (HF_HUB_OFFLINE=1)" if online_error is None else f"download failed: {online_error}"
+        if online_error is None:
+            reason = "offline mode (HF_HUB_OFFLINE=1)"
+        else:  # huggingface_hub retries an unreachable hub for about 24 s before this
+            first_line = str(online_error).splitlines()[0] if str(online_error) else type(online_error).__name__
+            reason = (f"download failed: {first_line} (on a machine without internet, HF_HUB_OFFLINE=1 skips the "
+                      "network tries)")
         raise FileNotFoundError(f"{repo_id}/{filename} is not in the local Hugging Face cache "
                                 f"({cache or 'default cache'}) and {reason}; {how_to}") from None

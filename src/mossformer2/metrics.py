@@ -1,9 +1,10 @@
 """Separation quality metrics on numpy arrays, as published papers report them.
 
-- ``si_sdr``: scale-invariant SDR (the math of :mod:`mossformer2.losses`, computed in float64);
+- ``si_sdr``: scale-invariant SDR (the math of :mod:`mossformer2.losses`, computed in float64): the zero-mean
+  definition of the official recipe (estimate and reference have their means removed first);
 - ``sdr``: BSS-eval v3 SDR (512-tap distortion filter, as ``mir_eval.separation.bss_eval_sources``), computed
   with ``fast_bss_eval``;
-- ``pesq_wb``: PESQ (ITU-T P.862.2 wide band at 16 kHz; narrow band P.862 at 8 kHz);
+- ``pesq_wb``: PESQ (ITU-T P.862.2 wide band at 16 kHz; narrow band P.862 at 8 kHz; :func:`pesq_mode`);
 - ``stoi``: short-time objective intelligibility (pystoi).
 
 :func:`score_separation` aligns estimates to references with the SI-SDR permutation (PIT) and scores every
@@ -16,14 +17,12 @@ import warnings
 from collections.abc import Iterable
 
 import numpy as np
-import torch
-
-from mossformer2 import losses
 
 METRICS = ("si_sdr", "sdr", "pesq", "stoi")
 BSS_EVAL_FILTER_LENGTH = 512  # BSS-eval v3 default, as in mir_eval and the published wsj0-2mix SDR numbers
 # fast_bss_eval's SDR of a (near-)perfect estimate is +inf; beyond 100 dB only rounding speaks, so cap there.
 SDR_CLAMP_DB = 100.0
+PESQ_MODES = {"nb": "narrow band (ITU-T P.862)", "wb": "wide band (ITU-T P.862.2)"}
 PYSTOI_UNDEFINED = 1e-5  # what pystoi returns (with a warning) when too little speech is left to score
 
 
@@ -41,6 +40,10 @@ def _pair(est: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def si_sdr(est: np.ndarray, ref: np.ndarray) -> np.ndarray | float:
     """SI-SDR in dB of matching pairs. ``est``, ``ref``: ``[..., T]`` -> ``[...]`` (a float for ``[T]``)."""
+    import torch  # here, not at the top: mixing and metric parsing run without torch
+
+    from mossformer2 import losses
+
     est, ref = _pair(est, ref)
     value = losses.si_sdr(torch.from_numpy(est), torch.from_numpy(ref)).numpy()
     return float(value) if value.ndim == 0 else value
@@ -55,6 +58,7 @@ def sdr(est: np.ndarray, ref: np.ndarray, filter_length: int = BSS_EVAL_FILTER_L
     """
     # fast_bss_eval's numpy backend trips over NumPy 2's linalg.solve broadcasting rules; its torch backend
     # computes the same thing (in float64 here).
+    import torch
     from fast_bss_eval.torch import sdr_loss
 
     est, ref = _pair(est, ref)
@@ -74,6 +78,11 @@ def _per_row(fn, est: np.ndarray, ref: np.ndarray) -> np.ndarray | float:
     return np.asarray(flat, dtype=np.float64).reshape(est.shape[:-1])
 
 
+def pesq_mode(sample_rate: int) -> str:
+    """The PESQ mode :func:`pesq_wb` scores a signal at ``sample_rate`` in: "nb" at 8 kHz, else "wb"."""
+    return "nb" if sample_rate == 8000 else "wb"
+
+
 def pesq_wb(est: np.ndarray, ref: np.ndarray, sample_rate: int) -> np.ndarray | float:
     """PESQ MOS-LQO of matching pairs: wide band at 16 kHz, narrow band at 8 kHz (wide band needs 16 kHz).
 
@@ -81,12 +90,12 @@ def pesq_wb(est: np.ndarray, ref: np.ndarray, sample_rate: int) -> np.ndarray | 
     """
     from pesq import PesqError, pesq
 
+    mode = pesq_mode(sample_rate)
     if sample_rate not in (8000, 16000):
         from mossformer2.audio import resample
 
         est, ref = (resample(np.asarray(x, dtype=np.float32), sample_rate, 16000) for x in (est, ref))
         sample_rate = 16000
-    mode = "wb" if sample_rate == 16000 else "nb"
 
     def one(e: np.ndarray, r: np.ndarray) -> float:
         if not np.abs(r).max() > 0:
@@ -179,6 +188,10 @@ def score_separation(est: np.ndarray, ref: np.ndarray, mix: np.ndarray, sample_r
     silent = [k + 1 for k, r in enumerate(ref) if not np.abs(r - r.mean()).max() > 0]
     if silent:
         raise ValueError(f"reference {', '.join(map(str, silent))} is silent: no separation metric is defined")
+
+    import torch
+
+    from mossformer2 import losses
 
     pairwise = losses.pairwise_si_sdr(torch.from_numpy(est)[None], torch.from_numpy(ref)[None])
     perm = losses.best_permutation(pairwise)  # [1, S]

@@ -11,6 +11,7 @@ from mossformer2.cli import add_refinement_arguments, announce_builtin_model, de
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "pretrained" / "demo"
 DEMO_CLIPS = ("speaker_ro.flac", "speaker_es.flac")
+PAIRING = "speakerN.wav is the estimate of referenceN.wav (network output i is reference permutation[i])"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,8 +31,11 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
              device: str = "auto", **refinements: bool | None) -> dict:
     """Mix, separate, write ``mixture.wav``, ``speaker1.wav``, ``speaker2.wav``, ``reference1.wav``, ``reference2.wav``,
     ``spectrogram.png`` and ``scores.json`` into ``out_dir``; return the scores (see
-    ``mossformer2.metrics.score_separation``).
+    ``mossformer2.metrics.score_separation``). The estimates are written in reference order (``speakerN.wav``
+    is the estimate of ``referenceN.wav``); ``permutation[i]`` says which reference the network's output i is.
     ``refinements``: ``Separator`` switches (``polarity_ensemble=False``, ...; default: the model's)."""
+    import numpy as np
+
     from mossformer2.audio import read_audio, resample, to_mono, write_audio
     from mossformer2.evaluation.mixing import levels_for_sirs, mix_waves
     from mossformer2.metrics import score_separation
@@ -55,13 +59,15 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     est = separator.separate(mix, rate)  # [S, T]
     scores = score_separation(est, refs, mix, rate, metrics=("si_sdr",))
     scores["refinements"] = describe_refinements(separator)
+    scores["files"] = PAIRING
+    aligned = est[np.argsort(scores["permutation"])]  # aligned[k]: the output matched to reference k
 
     out = make_folder(out_dir, "output folder")
     write_audio(out / "mixture.wav", mix, rate)
-    write_sources([out / f"speaker{k + 1}.wav" for k in range(len(est))], est, rate)
+    write_sources([out / f"speaker{k + 1}.wav" for k in range(len(aligned))], aligned, rate)
     for k, ref in enumerate(refs):
         write_audio(out / f"reference{k + 1}.wav", ref, rate)
-    plot_separation(mix, est, rate, out / "spectrogram.png",
+    plot_separation(mix, aligned, rate, out / "spectrogram.png",
                     title=f"mossformer2 demo: SI-SDRi {scores['si_sdri']:.1f} dB")
     atomic_write_text(out / "scores.json", json.dumps({"sir_db": sir_db, **scores}, indent=2) + "\n")
     return scores
@@ -78,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     si = scores["per_speaker"]
     print(f"mixture of 2 speakers at {args.sir:+.1f} dB SIR -> {args.out_dir}/")
     for k in range(len(si["si_sdr"])):
-        print(f"  speaker {k + 1}: SI-SDR {si['si_sdr'][k]:6.2f} dB  (improvement {si['si_sdri'][k]:+.2f} dB)")
+        print(f"  speaker{k + 1}.wav vs reference{k + 1}.wav: SI-SDR {si['si_sdr'][k]:6.2f} dB  "
+              f"(improvement {si['si_sdri'][k]:+.2f} dB)")
     print(f"mean SI-SDRi: {scores['si_sdri']:.2f} dB (refinements: {scores['refinements']})")
     print("wrote mixture.wav, speaker1.wav, speaker2.wav, reference1.wav, reference2.wav, spectrogram.png, "
-          "scores.json")
+          "scores.json (speakerN.wav is the estimate of referenceN.wav)")
     return 0

@@ -21,7 +21,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "CSV, or a 'mix s1 s2' list / .scp), align the outputs to the references by PIT and score "
                     "them. Writes OUT/per_utterance.csv (one row per mixture, written as it goes; re-running "
                     "skips the mixtures already scored) and OUT/summary.json (mean, median, std, count per "
-                    "metric, failures with reasons), and prints a table. Exit code 1 if any mixture failed.")
+                    "metric, failures with reasons), and prints a table. Exit code 1 if any mixture failed. SI-SDR is "
+                    "the zero-mean definition of the official recipe (estimate and reference have their means "
+                    "removed); PESQ is narrow band (P.862) at 8 kHz, wide band (P.862.2) otherwise. A re-run "
+                    "with other settings or other weights (the checkpoint's SHA-256 is recorded) is refused.")
     parser.add_argument("--data", required=True, help="wsj0-2mix folder, LibriMix CSV, or list/scp file")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="checkpoint file or folder, hub id (OWNER/NAME), or exported .onnx")
@@ -44,10 +47,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mossformer2.data.manifests import load_manifest
-    from mossformer2.evaluation.evaluate import evaluate, format_table
+    from mossformer2.evaluation.evaluate import WEIGHTS_KEY, evaluate, file_sha256, format_table
+    from mossformer2.hub import resolve_checkpoint
     from mossformer2.metrics import parse_metrics
+    from mossformer2.pretrained import default_model_path
     from mossformer2.separation import Separator
-    from mossformer2.utils import check_folder_creatable
+    from mossformer2.utils import check_folder_creatable, dtype_name
 
     metrics = parse_metrics(args.metrics)  # fail on a typo before loading anything
     if not Path(args.data).exists():
@@ -55,14 +60,16 @@ def run(args: argparse.Namespace) -> int:
     load_manifest(args.data)  # and on a bad manifest (missing files, ...) before loading a large model
     check_folder_creatable(args.out, "output folder")  # and on a bad --out (evaluate() creates it)
     ref = model_ref(args)
-    model = load_chosen_model(ref, args.device)
+    # Resolved once (a hub id: its cached snapshot file), so that the weights hashed are the weights loaded.
+    weights = ref if ref is None or str(ref).lower().endswith(".onnx") else str(resolve_checkpoint(ref))
+    model = load_chosen_model(weights, args.device)
     separator = Separator(model, device=args.device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                           overlap_seconds=args.overlap_seconds, stitching=args.stitching,
                           normalize=args.normalize, **refinement_options(args))
     print(f"refinements: {describe_refinements(separator)}", file=sys.stderr)
     checkpoint = "built-in" if ref is None else str(Path(ref).resolve()) if Path(ref).exists() else str(ref)
-    info = {"checkpoint": checkpoint,
-            "device": str(separator.device), "dtype": args.dtype,
+    info = {"checkpoint": checkpoint, WEIGHTS_KEY: file_sha256(default_model_path() if weights is None else weights),
+            "device": str(separator.device), "dtype": dtype_name(separator.dtype),  # float16 may fall back
             "separator": {"chunk_seconds": args.chunk_seconds, "overlap_seconds": args.overlap_seconds,
                           "stitching": args.stitching, "normalize": args.normalize, **separator.refinements}}
     summary = evaluate(separator, args.data, args.out, metrics=metrics, score_rate=args.score_rate,

@@ -18,26 +18,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="checkpoint file or folder, or hub id (default: the model shipped with the package)")
     parser.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="export format")
     parser.add_argument("-o", "--output", required=True, help="output file (.onnx / .pt)")
-    parser.add_argument("--dynamic-length", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--dynamic-length", action=argparse.BooleanOptionalAction, default=None,
                         help="ONNX: symbolic batch and time axes, any input length (default); "
                              "--no-dynamic-length fixes the shape to --length-seconds at batch 1")
     parser.add_argument("--length-seconds", type=float, default=4.0,
                         help="length of the tracing example; the fixed input length with --no-dynamic-length")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default 18)")
-    parser.add_argument("--method", choices=["trace", "script"], default="trace",
+    parser.add_argument("--opset", type=int, default=None, help="ONNX: opset version (default 18)")
+    parser.add_argument("--method", choices=["trace", "script"], default=None,
                         help="TorchScript: trace (default) or script")
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="fail (exit 1) if the export differs from PyTorch by more than this (max abs)")
     return parser
 
 
+# Options that apply to one format only: given with the other, they would be ignored without a word.
+FORMAT_OPTIONS = {"onnx": {"dynamic_length": "--[no-]dynamic-length", "opset": "--opset"},
+                  "torchscript": {"method": "--method"}}
+
+
+def check_format_options(args: argparse.Namespace) -> None:
+    for fmt, options in FORMAT_OPTIONS.items():
+        given = [flag for name, flag in options.items() if getattr(args, name) is not None]
+        if given and args.format != fmt:
+            raise ValueError(f"{', '.join(given)} only applies to --format {fmt}, not --format {args.format}")
+
+
 def run(args: argparse.Namespace) -> int:
-    from mossformer2.export import DEFAULT_OPSET, example_input, export_onnx, export_torchscript, verify_export
+    from mossformer2.export import (
+        DEFAULT_OPSET,
+        check_opset,
+        example_input,
+        export_onnx,
+        export_torchscript,
+        verify_export,
+    )
     from mossformer2.models import MossFormer2
     from mossformer2.runtime import import_optional
     from mossformer2.separation.separator import load_separation_model
     from mossformer2.utils import atomic_path, make_folder
 
+    check_format_options(args)
     if not 0 < args.length_seconds < math.inf:
         raise ValueError(f"--length-seconds must be a positive number, got {args.length_seconds}")
     if str(args.checkpoint or "").lower().endswith(".onnx"):
@@ -55,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     make_folder(output.parent, "output folder")  # a bad -o fails before the checkpoint loads
     if args.format == "onnx":
         import_optional("onnxruntime", "checking the ONNX export")  # before the export, not after it
+        check_opset(args.opset or DEFAULT_OPSET)
     if args.checkpoint is None:
         print("no --checkpoint given: exporting the model shipped with the package")
     model = load_separation_model(args.checkpoint, device="cpu")
@@ -64,15 +85,13 @@ def run(args: argparse.Namespace) -> int:
     # Export to a temp file, check it, and only then move it onto the output: a bad export never lands.
     with atomic_path(output) as tmp:
         if args.format == "onnx":
-            batch = 2 if args.dynamic_length else 1  # batch 2 keeps the batch axis symbolic
+            dynamic = args.dynamic_length is not False
+            batch = 2 if dynamic else 1  # batch 2 keeps the batch axis symbolic
             example = example_input(model, seconds=args.length_seconds, batch_size=batch)
-            export_onnx(model, tmp, dynamic_length=args.dynamic_length, opset=args.opset or DEFAULT_OPSET,
-                        example=example)
+            export_onnx(model, tmp, dynamic_length=dynamic, opset=args.opset or DEFAULT_OPSET, example=example)
         else:
-            if args.opset is not None:
-                raise ValueError("--opset only applies to --format onnx")
             example = example_input(model, seconds=args.length_seconds, batch_size=1)
-            export_torchscript(model, tmp, method=args.method, example=example)
+            export_torchscript(model, tmp, method=args.method or "trace", example=example)
         error = verify_export(model, tmp, args.format)
         print(f"max abs difference to PyTorch: {error:.3g}")
         if not error <= args.tolerance:

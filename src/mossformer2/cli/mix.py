@@ -34,7 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--sample-rate", type=int, default=16000, help="output rate in Hz (default 16000)")
     parser.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], default="PCM_16",
                         help="sample format of the written wavs (default PCM_16, as wsj0-2mix)")
-    parser.add_argument("--overwrite", action="store_true", help="replace mixtures already in OUT_DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the set already in OUT_DIR (or the files a killed run left there); other "
+                             "audio files in its mix/ s1/ ... folders make the run refuse")
     return parser
 
 
@@ -62,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         specs = plan_from_speaker_folder(args.inputs[0], args.num_mixtures, args.num_spks,
                                          tuple(args.sir_range), args.seed)
     elif len(args.inputs) >= 2:
+        folders = [name for name in args.inputs if Path(name).is_dir()]
+        if folders:
+            raise ValueError(f"{folders[0]} is a folder: give two or more audio files, or one folder of speaker "
+                             "folders (ROOT/<speaker>/*.wav), not both")
         specs = plan_from_files(args.inputs, args.sir)
     else:
         raise ValueError("give two or more audio files, one folder of speaker folders (ROOT/<speaker>/*.wav), "

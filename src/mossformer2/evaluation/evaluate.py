@@ -3,26 +3,34 @@
 ``per_utterance.csv`` gets one row per mixture as soon as it is scored (appended and flushed to disk), so an
 interrupted run loses at most the mixture in progress. Re-running with the same output folder skips the
 mixtures already scored and retries the failed ones. Failed mixtures (unreadable files, mismatched lengths or
-sample rates, speaker-count mismatches, a silent reference, ...) are rows with ``status=failed`` and the reason;
-the summary counts them next to every mean, so nothing is dropped silently. A metric undefined on one mixture
-only (PESQ of a silent estimate, STOI of under ~0.4 s of speech) leaves that cell empty, with the reason in
-``error``; the row keeps ``status=ok`` and its other metrics, and the summary lists it under ``incomplete``
-(each column's mean states its own count).
+sample rates, speaker-count mismatches, a silent or multi-channel reference, ...) are rows with
+``status=failed`` and the reason; the summary counts them next to every mean, so nothing is dropped silently. A
+metric undefined on one mixture only (PESQ of a silent estimate, STOI of under ~0.4 s of speech) leaves that
+cell empty, with the reason in ``error``; the row keeps ``status=ok`` and its other metrics, and the summary
+lists it under ``incomplete`` (each column's mean states its own count). A multi-channel mixture is averaged to
+mono (said once in the log).
+
+A resumed run must use the same settings, the same weights included: ``info[WEIGHTS_KEY]`` (the SHA-256 of the
+checkpoint file, see :func:`file_sha256`) is compared like every other setting.
 
 CSV columns: ``id, duration_s``, each metric and its improvement over the mixture (``si_sdr, si_sdri, sdr,
 sdri, pesq, stoi`` as selected), ``permutation`` (space-separated: output i of the separator is reference
-speaker ``permutation[i]``, 0-based), ``status`` (ok | failed) and ``error``.
+speaker ``permutation[i]``, 0-based), ``status`` (ok | failed) and ``error``. SI-SDR is the zero-mean
+definition of the official recipe; ``summary.json`` names the PESQ mode (``pesq_mode``: narrow band P.862 at
+8 kHz, wide band P.862.2 otherwise).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +38,14 @@ from typing import Any
 import numpy as np
 
 from mossformer2.data.manifests import MixtureEntry, load_manifest
-from mossformer2.metrics import METRICS, check_metric_dependencies, parse_metrics, score_separation
+from mossformer2.metrics import (
+    METRICS,
+    PESQ_MODES,
+    check_metric_dependencies,
+    parse_metrics,
+    pesq_mode,
+    score_separation,
+)
 from mossformer2.utils import atomic_write_text, make_folder
 
 CSV_NAME = "per_utterance.csv"
@@ -38,6 +53,16 @@ SUMMARY_NAME = "summary.json"
 SETTINGS_NAME = "settings.json"
 IMPROVED = {"si_sdr": "si_sdri", "sdr": "sdri"}  # metrics that also get an improvement column
 RESUME_IGNORED = ("limit", "device")  # settings that may change between a run and its resumption
+WEIGHTS_KEY = "checkpoint_sha256"  # what identifies the weights: the same path may hold other weights later
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (a 670 MB checkpoint takes a few seconds)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def metric_columns(metrics: Sequence[str]) -> list[str]:
@@ -55,21 +80,33 @@ def csv_header(metrics: Sequence[str]) -> list[str]:
 
 
 def load_mixture(entry: MixtureEntry) -> tuple[np.ndarray, np.ndarray, int]:
-    """Read ``(mix [T], references [S, T], sample_rate)`` (mono), checking rates and lengths agree."""
-    from mossformer2.audio import read_audio, to_mono
+    """Read ``(mix [T], references [S, T], sample_rate)`` (mono), checking rates and lengths agree; a
+    multi-channel mixture is averaged to mono, a multi-channel reference refused."""
+    from mossformer2.audio import to_mono
+
+    mix, refs, rate = _read_entry(entry)
+    return to_mono(mix), refs, rate
+
+
+def _read_entry(entry: MixtureEntry) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(mix [C, T], mono references [S, T], sample_rate)``, checking channels, rates and lengths."""
+    from mossformer2.audio import read_audio
 
     mix, rate = read_audio(entry.mix)
     refs = []
     for k, path in enumerate(entry.sources):
         source, source_rate = read_audio(path)
+        if source.shape[0] > 1:  # e.g. both speakers in one file: averaging would score against half the mix
+            raise ValueError(f"source {k + 1} ({path.name}) has {source.shape[0]} channels: a reference must be "
+                             "one speaker in one channel (mono)")
         if source_rate != rate:
             raise ValueError(f"sample rates differ: mixture {rate} Hz, source {k + 1} ({path.name}) "
                              f"{source_rate} Hz")
         if source.shape[-1] != mix.shape[-1]:
             raise ValueError(f"lengths differ: mixture {mix.shape[-1]} samples, source {k + 1} ({path.name}) "
                              f"{source.shape[-1]} samples")
-        refs.append(to_mono(source))
-    return to_mono(mix), np.stack(refs), rate
+        refs.append(source[0])
+    return mix, np.stack(refs), rate
 
 
 def _read_previous_rows(csv_path: Path, header: list[str]) -> list[dict[str, str]]:
@@ -107,6 +144,8 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append(f"{name:<8} {s['mean']:>9.3f} {s['median']:>9.3f} {s['std']:>9.3f} {s['count']:>6d}")
         else:
             lines.append(f"{name:<8} {'-':>9} {'-':>9} {'-':>9} {0:>6d}")
+    if summary.get("pesq_mode"):
+        lines.append(f"pesq: {summary['pesq_mode']}")
     lines.append(f"scored {summary['num_scored']} of {summary['num_mixtures']} mixture(s); "
                  f"failed {summary['num_failed']}")
     lines += _first_ten("failed", summary["failed"])
@@ -133,7 +172,8 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
 
     ``separator``: anything with ``separate(wave [T], sample_rate) -> [S, T]`` and ``num_spks`` (a
     ``mossformer2.separation.Separator``). ``info``: extra provenance for ``summary.json`` (checkpoint, device,
-    separator settings). Writes ``per_utterance.csv``, ``settings.json`` and ``summary.json`` into ``out_dir``.
+    separator settings; ``WEIGHTS_KEY: file_sha256(checkpoint file)`` makes a resume check the weights too).
+    Writes ``per_utterance.csv``, ``settings.json`` and ``summary.json`` into ``out_dir``.
     """
     from tqdm import tqdm
 
@@ -162,12 +202,7 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
     previous: list[dict[str, str]] = []
     if csv_path.exists():
         if settings_path.exists():
-            old = json.loads(settings_path.read_text(encoding="utf-8"))
-            changed = sorted(k for k in set(old) | set(settings)
-                             if k not in RESUME_IGNORED and old.get(k) != settings.get(k))
-            if changed:
-                raise ValueError(f"{out_dir} holds results of a run with other settings ({', '.join(changed)}); "
-                                 "evaluate into a new --out folder or pass --overwrite to start again")
+            _check_same_settings(out_dir, json.loads(settings_path.read_text(encoding="utf-8")), settings)
         previous = _read_previous_rows(csv_path, header)
     atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
 
@@ -183,14 +218,21 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
 
     todo = [e for e in entries if e.id not in done]
     new_rows: list[dict[str, str]] = []
+    rates: dict[str, int] = {}  # id -> sample rate of the mixtures scored this run (for the PESQ mode)
+    downmixed = False
     audio_seconds = 0.0
     start = time.perf_counter()
     with csv_path.open("a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=header, lineterminator="\n")
         for entry in tqdm(todo, desc="evaluating", unit="mix", disable=not progress or not todo):
-            row = _evaluate_one(separator, entry, names, score_rate, header)
+            row, channels, rate = _evaluate_one(separator, entry, names, score_rate, header)
             if row["status"] == "ok":
                 audio_seconds += float(row["duration_s"])
+                rates[entry.id] = rate
+            if channels > 1 and not downmixed:
+                downmixed = True
+                warnings.warn(f"mixture {entry.id} has {channels} channels: multi-channel mixtures are averaged "
+                              "to mono before separation and scoring (said once)", stacklevel=2)
             writer.writerow(row)
             f.flush()
             os.fsync(f.fileno())
@@ -214,18 +256,54 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
         "real_time_factor_this_run": round(elapsed / audio_seconds, 4) if audio_seconds else None,
         "data": settings["data"],
         "checkpoint": settings.get("checkpoint"),
+        **({"pesq_mode": _describe_pesq_modes(entries, rows, rates, score_rate)} if "pesq" in names else {}),
         "settings": {k: v for k, v in settings.items() if k not in ("data", "checkpoint")},
     }
     atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def _check_same_settings(out_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse to resume results of other settings or other weights; a settings.json written before the weights
+    were recorded is accepted with a warning (its weights cannot be checked)."""
+    if WEIGHTS_KEY in new and WEIGHTS_KEY not in old:
+        warnings.warn(f"{out_dir / SETTINGS_NAME} does not record which weights scored the results in it (written "
+                      f"by an older version): they are kept as results of {new.get('checkpoint')}; pass "
+                      "--overwrite if that file may have changed since", stacklevel=3)
+        old = {**old, WEIGHTS_KEY: new[WEIGHTS_KEY]}
+    changed = sorted(k for k in set(old) | set(new) if k not in RESUME_IGNORED and old.get(k) != new.get(k))
+    if changed:
+        named = [f"{k}: other weights at the same checkpoint path" if k == WEIGHTS_KEY else k for k in changed]
+        raise ValueError(f"{out_dir} holds results of a run with other settings ({', '.join(named)}); "
+                         "evaluate into a new --out folder or pass --overwrite to start again")
+
+
+def _describe_pesq_modes(entries: Sequence[MixtureEntry], rows: Sequence[dict[str, str]], rates: dict[str, int],
+                         score_rate: int | None) -> str:
+    """The PESQ mode(s) of the scored mixtures, e.g. "wb: wide band (ITU-T P.862.2)"; the rates of mixtures
+    scored by an earlier run are read from their files."""
+    if score_rate is not None:
+        modes = {pesq_mode(score_rate)}
+    else:
+        from mossformer2.audio import read_audio
+
+        scored = {r["id"] for r in rows if r["status"] == "ok"}
+        modes = {pesq_mode(rates[e.id] if e.id in rates else read_audio(e.mix)[1])
+                 for e in entries if e.id in scored}
+    return "; ".join(f"{mode}: {PESQ_MODES[mode]}" for mode in sorted(modes))
+
+
 def _evaluate_one(separator: Any, entry: MixtureEntry, metrics: Sequence[str], score_rate: int | None,
-                  header: list[str]) -> dict[str, str]:
+                  header: list[str]) -> tuple[dict[str, str], int, int]:
+    """``(CSV row, channels of the mixture file, its sample rate)``; 0 channels and rate when unread."""
+    from mossformer2.audio import to_mono
+
     row = dict.fromkeys(header, "")
     row["id"] = entry.id
+    channels = rate = 0
     try:
-        mix, refs, rate = load_mixture(entry)
+        mix, refs, rate = _read_entry(entry)
+        channels, mix = mix.shape[0], to_mono(mix)
         row["duration_s"] = f"{mix.shape[-1] / rate:.3f}"
         estimates = np.asarray(separator.separate(mix, rate))
         if estimates.shape != refs.shape:
@@ -247,4 +325,4 @@ def _evaluate_one(separator: Any, entry: MixtureEntry, metrics: Sequence[str], s
         row["status"] = "failed"
         message = str(err).splitlines()[0] if str(err) else ""
         row["error"] = f"{type(err).__name__}: {message}" if message else type(err).__name__
-    return row
+    return row, channels, rate

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,11 @@ from mossformer2.audio import (
 from mossformer2.data.manifests import load_manifest
 
 PEAK_LIMIT = 0.9  # wsj0-2mix multiplies everything by 0.9 / peak (create_wav_2speakers.m: 1 / max_amp * 0.9)
+METADATA_NAME = "metadata.csv"
+# The files a run will write, listed before it writes any and removed once metadata.csv is written: a killed run
+# leaves it behind, so that the next run notices its files and --overwrite can remove them.
+UNFINISHED_NAME = ".mix_unfinished.txt"
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp\.[A-Za-z0-9]+$")  # the temp files of utils.atomic_paths
 
 
 @dataclass
@@ -184,6 +190,11 @@ def plan_from_speaker_folder(root: str | Path, num_mixtures: int, num_spks: int 
         raise ValueError(f"num_spks must be >= 2, got {num_spks}")
     low, high = sorted(float(v) for v in sir_range)
     table = speaker_files(root)
+    root = Path(root)
+    if len(table) < num_spks and any(p.is_file() and not p.name.startswith(".")
+                                     and p.suffix.lower() in AUDIO_SUFFIXES for p in root.iterdir()):
+        raise ValueError(f"{root} holds audio files itself, so it looks like one speaker's folder; pass the "
+                         f"folder that holds one folder per speaker (ROOT/<speaker>/*.wav), e.g. {root.parent}")
     if len(table) < num_spks:
         raise ValueError(f"{root} has {len(table)} speaker folder(s) with audio files; {num_spks} different "
                          "speakers per mixture need at least that many (<root>/<speaker>/*.wav)")
@@ -244,22 +255,57 @@ def _load_mono(path: Path, sample_rate: int) -> np.ndarray:
     return resample(to_mono(wave), rate, sample_rate)
 
 
-def _remove_previous_set(out_dir: Path, metadata_path: Path) -> None:
-    """Delete the audio files that an earlier ``metadata.csv`` in ``out_dir`` lists (only those inside
-    ``out_dir``), then the metadata itself."""
-    if not metadata_path.is_file():
-        return
-    try:
-        entries = load_manifest(metadata_path, check_files=False)
-    except ValueError:  # not a metadata file this function wrote: leave the files it may name alone
-        entries = []
+def _our_audio(out_dir: Path, paths: Sequence[Path]) -> set[Path]:
+    """The resolved ``paths`` that are audio files inside ``out_dir`` (files this module may have written)."""
     root = out_dir.resolve()
-    for entry in entries:
-        for path in (entry.mix, *entry.sources):
-            path = path.resolve()
-            if path.is_relative_to(root) and path.suffix.lower() in AUDIO_SUFFIXES:
+    resolved = (p.resolve() for p in paths)
+    return {p for p in resolved if p.is_relative_to(root) and p.suffix.lower() in AUDIO_SUFFIXES}
+
+
+def _previous_sets(out_dir: Path) -> set[Path]:
+    """The audio files that an earlier ``metadata.csv`` and an unfinished run's list in ``out_dir`` name."""
+    listed: list[Path] = []
+    metadata_path = out_dir / METADATA_NAME
+    if metadata_path.is_file():
+        try:
+            entries = load_manifest(metadata_path, check_files=False)
+        except ValueError:  # not a metadata file this module wrote: leave the files it may name alone
+            entries = []
+        listed += [path for entry in entries for path in (entry.mix, *entry.sources)]
+    unfinished = out_dir / UNFINISHED_NAME
+    if unfinished.is_file():
+        listed += [out_dir / line for line in unfinished.read_text(encoding="utf-8").splitlines() if line]
+    return _our_audio(out_dir, listed)
+
+
+def _prepare_out_dir(out_dir: Path, new_files: Sequence[Path], overwrite: bool) -> None:
+    """Refuse to write beside an earlier set (unless ``overwrite``, which removes it) or beside audio files that
+    no set of ours lists; remove temp files that a killed run left."""
+    metadata_path, unfinished = out_dir / METADATA_NAME, out_dir / UNFINISHED_NAME
+    if metadata_path.exists() and not overwrite:
+        raise ValueError(f"{out_dir} already holds mixtures ({METADATA_NAME}); pass --overwrite to replace them")
+    if unfinished.exists() and not overwrite:
+        raise ValueError(f"{out_dir} holds the files of a `mix` run that did not finish (listed in "
+                         f"{UNFINISHED_NAME}); pass --overwrite to remove them and write this set")
+    previous = _previous_sets(out_dir) if overwrite else set()
+    kept = previous | _our_audio(out_dir, new_files)
+    folders = [f for f in (out_dir / "mix", *sorted(out_dir.glob("s[0-9]*"))) if f.is_dir()]
+    # The folder loader reads every audio file in mix/: one no set of ours lists would be scored with this set.
+    foreign = [p for f in folders for p in find_audio_files(f) if p.resolve() not in kept]
+    if foreign:
+        shown = ", ".join(str(p.relative_to(out_dir)) for p in foreign[:3])
+        raise ValueError(f"{out_dir} already holds {len(foreign)} audio file(s) that no {METADATA_NAME} lists and "
+                         f"this set does not write ({shown}{', ...' if len(foreign) > 3 else ''}): "
+                         f"`evaluate --data {out_dir}` would score them with this set; move them away or choose "
+                         "another --out-dir")
+    for path in previous:
+        path.unlink(missing_ok=True)
+    metadata_path.unlink(missing_ok=True)
+    unfinished.unlink(missing_ok=True)
+    for folder in (out_dir, *folders):  # the metadata's and the audio files' temp files
+        for path in folder.iterdir():
+            if _TEMP_NAME.match(path.name) and path.is_file():
                 path.unlink(missing_ok=True)
-    metadata_path.unlink()
 
 
 def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_rate: int = 16000,
@@ -268,17 +314,17 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
     """Render ``specs`` into ``out_dir`` (wsj0-2mix layout) and write ``metadata.csv``; returns its path.
 
     Every file is written atomically; ``metadata.csv`` comes last, so its presence marks a complete set. A run
-    that fails part-way removes the files it wrote; ``overwrite`` first removes the set that an existing
-    ``metadata.csv`` lists (so no stale mixture is left in ``mix/`` for the folder loader to pick up).
+    that fails part-way removes the files it wrote; a killed one leaves them listed in ``.mix_unfinished.txt``.
+    ``overwrite`` first removes the set that an existing ``metadata.csv`` or ``.mix_unfinished.txt`` lists (so no
+    stale mixture is left in ``mix/`` for the folder loader to pick up); audio files that neither lists and this
+    set does not write make the run refuse.
     """
     from tqdm import tqdm
 
     from mossformer2.utils import atomic_write_text, make_folder
 
     out_dir = make_folder(out_dir, "output folder")
-    metadata_path = out_dir / "metadata.csv"
-    if metadata_path.exists() and not overwrite:
-        raise ValueError(f"{out_dir} already holds mixtures (metadata.csv); pass --overwrite to replace them")
+    metadata_path = out_dir / METADATA_NAME
     if not specs:
         raise ValueError("nothing to mix")
     ids = [s.id for s in specs]
@@ -290,9 +336,10 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
     header = (["mixture_ID", "mixture_path"] + [f"source_{k + 1}_path" for k in range(num_spks)] + ["length"]
               + [f"source_{k + 1}_{what}" for k in range(num_spks) for what in ("file", "offset", "gain",
                                                                                   "level_db")] + ["sir_db"])
-    if overwrite:
-        # The folder loader reads every file in mix/: the previous set's files must not outlive it.
-        _remove_previous_set(out_dir, metadata_path)
+    planned = [f"{folder}/{spec.id}.wav" for spec in specs
+               for folder in ("mix", *(f"s{k + 1}" for k in range(num_spks)))]
+    _prepare_out_dir(out_dir, [out_dir / name for name in planned], overwrite)
+    atomic_write_text(out_dir / UNFINISHED_NAME, "".join(f"{name}\n" for name in planned))
     rows = []
     written: list[Path] = []
     try:
@@ -318,10 +365,12 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
     except BaseException:  # a bad input file, Ctrl-C: leave no incomplete set that the folder loader would read
         for path in written:
             path.unlink(missing_ok=True)
+        (out_dir / UNFINISHED_NAME).unlink(missing_ok=True)
         raise
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_text(metadata_path, buffer.getvalue())
+    (out_dir / UNFINISHED_NAME).unlink()
     return metadata_path
