@@ -67,3 +67,18 @@ def tiny_config() -> MossFormer2Config:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def torch_blocked_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a subprocess in which ``import torch`` fails as if torch were not installed (the README's
+    ONNX-only deployment): a ``sitecustomize`` on PYTHONPATH puts a finder in front that refuses torch."""
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
 from mossformer2.cli import SUBCOMMANDS, build_parser, main
+
+from .conftest import torch_blocked_env
 
 
 def test_every_subcommand_is_registered():
@@ -153,15 +154,6 @@ def test_a_closed_pipe_ends_quietly_and_a_missing_package_is_one_line(monkeypatc
 
 def test_commands_that_need_torch_say_so_in_one_line_without_it(tmp_path):
     """An ONNX-only install (README, "Export and deployment"): torch made unimportable as if not installed."""
-    blocker = tmp_path / "no_torch"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'torch':\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, NoTorch())\n")
     wav = tmp_path / "x.wav"
     wav.write_bytes(b"")  # never read: the model comes first
     commands = [["separate", str(wav), "-o", str(tmp_path / "o")],
@@ -169,7 +161,7 @@ def test_commands_that_need_torch_say_so_in_one_line_without_it(tmp_path):
                 ["info"], ["demo", "-o", str(tmp_path / "d")], ["export", "--format", "onnx", "-o", "m.onnx"]]
     script = (f"import sys\nfrom mossformer2.cli import main\ncodes = [main(a) for a in {commands!r}]\n"
               "print(codes, 'torch' in sys.modules)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
+    env = torch_blocked_env(tmp_path)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
                          cwd=tmp_path)
     assert out.stdout.split() == ["[1,", "1,", "1,", "1,", "1]", "False"], out.stderr

@@ -55,6 +55,9 @@ def test_folder_names_files_missing_in_a_source_folder(tmp_path):
     (tmp_path / "s2" / "b.wav").unlink()
     with pytest.raises(FileNotFoundError, match=r"s2.*b\.wav"):
         load_manifest(tmp_path)
+    (tmp_path / "s1" / "a.wav").unlink()  # every folder's gaps in one message, not one run per folder
+    with pytest.raises(FileNotFoundError, match=r"in .*s1: a\.wav; 1 mixture\(s\) .* in .*s2: b\.wav"):
+        load_manifest(tmp_path)
 
 
 def test_folder_without_mix_or_sources_is_rejected(tmp_path):

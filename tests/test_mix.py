@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from mossformer2.cli import main
 from mossformer2.data.manifests import load_manifest
 from mossformer2.evaluation.mixing import active_level, levels_for_sirs, mix_waves
 from tests.test_metrics import speech_like
+
+from .conftest import torch_blocked_env
 
 SR = 16000
 
@@ -303,21 +304,12 @@ def test_audio_files_no_set_lists_are_never_mixed_with_a_new_set(tmp_path, capsy
 
 def test_mix_runs_without_torch(tmp_path):
     """The README's torch-less deployment: mixing is NumPy only (mix imported torch through the metrics)."""
-    blocker = tmp_path / "no_torch"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'torch':\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, NoTorch())\n")
     f1 = write_speech(tmp_path / "a.wav", seed=1, seconds=0.5)
     f2 = write_speech(tmp_path / "b.wav", seed=2, seconds=0.5, f0=220.0)
     script = (f"import sys\nfrom mossformer2.cli import main\n"
               f"print(main(['mix', {str(f1)!r}, {str(f2)!r}, '-o', {str(tmp_path / 'pair')!r}]), "
               "'torch' in sys.modules)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
+    env = torch_blocked_env(tmp_path)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
     assert out.stdout.split()[-2:] == ["0", "False"], out.stderr
     assert len(load_manifest(tmp_path / "pair")) == 1

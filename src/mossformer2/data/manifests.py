@@ -95,12 +95,14 @@ def _load_folder(root: Path, num_spks: int | None) -> list[MixtureEntry]:
     mixes = _audio_files(mix_dir)
     if not mixes:
         raise ValueError(f"no audio files found under {mix_dir}")
+    problems = []  # every source folder at once: one run shows all that is missing
     for d in source_dirs:
         missing = [rel for rel in mixes if not (d / rel).is_file()]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise FileNotFoundError(f"{len(missing)} mixture(s) in {mix_dir} have no matching file in {d}: "
-                                    f"{shown}")
+            problems.append(f"{len(missing)} mixture(s) in {mix_dir} have no matching file in {d}: {shown}")
+    if problems:
+        raise FileNotFoundError("; ".join(problems))
     return [MixtureEntry(id=str(Path(rel).with_suffix("").as_posix()), mix=mix,
                          sources=[d / rel for d in source_dirs])
             for rel, mix in mixes.items()]
