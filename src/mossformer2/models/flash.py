@@ -81,18 +81,28 @@ class FLASHLayer(nn.Module):
         # (on a strided head view the per-frame linear-attention matmul ran ~8x slower on CPU).
         heads = F.pad(qk, (0, 0, 0, 0, 0, padding)).permute(2, 0, 1, 3).contiguous()
 
-        # Global linear attention over the unpadded sequence (padding frames would add zeros anyway). The keys are
-        # divided by the frame count *before* the sum over frames (the reference divides after it): the same mean,
-        # but a float16 sum no longer passes 65504 (inf) on a long input (~40 s in one pass).
+        # Global linear attention over the unpadded sequence (padding frames would add zeros anyway): the mean over
+        # frames of k v^T. In float16 the sum over frames passes 65504 (inf) on a long input (~40 s in one pass),
+        # and dividing the keys first would push most of them below float16's normal range (6e-5): both factors
+        # are scaled by 1/sqrt(frames) instead, so the sum stays the size of the mean. Other dtypes sum as the
+        # reference does, then divide.
         lin_k = heads[3, :, :n].transpose(1, 2)  # [B, dk, F]
         if mask is None:
-            lin_kvu = torch.matmul(lin_k / n, vu)  # [B, dk, 2dv]
+            if vu.dtype == torch.float16:
+                lin_kvu = torch.matmul(lin_k * n ** -0.5, vu * n ** -0.5)  # [B, dk, 2dv]
+            else:
+                lin_kvu = torch.matmul(lin_k, vu) / n
         else:
             vu = vu * mask
             # Frames counted in float32: a bfloat16 mask (a model cast with .bfloat16()) counts 10,001 as 9,984,
             # and float16 cannot hold a count past 65504.
             frames = mask.sum(dim=1, keepdim=True, dtype=torch.float32)  # [B, 1, 1]
-            lin_kvu = torch.matmul((lin_k / frames).to(vu.dtype), vu)
+            if vu.dtype == torch.float16:
+                scale = frames.rsqrt().to(vu.dtype)
+                lin_kvu = torch.matmul(lin_k * scale, vu * scale)
+            else:
+                lin_kvu = torch.matmul(lin_k, vu)
+                lin_kvu = (lin_kvu / frames).to(lin_kvu.dtype)
 
         quad_q = heads[0].reshape(B * groups, g, -1)
         quad_k = heads[2].reshape(B * groups, g, -1)
