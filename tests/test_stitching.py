@@ -301,18 +301,26 @@ def test_clearvoice_pass_length_and_count_are_what_clearvoice_separate_runs(tota
 
 
 def _turn_taking(seconds: float = 12.0, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """``(sources [2, T], active [2, T] bool)``: A talks in 0-4.5 s and 7.5-12 s, B in 2.5-9.5 s, so only B
-    talks in 4.5-7.5 s."""
-    sources = speech_like_sources(2, seconds, seed=seed)
-    t = np.arange(sources.shape[-1]) / SR
+    """``(sources [2, T], active [2, T] bool)`` of two clearly different voices (A dark, B bright noise with
+    syllable-rate envelopes): A talks in 0-4.5 s and 7.5-12 s, B in 2.5-9.5 s, so only B talks in 4.5-7.5 s."""
+    rng = np.random.default_rng(seed)
+    T = int(seconds * SR)
+    t = np.arange(T) / SR
+    dark = np.convolve(rng.standard_normal(T), np.hanning(48), mode="same")
+    bright = np.diff(rng.standard_normal(T + 1))
+    voices = []
+    for k, x in enumerate((dark, bright)):
+        envelope = np.clip(np.sin(2 * np.pi * (3 + 1.3 * k) * t + rng.uniform(0, 6)), 0, None) ** 2
+        y = x / x.std() * (0.05 + envelope)
+        voices.append(0.1 * y / y.std())
     active = np.stack([(t < 4.5) | (t >= 7.5), (t >= 2.5) & (t < 9.5)])
-    return sources * active, active
+    return np.stack(voices).astype(np.float32) * active, active
 
 
 def _duplicating_model_output(sources: np.ndarray, active: np.ndarray, start: int, end: int, order: list[int],
                               rng: np.random.Generator) -> np.ndarray:
-    """What a real model does where one voice talks alone: it puts that voice into every output (each a
-    slightly different copy), so an overlap holding one voice cannot tell the outputs apart."""
+    """What a real model does where one voice talks alone: it puts that voice into every output, so an overlap
+    holding one voice cannot tell the outputs apart."""
     seg, alone = sources[:, start:end], active[:, start:end].sum(0) == 1
     lone_voice = seg.sum(0)
     out = np.empty_like(seg)
@@ -324,24 +332,23 @@ def _duplicating_model_output(sources: np.ndarray, active: np.ndarray, start: in
 
 def test_an_overlap_where_one_voice_talks_alone_is_decided_by_the_voices():
     """A turn-taking recording: the overlap at 5.0-6.5 s holds B only, which the model puts into both outputs.
-    The overlap then cannot tell the order (before: a coin flip that swapped A and B for the rest of the file);
-    the voices heard so far can."""
+    That overlap leans (by chance, here made to) towards the wrong order, which swapped A and B for the rest of
+    the file; the voices heard so far are clear and decide instead."""
     from mossformer2.separation.stitching import DECISIVE_MARGIN_DB, match_sources_with_margin
 
     sources, active = _turn_taking()
     rng = np.random.default_rng(0)
-    chunk, overlap = 4 * SR, int(1.5 * SR)
-    plan = plan_chunks(sources.shape[-1], chunk, overlap)
+    plan = plan_chunks(sources.shape[-1], 4 * SR, int(1.5 * SR))
     assert (5 * SR, 9 * SR) in plan
     stitcher = AlignedStitcher(2, sources.shape[-1], sample_rate=SR)
     for index, (start, end) in enumerate(plan):
-        order = [1, 0] if index % 2 else [0, 1]
-        out = _duplicating_model_output(sources, active, start, end, order, rng)
-        if start == 5 * SR:  # the ambiguous overlap: the overlap alone would choose the wrong order here
-            written = stitcher.output[:, start:start + (plan[index - 1][1] - start)]
-            by_overlap, _, margin = match_sources_with_margin(out[:, :written.shape[-1]], written)
-            assert margin < DECISIVE_MARGIN_DB
-            assert list(by_overlap) != [1, 0]  # chunk row 1 holds A, which stream 0 has held so far
+        out = _duplicating_model_output(sources, active, start, end, [1, 0] if index % 2 else [0, 1], rng)
+        if start == 5 * SR:  # the undecided overlap, leaning to the wrong order (the truth is [0, 1] here)
+            written = stitcher.output[:, start:plan[index - 1][1]]
+            lean = written.shape[-1]
+            out[:, :lean] = np.stack([0.51 * written[1] + 0.49 * written[0], 0.51 * written[0] + 0.49 * written[1]])
+            by_overlap, _, margin = match_sources_with_margin(out[:, :lean], written)
+            assert margin < DECISIVE_MARGIN_DB and list(by_overlap) == [1, 0]
         stitcher.add(start, out)
     both = active.all(0)  # where both talk the outputs are exact: each must hold one speaker throughout
     first, later = both & (np.arange(both.size) < 5 * SR), both & (np.arange(both.size) >= 5 * SR)
@@ -395,3 +402,20 @@ def test_matching_whole_long_signals_sums_in_blocks():
         tracemalloc.stop()
     assert list(order) == [1, 0]
     assert peak < 0.75 * long_est.nbytes  # float64 blocks of 256 k samples and their products: ~16 MB
+
+
+def test_pauses_and_room_noise_stay_out_of_the_voice_profiles():
+    """A chunk of room noise only (one output happening to be louder) must not add noise spectra to a voice
+    profile: frames count only within 45 dB of the loudest frame seen so far (and above -80 dBFS)."""
+    from mossformer2.separation.stitching import VoiceProfiles
+
+    profiles = VoiceProfiles(2)
+    profiles.add(speech_like_sources(2, 4.0, seed=2) * np.array([[1.0], [0.05]], np.float32))  # speaker 0 dominates
+    counts = profiles.counts.copy()
+    assert counts[0] >= VoiceProfiles.MIN_FRAMES
+    noise = 3e-4 * np.random.default_rng(0).standard_normal(4 * SR).astype(np.float32)  # about -70 dBFS
+    profiles.add(np.stack([noise, 0.3 * noise]))
+    np.testing.assert_array_equal(profiles.counts, counts)
+    fresh = VoiceProfiles(2)  # nothing louder seen yet: the absolute floor still keeps near-silence out
+    fresh.add(np.stack([1e-5 * noise / 3e-4, 3e-6 * noise / 3e-4]))
+    assert fresh.counts.sum() == 0
