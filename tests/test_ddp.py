@@ -73,10 +73,48 @@ def _signalled_worker(rank: int, world_size: int, port: int, corpus, exp_dir: st
         cleanup_distributed()
 
 
+def _validation_signalled_worker(rank: int, world_size: int, port: int, corpus, exp_dir: str,
+                                 overrides: list[str]) -> None:
+    """Rank 1 alone gets SIGTERM while it scores its first validation batch (unless this run resumes). The ranks'
+    validation shards differ (3 and 2 batches), and validation looks for the signal before every batch."""
+    from mossformer2.training import trainer as trainer_module
+    from mossformer2.training.experiment import TrainingInterrupted
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    resuming = os.path.exists(os.path.join(exp_dir, "last.pt"))
+    info = init_distributed("cpu")
+    trainer_module.VALID_STOP_CHECK_EVERY = 1
+    original_si_sdr, calls = trainer_module.si_sdr, [0]
+
+    def signalled_si_sdr(*args, **kwargs):  # called once per validation batch
+        calls[0] += 1
+        if rank == 1 and calls[0] == 1 and not resuming:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_si_sdr(*args, **kwargs)
+
+    trainer_module.si_sdr = signalled_si_sdr
+    try:
+        cfg = make_config(corpus, "model.dropout=0.0", "optim.accum_steps=1", "trainer.max_epochs=1",
+                          "trainer.checkpoint_every_steps=null", "data.valid_batch_size=1",
+                          "data.dynamic_mixing.valid_examples=5", *overrides)
+        trainer = Trainer(cfg, exp_dir, dist_info=info)
+        try:
+            trainer.fit()
+            signum = None
+        except TrainingInterrupted as stop:
+            signum = stop.signum
+        torch.save({"signum": signum, "step": trainer.state.step, "history": trainer.state.history},
+                   os.path.join(exp_dir, f"result_{rank}.pt"))
+    finally:
+        cleanup_distributed()
+
+
 def _train_two_ranks(corpus, exp_dir, *overrides: str, timeout: float = 60.0, worker=_worker) -> list[dict]:
     """Train with 2 gloo ranks and return each rank's results; a hang (ranks waiting in different collectives)
     fails the test after ``timeout`` seconds instead of waiting for gloo's 30-minute timeout."""
-    exp_dir.mkdir()
+    exp_dir.mkdir(exist_ok=True)  # (an existing one: resumed)
     context = mp.spawn(worker, args=(2, _free_port(), corpus, str(exp_dir), list(overrides)), nprocs=2, join=False)
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1.0):
@@ -147,3 +185,17 @@ def test_a_signal_that_reaches_one_rank_stops_all_ranks_at_the_same_step(corpus,
     last = torch.load(tmp_path / "exp" / "last.pt", map_location="cpu", weights_only=True)
     assert last["step"] == 2 and len(last["rng_states"]) == 2 and last["trainer_state"]["world_size"] == 2
     assert "interrupted by SIGTERM at step 2" in (tmp_path / "exp" / "train.log").read_text()
+
+
+def test_a_signal_during_validation_stops_every_rank_and_the_resumed_run_validates_in_full(corpus, tmp_path):
+    """Validation looked at the stop flag only after it ended (minutes on a full cv set)."""
+    exp = tmp_path / "exp"
+    stopped = _train_two_ranks(corpus, exp, "data.batch_size=2", worker=_validation_signalled_worker)
+    assert [r["signum"] for r in stopped] == [signal.SIGTERM] * 2
+    assert [(r["step"], r["history"]) for r in stopped] == [(4, [])] * 2  # stopped in validation, before its end
+    last = torch.load(exp / "last.pt", map_location="cpu", weights_only=True)
+    assert (last["step"], last["epoch"], last["trainer_state"]["batches_done"]) == (4, 0, 4)  # not validated
+    # Resumed: the unequal shards are validated in full (the signal checks stop at the smaller one: no hang).
+    resumed = _train_two_ranks(corpus, exp, "data.batch_size=2", worker=_validation_signalled_worker)
+    assert [r["signum"] for r in resumed] == [None] * 2
+    assert resumed[0]["history"] == resumed[1]["history"] and len(resumed[0]["history"]) == 1

@@ -301,3 +301,33 @@ def test_summary_names_the_pesq_mode(dataset, tmp_path):
     assert evaluate(sep, dataset, tmp_path / "wb", metrics="pesq", limit=1, progress=False)["pesq_mode"] == (
         "wb: wide band (ITU-T P.862.2)")
     assert json.loads((tmp_path / "nb" / "summary.json").read_text())["pesq_mode"].startswith("nb")
+
+
+def test_a_resumed_pesq_summary_reads_only_the_headers_of_earlier_mixtures(dataset, tmp_path, monkeypatch):
+    """The PESQ mode of mixtures scored by an earlier run was found by decoding each one in full after the
+    scoring; one that had become unreadable since then lost the summary."""
+    import dataclasses
+    import shutil
+
+    import mossformer2.audio
+
+    entries = load_manifest(dataset)[:2]
+    copies = []
+    for e in entries:
+        shutil.copy(e.mix, tmp_path / e.mix.name)
+        copies.append(dataclasses.replace(e, mix=tmp_path / e.mix.name))
+    sep = Separator(OracleModel(dataset), device="cpu")
+    evaluate(sep, copies, tmp_path / "out", metrics="pesq", progress=False)
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} was decoded")
+
+    monkeypatch.setattr(mossformer2.audio, "read_audio", no_decoding)
+    assert evaluate(sep, copies, tmp_path / "out", metrics="pesq", progress=False)["pesq_mode"] == (
+        "wb: wide band (ITU-T P.862.2)")
+    monkeypatch.undo()
+    (tmp_path / entries[0].mix.name).write_bytes(b"")  # unreadable since it was scored
+    summary = evaluate(sep, copies, tmp_path / "out", metrics="pesq", progress=False)
+    assert summary["num_scored"] == 2 and (tmp_path / "out" / "summary.json").is_file()
+    assert summary["pesq_mode"] == ("unknown: the mixture file, scored by an earlier run, can no longer be read; "
+                                    "wb: wide band (ITU-T P.862.2)")

@@ -3,6 +3,7 @@ bf16 autocast, activation checkpointing, init_from and checkpoint contents. Tiny
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -833,6 +834,7 @@ def test_mid_epoch_resume_with_another_layout_continues_after_the_examples_used(
         assert resumed_batches("optim.accum_steps=2") == 2  # whole optimizer steps
         caplog.clear()
         assert resumed_batches(world_size=None, batch_size=None) == 3  # an older checkpoint: as before
+        assert resumed_batches(world_size=4, batches_done=0) == 0  # at an epoch boundary: nothing to convert
         assert "not exact" not in caplog.text
 
 
@@ -899,3 +901,146 @@ def test_a_failed_start_leaves_no_log_or_event_file_and_checks_init_from_first(c
     with pytest.raises(FileNotFoundError, match="^trainer.init_from .*none.pt: checkpoint not found"):
         Trainer(make_config(corpus, f"trainer.init_from={tmp_path / 'none.pt'}"), tmp_path / "ft")
     assert not (tmp_path / "ft").exists()
+
+
+def test_cli_on_a_folder_in_use_leaves_its_synthetic_corpus_alone(tmp_path):
+    """A second `train` with other data.synthetic_* settings or seed once rebuilt the running run's corpus
+    before the lock stopped it."""
+    from mossformer2.cli import main
+    from mossformer2.training.config import load_train_config, save_train_config
+    from mossformer2.training.experiment import ExperimentLock
+
+    cfg = train_config_from_dict({"model": TINY_MODEL, "data": {
+        "sample_rate": 8000, "synthetic": True, "synthetic_speakers": 4, "synthetic_utterances": 1,
+        "synthetic_seconds": 0.3, "segment_seconds": 0.2, "num_workers": 0, "dynamic_mixing": {
+            "examples_per_epoch": 2, "valid_examples": 2, "valid_max_seconds": 0.25}},
+        "trainer": {"device": "cpu", "max_steps": 1, "progress_bar": False, "tensorboard": False}})
+    save_train_config(cfg, tmp_path / "c.yaml")
+    exp = tmp_path / "exp"
+    running = ExperimentLock(exp)  # run A, training in exp/ on the corpus it made
+    prepare_synthetic_data(cfg, exp / "synthetic", progress=False)
+    corpus_files = {p: p.read_bytes() for p in (exp / "synthetic").rglob("*") if p.is_file()}
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--exp-dir", str(exp), "trainer.seed=5"]) == 1
+    assert {p: p.read_bytes() for p in (exp / "synthetic").rglob("*") if p.is_file()} == corpus_files
+    running.release()
+    # Once the folder is free, the run makes its corpus there; config.yaml names it from anywhere.
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--exp-dir", str(exp), "trainer.seed=5"]) == 0
+    assert '"seed": 5' in (exp / "synthetic" / "complete.txt").read_text()
+    written = load_train_config(exp / "config.yaml")
+    assert written.data.dynamic_mixing.train_utterances == str((exp / "synthetic" / "train").absolute())
+    assert not written.data.synthetic
+
+
+def _signal_in_validation(monkeypatch, signum: int) -> None:
+    """Send ``signum`` to this process while the first validation batch is scored."""
+    import os
+
+    from mossformer2.training import trainer as trainer_module
+
+    original, calls = trainer_module.si_sdr, {"n": 0}
+
+    def signalled_si_sdr(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "si_sdr", signalled_si_sdr)
+
+
+@pytest.mark.parametrize("when", ["last step", "validation"])
+def test_a_signal_at_the_end_of_an_epoch_stops_before_validating_and_the_resume_validates_first(
+        corpus, tmp_path, monkeypatch, when):
+    """A signal in an epoch's last step or during its validation once waited for a whole validation (minutes on
+    a full cv set: longer than a preemption's grace time)."""
+    import signal
+
+    from mossformer2.training.experiment import TrainingInterrupted
+
+    cfg = make_config(corpus, "trainer.checkpoint_every_steps=null", "data.valid_batch_size=1")  # 2 valid batches
+    reference = Trainer(cfg, tmp_path / "ref")
+    reference.fit()
+    validations = {"n": 0}
+    original_validate = Trainer.validate
+
+    def counted_validate(self):
+        validations["n"] += 1
+        return original_validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", counted_validate)
+    if when == "last step":
+        _signal_at_step(monkeypatch, 4, signal.SIGTERM)  # 4 optimizer steps per epoch
+    else:
+        _signal_in_validation(monkeypatch, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted):
+        Trainer(cfg, tmp_path / "run").fit()
+    assert validations["n"] == (0 if when == "last step" else 1)
+    last = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    assert (last["step"], last["epoch"], last["trainer_state"]["batches_done"]) == (4, 0, 8)
+    assert last["trainer_state"]["history"] == [] and not (tmp_path / "run" / "best.pt").exists()
+    assert "interrupted by SIGTERM at step 4 (end of epoch 0, before its validation): state saved to" in (
+        tmp_path / "run" / "train.log").read_text()
+    monkeypatch.undo()
+    resumed = Trainer(cfg, tmp_path / "run")
+    resumed.fit()  # validates epoch 0 first, then trains epoch 1
+    assert resumed.state.step == 8 and resumed.state.history == reference.state.history
+    assert resumed.state.skipped_files == reference.state.skipped_files
+    assert_bitwise_equal(weights(reference.model), weights(resumed.model))
+
+
+def test_forked_workers_ignore_the_stop_signal():
+    """DataLoader workers inherit the handler; a terminal's Ctrl-C reaches them too: each once logged the stop
+    into train.log and called its own copy of on_stop."""
+    import os
+    import signal
+
+    from mossformer2.training.experiment import stop_signals
+
+    got: list[int] = []
+    with stop_signals(got.append):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.kill(os.getpid(), signal.SIGINT)
+            os._exit(10 + len(got))
+        _, status = os.waitpid(pid, 0)
+        os.kill(os.getpid(), signal.SIGINT)  # the main process still stops
+    assert os.waitstatus_to_exitcode(status) == 10 and got == [signal.SIGINT]
+
+
+def test_a_rerun_of_a_run_killed_before_its_first_checkpoint_logs_each_step_once(corpus, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_config(corpus, "trainer.tensorboard=true", "trainer.checkpoint_every_steps=null")
+    rerun = killed_and_resumed(cfg, tmp_path, monkeypatch, kill_at_call=3)  # logged steps 1-2, no last.pt
+    assert rerun.state.step == 0
+    rerun.fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))  # not 1, 2, 1, 2, 3, ...
+
+
+def test_resume_compares_the_saved_init_from_as_this_config_normalises_it(corpus, tmp_path, monkeypatch, caplog):
+    """A saved ``~/pre.pt`` (or an older checkpoint's relative path) was made absolute against the current
+    folder: a spurious "is ignored" warning, and a wrong path in config.yaml."""
+    import logging
+
+    from mossformer2.training.config import load_train_config
+
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    first = Trainer(make_config(corpus), tmp_path / "exp", loaders=(None, None))
+    ckpt_path = tmp_path / "exp" / "last.pt"
+
+    def resumed_init_from(saved: str, *overrides: str) -> str | None:
+        first.cfg = dataclasses.replace(first.cfg, trainer=dataclasses.replace(first.cfg.trainer, init_from=saved))
+        first.save_checkpoint(ckpt_path)
+        Trainer(make_config(corpus, *overrides), tmp_path / "exp", loaders=(None, None)).close()
+        return load_train_config(tmp_path / "exp" / "config.yaml").trainer.init_from
+
+    first.close()
+    with caplog.at_level(logging.WARNING, logger="mossformer2.training"):
+        assert resumed_init_from("~/pre.pt", "trainer.init_from=~/pre.pt") == str(home / "pre.pt")
+        assert "is ignored" not in caplog.text
+        assert resumed_init_from("pre.pt") == "pre.pt"  # relative to an unknown launch folder: kept as given

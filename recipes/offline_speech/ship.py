@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from mossformer2.checkpoint import load_model, moving_average_weights, read_checkpoint, save_checkpoint, select_weights
+from mossformer2.checkpoint import load_model, read_checkpoint, save_checkpoint, select_weights
 from mossformer2.data.datasets import AudioStore
 from mossformer2.data.dynamic_mixing import DynamicMixingDataset, load_utterances
 from mossformer2.models import MossFormer2
@@ -71,9 +71,10 @@ def pick_weights(source: dict, path: str, choice: str | None) -> tuple[MossForme
                          f"weights and {average}. Pass the run's best.pt (the validated weights), or choose with "
                          f"{options}")
     if choice == "ema":
-        if moving_average_weights(source) is None:
-            raise SystemExit(f"{path} holds no moving average ('ema'): use --weights model")
-        chosen, which = select_weights(source, "average")
+        try:
+            chosen, which = select_weights(source, "average")
+        except ValueError as err:  # no moving average
+            raise SystemExit(f"{path}: {err}; use --weights model") from None
         return load_model(chosen, weights="model"), f"weights: the {which} of {path}"
     return load_model(source, weights="model"), f"weights: 'model' of {path}"
 

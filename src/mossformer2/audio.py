@@ -31,6 +31,11 @@ WRITE_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
 SAMPLE_BYTES = {"PCM_16": 2, "PCM_24": 3, "FLOAT": 4}
 
 
+def has_audio_suffix(path: str | Path) -> bool:
+    """Whether ``path`` (a name or a list field) ends in one of :data:`AUDIO_SUFFIXES`, in any case."""
+    return Path(path).suffix.lower() in AUDIO_SUFFIXES
+
+
 def find_audio_files(folder: str | Path) -> list[Path]:
     """The files under ``folder`` (recursive) with an audio suffix, sorted. Hidden names (``.x``) are skipped,
     folders included: macOS ``._x.wav`` sidecars are not audio, and ``.x_s1.*.tmp.wav`` are temp files that a
@@ -38,8 +43,7 @@ def find_audio_files(folder: str | Path) -> list[Path]:
     found = []
     for parent, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(Path(parent, name) for name in names
-                     if not name.startswith(".") and Path(name).suffix.lower() in AUDIO_SUFFIXES)
+        found.extend(Path(parent, name) for name in names if not name.startswith(".") and has_audio_suffix(name))
     return sorted(p for p in found if p.is_file())  # a link to a file counts, a dangling one does not
 
 
@@ -83,6 +87,15 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     if wave.shape[-1] == 0:
         raise ValueError(f"audio file has no samples: {path}")
     return wave, int(sample_rate)
+
+
+def audio_sample_rate(path: str | Path) -> int:
+    """The sample rate of an audio file, from its header where libsndfile reads the format (no decoding); other
+    containers are decoded (:func:`read_audio`, which also raises its errors for missing or unreadable files)."""
+    try:
+        return int(sf.info(soundfile_name(path)).samplerate)
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return read_audio(path)[1]
 
 
 def _read_with_pyav(path: Path) -> tuple[np.ndarray, int]:

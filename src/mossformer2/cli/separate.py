@@ -86,14 +86,11 @@ class Inputs:
 def _list_entries(list_file: Path) -> list[Path]:
     """Paths in a text list: one path a line (spaces and ``#`` allowed if the whole line names a file),
     ``mix s1 s2`` lines (first field) or Kaldi ``id path`` lines; ``#`` starts a comment otherwise."""
-    from mossformer2.audio import AUDIO_SUFFIXES
+    from mossformer2.audio import has_audio_suffix
 
     def locate(text: str) -> Path:  # relative paths: to the current folder if found there, else to the list's
         path = Path(text).expanduser()
         return path if path.is_absolute() or path.exists() else list_file.parent / path
-
-    def audio_name(text: str) -> bool:
-        return Path(text).suffix.lower() in AUDIO_SUFFIXES
 
     entries = []
     # Decoded as the OS decodes file names: on POSIX a name is bytes, and a Latin-1 name in a list still names
@@ -108,7 +105,7 @@ def _list_entries(list_file: Path) -> list[Path]:
             continue
         first = locate(fields[0])
         # "utt_id path": the path is the entry, also when it is missing (the error then names the missing file)
-        kaldi = len(fields) == 2 and audio_name(fields[1]) and not audio_name(fields[0])
+        kaldi = len(fields) == 2 and has_audio_suffix(fields[1]) and not has_audio_suffix(fields[0])
         if len(fields) > 1 and not first.is_file() and (kaldi or locate(fields[1]).is_file()):
             entries.append(locate(fields[1]))
         else:
@@ -268,6 +265,8 @@ def plot_from_outputs(input_path: Path, outputs: list[Path]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     import soundfile as sf
     from tqdm import tqdm
 
@@ -277,6 +276,8 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.separation.separator import bar_disabled, spectrogram_path
     from mossformer2.utils import check_folder_creatable, make_folder
 
+    if args.quiet:  # "only warnings, errors and the summary": not our INFO notes (which weights a file gives, ...)
+        logging.getLogger("mossformer2").setLevel(logging.WARNING)
     output_rate = _parse_output_rate(args.output_rate)
     check_folder_creatable(args.out_dir, "output folder")  # created once every option and input is checked
     rank, world_size, local_rank = _distributed()
@@ -336,8 +337,7 @@ def run(args: argparse.Namespace) -> int:
             outputs = [*plan[f], spectrogram_path(plan[f][0])] if args.plot else plan[f]
             if args.plot and all(p.exists() for p in plan[f]) and not outputs[-1].exists():
                 say(f"skipping {f}: outputs exist in {out_dirs[f]}; writing only its missing spectrogram")
-                plot_only.append(f)
-                skipped += 1
+                plot_only.append(f)  # counted as skipped once the spectrogram is written
                 continue
             if all(p.exists() for p in outputs):
                 say(f"skipping {f}: outputs exist in {out_dirs[f]} (use --overwrite to replace)")
@@ -348,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
                 failed.append((str(f), problem))
                 continue
         todo.append(f)
-    if rank == 0 and not (todo or skipped or failed):  # rank 0 gets a file whenever the run has one
+    if rank == 0 and not (todo or plot_only or skipped or failed):  # rank 0 gets a file whenever the run has one
         raise ValueError("nothing to separate: the inputs name no audio file")
 
     def header(f: Path):
@@ -403,6 +403,7 @@ def run(args: argparse.Namespace) -> int:
     for f in plot_only:
         try:
             plot_from_outputs(f, plan[f])
+            skipped += 1
         except (ValueError, OSError, RuntimeError) as err:
             failed.append((str(f), f"cannot write its spectrogram: {err}"))
     if todo:

@@ -28,9 +28,8 @@ def run(args: argparse.Namespace) -> int:
     # Before any parallel torch op: CPU worker threads copy the flush-to-zero mode when the thread pool is
     # created, and subnormal floats otherwise slow CPU training down 10x or more as training goes on.
     torch.set_flush_denormal(True)
-    from mossformer2.data.loaders import prepare_synthetic_data
     from mossformer2.training import Trainer, load_train_config
-    from mossformer2.training.distributed import barrier, cleanup_distributed, init_distributed
+    from mossformer2.training.distributed import cleanup_distributed, init_distributed
     from mossformer2.training.experiment import TrainingInterrupted
     from mossformer2.training.trainer import best_summary
 
@@ -40,13 +39,7 @@ def run(args: argparse.Namespace) -> int:
     exp_dir = Path(args.exp_dir)
     dist_info = init_distributed(cfg.trainer.device)
     try:
-        if cfg.data.synthetic:
-            if dist_info.is_main:
-                cfg = prepare_synthetic_data(cfg, exp_dir / "synthetic")
-            barrier()
-            if not dist_info.is_main:
-                cfg = prepare_synthetic_data(cfg, exp_dir / "synthetic")
-        trainer = Trainer(cfg, exp_dir, dist_info=dist_info)
+        trainer = Trainer(cfg, exp_dir, dist_info=dist_info)  # (data.synthetic: makes the corpus once locked)
         state = trainer.fit()
     except TrainingInterrupted as stop:  # SIGINT/SIGTERM: state saved after the current step (the log says where)
         if stop.signum == signal.SIGTERM:

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mossformer2.audio import AUDIO_SUFFIXES, find_audio_files  # hidden names skipped
+from mossformer2.audio import find_audio_files, has_audio_suffix  # hidden names skipped
 
 
 @dataclass
@@ -184,11 +184,8 @@ def _load_list(path: Path, num_spks: int | None) -> list[tuple[int, MixtureEntry
 
 def _is_utterance_id(fields: list[str], base: Path) -> bool:
     """A Kaldi-style ``utt_id mix s1 ...`` line: a first field without an audio suffix that names no file, followed
-    by audio names (the test that ``mossformer2 separate`` applies to ``utt_id path`` lines)."""
-    def audio_name(text: str) -> bool:
-        return Path(text).suffix.lower() in AUDIO_SUFFIXES
-
-    return (not audio_name(fields[0]) and all(audio_name(f) for f in fields[1:])
+    by audio names (``mossformer2 separate`` tells ``utt_id path`` lines by the same :func:`has_audio_suffix`)."""
+    return (not has_audio_suffix(fields[0]) and all(has_audio_suffix(f) for f in fields[1:])
             and not _resolve(base, fields[0]).is_file())
 
 

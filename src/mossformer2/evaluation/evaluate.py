@@ -54,6 +54,7 @@ SETTINGS_NAME = "settings.json"
 IMPROVED = {"si_sdr": "si_sdri", "sdr": "sdri"}  # metrics that also get an improvement column
 RESUME_IGNORED = ("limit", "device")  # settings that may change between a run and its resumption
 WEIGHTS_KEY = "checkpoint_sha256"  # what identifies the weights: the same path may hold other weights later
+UNKNOWN_PESQ_MODE = "the mixture file, scored by an earlier run, can no longer be read"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -281,16 +282,24 @@ def _check_same_settings(out_dir: Path, old: dict[str, Any], new: dict[str, Any]
 def _describe_pesq_modes(entries: Sequence[MixtureEntry], rows: Sequence[dict[str, str]], rates: dict[str, int],
                          score_rate: int | None) -> str:
     """The PESQ mode(s) of the scored mixtures, e.g. "wb: wide band (ITU-T P.862.2)"; the rates of mixtures
-    scored by an earlier run are read from their files."""
+    scored by an earlier run are read from their file headers ("unknown" for a file no longer readable: the
+    summary is still written)."""
     if score_rate is not None:
         modes = {pesq_mode(score_rate)}
     else:
-        from mossformer2.audio import read_audio
-
         scored = {r["id"] for r in rows if r["status"] == "ok"}
-        modes = {pesq_mode(rates[e.id] if e.id in rates else read_audio(e.mix)[1])
+        modes = {pesq_mode(rates[e.id]) if e.id in rates else _pesq_mode_of_file(e.mix)
                  for e in entries if e.id in scored}
-    return "; ".join(f"{mode}: {PESQ_MODES[mode]}" for mode in sorted(modes))
+    return "; ".join(f"{mode}: {PESQ_MODES.get(mode, UNKNOWN_PESQ_MODE)}" for mode in sorted(modes))
+
+
+def _pesq_mode_of_file(path: Path) -> str:
+    from mossformer2.audio import audio_sample_rate
+
+    try:
+        return pesq_mode(audio_sample_rate(path))
+    except (OSError, ValueError):
+        return "unknown"
 
 
 def _evaluate_one(separator: Any, entry: MixtureEntry, metrics: Sequence[str], score_rate: int | None,

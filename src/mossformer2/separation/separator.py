@@ -351,9 +351,9 @@ class Separator:
                  "export a longer --length-seconds" if overlap < SAFE_OVERLAP_SECONDS else "")
         return (f"the model was exported with a fixed input length of {self.fixed_length} samples "
                 f"({seconds:g} s at {self.sample_rate} Hz): it separates recordings of that length, or longer ones in "
-                f"chunks of exactly that length with a shorter overlap (chunk_seconds={seconds:g}, overlap_seconds="
-                f"{overlap:g}: --chunk-seconds {seconds:g} --overlap-seconds {overlap:g}{short}); export it "
-                "again with `mossformer2 export --format onnx --dynamic-length` (the default) for any length")
+                f"chunks of exactly that length with an overlap of {overlap:g} s (chunk_seconds={seconds:g}, "
+                f"overlap_seconds={overlap:g}: --chunk-seconds {seconds:g} --overlap-seconds {overlap:g}{short}); "
+                "export it again with `mossformer2 export --format onnx --dynamic-length` (the default) for any length")
 
     def chunk_count(self, num_samples: int, sample_rate: int) -> int:
         """Forward passes (per channel) a recording of ``num_samples`` at ``sample_rate`` needs."""

@@ -307,13 +307,18 @@ def _blame(err: ConfigError, path: str | Path | None, data: dict[str, Any], over
     return f"{what} {culprits}: {err}"
 
 
+def absolute_path(path: str) -> str:
+    """``path`` with ``~`` expanded, made absolute against the current folder (the launch folder)."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with its data and checkpoint paths made absolute against the current folder (the launch folder),
     so that the config saved in the experiment folder still names the same files when used from elsewhere."""
     def absolute(value: Any) -> Any:
         if isinstance(value, list):
             return [absolute(v) for v in value]
-        return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value else value
+        return absolute_path(value) if isinstance(value, str) and value else value
 
     d, dm = cfg.data, cfg.data.dynamic_mixing
     if dm is not None:

@@ -102,16 +102,21 @@ def stop_signals(on_stop: Callable[[int], None]) -> Iterator[None]:
 
     Repeats within 2 s are ignored (torchrun passes the terminal's Ctrl-C on to workers that got it already); a
     later second signal acts at once through the handler that was there before (SIGINT: KeyboardInterrupt;
-    SIGTERM: the process ends). A signal that was ignored before stays ignored."""
+    SIGTERM: the process ends). A signal that was ignored before stays ignored. Forked processes (DataLoader
+    workers) inherit the handler but ignore the signal: a terminal's Ctrl-C reaches them too, and they must keep
+    serving batches until the step ends, not log the stop or call their copy of ``on_stop``."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    owner = os.getpid()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous = {sig: handler for sig, handler in previous.items()
                 if handler is not None and handler is not signal.SIG_IGN}
     first_at: list[float] = []
 
     def handle(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            return
         if not first_at:
             first_at.append(time.monotonic())
             log.warning("%s received: stopping after the current optimizer step (a second one aborts at once)",

@@ -32,11 +32,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mossformer2.checkpoint import read_checkpoint, save_checkpoint
 from mossformer2.config_utils import to_dict
-from mossformer2.data.loaders import batches_per_epoch, create_dataloaders, set_loader_epoch
+from mossformer2.data.loaders import batches_per_epoch, create_dataloaders, prepare_synthetic_data, set_loader_epoch
 from mossformer2.losses import pit_si_sdr_loss, si_sdr
 from mossformer2.models import MossFormer2, build_model
-from mossformer2.training.config import TrainConfig, save_train_config, with_absolute_paths
-from mossformer2.training.distributed import DistInfo, all_reduce_sum, get_dist_info
+from mossformer2.training.config import TrainConfig, absolute_path, save_train_config, with_absolute_paths
+from mossformer2.training.distributed import DistInfo, all_reduce_sum, barrier, get_dist_info
 from mossformer2.training.experiment import (
     ExperimentLock,
     TrainingInterrupted,
@@ -49,6 +49,8 @@ log = logging.getLogger("mossformer2.training")
 
 LAST = "last.pt"
 BEST = "best.pt"
+# Under DDP, validation looks for a stop signal every this many batches (an all-reduce, which syncs the device).
+VALID_STOP_CHECK_EVERY = 10
 
 
 @dataclass
@@ -166,6 +168,8 @@ class Trainer:
 
     def _setup(self, loaders: tuple[DataLoader, DataLoader] | None) -> None:
         t, o = self.cfg.trainer, self.cfg.optim
+        if loaders is None and self.cfg.data.synthetic:
+            self.cfg = self._prepare_synthetic_corpus()
         # Data first: a missing or malformed corpus fails before any file of the run is written.
         self.train_loader, self.valid_loader = loaders or create_dataloaders(self.cfg, self.dist)
         _seed_everything(t.seed)  # identical initial weights on every rank
@@ -212,6 +216,18 @@ class Trainer:
             log.info("model: %.2f M parameters on %s, precision %s", n_params / 1e6, self.device, t.precision)
 
     # ------------------------------------------------------------------ setup helpers
+    def _prepare_synthetic_corpus(self) -> TrainConfig:
+        """``data.synthetic``: (re)make the corpus in ``<exp-dir>/synthetic`` only now that this run holds the
+        folder's lock (a second run with other settings would otherwise rewrite it under the running one). Rank 0
+        makes it; the other ranks then find it complete."""
+        root = Path(absolute_path(str(self.exp_dir / "synthetic")))  # config.yaml names it from anywhere
+        if self.dist.is_main:
+            cfg = prepare_synthetic_data(self.cfg, root)
+        barrier()
+        if not self.dist.is_main:
+            cfg = prepare_synthetic_data(self.cfg, root)
+        return cfg
+
     def _open_run_files(self) -> None:
         """Once setup succeeded (rank 0): set a previous run aside if this one starts afresh, open train.log (with
         the setup's messages) and TensorBoard, save config.yaml."""
@@ -228,10 +244,10 @@ class Trainer:
         if self.cfg.trainer.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # Resumed: TensorBoard drops the points the interrupted run logged after the saved step (they are
-            # logged again), instead of drawing them twice.
-            purge = self.state.step + 1 if self.resuming else None
-            self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=purge)
+            # TensorBoard drops the points an interrupted run logged after the step this run starts from (they are
+            # logged again), instead of drawing them twice; step 1 for a rerun of one killed before its first
+            # checkpoint.
+            self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.state.step + 1)
         save_train_config(self.cfg, self.exp_dir / "config.yaml")
 
     def _move_previous_run_aside(self) -> None:
@@ -361,7 +377,7 @@ class Trainer:
         new = (self.dist.world_size, self.cfg.data.batch_size)
         old = (s.world_size, s.batch_size) if s.world_size and s.batch_size else new  # older checkpoints: unknown
         s.world_size, s.batch_size = new
-        if old == new and s.batches_done % accum == 0:  # (also at an epoch boundary)
+        if s.batches_done == 0 or (old == new and s.batches_done % accum == 0):  # nothing to convert
             return
         used, per_batch = s.batches_done * old[0] * old[1], new[0] * new[1]
         done = used // per_batch // accum * accum  # whole optimizer steps of this run
@@ -392,8 +408,9 @@ class Trainer:
         self.scheduler.min_lrs = [o.min_lr] * len(self.optimizer.param_groups)
         # (grad_clip, accum_steps, loss_clamp_db and early_stop_patience are read from the config when used.)
         started_from = saved.get("trainer", {}).get("init_from")
-        if started_from:  # older checkpoints hold it as given, maybe relative
-            started_from = os.path.abspath(started_from)
+        if started_from and os.path.isabs(os.path.expanduser(started_from)):  # normalised as this config's is
+            started_from = absolute_path(started_from)
+        # (older checkpoints hold it as given: a relative one is kept so, its launch folder is unknown)
         if self.cfg.trainer.init_from != started_from:
             if self.cfg.trainer.init_from:
                 log.warning("trainer.init_from %s is ignored: resuming from %s (to start from it, use another "
@@ -471,19 +488,50 @@ class Trainer:
         if self._stop_checked_at == key:
             return False
         self._stop_checked_at = key
+        late, sigint, sigterm = self._stop_flags()
+        if self._note_signal(sigint, sigterm):
+            return True
+        if t.max_steps is not None and self.state.step >= t.max_steps:
+            self.stop_reason = f"trainer.max_steps ({t.max_steps}) reached"
+        elif late:
+            self.stop_reason = f"trainer.max_minutes ({t.max_minutes:g}) reached"
+        return self.stop_reason is not None
+
+    def _stop_flags(self) -> tuple[bool, bool, bool]:
+        """(time limit passed, SIGINT, SIGTERM) on any rank: one all-reduce, which every rank must make."""
+        t = self.cfg.trainer
         late = t.max_minutes is not None and time.monotonic() - self._fit_started > t.max_minutes * 60
         flags = [float(late), float(self._signal == signal.SIGINT), float(self._signal == signal.SIGTERM)]
         if self.dist.is_distributed:
             flags = all_reduce_sum(torch.tensor(flags, device=self.device)).tolist()
         late, sigint, sigterm = (flag > 0 for flag in flags)
+        return late, sigint, sigterm
+
+    def _note_signal(self, sigint: bool, sigterm: bool) -> bool:
+        """Record a signal some rank received as the reason to stop (it overrides a limit); True if there is one."""
         if sigint or sigterm:
             self._stop_signal = signal.SIGINT if sigint else signal.SIGTERM
             self.stop_reason = f"interrupted by {signal.Signals(self._stop_signal).name}"
-        elif t.max_steps is not None and self.state.step >= t.max_steps:
-            self.stop_reason = f"trainer.max_steps ({t.max_steps}) reached"
-        elif late:
-            self.stop_reason = f"trainer.max_minutes ({t.max_minutes:g}) reached"
-        return self.stop_reason is not None
+        return self._stop_signal is not None
+
+    def _signal_received(self) -> bool:
+        """SIGINT/SIGTERM received by any rank (under DDP a collective: all ranks call it at the same points)."""
+        _, sigint, sigterm = self._stop_flags()
+        return self._note_signal(sigint, sigterm)
+
+    def _validation_stop_checks(self) -> tuple[int, float]:
+        """(every, until): validation looks for a signal before each ``every``-th batch while fewer than ``until``
+        have been read. Under DDP the ranks' shards may differ by a batch: checks stop at the smallest shard, so
+        every rank makes the same all-reduces."""
+        if not self.dist.is_distributed:
+            return 1, math.inf  # a flag read, no collective
+        counts = torch.zeros(self.dist.world_size, dtype=torch.float64, device=self.device)
+        counts[self.dist.rank] = len(self.valid_loader)
+        return VALID_STOP_CHECK_EVERY, float(all_reduce_sum(counts).min())
+
+    def _save_last_unless_saved(self) -> None:
+        if self._saved_step != self.state.step:  # (a periodic checkpoint may just have been written)
+            self._save_last()
 
     def _save_last(self) -> None:
         """Write last.pt, unless the latest steps were skipped for NaN/inf losses: the weights may be diverged ones
@@ -575,15 +623,20 @@ class Trainer:
         return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Mean loss, SI-SDR and SI-SDRi (dB) over the whole validation set (all ranks' shards)."""
+    def validate(self) -> dict[str, float] | None:
+        """Mean loss, SI-SDR and SI-SDRi (dB) over the whole validation set (all ranks' shards); None when a
+        SIGINT/SIGTERM during :meth:`fit` cut it short (a full validation can outlast a preemption's grace time)."""
         model = self.eval_model
         model.eval()
         # loss, si_sdr, si_sdri, count: summed on the device, read once at the end (no per-batch sync)
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         examples_left = self.cfg.trainer.audio_examples if self.writer is not None else 0
-        for batch in self.valid_loader:
-            self.state.skipped_files += int(batch["skipped"])
+        skipped = 0  # counted only once the validation is complete (an interrupted one is done again)
+        check_every, checks_until = self._validation_stop_checks()
+        for index, batch in enumerate(self.valid_loader):
+            if index % check_every == 0 and index < checks_until and self._signal_received():
+                return None
+            skipped += int(batch["skipped"])
             if batch["mix"].shape[0] == 0:
                 continue
             mix, ref, lengths = (batch[k].to(self.device) for k in ("mix", "sources", "lengths"))
@@ -602,6 +655,7 @@ class Trainer:
             for i in range(min(examples_left, mix.shape[0])):
                 self._log_audio(batch["ids"][i], mix[i, :lengths[i]], est[i, :, :lengths[i]])
             examples_left -= min(examples_left, mix.shape[0])
+        self.state.skipped_files += skipped
         totals = all_reduce_sum(totals).cpu()
         count = max(float(totals[3]), 1.0)
         return {"loss": float(totals[0]) / count, "si_sdr": float(totals[1]) / count,
@@ -621,6 +675,9 @@ class Trainer:
         s = self.state
         start = time.time()
         valid = self.validate()
+        if valid is None:  # a signal during validation: saved as trained but not validated, which a resume redoes
+            self._save_last_unless_saved()
+            return True
         skipped_files = int(self._sum_over_ranks(s.skipped_files)[0]) + self.preload_skipped
         metric = valid["si_sdri"]
         improved = metric > s.best_metric
@@ -685,6 +742,7 @@ class Trainer:
             with stop_signals(self._request_stop):
                 self._train_epochs()
         finally:
+            self._signal = None  # received during this fit(): a later validate() must not stop for it
             self.close()
         return self.state
 
@@ -694,9 +752,11 @@ class Trainer:
                 break
             with logging_redirect_tqdm():  # log lines are printed above the progress bar, not glued onto it
                 stats = self.train_epoch()
-            if self.state.batches_done < self._epoch_batches():  # stopped mid-epoch: resumable from here
-                if self._saved_step != self.state.step:  # (unless a periodic checkpoint was just written)
-                    self._save_last()
+            # Stopped mid-epoch, or a signal in the epoch's last step: save (resumable from here) and stop before
+            # the validation, which a preemption's grace time may not cover. (A resumed run validates first.)
+            mid_epoch = self.state.batches_done < self._epoch_batches()
+            if mid_epoch or (self._should_stop() and self._stop_signal is not None):
+                self._save_last_unless_saved()
                 break
             if self._end_epoch(stats):
                 break
@@ -711,7 +771,12 @@ class Trainer:
     def stop_summary(self) -> str:
         """Why and where fit() stopped before the end, what last.pt holds and how to go on."""
         s, last = self.state, self.exp_dir / LAST
-        where = f"mid-epoch {s.epoch}" if s.batches_done else f"before epoch {s.epoch}"
+        if not s.batches_done:
+            where = f"before epoch {s.epoch}"
+        elif s.batches_done < self._epoch_batches():
+            where = f"mid-epoch {s.epoch}"
+        else:  # a signal in the epoch's last step or during its validation
+            where = f"end of epoch {s.epoch}, before its validation"
         if self._saved_step == s.step:
             saved = f"state saved to {last}"
         elif self._saved_step is not None:
