@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+import types
 import warnings
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import mossformer2
 import mossformer2.pretrained
 from mossformer2 import build_model, save_checkpoint
 from mossformer2.audio import read_audio, write_audio
@@ -258,7 +260,6 @@ def test_bad_input_gives_clear_errors(tiny_model):
     cases = [(np.array([0.1, np.nan] * 100, np.float32), "NaN or infinite"),
              (np.array([0.1, np.inf] * 100, np.float32), "NaN or infinite"),
              (np.zeros(0, np.float32), "empty"),
-             (np.zeros(4000, np.float32), "all silent"),
              (noise(10), "too short"),
              (noise((4000, 2)), "channels first"),
              (noise((2, 3, 100)), r"\[T\] or \[C, T\]")]
@@ -478,3 +479,45 @@ def test_the_spectrogram_appears_together_with_the_speaker_files(tmp_path, monke
     written = write_separation(paths, noise((2, 1000)), SR, plot_mixture=(noise((1, 1000)), SR), title="a")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_s1.wav", "a_s2.wav", "a_spectrogram.png"]
     assert written == [*paths, tmp_path / "a_spectrogram.png"]
+
+
+def test_a_separator_leaves_the_callers_train_flag_alone_and_separates_in_eval_mode(tiny_config):
+    """Built inside a training loop for validation, a Separator switched the model to eval for the rest of the
+    training (no dropout), and after the user's model.train() it separated with dropout on (outputs changed
+    from call to call). Each forward pass now runs in eval mode and restores the flag."""
+    model = mossformer2.build_model(tiny_config.replace(dropout=0.5))  # training mode, as built
+    sep = Separator(model, device="cpu", chunk_seconds=10.0)
+    assert model.training
+    x = noise(8000, seed=4)
+    torch.manual_seed(0)
+    first = sep.separate(x, SR)
+    torch.manual_seed(1)
+    np.testing.assert_array_equal(sep.separate(x, SR), first)  # no dropout inside separate
+    assert model.training
+
+
+def test_silent_recordings_give_silent_speakers_and_do_not_sink_a_batch(tiny_model):
+    """An all-zero clip (an unused channel, a muted segment) in separate_many raised and lost every result."""
+    sep = Separator(tiny_model, device="cpu")
+    loud, silent = noise(8000, seed=5), np.zeros(6000, np.float32)
+    out = sep.separate_many([loud, silent], SR)
+    np.testing.assert_array_equal(out[1], np.zeros((2, 6000), np.float32))
+    np.testing.assert_allclose(out[0], sep.separate(loud, SR), atol=1e-6)
+
+
+def test_a_callable_that_returns_another_speaker_count_is_refused():
+    """A NumPy callable whose config says 2 speakers but which returns 1 gave a [1, T] result without a word."""
+    class OneSpeaker:
+        config = types.SimpleNamespace(sample_rate=SR, num_spks=2, encoder_kernel_size=16)
+
+        def __call__(self, batch):
+            return batch[:, None, :]
+
+    with pytest.raises(ValueError, match="num_spks = 2"):
+        Separator(OneSpeaker(), chunk_seconds=10.0).separate(noise(4000, seed=6), SR)
+
+
+def test_from_pretrained_takes_the_model_names_the_cli_takes():
+    sep = Separator.from_pretrained("default", device="cpu")
+    assert sep.refinements == Separator.from_pretrained(device="cpu").refinements
+    assert "Separator(MossFormer2, 16000 Hz, 2 speakers" in repr(sep) and "refinements=[" in repr(sep)

@@ -267,6 +267,7 @@ def plot_from_outputs(input_path: Path, outputs: list[Path]) -> Path:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    import numpy as np
     import soundfile as sf
     from tqdm import tqdm
 
@@ -415,7 +416,10 @@ def run(args: argparse.Namespace) -> int:
             loaded = []
             for f in group:
                 try:
-                    loaded.append((f, *read_audio(f)))
+                    wave, rate = read_audio(f)
+                    if not np.any(wave):  # the library returns silent speakers; a file run reports it instead
+                        raise ValueError("audio is all silent (every sample is zero): nothing to separate")
+                    loaded.append((f, wave, rate))
                 except (ValueError, OSError) as err:
                     failed.append((str(f), str(err)))
                     bar.update(1)

@@ -11,7 +11,7 @@ import contextlib
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -162,7 +162,10 @@ class Separator:
                 warnings.warn("a float16 model needs CUDA (the CPU's float16 convolutions are very slow); "
                               "casting it to float32 on the CPU", stacklevel=2)
                 model, self.input_dtype = model.float(), torch.float32
-            model = model.to(self.device).eval()
+            # Moved (a float16 model on the CPU also cast) in place, but its train / eval flag is left alone:
+            # each forward pass runs in eval mode and restores the flag (a Separator used for validation inside
+            # a training loop must not switch dropout off for the training, nor run with it on).
+            model = model.to(self.device)
             if cuda_graphs and self.device.type == "cuda":
                 from mossformer2.separation.cuda_graphs import CudaGraphModel
 
@@ -207,6 +210,14 @@ class Separator:
         TorchScript file."""
         return cls(load_separation_model(ref, device), device=device, **kwargs)
 
+    def __repr__(self) -> str:
+        on = [name for name, used in self.refinements.items() if used]
+        return (f"Separator({type(self.model).__name__}, {self.sample_rate} Hz, {self.num_spks} speakers, "
+                f"device={self.device}, dtype={dtype_name(self.dtype)}, "
+                f"chunk_seconds={self.chunk / self.sample_rate:g}, "
+                f"overlap_seconds={self.overlap / self.sample_rate:g}, stitching={self.stitching!r}, "
+                f"normalize={self.normalize!r}, channels={self.channels!r}, refinements={on})")
+
     @property
     def refinements(self) -> dict[str, bool]:
         """``{name: on}`` for every name in ``refine.REFINEMENTS``: what this Separator applies."""
@@ -235,9 +246,10 @@ class Separator:
             if isinstance(out, (list, tuple)):
                 out = np.stack([np.asarray(o) for o in out], axis=1)
             out = np.asarray(out, dtype=np.float32)
-        if out.ndim != 3 or out.shape[0] != batch.shape[0] or out.shape[-1] != batch.shape[-1]:
+        if (out.ndim != 3 or out.shape[0] != batch.shape[0] or out.shape[-1] != batch.shape[-1]
+                or out.shape[1] != self.num_spks):
             raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(batch.shape)}; "
-                             "expected [B, S, T]")
+                             f"expected [B, S, T] with S = config.num_spks = {self.num_spks}")
         return out
 
     def _run_torch_model(self, batch: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
@@ -245,7 +257,7 @@ class Separator:
 
         wave = torch.from_numpy(batch).to(self.device, self.input_dtype)
         lengths_t = None if lengths is None else torch.from_numpy(np.asarray(lengths)).to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), _eval_mode(self.model):
             if self.graphs is not None:
                 out = self.graphs(wave, lengths_t)  # applies the autocast dtype itself
             else:
@@ -264,7 +276,8 @@ class Separator:
         """Separate one recording ``[T]`` or ``[C, T]`` at ``sample_rate`` (Hz, a positive whole number).
 
         Float samples are taken as they are (full scale 1.0); integer PCM (int16 / int32 / uint8, as
-        ``scipy.io.wavfile.read`` returns it) is scaled to [-1, 1] as ``read_audio`` reads such files.
+        ``scipy.io.wavfile.read`` returns it) is scaled to [-1, 1] as ``read_audio`` reads such files. A silent
+        recording gives silent speakers (``mossformer2 separate`` refuses silent files instead).
         Returns float32 ``[S, T']`` (``channels="mix"``) or ``[S, C, T']`` (``"each"``) at ``output_rate``
         (default ``None``: the input rate, where T' = T).
         """
@@ -415,8 +428,8 @@ class Separator:
 
 
 def load_separation_model(ref: str | Path | None = None, device: str | torch.device = "auto") -> Any:
-    """The shipped model (``ref=None``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` or
-    TorchScript file.
+    """The shipped model (``ref=None``), a model name as ``mossformer2 separate --model`` takes it (``"default"``,
+    ``"MossFormer2_SS_16K"``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` or TorchScript file.
 
     A checkpoint's ``"separation"`` entry (``{name: bool}`` for names in ``refine.REFINEMENTS``, written
     by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults;
@@ -436,9 +449,11 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
 
         path = default_model_path()
     else:
-        from mossformer2.hub import resolve_checkpoint
+        from mossformer2.hub import KNOWN_MODELS, model_checkpoint, resolve_checkpoint
 
-        path = resolve_checkpoint(ref)
+        named = (isinstance(ref, str) and not Path(ref).exists()
+                 and ref.lower() in ("default", "builtin", "built-in", *KNOWN_MODELS))
+        path = model_checkpoint(ref) if named else resolve_checkpoint(ref)
     try:
         checkpoint = read_checkpoint(path)
     except TorchScriptFileError:  # read_checkpoint recognises the export: run it as it is
@@ -540,6 +555,21 @@ def _is_torch_module(model: Any) -> bool:
     return torch is not None and isinstance(model, torch.nn.Module)
 
 
+@contextlib.contextmanager
+def _eval_mode(module: Any) -> Iterator[Any]:
+    """Run the block with ``module`` in eval mode, then give every submodule back its own train / eval flag
+    (``module.train()`` would set them all: a wrapper in train mode around a model in eval mode)."""
+    modules = list(module.modules()) if hasattr(module, "modules") else []
+    training = [m for m in modules if m.training]
+    if training:
+        module.eval()
+    try:
+        yield module
+    finally:
+        for m in training:
+            m.training = True
+
+
 def _as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:
     """Validate and convert ``[T]`` / ``[C, T]`` (numpy or torch) to float32 numpy ``[C, T]``."""
     torch = loaded_torch()
@@ -558,9 +588,7 @@ def _as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:
                          "(channels first), e.g. wave.T")
     if not np.isfinite(wave).all():
         raise ValueError("audio contains NaN or infinite samples")
-    if not np.any(wave):
-        raise ValueError("audio is all silent (every sample is zero): nothing to separate")
-    return wave
+    return wave  # all zeros is allowed: silent speakers come out (an unused channel, a muted clip in a batch)
 
 
 def _warn_if_downmix_cancels(wave: np.ndarray, mono: np.ndarray, index: int) -> None:
