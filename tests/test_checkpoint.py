@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import mossformer2
 from mossformer2 import build_model, load_model, save_checkpoint
-from mossformer2.checkpoint import checkpoint_summary, infer_config
+from mossformer2.checkpoint import checkpoint_summary, infer_config, read_checkpoint
 from mossformer2.cli import main
 
 from .conftest import make_tiny_config
@@ -264,3 +266,95 @@ def test_info_says_when_group_size_was_assumed(tmp_path, tiny_model, capsys):
     save_checkpoint(tmp_path / "ours.pt", tiny_model)
     assert main(["info", "--checkpoint", str(tmp_path / "ours.pt")]) == 0
     assert "leave no trace" not in capsys.readouterr().out
+
+
+def test_save_checkpoint_stores_numpy_values_so_that_load_model_reads_them_back(tmp_path, tiny_model):
+    """A numpy scalar metric in ``extra`` was written as a numpy object, which the safe loader then refused."""
+    extra = {"valid_si_sdr": np.float64(3.25), "epochs": np.int64(4), "flag": np.bool_(True), "name": np.str_("a"),
+             "curve": np.arange(3, dtype=np.float32), "nested": {"scores": [np.float32(1.5), (np.int16(2), None)]},
+             "plain": {"t": torch.ones(2), "dtype": torch.float16, "size": torch.Size([2, 3]), "b": b"x", "c": 1j}}
+    path = save_checkpoint(tmp_path / "np.pt", tiny_model, extra=extra)
+    loaded = load_model(path)  # raised "not a plain tensor checkpoint ... numpy" before
+    _same_output(tiny_model, loaded)
+    raw = read_checkpoint(path)
+    assert raw["valid_si_sdr"] == 3.25 and type(raw["valid_si_sdr"]) is float
+    assert raw["epochs"] == 4 and type(raw["epochs"]) is int and raw["flag"] is True and raw["name"] == "a"
+    assert torch.equal(raw["curve"], torch.arange(3, dtype=torch.float32))
+    assert raw["nested"] == {"scores": [1.5, (2, None)]}
+    assert torch.equal(raw["plain"]["t"], torch.ones(2))
+    assert {k: v for k, v in raw["plain"].items() if k != "t"} == {"dtype": torch.float16, "size": torch.Size([2, 3]),
+                                                                   "b": b"x", "c": 1j}
+
+
+@pytest.mark.parametrize(("value", "named"), [(object(), "builtins.object"), (Path("x.wav"), "PosixPath"),
+                                              (np.array(["a"]), "numpy.ndarray"),
+                                              (np.datetime64("2020-01-01"), "numpy.datetime64")])
+def test_save_checkpoint_refuses_what_load_model_could_not_read_and_writes_nothing(tmp_path, tiny_model, value,
+                                                                                   named):
+    path = tmp_path / "bad.pt"
+    with pytest.raises(ValueError, match=r"^extra\['stats'\]\['x'\]\[1\] is a \S*" + named + r".*cannot hold") as info:
+        save_checkpoint(path, tiny_model, extra={"stats": {"x": [1.0, value]}})
+    assert "\n" not in str(info.value)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_load_model_carries_the_recommended_refinements_to_separator_save_and_export(tmp_path, tiny_model):
+    """``Separator(load_model(path))``, ``save_checkpoint`` and the Python export lost the checkpoint's
+    ``'separation'`` entry (only ``Separator.from_pretrained`` read it)."""
+    from mossformer2.export import TorchScriptModel, export_torchscript
+    from mossformer2.separation import Separator
+
+    recommended = {"polarity_ensemble": True, "wiener_filter": False}
+    path = save_checkpoint(tmp_path / "a.pt", tiny_model, extra={"separation": recommended})
+    loaded = load_model(path)
+    assert loaded.separation_settings == recommended
+    assert Separator(loaded, device="cpu").refinements["polarity_ensemble"] is True
+    resaved = save_checkpoint(tmp_path / "b.pt", loaded)
+    assert read_checkpoint(resaved)["separation"] == recommended
+    exported = export_torchscript(load_model(resaved), tmp_path / "b.ts")
+    assert TorchScriptModel(exported).separation_settings == recommended
+    # An explicit entry wins over the model's; a model without settings writes none.
+    explicit = save_checkpoint(tmp_path / "c.pt", loaded, extra={"separation": {"wiener_filter": True}})
+    assert read_checkpoint(explicit)["separation"] == {"wiener_filter": True}
+    assert "separation" not in read_checkpoint(save_checkpoint(tmp_path / "d.pt", tiny_model))
+    assert load_model(tmp_path / "d.pt").separation_settings == {}
+
+
+def test_load_model_says_which_fields_it_assumed_without_an_embedded_config(tmp_path, tiny_model, caplog):
+    torch.save(tiny_model.state_dict(), tmp_path / "bare.pt")
+    torch.save(_official_container(tiny_model), tmp_path / "official.pt")
+    save_checkpoint(tmp_path / "ours.pt", tiny_model)
+    for name in ("bare.pt", "official.pt"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mossformer2.checkpoint"):
+            load_model(tmp_path / name)
+        [record] = [r for r in caplog.records if "assumed" in r.getMessage()]
+        assert record.levelno == logging.INFO and record.name == "mossformer2.checkpoint"
+        message = record.getMessage()
+        assert name in message and "sample_rate=16000" in message and "group_size=256" in message
+        assert "dropout=0.1" in message and "pass config=" in message
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mossformer2.checkpoint"):
+        load_model(tmp_path / "ours.pt")
+        load_model(tmp_path / "bare.pt", config=tiny_model.config)
+    assert not [r for r in caplog.records if "assumed" in r.getMessage()]
+
+
+def test_an_onnx_file_is_named_as_an_onnx_export(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    data = onnx.helper.make_model(graph, producer_name="pytorch").SerializeToString()
+    for name in ("model.onnx", "model.bin"):  # by its name, and by its content
+        (tmp_path / name).write_bytes(data)
+        for load in (read_checkpoint, load_model):
+            with pytest.raises(ValueError, match=f"{name} is an ONNX export, not a checkpoint"):
+                load(tmp_path / name)
+
+
+def test_save_checkpoint_unwraps_a_compiled_model(tmp_path, tiny_model):
+    compiled = torch.compile(tiny_model)  # compiles lazily: nothing runs here
+    path = save_checkpoint(tmp_path / "c.pt", compiled)
+    assert list(read_checkpoint(path)["model"]) == list(tiny_model.state_dict())
+    _same_output(tiny_model, load_model(path))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -227,3 +229,15 @@ def test_a_synthetic_corpus_is_made_again_when_its_settings_change(tmp_path):
     made = wav.stat().st_mtime_ns
     assert prepare(6) == six and wav.stat().st_mtime_ns == made  # same settings: the corpus is reused
     assert len(prepare(10)) == 10  # not the 6 speakers still on disk
+
+
+def test_indexing_stops_at_the_length_and_counts_negative_indices_from_the_end(corpus):
+    """No IndexError made ``for ex in dataset`` endless and ``dataset[100]`` of a 3-example dataset an example."""
+    root, _ = corpus
+    ds = DynamicMixingDataset(load_utterances(root), 2, AudioStore(SR), num_examples=3, segment_samples=2000)
+    # Plain iteration ends after 3 (islice: without the bound it would never end).
+    assert [ex["id"] for ex in itertools.islice(ds, 10)] == [ds[i]["id"] for i in range(3)]
+    assert ds[-1]["id"] == ds[2]["id"] and ds[-3]["id"] == ds[0]["id"]
+    for index in (3, 100, -4):
+        with pytest.raises(IndexError, match=f"example {index} out of range: the dataset has 3"):
+            ds[index]

@@ -146,3 +146,21 @@ def test_separator_from_pretrained_hub_id_offline(offline_cache):
     sep = Separator.from_pretrained(REPO, device="cpu")
     out = sep.separate(np.random.default_rng(0).standard_normal(4000).astype(np.float32) * 0.1, 16000)
     assert out.shape == (2, 4000) and np.isfinite(out).all()
+
+
+def test_a_folder_takes_filename_and_prefers_a_trainers_best_pt(tmp_path):
+    """``filename=`` was ignored for local folders, and a trainer's experiment folder (best.pt + last.pt) was
+    refused as ambiguous."""
+    model = build_model(make_tiny_config())
+    exp = tmp_path / "exp"
+    save_checkpoint(exp / "best.pt", model)
+    save_checkpoint(exp / "last.pt", model)
+    assert resolve_checkpoint(exp) == exp / "best.pt"
+    assert resolve_checkpoint(exp, filename="last.pt") == exp / "last.pt"
+    assert Separator.from_pretrained(exp, device="cpu").num_spks == 2
+    with pytest.raises(FileNotFoundError, match=r"no other.pt in folder .*exp \(filename='other.pt'\)"):
+        resolve_checkpoint(exp, filename="other.pt")
+    save_checkpoint(exp / "epoch3.pt", model)  # no longer just the trainer's pair: ambiguous
+    with pytest.raises(ValueError, match=r"several checkpoints .*filename=NAME in Python; --checkpoint PATH"):
+        resolve_checkpoint(exp)
+    assert resolve_checkpoint(exp, filename="epoch3.pt") == exp / "epoch3.pt"

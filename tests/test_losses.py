@@ -114,3 +114,13 @@ def test_shape_errors():
         pit_si_sdr_loss(torch.zeros(2, 2, 10), torch.zeros(2, 3, 10))
     with pytest.raises(ValueError, match="reduction"):
         pit_si_sdr_loss(torch.zeros(1, 2, 10), torch.ones(1, 2, 10), reduction="sum")
+
+
+def test_numpy_arrays_give_a_clear_type_error():
+    np = pytest.importorskip("numpy")
+    est, ref = np.random.randn(2, 100), np.random.randn(2, 100)
+    for loss in (si_sdr, pairwise_si_sdr, pit_si_sdr_loss):
+        args = (est[None], ref[None]) if loss is not si_sdr else (est, ref)
+        with pytest.raises(TypeError, match="take torch tensors .* got ndarray and ndarray: for NumPy arrays use "
+                                            "mossformer2.metrics.si_sdr"):
+            loss(*args)

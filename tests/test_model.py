@@ -330,6 +330,9 @@ def test_activation_checkpointing_gives_same_gradients(tiny_config, monkeypatch)
         (torch.randn(1, 23), "too short"),
         (torch.tensor([[0.0] * 50 + [float("nan")] * 50]), "NaN or infinite"),
         (torch.tensor([[0.0] * 50 + [float("inf")] * 50]), "NaN or infinite"),
+        (torch.zeros(0, 100), "the batch is empty"),
+        (torch.randn(1, 100, dtype=torch.float64), r"input dtype torch.float64 differs from the model's torch.float32"),
+        (torch.randn(1, 100, dtype=torch.bfloat16), "differs from the model's"),
     ],
 )
 def test_bad_input_gives_clear_value_error(tiny_config, wave, message):
@@ -555,3 +558,45 @@ def test_a_module_layout_overrides_the_global_one(monkeypatch):
         out = model(wave)
     assert calls
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_half_precision_model_names_a_float32_input():
+    model = build_model(make_tiny_config()).eval().to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"differs from the model's torch.bfloat16: pass wave.to\(torch.bfloat16\)"):
+        model(torch.randn(1, 100))
+    assert model(torch.randn(1, 100, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_mossformer2_takes_what_build_model_takes():
+    tiny = make_tiny_config()
+    assert mossformer2.MossFormer2(tiny.to_dict()).config == tiny  # was: 'dict' object has no attribute 'num_spks'
+    assert mossformer2.MossFormer2("MossFormer2_SS_16K").config == MossFormer2Config()
+    for make in (mossformer2.MossFormer2, build_model):
+        with pytest.raises(TypeError, match="expected a model name, MossFormer2Config or dict of its fields, got int"):
+            make(3)
+
+
+def test_a_config_changed_after_it_was_made_is_validated_again():
+    config = make_tiny_config()
+    config.num_spks = 0
+    for make in (mossformer2.MossFormer2, build_model):
+        with pytest.raises(ConfigError, match="num_spks must be a positive integer"):
+            make(config)
+
+
+def test_expansion_factor_must_be_positive():
+    for value in (0.0, -2.0):
+        with pytest.raises(ConfigError, match=f"expansion_factor must be a positive number, got {value}"):
+            MossFormer2Config(expansion_factor=value)
+    with pytest.raises(ConfigError, match="must be an even integer"):
+        MossFormer2Config(mossformer_sequence_dim=16, encoder_embedding_dim=16, expansion_factor=1.1)
+
+
+def test_plain_jit_trace_passes_its_own_check():
+    """torch.jit.trace records with gradients on, then checks by tracing again under no_grad: the conv layout
+    chosen by grad mode made the two graphs differ (TracingCheckError)."""
+    model = build_model(make_tiny_config()).eval()
+    traced = torch.jit.trace(model, torch.randn(1, 700))
+    x = torch.randn(2, 900)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))

@@ -28,9 +28,21 @@ _LAZY = {"load_model": "mossformer2.checkpoint", "save_checkpoint": "mossformer2
          "build_model": "mossformer2.models", "Separator": "mossformer2.separation"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+# Submodules reachable as attributes after a bare `import mossformer2` (imported on first access, like the names).
+_SUBMODULES = ("audio", "checkpoint", "cli", "config_utils", "data", "evaluation", "export", "hub", "losses",
+               "metrics", "models", "plotting", "pretrained", "runtime", "separation", "training", "utils")
 
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")  # also binds it in this module's namespace
     raise AttributeError(f"module 'mossformer2' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | set(_SUBMODULES) | {k for k in globals() if not k.startswith("_")} - {
+        "Any", "TYPE_CHECKING", "annotations"})

@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import re
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from mossformer2.config_utils import ConfigError
@@ -52,7 +54,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a checkpoint file")
+        raise ValueError(f"{path} is a folder, not a checkpoint file: pass the file inside it "
+                         "(mossformer2.hub.resolve_checkpoint(folder) finds it)")
     if is_torchscript_archive(path):
         raise TorchScriptFileError(f"{path} is a TorchScript export, not a checkpoint: `mossformer2 separate` and "
                          "Separator.from_pretrained run it as it is; to train or export again, use the checkpoint "
@@ -62,10 +65,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as err:  # the safe unpickler raises many types on garbage input
         if isinstance(err, MemoryError):
             raise
+        if _looks_like_onnx(path):
+            raise ValueError(f"{path} is an ONNX export, not a checkpoint: `mossformer2 separate` and "
+                             "Separator.from_pretrained run it as it is (mossformer2.runtime.OnnxRuntimeModel); "
+                             "to train or export again, use the checkpoint it was exported from") from None
         raise ValueError(_load_error(path, err)) from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
     return obj
+
+
+def _looks_like_onnx(path: Path) -> bool:
+    """An ``.onnx`` name, or the start of a serialized ONNX ModelProto: field 1 (``ir_version``, a one-byte
+    varint) then one of the fields 2-8 (producer name ... opset imports) as written by the exporters."""
+    if path.suffix.lower() == ".onnx":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(3)
+    return len(head) == 3 and head[0] == 0x08 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42)
 
 
 def _load_error(path: Path, err: Exception) -> str:
@@ -229,9 +246,15 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
 
     Accepts the official container, our checkpoints (config embedded), or a bare state dict; keys with or without
     ``module.``; with or without the rotary aliases. Without ``config`` the architecture is read from the
-    checkpoint (embedded config, else tensor shapes). A checkpoint of another architecture raises ValueError.
+    checkpoint (embedded config, else tensor shapes; then ``sample_rate``, ``group_size`` and ``dropout`` are the
+    official values, logged at INFO). A checkpoint of another architecture raises ValueError.
     A training state that kept a moving average loads the average by default (see :func:`select_weights`).
+    The checkpoint's recommended refinements (``'separation'``) become ``model.separation_settings``, which
+    ``Separator(model)``, :func:`save_checkpoint` and ``mossformer2.export`` read.
     """
+    from mossformer2.separation.refine import recommended_refinements
+
+    source = checkpoint if isinstance(checkpoint, (str, Path)) else "checkpoint"
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     if not isinstance(obj, dict):
         raise ValueError(f"expected a checkpoint path or dict, got {type(obj).__name__}")
@@ -243,19 +266,65 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
     if isinstance(config, str):
         model = build_model(config)
     else:
-        cfg = config or _config_from_checkpoint(obj) or infer_config(state)
+        cfg = config or _config_from_checkpoint(obj)
+        if cfg is None:
+            cfg = infer_config(state)
+            log.info("%s has no embedded config: sizes read from its tensor shapes; assumed sample_rate=%d, "
+                     "group_size=%d, dropout=%g (official values): pass config= if the model was trained otherwise",
+                     source, cfg.sample_rate, cfg.group_size, cfg.dropout)
         model = MossFormer2(cfg)
     load_state_dict_strict(model, state)
+    model.separation_settings = recommended_refinements(None if _is_state_dict(obj) else obj.get("separation"),
+                                                        source)
     return model.to(resolve_device(device)).eval()
+
+
+# What ``torch.load(weights_only=True)`` reads back, checked before writing (exact types: subclasses such as
+# IntEnum, namedtuple or a numpy scalar are pickled as their own class, which the safe loader refuses).
+_PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+_PLAIN_CONTAINERS = (dict, OrderedDict, list, tuple)
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` with numpy scalars as Python numbers and numpy arrays as tensors; ValueError naming ``where``
+    for anything else the safe loader would refuse."""
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN_VALUES:
+        return value
+    if isinstance(value, np.generic) and value.dtype.kind in "biufcU":
+        return value.item()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+        return torch.from_numpy(np.array(value))  # a copy: the checkpoint does not share the caller's buffer
+    if type(value) in _PLAIN_CONTAINERS:
+        if isinstance(value, dict):
+            return type(value)((_plain(k, f"{where} key {k!r}"), _plain(v, f"{where}[{k!r}]"))
+                               for k, v in value.items())
+        return type(value)(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise ValueError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which a checkpoint cannot "
+                     "hold: store tensors, numbers, strings, bools, None and lists/tuples/dicts of them "
+                     "(e.g. str() a path, float() a metric)")
+
+
+def _unwrap(model: Any) -> Any:
+    """The network inside DataParallel/DDP (``module``) and ``torch.compile`` (``_orig_mod``) wrappers."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module) or isinstance(
+            getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model._orig_mod
+    return model
 
 
 def save_checkpoint(path: str | Path, model: MossFormer2, optimizer: torch.optim.Optimizer | None = None,
                     epoch: int = 0, step: int = 0, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``{'model', 'config', 'epoch', 'step'[, 'optimizer'], **extra}`` atomically (temp file + rename).
+    """Write ``{'model', 'config', 'epoch', 'step'[, 'optimizer'][, 'separation'], **extra}`` atomically.
 
-    The layout is the official one plus ``'config'``, so ClearVoice's loader reads the weights too.
+    The layout is the official one plus ``'config'``, so ClearVoice's loader reads the weights too. ``model`` may
+    be wrapped (DataParallel/DDP, ``torch.compile``). Its ``separation_settings`` (see :func:`load_model`) are
+    written as ``'separation'`` unless ``extra`` has that key. ``extra`` holds what :func:`load_model` can read
+    back: tensors, numbers, strings, bools, None and lists/tuples/dicts of them (numpy scalars become numbers,
+    numpy arrays tensors); anything else is a ValueError naming the key, before anything is written.
     """
-    inner = getattr(model, "module", model)  # DDP-wrapped models save without the 'module.' prefix
+    from mossformer2.separation.refine import recommended_refinements
+
+    inner = _unwrap(model)
     if not isinstance(inner, MossFormer2):
         raise ValueError(f"save_checkpoint expects a MossFormer2 model, got {type(inner).__name__}")
     payload: dict[str, Any] = {
@@ -266,11 +335,14 @@ def save_checkpoint(path: str | Path, model: MossFormer2, optimizer: torch.optim
     }
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
-    if extra:
-        clash = set(extra) & set(payload)
-        if clash:
-            raise ValueError(f"extra keys {sorted(clash)} would overwrite checkpoint fields")
-        payload.update(extra)
+    extra = dict(extra or {})
+    clash = set(extra) & set(payload)
+    if clash:
+        raise ValueError(f"extra keys {sorted(clash)} would overwrite checkpoint fields")
+    settings = recommended_refinements(getattr(inner, "separation_settings", None), "model.separation_settings")
+    if settings and "separation" not in extra:
+        extra["separation"] = settings
+    payload.update(_plain(extra, "extra"))
     atomic_torch_save(payload, path)
     return Path(path)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 HUB_FILENAME = "last_best_checkpoint.pt"
 POINTER_FILE = "last_best_checkpoint"
+# A trainer's experiment folder: the best validated weights and the latest training state (training.trainer).
+TRAINER_BEST, TRAINER_LAST = "best.pt", "last.pt"
 # Short names accepted by ``--model``; "default" is the model shipped inside the package.
 KNOWN_MODELS = {"mossformer2_ss_16k": "alibabasglab/MossFormer2_SS_16K"}
 _FILE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".onnx", ".safetensors"}
@@ -48,16 +50,21 @@ def is_hub_id(ref: str | Path) -> bool:
     return not path.exists() and path.suffix.lower() not in _FILE_SUFFIXES and not path.parent.is_dir()
 
 
-def resolve_checkpoint(ref: str | Path, filename: str = HUB_FILENAME, cache_dir: str | Path | None = None) -> Path:
-    """Path of a checkpoint file given a file, a folder or a hub id (``owner/name``)."""
+def resolve_checkpoint(ref: str | Path, filename: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Path of a checkpoint file given a file, a folder or a hub id (``owner/name``).
+
+    ``filename``: the file to take from a folder or hub repository (default: a folder's pointer file
+    ``last_best_checkpoint`` or its ``last_best_checkpoint.pt``, else a trainer's ``best.pt`` where it sits
+    beside ``last.pt`` only, else the folder's only ``*.pt``; ``last_best_checkpoint.pt`` on the hub).
+    """
     path = Path(ref).expanduser()
     if path.is_file():
         return path
     if path.is_dir():
-        return _checkpoint_in_folder(path)
+        return _checkpoint_in_folder(path, filename)
     if is_hub_id(str(ref)):
         try:
-            return _download_from_hub(str(ref), filename, cache_dir)
+            return _download_from_hub(str(ref), filename or HUB_FILENAME, cache_dir)
         except FileNotFoundError as err:  # a mistyped local path looks like owner/name too: name both readings
             raise FileNotFoundError(f"no file or folder {ref} here (if you meant a local checkpoint, check the "
                                     f"path), and as a hub id: {err}") from None
@@ -65,8 +72,13 @@ def resolve_checkpoint(ref: str | Path, filename: str = HUB_FILENAME, cache_dir:
                             f"hub id like {KNOWN_MODELS['mossformer2_ss_16k']})")
 
 
-def _checkpoint_in_folder(folder: Path) -> Path:
-    """Official layout: a pointer file ``last_best_checkpoint`` naming the file; else the only/best ``*.pt``."""
+def _checkpoint_in_folder(folder: Path, filename: str | None = None) -> Path:
+    """``filename`` if given; official layout: a pointer file ``last_best_checkpoint`` naming the file; else the
+    official file name, a trainer's ``best.pt`` (validated weights) beside its ``last.pt``, or the only ``*.pt``."""
+    if filename is not None:
+        if not (folder / filename).is_file():
+            raise FileNotFoundError(f"no {filename} in folder {folder} (filename={filename!r})")
+        return folder / filename
     pointer = folder / POINTER_FILE
     if pointer.is_file():
         name = pointer.read_text().strip()
@@ -79,10 +91,12 @@ def _checkpoint_in_folder(folder: Path) -> Path:
         return folder / HUB_FILENAME
     if len(candidates) == 1:
         return candidates[0]
+    if {c.name for c in candidates} == {TRAINER_BEST, TRAINER_LAST}:
+        return folder / TRAINER_BEST
     if not candidates:
         raise FileNotFoundError(f"no checkpoint (*.pt or '{POINTER_FILE}' pointer file) in folder {folder}")
-    raise ValueError(f"several checkpoints in {folder} ({', '.join(c.name for c in candidates)}): "
-                     "pass the file itself with --checkpoint PATH")
+    raise ValueError(f"several checkpoints in {folder} ({', '.join(c.name for c in candidates)}): pass the file "
+                     "itself (its path, or filename=NAME in Python; --checkpoint PATH on the command line)")
 
 
 def _cache_dir_from_env() -> str | None:
@@ -104,7 +118,7 @@ def _download_from_hub(repo_id: str, filename: str, cache_dir: str | Path | None
     cache = str(cache_dir) if cache_dir is not None else _cache_dir_from_env()
     how_to = (f"on a machine with internet run `hf download {repo_id} {filename}` (huggingface_hub >= 0.34; "
               f"`huggingface-cli download` before 1.0) or download it from https://huggingface.co/{repo_id}, "
-              "copy the file here and pass --checkpoint PATH")
+              "copy the file here and pass its path (ref= in Python, --checkpoint PATH on the command line)")
     if not _offline():
         try:
             return Path(hf_hub_download(repo_id, filename, cache_dir=cache))

@@ -21,6 +21,13 @@ def _length_mask(lengths: torch.Tensor | None, T: int, device: torch.device) -> 
     return (torch.arange(T, device=device)[None, :] < lengths.to(device)[:, None])  # [B, T]
 
 
+def _check_tensors(est: object, ref: object) -> None:
+    if not (isinstance(est, torch.Tensor) and isinstance(ref, torch.Tensor)):
+        raise TypeError(f"the losses take torch tensors (they return differentiable tensors), got "
+                        f"{type(est).__name__} and {type(ref).__name__}: for NumPy arrays use "
+                        "mossformer2.metrics.si_sdr, or convert with torch.from_numpy")
+
+
 def pairwise_si_sdr(est: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor | None = None,
                     eps: float = EPS) -> torch.Tensor:
     """SI-SDR in dB of every estimate against every reference: ``[B, S_est, S_ref]``.
@@ -30,6 +37,7 @@ def pairwise_si_sdr(est: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor 
     values and gradients, and a silent estimate scores -80 dB (eps in the numerator as well gave it 0 dB, above
     any poor estimate).
     """
+    _check_tensors(est, ref)
     if est.shape[0] != ref.shape[0] or est.shape[-1] != ref.shape[-1]:
         raise ValueError(f"estimate {tuple(est.shape)} and reference {tuple(ref.shape)} shapes differ")
     mask = _length_mask(lengths, est.shape[-1], est.device)
@@ -54,6 +62,7 @@ def pairwise_si_sdr(est: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor 
 def si_sdr(est: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor | None = None,
            eps: float = EPS) -> torch.Tensor:
     """SI-SDR in dB of matching pairs. ``est``, ``ref``: ``[..., T]`` -> ``[...]``."""
+    _check_tensors(est, ref)
     shape = est.shape[:-1]
     e = est.reshape(-1, 1, est.shape[-1])
     r = ref.reshape(-1, 1, ref.shape[-1])
@@ -98,6 +107,7 @@ def pit_si_sdr_loss(est: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor 
     mean SI-SDR over speakers; ``perm`` ``[B, S]`` maps estimate i to reference ``perm[b, i]``. ``clamp_db``
     caps each pair's SI-SDR (e.g. 30 dB) so that well-separated examples stop dominating the gradient.
     """
+    _check_tensors(est, ref)
     if est.dim() != 3 or est.shape != ref.shape:
         raise ValueError(f"expected est and ref of equal shape [B, S, T]; got {tuple(est.shape)} "
                          f"and {tuple(ref.shape)}")

@@ -167,6 +167,9 @@ class DynamicMixingDataset(Dataset):
         return soxr.resample(wave, self.store.sample_rate, self.store.sample_rate / factor).astype(np.float32)
 
     def __getitem__(self, index: int) -> dict:
+        if not -self.num_examples <= index < self.num_examples:  # IndexError ends a plain `for ex in dataset`
+            raise IndexError(f"example {index} out of range: the dataset has {self.num_examples}")
+        index %= self.num_examples  # negative indices count from the end, as in a list
         rng = example_rng(self.seed, 0 if self.fixed else self.epoch, index)
         speaker_ids = rng.choice(len(self.speakers), size=self.num_spks, replace=False)
         skipped = 0

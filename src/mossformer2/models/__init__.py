@@ -16,20 +16,10 @@ if TYPE_CHECKING:
 
 def build_model(name_or_config: str | MossFormer2Config | dict | None = "MossFormer2") -> MossFormer2:
     """A freshly initialised model from a named config (``"MossFormer2"``, ``"MossFormer2-S"``), a
-    ``MossFormer2Config`` or a dict of its fields."""
-    if name_or_config is None:
-        config = MossFormer2Config()
-    elif isinstance(name_or_config, MossFormer2Config):
-        config = name_or_config
-    elif isinstance(name_or_config, dict):
-        config = MossFormer2Config.from_dict(name_or_config)
-    elif isinstance(name_or_config, str):
-        config = get_config(name_or_config)
-    else:
-        raise ValueError(f"build_model expects a model name, MossFormer2Config or dict, got {type(name_or_config)}")
+    ``MossFormer2Config`` or a dict of its fields (the same as ``MossFormer2(name_or_config)``)."""
     from mossformer2.models.mossformer import MossFormer2
 
-    return MossFormer2(config)
+    return MossFormer2(name_or_config)
 
 
 def count_parameters(model: MossFormer2) -> int:

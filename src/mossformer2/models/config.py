@@ -56,8 +56,12 @@ class MossFormer2Config:
         if self.mossformer_sequence_dim % 2:
             raise ConfigError("MossFormer2Config.mossformer_sequence_dim must be even (token shift, "
                               "sinusoidal table)")
+        if isinstance(self.expansion_factor, bool) or not isinstance(self.expansion_factor, (int, float)) \
+                or not self.expansion_factor > 0:
+            raise ConfigError(f"MossFormer2Config.expansion_factor must be a positive number, "
+                              f"got {self.expansion_factor!r}")
         hidden = self.mossformer_sequence_dim * self.expansion_factor
-        if self.expansion_factor <= 0 or not float(hidden).is_integer() or int(hidden) % 2:
+        if not float(hidden).is_integer() or int(hidden) % 2:
             raise ConfigError("MossFormer2Config.expansion_factor * mossformer_sequence_dim must be an even integer")
         if self.rotary_dim % 2 or self.rotary_dim > self.query_key_dim:
             raise ConfigError("MossFormer2Config.rotary_dim must be even and <= query_key_dim")
@@ -104,6 +108,22 @@ def tiny_test_config(**changes: Any) -> MossFormer2Config:
 
 _ALIASES = {"mossformer2_ss_16k": "MossFormer2", "mossformer2": "MossFormer2",
             "mossformer2-s": "MossFormer2-S", "mossformer2_s": "MossFormer2-S"}
+
+
+def resolve_config(name_or_config: str | MossFormer2Config | dict | None) -> MossFormer2Config:
+    """The config that ``build_model`` / ``MossFormer2(...)`` is given as a name, a config (validated again: a
+    dataclass may have been changed after it was made), a dict of its fields or None (the official one)."""
+    if name_or_config is None:
+        return MossFormer2Config()
+    if isinstance(name_or_config, MossFormer2Config):
+        name_or_config.validate()
+        return name_or_config
+    if isinstance(name_or_config, dict):
+        return MossFormer2Config.from_dict(name_or_config)
+    if isinstance(name_or_config, str):
+        return get_config(name_or_config)
+    raise TypeError(f"expected a model name, MossFormer2Config or dict of its fields, "
+                    f"got {type(name_or_config).__name__}")
 
 
 def get_config(name: str) -> MossFormer2Config:

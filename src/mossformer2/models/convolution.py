@@ -86,10 +86,13 @@ def conv_along_time(x: torch.Tensor, weight: torch.Tensor, padding: int, dilatio
     ``x`` is usually a channels-last view of a ``[B, T, C]`` activation, which oneDNN convolves in place for
     inference (10-30x faster than copying to ``[B, C, T]`` first). oneDNN's channels-last depth-wise kernel hangs
     in bf16 for small channel counts (seen with 16 channels, torch 2.13), so reduced precision on CPU takes the
-    plain layout, as does training (faster backward).
+    plain layout, as does training (faster backward), except while tracing (see below).
     """
     if x.device.type == "cpu":
-        if x.dtype != torch.float32 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        # No grad-mode branch while tracing: torch.jit.trace checks its graph by tracing again under no_grad, and
+        # two layouts would be two graphs; a traced graph is for inference, which takes the channels-last path.
+        training_layout = not torch.jit.is_tracing() and torch.is_grad_enabled()
+        if x.dtype != torch.float32 or (training_layout and (x.requires_grad or weight.requires_grad)):
             # Under autocast x is already bf16 (Linear output). With gradients, oneDNN's plain-layout forward +
             # backward is faster than its channels-last one (measured 1.3-2.4x for 64-128 channels, dilated too).
             x = x.contiguous()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mossformer2.models.config import MossFormer2Config
+from mossformer2.models.config import MossFormer2Config, resolve_config
 from mossformer2.models.convolution import CUDA_DEPTHWISE_LAYOUTS
 from mossformer2.models.embeddings import RotaryEmbedding, ScaledSinusoidalEmbedding
 from mossformer2.models.flash import FLASHLayer
@@ -146,9 +146,10 @@ class MossFormer2(nn.Module):
 
     accepts_lengths = True  # callers may batch unequal inputs with padding
 
-    def __init__(self, config: MossFormer2Config | None = None) -> None:
+    def __init__(self, config: MossFormer2Config | dict | str | None = None) -> None:
+        """``config``: a ``MossFormer2Config``, a dict of its fields, a named config or None (the official one)."""
         super().__init__()
-        self.config = config or MossFormer2Config()
+        self.config = resolve_config(config)
         c = self.config
         self.num_spks = c.num_spks
         self.kernel_size = c.encoder_kernel_size
@@ -230,11 +231,18 @@ class MossFormer2(nn.Module):
                 f"MossFormer2 expects a waveform of shape [batch, samples], got shape {tuple(wave.shape)}; "
                 "use wave.unsqueeze(0) for a single signal"
             )
+        if wave.shape[0] == 0:
+            raise ValueError("the batch is empty (shape [0, samples]): pass one or more signals")
         if not wave.is_floating_point():
             raise ValueError(
                 f"MossFormer2 expects floating-point samples in [-1, 1], got dtype {wave.dtype}; "
                 "convert integer PCM first (e.g. int16 / 32768)"
             )
+        weights = self.enc.conv1d.weight.dtype
+        # Under autocast the ops cast their inputs themselves; otherwise a conv of mixed dtypes fails deep inside.
+        if wave.dtype != weights and not torch.is_autocast_enabled(wave.device.type):
+            raise ValueError(f"input dtype {wave.dtype} differs from the model's {weights}: pass wave.to({weights}) "
+                             "(or convert the model, e.g. model.to(wave.dtype))")
         if wave.shape[-1] < self.min_input_length:
             raise ValueError(
                 f"input has {wave.shape[-1]} samples but the network needs at least {self.min_input_length} "
