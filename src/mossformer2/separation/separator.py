@@ -32,7 +32,6 @@ from mossformer2.separation.refine import (
     REFINEMENTS,
     mixture_consistency,
     polarity_ensemble,
-    recommended_refinements,
     wiener_filter,
 )
 from mossformer2.separation.stitching import (
@@ -460,9 +459,7 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
         from mossformer2.export import TorchScriptModel
 
         return TorchScriptModel(path).to(resolve_device(device))
-    model = load_model(checkpoint, device=resolve_device(device))
-    model.separation_settings = recommended_refinements(checkpoint.get("separation"), path)
-    return model
+    return load_model(checkpoint, device=resolve_device(device))  # with its model.separation_settings
 
 
 def output_paths(input_path: str | Path, out_dir: str | Path, num_spks: int, format: str | None = None) -> list[Path]:

@@ -33,6 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mossformer2.checkpoint import read_checkpoint, save_checkpoint
 from mossformer2.config_utils import to_dict
 from mossformer2.data.loaders import batches_per_epoch, create_dataloaders, prepare_synthetic_data, set_loader_epoch
+from mossformer2.hub import TRAINER_BEST, TRAINER_LAST
 from mossformer2.losses import pit_si_sdr_loss, si_sdr
 from mossformer2.models import MossFormer2, build_model
 from mossformer2.training.config import TrainConfig, absolute_path, save_train_config, with_absolute_paths
@@ -47,8 +48,7 @@ from mossformer2.utils import resolve_device, with_context
 
 log = logging.getLogger("mossformer2.training")
 
-LAST = "last.pt"
-BEST = "best.pt"
+LAST, BEST = TRAINER_LAST, TRAINER_BEST  # one definition: hub.py takes best.pt from a trainer's folder
 # Under DDP, validation looks for a stop signal every this many batches (an all-reduce, which syncs the device).
 VALID_STOP_CHECK_EVERY = 10
 
