@@ -24,11 +24,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, corpus, exp_dir: str, overrides: list[str]) -> None:
+def _join_group(rank: int, world_size: int, port: int):
+    """Join the 2-process gloo group as torchrun would set it up; returns the DistInfo."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    info = init_distributed("cpu")
+    return init_distributed("cpu")
+
+
+def _fit_until_stopped(trainer: Trainer) -> int | None:
+    """Train; the signal number if a SIGINT/SIGTERM stopped the run, else None."""
+    from mossformer2.training.experiment import TrainingInterrupted
+
+    try:
+        trainer.fit()
+    except TrainingInterrupted as stop:
+        return stop.signum
+    return None
+
+
+def _worker(rank: int, world_size: int, port: int, corpus, exp_dir: str, overrides: list[str]) -> None:
+    info = _join_group(rank, world_size, port)
     try:
         cfg = make_config(corpus, "model.dropout=0.0", "optim.accum_steps=1", "trainer.max_epochs=1", *overrides)
         trainer = Trainer(cfg, exp_dir, dist_info=info)
@@ -44,12 +60,7 @@ def _worker(rank: int, world_size: int, port: int, corpus, exp_dir: str, overrid
 def _signalled_worker(rank: int, world_size: int, port: int, corpus, exp_dir: str, overrides: list[str]) -> None:
     """Rank 1 alone gets SIGTERM inside its 2nd optimizer step (torchrun forwards signals to the ranks at slightly
     different times); each rank records the step it stopped at."""
-    from mossformer2.training.experiment import TrainingInterrupted
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    info = init_distributed("cpu")
+    info = _join_group(rank, world_size, port)
     original, calls = Trainer._optimizer_step, [0]
 
     def step(self, bad):
@@ -63,11 +74,7 @@ def _signalled_worker(rank: int, world_size: int, port: int, corpus, exp_dir: st
         cfg = make_config(corpus, "model.dropout=0.0", "optim.accum_steps=1", "trainer.max_epochs=1",
                           "trainer.checkpoint_every_steps=null", *overrides)
         trainer = Trainer(cfg, exp_dir, dist_info=info)
-        try:
-            trainer.fit()
-            signum = None
-        except TrainingInterrupted as stop:
-            signum = stop.signum
+        signum = _fit_until_stopped(trainer)
         torch.save({"weights": trainer.model.state_dict(), "step": trainer.state.step, "signum": signum},
                    os.path.join(exp_dir, f"result_{rank}.pt"))
     finally:
@@ -79,13 +86,9 @@ def _validation_signalled_worker(rank: int, world_size: int, port: int, corpus, 
     """Rank 1 alone gets SIGTERM while it scores its first validation batch (unless this run resumes). The ranks'
     validation shards differ (3 and 2 batches), and validation looks for the signal before every batch."""
     from mossformer2.training import trainer as trainer_module
-    from mossformer2.training.experiment import TrainingInterrupted
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     resuming = os.path.exists(os.path.join(exp_dir, "last.pt"))
-    info = init_distributed("cpu")
+    info = _join_group(rank, world_size, port)
     trainer_module.VALID_STOP_CHECK_EVERY = 1
     original_si_sdr, calls = trainer_module.si_sdr, [0]
 
@@ -101,11 +104,7 @@ def _validation_signalled_worker(rank: int, world_size: int, port: int, corpus, 
                           "trainer.checkpoint_every_steps=null", "data.valid_batch_size=1",
                           "data.dynamic_mixing.valid_examples=5", *overrides)
         trainer = Trainer(cfg, exp_dir, dist_info=info)
-        try:
-            trainer.fit()
-            signum = None
-        except TrainingInterrupted as stop:
-            signum = stop.signum
+        signum = _fit_until_stopped(trainer)
         torch.save({"signum": signum, "step": trainer.state.step, "history": trainer.state.history},
                    os.path.join(exp_dir, f"result_{rank}.pt"))
     finally:

@@ -29,8 +29,8 @@ import numpy as np
 from scipy.signal import lfilter
 
 from mossformer2.audio import (
-    AUDIO_SUFFIXES,
     find_audio_files,
+    has_audio_suffix,
     read_audio,
     resample,
     to_mono,
@@ -192,7 +192,7 @@ def plan_from_speaker_folder(root: str | Path, num_mixtures: int, num_spks: int 
     table = speaker_files(root)
     root = Path(root)
     if len(table) < num_spks and any(p.is_file() and not p.name.startswith(".")
-                                     and p.suffix.lower() in AUDIO_SUFFIXES for p in root.iterdir()):
+                                     and has_audio_suffix(p) for p in root.iterdir()):
         raise ValueError(f"{root} holds audio files itself, so it looks like one speaker's folder; pass the "
                          f"folder that holds one folder per speaker (ROOT/<speaker>/*.wav), e.g. {root.parent}")
     if len(table) < num_spks:
@@ -259,7 +259,7 @@ def _our_audio(out_dir: Path, paths: Sequence[Path]) -> set[Path]:
     """The resolved ``paths`` that are audio files inside ``out_dir`` (files this module may have written)."""
     root = out_dir.resolve()
     resolved = (p.resolve() for p in paths)
-    return {p for p in resolved if p.is_relative_to(root) and p.suffix.lower() in AUDIO_SUFFIXES}
+    return {p for p in resolved if p.is_relative_to(root) and has_audio_suffix(p)}
 
 
 def _previous_sets(out_dir: Path) -> set[Path]:
