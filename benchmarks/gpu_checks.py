@@ -28,32 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mossformer2 import MossFormer2Config, Separator, build_model, load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark.py beside this script, also when imported
+from benchmark import peak_memory  # noqa: E402
+
+from mossformer2 import MossFormer2Config, Separator, build_model, load_model  # noqa: E402
 from mossformer2.losses import si_sdr
 from mossformer2.models.config import tiny_test_config
 
 SR = 16000
-
-
-def _reset_peak(device: torch.device) -> bool:
-    """Start a new peak; False where the CPU's peak RSS cannot be reset (it then stays the process's peak)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _sdr_db(estimate: np.ndarray, reference: np.ndarray) -> float:
@@ -141,22 +123,23 @@ def check_long_file(model: torch.nn.Module, device: torch.device, minutes: float
     t = np.arange(samples, dtype=np.float32) / SR
     wave = (0.1 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 0.5 * t)
             + 0.05 * np.random.default_rng(2).standard_normal(samples).astype(np.float32)).astype(np.float32)
-    peak_reset = _reset_peak(device)
-    if compile_layers:
-        model = copy.deepcopy(model).compile_layers()
-    sep = Separator(model, device=str(device), dtype=dtype, chunk_seconds=10.0, overlap_seconds=2.0,
-                    batch_size=batch_size, cuda_graphs=cuda_graphs)
-    if compile_layers:  # compile (and capture) for every chunk-batch shape of this file outside the timing
-        sep.separate(wave, SR)
-    start = time.perf_counter()
-    out = sep.separate(wave, SR)
-    seconds = time.perf_counter() - start
+    with peak_memory(device) as memory:
+        if compile_layers:
+            model = copy.deepcopy(model).compile_layers()
+        sep = Separator(model, device=str(device), dtype=dtype, chunk_seconds=10.0, overlap_seconds=2.0,
+                        batch_size=batch_size, cuda_graphs=cuda_graphs)
+        if compile_layers:  # compile (and capture) for every chunk-batch shape of this file outside the timing
+            sep.separate(wave, SR)
+        start = time.perf_counter()
+        out = sep.separate(wave, SR)
+        seconds = time.perf_counter() - start
     ok = out.shape == (model.config.num_spks, samples) and bool(np.isfinite(out).all())
     return {"minutes": minutes, "dtype": dtype, "batch_size": batch_size, "cuda_graphs": cuda_graphs,
             "compile_layers": compile_layers,
             "seconds": seconds, "rtf": seconds / (minutes * 60),
-            "peak_device_mib" if device.type == "cuda" else "peak_rss_mib": _peak_mib(device),
-            "peak_reset": peak_reset, "ok": ok}
+            "peak_device_mib" if device.type == "cuda" else "peak_rss_mib": memory["peak_mib"],
+            # a CPU's peak RSS cannot always be reset: it then stays the process's peak
+            "peak_reset": bool(memory.get("rss_reset", 1.0)), "ok": ok}
 
 
 def main(argv: list[str] | None = None) -> int:

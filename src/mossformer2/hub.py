@@ -16,13 +16,14 @@ POINTER_FILE = "last_best_checkpoint"
 TRAINER_BEST, TRAINER_LAST = "best.pt", "last.pt"
 # Short names accepted by ``--model``; "default" is the model shipped inside the package.
 KNOWN_MODELS = {"mossformer2_ss_16k": "alibabasglab/MossFormer2_SS_16K"}
+BUILTIN_NAMES = ("default", "builtin", "built-in")
 _FILE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".onnx", ".safetensors"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def model_name_to_ref(name: str) -> str | None:
     """``--model NAME`` -> checkpoint reference: None for the shipped model, else a hub id."""
-    if name.lower() in ("default", "builtin", "built-in"):
+    if name.lower() in BUILTIN_NAMES:
         return None
     if name.lower() in KNOWN_MODELS:
         return KNOWN_MODELS[name.lower()]
@@ -30,6 +31,12 @@ def model_name_to_ref(name: str) -> str | None:
         return name
     raise ValueError(f"unknown model {name!r}: use 'default' (the built-in model), one of "
                      f"{sorted(v.split('/')[1] for v in KNOWN_MODELS.values())}, or a hub id like OWNER/NAME")
+
+
+def is_model_name(ref: object) -> bool:
+    """A short model name (``"default"``, ``"MossFormer2_SS_16K"``) that names no local file or folder."""
+    return (isinstance(ref, str) and ref.lower() in (*BUILTIN_NAMES, *KNOWN_MODELS)
+            and not Path(ref).exists())
 
 
 def model_checkpoint(name: str) -> Path:

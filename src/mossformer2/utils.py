@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import stat
 import sys
@@ -80,6 +81,15 @@ def atomic_paths(paths: Sequence[str | Path], suffix: str | None = None) -> Iter
         for tmp in temps:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+# The names atomic_paths gives its temporary files: ".<stem>.<8 mkstemp characters>.tmp<suffix>".
+_ATOMIC_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp\.[A-Za-z0-9]+$")
+
+
+def is_atomic_temp(path: str | Path) -> bool:
+    """Whether ``path`` is named as :func:`atomic_paths` names its temporary files (one a killed run left)."""
+    return bool(_ATOMIC_TEMP_NAME.match(Path(path).name))
 
 
 def _replace_all(temps: Sequence[Path], targets: Sequence[Path]) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +37,13 @@ from mossformer2.audio import (
     write_audio,
 )
 from mossformer2.data.manifests import load_manifest
+from mossformer2.utils import is_atomic_temp
 
 PEAK_LIMIT = 0.9  # wsj0-2mix multiplies everything by 0.9 / peak (create_wav_2speakers.m: 1 / max_amp * 0.9)
 METADATA_NAME = "metadata.csv"
 # The files a run will write, listed before it writes any and removed once metadata.csv is written: a killed run
 # leaves it behind, so that the next run notices its files and --overwrite can remove them.
 UNFINISHED_NAME = ".mix_unfinished.txt"
-_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp\.[A-Za-z0-9]+$")  # the temp files of utils.atomic_paths
 
 
 @dataclass
@@ -304,7 +303,7 @@ def _prepare_out_dir(out_dir: Path, new_files: Sequence[Path], overwrite: bool) 
     unfinished.unlink(missing_ok=True)
     for folder in (out_dir, *folders):  # the metadata's and the audio files' temp files
         for path in folder.iterdir():
-            if _TEMP_NAME.match(path.name) and path.is_file():
+            if is_atomic_temp(path) and path.is_file():
                 path.unlink(missing_ok=True)
 
 

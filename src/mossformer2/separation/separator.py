@@ -176,6 +176,7 @@ class Separator:
                                  "runs in float32")
             self.dtype = "float32"
         self.model = model
+        self._modules = list(model.modules()) if self.is_torch else []  # for _eval_mode, once
         # Our MossFormer2 takes true lengths, which makes zero-padded batches of unequal inputs exact.
         self.pads_batches = self.is_torch and bool(getattr(model, "accepts_lengths", False))
         self.sample_rate = int(model.config.sample_rate)
@@ -256,7 +257,7 @@ class Separator:
 
         wave = torch.from_numpy(batch).to(self.device, self.input_dtype)
         lengths_t = None if lengths is None else torch.from_numpy(np.asarray(lengths)).to(self.device)
-        with torch.inference_mode(), _eval_mode(self.model):
+        with torch.inference_mode(), _eval_mode(self._modules):
             if self.graphs is not None:
                 out = self.graphs(wave, lengths_t)  # applies the autocast dtype itself
             else:
@@ -448,11 +449,9 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
 
         path = default_model_path()
     else:
-        from mossformer2.hub import KNOWN_MODELS, model_checkpoint, resolve_checkpoint
+        from mossformer2.hub import is_model_name, model_checkpoint, resolve_checkpoint
 
-        named = (isinstance(ref, str) and not Path(ref).exists()
-                 and ref.lower() in ("default", "builtin", "built-in", *KNOWN_MODELS))
-        path = model_checkpoint(ref) if named else resolve_checkpoint(ref)
+        path = model_checkpoint(ref) if is_model_name(ref) else resolve_checkpoint(ref)
     try:
         checkpoint = read_checkpoint(path)
     except TorchScriptFileError:  # read_checkpoint recognises the export: run it as it is
@@ -553,15 +552,15 @@ def _is_torch_module(model: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _eval_mode(module: Any) -> Iterator[Any]:
-    """Run the block with ``module`` in eval mode, then give every submodule back its own train / eval flag
-    (``module.train()`` would set them all: a wrapper in train mode around a model in eval mode)."""
-    modules = list(module.modules()) if hasattr(module, "modules") else []
+def _eval_mode(modules: Sequence[Any]) -> Iterator[None]:
+    """Run the block with every module of ``modules`` (a model's ``list(model.modules())``, listed once: the full
+    model has ~1,850) in eval mode, then give each its own train / eval flag back (``model.train()`` would set them
+    all: a wrapper in train mode around a model in eval mode)."""
     training = [m for m in modules if m.training]
-    if training:
-        module.eval()
+    for m in training:
+        m.training = False
     try:
-        yield module
+        yield
     finally:
         for m in training:
             m.training = True

@@ -108,15 +108,20 @@ def match_sources(estimate: np.ndarray, reference: np.ndarray) -> tuple[np.ndarr
     two runs of a model may put out x and -x for one speaker: averaging or cross-fading them unmatched would
     cancel that speaker.
     """
-    order, signs, _ = match_sources_with_margin(estimate, reference)
-    return order, signs
+    order, rho, _ = _match(estimate, reference)
+    return order, _signs(rho, order)
 
 
 def match_sources_with_margin(estimate: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """:func:`match_sources` plus how sure it is: the summed-SI-SDR lead (dB) of the chosen order over the next."""
-    score, rho = _pair_si_sdr(estimate, reference)
-    order = _best_order(score)
+    order, rho, score = _match(estimate, reference)
     return order, _signs(rho, order), _runner_up_gap(score, order)
+
+
+def _match(estimate: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(order, rho, si_sdr)``: the order maximising the summed pair SI-SDR, and the pair matrices it came from."""
+    score, rho = _pair_si_sdr(estimate, reference)
+    return _best_order(score), rho, score
 
 
 def _signs(rho: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -239,8 +244,7 @@ class AlignedStitcher:
         self._end = max(self._end, end)
 
     def _align(self, start: int, chunk_out: np.ndarray, written: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        score, rho = _pair_si_sdr(chunk_out[:, :written.shape[-1]], written)
-        order = _best_order(score)
+        order, rho, score = _match(chunk_out[:, :written.shape[-1]], written)
         margin = _runner_up_gap(score, order)
         if margin >= DECISIVE_MARGIN_DB:
             return order, _signs(rho, order)
