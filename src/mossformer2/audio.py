@@ -13,6 +13,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -89,13 +90,20 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     return wave, int(sample_rate)
 
 
+def audio_header(path: str | Path) -> Any | None:
+    """libsndfile's header of an audio file (``.samplerate``, ``.channels``, ...) without decoding it; None for a
+    file it cannot read (a PyAV format, a damaged or missing file: :func:`read_audio` then decides)."""
+    try:
+        return sf.info(soundfile_name(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return None
+
+
 def audio_sample_rate(path: str | Path) -> int:
     """The sample rate of an audio file, from its header where libsndfile reads the format (no decoding); other
     containers are decoded (:func:`read_audio`, which also raises its errors for missing or unreadable files)."""
-    try:
-        return int(sf.info(soundfile_name(path)).samplerate)
-    except (sf.LibsndfileError, RuntimeError, TypeError):
-        return read_audio(path)[1]
+    header = audio_header(path)
+    return int(header.samplerate) if header is not None else read_audio(path)[1]
 
 
 def _read_with_pyav(path: Path) -> tuple[np.ndarray, int]:

@@ -268,10 +268,9 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     import numpy as np
-    import soundfile as sf
     from tqdm import tqdm
 
-    from mossformer2.audio import check_writable, read_audio, soundfile_name
+    from mossformer2.audio import audio_header, check_writable, read_audio
     from mossformer2.separation import Separator, output_paths, write_separation
     from mossformer2.separation.batching import make_batches
     from mossformer2.separation.separator import bar_disabled, spectrogram_path
@@ -352,13 +351,7 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0 and not (todo or plot_only or skipped or failed):  # rank 0 gets a file whenever the run has one
         raise ValueError("nothing to separate: the inputs name no audio file")
 
-    def header(f: Path):
-        try:
-            return sf.info(soundfile_name(f))
-        except (sf.LibsndfileError, RuntimeError):
-            return None  # unreadable here (a PyAV format or a damaged file): it runs, or fails, on its own
-
-    infos = {f: header(f) for f in todo}
+    infos = {f: audio_header(f) for f in todo}  # None: a PyAV format or a damaged file runs, or fails, on its own
     # Before separating anything: the outputs' format must hold their channels and rate (FLAC: at most 8, up to
     # 655350 Hz); writing would refuse each file only after its separation.
     unwritable: list[tuple[Path, ValueError]] = []
