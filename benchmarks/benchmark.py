@@ -40,7 +40,6 @@ from mossformer2 import MossFormer2, MossFormer2Config, build_model, load_model
 from mossformer2.losses import pit_si_sdr_loss, si_sdr
 from mossformer2.models import convolution
 from mossformer2.models.config import tiny_test_config
-from mossformer2.models.mossformer import REALIZE_REUSED_PRODUCERS
 from mossformer2.separation.cuda_graphs import CudaGraphModel
 
 GRAPH_VARIANTS = {"graph": None, "graph-bf16": torch.bfloat16, "graph-fp16": torch.float16}
@@ -72,8 +71,7 @@ class Settings:
     variants: list[str]
     skipped_variants: list[str] = field(default_factory=list)  # not for this device type
     time_budget_s: float | None = None
-    compile_options: dict | None = None  # inductor options of the compiled-layers variants (--realize-reused)
-    compile_layout: str = "shifted_sum"  # their depth-wise conv form (--stored-conv-inputs: shifted_sum_stored)
+    compile_layout: str = "shifted_sum_stored"  # the compiled-layers variants' depth-wise conv form (--compile-layout)
     started: float = 0.0
     rows: list[dict[str, Any]] = field(default_factory=list)
     save: Callable[[], None] | None = None  # called after each row, so an interrupted run keeps what it measured
@@ -358,8 +356,8 @@ def profile_forward(model: torch.nn.Module, wave: torch.Tensor, path: str | Path
 
 
 def compile_regions(model: MossFormer2, s: Settings) -> MossFormer2:
-    """``model.compile_layers`` for one static shape, with the run's compile options and conv layout."""
-    return model.compile_layers(dynamic=False, options=s.compile_options, layout=s.compile_layout)
+    """``model.compile_layers`` for one static shape, with the run's conv layout."""
+    return model.compile_layers(dynamic=False, layout=s.compile_layout)
 
 
 def profile_compiled(model: MossFormer2, s: Settings, path: str | Path) -> None:
@@ -544,12 +542,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cuda-depthwise", default=None, choices=convolution.CUDA_DEPTHWISE_LAYOUTS,
                         help="CUDA only: how depth-wise convs run (models.convolution.CUDA_DEPTHWISE_LAYOUT; "
                              "shifted_sum is meant for the compiled variants)")
-    parser.add_argument("--realize-reused", action="store_true",
-                        help="compiled-layers variants store reused producers of the shifted-sum convs "
-                             "(models.mossformer.REALIZE_REUSED_PRODUCERS) instead of recomputing them per tap")
-    parser.add_argument("--stored-conv-inputs", action="store_true",
-                        help="compiled-layers variants pad each conv input with convolution.pad_frames, so that "
-                             "it is stored once (layout shifted_sum_stored) instead of recomputed per tap")
+    parser.add_argument("--compile-layout", default="shifted_sum_stored", choices=("shifted_sum_stored", "shifted_sum"),
+                        help="depth-wise conv form of the compiled-layers variants (MossFormer2.compile_layers): "
+                             "each conv input stored once (default), or its producer fused into every tap's read")
     args = parser.parse_args(argv)
     for option, names, known in (("--variants", args.variants, VARIANTS), ("--sections", args.sections, SECTIONS)):
         unknown = [name for name in names.split(",") if name and name not in known]
@@ -580,8 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  train_batches=[int(b) for b in args.train_batches.split(",") if b],
                  variants=variants, skipped_variants=skipped,
                  time_budget_s=args.time_budget, started=time.perf_counter(),
-                 compile_options=dict(REALIZE_REUSED_PRODUCERS) if args.realize_reused else None,
-                 compile_layout="shifted_sum_stored" if args.stored_conv_inputs else "shifted_sum")
+                 compile_layout=args.compile_layout)
     sections = [x for x in args.sections.split(",") if x]
     model = make_model(args).to(device)
     info = machine_info(device)

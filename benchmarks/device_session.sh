@@ -14,8 +14,8 @@ set -u -o pipefail  # pipefail: a step's status is its command's, not tee's
 source scripts/device_env.sh
 CHECKS_LIMIT=${CHECKS_LIMIT:-300} BENCH_LIMIT=${BENCH_LIMIT:-120} LATENCY_LIMIT=${LATENCY_LIMIT:-240}
 PROFILE_LIMIT=${PROFILE_LIMIT:-0}
-# Extra benchmark.py flags for the latency and compiled-profile steps, e.g. "--stored-conv-inputs" (session 11's
-# prepared fix for the compiled convs' recomputed inputs) or "--realize-reused".
+# Extra benchmark.py flags for the latency and compiled-profile steps, e.g. "--compile-layout shifted_sum" (the
+# compiled convs' fused form instead of the default stored inputs).
 BENCH_FLAGS=${BENCH_FLAGS:-}
 CHECKS=${CHECKS:-padded_batch,dtypes,cuda_graphs,compiled}
 LATENCY_SECTIONS=${LATENCY_SECTIONS:-latency}

@@ -1,11 +1,11 @@
-"""Which part of ``MossFormer2.compile_layers`` makes compiled float32 differ from eager on CUDA.
+"""Which part of ``MossFormer2.compile_layers`` makes compiled output differ from eager on CUDA.
 
 Session 8 found, on an H200, the Separator on ``compile_layers()`` with CUDA graphs 11.9 dB SI-SDR from eager fp32
 in float32, but 36.8 dB in bf16 (benchmarks/RESULTS.md). This script separates the suspects, one row each, on the
 same input (batch 3, random full model), scored against eager fp32 with TF32 off everywhere:
 
 - which regions are compiled (FLASH layers, FSMN blocks, both);
-- depth-wise convs as cuDNN / PyTorch kernels or as fused shifted sums;
+- depth-wise convs as cuDNN / PyTorch kernels, as fused shifted sums, or as shifted sums of a stored input;
 - with or without a CUDA graph around the compiled model;
 - float32 or bf16 autocast;
 - equal lengths, or a zero-padded batch with ``lengths`` (the masked path, which padded batches of short files
@@ -14,11 +14,12 @@ same input (batch 3, random full model), scored against eager fp32 with TF32 off
 
 A row scores far below the others' precision (fp32 > 60 dB, bf16 > 30 dB) where the fault lies. A first probe row
 compares the rotary cos / sin tables of a 10 s item (20,000 frames, angles up to 20,000 rad) computed by a compiled
-function with eager ones: GPU code generators may use fast, approximate sin / cos whose error grows with the
-argument, which would change the FLASH layers' positions only when compiled (a cheap exclusion: under bf16
-autocast the tables are float32 too, and bf16 matched). CPU dry run (the convs stay convs there)::
+function with eager ones (GPU code generators may use fast, approximate sin / cos). Session 13 (H200, first three
+rows and the probe): the tables are equal (0.0 difference); fused shifted sums 11.8 dB in float32, stored conv
+inputs 94.0 dB (CUDA graph, 10 s) and 90.2 dB (4 s): the fault lies in the fused producer of the shifted sums,
+hence ``compile_layers``' default "shifted_sum_stored". CPU dry run (the convs stay convs there)::
 
-    python benchmarks/gpu_compile_diagnosis.py --device cpu --tiny --rows 2
+    python benchmarks/gpu_compile_diagnosis.py --device cpu --tiny --rows 1
     python benchmarks/gpu_compile_diagnosis.py --json diagnosis.json       # CUDA, ~7 min (11 rows)
 """
 
@@ -37,49 +38,47 @@ import torch
 from mossformer2 import MossFormer2Config, build_model
 from mossformer2.losses import si_sdr
 from mossformer2.models.config import tiny_test_config
-from mossformer2.models.mossformer import REALIZE_REUSED_PRODUCERS
 from mossformer2.separation.cuda_graphs import CudaGraphModel
 
 
 class Row(NamedTuple):
     name: str
     regions: str  # "flash", "fsmn" or "both"
-    shifted: bool  # depth-wise convs as fused shifted sums
+    layout: str  # depth-wise convs: "" (cuDNN / PyTorch kernels), "shifted_sum" or "shifted_sum_stored"
     graph: bool  # a CUDA graph around the compiled model (not for padded batches: CudaGraphModel runs them eagerly)
     dtype: torch.dtype
     padded: bool = False  # items of PADDED_FRACTIONS of the length, zero-padded, with ``lengths``
     seconds: float = 4.0  # length of each of the three items
-    realize: bool = False  # compiled with REALIZE_REUSED_PRODUCERS (reused producers stored, not recomputed)
 
 
-# The first rows are the cheapest to tell apart. The first two: session 11 found bf16 autocast broken (11.5 dB)
-# once reused producers are stored (REALIZE_REUSED_PRODUCERS), a fast reproducer; with and without a CUDA graph.
+# The first three rows ran in session 13 (see above); the rest narrow down the fused form's fault further.
+SUM, STORED = "shifted_sum", "shifted_sum_stored"
 ROWS = [
-    Row("both regions, shifted sums, bf16, stored producers, CUDA graph", "both", True, True, torch.bfloat16,
-        realize=True),
-    Row("both regions, shifted sums, bf16, stored producers", "both", True, False, torch.bfloat16, realize=True),
-    Row("both regions, shifted sums, fp32", "both", True, False, torch.float32),
-    Row("both regions, shifted sums, fp32, padded batch", "both", True, False, torch.float32, padded=True),
-    Row("both regions, default convs, fp32", "both", False, False, torch.float32),
-    Row("FLASH only, default convs, fp32", "flash", False, False, torch.float32),
-    Row("FSMN only, shifted sums, fp32", "fsmn", True, False, torch.float32),
-    Row("both regions, shifted sums, fp32, CUDA graph", "both", True, True, torch.float32),
-    Row("both regions, shifted sums, fp32, CUDA graph, 10 s", "both", True, True, torch.float32, seconds=10.0),
-    Row("both regions, shifted sums, bf16, CUDA graph", "both", True, True, torch.bfloat16),
-    Row("both regions, shifted sums, bf16, padded batch", "both", True, False, torch.bfloat16, padded=True),
+    Row("both regions, stored conv inputs, fp32, CUDA graph, 10 s", "both", STORED, True, torch.float32,
+        seconds=10.0),
+    Row("both regions, shifted sums, fp32, CUDA graph, 10 s", "both", SUM, True, torch.float32, seconds=10.0),
+    Row("both regions, stored conv inputs, fp32", "both", STORED, False, torch.float32),
+    Row("both regions, shifted sums, fp32", "both", SUM, False, torch.float32),
+    Row("both regions, shifted sums, fp32, padded batch", "both", SUM, False, torch.float32, padded=True),
+    Row("both regions, default convs, fp32", "both", "", False, torch.float32),
+    Row("FLASH only, default convs, fp32", "flash", "", False, torch.float32),
+    Row("FSMN only, shifted sums, fp32", "fsmn", SUM, False, torch.float32),
+    Row("both regions, shifted sums, fp32, CUDA graph", "both", SUM, True, torch.float32),
+    Row("both regions, shifted sums, bf16, CUDA graph", "both", SUM, True, torch.bfloat16),
+    Row("both regions, shifted sums, bf16, padded batch", "both", SUM, False, torch.bfloat16, padded=True),
 ]
 PADDED_FRACTIONS = (1.0, 0.78, 0.5627)  # of the batch length; the last one not a multiple of the hop
 
 
-def compiled_copy(model: torch.nn.Module, regions: str, shifted: bool, realize: bool = False) -> torch.nn.Module:
+def compiled_copy(model: torch.nn.Module, regions: str, layout: str) -> torch.nn.Module:
     """A copy of ``model`` with the chosen regions compiled (``compile_layers`` restricted to them)."""
     model = copy.deepcopy(model)
-    if shifted:
-        model.set_cuda_depthwise_layout("shifted_sum")
+    if layout:
+        model.set_cuda_depthwise_layout(layout)
     layers = model.mask_net.mdl.intra_mdl.mossformerM
     chosen = {"flash": [*layers.layers], "fsmn": [*layers.fsmn], "both": [*layers.layers, *layers.fsmn]}[regions]
     for layer in chosen:
-        layer.compile(dynamic=False, options=dict(REALIZE_REUSED_PRODUCERS) if realize else None)
+        layer.compile(dynamic=False)
     return model
 
 
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = build_model(tiny_test_config() if args.tiny else MossFormer2Config()).to(device).eval()
     results = [probe_rotary_tables(model, device)]
     print(json.dumps(results[0]), flush=True)
-    for name, regions, shifted, graph, dtype, pad, seconds, realize in ROWS[: args.rows]:
+    for name, regions, layout, graph, dtype, pad, seconds in ROWS[: args.rows]:
         if dtype != torch.float32 and device.type != "cuda":
             continue  # compiled bf16 does not finish on the CPU (torch 2.13)
         samples = int(seconds * 16000)
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch._dynamo.reset()  # each row compiles afresh: no code cached from an earlier row
         start = time.perf_counter()
         try:
-            compiled = compiled_copy(model, regions, shifted, realize)
+            compiled = compiled_copy(model, regions, layout)
             if graph and device.type == "cuda":
                 runner = CudaGraphModel(compiled, dtype)
                 with torch.inference_mode():

@@ -175,15 +175,15 @@ def test_cuda_graphs_check_fails_when_nothing_was_captured():
 
 
 def test_compile_diagnosis_dry_run_on_cpu(tmp_path):
-    """benchmarks/gpu_compile_diagnosis.py probes the compiled rotary tables, then scores its first fp32 row
-    (compiled layers) against eager on the CPU; the two bf16 rows before it are CUDA only."""
+    """benchmarks/gpu_compile_diagnosis.py probes the compiled rotary tables, then scores its first row (compiled
+    layers, fp32, three 10 s items) against eager on the CPU."""
     diagnosis = _load_benchmark("gpu_compile_diagnosis")
     out = tmp_path / "diagnosis.json"
-    rows = diagnosis.main(["--device", "cpu", "--tiny", "--rows", "3", "--json", str(out)])
+    rows = diagnosis.main(["--device", "cpu", "--tiny", "--rows", "1", "--json", str(out)])
     assert rows[0]["variant"].startswith("probe: rotary cos/sin tables, 20000 frames")
     assert rows[0]["max_abs_diff"] < 1e-3  # the CPU's compiled cos / sin are accurate
-    assert [r.dtype for r in diagnosis.ROWS[:3]] == [torch.bfloat16, torch.bfloat16, torch.float32]
-    assert [row["variant"] for row in rows[1:]] == [diagnosis.ROWS[2].name]
+    assert diagnosis.ROWS[0].dtype == torch.float32 and diagnosis.ROWS[0].layout == "shifted_sum_stored"
+    assert [row["variant"] for row in rows[1:]] == [diagnosis.ROWS[0].name]
     assert rows[1]["si_sdr_vs_eager_fp32_db"] > 60
     assert json.loads(out.read_text()) == rows
 
@@ -205,9 +205,7 @@ def test_cuda_depthwise_option_sets_the_layout_and_refuses_unknown_names(capsys)
         convolution.CUDA_DEPTHWISE_LAYOUT = before
 
 
-def test_compile_flags_reach_every_compiled_region(monkeypatch):
-    from mossformer2.models.mossformer import REALIZE_REUSED_PRODUCERS
-
+def test_compile_layout_reaches_every_compiled_region(monkeypatch):
     benchmark = _load_benchmark()
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
@@ -215,15 +213,12 @@ def test_compile_flags_reach_every_compiled_region(monkeypatch):
     from mossformer2.models.config import tiny_test_config
     from mossformer2.models.convolution import ConvModule
 
-    for flags, expected, layout in (([], None, "shifted_sum"),
-                                    (["--realize-reused"], REALIZE_REUSED_PRODUCERS, "shifted_sum"),
-                                    (["--stored-conv-inputs"], None, "shifted_sum_stored")):
+    for flags, layout in (([], "shifted_sum_stored"), (["--compile-layout", "shifted_sum"], "shifted_sum")):
         calls.clear()
         result = benchmark.main(["--quick", "--device", "cpu", "--sections", "", "--variants", "", *flags])
-        settings = result["settings"]
-        run = SimpleNamespace(compile_options=settings["compile_options"], compile_layout=settings["compile_layout"])
+        run = SimpleNamespace(compile_layout=result["settings"]["compile_layout"])
         model = benchmark.compile_regions(build_model(tiny_test_config()), run)
-        assert calls and all(kwargs["options"] == expected and kwargs["dynamic"] is False for kwargs in calls)
+        assert calls and all(kwargs["dynamic"] is False for kwargs in calls)
         assert {m.cuda_depthwise_layout for m in model.modules() if isinstance(m, ConvModule)} == {layout}
 
 
@@ -287,12 +282,12 @@ def test_device_session_runs_every_step_and_exits_1_if_one_failed(tmp_path, fail
         tool.chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "PYTHON": str(bin_dir / "python"),
-           "WHEELS": str(tmp_path / "no_wheels"), "PROFILE_LIMIT": "10", "BENCH_FLAGS": "--stored-conv-inputs"}
+           "WHEELS": str(tmp_path / "no_wheels"), "PROFILE_LIMIT": "10", "BENCH_FLAGS": "--compile-layout shifted_sum"}
     proc = subprocess.run(["bash", "benchmarks/device_session.sh"], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     calls = (out / "calls.txt").read_text().splitlines()
     assert len(calls) == 5  # device name, gpu_checks, two benchmarks, compiled profile: every step ran
-    assert [call.endswith("--stored-conv-inputs") for call in calls] == [False, False, False, True, True]
+    assert [call.endswith("--compile-layout shifted_sum") for call in calls] == [False, False, False, True, True]
     if failing:
         assert proc.returncode == 1 and "failed steps: gpu_checks (exit 3)" in proc.stderr
     else:

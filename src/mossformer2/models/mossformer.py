@@ -126,15 +126,6 @@ class MaskNet(nn.Module):
         return masks.transpose(0, 1)
 
 
-# Opt-in inductor options for compile_layers. A shifted-sum conv reads its input K times (17 or 39 taps); on CUDA
-# the compiler inlines a cheap producer (SiLU, norm + PReLU: ~8-15 ops) into every read instead of storing it
-# once, so the conv kernels recompute it K times per output: on an H200 (bf16, 4 s) they took ~24 of 35 ms at
-# batch 1 and ~300 of 437 ms at batch 16. Storing reused producers of more than 7 ops (inductor's CUDA default:
-# 30) took the bf16-weight model from 32 to 27 ms at batch 1 (36.3 dB from fp32), but under bf16 autocast the
-# output broke (11.5 dB, like compiled float32's 11.9 dB): not a default until that fault is understood.
-REALIZE_REUSED_PRODUCERS = {"realize_opcount_threshold": 7}
-
-
 class MossFormer2(nn.Module):
     """MossFormer2 speech separation network (official MossFormer2_SS_16K layout).
 
@@ -196,30 +187,29 @@ class MossFormer2(nn.Module):
             if hasattr(module, "cuda_depthwise_layout"):
                 module.cuda_depthwise_layout = layout
 
-    def compile_layers(self, dynamic: bool | None = None, options: dict | None = None,
-                       layout: str = "shifted_sum") -> "MossFormer2":
+    def compile_layers(self, dynamic: bool | None = None, layout: str = "shifted_sum_stored") -> "MossFormer2":
         """``torch.compile`` each FLASH layer and gated FSMN block in place; returns ``self``.
 
         Regional compilation: the FLASH layers share one compiled region and the FSMN blocks another, so it takes
         far less time than compiling the whole network. On CUDA the depth-wise convs become sums of shifted, scaled
-        slices (``convolution.depthwise_shifted_sum``), which the compiler fuses with the neighbouring elementwise
-        ops on the ``[B, T, C]`` layout: no layout copies and no conv kernel. The CPU keeps its convs.
+        slices (``convolution.depthwise_shifted_sum``), which the compiler turns into elementwise kernels on the
+        ``[B, T, C]`` layout: no layout copies and no conv kernel. The CPU keeps its convs.
 
-        Measured on an H200 (full model, 4 s, bf16 autocast, CUDA graphs; benchmarks/RESULTS.md): batch 1 48 ->
-        35 ms, batch 16 RTF 0.0100 -> 0.0069, output 36.5 dB SI-SDR from eager fp32. Meant for bf16 on CUDA: on
-        that GPU a float32 run did not match eager (11.9 dB; ``benchmarks/gpu_checks.py --checks compiled``
-        checks it), and on the CPU a compiled bf16 forward did not finish (torch 2.13). ``dynamic``: as
-        ``torch.compile``'s (``None``: static for the first input shape, one dynamic recompile on a second).
-        ``options``: inductor options for every region, e.g. ``REALIZE_REUSED_PRODUCERS`` (see its note).
-        ``layout``: "shifted_sum" (measured above) or "shifted_sum_stored" (each conv input stored once rather than
-        recomputed per tap: ``convolution.pad_frames``; prepared, not yet measured on a GPU).
+        ``layout``: "shifted_sum_stored" (default) stores each conv's input once (``convolution.pad_frames``);
+        "shifted_sum" lets the compiler fuse the input's producer (SiLU, norm + PReLU) into every tap's read.
+        Measured on an H200 (full model, 4 s, CUDA graphs, bf16 weights; benchmarks/RESULTS.md, session 13): batch
+        1 27 ms stored against 32 ms fused (48 ms uncompiled), batch 16 0.385 s (RTF 0.0060), 36.3 dB SI-SDR from
+        eager fp32. The fused form is also wrong in float32 on that GPU (11.8 dB from eager), the stored one is not
+        (94 dB, three 10 s items in a CUDA graph). On the CPU a compiled bf16 forward did not finish (torch 2.13).
+        ``dynamic``: as ``torch.compile``'s (``None``: static for the first input shape, one dynamic recompile on a
+        second).
         """
         if not layout.startswith("shifted_sum"):
             raise ValueError(f"compile_layers runs the convs as shifted sums; got layout {layout!r}")
         self.set_cuda_depthwise_layout(layout)
         layers = self.mask_net.mdl.intra_mdl.mossformerM
         for layer in [*layers.layers, *layers.fsmn]:
-            layer.compile(dynamic=dynamic, options=dict(options) if options else None)
+            layer.compile(dynamic=dynamic)
         return self
 
     def check_input(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
