@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -460,6 +461,58 @@ def test_a_compiled_shifted_sum_stores_its_input_once_with_pad_frames():
     out, (code, *_) = run_and_get_code(torch.compile(conv, dynamic=False), h, True)
     torch.testing.assert_close(out, conv(h, False), atol=1e-5, rtol=1e-5)
     assert "torch.ops.mossformer2.pad_frames.default(" in code
+
+
+def test_a_compiled_shifted_sum_reads_a_taps_outermost_weight_along_channels():
+    """The compiler inlines the weight into the conv kernel with the parameter's own strides: a contiguous
+    ``[C, 1, K]`` weight is read at a stride of K = 17 across neighbouring channels (a gather in every tap), a
+    weight laid out by ``store_taps_outermost`` contiguously along channels; same output."""
+    from torch._inductor.utils import run_and_get_code
+
+    from mossformer2.models.convolution import store_taps_outermost
+
+    def conv(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x = h.transpose(1, 2).unsqueeze(2)
+        return depthwise_shifted_sum(x, weight.unsqueeze(2), 8, 1, store_input=True).squeeze(2).transpose(1, 2)
+
+    h = torch.randn(2, 300, 32)
+    weight = torch.nn.Parameter(torch.randn(32, 1, 17), requires_grad=False)
+    codes = {}
+    for outermost in (False, True):
+        store_taps_outermost(weight, 2, outermost)
+        torch._dynamo.reset()
+        out, (codes[outermost], *_) = run_and_get_code(torch.compile(conv, dynamic=False), h, weight)
+        torch.testing.assert_close(out, conv(h, weight.detach().contiguous()), atol=1e-5, rtol=1e-5)
+    gather = re.compile(r"17L\*x\d")  # a weight index that steps 17 per channel
+    assert gather.search(codes[False]) and not gather.search(codes[True])
+
+
+def test_shifted_sum_layouts_store_the_depthwise_weights_taps_outermost():
+    """set_cuda_depthwise_layout lays the depth-wise conv weights out for their CUDA form (taps outermost for the
+    shifted sums, contiguous for the conv kernels) without changing their values, the state dict or the output."""
+    from mossformer2.models.convolution import ConvModule
+    from mossformer2.models.fsmn import DilatedDenseNet
+
+    torch.manual_seed(0)
+    model = build_model(make_tiny_config()).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    wave = torch.randn(2, 4000)
+    with torch.inference_mode():
+        expected = model(wave)
+    weights = [m.sequential[1].conv.weight if isinstance(m, ConvModule) else m.conv1.weight
+               for m in model.modules() if isinstance(m, (ConvModule, DilatedDenseNet))]
+    assert weights and all(w.is_contiguous() for w in weights)
+    model.set_cuda_depthwise_layout("shifted_sum_stored")
+    assert all(w.movedim(2, 0).is_contiguous() and not w.is_contiguous() for w in weights)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(wave), expected, atol=0, rtol=0)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    fresh = build_model(make_tiny_config()).eval()
+    fresh.load_state_dict(model.state_dict())  # a checkpoint saved from it loads anywhere
+    with torch.inference_mode():
+        torch.testing.assert_close(fresh(wave), expected, atol=0, rtol=0)
+    model.set_cuda_depthwise_layout("contiguous")
+    assert all(w.is_contiguous() for w in weights)
 
 
 def test_shifted_sum_keeps_a_reduced_dtype_and_accumulates_in_fp32():

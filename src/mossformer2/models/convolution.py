@@ -16,7 +16,8 @@ from torch import nn
 # float32 output on an H200 (11.8 dB from eager). "shifted_sum_stored" pads the input with an operator the compiler
 # cannot fuse (pad_frames), so the input is stored once and read K times: correct in float32 (94 dB) and faster
 # (H200, bf16 weights, batch 1: 27 against 32 ms). MossFormer2.compile_layers sets it; modules can override the
-# global with their own ``cuda_depthwise_layout``.
+# global with their own ``cuda_depthwise_layout`` (set_cuda_depthwise_layout, which also lays their weights out
+# for the chosen form: store_taps_outermost).
 CUDA_DEPTHWISE_LAYOUTS = ("contiguous", "channels_last", "shifted_sum", "shifted_sum_stored")
 CUDA_DEPTHWISE_LAYOUT = "contiguous"
 
@@ -68,6 +69,19 @@ def depthwise_shifted_sum(x: torch.Tensor, weight: torch.Tensor, padding: int, d
     for k in range(1, taps):
         out = out + padded[..., k * dilation:k * dilation + length].to(acc) * w[..., k:k + 1]
     return out.to(x.dtype)
+
+
+def store_taps_outermost(weight: torch.Tensor, tap_dim: int, outermost: bool) -> None:
+    """Re-lay a depth-wise conv weight out in memory, in place: its taps outermost (``outermost``) or contiguous.
+    Values, shape and state-dict entry stay the same.
+
+    For the compiled shifted sums: the compiler inlines the weight into the conv kernel, indexing it with the
+    parameter's own strides, so a contiguous ``[C, 1, K]`` weight is read at a stride of ``K`` across neighbouring
+    channels (a gather in every tap; on the CPU it also kept the loop from vectorising: 190 -> 120 ms for one
+    2048-channel, 8,000-frame conv with the taps outermost). The conv kernels want it contiguous.
+    """
+    data = weight.data
+    weight.data = data.movedim(tap_dim, 0).contiguous().movedim(0, tap_dim) if outermost else data.contiguous()
 
 
 def _dilated_kernel(weight: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -145,6 +159,12 @@ class ConvModule(nn.Module):
         identity[..., (kernel_size - 1) // 2] = 1.0
         self.register_buffer("identity_tap", identity, persistent=False)
         self.cuda_depthwise_layout = ""  # "" = the module-wide CUDA_DEPTHWISE_LAYOUT
+
+    def set_cuda_depthwise_layout(self, layout: str) -> None:
+        """``layout``: one of ``CUDA_DEPTHWISE_LAYOUTS`` or "" (the module-wide default); the shifted sums get the
+        weight with its taps outermost in memory (:func:`store_taps_outermost`)."""
+        self.cuda_depthwise_layout = layout
+        store_taps_outermost(self.sequential[1].conv.weight, 2, layout.startswith("shifted_sum"))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         conv = self.sequential[1].conv

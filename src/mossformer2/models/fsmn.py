@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mossformer2.models.convolution import FeedForwardConv, conv_along_time
+from mossformer2.models.convolution import FeedForwardConv, conv_along_time, store_taps_outermost
 from mossformer2.models.norms import ChannelLayerNorm, instance_norm_over_time
 
 
@@ -36,6 +36,12 @@ class DilatedDenseNet(nn.Module):
         self.prelu2 = nn.PReLU(channels)
         self.norm_eps = float(self.norm1.eps)  # a plain attribute: TorchScript cannot read InstanceNorm's eps
         self.cuda_depthwise_layout = ""  # "" = convolution.CUDA_DEPTHWISE_LAYOUT
+
+    def set_cuda_depthwise_layout(self, layout: str) -> None:
+        """As ``ConvModule.set_cuda_depthwise_layout``. Only stage 1 is depth-wise (stage 2 reads two channels per
+        group, so it stays a conv in every layout)."""
+        self.cuda_depthwise_layout = layout
+        store_taps_outermost(self.conv1.weight, 2, layout.startswith("shifted_sum"))
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int) -> torch.Tensor:
         """``[B, F, C_in]`` conv with a ``[C, k, 1, K]`` kernel (``groups=C``) along time -> ``[B, F, C]``."""

@@ -184,8 +184,8 @@ class MossFormer2(nn.Module):
         if layout and layout not in CUDA_DEPTHWISE_LAYOUTS:
             raise ValueError(f"unknown depth-wise layout {layout!r}; choose from {CUDA_DEPTHWISE_LAYOUTS}")
         for module in self.modules():
-            if hasattr(module, "cuda_depthwise_layout"):
-                module.cuda_depthwise_layout = layout
+            if module is not self and hasattr(module, "set_cuda_depthwise_layout"):
+                module.set_cuda_depthwise_layout(layout)
 
     def compile_layers(self, dynamic: bool | None = None, layout: str = "shifted_sum_stored") -> "MossFormer2":
         """``torch.compile`` each FLASH layer and gated FSMN block in place; returns ``self``.
@@ -197,6 +197,9 @@ class MossFormer2(nn.Module):
 
         ``layout``: "shifted_sum_stored" (default) stores each conv's input once (``convolution.pad_frames``);
         "shifted_sum" lets the compiler fuse the input's producer (SiLU, norm + PReLU) into every tap's read.
+        Either way the depth-wise weights are re-laid out with their taps outermost in memory
+        (``convolution.store_taps_outermost``; values and state dict unchanged), so the compiled kernels read them
+        along channels (prepared in session 13 after the measurements below: not yet measured on a GPU).
         Measured on an H200 (full model, 4 s, CUDA graphs, bf16 weights; benchmarks/RESULTS.md, session 13): batch
         1 27 ms stored against 32 ms fused (48 ms uncompiled), batch 16 0.385 s (RTF 0.0060), 36.3 dB SI-SDR from
         eager fp32. The fused form is also wrong in float32 on that GPU (11.8 dB from eager), the stored one is not
