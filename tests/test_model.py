@@ -499,8 +499,9 @@ def test_shifted_sum_layouts_store_the_depthwise_weights_taps_outermost():
     wave = torch.randn(2, 4000)
     with torch.inference_mode():
         expected = model(wave)
-    weights = [m.sequential[1].conv.weight if isinstance(m, ConvModule) else m.conv1.weight
-               for m in model.modules() if isinstance(m, (ConvModule, DilatedDenseNet))]
+    weights = [w for m in model.modules() if isinstance(m, (ConvModule, DilatedDenseNet))
+               for w in ([m.sequential[1].conv.weight] if isinstance(m, ConvModule)
+                         else [m.conv1.weight, m.conv2.weight])]
     assert weights and all(w.is_contiguous() for w in weights)
     model.set_cuda_depthwise_layout("shifted_sum_stored")
     assert all(w.movedim(2, 0).is_contiguous() and not w.is_contiguous() for w in weights)

@@ -38,10 +38,11 @@ class DilatedDenseNet(nn.Module):
         self.cuda_depthwise_layout = ""  # "" = convolution.CUDA_DEPTHWISE_LAYOUT
 
     def set_cuda_depthwise_layout(self, layout: str) -> None:
-        """As ``ConvModule.set_cuda_depthwise_layout``. Only stage 1 is depth-wise (stage 2 reads two channels per
-        group, so it stays a conv in every layout)."""
+        """As ``ConvModule.set_cuda_depthwise_layout``, for both stages (stage 2 runs as two depth-wise convs of
+        its ``[2C, 1, 1, K]`` view, which stays a view with the taps outermost)."""
         self.cuda_depthwise_layout = layout
-        store_taps_outermost(self.conv1.weight, 2, layout.startswith("shifted_sum"))
+        for conv in (self.conv1, self.conv2):
+            store_taps_outermost(conv.weight, 2, layout.startswith("shifted_sum"))
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int) -> torch.Tensor:
         """``[B, F, C_in]`` conv with a ``[C, k, 1, K]`` kernel (``groups=C``) along time -> ``[B, F, C]``."""
