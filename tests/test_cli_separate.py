@@ -149,6 +149,23 @@ def test_long_file_chunks_and_clearvoice_stitching(ckpt, tmp_path, capsys):
     assert "may swap between chunks" in capsys.readouterr().err  # overlap 0.5 s is warned about
 
 
+def test_compile_option_gives_the_same_files_and_refuses_bf16_on_the_cpu(ckpt, tmp_path, capsys):
+    src = tmp_path / "mix.wav"
+    sf.write(str(src), noise(12000, 5), 16000, subtype="FLOAT")
+    for extra in ([], ["--compile"]):
+        assert main(["separate", str(src), "-o", str(tmp_path / f"out{len(extra)}"), "--checkpoint", str(ckpt),
+                     "--subtype", "FLOAT", *extra]) == 0
+    assert "meant for CUDA" in capsys.readouterr().err
+    for k in (1, 2):
+        eager, _ = read_audio(tmp_path / "out0" / f"mix_s{k}.wav")
+        compiled, _ = read_audio(tmp_path / "out1" / f"mix_s{k}.wav")
+        np.testing.assert_allclose(compiled, eager, atol=1e-5, rtol=1e-4)
+    out = tmp_path / "bf16"
+    assert main(["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt), "--compile",
+                 "--dtype", "bfloat16"]) == 1
+    assert "float32 only on the CPU" in capsys.readouterr().err and not out.exists()
+
+
 def test_batch_size_gives_the_same_files(ckpt, tmp_path):
     data = tmp_path / "same"
     data.mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import tracemalloc
 import types
 import warnings
@@ -521,3 +522,29 @@ def test_from_pretrained_takes_the_model_names_the_cli_takes():
     sep = Separator.from_pretrained("default", device="cpu")
     assert sep.refinements == Separator.from_pretrained(device="cpu").refinements
     assert "Separator(MossFormer2, 16000 Hz, 2 speakers" in repr(sep) and "refinements=[" in repr(sep)
+
+
+def test_compile_layers_option_compiles_the_network_and_keeps_its_output(tiny_model):
+    """compile_layers runs MossFormer2.compile_layers on the Separator's model (in place, as .to does); on the CPU
+    it warns that it is meant for CUDA, and the output equals the eager Separator's."""
+    wave = noise(40000, 29)
+    options = dict(device="cpu", chunk_seconds=1.0, overlap_seconds=0.25)
+    expected = Separator(tiny_model, **options).separate(wave, SR)
+    model = copy.deepcopy(tiny_model)
+    with pytest.warns(UserWarning, match="meant for CUDA"):
+        sep = Separator(model, compile_layers=True, **options)
+    layers = model.mask_net.mdl.intra_mdl.mossformerM
+    assert all(layer._compiled_call_impl is not None for layer in [*layers.layers, *layers.fsmn])
+    np.testing.assert_allclose(sep.separate(wave, SR), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_layers_option_refuses_what_it_cannot_compile(tiny_model):
+    """Clear refusals: another kind of model, and reduced precision on the CPU (a compiled bf16 network did not
+    finish compiling there)."""
+    with pytest.raises(ValueError, match="compiles our MossFormer2 network; this model is LouderBandFirst"):
+        Separator(LouderBandFirst(), compile_layers=True)
+    for model, dtype in ((tiny_model, "bfloat16"), (copy.deepcopy(tiny_model).bfloat16(), "float32")):
+        with pytest.raises(ValueError, match="float32 only on the CPU"):
+            Separator(model, device="cpu", dtype=dtype, compile_layers=True)
+    layers = tiny_model.mask_net.mdl.intra_mdl.mossformerM
+    assert all(layer._compiled_call_impl is None for layer in layers.layers)  # refused before compiling

@@ -59,6 +59,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "zero-padded with their true lengths (default 1)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="on CUDA, replay one captured CUDA graph per chunk shape (lower latency)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the network's layers with torch.compile (our MossFormer2 only; for CUDA, "
+                             "with --cuda-graphs: faster after a first call per chunk shape that compiles for "
+                             "30-60 s; slower on the CPU, where it needs float32)")
     add_refinement_arguments(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing outputs (default: skip an input whose outputs all exist; refuse one "
@@ -292,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
                     overlap_seconds=args.overlap_seconds, stitching=args.stitching, normalize=args.normalize,
                     batch_size=args.batch_size, channels=args.channels,
                     backend=args.backend, progress=show_bars, cuda_graphs=args.cuda_graphs,
+                    compile_layers=args.compile,
                     **refinement_options(args))
 
     def say(message: str) -> None:  # per-run and per-file notes on stderr, silenced by --quiet
