@@ -93,7 +93,7 @@ def main() -> None:
     if args.profile:
         profile_forward(model, wave, args.profile)
     if not args.no_compile:
-        compiled = copy.deepcopy(model).compile_layers(dynamic=False)  # depth-wise convs as fused shifted sums
+        compiled = copy.deepcopy(model).compile_layers(dynamic=False)  # depth-wise convs as shifted sums
         start = time.perf_counter()
         seconds, out = graphed(compiled, torch.bfloat16, wave, args.repeats)
         record("best: compiled layers + graph bf16 b1", seconds, out, setup_s=time.perf_counter() - start)

@@ -157,6 +157,7 @@ def test_device_checks_dry_run_on_cpu(tmp_path, capsys):
     assert json.loads(captured.out) == report  # stdout is one JSON object (an interim one came first)
     assert "cuda_graphs" not in report
     assert report["compiled"]["float32_compiled_vs_eager_float32_db"] > 60
+    assert report["compiled"]["float32_second_shape_compiled_vs_eager_float32_db"] > 60  # the dynamic-shape graph
     assert report["padded_batch"]["padded_batch_max_relative_error"] < 1e-4
     assert report["dtypes"]["bfloat16_min_si_sdr_vs_float32_db"] > 20
     assert report["long_file"]["ok"] and report["long_file"]["minutes"] == 0.1

@@ -152,9 +152,9 @@ def test_long_file_chunks_and_clearvoice_stitching(ckpt, tmp_path, capsys):
 def test_compile_option_gives_the_same_files_and_refuses_bf16_on_the_cpu(ckpt, tmp_path, capsys):
     src = tmp_path / "mix.wav"
     sf.write(str(src), noise(12000, 5), 16000, subtype="FLOAT")
-    for extra in ([], ["--compile"]):
+    for extra in ([], ["--compile"]):  # on the CPU also where a GPU is present: the CPU's warning and refusal
         assert main(["separate", str(src), "-o", str(tmp_path / f"out{len(extra)}"), "--checkpoint", str(ckpt),
-                     "--subtype", "FLOAT", *extra]) == 0
+                     "--subtype", "FLOAT", "--device", "cpu", *extra]) == 0
     assert "meant for CUDA" in capsys.readouterr().err
     for k in (1, 2):
         eager, _ = read_audio(tmp_path / "out0" / f"mix_s{k}.wav")
@@ -162,7 +162,7 @@ def test_compile_option_gives_the_same_files_and_refuses_bf16_on_the_cpu(ckpt, t
         np.testing.assert_allclose(compiled, eager, atol=1e-5, rtol=1e-4)
     out = tmp_path / "bf16"
     assert main(["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt), "--compile",
-                 "--dtype", "bfloat16"]) == 1
+                 "--dtype", "bfloat16", "--device", "cpu"]) == 1
     assert "float32 only on the CPU" in capsys.readouterr().err and not out.exists()
 
 

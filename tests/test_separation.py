@@ -535,7 +535,10 @@ def test_compile_layers_option_compiles_the_network_and_keeps_its_output(tiny_mo
         sep = Separator(model, compile_layers=True, **options)
     layers = model.mask_net.mdl.intra_mdl.mossformerM
     assert all(layer._compiled_call_impl is not None for layer in [*layers.layers, *layers.fsmn])
+    torch._dynamo.reset()  # compile afresh, so that the count below is this call's
+    compiled_frames = torch._dynamo.utils.counters["frames"]["ok"]
     np.testing.assert_allclose(sep.separate(wave, SR), expected, atol=1e-5, rtol=1e-4)
+    assert torch._dynamo.utils.counters["frames"]["ok"] > compiled_frames  # compiled, not a silent eager fallback
 
 
 def test_compile_layers_option_refuses_what_it_cannot_compile(tiny_model):

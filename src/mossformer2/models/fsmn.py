@@ -59,8 +59,8 @@ class DilatedDenseNet(nn.Module):
         if mask is not None:
             x = x * mask
         C = self.channels
-        # [C, 1, K, 1] -> [C, 1, 1, K] as a view of the contiguous weight: the gradient then comes back with the
-        # parameter's own strides (a transpose gave it others, and DDP warned on every rank).
+        # [C, 1, K, 1] -> [C, 1, 1, K] as a view of the weight: the gradient then comes back with the parameter's
+        # own strides (a transpose gave it others, and DDP warned on every rank).
         o1 = self._conv(x, self.conv1.weight.flatten(2).unsqueeze(2), self.paddings[0], 1)
         o1 = self._norm_prelu(o1, self.norm1.weight, self.norm1.bias, self.prelu1.weight, mask)
         if mask is not None:

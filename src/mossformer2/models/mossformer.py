@@ -180,7 +180,9 @@ class MossFormer2(nn.Module):
 
     def set_cuda_depthwise_layout(self, layout: str) -> None:
         """How every depth-wise conv module runs on CUDA inputs: one of ``convolution.CUDA_DEPTHWISE_LAYOUTS``,
-        or "" for the module-wide ``convolution.CUDA_DEPTHWISE_LAYOUT``."""
+        or "" for the module-wide ``convolution.CUDA_DEPTHWISE_LAYOUT``. The shifted sums also get their weights
+        re-laid out in memory (``convolution.store_taps_outermost``), which replaces the weight tensors' storage:
+        set the layout before capturing CUDA graphs (a graph captured earlier would keep reading the old memory)."""
         if layout and layout not in CUDA_DEPTHWISE_LAYOUTS:
             raise ValueError(f"unknown depth-wise layout {layout!r}; choose from {CUDA_DEPTHWISE_LAYOUTS}")
         for module in self.modules():
@@ -201,7 +203,7 @@ class MossFormer2(nn.Module):
         (``convolution.store_taps_outermost``; values and state dict unchanged), so the compiled kernels read them
         along channels (prepared in session 13 after the measurements below: not yet measured on a GPU).
         Measured on an H200 (full model, 4 s, CUDA graphs, bf16 weights; benchmarks/RESULTS.md, session 13): batch
-        1 27 ms stored against 32 ms fused (48 ms uncompiled), batch 16 0.385 s (RTF 0.0060), 36.3 dB SI-SDR from
+        1 27 ms stored against 32 ms fused (47 ms uncompiled), batch 16 0.385 s (RTF 0.0060), 36.3 dB SI-SDR from
         eager fp32. The fused form is also wrong in float32 on that GPU (11.8 dB from eager), the stored one is not
         (94 dB, three 10 s items in a CUDA graph). On the CPU a compiled bf16 forward did not finish (torch 2.13).
         ``dynamic``: as ``torch.compile``'s (``None``: static for the first input shape, one dynamic recompile on a

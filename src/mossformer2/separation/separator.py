@@ -67,9 +67,10 @@ def _compile_layers(model: Any, device: Any, dtype: Any, input_dtype: Any) -> No
     if device.type != "cuda":
         if dtype != torch.float32 or input_dtype != torch.float32:
             raise ValueError("compile_layers (--compile) runs in float32 only on the CPU (a compiled bfloat16 "
-                             "network did not finish compiling there): use --dtype float32 or a GPU")
+                             "network did not finish compiling there): use a float32 model with --dtype float32, "
+                             "or a GPU")
         warnings.warn("compile_layers (--compile) is meant for CUDA: on the CPU the compiled network is slower than "
-                      "the eager one (and compiles for each new input shape first)", stacklevel=3)
+                      "the eager one, after a first call that compiles it", stacklevel=3)
     model.compile_layers()
 
 
@@ -109,11 +110,13 @@ class Separator:
             kernels one by one (much lower latency at small batches; costs one capture per shape and the graph's
             activation memory). Padded batches of unequal short inputs still run eagerly. Ignored on the CPU.
         compile_layers: compile the network's layers with ``torch.compile`` (``MossFormer2.compile_layers``, in
-            place; our MossFormer2 only). Meant for CUDA, with ``cuda_graphs``: on an H200 (full model, 4 s) one
-            call took 33 ms in bf16 against 48 ms with a CUDA graph alone, 27 ms with the model cast to bf16
-            (benchmarks/RESULTS.md); each new chunk shape compiles first (30-60 s there). On the CPU it runs in
-            float32 only and is slower than the eager network (built-in model, 10 s, 2 threads: 0.36 against
-            0.22 s after a 25 s compile), with a warning.
+            place; our MossFormer2 only). Meant for CUDA, with ``cuda_graphs``: on an H200 (full model, 4 s, one
+            static shape) one call took 33.5 ms in bf16 against 48 ms with a CUDA graph alone, 27 ms with the model
+            cast to bf16 (benchmarks/RESULTS.md; compiling took 30-60 s there). The first input shape compiles a
+            static graph; a second shape compiles once more, into one dynamic-shape graph that then serves every
+            length (its speed on a GPU is not measured yet). On the CPU it runs in float32 only and is slower than
+            the eager network (built-in model, 10 s, 2 threads: 0.36 against 0.22 s after a 25 s compile), with a
+            warning.
         polarity_ensemble: also separate the negated input and average the two estimates (twice the compute;
             ``refine.polarity_ensemble``). ``None``: as the checkpoint recommends (see below), else off.
         wiener_filter: re-estimate the sources of each pass as soft masks on the input's STFT, in proportion to
