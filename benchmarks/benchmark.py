@@ -541,7 +541,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the CPU) at batch 1 to this file, and at the throughput batch to <file>.batchN")
     parser.add_argument("--cuda-depthwise", default=None, choices=convolution.CUDA_DEPTHWISE_LAYOUTS,
                         help="CUDA only: how depth-wise convs run (models.convolution.CUDA_DEPTHWISE_LAYOUT; "
-                             "shifted_sum is meant for the compiled variants)")
+                             "shifted_sum is meant for the compiled variants, which set their own layout and "
+                             "weight layout through compile_layers; this global one leaves the weights as they are)")
     parser.add_argument("--compile-layout", default="shifted_sum_stored", choices=("shifted_sum_stored", "shifted_sum"),
                         help="depth-wise conv form of the compiled-layers variants (MossFormer2.compile_layers): "
                              "each conv input stored once (default), or its producer fused into every tap's read")

@@ -166,6 +166,31 @@ def test_compile_option_gives_the_same_files_and_refuses_bf16_on_the_cpu(ckpt, t
     assert "float32 only on the CPU" in capsys.readouterr().err and not out.exists()
 
 
+def test_a_failing_compiler_ends_the_run_with_one_message(ckpt, tmp_path, capsys, monkeypatch):
+    """A torch.compile failure (here a backend that raises, as a missing C++ compiler would) would fail every file
+    alike: the run stops at the first with one line that names --compile."""
+    from mossformer2.models.mossformer import MossFormer2
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    def compile_layers(self):
+        layers = self.mask_net.mdl.intra_mdl.mossformerM
+        for layer in [*layers.layers, *layers.fsmn]:
+            layer.compile(backend=failing_backend)
+        return self
+
+    monkeypatch.setattr(MossFormer2, "compile_layers", compile_layers)
+    torch._dynamo.reset()
+    for name in ("a", "b"):
+        sf.write(str(tmp_path / f"{name}.wav"), noise(12000, 5), 16000)
+    code = main(["separate", str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "-o", str(tmp_path / "out"),
+                 "--checkpoint", str(ckpt), "--device", "cpu", "--compile"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("compiling the network failed (--compile)") == 1
+    assert "no C++ compiler found" in err and "failed: " not in err
+
+
 def test_batch_size_gives_the_same_files(ckpt, tmp_path):
     data = tmp_path / "same"
     data.mkdir()

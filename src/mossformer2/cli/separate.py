@@ -268,6 +268,16 @@ def plot_from_outputs(input_path: Path, outputs: list[Path]) -> Path:
                              wave, rate, title=input_path.name)
 
 
+def _raise_if_compile_failed(err: BaseException, compiling: bool) -> None:
+    """With --compile, an error of torch.compile itself (no C++ compiler, Triton missing, a compiler bug) would
+    fail every file the same way: end the run with one message instead of one per file."""
+    if compiling and type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        cause = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed wraps the compiler's error
+        text = str(cause).strip()
+        reason = f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
+        raise ValueError(f"compiling the network failed (--compile): {reason}; run without --compile") from err
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
 
@@ -429,7 +439,8 @@ def run(args: argparse.Namespace) -> int:
                     results = sep.separate_many([w for _, w, _ in loaded], rates.pop(), output_rate)
                 else:
                     raise ValueError("not batchable")
-            except (ValueError, RuntimeError):
+            except (ValueError, RuntimeError) as err:
+                _raise_if_compile_failed(err, args.compile)
                 results = None  # separate one by one so that errors name their file
             for i, (f, wave, rate) in enumerate(loaded):
                 try:
@@ -439,6 +450,7 @@ def run(args: argparse.Namespace) -> int:
                     done += 1
                     audio_seconds += wave.shape[-1] / rate
                 except (ValueError, OSError, RuntimeError) as err:
+                    _raise_if_compile_failed(err, args.compile)
                     failed.append((str(f), str(err).splitlines()[0] if str(err) else type(err).__name__))
                 bar.update(1)
     elapsed = time.perf_counter() - start_time
