@@ -149,17 +149,20 @@ def test_long_file_chunks_and_clearvoice_stitching(ckpt, tmp_path, capsys):
     assert "may swap between chunks" in capsys.readouterr().err  # overlap 0.5 s is warned about
 
 
-def test_compile_option_gives_the_same_files_and_refuses_bf16_on_the_cpu(ckpt, tmp_path, capsys):
+def test_compile_option_compiles_the_model_and_refuses_bf16_on_the_cpu(ckpt, tmp_path, capsys, monkeypatch):
+    """--compile reaches Separator(compile_layers=True) (whose compiled output tests/test_separation.py compares with
+    eager; here the compiling itself is stubbed out to keep the suite short)."""
+    from mossformer2.models.mossformer import MossFormer2
+
+    compiled = []
+    monkeypatch.setattr(MossFormer2, "compile_layers", lambda self: compiled.append(self) or self)
     src = tmp_path / "mix.wav"
     sf.write(str(src), noise(12000, 5), 16000, subtype="FLOAT")
-    for extra in ([], ["--compile"]):  # on the CPU also where a GPU is present: the CPU's warning and refusal
-        assert main(["separate", str(src), "-o", str(tmp_path / f"out{len(extra)}"), "--checkpoint", str(ckpt),
-                     "--subtype", "FLOAT", "--device", "cpu", *extra]) == 0
-    assert "meant for CUDA" in capsys.readouterr().err
-    for k in (1, 2):
-        eager, _ = read_audio(tmp_path / "out0" / f"mix_s{k}.wav")
-        compiled, _ = read_audio(tmp_path / "out1" / f"mix_s{k}.wav")
-        np.testing.assert_allclose(compiled, eager, atol=1e-5, rtol=1e-4)
+    # --device cpu also where a GPU is present: the CPU's warning and refusal
+    assert main(["separate", str(src), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt), "--device", "cpu",
+                 "--compile"]) == 0
+    assert len(compiled) == 1 and "meant for CUDA" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mix_s1.wav", "mix_s2.wav"]
     out = tmp_path / "bf16"
     assert main(["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt), "--compile",
                  "--dtype", "bfloat16", "--device", "cpu"]) == 1
