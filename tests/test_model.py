@@ -446,6 +446,17 @@ def test_shifted_sum_equals_the_depthwise_conv_and_its_gradients(taps, padding, 
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("padding", [0, 1, 19])
+def test_pad_frames_equals_zero_padding_along_time(padding):
+    """pad_frames zeroes only its padding (not the whole output first): same values as F.pad, for a transposed
+    input too, and a contiguous result."""
+    from mossformer2.models.convolution import pad_frames
+
+    for x in (torch.randn(2, 30, 6), torch.randn(2, 6, 30).transpose(1, 2)):
+        out = pad_frames(x, padding)
+        assert out.is_contiguous() and torch.equal(out, F.pad(x, (0, 0, padding, padding)))
+
+
 def test_a_compiled_shifted_sum_stores_its_input_once_with_pad_frames():
     """The stored form keeps pad_frames as an operator of its own in the compiled code: the SiLU before it is
     computed once into a buffer (CUDA inductor inlined it into all 17 reads of the fused form); same output."""

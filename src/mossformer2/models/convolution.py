@@ -27,9 +27,15 @@ def pad_frames(x: torch.Tensor, padding: int) -> torch.Tensor:
     """``[B, T, C]`` -> ``[B, T + 2 * padding, C]`` (contiguous), zeros at both ends of the time axis.
 
     An operator of its own: torch.compile cannot fuse it with its producer, so a value read once per conv tap is
-    computed and stored once instead of being recomputed inside every read.
+    computed and stored once instead of being recomputed inside every read. Only the padding is zeroed (F.pad
+    fills the whole output first: an extra pass over it, 7 of 458 ms in an H200 profile at batch 16).
     """
-    return F.pad(x, (0, 0, padding, padding)).contiguous()
+    frames = x.shape[1]
+    out = x.new_empty((x.shape[0], frames + 2 * padding, x.shape[2]))
+    out[:, :padding].zero_()
+    out[:, padding + frames:].zero_()
+    out[:, padding:padding + frames].copy_(x)
+    return out
 
 
 @pad_frames.register_fake
