@@ -18,6 +18,8 @@ PROFILE_LIMIT=${PROFILE_LIMIT:-0}
 # compiled convs' fused form instead of the default stored inputs).
 BENCH_FLAGS=${BENCH_FLAGS:-}
 CHECKS=${CHECKS:-padded_batch,dtypes,cuda_graphs,compiled}
+# LONG_COMPILE=1: the long file through Separator(compile_layers=True) (timed on a second pass, after compiling).
+LONG_COMPILE=${LONG_COMPILE:-}
 LATENCY_SECTIONS=${LATENCY_SECTIONS:-latency}
 # Compiled variants last: they take longest. regional-compile-graph-bf16 runs MossFormer2.compile_layers (fused
 # shifted-sum depth-wise convs); compiling the whole model with them did not finish in 240 s on an H200.
@@ -35,7 +37,7 @@ note torch-cuda $?
 # Issue 3: padded batch == alone, bf16 / fp16 vs fp32, CUDA graphs == eager, compiled layers == eager, a long file.
 if [ "$CHECKS_LIMIT" -gt 0 ]; then
     timeout "$CHECKS_LIMIT" "$PYTHON" benchmarks/gpu_checks.py --device cuda --checks "$CHECKS" \
-        --minutes "${MINUTES:-60}" --long-dtype bfloat16 --long-batch-size 8 --long-cuda-graphs \
+        --minutes "${MINUTES:-60}" --long-dtype bfloat16 --long-batch-size 8 --long-cuda-graphs ${LONG_COMPILE:+--long-compile} \
         --json "$OUT/gpu_checks.json" 2>&1 | tee "$OUT/gpu_checks.log"
     note gpu_checks $?
 fi

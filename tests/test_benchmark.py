@@ -283,12 +283,14 @@ def test_device_session_runs_every_step_and_exits_1_if_one_failed(tmp_path, fail
         tool.chmod(0o755)
     out = tmp_path / "out"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "PYTHON": str(bin_dir / "python"),
-           "WHEELS": str(tmp_path / "no_wheels"), "PROFILE_LIMIT": "10", "BENCH_FLAGS": "--compile-layout shifted_sum"}
+           "WHEELS": str(tmp_path / "no_wheels"), "PROFILE_LIMIT": "10", "BENCH_FLAGS": "--compile-layout shifted_sum",
+           "LONG_COMPILE": "1"}
     proc = subprocess.run(["bash", "benchmarks/device_session.sh"], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     calls = (out / "calls.txt").read_text().splitlines()
     assert len(calls) == 5  # device name, gpu_checks, two benchmarks, compiled profile: every step ran
     assert [call.endswith("--compile-layout shifted_sum") for call in calls] == [False, False, False, True, True]
+    assert [" --long-compile " in call for call in calls] == [False, True, False, False, False]
     if failing:
         assert proc.returncode == 1 and "failed steps: gpu_checks (exit 3)" in proc.stderr
     else:
