@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -218,7 +219,9 @@ def test_compile_layout_reaches_every_compiled_region(monkeypatch):
         calls.clear()
         result = benchmark.main(["--quick", "--device", "cpu", "--sections", "", "--variants", "", *flags])
         run = SimpleNamespace(compile_layout=result["settings"]["compile_layout"])
-        model = benchmark.compile_regions(build_model(tiny_test_config()), run)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="compile_layers.*wrong float32")  # the fused form's warning
+            model = benchmark.compile_regions(build_model(tiny_test_config()), run)
         assert calls and all(kwargs["dynamic"] is False for kwargs in calls)
         assert {m.cuda_depthwise_layout for m in model.modules() if isinstance(m, ConvModule)} == {layout}
 
