@@ -28,8 +28,8 @@ AUDIO_SUFFIXES = frozenset({
     ".m4a", ".aac", ".mp4", ".mka", ".webm", ".wma",
 })
 WRITE_FORMATS = {"wav": "WAV", "flac": "FLAC"}
-WRITE_SUBTYPES = ("PCM_16", "PCM_24", "FLOAT")
-SAMPLE_BYTES = {"PCM_16": 2, "PCM_24": 3, "FLOAT": 4}
+SAMPLE_BYTES = {"PCM_16": 2, "PCM_24": 3, "FLOAT": 4}  # the subtypes write_audio takes, and their sizes
+WRITE_SUBTYPES = tuple(SAMPLE_BYTES)
 
 
 def has_audio_suffix(path: str | Path) -> bool:

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     import torch
 
 
+def is_onnx_path(ref: str | Path | None) -> bool:
+    """Whether a model reference names an exported ONNX file (by its suffix, in any case), which runs without torch."""
+    return str(ref or "").lower().endswith(".onnx")
+
+
 def with_context(err: Exception, message: str) -> Exception:
     """A ``FileNotFoundError`` or ``ValueError`` (as ``err`` was) with ``message``: a user error re-raised with
     what it concerns (a config key, a checkpoint path) in front, still reported as one line by the CLI."""

@@ -133,8 +133,9 @@ def _is_torch(err: ImportError) -> bool:
 
 def _torch_missing(args: argparse.Namespace) -> str:
     """What to do when a command needed torch and it is not installed."""
-    checkpoint = str(getattr(args, "checkpoint", None) or "")
-    if args.command in ONNX_COMMANDS and not checkpoint.lower().endswith(".onnx"):
+    from mossformer2.utils import is_onnx_path
+
+    if args.command in ONNX_COMMANDS and not is_onnx_path(getattr(args, "checkpoint", None)):
         return ("PyTorch is not installed: the built-in model and .pt checkpoints need it; pass --checkpoint "
                 "MODEL.onnx (README, \"Export and deployment\")")
     return f"PyTorch is not installed, and `mossformer2 {args.command}` needs it here: pip install torch"

@@ -35,11 +35,9 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     is the estimate of ``referenceN.wav``); ``permutation[i]`` says which reference the network's output i is.
     ``refinements``: ``Separator`` switches (``polarity_ensemble=False``, ...; default: the model's)."""
     import numpy as np
-    import torch
 
     from mossformer2.audio import read_audio, resample, to_mono, write_audio
     from mossformer2.evaluation.mixing import levels_for_sirs, mix_waves
-    from mossformer2.losses import reorder_estimates
     from mossformer2.metrics import score_separation
     from mossformer2.plotting import plot_separation
     from mossformer2.separation import Separator
@@ -63,8 +61,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     scores["refinements"] = describe_refinements(separator)
     scores["files"] = PAIRING
     # aligned[k]: the output matched to reference k (the order score_separation scored them in)
-    aligned = reorder_estimates(torch.from_numpy(np.ascontiguousarray(est))[None],
-                                torch.tensor([scores["permutation"]]))[0].numpy()
+    aligned = est[np.argsort(scores["permutation"])]
 
     out = make_folder(out_dir, "output folder")
     write_audio(out / "mixture.wav", mix, rate)

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.metrics import parse_metrics
     from mossformer2.pretrained import default_model_path
     from mossformer2.separation import Separator
-    from mossformer2.utils import check_folder_creatable, dtype_name
+    from mossformer2.utils import check_folder_creatable, dtype_name, is_onnx_path
 
     metrics = parse_metrics(args.metrics)  # fail on a typo before loading anything
     if not Path(args.data).exists():
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     check_folder_creatable(args.out, "output folder")  # and on a bad --out (evaluate() creates it)
     ref = model_ref(args)
     # Resolved once (a hub id: its cached snapshot file), so that the weights hashed are the weights loaded.
-    weights = ref if ref is None or str(ref).lower().endswith(".onnx") else str(resolve_checkpoint(ref))
+    weights = ref if ref is None or is_onnx_path(ref) else str(resolve_checkpoint(ref))
     model = load_chosen_model(weights, args.device)
     separator = Separator(model, device=args.device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                           overlap_seconds=args.overlap_seconds, stitching=args.stitching,

@@ -55,19 +55,19 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.models import MossFormer2
     from mossformer2.runtime import import_optional
     from mossformer2.separation.separator import load_separation_model
-    from mossformer2.utils import atomic_path, make_folder
+    from mossformer2.utils import atomic_path, is_onnx_path, make_folder
 
     check_format_options(args)
     if not 0 < args.length_seconds < math.inf:
         raise ValueError(f"--length-seconds must be a positive number, got {args.length_seconds}")
-    if str(args.checkpoint or "").lower().endswith(".onnx"):
+    if is_onnx_path(args.checkpoint):
         raise ValueError("--checkpoint is already an exported ONNX model; export needs a PyTorch checkpoint")
     output = Path(args.output)
     if output.is_dir():
         raise ValueError(f"-o {output} is a folder: give the file to write, e.g. {output / 'model'}"
                          f"{'.onnx' if args.format == 'onnx' else '.pt'}")
     # `separate`, `info` and Separator.from_pretrained tell an ONNX file from a TorchScript one by its suffix.
-    if (output.suffix.lower() == ".onnx") != (args.format == "onnx"):
+    if is_onnx_path(output) != (args.format == "onnx"):
         rule = "must end in .onnx" if args.format == "onnx" else "must not end in .onnx (use e.g. .pt)"
         kind = "an ONNX" if args.format == "onnx" else "a TorchScript"
         raise ValueError(f"-o {output}: {kind} export's name {rule}; `separate`, `info` and "

@@ -21,7 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.checkpoint and str(args.checkpoint).lower().endswith(".onnx"):
+    from mossformer2.utils import is_onnx_path
+
+    if is_onnx_path(args.checkpoint):
         return _info_onnx(args.checkpoint)  # without torch, as separating with an ONNX export
     import torch
 

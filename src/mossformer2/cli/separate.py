@@ -235,7 +235,9 @@ def _parse_output_rate(value: str) -> int | None:
 
 def _load_model(args: argparse.Namespace, device: str):
     ref = model_ref(args)
-    if args.backend == "onnxruntime" and not str(ref or "").lower().endswith(".onnx"):
+    from mossformer2.utils import is_onnx_path
+
+    if args.backend == "onnxruntime" and not is_onnx_path(ref):
         raise ValueError("--backend onnxruntime needs --checkpoint MODEL.onnx (see `mossformer2 export`)")
     return load_chosen_model(ref, device, announce=not args.quiet)
 

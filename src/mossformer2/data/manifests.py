@@ -71,21 +71,25 @@ def _audio_files(folder: Path) -> dict[str, Path]:
     return {p.relative_to(folder).as_posix(): p for p in find_audio_files(folder)}
 
 
+def _last_source_folder(root: Path, start: int) -> int:
+    """The k of the last of the contiguous source folders s{start+1}, s{start+2}, ... below ``root`` (``start``
+    where there is none)."""
+    k = start
+    while (root / f"s{k + 1}").is_dir():
+        k += 1
+    return k
+
+
 def _load_folder(root: Path, num_spks: int | None) -> list[MixtureEntry]:
     mix_dir = root / "mix"
     if not mix_dir.is_dir():
         raise ValueError(f"{root} is a folder but has no 'mix/' subfolder: expected the wsj0-2mix layout "
                          "<root>/mix, <root>/s1, <root>/s2, ...")
     if num_spks is None:
-        num_spks = 0
-        while (root / f"s{num_spks + 1}").is_dir():
-            num_spks += 1
+        num_spks = _last_source_folder(root, 0)
         if num_spks == 0:
             raise ValueError(f"{root} has 'mix/' but no source folders 's1/', 's2/', ...")
-    elif (root / f"s{num_spks + 1}").is_dir():  # e.g. a wsj0-3mix folder given to a 2-speaker model
-        found = num_spks + 1
-        while (root / f"s{found + 1}").is_dir():
-            found += 1
+    elif (found := _last_source_folder(root, num_spks)) > num_spks:  # e.g. wsj0-3mix given to a 2-speaker model
         raise ValueError(f"{root} has {found} source folders (s1..s{found}) but {num_spks} speakers were expected: "
                          f"its mixtures hold {found} speakers")
     source_dirs = [root / f"s{k + 1}" for k in range(num_spks)]

@@ -335,8 +335,12 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
     header = (["mixture_ID", "mixture_path"] + [f"source_{k + 1}_path" for k in range(num_spks)] + ["length"]
               + [f"source_{k + 1}_{what}" for k in range(num_spks) for what in ("file", "offset", "gain",
                                                                                   "level_db")] + ["sir_db"])
-    planned = [f"{folder}/{spec.id}.wav" for spec in specs
-               for folder in ("mix", *(f"s{k + 1}" for k in range(num_spks)))]
+    folders = ["mix", *(f"s{k + 1}" for k in range(num_spks))]
+
+    def names_of(spec: MixtureSpec) -> list[str]:  # [mix, s1, s2, ...]: listed, written and in the CSV alike
+        return [f"{folder}/{spec.id}.wav" for folder in folders]
+
+    planned = [name for spec in specs for name in names_of(spec)]
     _prepare_out_dir(out_dir, [out_dir / name for name in planned], overwrite)
     atomic_write_text(out_dir / UNFINISHED_NAME, "".join(f"{name}\n" for name in planned))
     rows = []
@@ -349,13 +353,10 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
                                                         spec.start_fractions, spec.level_on_whole_file)
             except ValueError as err:
                 raise ValueError(f"mixture {spec.id} ({', '.join(map(str, spec.files))}): {err}") from err
-            name = f"{spec.id}.wav"
-            written.append(write_audio(out_dir / "mix" / name, mix.astype(np.float32), sample_rate,
-                                       subtype=subtype))
-            for k in range(num_spks):
-                written.append(write_audio(out_dir / f"s{k + 1}" / name, sources[k].astype(np.float32),
-                                           sample_rate, subtype=subtype))
-            row = [spec.id, f"mix/{name}"] + [f"s{k + 1}/{name}" for k in range(num_spks)] + [mix.size]
+            names = names_of(spec)
+            for name, wave in zip(names, (mix, *sources[:num_spks])):
+                written.append(write_audio(out_dir / name, wave.astype(np.float32), sample_rate, subtype=subtype))
+            row = [spec.id, *names, mix.size]
             for k in range(num_spks):
                 # The original file as an absolute path: relative to where `mix` ran it would say nothing.
                 row += [str(Path(spec.files[k]).resolve()), starts[k], f"{gains[k]:.8g}",

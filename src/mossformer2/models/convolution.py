@@ -16,8 +16,8 @@ from torch import nn
 # float32 output on an H200 (11.8 dB from eager). "shifted_sum_stored" pads the input with an operator the compiler
 # cannot fuse (pad_frames), so the input is stored once and read K times: correct in float32 (94 dB) and faster
 # (H200, bf16 weights, batch 1: 27 against 32 ms). MossFormer2.compile_layers sets it; modules can override the
-# global with their own ``cuda_depthwise_layout`` (set_cuda_depthwise_layout, which also lays their weights out
-# for the chosen form: store_taps_outermost).
+# global with their own ``cuda_depthwise_layout`` (MossFormer2.set_cuda_depthwise_layout, which also lays their
+# depthwise_weights() out for the chosen form: store_taps_outermost).
 CUDA_DEPTHWISE_LAYOUTS = ("contiguous", "channels_last", "shifted_sum", "shifted_sum_stored")
 CUDA_DEPTHWISE_LAYOUT = "contiguous"
 
@@ -166,11 +166,9 @@ class ConvModule(nn.Module):
         self.register_buffer("identity_tap", identity, persistent=False)
         self.cuda_depthwise_layout = ""  # "" = the module-wide CUDA_DEPTHWISE_LAYOUT
 
-    def set_cuda_depthwise_layout(self, layout: str) -> None:
-        """``layout``: one of ``CUDA_DEPTHWISE_LAYOUTS`` or "" (the module-wide default); the shifted sums get the
-        weight with its taps outermost in memory (:func:`store_taps_outermost`)."""
-        self.cuda_depthwise_layout = layout
-        store_taps_outermost(self.sequential[1].conv.weight, 2, layout.startswith("shifted_sum"))
+    def depthwise_weights(self) -> tuple[torch.Tensor, ...]:
+        """The depth-wise conv weights (taps on dim 2) that ``MossFormer2.set_cuda_depthwise_layout`` lays out."""
+        return (self.sequential[1].conv.weight,)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         conv = self.sequential[1].conv

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mossformer2.models.convolution import FeedForwardConv, conv_along_time, store_taps_outermost
+from mossformer2.models.convolution import FeedForwardConv, conv_along_time
 from mossformer2.models.norms import ChannelLayerNorm, instance_norm_over_time
 
 
@@ -37,12 +37,10 @@ class DilatedDenseNet(nn.Module):
         self.norm_eps = float(self.norm1.eps)  # a plain attribute: TorchScript cannot read InstanceNorm's eps
         self.cuda_depthwise_layout = ""  # "" = convolution.CUDA_DEPTHWISE_LAYOUT
 
-    def set_cuda_depthwise_layout(self, layout: str) -> None:
-        """As ``ConvModule.set_cuda_depthwise_layout``, for both stages (stage 2 runs as two depth-wise convs of
-        its ``[2C, 1, 1, K]`` view, which stays a view with the taps outermost)."""
-        self.cuda_depthwise_layout = layout
-        for conv in (self.conv1, self.conv2):
-            store_taps_outermost(conv.weight, 2, layout.startswith("shifted_sum"))
+    def depthwise_weights(self) -> tuple[torch.Tensor, ...]:
+        """As ``ConvModule.depthwise_weights``, for both stages (stage 2 runs as two depth-wise convs of its
+        ``[2C, 1, 1, K]`` view, which stays a view with the taps outermost)."""
+        return (self.conv1.weight, self.conv2.weight)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int) -> torch.Tensor:
         """``[B, F, C_in]`` conv with a ``[C, k, 1, K]`` kernel (``groups=C``) along time -> ``[B, F, C]``."""

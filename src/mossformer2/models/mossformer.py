@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mossformer2.models.config import MossFormer2Config, resolve_config
-from mossformer2.models.convolution import CUDA_DEPTHWISE_LAYOUTS
+from mossformer2.models.convolution import CUDA_DEPTHWISE_LAYOUTS, store_taps_outermost
 from mossformer2.models.embeddings import RotaryEmbedding, ScaledSinusoidalEmbedding
 from mossformer2.models.flash import FLASHLayer
 from mossformer2.models.fsmn import GatedFSMNBlock
@@ -187,9 +187,12 @@ class MossFormer2(nn.Module):
         set the layout before capturing CUDA graphs (a graph captured earlier would keep reading the old memory)."""
         if layout and layout not in CUDA_DEPTHWISE_LAYOUTS:
             raise ValueError(f"unknown depth-wise layout {layout!r}; choose from {CUDA_DEPTHWISE_LAYOUTS}")
+        taps_outermost = layout.startswith("shifted_sum")
         for module in self.modules():
-            if module is not self and hasattr(module, "set_cuda_depthwise_layout"):
-                module.set_cuda_depthwise_layout(layout)
+            if hasattr(module, "depthwise_weights"):
+                module.cuda_depthwise_layout = layout
+                for weight in module.depthwise_weights():
+                    store_taps_outermost(weight, 2, taps_outermost)
 
     def compile_layers(self, dynamic: bool | None = None, layout: str = "shifted_sum_stored") -> "MossFormer2":
         """``torch.compile`` each FLASH layer and gated FSMN block in place; returns ``self``.

@@ -179,8 +179,6 @@ class Trainer:
         self.model.to(self.device)
         # The averaged copy is made before DDP wraps the model; every rank averages the same weights.
         self.ema: AveragedModel | None = None
-        # Inference-time refinements the init_from model recommends ('separation'): a fine-tuned model keeps them.
-        self.separation: dict[str, bool] = {}
         if t.ema_decay is not None:
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay))
         self.train_model: torch.nn.Module = self.model
@@ -265,10 +263,7 @@ class Trainer:
         if self._setup_log is not None:
             log.removeHandler(self._setup_log)
             self._setup_log = None
-        self._close_files()
-        if self._lock is not None:
-            self._lock.release(remove_created_folder=True)
-            self._lock = None
+        self.close(remove_created_folder=True)
 
     def _init_from(self, path: str) -> None:
         """Start from pretrained weights (official checkpoint or ours) of the configured architecture."""
@@ -288,12 +283,16 @@ class Trainer:
         if self.ema is not None:  # the average starts from these weights
             self.ema.module.load_state_dict(pretrained.state_dict())
         log.info("initialised the weights from %s", path)
-        from mossformer2.separation.refine import recommended_refinements
-
-        self.separation = recommended_refinements(ckpt.get("separation"), path)
-        if self.separation:
+        self._set_separation_settings(pretrained.separation_settings)
+        if pretrained.separation_settings:
             log.info("its recommended separation settings (%s) go into this run's checkpoints",
-                     ", ".join(f"{k}={v}" for k, v in self.separation.items()))
+                     ", ".join(f"{k}={v}" for k, v in pretrained.separation_settings.items()))
+
+    def _set_separation_settings(self, settings: dict[str, bool]) -> None:
+        """Inference-time refinements the init_from model recommends ('separation'): kept on the trained weights
+        (and their average), where ``save_checkpoint`` writes them, so that a fine-tuned model keeps them."""
+        for model in (self.model, self.eval_model):
+            model.separation_settings = dict(settings)
 
     @property
     def eval_model(self) -> MossFormer2:
@@ -331,8 +330,6 @@ class Trainer:
             extra["scaler"] = self.scaler.state_dict()
         if self.ema is not None:
             extra["ema"] = self.ema.state_dict()
-        if self.separation:
-            extra["separation"] = dict(self.separation)
         save_checkpoint(path, self.model, self.optimizer, epoch=self.state.epoch, step=self.state.step,
                         extra=extra)
 
@@ -349,7 +346,7 @@ class Trainer:
                              "this model (or trainer.resume=false to start afresh here: the current run's files are "
                              "then moved to a replaced-<time>/ subfolder)")
         self.model.load_state_dict(ckpt["model"])
-        self.separation = dict(ckpt.get("separation") or {})
+        self._set_separation_settings(ckpt.get("separation") or {})
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self._apply_changed_settings(ckpt.get("train_config") or {}, path)
@@ -422,8 +419,7 @@ class Trainer:
     def _write_best(self) -> None:
         if self.dist.is_main:
             save_checkpoint(self.exp_dir / BEST, self.eval_model, epoch=self.state.epoch, step=self.state.step,
-                            extra={"valid": self.state.history[-1], "train_config": to_dict(self.cfg),
-                                   **({"separation": dict(self.separation)} if self.separation else {})})
+                            extra={"valid": self.state.history[-1], "train_config": to_dict(self.cfg)})
 
     # ------------------------------------------------------------------ training
     def _loss(self, est: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -662,10 +658,10 @@ class Trainer:
                 "si_sdri": float(totals[2]) / count, "count": float(totals[3])}
 
     def _log_audio(self, name: str, mix: torch.Tensor, est: torch.Tensor) -> None:
-        if not (torch.isfinite(mix).all() and torch.isfinite(est).all()):
+        peak = float(torch.cat([mix.abs().flatten(), est.abs().flatten()]).max()) + 1e-8  # NaN / inf carry through
+        if not math.isfinite(peak):
             return  # a diverged model (reported with the scores): NaN cannot be written as 16-bit audio
         sr = self.cfg.data.sample_rate
-        peak = float(torch.cat([mix.abs().flatten(), est.abs().flatten()]).max()) + 1e-8
         self.writer.add_audio(f"valid/{name}/mix", (mix / peak).cpu(), self.state.step, sample_rate=sr)
         for s in range(est.shape[0]):
             self.writer.add_audio(f"valid/{name}/s{s + 1}", (est[s] / peak).cpu(), self.state.step, sample_rate=sr)
@@ -796,14 +792,9 @@ class Trainer:
         accum = self.cfg.optim.accum_steps
         return batches_per_epoch(self.train_loader) // accum * accum
 
-    def close(self) -> None:
-        """Flush and close the TensorBoard writer and the log file, release the folder's lock (idempotent)."""
-        self._close_files()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
-    def _close_files(self) -> None:
+    def close(self, remove_created_folder: bool = False) -> None:
+        """Flush and close the TensorBoard writer and the log file, release the folder's lock (idempotent);
+        ``remove_created_folder``: see ``ExperimentLock.release``."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -811,6 +802,9 @@ class Trainer:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+        if self._lock is not None:
+            self._lock.release(remove_created_folder=remove_created_folder)
+            self._lock = None
 
 
 def best_summary(state: TrainState) -> str:
