@@ -15,9 +15,11 @@ from torch import nn
 # compiler inlines the input's producer (SiLU, norm + PReLU) into each of the K reads, and so compiled it gave wrong
 # float32 output on an H200 (11.8 dB from eager). "shifted_sum_stored" pads the input with an operator the compiler
 # cannot fuse (pad_frames), so the input is stored once and read K times: correct in float32 (94 dB) and faster
-# (H200, bf16 weights, batch 1: 27 against 32 ms). MossFormer2.compile_layers sets it; modules can override the
-# global with their own ``cuda_depthwise_layout`` (MossFormer2.set_cuda_depthwise_layout, which also lays their
-# depthwise_weights() out for the chosen form: store_taps_outermost).
+# (H200, bf16 weights, batch 1: 27 against 32 ms; 16.7 ms with the weights laid out taps outermost). MossFormer2.
+# compile_layers sets it; modules can override the global with their own ``cuda_depthwise_layout`` (MossFormer2.
+# set_cuda_depthwise_layout, which also lays their depthwise_weights() out for the chosen form: store_taps_outermost).
+# Padding by concatenating zeros, lowered by inductor into a buffer the producer writes (no copy), was slower still:
+# 27 ms (session 14).
 CUDA_DEPTHWISE_LAYOUTS = ("contiguous", "channels_last", "shifted_sum", "shifted_sum_stored")
 CUDA_DEPTHWISE_LAYOUT = "contiguous"
 

@@ -119,7 +119,7 @@ class Separator:
             activation memory). Padded batches of unequal short inputs still run eagerly. Ignored on the CPU.
         compile_layers: compile the network's layers with ``torch.compile`` (``MossFormer2.compile_layers``, in
             place; our MossFormer2 only). Meant for CUDA, with ``cuda_graphs``: on an H200 (full model, 4 s, one
-            static shape) one call took 33.5 ms in bf16 against 48 ms with a CUDA graph alone, 27 ms with the model
+            static shape) one call took 19.1 ms in bf16 against 48 ms with a CUDA graph alone, 16.7 ms with the model
             cast to bf16 (benchmarks/RESULTS.md; compiling took 30-60 s there). The first input shape compiles a
             static graph; a second shape compiles once more, into one dynamic-shape graph that then serves every
             length (its speed on a GPU is not measured yet). On the CPU it runs in float32 only and is slower than
