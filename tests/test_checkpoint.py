@@ -85,12 +85,33 @@ def test_config_mismatch_is_reported(tiny_model):
 def test_not_a_checkpoint_file(tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("hello, not a checkpoint")
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint: torch.save writes a zip archive"):
+        load_model(text)  # was "(KeyError: 101)"
+    broken = tmp_path / "broken.pt"  # a zip that is not a whole checkpoint
+    broken.write_bytes(b"PK\x03\x04" + b"\0" * 100)
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
-        load_model(text)
+        load_model(broken)
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="folder"):
         load_model(tmp_path)
+
+
+def test_a_plain_pickle_is_refused_without_running_it_or_torch_noise(tmp_path, recwarn):
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"model": Payload()}, protocol=4))
+    with pytest.raises(ValueError, match="evil.pt"):
+        load_model(path)
+    assert not marker.exists()
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]  # torch's "please file an issue"
 
 
 def test_other_architecture_is_rejected(tmp_path):
@@ -204,6 +225,9 @@ def test_info_reads_model_names_as_separate_does(capsys):
     assert main(["info", "--model", "default"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"checkpoint: {default_model_path()}") and "recommended separation settings" in out
+    assert main(["info"]) == 0  # without options: the model `separate` uses without options, and it says so
+    plain = capsys.readouterr().out
+    assert plain.startswith("the built-in model, which `separate` uses") and plain.endswith(out)
     assert main(["info", "--model", "MossFormer2-S"]) == 0  # configuration names still work
     assert "model: MossFormer2-S" in capsys.readouterr().out
     assert main(["info", "--model", "nonsense"]) == 1

@@ -107,6 +107,10 @@ def test_bad_files_fail_alone_with_reasons_and_no_partial_output(ckpt, tmp_path,
                          ("nomatch*.wav", "matches no file")]:
         line = next(ln for ln in captured.err.splitlines() if ln.startswith("failed:") and name in ln)
         assert reason in line, line
+    # the files that fail while the batch runs are also said at once (a long batch reports them at its end)
+    said = [ln for ln in captured.err.splitlines() if ln.startswith("could not separate")]
+    assert sorted(Path(ln.split(": ")[0].split()[-1]).name for ln in said) == [
+        "empty.wav", "junk.wav", "nan.wav", "silent.wav", "tiny.wav"]
 
 
 def test_equal_output_names_in_one_folder_are_not_overwritten(ckpt, tmp_path, capsys):
@@ -138,15 +142,19 @@ def test_options_channels_rate_format_plot_dtype(ckpt, tmp_path):
 def test_long_file_chunks_and_clearvoice_stitching(ckpt, tmp_path, capsys):
     src = tmp_path / "long.wav"
     sf.write(str(src), noise(16000 * 6, 9), 16000)
-    for extra in (["--chunk-seconds", "1.5", "--overlap-seconds", "0.5", "--cuda-graphs"],
-                  ["--stitching", "clearvoice"]):
+    for extra in (["--chunk-seconds", "1.5", "--overlap-seconds", "0.5", "--cuda-graphs", "--device", "cpu"],
+                  ["--stitching", "clearvoice", "--chunk-seconds", "30"]):
         out = tmp_path / extra[1]
         with warnings.catch_warnings():  # (pyproject.toml ignores the short-overlap warning in the other tests)
             warnings.filterwarnings("default", message="overlap_seconds=")
             assert main(["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt), *extra]) == 0
         wave, rate = read_audio(out / "long_s1.wav")
         assert wave.shape == (1, 96000) and np.abs(wave).max() > 0
-    assert "may swap between chunks" in capsys.readouterr().err  # overlap 0.5 s is warned about
+    err = capsys.readouterr().err
+    assert "may swap between chunks" in err  # overlap 0.5 s is warned about
+    # options that do not apply are said to be ignored, not ignored silently
+    assert "--cuda-graphs) applies on CUDA only" in err
+    assert "--chunk-seconds, --overlap-seconds) are not used" in err
 
 
 def test_compile_option_compiles_the_model_and_refuses_bf16_on_the_cpu(ckpt, tmp_path, capsys, monkeypatch):
@@ -344,6 +352,30 @@ def test_a_bad_output_folder_fails_before_any_work(ckpt, tmp_path, capsys):
     assert blocker.read_text() == "a file, not a folder"
 
 
+def test_an_output_folder_that_refuses_writes_fails_before_any_work(ckpt, tmp_path, capsys, monkeypatch):
+    """os.access can say yes where writes fail (root on sysfs, NFS root_squash): a probe write finds it before
+    the model loads, instead of every input failing after its separation with the name of a temp file."""
+    import tempfile
+
+    src = tmp_path / "a.wav"
+    sf.write(str(src), noise(4000), 16000)
+    out = tmp_path / "out"
+    out.mkdir()
+    real = tempfile.TemporaryFile
+
+    def refused(*args, **kwargs):
+        if Path(kwargs.get("dir", "")) == out:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    missing_model = str(tmp_path / "not_loaded.pt")
+    assert main(["separate", str(src), "-o", str(out), "--checkpoint", missing_model]) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write into the output folder {out}: Permission denied" in err and "checkpoint" not in err
+    assert list(out.iterdir()) == []
+
+
 def test_float_samples_into_flac_fail_before_separating(ckpt, tmp_path, capsys):
     """FLAC holds integer samples: --subtype FLOAT with FLAC outputs (a FLAC input's default) is refused up
     front, not after separating every file."""
@@ -446,8 +478,13 @@ def test_inputs_that_yield_no_file_are_errors(ckpt, tmp_path, monkeypatch, capsy
                             (str(here), f"all 2 file(s) found lie inside the output folder {here}"),
                             (str(here / "*.wav"), f"all 2 file(s) found lie inside the output folder {here}"),
                             (str(tmp_path / "none.lst"), "the list names no file")]
+    # found before the model is loaded (seconds for a large checkpoint)
+    monkeypatch.setattr("mossformer2.cli.separate._load_model", lambda *_: pytest.fail("the model was loaded"))
     assert main(["separate", str(tmp_path / "empty"), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 1
     assert "failed: " in capsys.readouterr().err
+    assert main(["separate", str(tmp_path / "typo.wav"), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 1
+    assert "failed: " in capsys.readouterr().err
+    monkeypatch.undo()
     # The run-level guard: nothing separated, skipped or failed is an error, not success.
     monkeypatch.setattr("mossformer2.cli.separate.collect_inputs", lambda *_args, **_kwargs: Inputs())
     assert main(["separate", str(here), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 
 import numpy as np
 import pytest
@@ -211,6 +212,37 @@ def test_too_few_speakers_names_the_config_key(corpus):
         "dynamic_mixing": {"train_utterances": str(one), "valid_utterances": str(root)}}})
     with pytest.raises(ValueError, match=r"^data\.dynamic_mixing\.train_utterances: dynamic mixing of 2 speakers"):
         build_datasets(cfg, progress=False)
+
+
+def test_validation_speakers_that_are_also_training_speakers_draw_a_warning(corpus, caplog):
+    from mossformer2.data.loaders import build_datasets
+    from mossformer2.training.config import train_config_from_dict
+
+    root, _ = corpus
+
+    def build(valid: str) -> list[str]:
+        cfg = train_config_from_dict({"model": {"sample_rate": SR}, "data": {
+            "sample_rate": SR, "segment_seconds": 0.1, "num_workers": 0,
+            "dynamic_mixing": {"train_utterances": str(root), "valid_utterances": valid}}})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mossformer2.data.loaders"):
+            build_datasets(cfg, progress=False)
+        return [r.getMessage() for r in caplog.records]
+
+    speakers = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = sorted(root.rglob("*.wav"))
+    (message,) = build(str(root))
+    assert f"share speaker name(s) {', '.join(speakers[:5])}" in message and "not on held-out speakers" in message
+    assert f"and {len(files)} recording(s)" in message
+    renamed = root.parent / "renamed.txt"  # the same recordings under other speaker names
+    renamed.write_text("".join(f"{f} other{k}\n" for k, f in enumerate(files)))
+    (message,) = build(str(renamed))
+    assert f"share {len(files)} recording(s): validation" in message
+    held_out = root.parent / "held_out"  # copies under other names: nothing shared
+    for k, f in enumerate(files[:4]):
+        (held_out / f"other{k % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, held_out / f"other{k % 2}" / f.name)
+    assert build(str(held_out)) == []
 
 
 def test_a_synthetic_corpus_is_made_again_when_its_settings_change(tmp_path):

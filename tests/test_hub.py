@@ -164,3 +164,17 @@ def test_a_folder_takes_filename_and_prefers_a_trainers_best_pt(tmp_path):
     with pytest.raises(ValueError, match=r"several checkpoints .*filename=NAME in Python; --checkpoint PATH"):
         resolve_checkpoint(exp)
     assert resolve_checkpoint(exp, filename="epoch3.pt") == exp / "epoch3.pt"
+
+
+def test_the_cli_prints_each_hub_warning_once():
+    """huggingface_hub logs through a handler of its own; the CLI's root handler printed each retry again."""
+    import subprocess
+    import sys
+
+    script = ("from huggingface_hub.utils import logging as hf_logging\n"
+              "from mossformer2.cli import main\n"
+              "main(['info', '--model', 'MossFormer2-S'])\n"
+              "hf_logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("Retrying in 1s") == 1, out.stderr

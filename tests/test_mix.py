@@ -140,6 +140,10 @@ def test_mix_three_speakers_from_folder(tmp_path):
     assert main(["mix", str(root), "-o", str(out), "--num-mixtures", "2", "--num-spks", "3"]) == 0
     entries = load_manifest(out, num_spks=3)
     assert len(entries) == 2
+    for row in metadata_rows(out):  # s1 over s2 and over s3, each drawn from --sir-range
+        levels = [float(row[f"source_{k}_level_db"]) for k in (1, 2, 3)]
+        assert float(row["sir_db"]) == pytest.approx(levels[0] - levels[1], abs=1e-4)
+        assert float(row["sir_db_s3"]) == pytest.approx(levels[0] - levels[2], abs=1e-4)
     mix = read(entries[0].mix)
     total = sum(read(p) for p in entries[0].sources)
     assert np.abs(mix - total).max() < 3 * 2**-15  # PCM_16 rounding of four files
@@ -186,12 +190,58 @@ def test_mix_reports_bad_requests(tmp_path, capsys):
         capsys.readouterr().err)
     assert main(["mix", str(root / "spk0" / "utt0.wav"), str(root), "-o", str(tmp_path / "o")]) == 1
     assert f"{root} is a folder: give two or more audio files, or one folder" in capsys.readouterr().err
+    # one misspelt path; one file alone
+    assert main(["mix", str(tmp_path / "speakerz"), "-o", str(tmp_path / "o"), "--num-mixtures", "2"]) == 1
+    assert f"no such file or folder: {tmp_path / 'speakerz'}" in capsys.readouterr().err
+    assert main(["mix", str(root / "spk0" / "utt0.wav"), "-o", str(tmp_path / "o")]) == 1
+    assert "is one file: give two or more audio files" in capsys.readouterr().err
+    # an option of another mode is refused, not ignored
+    files = [str(root / "spk0" / "utt0.wav"), str(root / "spk0" / "utt1.wav")]
+    assert main(["mix", *files, "-o", str(tmp_path / "o"), "--seed", "3", "--num-mixtures", "5"]) == 1
+    assert "--num-mixtures, --seed: not used in files mode" in capsys.readouterr().err
+    assert main(["mix", str(root), "-o", str(tmp_path / "o"), "--num-mixtures", "2", "--sir", "3"]) == 1
+    assert "--sir: not used in folder mode (use --sir-range)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     silent = tmp_path / "silent.wav"
     sf.write(str(silent), np.zeros(SR, dtype=np.float32), SR)
     speech = write_speech(tmp_path / "speech.wav", seed=0, seconds=1.0)
     assert main(["mix", str(speech), str(silent), "-o", str(tmp_path / "s")]) == 1
     assert "silent" in capsys.readouterr().err
     assert not (tmp_path / "s" / "metadata.csv").exists()
+
+
+def test_a_set_of_mixtures_inside_the_speaker_folder_is_never_taken_as_a_speaker(tmp_path, capsys):
+    """`mix ROOT -o ROOT/testset` is refused (its mixtures would be one more "speaker" next time), and a mixture
+    set found among the speaker folders is refused by `mix` and by dynamic mixing alike."""
+    from mossformer2.data.dynamic_mixing import load_utterances
+
+    root = make_speaker_folder(tmp_path / "speakers", speakers=3, files=1)
+    assert main(["mix", str(root), "-o", str(root / "testset"), "--num-mixtures", "2"]) == 1
+    assert "lies inside the speaker folder" in capsys.readouterr().err
+    assert not (root / "testset").exists()
+    assert main(["mix", str(root), "-o", str(tmp_path / "testset"), "--num-mixtures", "2"]) == 0
+    (tmp_path / "testset").rename(root / "testset")  # moved in by hand
+    assert main(["mix", str(root), "-o", str(tmp_path / "again"), "--num-mixtures", "2"]) == 1
+    assert f"{root / 'testset'} holds a set of mixtures (mix/, s1/, ...), not one speaker's" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="holds a set of mixtures"):
+        load_utterances(root)
+
+
+def test_mix_names_clashing_mixtures_and_notes_resampling(tmp_path, capsys):
+    wsj = tmp_path / "wsj"
+    for folder, seed in (("a", 1), ("b", 2), ("c", 3), ("d", 4)):
+        write_speech(wsj / folder / ("u0.wav" if folder in "ac" else "u1.wav"), seed=seed, seconds=1.0,
+                     sample_rate=8000)
+    recipe = tmp_path / "recipe.txt"
+    recipe.write_text("a/u0.wav 0 b/u1.wav 0\nc/u0.wav 0 d/u1.wav 0\n")
+    assert main(["mix", "--recipe", str(recipe), "--wsj-root", str(wsj), "-o", str(tmp_path / "o")]) == 1
+    assert "mixtures 1 and 2 would get the same name 'u0_0_u1_0'" in capsys.readouterr().err
+    recipe.write_text("a/u0.wav 0 b/u1.wav 0\n")
+    assert main(["mix", "--recipe", str(recipe), "--wsj-root", str(wsj), "-o", str(tmp_path / "o")]) == 0
+    assert "sources at 8000 Hz are resampled to 16000 Hz (--sample-rate)" in capsys.readouterr().err
+    assert main(["mix", "--recipe", str(recipe), "--wsj-root", str(wsj), "-o", str(tmp_path / "p"),
+                 "--sample-rate", "8000"]) == 0
+    assert "resampled" not in capsys.readouterr().err
 
 
 def test_overwrite_leaves_no_stale_mixtures_and_a_failed_run_leaves_no_files(tmp_path):

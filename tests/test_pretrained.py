@@ -99,6 +99,18 @@ def test_demo_command(tmp_path, capsys):
     refs = [sf.read(tmp_path / "demo6" / f"reference{k}.wav", dtype="float32")[0] for k in (1, 2)]
     assert measured_sir_db(refs[0], refs[1]) == pytest.approx(6.0, abs=0.1)
     assert json.loads((tmp_path / "demo6" / "scores.json").read_text())["sir_db"] == 6.0
+    # an earlier demo's folder is reused; files of the same names that no demo wrote are never replaced silently
+    assert main(["demo", "-o", str(tmp_path / "demo6"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "demo6" / "scores.json").read_text())["sir_db"] == 0.0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "spectrogram.png").write_bytes(b"my own picture")
+    capsys.readouterr()
+    assert main(["demo", "-o", str(mine), "--device", "cpu"]) == 1
+    assert f"{mine} already holds spectrogram.png, which no demo run wrote: pass --overwrite" in capsys.readouterr().err
+    assert (mine / "spectrogram.png").read_bytes() == b"my own picture" and not (mine / "mixture.wav").exists()
+    assert main(["demo", "-o", str(mine), "--device", "cpu", "--overwrite"]) == 0
+    assert (mine / "spectrogram.png").read_bytes() != b"my own picture"
 
 
 def test_separate_uses_the_built_in_model_by_default(tmp_path, capsys):

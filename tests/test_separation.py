@@ -284,7 +284,8 @@ def test_bad_options_are_rejected(tiny_model):
             Separator(tiny_model, **kwargs)
     with pytest.raises(ValueError, match="config"):
         Separator(lambda x: x)
-    Separator(tiny_model, stitching="clearvoice", overlap_seconds=0)  # its windows have their own overlap
+    with pytest.warns(UserWarning, match="fixed 2 s windows: chunk_seconds and overlap_seconds .* are not used"):
+        Separator(tiny_model, stitching="clearvoice", overlap_seconds=0)  # its windows have their own overlap
 
 
 def test_channels_that_cancel_in_the_downmix_are_warned_about(tiny_model):
@@ -387,7 +388,8 @@ def test_cuda_graph_runner_applies_its_autocast_dtype(tiny_model):
 
 def test_cuda_graphs_option_is_ignored_on_cpu(tiny_model):
     wave = noise(40000, 23)
-    sep = Separator(tiny_model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.25, cuda_graphs=True)
+    with pytest.warns(UserWarning, match="applies on CUDA only; ignored on cpu"):
+        sep = Separator(tiny_model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.25, cuda_graphs=True)
     assert sep.graphs is None
     expected = Separator(tiny_model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.25).separate(wave, SR)
     np.testing.assert_array_equal(sep.separate(wave, SR), expected)
@@ -433,7 +435,7 @@ def test_short_overlaps_are_warned_about_and_the_fixed_length_advice_is_safe(tin
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Separator(tiny_model, device="cpu", overlap_seconds=1.0)
-        Separator(tiny_model, device="cpu", overlap_seconds=0.5, stitching="clearvoice")  # no matching there
+        Separator(tiny_model, device="cpu", stitching="clearvoice")  # no matching there
     fixed = Separator(LouderBandFirst(input_shape=[1, 4 * SR]))
     advice = fixed.fixed_length_error(10 * SR, SR)
     assert "--chunk-seconds 4 --overlap-seconds 2)" in advice  # half the chunk, the default 2 s
@@ -441,7 +443,11 @@ def test_short_overlaps_are_warned_about_and_the_fixed_length_advice_is_safe(tin
         warnings.simplefilter("error")
         chunked = Separator(LouderBandFirst(input_shape=[1, 4 * SR]), chunk_seconds=4, overlap_seconds=2)
     assert chunked.fixed_length_error(10 * SR, SR) is None
-    assert "--overlap-seconds 2)" in Separator(LouderBandFirst(input_shape=[1, 20 * SR])).fixed_length_error(SR, SR)
+    # shorter than the export: no chunking option helps, so none is suggested (it repeated the user's own options)
+    shorter = Separator(LouderBandFirst(input_shape=[1, 20 * SR])).fixed_length_error(SR, SR)
+    assert "(1 s at 16000 Hz) is shorter than the fixed input length" in shorter and "--chunk-seconds" not in shorter
+    assert "--overlap-seconds 2)" in Separator(LouderBandFirst(input_shape=[1, 20 * SR])).fixed_length_error(
+        30 * SR, SR)
     short = Separator(LouderBandFirst(input_shape=[1, SR])).fixed_length_error(3 * SR, SR)
     assert "--overlap-seconds 0.5; an export this short" in short and "longer --length-seconds" in short
 
@@ -456,10 +462,12 @@ def test_integer_pcm_is_scaled_like_files_and_bad_rates_are_refused():
     pcm8 = (np.round(x * 127) + 128).astype(np.uint8)
     np.testing.assert_allclose(sep.separate(pcm8, SR)[0], 0.25 * (pcm8 - 128.0) / 128, atol=1e-6)
     for rate in (None, 0, -16000, 16000.5, float("nan"), "16000"):
-        with pytest.raises(ValueError, match=r"sample_rate must be a positive whole number of Hz"):
+        with pytest.raises(ValueError, match=r"sample_rate must be a whole number of Hz, at least 1000"):
             sep.separate(x, rate)
-    for rate in (0, -8000):
-        with pytest.raises(ValueError, match=r"output_rate must be a positive whole number of Hz"):
+    with pytest.raises(ValueError, match=r"at least 1000 \(e.g. 16000\), got 7: a wrong header\?"):
+        sep.separate(x, 7)  # a 7 Hz "recording" was separated as 100 s of audio
+    for rate in (0, -8000, 999):
+        with pytest.raises(ValueError, match=r"output_rate must be a whole number of Hz, at least 1000"):
             sep.separate(x, SR, output_rate=rate)
     assert sep.separate(x, 16000.0, output_rate=np.int64(8000)).shape == (2, 2000)
 

@@ -149,6 +149,31 @@ def test_speakers_whose_polarity_flips_between_chunks_are_stitched_without_cance
         np.testing.assert_allclose(np.abs(out[k]), np.abs(sources[ref]), atol=1e-5)
 
 
+def test_a_near_silent_overlap_never_inverts_the_outputs_that_follow():
+    """A pause holding a tiny DC offset gives an overlap whose correlations mean nothing (rho +-0.9 or +-0.03 at
+    random): the next chunk keeps its own polarity there instead of being negated, which had inverted the rest of
+    a file (outputs summing to minus the input). A clear flip over a voiced overlap is still undone."""
+    n, overlap = 4000, 1000
+    rng = np.random.default_rng(0)
+    voice = (0.1 * rng.standard_normal((2, n))).astype(np.float32)
+    pause = np.full((2, n), 5e-8, dtype=np.float32)  # the stitched outputs: a DC offset far below SILENCE_PEAK
+    pause[1] += 1e-9 * rng.standard_normal(n).astype(np.float32)
+    stitcher = AlignedStitcher(2, 2 * n - overlap)
+    stitcher.add(0, pause)
+    second = -pause[:, n - overlap:].copy()  # the model's output for the next chunk: the offset, negated
+    second = np.concatenate([second, np.full((2, n - overlap), -5e-8, dtype=np.float32)], axis=1)
+    second[:, overlap:] += voice[:, : n - overlap]  # ... and then voices
+    stitcher.add(n - overlap, second)
+    np.testing.assert_array_equal(stitcher.output[:, n:], second[:, overlap:])  # not negated
+    flipped = AlignedStitcher(2, 2 * n - overlap)  # a voiced overlap with a real flip of speaker 2
+    flipped.add(0, voice)
+    chunk = voice[:, n - overlap:].copy()
+    chunk = np.concatenate([chunk, voice[:, : n - overlap]], axis=1)
+    chunk[1] *= -1
+    flipped.add(n - overlap, chunk)
+    np.testing.assert_array_equal(flipped.output[1, n:], -chunk[1, overlap:])
+
+
 def test_oracle_under_rms_normalisation_stays_aligned_and_keeps_level():
     sources = speech_like_sources(2, 12.0, seed=5)
     mixture = sources.sum(0)

@@ -599,6 +599,39 @@ def test_resume_applies_changed_optimizer_settings_and_ignores_init_from(corpus,
     assert written.optim == changed.optim and written.trainer.init_from is None
 
 
+def test_more_accumulation_steps_than_an_epoch_has_batches_fail_before_any_file_is_written(corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"^one epoch has 8 batch\(es\), fewer than optim.accum_steps \(9\)"):
+        Trainer(make_config(corpus, "optim.accum_steps=9", "trainer.tensorboard=true"), tmp_path / "acc")
+    assert not (tmp_path / "acc").exists()
+
+
+def test_resume_names_changed_data_settings_and_what_they_break(corpus, tmp_path, caplog):
+    """data.* changes apply on resume like optim.* ones, with a warning naming them; and where they make the
+    epoch position or the best score so far mean something else, a warning says that too."""
+    import logging
+
+    def resume(*overrides: str) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mossformer2.training"):
+            Trainer(make_config(corpus, *overrides), tmp_path).close()
+        return caplog.text
+
+    Trainer(make_config(corpus, "trainer.max_epochs=1"), tmp_path).fit()  # a best score, at epoch 0
+    assert "changed data settings" not in resume("trainer.max_epochs=2")
+    text = resume("data.dynamic_mixing.valid_examples=3")
+    assert "changed data settings: data.dynamic_mixing.valid_examples 2 -> 3" in text
+    assert "the best score so far" in text and "was measured on the earlier set" in text
+    assert "the best score" not in resume("data.segment_seconds=0.25")  # training crops only
+    # mid-epoch: 4 of the epoch's 8 batches used
+    Trainer(make_config(corpus, "trainer.max_steps=6"), tmp_path).fit()
+    text = resume("data.segment_seconds=0.25", "trainer.max_steps=8")
+    assert "data.segment_seconds 0.2 -> 0.25" in text and "goes on after its first 4 batches" in text
+    text = resume("data.batch_size=4", "trainer.max_steps=8")  # the position is converted, not lost
+    assert "data.batch_size 2 -> 4" in text and "goes on after" not in text and "another data layout" in text
+    text = resume("data.dynamic_mixing.examples_per_epoch=6", "trainer.max_steps=8")  # 3 batches an epoch now
+    assert "epoch 1 had used 4 batches, and has 2 with these settings: it ends without further steps" in text
+
+
 def test_a_finished_run_stays_finished(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "validate", lambda self: {"loss": 0.0, "si_sdr": 0.0, "si_sdri": 1.0, "count": 1.0})
     cfg = make_config(corpus, "trainer.max_epochs=10", "optim.early_stop_patience=2", "optim.accum_steps=1",
@@ -855,7 +888,32 @@ def test_a_diverged_run_stops_and_keeps_the_last_finite_checkpoint(corpus, tmp_p
                                                     rf"had a NaN/inf loss.*; {tmp_path / 'last.pt'} keeps step 2"):
         Trainer(cfg, tmp_path).fit()
     assert torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)["step"] == 2
-    assert "ERROR the model diverged" in (tmp_path / "train.log").read_text()
+    log = (tmp_path / "train.log").read_text()
+    assert "ERROR the model diverged" in log and "run again to resume from there" in log
+    calls["n"] = -10**6  # NaN from the first step: nothing to resume from, and the message says so
+    monkeypatch.setattr(Trainer, "_loss", lambda self, est, batch: original(self, est, batch) * float("nan"))
+    with pytest.raises(TrainingDivergedError, match=r"no last.pt was written\. Lower optim.lr \(or set "
+                                                    r"optim.grad_clip\) and run again \(it starts afresh\)$"):
+        Trainer(cfg, tmp_path / "fresh").fit()
+
+
+def test_a_step_skipped_for_its_gradient_logs_no_gradient_norm(corpus, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = torch.nn.utils.clip_grad_norm_
+
+    def inf_at_step_2(parameters, max_norm):
+        calls["n"] += 1
+        norm = original(parameters, max_norm)
+        return torch.full_like(norm, float("inf")) if calls["n"] == 2 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", inf_at_step_2)
+    Trainer(make_config(corpus, "optim.accum_steps=1", "trainer.max_steps=3"), tmp_path).fit()
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert any("step 2 skipped: non-finite gradient" in line for line in lines)
+    (step_2,) = [line for line in lines if "epoch 0 step 2: loss" in line]
+    assert "grad norm - (step skipped)" in step_2
+    (step_3,) = [line for line in lines if "epoch 0 step 3: loss" in line]
+    assert "skipped" not in step_3 and "grad norm inf" not in step_3
 
 
 def test_nan_estimates_are_not_written_as_tensorboard_audio(corpus, tmp_path):
@@ -886,21 +944,36 @@ def test_config_yaml_names_the_data_with_absolute_paths(corpus, tmp_path, monkey
 
 
 def test_a_failed_start_leaves_no_log_or_event_file_and_checks_init_from_first(corpus, tmp_path, monkeypatch):
+    """A bad trainer.init_from (missing, another architecture, not a checkpoint) fails before the data is read
+    (minutes with data.cache_audio) and leaves no folder; a folder holding a checkpoint is taken, as `separate
+    --checkpoint` takes it."""
     from mossformer2.training import trainer as trainer_module
 
     pre = tmp_path / "pre.pt"
     mossformer2.save_checkpoint(pre, mossformer2.build_model(make_config(corpus, "model.num_mossformer_layer=2").model))
-    with pytest.raises(ValueError, match="model config differs"):  # found after the data was read
-        Trainer(make_config(corpus, f"trainer.init_from={pre}", "trainer.tensorboard=true"), tmp_path / "ft")
-    assert not (tmp_path / "ft").exists()
+    not_a_checkpoint = tmp_path / "list.csv"
+    not_a_checkpoint.write_text("mix,s1,s2\n")
+    load_data = trainer_module.create_dataloaders
+    monkeypatch.setattr(trainer_module, "create_dataloaders", lambda *a: pytest.fail("the data was read first"))
+    for path, error, match in ((pre, ValueError, "model config differs"),
+                               (not_a_checkpoint, ValueError, "list.csv"),
+                               (tmp_path / "none.pt", FileNotFoundError, "none.pt: checkpoint not found")):
+        with pytest.raises(error, match=f"^trainer.init_from .*{match}"):
+            Trainer(make_config(corpus, f"trainer.init_from={path}", "trainer.tensorboard=true"), tmp_path / "ft")
+        assert not (tmp_path / "ft").exists()
     (tmp_path / "old").mkdir()  # a folder that existed keeps what it held, and gets nothing new
     with pytest.raises(ValueError, match="model config differs"):
         Trainer(make_config(corpus, f"trainer.init_from={pre}", "trainer.tensorboard=true"), tmp_path / "old")
     assert [p.name for p in (tmp_path / "old").iterdir()] in ([], [".lock"])
-    monkeypatch.setattr(trainer_module, "create_dataloaders", lambda *a: pytest.fail("the data was read first"))
-    with pytest.raises(FileNotFoundError, match="^trainer.init_from .*none.pt: checkpoint not found"):
-        Trainer(make_config(corpus, f"trainer.init_from={tmp_path / 'none.pt'}"), tmp_path / "ft")
-    assert not (tmp_path / "ft").exists()
+    monkeypatch.setattr(trainer_module, "create_dataloaders", load_data)
+    run = tmp_path / "run"  # a trainer folder: its best.pt
+    run.mkdir()
+    model = mossformer2.build_model(make_config(corpus).model)
+    mossformer2.save_checkpoint(run / "best.pt", model)
+    mossformer2.save_checkpoint(run / "last.pt", mossformer2.build_model(make_config(corpus).model))
+    trainer = Trainer(make_config(corpus, f"trainer.init_from={run}"), tmp_path / "ft")
+    assert all(torch.equal(a, b) for a, b in zip(trainer.model.state_dict().values(), model.state_dict().values()))
+    trainer.close()
 
 
 def test_cli_on_a_folder_in_use_leaves_its_synthetic_corpus_alone(tmp_path):

@@ -48,9 +48,16 @@ def find_audio_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in found if p.is_file())  # a link to a file counts, a dangling one does not
 
 
-def visible_subfolders(folder: str | Path) -> list[Path]:
-    """The folders directly in ``folder`` (speaker folders of a corpus), sorted; hidden ones (``.x``) skipped."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+def speaker_folders(root: str | Path) -> list[Path]:
+    """The speaker folders of a ``<root>/<speaker>/`` corpus: the folders directly in ``root``, sorted; hidden ones
+    (``.x``) skipped. A folder that holds a set of mixtures (``mix/`` and ``s1/``, as ``mossformer2 mix`` writes) is
+    refused: its mixtures and references would count as one more speaker's recordings."""
+    folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in folders:
+        if (folder / "mix").is_dir() and (folder / "s1").is_dir():
+            raise ValueError(f"{folder} holds a set of mixtures (mix/, s1/, ...), not one speaker's recordings: "
+                             f"move it out of {root}, whose folders are taken as speakers")
+    return folders
 
 
 def soundfile_name(path: str | Path) -> str | bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -61,7 +62,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                          "Separator.from_pretrained run it as it is; to train or export again, use the checkpoint "
                          "it was exported from")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # its note on an unusual pickle protocol asks users to file a torch issue
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the safe unpickler raises many types on garbage input
         if isinstance(err, MemoryError):
             raise
@@ -96,6 +99,10 @@ def _load_error(path: Path, err: Exception) -> str:
                     f"({unsafe.group(1)}); refusing to load it")
         detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else ""
         text = next((line.strip() for line in detail.splitlines() if line.strip()), "unreadable pickle data")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: a zip, or a legacy pickle
+        return f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive (or a pickle), and this is neither"
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}{': ' + first if first else ''})"
 

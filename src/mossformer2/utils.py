@@ -39,6 +39,12 @@ def check_folder_creatable(path: str | Path, what: str = "folder") -> None:
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         verb = "write into" if existing == path else "create"
         raise OSError(f"cannot {verb} the {what} {path}: permission denied")
+    if existing == path:  # os.access can say yes where writes fail (root on sysfs, NFS root_squash, ACLs): try
+        try:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as err:
+            raise OSError(f"cannot write into the {what} {path}: {err.strerror or err}") from None
 
 
 def make_folder(path: str | Path, what: str = "folder") -> Path:

@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mossformer2").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # huggingface_hub prints through a handler of its own: passed on to ours too, each retry would show twice.
+    logging.getLogger("huggingface_hub").propagate = False
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -12,6 +12,8 @@ from mossformer2.cli import add_refinement_arguments, announce_builtin_model, de
 DEMO_DIR = Path(__file__).resolve().parents[1] / "pretrained" / "demo"
 DEMO_CLIPS = ("speaker_ro.flac", "speaker_es.flac")
 PAIRING = "speakerN.wav is the estimate of referenceN.wav (network output i is reference permutation[i])"
+OUTPUT_NAMES = ("mixture.wav", "speaker1.wav", "speaker2.wav", "reference1.wav", "reference2.wav", "spectrogram.png",
+                "scores.json")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -23,17 +25,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--sir", type=float, default=0.0, help="level of speaker 1 over speaker 2 in dB (default 0)")
     parser.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the built-in model")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files of these names that an earlier demo run did not write (a folder "
+                             "holding an earlier demo's output is reused without it)")
     add_refinement_arguments(parser)
     return parser
 
 
+def check_demo_folder(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse to write over files of the demo's names that an earlier demo run did not write (its scores.json
+    names the pairing), unless ``overwrite``."""
+    out = Path(out_dir)
+    existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if not existing or overwrite:
+        return
+    try:
+        from_demo = json.loads((out / "scores.json").read_text(encoding="utf-8")).get("files") == PAIRING
+    except (OSError, ValueError, AttributeError):
+        from_demo = False
+    if not from_demo:
+        raise FileExistsError(f"{out} already holds {', '.join(existing)}, which no demo run wrote: pass --overwrite "
+                              "to replace them, or choose another -o")
+
+
 def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = None,
-             device: str = "auto", **refinements: bool | None) -> dict:
+             device: str = "auto", overwrite: bool = False, **refinements: bool | None) -> dict:
     """Mix, separate, write ``mixture.wav``, ``speaker1.wav``, ``speaker2.wav``, ``reference1.wav``, ``reference2.wav``,
     ``spectrogram.png`` and ``scores.json`` into ``out_dir``; return the scores (see
     ``mossformer2.metrics.score_separation``). The estimates are written in reference order (``speakerN.wav``
     is the estimate of ``referenceN.wav``); ``permutation[i]`` says which reference the network's output i is.
-    ``refinements``: ``Separator`` switches (``polarity_ensemble=False``, ...; default: the model's)."""
+    ``refinements``: ``Separator`` switches (``polarity_ensemble=False``, ...; default: the model's).
+    ``overwrite``: see :func:`check_demo_folder` (checked before any work)."""
     import numpy as np
 
     from mossformer2.audio import read_audio, resample, to_mono, write_audio
@@ -46,6 +68,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
 
     if not math.isfinite(sir_db):
         raise ValueError(f"the SIR must be a finite number of dB, got {sir_db}")
+    check_demo_folder(out_dir, overwrite)
     separator = Separator.from_pretrained(checkpoint, device=device, **refinements)
     if separator.num_spks != len(DEMO_CLIPS):
         raise ValueError(f"the demo mixes {len(DEMO_CLIPS)} speakers; this model separates {separator.num_spks}")
@@ -81,13 +104,13 @@ def run(args: argparse.Namespace) -> int:
     check_folder_creatable(args.out_dir, "output folder")
     if args.checkpoint is None:
         announce_builtin_model("--checkpoint")
-    scores = run_demo(args.out_dir, args.sir, args.checkpoint, args.device, **refinement_options(args))
+    scores = run_demo(args.out_dir, args.sir, args.checkpoint, args.device, args.overwrite,
+                      **refinement_options(args))
     si = scores["per_speaker"]
     print(f"mixture of 2 speakers at {args.sir:+.1f} dB SIR -> {args.out_dir}/")
     for k in range(len(si["si_sdr"])):
         print(f"  speaker{k + 1}.wav vs reference{k + 1}.wav: SI-SDR {si['si_sdr'][k]:6.2f} dB  "
               f"(improvement {si['si_sdri'][k]:+.2f} dB)")
     print(f"mean SI-SDRi: {scores['si_sdri']:.2f} dB (refinements: {scores['refinements']})")
-    print("wrote mixture.wav, speaker1.wav, speaker2.wav, reference1.wav, reference2.wav, spectrogram.png, "
-          "scores.json (speakerN.wav is the estimate of referenceN.wav)")
+    print(f"wrote {', '.join(OUTPUT_NAMES)} (speakerN.wav is the estimate of referenceN.wav)")
     return 0

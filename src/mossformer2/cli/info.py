@@ -9,11 +9,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "info", help="print a model's configuration and parameter count",
         description="Print the configuration and parameter count of a named model or a checkpoint "
-                    "(for a checkpoint also its epoch, step and keys).")
+                    "(for a checkpoint also its epoch, step and keys). Without options: the built-in model, "
+                    "which `separate` uses when given no --model or --checkpoint.")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--model", default=None,
-                       help="named configuration: MossFormer2 (default), MossFormer2-S; or a named model as in "
-                            "`separate --model`: 'default' (built in), MossFormer2_SS_16K, a hub id")
+                       help="named configuration: MossFormer2, MossFormer2-S; or a named model as in "
+                            "`separate --model`: 'default' (built in: what `info` shows without options), "
+                            "MossFormer2_SS_16K, a hub id")
     group.add_argument("--checkpoint", default=None,
                        help="checkpoint file (official or ours) or folder, hub id (OWNER/NAME), or an export "
                             "(.onnx or TorchScript)")
@@ -32,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.models import NAMED_CONFIGS, build_model, count_parameters, get_config
 
     path = resolve_checkpoint(args.checkpoint) if args.checkpoint else None  # a file, folder or hub id
-    if args.model is not None:
+    if args.model is None and path is None:
+        print("the built-in model, which `separate` uses without --model/--checkpoint (`--model MossFormer2`: the "
+              "full architecture)")
+        path = model_checkpoint("default")
+    elif args.model is not None:
         try:
             get_config(args.model)  # a configuration name (MossFormer2_SS_16K too: its architecture, no download)
         except ValueError:
@@ -68,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
             print("config read from the tensor shapes (the file stores none): group_size and dropout leave no trace "
                   "in the weights, so the official values below are assumed")
     else:
-        model = build_model(args.model or "MossFormer2")
-        print(f"model: {args.model or 'MossFormer2'}")
+        model = build_model(args.model)
+        print(f"model: {args.model}")
     _print_config(model.config)
     if isinstance(model, torch.nn.Module):
         print(f"parameters: {count_parameters(model):,}")

@@ -21,7 +21,6 @@ from mossformer2.cli import (
 )
 
 LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
-MIN_OUTPUT_RATE = 1000  # Hz: lower is a typo (--output-rate 1 wrote a 1 Hz file), not a speech rate
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "channel's speakers are matched to the first channel's order, except with "
                              "--stitching clearvoice)")
     parser.add_argument("--output-rate", default="input",
-                        help=f"'input' (default) or a rate in Hz, at least {MIN_OUTPUT_RATE}, e.g. 16000")
+                        help="'input' (default) or a rate in Hz, at least 1000, e.g. 16000")
     parser.add_argument("--format", choices=["wav", "flac"], default=None,
                         help="output format (default: the input's if wav/flac, else wav)")
     parser.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], default="PCM_16",
@@ -225,8 +224,10 @@ def _parse_output_rate(value: str) -> int | None:
         rate = int(value)
     except ValueError:
         raise ValueError(f"--output-rate must be 'input' or a rate in Hz, got {value!r}") from None
-    if rate < MIN_OUTPUT_RATE:
-        raise ValueError(f"--output-rate must be at least {MIN_OUTPUT_RATE} Hz, got {rate}")
+    from mossformer2.separation.separator import MIN_SAMPLE_RATE
+
+    if rate < MIN_SAMPLE_RATE:  # --output-rate 1 once wrote a 1 Hz file
+        raise ValueError(f"--output-rate must be at least {MIN_SAMPLE_RATE} Hz, got {rate}")
     return rate
 
 
@@ -302,6 +303,19 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    def say(message: str) -> None:  # per-run and per-file notes on stderr, silenced by --quiet
+        if not args.quiet:
+            print(message, file=sys.stderr)
+
+    # The inputs before the model (seconds for a large checkpoint): a mistyped only input fails at once.
+    inputs = collect_inputs(args.inputs, exclude=Path(args.out_dir))
+    if inputs.excluded and rank == 0:
+        say(f"ignoring {inputs.excluded} file(s) found inside the output folder {args.out_dir}")
+    failed: list[tuple[str, str]] = list(inputs.errors) if rank == 0 else []
+    if not inputs.files:
+        if rank == 0 and not failed:
+            raise ValueError("nothing to separate: the inputs name no audio file")
+        return _summary(rank, world_size, 0, 0, failed, 0.0, 0.0)
     model = _load_model(args, device)
     show_bars = False if args.quiet else None  # None: only on a terminal (no \r and cursor codes in logs)
     sep = Separator(model, device=device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
@@ -311,17 +325,9 @@ def run(args: argparse.Namespace) -> int:
                     compile_layers=args.compile,
                     **refinement_options(args))
 
-    def say(message: str) -> None:  # per-run and per-file notes on stderr, silenced by --quiet
-        if not args.quiet:
-            print(message, file=sys.stderr)
-
     if any(sep.refinements.values()) and rank == 0:
         say(f"refinements: {describe_refinements(sep)}")
 
-    inputs = collect_inputs(args.inputs, exclude=Path(args.out_dir))
-    if inputs.excluded and rank == 0:
-        say(f"ignoring {inputs.excluded} file(s) found inside the output folder {args.out_dir}")
-    failed: list[tuple[str, str]] = list(inputs.errors) if rank == 0 else []
     out_dirs = mirrored_out_dirs(inputs.files, Path(args.out_dir), inputs.roots)
     plan = {f: output_paths(f, out_dirs[f], sep.num_spks, args.format) for f in inputs.files}
     flac = [f for f in inputs.files if plan[f][0].suffix == ".flac"]
@@ -365,8 +371,6 @@ def run(args: argparse.Namespace) -> int:
                 failed.append((str(f), problem))
                 continue
         todo.append(f)
-    if rank == 0 and not (todo or plot_only or skipped or failed):  # rank 0 gets a file whenever the run has one
-        raise ValueError("nothing to separate: the inputs name no audio file")
 
     infos = {f: audio_header(f) for f in todo}  # None: a PyAV format or a damaged file runs, or fails, on its own
     # Before separating anything: the outputs' format must hold their channels and rate (FLAC: at most 8, up to
@@ -421,6 +425,12 @@ def run(args: argparse.Namespace) -> int:
         make_folder(args.out_dir, "output folder")
     done, audio_seconds = 0, 0.0
     start_time = time.perf_counter()
+
+    def fail(f: Path, reason: str) -> None:  # said at once in a run of several files (a long batch), and listed
+        failed.append((str(f), reason))     # again at the end
+        if len(todo) > 1 and not args.quiet:
+            tqdm.write(f"could not separate {f}: {reason}", file=sys.stderr)
+
     with tqdm(total=len(todo), desc="files", unit="file", disable=True if not todo else bar_disabled(show_bars)) as bar:
         for group in groups:
             loaded = []
@@ -431,7 +441,7 @@ def run(args: argparse.Namespace) -> int:
                         raise ValueError("audio is all silent (every sample is zero): nothing to separate")
                     loaded.append((f, wave, rate))
                 except (ValueError, OSError) as err:
-                    failed.append((str(f), str(err)))
+                    fail(f, str(err))
                     bar.update(1)
             if not loaded:
                 continue
@@ -453,10 +463,14 @@ def run(args: argparse.Namespace) -> int:
                     audio_seconds += wave.shape[-1] / rate
                 except (ValueError, OSError, RuntimeError) as err:
                     _raise_if_compile_failed(err, args.compile)
-                    failed.append((str(f), str(err).splitlines()[0] if str(err) else type(err).__name__))
+                    fail(f, str(err).splitlines()[0] if str(err) else type(err).__name__)
                 bar.update(1)
-    elapsed = time.perf_counter() - start_time
+    return _summary(rank, world_size, done, skipped, failed, audio_seconds, time.perf_counter() - start_time)
 
+
+def _summary(rank: int, world_size: int, done: int, skipped: int, failed: list[tuple[str, str]],
+             audio_seconds: float, elapsed: float) -> int:
+    """Print the run's summary (stdout) and its failures (stderr); the exit status."""
     prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
     speed = f" (real-time factor {elapsed / audio_seconds:.3f})" if audio_seconds else ""
     print(f"{prefix}separated {done} file(s), skipped {skipped}, failed {len(failed)}; "

@@ -22,7 +22,7 @@ import soxr
 import torch
 from torch.utils.data import Dataset
 
-from mossformer2.audio import find_audio_files, visible_subfolders
+from mossformer2.audio import find_audio_files, speaker_folders
 from mossformer2.data.datasets import AudioStore, BadAudioError, example_rng
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def load_utterances(source: str | Path | list[str] | list[Path]) -> list[Utteran
     if not path.exists():
         raise FileNotFoundError(f"utterance list or folder not found: {path}")
     if path.is_dir():
-        speakers = visible_subfolders(path)
+        speakers = speaker_folders(path)
         utterances = [Utterance(f, spk.name) for spk in speakers for f in find_audio_files(spk)]
         if not utterances:
             raise ValueError(f"{path} holds no audio in speaker folders: expected <root>/<speaker>/*.wav")

@@ -122,8 +122,9 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[Dataset, Da
             valid_max = int(round(dm.valid_max_seconds * d.sample_rate))
             if max_valid is not None:
                 valid_max = min(valid_max, max_valid)
-            utterances = _named("data.dynamic_mixing.valid_utterances", load_utterances, dm.valid_utterances)
-            valid = _mixing_dataset("data.dynamic_mixing.valid_utterances", utterances,
+            valid_utterances = _named("data.dynamic_mixing.valid_utterances", load_utterances, dm.valid_utterances)
+            _warn_shared_speakers(utterances, valid_utterances)
+            valid = _mixing_dataset("data.dynamic_mixing.valid_utterances", valid_utterances,
                                     num_examples=dm.valid_examples, max_samples=valid_max, fixed=True, **common)
             return train, valid
     else:
@@ -132,6 +133,18 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[Dataset, Da
     valid = MixtureDataset(_named("data.valid", load_manifest, d.valid, num_spks), store, max_samples=max_valid,
                            seed=seed, skip_bad_files=d.skip_bad_files)
     return train, valid
+
+
+def _warn_shared_speakers(train: list, valid: list) -> None:
+    """Dynamic mixing validates on held-out speakers: warn when the two utterance lists share speaker names (which
+    may be chance across corpora) or recordings (which is not)."""
+    names = sorted({u.speaker for u in train} & {u.speaker for u in valid})
+    files = {u.path.resolve() for u in train} & {u.path.resolve() for u in valid}
+    if names or files:
+        shown = f"speaker name(s) {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" if names else ""
+        log.warning("data.dynamic_mixing: train_utterances and valid_utterances share %s%s%s: validation is then "
+                    "not on held-out speakers", shown, " and " if names and files else "",
+                    f"{len(files)} recording(s)" if files else "")
 
 
 def _named(key: str, load: Callable[..., T], *args: Any) -> T:

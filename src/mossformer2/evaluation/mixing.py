@@ -32,8 +32,8 @@ from mossformer2.audio import (
     has_audio_suffix,
     read_audio,
     resample,
+    speaker_folders,
     to_mono,
-    visible_subfolders,
     write_audio,
 )
 from mossformer2.data.manifests import load_manifest
@@ -170,7 +170,7 @@ def speaker_files(root: str | Path) -> dict[str, list[Path]]:
     if not root.is_dir():
         raise FileNotFoundError(f"speaker folder not found: {root}")
     table = {}
-    for speaker_dir in visible_subfolders(root):
+    for speaker_dir in speaker_folders(root):
         files = find_audio_files(speaker_dir)  # hidden names (macOS ._x.wav sidecars) are not recordings
         if files:
             table[speaker_dir.name] = files
@@ -326,15 +326,19 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
     metadata_path = out_dir / METADATA_NAME
     if not specs:
         raise ValueError("nothing to mix")
-    ids = [s.id for s in specs]
-    if len(set(ids)) != len(ids):
-        raise ValueError("two mixtures would get the same name; use different inputs or levels")
+    first_of: dict[str, int] = {}
+    for number, spec in enumerate(specs, 1):
+        if spec.id in first_of:
+            raise ValueError(f"mixtures {first_of[spec.id]} and {number} would get the same name {spec.id!r} (their "
+                             "files have the same names and levels); use different inputs or levels")
+        first_of[spec.id] = number
     num_spks = len(specs[0].files)
     if any(len(s.files) != num_spks for s in specs):
         raise ValueError("all mixtures must have the same number of speakers")
     header = (["mixture_ID", "mixture_path"] + [f"source_{k + 1}_path" for k in range(num_spks)] + ["length"]
               + [f"source_{k + 1}_{what}" for k in range(num_spks) for what in ("file", "offset", "gain",
-                                                                                  "level_db")] + ["sir_db"])
+                                                                                  "level_db")]
+              + ["sir_db"] + [f"sir_db_s{k + 1}" for k in range(2, num_spks)])
     folders = ["mix", *(f"s{k + 1}" for k in range(num_spks))]
 
     def names_of(spec: MixtureSpec) -> list[str]:  # [mix, s1, s2, ...]: listed, written and in the CSV alike
@@ -361,7 +365,8 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
                 # The original file as an absolute path: relative to where `mix` ran it would say nothing.
                 row += [str(Path(spec.files[k]).resolve()), starts[k], f"{gains[k]:.8g}",
                         f"{spec.levels_db[k] + 0.0:.6g}"]
-            rows.append(row + [f"{spec.levels_db[0] - spec.levels_db[1]:.6g}"])
+            # s1 over s2 (sir_db), and over each further source (sir_db_s3, ...)
+            rows.append(row + [f"{spec.levels_db[0] - level:.6g}" for level in spec.levels_db[1:num_spks]])
     except BaseException:  # a bad input file, Ctrl-C: leave no incomplete set that the folder loader would read
         for path in written:
             path.unlink(missing_ok=True)

@@ -63,6 +63,7 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 OUTPUT_FORMATS = ("wav", "flac")
 TARGET_RMS = 10 ** (-25 / 20)  # -25 dBFS, the level ClearVoice feeds the model
 TARGET_PEAK = 0.9
+MIN_SAMPLE_RATE = 1000  # Hz, for inputs and outputs: lower is a typo or a broken header, not a speech rate
 # Below this overlap the speaker matching of consecutive chunks often goes wrong (an audit measured swaps at
 # 0.1-0.5 s, and at 1 s with 4 s chunks), so shorter overlaps are warned about.
 SAFE_OVERLAP_SECONDS = 1.0
@@ -160,6 +161,9 @@ class Separator:
             warnings.warn(f"overlap_seconds={overlap_seconds:g} (--overlap-seconds) is under "
                           f"{SAFE_OVERLAP_SECONDS:g} s: in inputs longer than a chunk the speakers may swap between "
                           "chunks (use 1-2 s; default 2)", stacklevel=2)
+        if stitching == "clearvoice" and (chunk_seconds, overlap_seconds) != (10.0, 2.0):
+            warnings.warn("clearvoice stitching runs the official tool's fixed 2 s windows: chunk_seconds and "
+                          "overlap_seconds (--chunk-seconds, --overlap-seconds) are not used", stacklevel=2)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not hasattr(model, "config"):
@@ -205,6 +209,9 @@ class Separator:
                 from mossformer2.separation.cuda_graphs import CudaGraphModel
 
                 self.graphs = CudaGraphModel(model, self.dtype, max_graphs=4)
+            elif cuda_graphs:
+                warnings.warn(f"cuda_graphs (--cuda-graphs) applies on CUDA only; ignored on {self.device}",
+                              stacklevel=2)
         else:
             self.device = "cpu"  # the callable's own business (ONNX Runtime: providers_for_device at loading)
             if dtype_name(dtype) != "float32":
@@ -394,6 +401,12 @@ class Separator:
         if self.fixed_length is None or self.pass_length(num_samples, sample_rate) == self.fixed_length:
             return None
         seconds = self.fixed_length / self.sample_rate
+        model_length = self._model_length(num_samples, sample_rate)
+        if model_length < self.fixed_length:  # no option helps: chunks of the export's length would not fit
+            return (f"the recording ({model_length / self.sample_rate:g} s at {self.sample_rate} Hz) is shorter than "
+                    f"the fixed input length the model was exported with ({self.fixed_length} samples, {seconds:g} "
+                    "s); export it again with `mossformer2 export --format onnx --dynamic-length` (the default), "
+                    "or with a --length-seconds no longer than the shortest recording")
         # The default 2 s overlap where the chunk allows it, else half the chunk (still >= 1 s from 2 s exports on).
         overlap = min(2.0, seconds / 2)
         short = ("; an export this short leaves under 1 s of overlap, where speakers may swap between chunks: "
@@ -563,11 +576,13 @@ def _aligned_channels(channels: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _check_rate(name: str, rate: Any) -> int:
-    """``rate`` as an int, or a ValueError naming ``name`` unless it is a positive whole number of Hz."""
+    """``rate`` as an int, or a ValueError naming ``name`` unless it is a whole number of Hz, at least
+    ``MIN_SAMPLE_RATE``."""
     whole = (isinstance(rate, numbers.Real) and not isinstance(rate, bool) and math.isfinite(rate)
              and rate == int(rate))
-    if not whole or rate <= 0:
-        raise ValueError(f"{name} must be a positive whole number of Hz (e.g. 16000), got {rate!r}")
+    if not whole or rate < MIN_SAMPLE_RATE:
+        raise ValueError(f"{name} must be a whole number of Hz, at least {MIN_SAMPLE_RATE} (e.g. 16000), got "
+                         f"{rate!r}" + (": a wrong header?" if whole and rate > 0 else ""))
     return int(rate)
 
 

@@ -27,6 +27,10 @@ DECISIVE_MARGIN_DB = 3.0
 # right no more often than the overlap's guess (17 vs 20), while every decision at >= 10 dB agreed with the truth.
 VOICE_DECISIVE_DB = 10.0
 SILENCE_PEAK = 1e-4  # -80 dBFS: a chunk this quiet holds no voice whose order could be wrong
+# A chunk's output is negated to follow the stitched one only on clear evidence: a correlation at least this
+# negative over an overlap that is not silent. A real flip of a voice correlates near -1; a near-silent overlap
+# (a DC offset in a pause) gave +-0.03 and +-0.9 alike, and a flip there inverted the rest of the file.
+FLIP_MIN_ANTICORRELATION = 0.5
 
 
 def plan_chunks(total: int, chunk: int, overlap: int) -> list[tuple[int, int]]:
@@ -243,21 +247,30 @@ class AlignedStitcher:
         self.profiles.add(chunk_out[:, overlap:])
         self._end = max(self._end, end)
 
+    @staticmethod
+    def _evidenced_signs(rho: np.ndarray, order: np.ndarray, written: np.ndarray) -> np.ndarray:
+        """:func:`_signs`, keeping the model's own polarity where the overlap gives no clear reason to flip."""
+        signs = _signs(rho, order)
+        weak = rho[order, np.arange(len(order))] > -FLIP_MIN_ANTICORRELATION
+        silent = np.abs(written).max(axis=-1) < SILENCE_PEAK
+        signs[weak | silent] = 1.0
+        return signs
+
     def _align(self, start: int, chunk_out: np.ndarray, written: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order, rho, score = _match(chunk_out[:, :written.shape[-1]], written)
         margin = _runner_up_gap(score, order)
         if margin >= DECISIVE_MARGIN_DB:
-            return order, _signs(rho, order)
+            return order, self._evidenced_signs(rho, order, written)
         by_voice = self.profiles.order(chunk_out)
         if by_voice is None or by_voice[1] < VOICE_DECISIVE_DB:
             if np.abs(chunk_out).max() >= SILENCE_PEAK:  # in a silent chunk the order cannot matter yet
                 self.uncertain.append(start)
             log.debug("speaker order at %s: neither the overlap (lead %.2f dB) nor the voices decide it",
                       self._where(start), margin)
-            return order, _signs(rho, order)
+            return order, self._evidenced_signs(rho, order, written)
         log.debug("speaker order at %s set by the voices (lead %.2f dB; the overlap's lead was %.2f dB)",
                   self._where(start), by_voice[1], margin)
-        return by_voice[0], _signs(rho, by_voice[0])
+        return by_voice[0], self._evidenced_signs(rho, by_voice[0], written)
 
     def _where(self, start: int) -> str:
         return f"{start / self.sample_rate:.1f} s" if self.sample_rate else f"sample {start}"

@@ -131,9 +131,9 @@ class Trainer:
         if t.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("trainer.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
         self.resuming = t.resume and (self.exp_dir / LAST).is_file()
-        if t.init_from and not self.resuming and not Path(t.init_from).exists():
-            # Before the data is read (minutes with data.cache_audio) and before the experiment folder is made.
-            raise FileNotFoundError(f"trainer.init_from {t.init_from}: checkpoint not found")
+        # Read and checked against the model config before the data is read (minutes with data.cache_audio) and
+        # before the experiment folder is made; applied once the model is built.
+        self._pretrained = self._load_pretrained(t.init_from) if t.init_from and not self.resuming else None
         if t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
         if self.device.type == "cpu":
@@ -172,6 +172,11 @@ class Trainer:
             self.cfg = self._prepare_synthetic_corpus()
         # Data first: a missing or malformed corpus fails before any file of the run is written.
         self.train_loader, self.valid_loader = loaders or create_dataloaders(self.cfg, self.dist)
+        batches, accum = self._batches_per_epoch(), o.accum_steps
+        if batches < accum:  # not one whole optimizer step per epoch
+            raise ValueError(f"one epoch has {batches} batch(es){' per process' if self.dist.is_distributed else ''}"
+                             f", fewer than optim.accum_steps ({accum}): lower optim.accum_steps or "
+                             "data.batch_size, or use more training data")
         _seed_everything(t.seed)  # identical initial weights on every rank
         self.model: MossFormer2 = build_model(self.cfg.model)
         if t.activation_checkpointing:
@@ -205,8 +210,9 @@ class Trainer:
             log.info("resumed from %s: epoch %d, step %d, %d batches into the epoch", last, self.state.epoch,
                      self.state.step, self.state.batches_done)
         else:
-            if t.init_from:
-                self._init_from(t.init_from)
+            if self._pretrained is not None:
+                self._init_from(self._pretrained, t.init_from)
+                self._pretrained = None
             _seed_everything(t.seed + self.dist.rank)  # different dropout masks per rank
         if self.dist.is_main:
             self._open_run_files()
@@ -265,20 +271,27 @@ class Trainer:
             self._setup_log = None
         self.close(remove_created_folder=True)
 
-    def _init_from(self, path: str) -> None:
-        """Start from pretrained weights (official checkpoint or ours) of the configured architecture."""
+    def _load_pretrained(self, path: str) -> MossFormer2:
+        """``trainer.init_from``'s network (official checkpoint or ours: a file, or a folder holding one, as
+        ``separate --checkpoint`` takes), refused unless it is of the configured architecture."""
         from mossformer2.checkpoint import load_model
+        from mossformer2.hub import resolve_checkpoint
 
         ckpt: dict[str, Any] = {}
         try:
-            ckpt = read_checkpoint(path)
-            pretrained = load_model(ckpt, config=self.cfg.model)
+            if not Path(path).exists():
+                raise FileNotFoundError("checkpoint not found")
+            ckpt = read_checkpoint(resolve_checkpoint(path))
+            return load_model(ckpt, config=self.cfg.model)
         except (ValueError, FileNotFoundError) as err:
             # Our checkpoints embed their model config: the keys that differ say more than 40 missing weight names.
             embedded = ckpt.get("config")
             diff = _config_diff(embedded, self.cfg.model.to_dict()) if isinstance(embedded, dict) else ""
             why = f"the checkpoint's model config differs from the config's ({diff})" if diff else str(err)
             raise with_context(err, f"trainer.init_from {path}: {why}") from None
+
+    def _init_from(self, pretrained: MossFormer2, path: str) -> None:
+        """Start from ``pretrained``'s weights (read from ``path``) and its recommended separation settings."""
         self.model.load_state_dict(pretrained.state_dict())
         if self.ema is not None:  # the average starts from these weights
             self.ema.module.load_state_dict(pretrained.state_dict())
@@ -362,6 +375,7 @@ class Trainer:
         if self.dist.rank > 0:  # rank 0 goes on from the totals over all ranks
             self.state = dataclasses.replace(self.state, **dict.fromkeys(_RANK_SUMS, 0))
         self._continue_epoch_in_this_layout(path)
+        self._warn_changed_data((ckpt.get("train_config") or {}).get("data") or {}, path)
         rng_states = ckpt["rng_states"]
         _set_rng_state(rng_states[self.dist.rank if self.dist.rank < len(rng_states) else 0])
 
@@ -390,8 +404,7 @@ class Trainer:
         otherwise the checkpoint's (maybe plateau-reduced) lr goes on. ``trainer.init_from`` only initialises a
         new run: on resume it is ignored, and config.yaml keeps the value the run started from."""
         o, old = self.cfg.optim, saved.get("optim", {})
-        changed = [f"optim.{key} {old[key]!r} -> {value!r}" for key, value in to_dict(o).items()
-                   if key in old and old[key] != value]
+        changed = _changed_settings(old, to_dict(o), "optim")
         if changed:
             log.warning("resuming %s with changed settings: %s%s", path, "; ".join(changed),
                         f" (the lr was {self.lr:.3g})" if old.get("lr", o.lr) != o.lr else "")
@@ -416,6 +429,27 @@ class Trainer:
             self.cfg = dataclasses.replace(self.cfg, trainer=dataclasses.replace(self.cfg.trainer,
                                                                                  init_from=started_from))
 
+    def _warn_changed_data(self, old: dict[str, Any], path: str | Path) -> None:
+        """Changed ``data.*`` settings apply on resume (after the state is loaded): say which, and what no longer
+        holds with them: the position in the epoch (other training data) and the best score so far (another
+        validation set)."""
+        changed = _changed_settings(old, to_dict(self.cfg.data), "data")
+        if not changed:
+            return
+        log.warning("resuming %s with changed data settings: %s", path, "; ".join(changed))
+        keys = {entry.split(" ", 1)[0] for entry in changed}
+        s, per_epoch = self.state, self._epoch_batches()
+        if s.batches_done >= per_epoch > 0 and self.train_loader is not None:
+            log.warning("epoch %d had used %d batches, and has %d with these settings: it ends without further "
+                        "steps", s.epoch, s.batches_done, per_epoch)
+        elif s.batches_done and keys - DATA_KEYS_KEEPING_TRAINING_EXAMPLES:
+            log.warning("epoch %d goes on after its first %d batches, which with these settings are other "
+                        "examples than those trained on", s.epoch, s.batches_done)
+        if keys - DATA_KEYS_KEEPING_VALIDATION and s.best_epoch >= 0:
+            log.warning("the validation data may have changed: the best score so far (%.2f dB, epoch %d, in %s) "
+                        "was measured on the earlier set, and later epochs are compared with it", s.best_metric,
+                        s.best_epoch, BEST)
+
     def _write_best(self) -> None:
         if self.dist.is_main:
             save_checkpoint(self.exp_dir / BEST, self.eval_model, epoch=self.state.epoch, step=self.state.step,
@@ -433,13 +467,15 @@ class Trainer:
         return float(all_reduce_sum(bad).item()) == 0.0
 
     def _optimizer_step(self, bad: bool) -> float:
-        """Clip the accumulated gradient once, then step unless the loss or gradient was NaN/inf."""
+        """Clip the accumulated gradient once, then step unless the loss or gradient was NaN/inf; returns the
+        gradient norm (NaN for a skipped step: a skipped loss left no gradient to measure)."""
         o = self.cfg.optim
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = o.grad_clip if o.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if bad or not self._all_finite(grad_norm):
+        skipped = bad or not self._all_finite(grad_norm)
+        if skipped:
             self.state.skipped_steps += 1
             self._nonfinite_streak += 1
             log.warning("step %d skipped: non-finite %s (%d skipped so far)", self.state.step + 1,
@@ -458,19 +494,22 @@ class Trainer:
                 self.ema.update_parameters(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return float(grad_norm)
+        return math.nan if skipped else float(grad_norm)
 
     def _check_diverged(self) -> None:
         """Stop after ``trainer.max_nonfinite_steps`` skipped steps in a row (identical on every rank)."""
         limit, n = self.cfg.trainer.max_nonfinite_steps, self._nonfinite_streak
         if limit is None or n < limit:
             return
-        kept = (f"{self.exp_dir / LAST} keeps step {self._saved_step}, before them" if self._saved_step is not None
-                else f"no {LAST} was written")
+        if self._saved_step is not None:
+            kept = f"{self.exp_dir / LAST} keeps step {self._saved_step}, before them"
+            how = ("run again to resume from there (if it diverges again at once, start afresh with "
+                   "trainer.resume=false)")
+        else:
+            kept, how = f"no {LAST} was written", "run again (it starts afresh)"
         message = (f"the model diverged: {n} optimizer steps in a row (steps {self.state.step + 2 - n}-"
                    f"{self.state.step + 1}) had a NaN/inf loss or gradient (trainer.max_nonfinite_steps); {kept}. "
-                   "Lower optim.lr (or set optim.grad_clip) and run again to resume from there (if it diverges "
-                   "again at once, start afresh with trainer.resume=false)")
+                   f"Lower optim.lr (or set optim.grad_clip) and {how}")
         log.error("%s", message)
         raise TrainingDivergedError(message)
 
@@ -542,9 +581,7 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         """Run the rest of the current epoch (or to the step/time limit); return mean loss and grad norm."""
         t, accum = self.cfg.trainer, self.cfg.optim.accum_steps
-        per_epoch = self._epoch_batches()
-        if per_epoch == 0:
-            raise ValueError(f"one epoch has fewer batches than optim.accum_steps ({accum})")
+        per_epoch = self._epoch_batches()  # > 0: checked in _setup
         set_loader_epoch(self.train_loader, self.state.epoch, self.state.batches_done)
         self.train_model.train()
         from tqdm import tqdm
@@ -599,11 +636,12 @@ class Trainer:
             if step % t.log_every_steps == 0 and window["n"]:
                 mean = window["loss"] / window["n"]
                 bar.set_postfix(loss=f"{mean:.2f}", lr=f"{self.lr:.2e}")
-                log.info("epoch %d step %d: loss %.3f, grad norm %.3g, lr %.3g", self.state.epoch, step, mean,
-                         grad_norm, self.lr)
+                log.info("epoch %d step %d: loss %.3f, grad norm %s, lr %.3g", self.state.epoch, step, mean,
+                         f"{grad_norm:.3g}" if math.isfinite(grad_norm) else "- (step skipped)", self.lr)
                 if self.writer is not None:
                     self.writer.add_scalar("train/loss", mean, step)
-                    self.writer.add_scalar("train/grad_norm", grad_norm, step)
+                    if math.isfinite(grad_norm):
+                        self.writer.add_scalar("train/grad_norm", grad_norm, step)
                     self.writer.add_scalar("train/lr", self.lr, step)
                     self.writer.add_scalar("train/skipped_steps", self.state.skipped_steps, step)
                 window = {"loss": 0.0, "n": 0}
@@ -761,7 +799,8 @@ class Trainer:
         elif self._stop_signal is None:
             log.info("stopped: %s", self.stop_summary())
         else:
-            log.warning("%s", self.stop_summary())
+            if self.dist.is_main:  # the rank that saved says so (the others warn of their own troubles only)
+                log.warning("%s", self.stop_summary())
             raise TrainingInterrupted(self._stop_signal, self.stop_summary())
 
     def stop_summary(self) -> str:
@@ -790,7 +829,12 @@ class Trainer:
     def _epoch_batches(self) -> int:
         """Batches of one epoch that make whole optimizer steps (leftovers would make a partial step)."""
         accum = self.cfg.optim.accum_steps
-        return batches_per_epoch(self.train_loader) // accum * accum
+        return self._batches_per_epoch() // accum * accum
+
+    def _batches_per_epoch(self) -> int:
+        """Of the training loader; for a Trainer made without one (``loaders=(None, None)``, to inspect or save
+        state), as many as a whole optimizer step needs."""
+        return batches_per_epoch(self.train_loader) if self.train_loader is not None else self.cfg.optim.accum_steps
 
     def close(self, remove_created_folder: bool = False) -> None:
         """Flush and close the TensorBoard writer and the log file, release the folder's lock (idempotent);
@@ -814,6 +858,33 @@ def best_summary(state: TrainState) -> str:
     if state.best_epoch < 0:
         return "no validation yet (the run stopped before its first epoch ended)"
     return f"best validation SI-SDRi {state.best_metric:.2f} dB (epoch {state.best_epoch})"
+
+
+# Data settings that leave the validation scores as they were, and those that leave the training examples of an
+# epoch as they were (changed on resume, the others make a warning say what no longer holds). data.batch_size: a
+# resume converts the epoch's position itself (_continue_epoch_in_this_layout).
+DATA_KEYS_KEEPING_VALIDATION = {
+    "data.train", "data.segment_seconds", "data.batch_size", "data.valid_batch_size", "data.num_workers",
+    "data.cache_audio", "data.dynamic_mixing.train_utterances", "data.dynamic_mixing.examples_per_epoch",
+    "data.dynamic_mixing.speed_perturb", "data.dynamic_mixing.random_polarity"}
+DATA_KEYS_KEEPING_TRAINING_EXAMPLES = {
+    "data.valid", "data.max_valid_seconds", "data.valid_batch_size", "data.batch_size", "data.num_workers",
+    "data.cache_audio", "data.dynamic_mixing.valid_utterances", "data.dynamic_mixing.valid_examples",
+    "data.dynamic_mixing.valid_max_seconds"}
+
+
+def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
+    """``["data.batch_size 4 -> 8", ...]``: the settings of ``new`` that ``old`` (a saved config section) holds
+    with another value, nested sections by their dotted names (keys the old config lacks are new options)."""
+    changed = []
+    for key, value in new.items():
+        if key not in old or old[key] == value:
+            continue
+        if isinstance(value, dict) and isinstance(old[key], dict):
+            changed += _changed_settings(old[key], value, f"{prefix}.{key}")
+        else:
+            changed.append(f"{prefix}.{key} {old[key]!r} -> {value!r}")
+    return changed
 
 
 def _config_diff(old: Any, new: dict[str, Any]) -> str:
