@@ -104,8 +104,11 @@ def test_resume_skips_scored_mixtures_and_survives_a_cut_off_line(dataset, tmp_p
     assert summary["num_skipped_already_scored"] == 2 and summary["num_scored"] == NUM_MIXTURES
     rows = read_csv(csv_path)
     assert len(rows) == NUM_MIXTURES and len({r["id"] for r in rows}) == NUM_MIXTURES
-    evaluate(sep, dataset, out, metrics="si_sdr", progress=False)
+    assert evaluate(sep, dataset, out, metrics="si_sdr", progress=False)["num_csv_rows_not_summarised"] == 0
     assert oracle.calls == NUM_MIXTURES  # nothing left to do
+    fewer = evaluate(sep, dataset, out, metrics="si_sdr", limit=1, progress=False)  # the CSV keeps the others
+    assert fewer["num_mixtures"] == 1 and fewer["num_csv_rows_not_summarised"] == NUM_MIXTURES - 1
+    assert len(read_csv(csv_path)) == NUM_MIXTURES
     with pytest.raises(ValueError, match=r"other settings \(metrics\)"):
         evaluate(sep, dataset, out, metrics="si_sdr,stoi", progress=False)
     with pytest.raises(ValueError, match="other settings.*score_rate"):

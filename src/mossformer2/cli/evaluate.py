@@ -76,4 +76,7 @@ def run(args: argparse.Namespace) -> int:
                        limit=args.limit, overwrite=args.overwrite, info=info)
     print(format_table(summary))
     print(f"results: {Path(args.out) / 'per_utterance.csv'}, {Path(args.out) / 'summary.json'}")
+    if summary["num_csv_rows_not_summarised"]:
+        print(f"(per_utterance.csv also holds {summary['num_csv_rows_not_summarised']} mixture(s) an earlier run "
+              "scored beyond this run's --limit; the summary covers this run's mixtures)")
     return 1 if summary["num_failed"] else 0

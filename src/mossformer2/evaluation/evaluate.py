@@ -250,6 +250,8 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
         "num_scored": sum(r["status"] == "ok" for r in rows),
         "num_failed": len(failed),
         "num_skipped_already_scored": len(wanted & set(done)),
+        # rows an earlier run scored that this one does not cover (it has a smaller --limit): kept in the CSV
+        "num_csv_rows_not_summarised": sum(r["id"] not in wanted for r in kept),
         "failed": failed,
         "num_incomplete": len(incomplete),
         "incomplete": incomplete,
