@@ -87,6 +87,14 @@ def test_not_a_checkpoint_file(tmp_path):
     text.write_text("hello, not a checkpoint")
     with pytest.raises(ValueError, match="is not a PyTorch checkpoint: torch.save writes a zip archive"):
         load_model(text)  # was "(KeyError: 101)"
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt is empty \(0 bytes\)"):
+        load_model(empty)
+    pointer = tmp_path / "lfs.pt"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 670000000\n")
+    with pytest.raises(ValueError, match="is a Git LFS pointer, not the checkpoint itself"):
+        load_model(pointer)
     broken = tmp_path / "broken.pt"  # a zip that is not a whole checkpoint
     broken.write_bytes(b"PK\x03\x04" + b"\0" * 100)
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):

@@ -201,6 +201,8 @@ def test_mix_reports_bad_requests(tmp_path, capsys):
     assert "--num-mixtures, --seed: not used in files mode" in capsys.readouterr().err
     assert main(["mix", str(root), "-o", str(tmp_path / "o"), "--num-mixtures", "2", "--sir", "3"]) == 1
     assert "--sir: not used in folder mode (use --sir-range)" in capsys.readouterr().err
+    assert main(["mix", *files, "-o", str(tmp_path / "o"), "--sample-rate", "16"]) == 1  # files `separate` refuses
+    assert "--sample-rate must be at least 1000 Hz, got 16" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     silent = tmp_path / "silent.wav"
     sf.write(str(silent), np.zeros(SR, dtype=np.float32), SR)
@@ -219,11 +221,16 @@ def test_a_set_of_mixtures_inside_the_speaker_folder_is_never_taken_as_a_speaker
     assert main(["mix", str(root), "-o", str(root / "testset"), "--num-mixtures", "2"]) == 1
     assert "lies inside the speaker folder" in capsys.readouterr().err
     assert not (root / "testset").exists()
+    assert main(["mix", str(root), "-o", str(root / ".sets" / "a"), "--num-mixtures", "2"]) == 0  # hidden: skipped
+    assert main(["mix", str(root), "-o", str(tmp_path / "b"), "--num-mixtures", "2"]) == 0
     assert main(["mix", str(root), "-o", str(tmp_path / "testset"), "--num-mixtures", "2"]) == 0
     (tmp_path / "testset").rename(root / "testset")  # moved in by hand
     assert main(["mix", str(root), "-o", str(tmp_path / "again"), "--num-mixtures", "2"]) == 1
-    assert f"{root / 'testset'} holds a set of mixtures (mix/, s1/, ...), not one speaker's" in capsys.readouterr().err
+    assert f"{root / 'testset'} holds a set of mixtures (mix/, s1/, ...), not a speaker's" in capsys.readouterr().err
     with pytest.raises(ValueError, match="holds a set of mixtures"):
+        load_utterances(root)
+    (root / "testset").rename(root / "spk0" / "old")  # deeper down: found too (a speaker's audio is searched there)
+    with pytest.raises(ValueError, match=f"{root / 'spk0' / 'old'} holds a set of mixtures"):
         load_utterances(root)
 
 
@@ -235,10 +242,10 @@ def test_mix_names_clashing_mixtures_and_notes_resampling(tmp_path, capsys):
     recipe = tmp_path / "recipe.txt"
     recipe.write_text("a/u0.wav 0 b/u1.wav 0\nc/u0.wav 0 d/u1.wav 0\n")
     assert main(["mix", "--recipe", str(recipe), "--wsj-root", str(wsj), "-o", str(tmp_path / "o")]) == 1
-    assert "mixtures 1 and 2 would get the same name 'u0_0_u1_0'" in capsys.readouterr().err
+    assert "mixtures 1 and 2 (in the order given) would get the same name 'u0_0_u1_0'" in capsys.readouterr().err
     recipe.write_text("a/u0.wav 0 b/u1.wav 0\n")
     assert main(["mix", "--recipe", str(recipe), "--wsj-root", str(wsj), "-o", str(tmp_path / "o")]) == 0
-    assert "sources at 8000 Hz are resampled to 16000 Hz (--sample-rate)" in capsys.readouterr().err
+    assert "sources at 8000 Hz were resampled to 16000 Hz (--sample-rate)" in capsys.readouterr().err
     assert main(["mix", "--recipe", str(recipe), "--wsj-root", str(wsj), "-o", str(tmp_path / "p"),
                  "--sample-rate", "8000"]) == 0
     assert "resampled" not in capsys.readouterr().err

@@ -404,6 +404,32 @@ def test_train_only_package_adds_training_speakers_and_leaves_the_rest_byte_iden
     assert {row[1] for path, row in with_both.items() if path not in with_extra} == {"w-w0"}
 
 
+def test_setup_problems_fail_before_any_download_and_subsets_are_warned_about(tmp_path, monkeypatch, capsys):
+    """No speech engine for the synthetic voices, or only train-only packages, failed after every real speaker
+    was downloaded and written; a comma-separated list was refused; a subset of the held-out packages draws other
+    valid / test speakers than the default corpus (the shipped model's), and now says so."""
+    cache = tmp_path / "cache"
+    roots = {name: _fake_package(cache, name, [f"{name[-1]}{i}" for i in range(6)], clips=10, seed=i)
+             for i, name in enumerate(("split-a", "split-b", "extra"))}
+    specs = {"split-a": prepare.PackageSpec(_select_fake("a"), "GPL-2"),
+             "split-b": prepare.PackageSpec(_select_fake("b"), "GPL-2"),
+             "extra": prepare.PackageSpec(_select_fake("x"), "GFDL-1.3", train_only=True)}
+    monkeypatch.setattr(prepare, "PACKAGES", specs)
+    fetched = []
+    monkeypatch.setattr(prepare, "fetch_package", lambda name, cache_dir: fetched.append(name) or (roots[name], "1"))
+    monkeypatch.setattr(prepare.shutil, "which", lambda name: None)
+    out = tmp_path / "out"
+    assert prepare.main(["--out", str(out), "--cache", str(cache), "--packages", "split-a,split-b"]) == 1
+    assert "neither espeak-ng nor flite is installed" in capsys.readouterr().err and fetched == []
+    assert prepare.main(["--out", str(out), "--cache", str(cache), "--no-synthetic", "--packages", "extra"]) == 1
+    assert "are all train-only" in capsys.readouterr().err and fetched == []
+    base = ["--cache", str(cache), "--no-synthetic", "--pack-seconds", "0"]
+    assert prepare.main(["--out", str(tmp_path / "all"), *base, "--packages", "split-a,split-b", "extra"]) == 0
+    assert fetched == ["split-a", "split-b", "extra"] and "warning" not in capsys.readouterr().err
+    assert prepare.main(["--out", str(tmp_path / "sub"), *base, "--packages", "split-a", "extra"]) == 0
+    assert "the splits differ from the default corpus's" in capsys.readouterr().err
+
+
 def test_hedgewars_selector_takes_one_speaker_per_voice_pack(tmp_path):
     base = tmp_path / "usr/share/games/hedgewars/Data/Sounds"
     for rel in ["voices/Pirate/Hello.ogg", "voices/Default_ru/Oops.ogg", "voices/Pirate/Ouch.ogg", "Explosion.ogg"]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -79,7 +81,7 @@ def test_shipped_model_recommends_the_refinements_that_help_it(tmp_path):
     assert refined["si_sdri"] > ensemble["si_sdri"] > plain["si_sdri"]
 
 
-def test_demo_command(tmp_path, capsys):
+def test_demo_command(tmp_path, capsys, monkeypatch):
     assert main(["demo", "-o", str(tmp_path / "demo"), "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "mean SI-SDRi" in captured.out and "built-in model" in captured.err
@@ -111,6 +113,22 @@ def test_demo_command(tmp_path, capsys):
     assert (mine / "spectrogram.png").read_bytes() == b"my own picture" and not (mine / "mixture.wav").exists()
     assert main(["demo", "-o", str(mine), "--device", "cpu", "--overwrite"]) == 0
     assert (mine / "spectrogram.png").read_bytes() != b"my own picture"
+    # a demo interrupted while writing: its scores.json (written first) lets the next run replace the rest
+    import mossformer2.audio
+
+    real_write = mossformer2.audio.write_audio
+
+    def interrupted(path, *args, **kwargs):
+        if Path(path).name == "reference1.wav":
+            raise KeyboardInterrupt
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(mossformer2.audio, "write_audio", interrupted)
+    assert main(["demo", "-o", str(tmp_path / "cut"), "--device", "cpu"]) == 130
+    assert (tmp_path / "cut" / "mixture.wav").is_file() and not (tmp_path / "cut" / "reference1.wav").exists()
+    monkeypatch.undo()
+    assert main(["demo", "-o", str(tmp_path / "cut"), "--device", "cpu"]) == 0
+    assert (tmp_path / "cut" / "reference1.wav").is_file()
 
 
 def test_separate_uses_the_built_in_model_by_default(tmp_path, capsys):

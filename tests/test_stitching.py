@@ -172,6 +172,17 @@ def test_a_near_silent_overlap_never_inverts_the_outputs_that_follow():
     chunk[1] *= -1
     flipped.add(n - overlap, chunk)
     np.testing.assert_array_equal(flipped.output[1, n:], -chunk[1, overlap:])
+    # a pause with a realistic DC offset (-50 dBFS, far above SILENCE_PEAK) is silence too: the mean is no voice
+    offset = AlignedStitcher(2, 2 * n - overlap)
+    offset.add(0, pause + np.float32(3e-3))
+    dc_chunk = second - np.float32(3e-3)
+    offset.add(n - overlap, dc_chunk)
+    np.testing.assert_array_equal(offset.output[:, n:], dc_chunk[:, overlap:])
+    # keep_polarity (outputs that sum to their chunk's input): reordered, never negated
+    kept = AlignedStitcher(2, 2 * n - overlap, keep_polarity=True)
+    kept.add(0, voice)
+    kept.add(n - overlap, chunk[::-1].copy())
+    np.testing.assert_array_equal(kept.output[:, n:], chunk[:, overlap:])  # speaker 2 stays as the model put it
 
 
 def test_oracle_under_rms_normalisation_stays_aligned_and_keeps_level():

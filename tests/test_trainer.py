@@ -622,6 +622,9 @@ def test_resume_names_changed_data_settings_and_what_they_break(corpus, tmp_path
     assert "changed data settings: data.dynamic_mixing.valid_examples 2 -> 3" in text
     assert "the best score so far" in text and "was measured on the earlier set" in text
     assert "the best score" not in resume("data.segment_seconds=0.25")  # training crops only
+    assert "the best score" not in resume("data.skip_bad_files=true")  # changes neither
+    text = resume("trainer.seed=4")  # draws the (validation) mixtures too
+    assert "changed data settings: trainer.seed 3 -> 4" in text and "the best score so far" in text
     # mid-epoch: 4 of the epoch's 8 batches used
     Trainer(make_config(corpus, "trainer.max_steps=6"), tmp_path).fit()
     text = resume("data.segment_seconds=0.25", "trainer.max_steps=8")

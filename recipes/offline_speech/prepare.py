@@ -822,10 +822,26 @@ def write_licenses(out: Path, packages: dict[str, tuple[Path, str]], synthetic: 
 
 
 def build_corpus(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    packages = [check_package_allowed(p) for p in args.packages]  # before anything is downloaded or written
+    # "a,b c": commas as well as spaces separate the names
+    names = [name for item in args.packages for name in item.split(",") if name]
+    packages = [check_package_allowed(p) for p in names]  # before anything is downloaded or written
     unknown = [p for p in packages if p not in PACKAGES]
     if unknown:
         raise ValueError(f"no speech selector for package(s) {unknown}; known: {sorted(PACKAGES)}")
+    engines = tuple(e for e in ("espeak-ng", "flite") if shutil.which(e))
+    if args.synthetic and not engines:  # before the downloads, not after every real speaker was written
+        raise FileNotFoundError(
+            "neither espeak-ng nor flite is installed: `apt-get install espeak-ng flite`, or pass --no-synthetic"
+        )
+    if not any(not PACKAGES[p].train_only for p in packages):
+        raise ValueError(f"the valid and test splits need a package that is not train-only; {packages} are all "
+                         f"train-only (add e.g. {next(p for p in PACKAGES if not PACKAGES[p].train_only)})")
+    held_out = sorted(p for p in PACKAGES if not PACKAGES[p].train_only)
+    if sorted(p for p in packages if not PACKAGES[p].train_only) != held_out:
+        print(f"warning: the held-out (valid / test) speakers are drawn from {len(held_out)} packages by default; "
+              "with another set of them the splits differ from the default corpus's, on which the shipped model "
+              "was trained and scored: starting from it, its training speakers may be in your valid / test splits",
+              file=sys.stderr)
     out: Path = args.out
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
@@ -878,11 +894,6 @@ def build_corpus(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         key = f"{args.seed}:train-only" if package == "hedgewars-data" else f"{args.seed}:train-only:{package}"
         write_real_speaker(speaker, "train", train_only_rngs.setdefault(package, random.Random(key)))
     if args.synthetic:
-        engines = tuple(e for e in ("espeak-ng", "flite") if shutil.which(e))
-        if not engines:
-            raise FileNotFoundError(
-                "neither espeak-ng nor flite is installed: `apt-get install espeak-ng flite`, or pass --no-synthetic"
-            )
         for setting in synthetic_voices(args.synthetic_speakers, args.seed, engines):
             waves = _synthetic_waves(setting, args.synthetic_utterances, rng, args.trim_db)
             rows += write_speaker(
@@ -926,8 +937,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=Path.home() / ".cache/mossformer2/offline_speech",
         help="where .deb files are downloaded and unpacked",
     )
-    parser.add_argument("--packages", nargs="+", default=list(PACKAGES), help="Debian packages to use")
-    parser.add_argument("--no-synthetic", dest="synthetic", action="store_false", help="skip synthetic voices")
+    parser.add_argument("--packages", nargs="+", default=list(PACKAGES),
+                        help="Debian packages to use (spaces or commas between names)")
+    parser.add_argument("--no-synthetic", dest="synthetic", action="store_false",
+                        help="skip the synthetic voices (made unless this is given: synthetic=%(default)s; they need "
+                             "espeak-ng or flite)")
     parser.add_argument("--synthetic-speakers", type=int, default=24)
     parser.add_argument("--synthetic-utterances", type=int, default=15, help="utterances per synthetic speaker")
     parser.add_argument("--max-minutes-per-speaker", type=float, default=8.0)

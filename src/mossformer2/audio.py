@@ -53,10 +53,11 @@ def speaker_folders(root: str | Path) -> list[Path]:
     (``.x``) skipped. A folder that holds a set of mixtures (``mix/`` and ``s1/``, as ``mossformer2 mix`` writes) is
     refused: its mixtures and references would count as one more speaker's recordings."""
     folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
-    for folder in folders:
-        if (folder / "mix").is_dir() and (folder / "s1").is_dir():
-            raise ValueError(f"{folder} holds a set of mixtures (mix/, s1/, ...), not one speaker's recordings: "
-                             f"move it out of {root}, whose folders are taken as speakers")
+    for folder in folders:  # at any depth: a speaker's audio is searched recursively
+        for candidate in (folder, *(mix.parent for mix in folder.rglob("mix"))):
+            if (candidate / "mix").is_dir() and (candidate / "s1").is_dir():
+                raise ValueError(f"{candidate} holds a set of mixtures (mix/, s1/, ...), not a speaker's recordings: "
+                                 f"move it out of {root}, whose folders are taken as speakers")
     return folders
 
 

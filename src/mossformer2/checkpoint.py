@@ -100,7 +100,11 @@ def _load_error(path: Path, err: Exception) -> str:
         detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else ""
         text = next((line.strip() for line in detail.splitlines() if line.strip()), "unreadable pickle data")
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(64)
+    if not head:
+        return f"{path} is empty (0 bytes): not a checkpoint (an interrupted download or copy?)"
+    if head.startswith(b"version https://git-lfs"):
+        return f"{path} is a Git LFS pointer, not the checkpoint itself: fetch the file (git lfs pull)"
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: a zip, or a legacy pickle
         return f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive (or a pickle), and this is neither"
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")

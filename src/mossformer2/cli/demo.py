@@ -87,13 +87,14 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     aligned = est[np.argsort(scores["permutation"])]
 
     out = make_folder(out_dir, "output folder")
+    # scores.json first: it marks the folder as a demo's, so a rerun after an interrupted one may replace the rest
+    atomic_write_text(out / "scores.json", json.dumps({"sir_db": sir_db, **scores}, indent=2) + "\n")
     write_audio(out / "mixture.wav", mix, rate)
     write_sources([out / f"speaker{k + 1}.wav" for k in range(len(aligned))], aligned, rate)
     for k, ref in enumerate(refs):
         write_audio(out / f"reference{k + 1}.wav", ref, rate)
     plot_separation(mix, aligned, rate, out / "spectrogram.png",
                     title=f"mossformer2 demo: SI-SDRi {scores['si_sdri']:.1f} dB")
-    atomic_write_text(out / "scores.json", json.dumps({"sir_db": sir_db, **scores}, indent=2) + "\n")
     return scores
 
 

@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         plan_from_speaker_folder,
     )
 
-    if args.sample_rate <= 0:
-        raise ValueError(f"--sample-rate must be positive, got {args.sample_rate}")
+    if args.sample_rate < 1000:  # as `separate` refuses: lower is a typo, not a speech rate
+        raise ValueError(f"--sample-rate must be at least 1000 Hz, got {args.sample_rate}")
     if args.recipe:
         if args.inputs:
             raise ValueError("give either INPUT files/folder or --recipe, not both")
@@ -85,10 +85,11 @@ def run(args: argparse.Namespace) -> int:
         if args.num_mixtures is None:
             raise ValueError("a speaker folder needs --num-mixtures N")
         _refuse_options(args, {"sir": "--sir"}, "folder mode (use --sir-range)")
-        out = Path(args.out_dir).resolve()
-        if out == root.resolve() or root.resolve() in out.parents:
+        out, inside = Path(args.out_dir).resolve(), root.resolve()
+        below = out.relative_to(inside).parts if out == inside or inside in out.parents else None
+        if below is not None and not any(part.startswith(".") for part in below):  # hidden folders are skipped
             raise ValueError(f"--out-dir {args.out_dir} lies inside the speaker folder {root}: its mixtures would "
-                             "be taken as one more speaker's recordings; write them elsewhere")
+                             "be read as speakers' recordings next time; write them elsewhere")
         specs = plan_from_speaker_folder(root, args.num_mixtures, 2 if args.num_spks is None else args.num_spks,
                                          (-5.0, 5.0) if args.sir_range is None else tuple(args.sir_range),
                                          0 if args.seed is None else args.seed)
@@ -102,13 +103,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ValueError("give two or more audio files, one folder of speaker folders (ROOT/<speaker>/*.wav), "
                          "or --recipe FILE --wsj-root DIR")
+    metadata = create_mixtures(specs, args.out_dir, sample_rate=args.sample_rate, mode=args.mode,
+                               subtype=args.subtype, overwrite=args.overwrite)
     headers = [audio_header(f) for f in {f for spec in specs for f in spec.files}]  # None: not libsndfile's
     rates = sorted({int(h.samplerate) for h in headers if h is not None} - {args.sample_rate})
     if rates:
-        print(f"sources at {', '.join(map(str, rates))} Hz are resampled to {args.sample_rate} Hz (--sample-rate)",
+        print(f"sources at {', '.join(map(str, rates))} Hz were resampled to {args.sample_rate} Hz (--sample-rate)",
               file=sys.stderr)
-    metadata = create_mixtures(specs, args.out_dir, sample_rate=args.sample_rate, mode=args.mode,
-                               subtype=args.subtype, overwrite=args.overwrite)
     print(f"wrote {len(specs)} mixture(s) of {len(specs[0].files)} speakers to {Path(args.out_dir)} "
           f"(metadata: {metadata})")
     return 0

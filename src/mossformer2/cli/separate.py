@@ -426,10 +426,12 @@ def run(args: argparse.Namespace) -> int:
     done, audio_seconds = 0, 0.0
     start_time = time.perf_counter()
 
+    prefix = _rank_prefix(rank, world_size)
+
     def fail(f: Path, reason: str) -> None:  # said at once in a run of several files (a long batch), and listed
         failed.append((str(f), reason))     # again at the end
         if len(todo) > 1 and not args.quiet:
-            tqdm.write(f"could not separate {f}: {reason}", file=sys.stderr)
+            tqdm.write(f"{prefix}could not separate {f}: {reason}", file=sys.stderr)
 
     with tqdm(total=len(todo), desc="files", unit="file", disable=True if not todo else bar_disabled(show_bars)) as bar:
         for group in groups:
@@ -468,10 +470,14 @@ def run(args: argparse.Namespace) -> int:
     return _summary(rank, world_size, done, skipped, failed, audio_seconds, time.perf_counter() - start_time)
 
 
+def _rank_prefix(rank: int, world_size: int) -> str:
+    return f"[rank {rank}/{world_size}] " if world_size > 1 else ""
+
+
 def _summary(rank: int, world_size: int, done: int, skipped: int, failed: list[tuple[str, str]],
              audio_seconds: float, elapsed: float) -> int:
     """Print the run's summary (stdout) and its failures (stderr); the exit status."""
-    prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
+    prefix = _rank_prefix(rank, world_size)
     speed = f" (real-time factor {elapsed / audio_seconds:.3f})" if audio_seconds else ""
     print(f"{prefix}separated {done} file(s), skipped {skipped}, failed {len(failed)}; "
           f"{audio_seconds:.1f} s of audio in {elapsed:.1f} s{speed}")

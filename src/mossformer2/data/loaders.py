@@ -95,10 +95,11 @@ def prepare_synthetic_data(cfg: TrainConfig, root: str | Path, progress: bool = 
     return dataclasses.replace(cfg, data=dataclasses.replace(d, synthetic=False, dynamic_mixing=dm))
 
 
-def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: TrainConfig, progress: bool = True, is_main: bool = True) -> tuple[Dataset, Dataset]:
     """(training dataset, validation dataset) described by ``cfg.data`` (after :func:`prepare_synthetic_data`).
 
-    ``progress``: show the ``cache_audio`` loading bar (create_dataloaders shows it on rank 0 only)."""
+    ``progress``: show the ``cache_audio`` loading bar (create_dataloaders shows it on rank 0 only); ``is_main``:
+    this process checks and warns about the data once for all (rank 0 under torchrun)."""
     from mossformer2.data.manifests import load_manifest
 
     d, seed, num_spks = cfg.data, cfg.trainer.seed, cfg.model.num_spks
@@ -123,7 +124,8 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[Dataset, Da
             if max_valid is not None:
                 valid_max = min(valid_max, max_valid)
             valid_utterances = _named("data.dynamic_mixing.valid_utterances", load_utterances, dm.valid_utterances)
-            _warn_shared_speakers(utterances, valid_utterances)
+            if is_main:
+                _warn_shared_speakers(utterances, valid_utterances)
             valid = _mixing_dataset("data.dynamic_mixing.valid_utterances", valid_utterances,
                                     num_examples=dm.valid_examples, max_samples=valid_max, fixed=True, **common)
             return train, valid
@@ -181,7 +183,8 @@ def create_dataloaders(cfg: TrainConfig, dist_info: DistInfo | None = None,
     from mossformer2.training.distributed import get_dist_info
 
     dist_info = dist_info or get_dist_info()
-    train, valid = datasets or build_datasets(cfg, progress=dist_info.is_main and cfg.trainer.progress_bar)
+    train, valid = datasets or build_datasets(cfg, progress=dist_info.is_main and cfg.trainer.progress_bar,
+                                              is_main=dist_info.is_main)
     d = cfg.data
     if len(train) < d.batch_size * dist_info.world_size:
         raise ValueError(f"the training set has {len(train)} examples, fewer than one batch "

@@ -329,8 +329,9 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
     first_of: dict[str, int] = {}
     for number, spec in enumerate(specs, 1):
         if spec.id in first_of:
-            raise ValueError(f"mixtures {first_of[spec.id]} and {number} would get the same name {spec.id!r} (their "
-                             "files have the same names and levels); use different inputs or levels")
+            raise ValueError(f"mixtures {first_of[spec.id]} and {number} (in the order given) would get the same name "
+                             f"{spec.id!r}: their files have the same names and levels; rename a file or change a "
+                             "level")
         first_of[spec.id] = number
     num_spks = len(specs[0].files)
     if any(len(s.files) != num_spks for s in specs):

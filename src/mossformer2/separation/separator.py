@@ -472,8 +472,10 @@ class Separator:
             if self.stitching == "clearvoice":
                 return clearvoice_separate(wave, self._forward, self.sample_rate, batch_size=self.batch_size,
                                            progress=bar.update)
+            # Refined outputs sum to their chunk's input, which fixes their polarity: chunks are then only reordered.
             return stitch_aligned(wave, self._forward, self.num_spks, self.chunk, self.overlap,
-                                  batch_size=self.batch_size, progress=bar.update, sample_rate=self.sample_rate)
+                                  batch_size=self.batch_size, progress=bar.update, sample_rate=self.sample_rate,
+                                  keep_polarity=self.wiener_filter or self.mixture_consistency)
 
 
 def load_separation_model(ref: str | Path | None = None, device: str | torch.device = "auto") -> Any:

@@ -220,12 +220,17 @@ class AlignedStitcher:
     (:class:`VoiceProfiles`); if neither can, the overlap's guess stands and ``uncertain`` records where (in
     silence, that keeps the model's own output order). Chunks must arrive in increasing start order.
     Memory is the output array plus one chunk.
+
+    ``keep_polarity``: never negate a chunk's outputs, only reorder them: right when each chunk's outputs sum to
+    that chunk's input (the Wiener filter, mixture consistency), which already fixes their polarity.
     """
 
-    def __init__(self, num_spks: int, total: int, sample_rate: int | None = None) -> None:
+    def __init__(self, num_spks: int, total: int, sample_rate: int | None = None,
+                 keep_polarity: bool = False) -> None:
         self.output = np.zeros((num_spks, total), dtype=np.float32)
         self.profiles = VoiceProfiles(num_spks)
         self.sample_rate = sample_rate
+        self.keep_polarity = keep_polarity
         self.uncertain: list[int] = []  # chunk starts (samples) whose speaker order was a guess
         self._end = 0  # samples written so far
 
@@ -247,12 +252,14 @@ class AlignedStitcher:
         self.profiles.add(chunk_out[:, overlap:])
         self._end = max(self._end, end)
 
-    @staticmethod
-    def _evidenced_signs(rho: np.ndarray, order: np.ndarray, written: np.ndarray) -> np.ndarray:
-        """:func:`_signs`, keeping the model's own polarity where the overlap gives no clear reason to flip."""
+    def _evidenced_signs(self, rho: np.ndarray, order: np.ndarray, written: np.ndarray) -> np.ndarray:
+        """:func:`_signs`, keeping the model's own polarity where the overlap gives no clear reason to flip (or
+        ``keep_polarity``). Silence is judged without the mean: a DC offset in a pause is no voice."""
+        if self.keep_polarity:
+            return np.ones(len(order), dtype=np.float32)
         signs = _signs(rho, order)
         weak = rho[order, np.arange(len(order))] > -FLIP_MIN_ANTICORRELATION
-        silent = np.abs(written).max(axis=-1) < SILENCE_PEAK
+        silent = np.abs(written - written.mean(axis=-1, keepdims=True)).max(axis=-1) < SILENCE_PEAK
         signs[weak | silent] = 1.0
         return signs
 
@@ -283,15 +290,15 @@ def batched(items: list, size: int) -> Iterator[list]:
 
 def stitch_aligned(wave: np.ndarray, model_fn: ModelFn, num_spks: int, chunk: int, overlap: int,
                    batch_size: int = 1, progress: Callable[[int], None] | None = None,
-                   sample_rate: int | None = None) -> np.ndarray:
+                   sample_rate: int | None = None, keep_polarity: bool = False) -> np.ndarray:
     """Separate ``wave`` ``[T]`` chunk by chunk: ``[S, T]``. Equal-length chunks run ``batch_size`` at a time.
 
     ``progress(n)`` is called after each batch with the number of chunks done in it. Chunk boundaries whose
     speaker order neither the overlap nor the voices could decide are logged as one warning (``sample_rate``
-    puts them in seconds).
+    puts them in seconds). ``keep_polarity``: see :class:`AlignedStitcher`.
     """
     plan = plan_chunks(wave.shape[-1], chunk, overlap)
-    stitcher = AlignedStitcher(num_spks, wave.shape[-1], sample_rate)
+    stitcher = AlignedStitcher(num_spks, wave.shape[-1], sample_rate, keep_polarity)
     for group in batched(plan, max(1, batch_size)):
         outputs = model_fn(np.stack([wave[s:e] for s, e in group]))  # [B, S, L]
         for (start, _), out in zip(group, outputs):

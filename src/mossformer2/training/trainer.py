@@ -375,7 +375,8 @@ class Trainer:
         if self.dist.rank > 0:  # rank 0 goes on from the totals over all ranks
             self.state = dataclasses.replace(self.state, **dict.fromkeys(_RANK_SUMS, 0))
         self._continue_epoch_in_this_layout(path)
-        self._warn_changed_data((ckpt.get("train_config") or {}).get("data") or {}, path)
+        if self.dist.is_main:  # one warning for all ranks
+            self._warn_changed_data(ckpt.get("train_config") or {}, path)
         rng_states = ckpt["rng_states"]
         _set_rng_state(rng_states[self.dist.rank if self.dist.rank < len(rng_states) else 0])
 
@@ -429,11 +430,12 @@ class Trainer:
             self.cfg = dataclasses.replace(self.cfg, trainer=dataclasses.replace(self.cfg.trainer,
                                                                                  init_from=started_from))
 
-    def _warn_changed_data(self, old: dict[str, Any], path: str | Path) -> None:
-        """Changed ``data.*`` settings apply on resume (after the state is loaded): say which, and what no longer
-        holds with them: the position in the epoch (other training data) and the best score so far (another
-        validation set)."""
-        changed = _changed_settings(old, to_dict(self.cfg.data), "data")
+    def _warn_changed_data(self, saved: dict[str, Any], path: str | Path) -> None:
+        """Changed ``data.*`` settings (and ``trainer.seed``, which draws the mixtures) apply on resume (after the
+        state is loaded): say which, and what no longer holds with them: the position in the epoch (other
+        training data) and the best score so far (another validation set). ``saved``: the checkpoint's config."""
+        changed = _changed_settings(saved.get("data") or {}, to_dict(self.cfg.data), "data")
+        changed += _changed_settings(saved.get("trainer") or {}, {"seed": self.cfg.trainer.seed}, "trainer")
         if not changed:
             return
         log.warning("resuming %s with changed data settings: %s", path, "; ".join(changed))
@@ -865,12 +867,13 @@ def best_summary(state: TrainState) -> str:
 # resume converts the epoch's position itself (_continue_epoch_in_this_layout).
 DATA_KEYS_KEEPING_VALIDATION = {
     "data.train", "data.segment_seconds", "data.batch_size", "data.valid_batch_size", "data.num_workers",
-    "data.cache_audio", "data.dynamic_mixing.train_utterances", "data.dynamic_mixing.examples_per_epoch",
-    "data.dynamic_mixing.speed_perturb", "data.dynamic_mixing.random_polarity"}
+    "data.cache_audio", "data.skip_bad_files", "data.dynamic_mixing.train_utterances",
+    "data.dynamic_mixing.examples_per_epoch", "data.dynamic_mixing.speed_perturb",
+    "data.dynamic_mixing.random_polarity"}
 DATA_KEYS_KEEPING_TRAINING_EXAMPLES = {
     "data.valid", "data.max_valid_seconds", "data.valid_batch_size", "data.batch_size", "data.num_workers",
-    "data.cache_audio", "data.dynamic_mixing.valid_utterances", "data.dynamic_mixing.valid_examples",
-    "data.dynamic_mixing.valid_max_seconds"}
+    "data.cache_audio", "data.skip_bad_files", "data.dynamic_mixing.valid_utterances",
+    "data.dynamic_mixing.valid_examples", "data.dynamic_mixing.valid_max_seconds"}
 
 
 def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
