@@ -93,6 +93,8 @@ def test_bad_files_fail_alone_with_reasons_and_no_partial_output(ckpt, tmp_path,
     sf.write(str(data / "silent.wav"), np.zeros(8000, np.float32), 16000)
     sf.write(str(data / "nan.wav"), np.array([0.1, np.nan] * 4000, np.float32), 16000, subtype="FLOAT")
     sf.write(str(data / "tiny.wav"), noise(5, 2), 16000)
+    one = noise(8000, 3)
+    sf.write(str(data / "cancels.wav"), np.concatenate([one, -one], axis=1), 16000)  # a channel wired in reverse
     out = tmp_path / "out"
     code = main(["separate", str(data), str(tmp_path / "missing.wav"), str(tmp_path / "nomatch*.wav"),
                  "-o", str(out), "--checkpoint", str(ckpt)])
@@ -101,8 +103,9 @@ def test_bad_files_fail_alone_with_reasons_and_no_partial_output(ckpt, tmp_path,
     # (a pattern counts though it matches nothing: the layout must not change once it does).
     assert outputs_under(out) == ["mixed/good_s1.wav", "mixed/good_s2.wav"]
     captured = capsys.readouterr()
-    assert "separated 1 file(s), skipped 0, failed 7" in captured.out
+    assert "separated 1 file(s), skipped 0, failed 8" in captured.out
     for name, reason in [("empty.wav", "empty file"), ("junk.wav", "cannot read"), ("silent.wav", "silent"),
+                         ("cancels.wav", "channels cancel when mixed down to mono"),
                          ("nan.wav", "NaN"), ("tiny.wav", "too short"), ("missing.wav", "no such file"),
                          ("nomatch*.wav", "matches no file")]:
         line = next(ln for ln in captured.err.splitlines() if ln.startswith("failed:") and name in ln)
@@ -110,7 +113,7 @@ def test_bad_files_fail_alone_with_reasons_and_no_partial_output(ckpt, tmp_path,
     # the files that fail while the batch runs are also said at once (a long batch reports them at its end)
     said = [ln for ln in captured.err.splitlines() if ln.startswith("could not separate")]
     assert sorted(Path(ln.split(": ")[0].split()[-1]).name for ln in said) == [
-        "empty.wav", "junk.wav", "nan.wav", "silent.wav", "tiny.wav"]
+        "cancels.wav", "empty.wav", "junk.wav", "nan.wav", "silent.wav", "tiny.wav"]
 
 
 def test_equal_output_names_in_one_folder_are_not_overwritten(ckpt, tmp_path, capsys):

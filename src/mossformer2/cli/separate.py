@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.audio import audio_header, check_writable, read_audio
     from mossformer2.separation import Separator, output_paths, write_separation
     from mossformer2.separation.batching import make_batches
-    from mossformer2.separation.separator import bar_disabled, spectrogram_path
+    from mossformer2.separation.separator import bar_disabled, channels_cancel, spectrogram_path
     from mossformer2.utils import check_folder_creatable, make_folder
 
     if args.quiet:  # "only warnings, errors and the summary": not our INFO notes (which weights a file gives, ...)
@@ -441,6 +441,9 @@ def run(args: argparse.Namespace) -> int:
                     wave, rate = read_audio(f)
                     if not np.any(wave):  # the library returns silent speakers; a file run reports it instead
                         raise ValueError("audio is all silent (every sample is zero): nothing to separate")
+                    if args.channels == "mix" and wave.shape[0] > 1 and channels_cancel(wave):  # silent as well
+                        raise ValueError("its channels cancel when mixed down to mono (the mix is over 60 dB below "
+                                         "the loudest channel): nothing to separate in the mix; use --channels each")
                     loaded.append((f, wave, rate))
                 except (ValueError, OSError) as err:
                     fail(f, str(err))

@@ -642,11 +642,18 @@ def _as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:
     return wave  # all zeros is allowed: silent speakers come out (an unused channel, a muted clip in a batch)
 
 
-def _warn_if_downmix_cancels(wave: np.ndarray, mono: np.ndarray, index: int) -> None:
-    """Warn when channels cancel in the mono downmix (e.g. one channel wired in reverse polarity): the model
-    would see near silence and put out silent speakers."""
+def channels_cancel(wave: np.ndarray, mono: np.ndarray | None = None) -> bool:
+    """Whether the channels of ``wave`` ``[C, T]`` cancel in their mono downmix ``mono`` (default: their mean), e.g.
+    one channel wired in reverse polarity: the mix is over 60 dB below the loudest channel."""
+    mono = to_mono(wave) if mono is None else mono
     loudest = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64), axis=-1)).max())
-    if loudest > 0 and float(np.sqrt(np.mean(np.square(mono, dtype=np.float64)))) < 1e-3 * loudest:
+    return loudest > 0 and float(np.sqrt(np.mean(np.square(mono, dtype=np.float64)))) < 1e-3 * loudest
+
+
+def _warn_if_downmix_cancels(wave: np.ndarray, mono: np.ndarray, index: int) -> None:
+    """Warn when channels cancel in the mono downmix: the model would see near silence and put out silent
+    speakers (``mossformer2 separate`` fails such a file instead)."""
+    if channels_cancel(wave, mono):
         warnings.warn(f"input {index + 1}: its channels cancel when mixed down to mono (the mix is over 60 dB "
                       "below the loudest channel): separate each channel instead (channels='each', "
                       "--channels each)", stacklevel=3)
