@@ -623,6 +623,7 @@ def test_resume_names_changed_data_settings_and_what_they_break(corpus, tmp_path
     assert "the best score so far" in text and "was measured on the earlier set" in text
     assert "the best score" not in resume("data.segment_seconds=0.25")  # training crops only
     assert "the best score" not in resume("data.skip_bad_files=true")  # changes neither
+    assert "the best score so far" in resume("data.dynamic_mixing.gain_db=[-1,1]")  # validation mixes so too
     text = resume("trainer.seed=4")  # draws the (validation) mixtures too
     assert "changed data settings: trainer.seed 3 -> 4" in text and "the best score so far" in text
     # mid-epoch: 4 of the epoch's 8 batches used
@@ -633,6 +634,20 @@ def test_resume_names_changed_data_settings_and_what_they_break(corpus, tmp_path
     assert "data.batch_size 2 -> 4" in text and "goes on after" not in text and "another data layout" in text
     text = resume("data.dynamic_mixing.examples_per_epoch=6", "trainer.max_steps=8")  # 3 batches an epoch now
     assert "epoch 1 had used 4 batches, and has 2 with these settings: it ends without further steps" in text
+
+
+def test_with_a_premixed_validation_set_mixing_settings_leave_the_best_score_alone(corpus, tmp_path, caplog):
+    import logging
+
+    from tests.test_datasets import _make_wsj_folder
+
+    folder = _make_wsj_folder(tmp_path / "cv", [2000, 2000])
+    premixed = ("data.dynamic_mixing.valid_utterances=null", f"data.valid={folder}")
+    Trainer(make_config(corpus, *premixed, "trainer.max_epochs=1"), tmp_path / "exp").fit()
+    with caplog.at_level(logging.WARNING, logger="mossformer2.training"):
+        Trainer(make_config(corpus, *premixed, "data.dynamic_mixing.gain_db=[-1,1]"), tmp_path / "exp").close()
+    assert "data.dynamic_mixing.gain_db [-2.5, 2.5] -> [-1.0, 1.0]" in caplog.text
+    assert "the best score" not in caplog.text
 
 
 def test_a_finished_run_stays_finished(corpus, tmp_path, monkeypatch):

@@ -447,7 +447,10 @@ class Trainer:
         elif s.batches_done and keys - DATA_KEYS_KEEPING_TRAINING_EXAMPLES:
             log.warning("epoch %d goes on after its first %d batches, which with these settings are other "
                         "examples than those trained on", s.epoch, s.batches_done)
-        if keys - DATA_KEYS_KEEPING_VALIDATION and s.best_epoch >= 0:
+        keeping = set(DATA_KEYS_KEEPING_VALIDATION)
+        if self.cfg.data.valid:  # a pre-mixed validation set: the mixing settings shape the training data only
+            keeping |= {key for key in keys if key.startswith("data.dynamic_mixing.")}
+        if keys - keeping and s.best_epoch >= 0:
             log.warning("the validation data may have changed: the best score so far (%.2f dB, epoch %d, in %s) "
                         "was measured on the earlier set, and later epochs are compared with it", s.best_metric,
                         s.best_epoch, BEST)
