@@ -428,6 +428,14 @@ def test_setup_problems_fail_before_any_download_and_subsets_are_warned_about(tm
     assert fetched == ["split-a", "split-b", "extra"] and "warning" not in capsys.readouterr().err
     assert prepare.main(["--out", str(tmp_path / "sub"), *base, "--packages", "split-a", "extra"]) == 0
     assert "the splits differ from the default corpus's" in capsys.readouterr().err
+    # --overwrite with fewer packages leaves no licence file of a package no longer used
+    for name in ("split-a", "split-b"):
+        doc = roots[name] / "usr/share/doc" / name
+        doc.mkdir(parents=True)
+        (doc / "copyright").write_text("License: GPL-2\n")
+    assert prepare.main(["--out", str(tmp_path / "lic"), *base, "--packages", "split-a", "split-b"]) == 0
+    assert prepare.main(["--out", str(tmp_path / "lic"), *base, "--packages", "split-a", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "lic" / "licenses").iterdir()) == ["split-a.copyright"]
 
 
 def test_hedgewars_selector_takes_one_speaker_per_voice_pack(tmp_path):

@@ -846,8 +846,8 @@ def build_corpus(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
             raise ValueError(f"output folder {out} is not empty: pass --overwrite to rebuild it")
-        for split in SPLITS:
-            shutil.rmtree(out / split, ignore_errors=True)
+        for folder in (*SPLITS, "licenses"):  # (the licences of packages no longer used must go too)
+            shutil.rmtree(out / folder, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
     fetched = {name: fetch_package(name, args.cache) for name in packages}
