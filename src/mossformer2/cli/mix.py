@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from mossformer2.audio import audio_header
+    from mossformer2.audio import audio_header, check_sample_rate_option
     from mossformer2.evaluation.mixing import (
         create_mixtures,
         plan_from_files,
@@ -66,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
         plan_from_speaker_folder,
     )
 
-    if args.sample_rate < 1000:  # as `separate` refuses: lower is a typo, not a speech rate
-        raise ValueError(f"--sample-rate must be at least 1000 Hz, got {args.sample_rate}")
+    check_sample_rate_option(args.sample_rate, "--sample-rate")  # as `separate` refuses: files it would refuse
     if args.recipe:
         if args.inputs:
             raise ValueError("give either INPUT files/folder or --recipe, not both")

@@ -224,11 +224,9 @@ def _parse_output_rate(value: str) -> int | None:
         rate = int(value)
     except ValueError:
         raise ValueError(f"--output-rate must be 'input' or a rate in Hz, got {value!r}") from None
-    from mossformer2.separation.separator import MIN_SAMPLE_RATE
+    from mossformer2.audio import check_sample_rate_option
 
-    if rate < MIN_SAMPLE_RATE:  # --output-rate 1 once wrote a 1 Hz file
-        raise ValueError(f"--output-rate must be at least {MIN_SAMPLE_RATE} Hz, got {rate}")
-    return rate
+    return check_sample_rate_option(rate, "--output-rate")
 
 
 # -- run --------------------------------------------------------------------------------------------------------

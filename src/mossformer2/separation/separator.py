@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mossformer2.audio import (
+    MIN_SAMPLE_RATE,
     fit_to_full_scale,
     pcm_to_float,
     peak_amplitude,
@@ -63,7 +64,7 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 OUTPUT_FORMATS = ("wav", "flac")
 TARGET_RMS = 10 ** (-25 / 20)  # -25 dBFS, the level ClearVoice feeds the model
 TARGET_PEAK = 0.9
-MIN_SAMPLE_RATE = 1000  # Hz, for inputs and outputs: lower is a typo or a broken header, not a speech rate
+CHUNK_SECONDS, OVERLAP_SECONDS = 10.0, 2.0  # the defaults
 # Below this overlap the speaker matching of consecutive chunks often goes wrong (an audit measured swaps at
 # 0.1-0.5 s, and at 1 s with 4 s chunks), so shorter overlaps are warned about.
 SAFE_OVERLAP_SECONDS = 1.0
@@ -140,8 +141,9 @@ class Separator:
     """
 
     def __init__(self, model: Any, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
-                 chunk_seconds: float = 10.0, overlap_seconds: float = 2.0, stitching: str = "aligned",
-                 normalize: str = "rms", batch_size: int = 1, channels: str = "mix", backend: str = "auto",
+                 chunk_seconds: float = CHUNK_SECONDS, overlap_seconds: float = OVERLAP_SECONDS,
+                 stitching: str = "aligned", normalize: str = "rms", batch_size: int = 1, channels: str = "mix",
+                 backend: str = "auto",
                  progress: bool | None = False, cuda_graphs: bool = False, compile_layers: bool = False,
                  polarity_ensemble: bool | None = None, mixture_consistency: bool | None = None,
                  wiener_filter: bool | None = None) -> None:
@@ -161,7 +163,7 @@ class Separator:
             warnings.warn(f"overlap_seconds={overlap_seconds:g} (--overlap-seconds) is under "
                           f"{SAFE_OVERLAP_SECONDS:g} s: in inputs longer than a chunk the speakers may swap between "
                           "chunks (use 1-2 s; default 2)", stacklevel=2)
-        if stitching == "clearvoice" and (chunk_seconds, overlap_seconds) != (10.0, 2.0):
+        if stitching == "clearvoice" and (chunk_seconds, overlap_seconds) != (CHUNK_SECONDS, OVERLAP_SECONDS):
             warnings.warn("clearvoice stitching runs the official tool's fixed 2 s windows: chunk_seconds and "
                           "overlap_seconds (--chunk-seconds, --overlap-seconds) are not used", stacklevel=2)
         if int(batch_size) < 1:
