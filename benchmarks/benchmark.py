@@ -40,6 +40,7 @@ from mossformer2 import MossFormer2, MossFormer2Config, build_model, load_model
 from mossformer2.losses import pit_si_sdr_loss, si_sdr
 from mossformer2.models import convolution
 from mossformer2.models.config import tiny_test_config
+from mossformer2.models.mossformer import COMPILE_LAYER_MODES
 from mossformer2.separation.cuda_graphs import CudaGraphModel
 
 GRAPH_VARIANTS = {"graph": None, "graph-bf16": torch.bfloat16, "graph-fp16": torch.float16}
@@ -72,6 +73,7 @@ class Settings:
     skipped_variants: list[str] = field(default_factory=list)  # not for this device type
     time_budget_s: float | None = None
     compile_layout: str = "shifted_sum_stored"  # the compiled-layers variants' depth-wise conv form (--compile-layout)
+    compile_mode: str | None = None  # their torch.compile mode (--compile-mode)
     started: float = 0.0
     rows: list[dict[str, Any]] = field(default_factory=list)
     save: Callable[[], None] | None = None  # called after each row, so an interrupted run keeps what it measured
@@ -356,8 +358,8 @@ def profile_forward(model: torch.nn.Module, wave: torch.Tensor, path: str | Path
 
 
 def compile_regions(model: MossFormer2, s: Settings) -> MossFormer2:
-    """``model.compile_layers`` for one static shape, with the run's conv layout."""
-    return model.compile_layers(dynamic=False, layout=s.compile_layout)
+    """``model.compile_layers`` for one static shape, with the run's conv layout and compile mode."""
+    return model.compile_layers(dynamic=False, layout=s.compile_layout, mode=s.compile_mode)
 
 
 def profile_compiled(model: MossFormer2, s: Settings, path: str | Path) -> None:
@@ -546,6 +548,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-layout", default="shifted_sum_stored", choices=("shifted_sum_stored", "shifted_sum"),
                         help="depth-wise conv form of the compiled-layers variants (MossFormer2.compile_layers): "
                              "each conv input stored once (default), or its producer fused into every tap's read")
+    parser.add_argument("--compile-mode", default=None, choices=[m for m in COMPILE_LAYER_MODES if m],
+                        help="torch.compile mode of the compiled-layers variants (default: torch's default); "
+                             "max-autotune-no-cudagraphs tunes the matrix-multiply kernels at compile time")
     args = parser.parse_args(argv)
     for option, names, known in (("--variants", args.variants, VARIANTS), ("--sections", args.sections, SECTIONS)):
         unknown = [name for name in names.split(",") if name and name not in known]
@@ -576,7 +581,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  train_batches=[int(b) for b in args.train_batches.split(",") if b],
                  variants=variants, skipped_variants=skipped,
                  time_budget_s=args.time_budget, started=time.perf_counter(),
-                 compile_layout=args.compile_layout)
+                 compile_layout=args.compile_layout, compile_mode=args.compile_mode)
     sections = [x for x in args.sections.split(",") if x]
     model = make_model(args).to(device)
     info = machine_info(device)

@@ -15,7 +15,8 @@ source scripts/device_env.sh
 CHECKS_LIMIT=${CHECKS_LIMIT:-300} BENCH_LIMIT=${BENCH_LIMIT:-120} LATENCY_LIMIT=${LATENCY_LIMIT:-240}
 PROFILE_LIMIT=${PROFILE_LIMIT:-0}
 # Extra benchmark.py flags for the latency and compiled-profile steps, e.g. "--compile-layout shifted_sum" (the
-# compiled convs' fused form instead of the default stored inputs).
+# compiled convs' fused form instead of the default stored inputs) or "--compile-mode max-autotune-no-cudagraphs"
+# (the compiled regions' matrix multiplies tuned at compile time).
 BENCH_FLAGS=${BENCH_FLAGS:-}
 CHECKS=${CHECKS:-padded_batch,dtypes,cuda_graphs,compiled}
 # LONG_COMPILE=1: the long file through Separator(compile_layers=True) (timed on a second pass, after compiling).

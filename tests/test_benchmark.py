@@ -215,15 +215,22 @@ def test_compile_layout_reaches_every_compiled_region(monkeypatch):
     from mossformer2.models.config import tiny_test_config
     from mossformer2.models.convolution import ConvModule
 
-    for flags, layout in (([], "shifted_sum_stored"), (["--compile-layout", "shifted_sum"], "shifted_sum")):
+    for flags, layout, mode in (([], "shifted_sum_stored", None),
+                                (["--compile-layout", "shifted_sum"], "shifted_sum", None),
+                                (["--compile-mode", "max-autotune-no-cudagraphs"], "shifted_sum_stored",
+                                 "max-autotune-no-cudagraphs")):
         calls.clear()
         result = benchmark.main(["--quick", "--device", "cpu", "--sections", "", "--variants", "", *flags])
-        run = SimpleNamespace(compile_layout=result["settings"]["compile_layout"])
+        run = SimpleNamespace(**{key: result["settings"][key] for key in ("compile_layout", "compile_mode")})
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="compile_layers.*wrong float32")  # the fused form's warning
             model = benchmark.compile_regions(build_model(tiny_test_config()), run)
-        assert calls and all(kwargs["dynamic"] is False for kwargs in calls)
+        assert calls and all(kwargs["dynamic"] is False and kwargs["mode"] == mode for kwargs in calls)
         assert {m.cuda_depthwise_layout for m in model.modules() if isinstance(m, ConvModule)} == {layout}
+    with pytest.raises(SystemExit):  # a CUDA-graph mode would give every region graphs of its own
+        benchmark.main(["--quick", "--device", "cpu", "--sections", "", "--compile-mode", "reduce-overhead"])
+    with pytest.raises(ValueError, match="CUDA-graph modes are refused"):
+        build_model(tiny_test_config()).compile_layers(mode="reduce-overhead")
 
 
 def test_compiled_profile_writes_a_table_per_batch(tmp_path):

@@ -19,6 +19,8 @@ from mossformer2.models.flash import FLASHLayer
 from mossformer2.models.fsmn import GatedFSMNBlock
 from mossformer2.models.norms import FrameGroupNorm
 
+# torch.compile modes for MossFormer2.compile_layers (None: torch's default).
+COMPILE_LAYER_MODES = (None, "default", "max-autotune-no-cudagraphs")
 
 class Encoder(nn.Module):
     """Strided Conv1d (no bias) + ReLU. wave ``[B, T]`` -> ``[B, E, F]``, F = (T - K) // (K/2) + 1."""
@@ -194,7 +196,8 @@ class MossFormer2(nn.Module):
                 for weight in module.depthwise_weights():
                     store_taps_outermost(weight, 2, taps_outermost)
 
-    def compile_layers(self, dynamic: bool | None = None, layout: str = "shifted_sum_stored") -> "MossFormer2":
+    def compile_layers(self, dynamic: bool | None = None, layout: str = "shifted_sum_stored",
+                       mode: str | None = None) -> "MossFormer2":
         """``torch.compile`` each FLASH layer and gated FSMN block in place; returns ``self``.
 
         Regional compilation: the FLASH layers share one compiled region and the FSMN blocks another, so it takes
@@ -213,7 +216,14 @@ class MossFormer2(nn.Module):
         a compiled bf16 forward did not finish (torch 2.13).
         ``dynamic``: as ``torch.compile``'s (``None``: static for the first input shape, one dynamic recompile on a
         second).
+        ``mode``: ``torch.compile``'s mode for the regions: ``None`` / "default", or "max-autotune-no-cudagraphs"
+        (benchmarks matrix-multiply kernels, epilogues fused in, against cuBLAS at compile time: minutes more per
+        input shape). The modes that capture CUDA graphs are refused: each region would hold graphs of its own,
+        and the whole forward is captured as one graph instead (``Separator(cuda_graphs=True)``).
         """
+        if mode not in COMPILE_LAYER_MODES:
+            raise ValueError(f"compile_layers: mode {mode!r} is not one of {', '.join(map(repr, COMPILE_LAYER_MODES))} "
+                             "(the CUDA-graph modes are refused: capture the whole forward instead)")
         if not layout.startswith("shifted_sum"):
             raise ValueError(f"compile_layers runs the convs as shifted sums; got layout {layout!r}")
         if layout == "shifted_sum":
@@ -223,7 +233,7 @@ class MossFormer2(nn.Module):
         self.set_cuda_depthwise_layout(layout)
         layers = self.mask_net.mdl.intra_mdl.mossformerM
         for layer in [*layers.layers, *layers.fsmn]:
-            layer.compile(dynamic=dynamic)
+            layer.compile(dynamic=dynamic, mode=mode)
         return self
 
     def check_input(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
