@@ -545,9 +545,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CUDA only: how depth-wise convs run (models.convolution.CUDA_DEPTHWISE_LAYOUT; "
                              "shifted_sum is meant for the compiled variants, which set their own layout and "
                              "weight layout through compile_layers; this global one leaves the weights as they are)")
-    parser.add_argument("--compile-layout", default="shifted_sum_stored", choices=("shifted_sum_stored", "shifted_sum"),
+    parser.add_argument("--compile-layout", default="shifted_sum_stored",
+                        choices=[name for name in convolution.SHIFTED_SUM_INPUTS],
                         help="depth-wise conv form of the compiled-layers variants (MossFormer2.compile_layers): "
-                             "each conv input stored once (default), or its producer fused into every tap's read")
+                             "each conv input stored, then copied padded (default); written padded by its producer "
+                             "(shifted_sum_realized); or its producer fused into every tap's read (shifted_sum)")
     parser.add_argument("--compile-mode", default=None, choices=[m for m in COMPILE_LAYER_MODES if m],
                         help="torch.compile mode of the compiled-layers variants (default: torch's default); "
                              "max-autotune-no-cudagraphs tunes the matrix-multiply kernels at compile time")

@@ -5,7 +5,8 @@ in float32, but 36.8 dB in bf16 (benchmarks/RESULTS.md). This script separates t
 same input (batch 3, random full model), scored against eager fp32 with TF32 off everywhere:
 
 - which regions are compiled (FLASH layers, FSMN blocks, both);
-- depth-wise convs as cuDNN / PyTorch kernels, as fused shifted sums, or as shifted sums of a stored input;
+- depth-wise convs as cuDNN / PyTorch kernels, as fused shifted sums, or as shifted sums of a stored input or of
+  an input that its producer writes padded (session 15's "shifted_sum_realized", row 2);
 - with or without a CUDA graph around the compiled model;
 - float32 or bf16 autocast;
 - equal lengths, or a zero-padded batch with ``lengths`` (the masked path, which padded batches of short files
@@ -14,13 +15,13 @@ same input (batch 3, random full model), scored against eager fp32 with TF32 off
 
 A row scores far below the others' precision (fp32 > 60 dB, bf16 > 30 dB) where the fault lies. A first probe row
 compares the rotary cos / sin tables of a 10 s item (20,000 frames, angles up to 20,000 rad) computed by a compiled
-function with eager ones (GPU code generators may use fast, approximate sin / cos). Session 13 (H200, first three
-rows and the probe): the tables are equal (0.0 difference); fused shifted sums 11.8 dB in float32, stored conv
-inputs 94.0 dB (CUDA graph, 10 s) and 90.2 dB (4 s): the fault lies in the fused producer of the shifted sums,
-hence ``compile_layers``' default "shifted_sum_stored". CPU dry run (the convs stay convs there)::
+function with eager ones (GPU code generators may use fast, approximate sin / cos). Session 13 (H200, rows 1, 3
+and 4 of today's list, and the probe): the tables are equal (0.0 difference); fused shifted sums 11.8 dB in
+float32, stored conv inputs 94.0 dB (CUDA graph, 10 s) and 90.2 dB (4 s): the fault lies in the fused producer of
+the shifted sums, hence ``compile_layers``' default "shifted_sum_stored". CPU dry run (the convs stay convs there)::
 
     python benchmarks/gpu_compile_diagnosis.py --device cpu --tiny --rows 1
-    python benchmarks/gpu_compile_diagnosis.py --json diagnosis.json       # CUDA, ~7 min (11 rows)
+    python benchmarks/gpu_compile_diagnosis.py --json diagnosis.json       # CUDA, ~8 min (12 rows)
 """
 
 from __future__ import annotations
@@ -44,17 +45,21 @@ from mossformer2.separation.cuda_graphs import CudaGraphModel
 class Row(NamedTuple):
     name: str
     regions: str  # "flash", "fsmn" or "both"
-    layout: str  # depth-wise convs: "" (cuDNN / PyTorch kernels), "shifted_sum" or "shifted_sum_stored"
+    layout: str  # depth-wise convs: "" (cuDNN / PyTorch kernels) or a key of convolution.SHIFTED_SUM_INPUTS
     graph: bool  # a CUDA graph around the compiled model (not for padded batches: CudaGraphModel runs them eagerly)
     dtype: torch.dtype
     padded: bool = False  # items of PADDED_FRACTIONS of the length, zero-padded, with ``lengths``
     seconds: float = 4.0  # length of each of the three items
 
 
-# The first three rows ran in session 13 (see above); the rest narrow down the fused form's fault further.
-SUM, STORED = "shifted_sum", "shifted_sum_stored"
+# Rows 1, 3 and 4 ran in session 13 (see above); row 2 is session 15's form; the rest narrow down the fused form's
+# fault further.
+SUM, STORED, REALIZED = "shifted_sum", "shifted_sum_stored", "shifted_sum_realized"
 ROWS = [
     Row("both regions, stored conv inputs, fp32, CUDA graph, 10 s", "both", STORED, True, torch.float32,
+        seconds=10.0),
+    # Session 15: the producer writes the padded conv input itself; is it as exact as the stored form?
+    Row("both regions, realized conv inputs, fp32, CUDA graph, 10 s", "both", REALIZED, True, torch.float32,
         seconds=10.0),
     Row("both regions, shifted sums, fp32, CUDA graph, 10 s", "both", SUM, True, torch.float32, seconds=10.0),
     Row("both regions, stored conv inputs, fp32", "both", STORED, False, torch.float32),

@@ -217,6 +217,7 @@ def test_compile_layout_reaches_every_compiled_region(monkeypatch):
 
     for flags, layout, mode in (([], "shifted_sum_stored", None),
                                 (["--compile-layout", "shifted_sum"], "shifted_sum", None),
+                                (["--compile-layout", "shifted_sum_realized"], "shifted_sum_realized", None),
                                 (["--compile-mode", "max-autotune-no-cudagraphs"], "shifted_sum_stored",
                                  "max-autotune-no-cudagraphs")):
         calls.clear()

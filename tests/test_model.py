@@ -428,18 +428,21 @@ def test_zero_stuffed_kernel_equals_dilated_conv(dilation):
     torch.testing.assert_close(F.conv2d(x, stuffed, padding=(0, padding), groups=6), expected)
 
 
-@pytest.mark.parametrize("store_input", [False, True])
+@pytest.mark.parametrize("input_form", ["fused", "stored", "realized"])
 @pytest.mark.parametrize(("taps", "padding", "dilation"), [(17, 8, 1), (39, 19, 1), (39, 38, 2), (5, 0, 1)])
-def test_shifted_sum_equals_the_depthwise_conv_and_its_gradients(taps, padding, dilation, store_input):
-    """The compile-friendly formulation (ConvModule: 17 taps; dense FSMN: 39 taps, dilation 1 and 2), also with
-    its input padded by the pad_frames operator."""
+def test_shifted_sum_equals_the_depthwise_conv_and_its_gradients(taps, padding, dilation, input_form):
+    """The compile-friendly formulation (ConvModule: 17 taps; dense FSMN: 39 taps, dilation 1 and 2), with each
+    form of its padded input (the realized one without gradients, and through its fallback with them)."""
     btc = torch.randn(2, 120, 6, requires_grad=True)
     weight = torch.randn(6, 1, 1, taps, requires_grad=True)
     x = btc.transpose(1, 2).unsqueeze(2)  # the [B, C, 1, T] view of [B, T, C] the model passes
     expected = F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation), groups=6)
-    out = depthwise_shifted_sum(x, weight, padding, dilation, store_input=store_input)
+    out = depthwise_shifted_sum(x, weight, padding, dilation, input_form=input_form)
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(depthwise_shifted_sum(x, weight, padding, dilation, input_form=input_form),
+                                   expected, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(out.square().sum(), (btc, weight))
     expected_grads = torch.autograd.grad(expected.square().sum(), (btc, weight))
     for got, want in zip(grads, expected_grads):
@@ -464,14 +467,40 @@ def test_a_compiled_shifted_sum_stores_its_input_once_with_pad_frames():
 
     weight = torch.randn(16, 1, 1, 17)
 
-    def conv(h: torch.Tensor, store_input: bool) -> torch.Tensor:
+    def conv(h: torch.Tensor, input_form: str) -> torch.Tensor:
         x = F.silu(h).transpose(1, 2).unsqueeze(2)
-        return depthwise_shifted_sum(x, weight, 8, 1, store_input=store_input).squeeze(2).transpose(1, 2)
+        return depthwise_shifted_sum(x, weight, 8, 1, input_form=input_form).squeeze(2).transpose(1, 2)
 
     h = torch.randn(2, 300, 16)
-    out, (code, *_) = run_and_get_code(torch.compile(conv, dynamic=False), h, True)
-    torch.testing.assert_close(out, conv(h, False), atol=1e-5, rtol=1e-5)
+    out, (code, *_) = run_and_get_code(torch.compile(conv, dynamic=False), h, "stored")
+    torch.testing.assert_close(out, conv(h, "fused"), atol=1e-5, rtol=1e-5)
     assert "torch.ops.mossformer2.pad_frames.default(" in code
+
+
+def test_a_compiled_realized_shifted_sum_has_its_producer_write_the_padded_input():
+    """The realized form: the compiled producer of the conv input writes a buffer of the padded length itself
+    (no pad_frames operator, no copy); the fused form recomputes a cheap producer inside every tap's read and
+    stores no padded input at all. Same output, with one graph (the primitive's import breaks none)."""
+    from torch._inductor.utils import run_and_get_code
+
+    weight = torch.randn(16, 1, 1, 17)
+
+    def conv(h: torch.Tensor, input_form: str) -> torch.Tensor:
+        x = (h * 2.0 + 1.0).transpose(1, 2).unsqueeze(2)  # cheap: the CPU compiler would store an exp anyway
+        return depthwise_shifted_sum(x, weight, 8, 1, input_form=input_form).squeeze(2).transpose(1, 2)
+
+    h = torch.randn(2, 300, 16)
+    codes = {}
+    for form in ("realized", "fused"):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out, (codes[form], *_) = run_and_get_code(torch.compile(conv, dynamic=False, fullgraph=True), h, form)
+        torch.testing.assert_close(out, F.conv2d((h * 2.0 + 1.0).transpose(1, 2).unsqueeze(2), weight,
+                                                 padding=(0, 8), groups=16).squeeze(2).transpose(1, 2),
+                                   atol=1e-5, rtol=1e-5)
+    padded_buffer = re.compile(r"empty_strided_\w+\(\(2, 316, 16\)")  # [B, T + 2 * 8, C]
+    assert padded_buffer.search(codes["realized"]) and "pad_frames" not in codes["realized"]
+    assert not padded_buffer.search(codes["fused"])
 
 
 def test_a_compiled_shifted_sum_reads_a_taps_outermost_weight_along_channels():
@@ -484,7 +513,7 @@ def test_a_compiled_shifted_sum_reads_a_taps_outermost_weight_along_channels():
 
     def conv(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x = h.transpose(1, 2).unsqueeze(2)
-        return depthwise_shifted_sum(x, weight.unsqueeze(2), 8, 1, store_input=True).squeeze(2).transpose(1, 2)
+        return depthwise_shifted_sum(x, weight.unsqueeze(2), 8, 1, input_form="stored").squeeze(2).transpose(1, 2)
 
     h = torch.randn(2, 300, 32)
     weight = torch.nn.Parameter(torch.randn(32, 1, 17), requires_grad=False)

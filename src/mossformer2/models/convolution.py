@@ -19,8 +19,12 @@ from torch import nn
 # compile_layers sets it; modules can override the global with their own ``cuda_depthwise_layout`` (MossFormer2.
 # set_cuda_depthwise_layout, which also lays their depthwise_weights() out for the chosen form: store_taps_outermost).
 # Padding by concatenating zeros, lowered by inductor into a buffer the producer writes (no copy), was slower still:
-# 27 ms (session 14).
-CUDA_DEPTHWISE_LAYOUTS = ("contiguous", "channels_last", "shifted_sum", "shifted_sum_stored")
+# 27 ms (session 14). "shifted_sum_realized" (session 15, not yet measured on a GPU) pads with F.pad and marks the
+# padded tensor for realization (realize_for_compiler): the producer's kernel writes the padded buffer, zeros
+# included, and the conv reads it; no pad_frames copy, no fills, no change to the compiler's heuristics elsewhere.
+CUDA_DEPTHWISE_LAYOUTS = ("contiguous", "channels_last", "shifted_sum", "shifted_sum_stored", "shifted_sum_realized")
+# How depthwise_shifted_sum's padded input reaches the taps, for each shifted-sum layout.
+SHIFTED_SUM_INPUTS = {"shifted_sum": "fused", "shifted_sum_stored": "stored", "shifted_sum_realized": "realized"}
 CUDA_DEPTHWISE_LAYOUT = "contiguous"
 
 
@@ -56,20 +60,40 @@ def _pad_frames_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
 pad_frames.register_autograd(_pad_frames_backward, setup_context=_pad_frames_setup)
 
 
+def realize_for_compiler(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself in eager mode; under torch.compile (inductor) a buffer of its own, written by the kernel that
+    computes it, instead of an expression inlined into every consumer's reads. Inductor's stride-forcing primitive
+    with ``x``'s own strides: no copy, no gradient (inference only)."""
+    import torch._inductor.inductor_prims  # noqa: F401  (registers the primitive)
+
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
+
+
 def depthwise_shifted_sum(x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int,
-                          store_input: bool = False) -> torch.Tensor:
+                          input_form: str = "fused") -> torch.Tensor:
     """Depth-wise conv along the last axis as a sum of ``K`` shifted, scaled slices of ``x``, accumulated in
     float32 (float64 input in float64).
 
     x: ``[B, C, 1, T]`` (any strides), weight: ``[C, 1, 1, K]`` -> ``[B, C, 1, T + 2 * padding - dilation * (K - 1)]``
     in ``x``'s dtype: the same sums as ``F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation),
-    groups=C)``. ``store_input``: pad with :func:`pad_frames`, which a compiler cannot fuse with x's producer.
+    groups=C)``. ``input_form`` (what a compiler makes of the padded input; same values in eager mode): "fused"
+    (``F.pad``: the compiler may recompute x's producer inside every tap's read), "stored" (:func:`pad_frames`,
+    an operator the compiler cannot fuse: x is stored, then copied into a padded buffer) or "realized"
+    (``F.pad`` + :func:`realize_for_compiler`: x's producer writes the padded buffer itself; with gradients it
+    falls back to "stored", as the primitive has none).
     """
+    if input_form not in SHIFTED_SUM_INPUTS.values():
+        raise ValueError(f"input_form must be one of {tuple(SHIFTED_SUM_INPUTS.values())}, got {input_form!r}")
     taps = weight.shape[-1]
-    if store_input:  # padded in the [B, T, C] layout of the model's activations, then viewed as [B, C, 1, T']
-        padded = pad_frames(x.squeeze(2).transpose(1, 2), padding).transpose(1, 2).unsqueeze(2)
-    else:
+    if input_form == "fused":
         padded = F.pad(x, (padding, padding))
+    else:  # padded in the [B, T, C] layout of the model's activations, then viewed as [B, C, 1, T']
+        btc = x.squeeze(2).transpose(1, 2)
+        if input_form == "realized" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            btc = realize_for_compiler(F.pad(btc, (0, 0, padding, padding)))
+        else:
+            btc = pad_frames(btc, padding)
+        padded = btc.transpose(1, 2).unsqueeze(2)
     length = padded.shape[-1] - dilation * (taps - 1)
     acc = torch.promote_types(x.dtype, torch.float32)
     w = weight.to(acc).reshape(1, -1, 1, taps)
@@ -126,7 +150,7 @@ def conv_along_time(x: torch.Tensor, weight: torch.Tensor, padding: int, dilatio
     elif not torch.jit.is_scripting() and x.is_cuda:  # the default is a Python global, which TorchScript cannot read
         layout = cuda_layout or CUDA_DEPTHWISE_LAYOUT
         if layout.startswith("shifted_sum") and weight.shape[1] == 1:
-            return depthwise_shifted_sum(x, weight.to(x.dtype), padding, dilation, layout == "shifted_sum_stored")
+            return depthwise_shifted_sum(x, weight.to(x.dtype), padding, dilation, SHIFTED_SUM_INPUTS[layout])
         if layout == "contiguous":
             x = x.contiguous()
     return F.conv2d(x, weight, padding=(0, padding), dilation=(1, dilation), groups=groups)

@@ -206,7 +206,8 @@ class MossFormer2(nn.Module):
         ``[B, T, C]`` layout: no layout copies and no conv kernel. The CPU keeps its convs.
 
         ``layout``: "shifted_sum_stored" (default) stores each conv's input once (``convolution.pad_frames``);
-        "shifted_sum" lets the compiler fuse the input's producer (SiLU, norm + PReLU) into every tap's read.
+        "shifted_sum_realized" has the input's producer write the padded input itself (no copy; not yet measured
+        on a GPU); "shifted_sum" lets the compiler fuse the producer (SiLU, norm + PReLU) into every tap's read.
         Either way the depth-wise weights are re-laid out with their taps outermost in memory
         (``convolution.store_taps_outermost``; values and state dict unchanged), so the compiled kernels read them
         along channels. Measured on an H200 (full model, 4 s, CUDA graphs, bf16 weights; benchmarks/RESULTS.md,
