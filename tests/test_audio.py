@@ -21,6 +21,7 @@ from mossformer2.audio import (
     resample,
     soundfile_name,
     to_mono,
+    wav_declared_frames,
     write_audio,
 )
 
@@ -255,3 +256,38 @@ def test_folder_scans_skip_hidden_names(tmp_path):
         (tmp_path / rel).parent.mkdir(exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     assert [p.relative_to(tmp_path).as_posix() for p in find_audio_files(tmp_path)] == ["a.wav", "b/c.FLAC"]
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "FLOAT"])
+def test_a_truncated_wav_is_read_with_a_warning_that_gives_both_durations(tmp_path, subtype):
+    """libsndfile reads the frames present in a cut-off WAV without complaint; the header's data size says how
+    long it was meant to be (also past a chunk before the data, and for float WAVs, which carry a 'fact' chunk)."""
+    wave = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 16000)).astype(np.float32)
+    whole = tmp_path / "whole.wav"
+    sf.write(str(whole), wave.T, 16000, subtype=subtype)
+    assert wav_declared_frames(whole) == 16000
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(data[: len(data) * 3 // 4])
+    with pytest.warns(UserWarning, match=r"cut\.wav is truncated: its header declares 1\.00 s of audio, the file "
+                                         r"holds 0\.7\d s"):
+        got, rate = read_audio(cut)
+    assert rate == 16000 and 0 < got.shape[1] < 16000 and got.shape[0] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_audio(whole)  # a complete file: no warning
+
+
+def test_declared_wav_frames_are_unknown_for_other_formats_and_streamed_wavs(tmp_path):
+    sf.write(str(tmp_path / "a.flac"), np.zeros(1600, np.float32), 16000)
+    assert wav_declared_frames(tmp_path / "a.flac") is None
+    streamed = tmp_path / "streamed.wav"
+    sf.write(str(streamed), np.zeros(1600, np.float32), 16000, subtype="PCM_16")
+    data = bytearray(streamed.read_bytes())
+    at = data.index(b"data") + 4
+    data[at:at + 4] = (0xFFFFFFFF).to_bytes(4, "little")  # a writer that never went back to fill the size in
+    streamed.write_bytes(bytes(data))
+    assert wav_declared_frames(streamed) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_audio(streamed)[0].shape[1] == 1600

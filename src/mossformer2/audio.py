@@ -104,7 +104,41 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
             raise ValueError(f"cannot read {path} as audio: {av_err} (libsndfile: {sf_err})") from None
     if wave.shape[-1] == 0:
         raise ValueError(f"audio file has no samples: {path}")
+    declared = wav_declared_frames(path)
+    if declared is not None and declared > wave.shape[-1]:
+        warnings.warn(f"{path} is truncated: its header declares {declared / sample_rate:.2f} s of audio, the file "
+                      f"holds {wave.shape[-1] / sample_rate:.2f} s; using what is there", stacklevel=2)
     return wave, int(sample_rate)
+
+
+def wav_declared_frames(path: str | Path) -> int | None:
+    """The frame count a RIFF/WAVE header declares (its data chunk's size over the block size), read without
+    decoding; None for other formats, RF64, and streamed files whose writer left the size unset (0 or 0xFFFFFFFF).
+    libsndfile reports only the frames present, so this is how a cut-off download or copy shows."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"RIFF" or len(f.read(4)) != 4 or f.read(4) != b"WAVE":
+                return None
+            block_align = None
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                chunk_id, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+                skip = size + (size & 1)  # chunks are padded to an even size
+                if chunk_id == b"fmt ":
+                    fmt = f.read(size)
+                    if len(fmt) < 14:
+                        return None
+                    block_align = int.from_bytes(fmt[12:14], "little")
+                    skip -= len(fmt)
+                elif chunk_id == b"data":
+                    if not block_align or size in (0, 0xFFFFFFFF):
+                        return None
+                    return size // block_align
+                f.seek(skip, 1)
+    except OSError:
+        return None
 
 
 def audio_header(path: str | Path) -> Any | None:
