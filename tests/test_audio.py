@@ -239,6 +239,9 @@ def test_integer_pcm_is_scaled_as_libsndfile_reads_it(tmp_path):
         pcm_to_float(np.array([1, 2, 3]))
     floats = np.array([0.5, 2.0], np.float32)
     assert pcm_to_float(floats) is floats  # floats pass as they are, not copied
+    for odd in (floats > 1, floats.astype(np.complex64)):  # ran as 0 / 1; lost the imaginary part with a warning
+        with pytest.raises(ValueError, match=f"dtype {odd.dtype} is not audio samples"):
+            pcm_to_float(odd)
 
 
 def test_names_that_are_not_utf8_are_read_and_written(tmp_path):

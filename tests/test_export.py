@@ -116,6 +116,18 @@ def test_separator_runs_on_onnx_model(tiny_model, onnx_path):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def test_an_onnx_separator_says_where_it_runs_and_takes_the_thread_setting(onnx_path, monkeypatch):
+    """repr said device=cpu whatever the providers, device= was ignored without a word, and OMP_NUM_THREADS (which
+    torch follows) left ONNX Runtime on every core."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    model = OnnxRuntimeModel(onnx_path)
+    assert model.session.get_session_options().intra_op_num_threads == 1
+    assert OnnxRuntimeModel(onnx_path, num_threads=2).session.get_session_options().intra_op_num_threads == 2
+    assert "device=cpu" in repr(Separator(model))  # this onnxruntime build runs on the CPU
+    with pytest.warns(UserWarning, match=r"device='cuda' is not where this OnnxRuntimeModel runs \(cpu\)"):
+        Separator(model, device="cuda")
+
+
 def test_exports_carry_the_recommended_refinements(tiny_model, tmp_path):
     from mossformer2.export import TorchScriptModel
 
@@ -325,6 +337,16 @@ def test_cli_export_errors(checkpoint_path, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_python_exports_refuse_names_the_loaders_would_misread(tiny_model, tmp_path):
+    """export_onnx wrote any name (a .bin file that from_pretrained then called "an ONNX export, not a
+    checkpoint"); the command line already refused such names."""
+    with pytest.raises(ValueError, match=r"model\.bin: an ONNX export's name must end in \.onnx"):
+        export_onnx(tiny_model, tmp_path / "model.bin")
+    with pytest.raises(ValueError, match=r"model\.onnx: a TorchScript export's name must not end in \.onnx"):
+        export_torchscript(tiny_model, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_export_refuses_bad_requests_before_exporting(tiny_model, checkpoint_path, tmp_path, capsys):
     """Each was a traceback, an export into a folder that failed only after the export, a file the other commands
     could not recognise, or an opset silently replaced by 18."""
@@ -430,9 +452,12 @@ def test_onnx_providers_follow_the_device(onnx_path, tmp_path, monkeypatch, caps
             providers_for_device(bad, cuda)
 
 
-def test_a_fixed_length_onnx_export_is_checked_once_before_separating(tiny_model, tmp_path, capsys):
-    """A fixed-length export failed every file of another length, one by one: one error up front now. Files of
-    its length run, with the ensemble too (a fixed batch of 1 takes larger batches item by item)."""
+def test_a_fixed_length_onnx_export_chunks_by_its_length_and_fails_shorter_files_alone(tiny_model, tmp_path,
+                                                                                       capsys):
+    """A fixed-length export needed the chunk settings typed by hand (every other length failed); it now chunks by
+    its own length unless told otherwise. A file shorter than it fails alone, the batch goes on; chunk options
+    that do not fit it are refused once, up front (they would fail file after file). The ensemble runs too (a
+    fixed batch of 1 takes larger batches item by item)."""
     import soundfile as sf
 
     fixed = export_onnx(tiny_model, tmp_path / "fixed.onnx", dynamic_length=False, example=0.1 * torch.randn(1, 1600))
@@ -442,20 +467,27 @@ def test_a_fixed_length_onnx_export_is_checked_once_before_separating(tiny_model
     for name, length in (("fits.wav", 1600), ("longer.wav", 2000), ("shorter.wav", 1200)):
         sf.write(str(data / name), (0.1 * rng.standard_normal(length)).astype(np.float32), 16000)
     out = tmp_path / "out"
-    assert main(["separate", str(data), "-o", str(out), "--checkpoint", str(fixed)]) == 1
+    options = ["--checkpoint", str(fixed), "--polarity-ensemble", "--batch-size", "2"]
+    assert main(["separate", str(data), "-o", str(out), *options, "--chunk-seconds", "0.2",
+                 "--overlap-seconds", "0.05"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "2 of 3 input(s)" in err and "--dynamic-length" in err, err
+    assert "error: 1 of 3 input(s) have another length (e.g. longer.wav)" in err and "--dynamic-length" in err, err
     assert not out.exists()  # refused before separating anything (or creating the folder)
-    assert main(["separate", str(data / "fits.wav"), "-o", str(out), "--checkpoint", str(fixed),
-                 "--polarity-ensemble", "--batch-size", "2"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["fits_s1.wav", "fits_s2.wav"]
-    separator = Separator(OnnxRuntimeModel(fixed))
+    assert main(["separate", str(data), "-o", str(out), *options]) == 1
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["fits_s1.wav", "fits_s2.wav", "longer_s1.wav", "longer_s2.wav"]
+    failed = [line for line in err.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and "shorter.wav" in failed[0] and "is shorter than the fixed input length" in failed[0]
+    assert "overlap by 0.05 s only" in err  # an export this short: the speakers may swap between its chunks
+    with pytest.warns(UserWarning, match="overlap by 0.05 s only"):
+        separator = Separator(OnnxRuntimeModel(fixed))
+    assert (separator.chunk, separator.overlap) == (1600, 800)
+    longer = 0.1 * rng.standard_normal(2000).astype(np.float32)
+    chunked = Separator(OnnxRuntimeModel(fixed), chunk_seconds=0.1, overlap_seconds=0.05)  # as the advice says
+    np.testing.assert_array_equal(separator.separate(longer, 16000), chunked.separate(longer, 16000))
     advice = "fixed input length of 1600 samples.*with an overlap of 0.05 s.*--overlap-seconds 0.05"
-    with pytest.raises(ValueError, match=advice):
-        separator.separate(np.ones(2000, np.float32), 16000)
-    # The advice works: chunks of the export's length, with half of it as the overlap (shorter than the default 2 s).
-    chunked = Separator(OnnxRuntimeModel(fixed), chunk_seconds=0.1, overlap_seconds=0.05)
-    assert chunked.separate(0.1 * rng.standard_normal(2000).astype(np.float32), 16000).shape == (2, 2000)
+    with pytest.raises(ValueError, match=advice):  # settings of the user's own that do not fit the export
+        Separator(OnnxRuntimeModel(fixed), chunk_seconds=0.2, overlap_seconds=0.05).separate(longer, 16000)
     # Without an example, a fixed-length export takes batch 1 (batch 2 made every other batch size fail).
     default = OnnxRuntimeModel(export_onnx(tiny_model, tmp_path / "default.onnx", dynamic_length=False))
     assert default.input_shape[0] == 1

@@ -94,6 +94,11 @@ def test_a_mistyped_local_path_is_named_as_both_readings(offline_cache, tmp_path
                               "checkpoint, check the path), and as a hub id: checkpoint/MossFormer2_SS_16K/"
                               "last_best_checkpoint.pt is not in the local Hugging Face cache"), message
     assert "offline mode (HF_HUB_OFFLINE=1)" in message
+    # A model name is no path the user typed: its miss speaks of the hub only.
+    with pytest.raises(FileNotFoundError) as info:
+        Separator.from_pretrained("MossFormer2_SS_16K", cache_dir=tmp_path)  # an empty cache
+    assert str(info.value).startswith("alibabasglab/MossFormer2_SS_16K/last_best_checkpoint.pt is not in the "
+                                      "local Hugging Face cache"), str(info.value)
 
 
 def test_network_failure_falls_back_to_cache(offline_cache, monkeypatch):
@@ -161,9 +166,35 @@ def test_a_folder_takes_filename_and_prefers_a_trainers_best_pt(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no other.pt in folder .*exp \(filename='other.pt'\)"):
         resolve_checkpoint(exp, filename="other.pt")
     save_checkpoint(exp / "epoch3.pt", model)  # no longer just the trainer's pair: ambiguous
-    with pytest.raises(ValueError, match=r"several checkpoints .*filename=NAME in Python; --checkpoint PATH"):
+    with pytest.raises(ValueError, match=r"several checkpoints .*--checkpoint PATH.*"
+                                         r"Separator\.from_pretrained\(folder, filename=NAME\)"):
         resolve_checkpoint(exp)
     assert resolve_checkpoint(exp, filename="epoch3.pt") == exp / "epoch3.pt"
+    # The advice works: from_pretrained takes filename= (it went to Separator() and failed with a TypeError).
+    assert Separator.from_pretrained(exp, device="cpu", filename="epoch3.pt", chunk_seconds=5).chunk == 5 * 16000
+    with pytest.raises(ValueError, match="the built-in model 'default' is one file"):
+        Separator.from_pretrained("default", filename="best.pt")
+
+
+def test_load_model_takes_what_from_pretrained_takes(tmp_path, monkeypatch):
+    """load_model, the README's first call, refused model names, hub ids and folders ("checkpoint not found")."""
+    from mossformer2.pretrained import default_model_path
+
+    builtin = load_model(default_model_path())
+    assert load_model("default").config == builtin.config
+    exp = tmp_path / "exp"
+    save_checkpoint(exp / "best.pt", builtin)
+    save_checkpoint(exp / "last.pt", build_model(make_tiny_config()))
+    assert load_model(exp).config == builtin.config  # the trainer's best.pt
+    hub_file = tmp_path / "downloaded.pt"
+    save_checkpoint(hub_file, builtin)
+    asked = []
+    monkeypatch.setattr("mossformer2.hub._download_from_hub",
+                        lambda repo, filename, cache: asked.append((repo, filename)) or hub_file)
+    assert load_model("MossFormer2_SS_16K").config == builtin.config
+    assert load_model("someone/their_model").config == builtin.config
+    assert asked == [("alibabasglab/MossFormer2_SS_16K", "last_best_checkpoint.pt"),
+                     ("someone/their_model", "last_best_checkpoint.pt")]
 
 
 def test_the_cli_prints_each_hub_warning_once():

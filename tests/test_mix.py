@@ -111,13 +111,14 @@ def test_mix_two_files_at_sir_with_resampling_reads_back(tmp_path):
     assert read(load_manifest(out)[0].mix).shape == (int(1.4 * SR),)
 
 
-def test_mix_speaker_folder_is_seeded_and_uses_different_speakers(tmp_path):
+def test_mix_speaker_folder_is_seeded_and_uses_different_speakers(tmp_path, capsys):
     root = make_speaker_folder(tmp_path / "speakers", speakers=3, files=2, sample_rate=22050)
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         out = tmp_path / name
         assert main(["mix", str(root), "-o", str(out), "--num-mixtures", "5", "--seed", str(seed),
                      "--sir-range", "-5", "5"]) == 0
+        assert "\r" not in capsys.readouterr().err  # no progress bar into a stderr that is not a terminal
         runs[name] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert len(runs["a"]) == 5 * 3 + 1  # mix, s1, s2 per mixture + metadata.csv
     assert runs["a"] == runs["b"]  # same seed, byte-identical outputs

@@ -436,20 +436,25 @@ def test_short_overlaps_are_warned_about_and_the_fixed_length_advice_is_safe(tin
         warnings.simplefilter("error")
         Separator(tiny_model, device="cpu", overlap_seconds=1.0)
         Separator(tiny_model, device="cpu", stitching="clearvoice")  # no matching there
-    fixed = Separator(LouderBandFirst(input_shape=[1, 4 * SR]))
+    # A fixed-length export chunks by its own length unless told otherwise; other settings get advice.
+    own = dict(chunk_seconds=5, overlap_seconds=1)
+    fixed = Separator(LouderBandFirst(input_shape=[1, 4 * SR]), **own)
     advice = fixed.fixed_length_error(10 * SR, SR)
     assert "--chunk-seconds 4 --overlap-seconds 2)" in advice  # half the chunk, the default 2 s
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         chunked = Separator(LouderBandFirst(input_shape=[1, 4 * SR]), chunk_seconds=4, overlap_seconds=2)
-    assert chunked.fixed_length_error(10 * SR, SR) is None
+        by_default = Separator(LouderBandFirst(input_shape=[1, 4 * SR]))
+    assert chunked.fixed_length_error(10 * SR, SR) is None and by_default.fixed_length_error(10 * SR, SR) is None
     # shorter than the export: no chunking option helps, so none is suggested (it repeated the user's own options)
     shorter = Separator(LouderBandFirst(input_shape=[1, 20 * SR])).fixed_length_error(SR, SR)
     assert "(1 s at 16000 Hz) is shorter than the fixed input length" in shorter and "--chunk-seconds" not in shorter
-    assert "--overlap-seconds 2)" in Separator(LouderBandFirst(input_shape=[1, 20 * SR])).fixed_length_error(
+    assert "--overlap-seconds 2)" in Separator(LouderBandFirst(input_shape=[1, 20 * SR]), **own).fixed_length_error(
         30 * SR, SR)
-    short = Separator(LouderBandFirst(input_shape=[1, SR])).fixed_length_error(3 * SR, SR)
+    short = Separator(LouderBandFirst(input_shape=[1, SR]), **own).fixed_length_error(3 * SR, SR)
     assert "--overlap-seconds 0.5; an export this short" in short and "longer --length-seconds" in short
+    with pytest.warns(UserWarning, match="overlap by 0.5 s only"):  # chunking by a 1 s export's length
+        Separator(LouderBandFirst(input_shape=[1, SR]))
 
 
 def test_integer_pcm_is_scaled_like_files_and_bad_rates_are_refused():

@@ -193,6 +193,9 @@ def pcm_to_float(wave: np.ndarray) -> np.ndarray:
     gives it) scaled to [-1, 1) as libsndfile (and so ``read_audio``) reads it: signed n-bit / 2**(n-1), unsigned
     (8-bit WAV) centred on 2**(n-1) first. 64-bit integers have no PCM scale: a ValueError."""
     wave = np.asarray(wave)
+    if not (np.issubdtype(wave.dtype, np.integer) or np.issubdtype(wave.dtype, np.floating)):
+        raise ValueError(f"audio of dtype {wave.dtype} is not audio samples: pass float samples in [-1, 1] or "
+                         "int16 / int32 / uint8 PCM")  # bool masks ran as 0 / 1, complex lost its imaginary part
     if not np.issubdtype(wave.dtype, np.integer):
         return wave.astype(np.float32, copy=False)
     if wave.dtype.itemsize > 4:  # e.g. a list of Python ints: full scale 2**63 would silence it

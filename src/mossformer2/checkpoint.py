@@ -21,6 +21,7 @@ import torch
 
 from mossformer2.config_utils import ConfigError
 from mossformer2.models import MossFormer2, MossFormer2Config, build_model
+from mossformer2.models.config import NAMED_CONFIGS
 from mossformer2.utils import atomic_torch_save, resolve_device
 
 _LAYER_KEY = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.(?:fsmn|layers)\.(\d+)\.")
@@ -253,7 +254,11 @@ def select_weights(checkpoint: dict[str, Any], weights: WeightsChoice = "auto") 
 
 def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Config | str | None = None,
                device: str | torch.device = "cpu", weights: WeightsChoice = "auto") -> MossFormer2:
-    """Build a MossFormer2 from a checkpoint file or dict and return it in eval mode on ``device``.
+    """Build a MossFormer2 from a checkpoint and return it in eval mode on ``device``.
+
+    ``checkpoint``: a dict, a file, a folder (``hub.resolve_checkpoint`` picks its file), a hub id
+    (``alibabasglab/MossFormer2_SS_16K``, downloaded or taken from the local cache) or a model name (``"default"``:
+    the built-in model; ``"MossFormer2_SS_16K"``).
 
     Accepts the official container, our checkpoints (config embedded), or a bare state dict; keys with or without
     ``module.``; with or without the rotary aliases. Without ``config`` the architecture is read from the
@@ -265,8 +270,12 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
     """
     from mossformer2.separation.refine import recommended_refinements
 
-    source = checkpoint if isinstance(checkpoint, (str, Path)) else "checkpoint"
-    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    if isinstance(checkpoint, (str, Path)):
+        from mossformer2.hub import checkpoint_path
+
+        checkpoint = checkpoint_path(checkpoint)
+    source = checkpoint if isinstance(checkpoint, Path) else "checkpoint"
+    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, Path) else checkpoint
     if not isinstance(obj, dict):
         raise ValueError(f"expected a checkpoint path or dict, got {type(obj).__name__}")
     obj, chosen = select_weights(obj, weights)
@@ -280,9 +289,13 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
         cfg = config or _config_from_checkpoint(obj)
         if cfg is None:
             cfg = infer_config(state)
-            log.info("%s has no embedded config: sizes read from its tensor shapes; assumed sample_rate=%d, "
-                     "group_size=%d, dropout=%g (official values): pass config= if the model was trained otherwise",
-                     source, cfg.sample_rate, cfg.group_size, cfg.dropout)
+            assumed = (f"{source} has no embedded config: sizes read from its tensor shapes; assumed sample_rate="
+                       f"{cfg.sample_rate}, group_size={cfg.group_size}, dropout={cfg.dropout:g} (official values): "
+                       "pass config= if the model was trained otherwise")
+            if cfg in NAMED_CONFIGS.values():  # an official size (the released file has no config): as expected
+                log.info(assumed)
+            else:  # a size of someone's own: its group size may well differ, which changes the output a little
+                warnings.warn(assumed, stacklevel=2)
         model = MossFormer2(cfg)
     load_state_dict_strict(model, state)
     model.separation_settings = recommended_refinements(None if _is_state_dict(obj) else obj.get("separation"),

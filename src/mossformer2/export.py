@@ -28,7 +28,7 @@ from mossformer2.runtime import (
     import_optional,
 )
 from mossformer2.separation.refine import recommended_refinements
-from mossformer2.utils import atomic_path
+from mossformer2.utils import atomic_path, is_onnx_path
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,16 @@ def check_opset(opset: int) -> None:
                          f"writes {DEFAULT_OPSET} to {newest}")
 
 
+def check_export_name(path: str | Path, format: str) -> None:
+    """ValueError unless an export to ``path`` in ``format`` ("onnx" | "torchscript") is named so that it is
+    recognised: ``separate``, ``info`` and ``Separator.from_pretrained`` tell an ONNX file by its suffix."""
+    if is_onnx_path(path) != (format == "onnx"):
+        rule = "must end in .onnx" if format == "onnx" else "must not end in .onnx (use e.g. .pt)"
+        kind = "an ONNX" if format == "onnx" else "a TorchScript"
+        raise ValueError(f"{path}: {kind} export's name {rule}; `separate`, `info` and Separator.from_pretrained "
+                         "recognise ONNX files by that suffix")
+
+
 def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = True, opset: int = DEFAULT_OPSET,
                 example: torch.Tensor | None = None) -> Path:
     """Export ``model`` to an ONNX file (written atomically) with its config in the metadata, and its
@@ -98,6 +108,7 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
         example: input ``[B, T]`` to trace with (default: :func:`example_input`, batch 1 for a fixed shape).
     Returns the path.
     """
+    check_export_name(path, "onnx")
     onnx = import_optional("onnx", "ONNX export")
     import_optional("onnxscript", "ONNX export")  # torch's exporter needs it; fail before tracing
     check_opset(opset)
@@ -140,6 +151,7 @@ def export_torchscript(model: MossFormer2, path: str | Path, method: str = "trac
     """
     if method not in TORCHSCRIPT_METHODS:
         raise ValueError(f"TorchScript method must be one of {list(TORCHSCRIPT_METHODS)}, got {method!r}")
+    check_export_name(path, "torchscript")
     path = Path(path)
     with _eval_float32_cpu(model) as model, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript is deprecated upstream; the warning is not actionable

@@ -39,14 +39,26 @@ def is_model_name(ref: object) -> bool:
             and not Path(ref).exists())
 
 
-def model_checkpoint(name: str) -> Path:
-    """``--model NAME`` -> its checkpoint file: the shipped one for 'default', else the hub download (cached)."""
+def model_checkpoint(name: str, filename: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """``--model NAME`` -> its checkpoint file: the shipped one for 'default', else the hub download (cached;
+    ``filename`` / ``cache_dir`` as in :func:`resolve_checkpoint`)."""
     ref = model_name_to_ref(name)
     if ref is None:
+        if filename is not None:
+            raise ValueError(f"filename={filename!r} picks a file in a folder or hub repository; the built-in "
+                             f"model {name!r} is one file")
         from mossformer2.pretrained import default_model_path
 
         return default_model_path()
-    return resolve_checkpoint(ref)
+    return _download_from_hub(ref, filename or HUB_FILENAME, cache_dir)  # a name is no local path: hub only
+
+
+def checkpoint_path(ref: str | Path, filename: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Any checkpoint reference -> its file: a model name (:func:`model_checkpoint`), else a file, a folder or a
+    hub id (:func:`resolve_checkpoint`)."""
+    if is_model_name(ref):
+        return model_checkpoint(str(ref), filename, cache_dir)
+    return resolve_checkpoint(ref, filename, cache_dir)
 
 
 def is_hub_id(ref: str | Path) -> bool:
@@ -103,7 +115,8 @@ def _checkpoint_in_folder(folder: Path, filename: str | None = None) -> Path:
     if not candidates:
         raise FileNotFoundError(f"no checkpoint (*.pt or '{POINTER_FILE}' pointer file) in folder {folder}")
     raise ValueError(f"several checkpoints in {folder} ({', '.join(c.name for c in candidates)}): pass the file "
-                     "itself (its path, or filename=NAME in Python; --checkpoint PATH on the command line)")
+                     "itself (on the command line: --checkpoint PATH; in Python: its path, or "
+                     "Separator.from_pretrained(folder, filename=NAME))")
 
 
 def _cache_dir_from_env() -> str | None:

@@ -10,6 +10,15 @@ import numpy as np
 from mossformer2.utils import atomic_path
 
 
+def require_matplotlib() -> None:
+    """Raise ModuleNotFoundError saying what to install when matplotlib is missing (a minimal deployment), so that
+    a plot is refused before the work, not after it."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ModuleNotFoundError("spectrogram plots need matplotlib: pip install matplotlib", name="matplotlib")
+
+
 def plot_separation(mixture: np.ndarray, sources: np.ndarray, sample_rate: int, path: str | Path,
                     title: str | None = None, temp: Path | None = None) -> Path:
     """Write a PNG with log-magnitude spectrograms: mixture ``[T]`` on top, then each source of ``[S, T]``.

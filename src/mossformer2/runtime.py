@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,12 @@ def providers_for_device(device: Any = "auto", available: Sequence[str] | None =
     return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
 
 
+def _threads_from_environment() -> int | None:
+    """``OMP_NUM_THREADS`` as a positive int, else None: ONNX Runtime ignores it, torch and NumPy's BLAS read it."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 class OnnxRuntimeModel:
     """An exported ``.onnx`` MossFormer2 run by ONNX Runtime, usable where a torch model is expected.
 
@@ -76,7 +83,8 @@ class OnnxRuntimeModel:
         path: the ``.onnx`` file written by :func:`export_onnx`.
         providers: ONNX Runtime execution providers (default: CUDA when this onnxruntime build has it, else CPU;
             :func:`providers_for_device` gives them for a device name).
-        num_threads: intra-op threads (default: ONNX Runtime's choice, all cores).
+        num_threads: intra-op threads (default: ``OMP_NUM_THREADS`` where it is set, as torch reads it; else
+            ONNX Runtime's choice, all cores).
     """
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
@@ -89,6 +97,7 @@ class OnnxRuntimeModel:
         if providers is None:
             providers = providers_for_device("auto", ort.get_available_providers())
         options = ort.SessionOptions()
+        num_threads = num_threads or _threads_from_environment()
         if num_threads:
             options.intra_op_num_threads = int(num_threads)
         try:

@@ -225,3 +225,9 @@ def keep_freed_memory_for_reuse() -> bool:
         return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
+
+
+def bar_disabled(show: bool | None) -> bool | None:
+    """tqdm's ``disable`` for ``show``: ``None`` shows a bar only when stderr is a terminal (tqdm's own rule), so
+    that logs get no carriage returns and cursor codes."""
+    return None if show is None else not show

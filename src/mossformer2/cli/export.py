@@ -46,6 +46,7 @@ def check_format_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from mossformer2.export import (
         DEFAULT_OPSET,
+        check_export_name,
         check_opset,
         example_input,
         export_onnx,
@@ -66,12 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if output.is_dir():
         raise ValueError(f"-o {output} is a folder: give the file to write, e.g. {output / 'model'}"
                          f"{'.onnx' if args.format == 'onnx' else '.pt'}")
-    # `separate`, `info` and Separator.from_pretrained tell an ONNX file from a TorchScript one by its suffix.
-    if is_onnx_path(output) != (args.format == "onnx"):
-        rule = "must end in .onnx" if args.format == "onnx" else "must not end in .onnx (use e.g. .pt)"
-        kind = "an ONNX" if args.format == "onnx" else "a TorchScript"
-        raise ValueError(f"-o {output}: {kind} export's name {rule}; `separate`, `info` and "
-                         "Separator.from_pretrained recognise ONNX files by that suffix")
+    check_export_name(output, args.format)  # before the checkpoint loads
     make_folder(output.parent, "output folder")  # a bad -o fails before the checkpoint loads
     if args.format == "onnx":
         import_optional("onnxruntime", "checking the ONNX export")  # before the export, not after it

@@ -282,18 +282,21 @@ def _raise_if_compile_failed(err: BaseException, compiling: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    import numpy as np
     from tqdm import tqdm
 
     from mossformer2.audio import audio_header, check_writable, read_audio
     from mossformer2.separation import Separator, output_paths, write_separation
     from mossformer2.separation.batching import make_batches
-    from mossformer2.separation.separator import bar_disabled, channels_cancel, spectrogram_path
-    from mossformer2.utils import check_folder_creatable, make_folder
+    from mossformer2.separation.separator import spectrogram_path
+    from mossformer2.utils import bar_disabled, check_folder_creatable, make_folder
 
     if args.quiet:  # "only warnings, errors and the summary": not our INFO notes (which weights a file gives, ...)
         logging.getLogger("mossformer2").setLevel(logging.WARNING)
     output_rate = _parse_output_rate(args.output_rate)
+    if args.plot:
+        from mossformer2.plotting import require_matplotlib
+
+        require_matplotlib()  # before separating anything
     check_folder_creatable(args.out_dir, "output folder")  # created once every option and input is checked
     rank, world_size, local_rank = _distributed()
     device = args.device
@@ -385,12 +388,18 @@ def run(args: argparse.Namespace) -> int:
     if unwritable:
         raise ValueError(f"{len(unwritable)} of {len(todo)} input(s) cannot be written as asked (e.g. "
                          f"{unwritable[0][0].name}): {unwritable[0][1]}")
+    too_short: dict[Path, str] = {}
     if sep.fixed_length is not None:  # an ONNX export of one input length: check every file once, up front
-        wrong = [(f, problem) for f, info in infos.items()
-                 if info is not None and (problem := sep.fixed_length_error(info.frames, info.samplerate))]
-        if wrong:
-            raise ValueError(f"{len(wrong)} of {len(todo)} input(s) have another length (e.g. {wrong[0][0].name}): "
-                             f"{wrong[0][1]}")
+        wrong = {f: problem for f, info in infos.items()
+                 if info is not None and (problem := sep.fixed_length_error(info.frames, info.samplerate))}
+        # A file shorter than the export fails alone (no setting helps it); other lengths mean chunk settings that
+        # do not fit the export, which would fail file after file: refused at once.
+        too_short = {f: problem for f, problem in wrong.items()
+                     if sep.shorter_than_fixed_length(infos[f].frames, infos[f].samplerate)}
+        settings = [f for f in wrong if f not in too_short]
+        if settings:
+            raise ValueError(f"{len(settings)} of {len(todo)} input(s) have another length (e.g. {settings[0].name}): "
+                             f"{wrong[settings[0]]}")
 
     # Short files share forward passes (sorted by length and zero-padded with true lengths when the model takes
     # them, else only files of identical shape); long files run one at a time, in batched chunks.
@@ -399,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
         groups, shapes = [], []
         singles: list[Path] = []
         for f, info in infos.items():
-            if info is None or info.frames / info.samplerate > args.chunk_seconds:
+            if info is None or info.frames / info.samplerate > sep.chunk / sep.sample_rate:
                 singles.append(f)
             else:
                 shapes.append((f, (info.frames, info.samplerate, info.channels)))
@@ -436,12 +445,12 @@ def run(args: argparse.Namespace) -> int:
             loaded = []
             for f in group:
                 try:
+                    if f in too_short:
+                        raise ValueError(too_short[f])
                     wave, rate = read_audio(f)
-                    if not np.any(wave):  # the library returns silent speakers; a file run reports it instead
-                        raise ValueError("audio is all silent (every sample is zero): nothing to separate")
-                    if args.channels == "mix" and wave.shape[0] > 1 and channels_cancel(wave):  # silent as well
-                        raise ValueError("its channels cancel when mixed down to mono (the mix is over 60 dB below "
-                                         "the loudest channel): nothing to separate in the mix; use --channels each")
+                    problem = sep.nothing_to_separate(wave)  # the library would return silent speakers
+                    if problem is not None:
+                        raise ValueError(problem)
                     loaded.append((f, wave, rate))
                 except (ValueError, OSError) as err:
                     fail(f, str(err))

@@ -46,7 +46,7 @@ from mossformer2.metrics import (
     pesq_mode,
     score_separation,
 )
-from mossformer2.utils import atomic_write_text, make_folder
+from mossformer2.utils import atomic_write_text, bar_disabled, make_folder
 
 CSV_NAME = "per_utterance.csv"
 SUMMARY_NAME = "summary.json"
@@ -167,7 +167,7 @@ def _first_ten(label: str, items: list[dict[str, str]]) -> list[str]:
 
 def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir: str | Path,
              metrics: str | Sequence[str] = METRICS, score_rate: int | None = None, limit: int | None = None,
-             overwrite: bool = False, info: dict[str, Any] | None = None, progress: bool = True
+             overwrite: bool = False, info: dict[str, Any] | None = None, progress: bool | None = None
              ) -> dict[str, Any]:
     """Separate and score every mixture of ``data`` (a manifest path or entries); returns the summary dict.
 
@@ -225,7 +225,8 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
     start = time.perf_counter()
     with csv_path.open("a", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=header, lineterminator="\n")
-        for entry in tqdm(todo, desc="evaluating", unit="mix", disable=not progress or not todo):
+        bar_off = True if not todo else bar_disabled(progress)  # None: only on a terminal
+        for entry in tqdm(todo, desc="evaluating", unit="mix", disable=bar_off):
             row, channels, rate = _evaluate_one(separator, entry, names, score_rate, header)
             if row["status"] == "ok":
                 audio_seconds += float(row["duration_s"])

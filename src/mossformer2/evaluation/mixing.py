@@ -37,7 +37,7 @@ from mossformer2.audio import (
     write_audio,
 )
 from mossformer2.data.manifests import load_manifest
-from mossformer2.utils import is_atomic_temp
+from mossformer2.utils import bar_disabled, is_atomic_temp
 
 PEAK_LIMIT = 0.9  # wsj0-2mix multiplies everything by 0.9 / peak (create_wav_2speakers.m: 1 / max_amp * 0.9)
 METADATA_NAME = "metadata.csv"
@@ -309,7 +309,7 @@ def _prepare_out_dir(out_dir: Path, new_files: Sequence[Path], overwrite: bool) 
 
 def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_rate: int = 16000,
                     mode: str = "min", subtype: str = "PCM_16", overwrite: bool = False,
-                    progress: bool = True) -> Path:
+                    progress: bool | None = None) -> Path:
     """Render ``specs`` into ``out_dir`` (wsj0-2mix layout) and write ``metadata.csv``; returns its path.
 
     Every file is written atomically; ``metadata.csv`` comes last, so its presence marks a complete set. A run
@@ -351,7 +351,7 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
     rows = []
     written: list[Path] = []
     try:
-        for spec in tqdm(specs, desc="mixing", unit="mix", disable=not progress):
+        for spec in tqdm(specs, desc="mixing", unit="mix", disable=bar_disabled(progress)):
             waves = [_load_mono(f, sample_rate) for f in spec.files]
             try:
                 mix, sources, gains, starts = mix_waves(waves, spec.levels_db, sample_rate, mode,

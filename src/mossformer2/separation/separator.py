@@ -46,6 +46,7 @@ from mossformer2.separation.stitching import (
 )
 from mossformer2.utils import (
     atomic_paths,
+    bar_disabled,
     dtype_name,
     is_auto_device,
     is_onnx_path,
@@ -215,7 +216,15 @@ class Separator:
                 warnings.warn(f"cuda_graphs (--cuda-graphs) applies on CUDA only; ignored on {self.device}",
                               stacklevel=2)
         else:
-            self.device = "cpu"  # the callable's own business (ONNX Runtime: providers_for_device at loading)
+            # Where the callable runs is its own business, chosen when it was loaded (ONNX Runtime: its providers).
+            session = getattr(model, "session", None)
+            providers = session.get_providers() if session is not None else []
+            self.device = "cuda" if "CUDAExecutionProvider" in providers else "cpu"
+            if not is_auto_device(device) and str(device).split(":")[0] != self.device:
+                warnings.warn(f"device={device!r} is not where this {type(model).__name__} runs ({self.device}): an "
+                              "exported model's device is chosen when it is loaded (Separator.from_pretrained(path, "
+                              "device=...), OnnxRuntimeModel(path, providers=providers_for_device(...)))",
+                              stacklevel=2)
             if dtype_name(dtype) != "float32":
                 raise ValueError(f"dtype {dtype} is only available with the torch backend; the exported model "
                                  "runs in float32")
@@ -236,6 +245,16 @@ class Separator:
         # An ONNX export without --dynamic-length takes one input length only: its time axis is a fixed int.
         shape = None if self.is_torch else getattr(model, "input_shape", None)
         self.fixed_length = int(shape[-1]) if shape and isinstance(shape[-1], int) else None
+        if (self.fixed_length is not None and stitching == "aligned"
+                and (chunk_seconds, overlap_seconds) == (CHUNK_SECONDS, OVERLAP_SECONDS)):
+            # Chunks of exactly the export's length by default: the only length it takes.
+            seconds = self.fixed_length / self.sample_rate
+            self.chunk = self.fixed_length
+            self.overlap = int(round(_fixed_length_overlap(seconds) * self.sample_rate))
+            if self.overlap < SAFE_OVERLAP_SECONDS * self.sample_rate:
+                warnings.warn(f"the model was exported with a fixed input length of {seconds:g} s: chunks of that "
+                              f"length overlap by {self.overlap / self.sample_rate:g} s only, where speakers may swap "
+                              "between chunks (export a longer --length-seconds, or --dynamic-length)", stacklevel=2)
         self.stitching = stitching
         self.normalize = normalize
         self.batch_size = int(batch_size)
@@ -249,11 +268,17 @@ class Separator:
 
     @classmethod
     def from_pretrained(cls, ref: str | Path | None = None, device: str | torch.device = "auto",
+                        filename: str | None = None, cache_dir: str | Path | None = None,
                         **kwargs: Any) -> Separator:
-        """``None``: the model shipped with the package; else a checkpoint file or folder, a hub id
-        (``alibabasglab/MossFormer2_SS_16K``), an exported ``.onnx`` file (ONNX Runtime backend) or an exported
-        TorchScript file."""
-        return cls(load_separation_model(ref, device), device=device, **kwargs)
+        """``None``: the model shipped with the package; else a model name (``"default"``,
+        ``"MossFormer2_SS_16K"``), a checkpoint file or folder, a hub id (``alibabasglab/MossFormer2_SS_16K``), an
+        exported ``.onnx`` file (ONNX Runtime backend) or an exported TorchScript file.
+
+        ``filename``: the file to take from a folder or hub repository (default: see
+        ``hub.resolve_checkpoint``); ``cache_dir``: the Hugging Face cache to use. Other keyword arguments go to
+        ``Separator(...)`` (``chunk_seconds``, ``wiener_filter``, ...)."""
+        model = load_separation_model(ref, device, filename=filename, cache_dir=cache_dir)
+        return cls(model, device=device, **kwargs)
 
     def __repr__(self) -> str:
         on = [name for name, used in self.refinements.items() if used]
@@ -318,7 +343,7 @@ class Separator:
 
     def separate(self, wave: np.ndarray | torch.Tensor, sample_rate: int,
                  output_rate: int | None = None) -> np.ndarray:
-        """Separate one recording ``[T]`` or ``[C, T]`` at ``sample_rate`` (Hz, a positive whole number).
+        """Separate one recording ``[T]`` or ``[C, T]`` at ``sample_rate`` (Hz, a whole number, at least 1000).
 
         Float samples are taken as they are (full scale 1.0); integer PCM (int16 / int32 / uint8, as
         ``scipy.io.wavfile.read`` returns it) is scaled to [-1, 1] as ``read_audio`` reads such files. A silent
@@ -378,12 +403,32 @@ class Separator:
 
         All outputs appear together or not at all (temp files renamed at the end). ``ext`` is ``format``, else
         the input's own if wav/flac, else wav. ``plot`` adds ``<stem>_spectrogram.png``. Returns the paths.
+        A file with nothing to separate (:meth:`nothing_to_separate`) raises ValueError, as ``mossformer2
+        separate`` fails it, instead of writing silent speakers.
         """
         wave, sample_rate = read_audio(path)
+        problem = self.nothing_to_separate(wave)
+        if problem is not None:
+            raise ValueError(f"{path}: {problem}")
+        if plot:
+            from mossformer2.plotting import require_matplotlib
+
+            require_matplotlib()  # before separating, not after
         sources = self.separate(wave, sample_rate, output_rate)
         paths = output_paths(path, out_dir, self.num_spks, format)
         return write_separation(paths, sources, int(output_rate or sample_rate), subtype,
                                 plot_mixture=(wave, sample_rate) if plot else None, title=Path(path).name)
+
+    def nothing_to_separate(self, wave: np.ndarray) -> str | None:
+        """Why a recording ``[C, T]`` (as ``read_audio`` returns it) holds nothing to separate, else None: all
+        silent, or (``channels="mix"``) channels that cancel in the mono downmix, e.g. one wired in reverse
+        polarity. ``separate`` returns silent speakers for such input; a file is refused instead."""
+        if not np.any(wave):
+            return "audio is all silent (every sample is zero): nothing to separate"
+        if self.channels == "mix" and wave.shape[0] > 1 and channels_cancel(wave):
+            return ("its channels cancel when mixed down to mono (the mix is over 60 dB below the loudest channel): "
+                    "nothing to separate in the mix; separate each channel (channels='each', --channels each)")
+        return None
 
     def _model_length(self, num_samples: int, sample_rate: int) -> int:
         """Samples at the model rate of a recording of ``num_samples`` at ``sample_rate`` (soxr's output length)."""
@@ -404,13 +449,12 @@ class Separator:
             return None
         seconds = self.fixed_length / self.sample_rate
         model_length = self._model_length(num_samples, sample_rate)
-        if model_length < self.fixed_length:  # no option helps: chunks of the export's length would not fit
+        if self.shorter_than_fixed_length(num_samples, sample_rate):  # no option helps: no chunk of that length fits
             return (f"the recording ({model_length / self.sample_rate:g} s at {self.sample_rate} Hz) is shorter than "
                     f"the fixed input length the model was exported with ({self.fixed_length} samples, {seconds:g} "
                     "s); export it again with `mossformer2 export --format onnx --dynamic-length` (the default), "
                     "or with a --length-seconds no longer than the shortest recording")
-        # The default 2 s overlap where the chunk allows it, else half the chunk (still >= 1 s from 2 s exports on).
-        overlap = min(2.0, seconds / 2)
+        overlap = _fixed_length_overlap(seconds)
         short = ("; an export this short leaves under 1 s of overlap, where speakers may swap between chunks: "
                  "export a longer --length-seconds" if overlap < SAFE_OVERLAP_SECONDS else "")
         return (f"the model was exported with a fixed input length of {self.fixed_length} samples "
@@ -418,6 +462,10 @@ class Separator:
                 f"chunks of exactly that length with an overlap of {overlap:g} s (chunk_seconds={seconds:g}, "
                 f"overlap_seconds={overlap:g}: --chunk-seconds {seconds:g} --overlap-seconds {overlap:g}{short}); "
                 "export it again with `mossformer2 export --format onnx --dynamic-length` (the default) for any length")
+
+    def shorter_than_fixed_length(self, num_samples: int, sample_rate: int) -> bool:
+        """Whether a recording is shorter than a fixed-length model's input (no chunking then helps)."""
+        return self.fixed_length is not None and self._model_length(num_samples, sample_rate) < self.fixed_length
 
     def chunk_count(self, num_samples: int, sample_rate: int) -> int:
         """Forward passes (per channel) a recording of ``num_samples`` at ``sample_rate`` needs."""
@@ -480,9 +528,11 @@ class Separator:
                                   keep_polarity=self.wiener_filter or self.mixture_consistency)
 
 
-def load_separation_model(ref: str | Path | None = None, device: str | torch.device = "auto") -> Any:
+def load_separation_model(ref: str | Path | None = None, device: str | torch.device = "auto",
+                          filename: str | None = None, cache_dir: str | Path | None = None) -> Any:
     """The shipped model (``ref=None``), a model name as ``mossformer2 separate --model`` takes it (``"default"``,
     ``"MossFormer2_SS_16K"``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` or TorchScript file.
+    ``filename`` / ``cache_dir``: as in ``hub.resolve_checkpoint``.
 
     A checkpoint's ``"separation"`` entry (``{name: bool}`` for names in ``refine.REFINEMENTS``, written
     by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults;
@@ -495,16 +545,24 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
             raise FileNotFoundError(f"ONNX model not found: {ref}")
         # "cpu" keeps ONNX Runtime off CUDA; "cuda" must start there; "auto" may fall back to the CPU.
         return OnnxRuntimeModel(ref, providers=None if is_auto_device(device) else providers_for_device(device))
-    from mossformer2.checkpoint import TorchScriptFileError, load_model, read_checkpoint
-
+    try:
+        from mossformer2.checkpoint import TorchScriptFileError, load_model, read_checkpoint
+    except ModuleNotFoundError as err:
+        if err.name != "torch":
+            raise
+        raise ModuleNotFoundError("PyTorch is not installed: the built-in model, .pt checkpoints and TorchScript "
+                                  "exports need it (pip install torch); an exported .onnx model runs without it",
+                                  name="torch") from None
     if ref is None:
+        if filename is not None:
+            raise ValueError(f"filename={filename!r} picks a file in a folder or hub repository: pass ref too")
         from mossformer2.pretrained import default_model_path
 
         path = default_model_path()
     else:
-        from mossformer2.hub import is_model_name, model_checkpoint, resolve_checkpoint
+        from mossformer2.hub import checkpoint_path
 
-        path = model_checkpoint(ref) if is_model_name(ref) else resolve_checkpoint(ref)
+        path = checkpoint_path(ref, filename, cache_dir)
     try:
         checkpoint = read_checkpoint(path)
     except TorchScriptFileError:  # read_checkpoint recognises the export: run it as it is
@@ -579,6 +637,12 @@ def _aligned_channels(channels: list[np.ndarray]) -> list[np.ndarray]:
     return aligned
 
 
+def _fixed_length_overlap(seconds: float) -> float:
+    """The overlap of chunks as long as a fixed-length export of ``seconds``: the default 2 s where the chunk allows
+    it, else half the chunk (still >= 1 s from 2 s exports on)."""
+    return min(OVERLAP_SECONDS, seconds / 2)
+
+
 def _check_rate(name: str, rate: Any) -> int:
     """``rate`` as an int, or a ValueError naming ``name`` unless it is a whole number of Hz, at least
     ``MIN_SAMPLE_RATE``."""
@@ -588,12 +652,6 @@ def _check_rate(name: str, rate: Any) -> int:
         raise ValueError(f"{name} must be a whole number of Hz, at least {MIN_SAMPLE_RATE} (e.g. 16000), got "
                          f"{rate!r}" + (": a wrong header?" if whole and rate > 0 else ""))
     return int(rate)
-
-
-def bar_disabled(show: bool | None) -> bool | None:
-    """tqdm's ``disable`` for ``show``: ``None`` shows a bar only when stderr is a terminal (tqdm's own rule), so
-    that logs get no carriage returns and cursor codes."""
-    return None if show is None else not show
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -233,6 +234,7 @@ class AlignedStitcher:
         self.keep_polarity = keep_polarity
         self.uncertain: list[int] = []  # chunk starts (samples) whose speaker order was a guess
         self._end = 0  # samples written so far
+        self._heard = False  # whether any output so far holds sound: before that, no order can be wrong
 
     def add(self, start: int, chunk_out: np.ndarray) -> None:
         """Merge a chunk's separated sources ``[S, L]`` covering ``[start, start + L)``."""
@@ -251,6 +253,7 @@ class AlignedStitcher:
         self.output[:, self._end:end] = chunk_out[:, overlap:]
         self.profiles.add(chunk_out[:, overlap:])
         self._end = max(self._end, end)
+        self._heard = self._heard or bool(np.abs(chunk_out).max() >= SILENCE_PEAK)
 
     def _evidenced_signs(self, rho: np.ndarray, order: np.ndarray, written: np.ndarray) -> np.ndarray:
         """:func:`_signs`, keeping the model's own polarity where the overlap gives no clear reason to flip (or
@@ -270,7 +273,8 @@ class AlignedStitcher:
             return order, self._evidenced_signs(rho, order, written)
         by_voice = self.profiles.order(chunk_out)
         if by_voice is None or by_voice[1] < VOICE_DECISIVE_DB:
-            if np.abs(chunk_out).max() >= SILENCE_PEAK:  # in a silent chunk the order cannot matter yet
+            # In a silent chunk, or after nothing but silence, the order cannot matter yet.
+            if self._heard and np.abs(chunk_out).max() >= SILENCE_PEAK:
                 self.uncertain.append(start)
             log.debug("speaker order at %s: neither the overlap (lead %.2f dB) nor the voices decide it",
                       self._where(start), margin)
@@ -294,8 +298,8 @@ def stitch_aligned(wave: np.ndarray, model_fn: ModelFn, num_spks: int, chunk: in
     """Separate ``wave`` ``[T]`` chunk by chunk: ``[S, T]``. Equal-length chunks run ``batch_size`` at a time.
 
     ``progress(n)`` is called after each batch with the number of chunks done in it. Chunk boundaries whose
-    speaker order neither the overlap nor the voices could decide are logged as one warning (``sample_rate``
-    puts them in seconds). ``keep_polarity``: see :class:`AlignedStitcher`.
+    speaker order neither the overlap nor the voices could decide are named in one ``UserWarning``
+    (``sample_rate`` puts them in seconds). ``keep_polarity``: see :class:`AlignedStitcher`.
     """
     plan = plan_chunks(wave.shape[-1], chunk, overlap)
     stitcher = AlignedStitcher(num_spks, wave.shape[-1], sample_rate, keep_polarity)
@@ -308,10 +312,11 @@ def stitch_aligned(wave: np.ndarray, model_fn: ModelFn, num_spks: int, chunk: in
     if stitcher.uncertain:
         where = ", ".join(stitcher._where(s) for s in stitcher.uncertain[:5])
         more = f" and {len(stitcher.uncertain) - 5} more" if len(stitcher.uncertain) > 5 else ""
-        log.warning("the speaker order at %d chunk boundar%s (%s%s) was a guess: only one voice or silence in "
-                    "the overlap, and the voices heard so far did not clearly tell them apart; the speakers may swap "
-                    "there (a longer --overlap-seconds or --chunk-seconds helps)", len(stitcher.uncertain),
-                    "y" if len(stitcher.uncertain) == 1 else "ies", where, more)
+        count = len(stitcher.uncertain)
+        warnings.warn(f"the speaker order at {count} chunk boundar{'y' if count == 1 else 'ies'} ({where}{more}) "
+                      "was a guess: only one voice or silence in the overlap, and the voices heard so far did not "
+                      "clearly tell them apart; the speakers may swap there (a longer overlap or chunk helps: "
+                      "overlap_seconds / chunk_seconds, --overlap-seconds / --chunk-seconds)", stacklevel=2)
     return stitcher.output
 
 
