@@ -191,6 +191,7 @@ def test_cli_with_tiny_checkpoint_reports_broken_files_and_resumes(dataset, tmp_
     assert summary["scores"]["si_sdri"]["count"] == 2
     assert summary["checkpoint"] == str(checkpoint.resolve()) and summary["settings"]["dtype"] == "float32"
     assert summary["settings"]["separator"]["polarity_ensemble"] is False  # a plain checkpoint recommends none
+    assert summary["settings"]["separator"]["chunk_seconds"] is None  # whole mixtures, one pass each
     # Results of other refinements are not mixed into these.
     assert main(argv + ["--polarity-ensemble"]) != 0
     assert "holds results of a run with other settings (separator)" in capsys.readouterr().err

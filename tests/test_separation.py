@@ -564,3 +564,20 @@ def test_compile_layers_option_refuses_what_it_cannot_compile(tiny_model):
             Separator(model, device="cpu", dtype=dtype, compile_layers=True)
     layers = tiny_model.mask_net.mdl.intra_mdl.mossformerM
     assert all(layer._compiled_call_impl is None for layer in layers.layers)  # refused before compiling
+
+
+def test_chunk_seconds_none_separates_every_input_in_one_pass():
+    """Test sets are scored on whole mixtures (the standard protocol, and the trainer's validation): evaluate cut
+    mixtures longer than 10 s into chunks and stitched them, which scored differently."""
+    model = LinearModel()
+    sep = Separator(model, device="cpu", chunk_seconds=None, normalize="none")
+    long = noise(25 * SR, 3, scale=0.1)
+    out = sep.separate(long, SR)
+    assert [tuple(x.shape) for x in model.seen] == [(1, 25 * SR)]  # one pass, no chunks
+    np.testing.assert_allclose(out, np.stack([0.25 * long, 0.75 * long]), atol=1e-6)
+    assert sep.chunk_seconds is None and "chunk_seconds=None" in repr(sep) and sep.chunk_count(10**8, SR) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no chunk: no overlap advice, nothing for clearvoice to ignore
+        Separator(model, device="cpu", chunk_seconds=None, overlap_seconds=0.0)
+        Separator(model, device="cpu", chunk_seconds=None, stitching="clearvoice")
+    assert Separator(model, device="cpu").chunk_seconds == 10.0

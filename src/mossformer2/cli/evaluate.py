@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="resample estimates, references and mixture to this rate before scoring (e.g. "
                              "8000 to compare with published 8 kHz numbers; default: the data's rate)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N mixtures")
-    add_separator_arguments(parser)
+    add_separator_arguments(parser, whole_inputs=True)
     add_refinement_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in OUT and start again")
     return parser
@@ -62,13 +62,15 @@ def run(args: argparse.Namespace) -> int:
     ref = model_ref(args)
     # Resolved once (a hub id: its cached snapshot file), so that the weights hashed are the weights loaded.
     weights = ref if ref is None or is_onnx_path(ref) else str(resolve_checkpoint(ref))
+    if weights != ref and weights is not None:  # a folder (a run's best.pt, or its only file) or a hub id
+        print(f"checkpoint file: {weights}", file=sys.stderr)
     model = load_chosen_model(weights, args.device)
     separator = Separator(model, device=args.device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                           overlap_seconds=args.overlap_seconds, stitching=args.stitching,
                           normalize=args.normalize, **refinement_options(args))
     print(f"refinements: {describe_refinements(separator)}", file=sys.stderr)
     checkpoint = "built-in" if ref is None else str(Path(ref).resolve()) if Path(ref).exists() else str(ref)
-    info = {"checkpoint": checkpoint, WEIGHTS_KEY: file_sha256(default_model_path() if weights is None else weights),
+    info = {"checkpoint": checkpoint, "checkpoint_file": weights or "built-in", WEIGHTS_KEY: file_sha256(default_model_path() if weights is None else weights),
             "device": str(separator.device), "dtype": dtype_name(separator.dtype),  # float16 may fall back
             "separator": {"chunk_seconds": args.chunk_seconds, "overlap_seconds": args.overlap_seconds,
                           "stitching": args.stitching, "normalize": args.normalize, **separator.refinements}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -100,7 +101,8 @@ class Separator:
         chunk_seconds / overlap_seconds: inputs longer than a chunk are separated in overlapping chunks
             (``stitching="aligned"``; the overlap, where the speakers are matched, must not be 0, and below
             1 s the speakers may swap between chunks: a warning says so); memory then no longer grows with the
-            file length beyond the audio.
+            file length beyond the audio. ``chunk_seconds=None``: every input in one pass, whatever its length
+            (memory grows with it): the standard protocol of test sets, and ``mossformer2 evaluate``'s default.
         stitching: "aligned" (speaker order aligned on each overlap by SI-SDR, raised-cosine cross-fade) or
             "clearvoice" (the official tool's 2 s windows, ClearVoice's ``decode_one_audio_mossformer2_ss_16k``
             in path mode, for identical output; like the official tool, it leaves up to the last 0.25 s silent
@@ -142,7 +144,7 @@ class Separator:
     """
 
     def __init__(self, model: Any, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
-                 chunk_seconds: float = CHUNK_SECONDS, overlap_seconds: float = OVERLAP_SECONDS,
+                 chunk_seconds: float | None = CHUNK_SECONDS, overlap_seconds: float = OVERLAP_SECONDS,
                  stitching: str = "aligned", normalize: str = "rms", batch_size: int = 1, channels: str = "mix",
                  backend: str = "auto",
                  progress: bool | None = False, cuda_graphs: bool = False, compile_layers: bool = False,
@@ -152,19 +154,21 @@ class Separator:
         _check_choice("normalize", normalize, NORMALIZE)
         _check_choice("channels", channels, CHANNELS)
         _check_choice("backend", backend, BACKENDS)
-        if not (0 < chunk_seconds < math.inf and 0 <= overlap_seconds < chunk_seconds):
+        chunked = chunk_seconds is not None
+        if chunked and not (0 < chunk_seconds < math.inf and 0 <= overlap_seconds < chunk_seconds):
             raise ValueError(f"need finite chunk_seconds > overlap_seconds >= 0 (--chunk-seconds, "
                              f"--overlap-seconds), got {chunk_seconds} and {overlap_seconds}")
-        if stitching == "aligned" and not overlap_seconds > 0:
+        if chunked and stitching == "aligned" and not overlap_seconds > 0:
             # Speaker order and polarity are matched on the overlap of consecutive chunks: with none, they swap
             # between chunks (an audit measured a third of the seconds on the right speaker at overlap 0).
             raise ValueError("aligned stitching matches the speakers of consecutive chunks on their overlap: "
                              "overlap_seconds (--overlap-seconds) must be above 0 (default 2)")
-        if stitching == "aligned" and overlap_seconds < SAFE_OVERLAP_SECONDS:
+        if chunked and stitching == "aligned" and overlap_seconds < SAFE_OVERLAP_SECONDS:
             warnings.warn(f"overlap_seconds={overlap_seconds:g} (--overlap-seconds) is under "
                           f"{SAFE_OVERLAP_SECONDS:g} s: in inputs longer than a chunk the speakers may swap between "
                           "chunks (use 1-2 s; default 2)", stacklevel=2)
-        if stitching == "clearvoice" and (chunk_seconds, overlap_seconds) != (CHUNK_SECONDS, OVERLAP_SECONDS):
+        if chunked and stitching == "clearvoice" and (chunk_seconds, overlap_seconds) != (CHUNK_SECONDS,
+                                                                                           OVERLAP_SECONDS):
             warnings.warn("clearvoice stitching runs the official tool's fixed 2 s windows: chunk_seconds and "
                           "overlap_seconds (--chunk-seconds, --overlap-seconds) are not used", stacklevel=2)
         if int(batch_size) < 1:
@@ -238,7 +242,7 @@ class Separator:
         kernel = int(getattr(model.config, "encoder_kernel_size", 1))
         # The network needs two encoder frames (its instance norms take statistics over time).
         self.min_samples = int(getattr(model, "min_input_length", 0) or kernel + kernel // 2)
-        self.chunk = int(round(chunk_seconds * self.sample_rate))
+        self.chunk = int(round(chunk_seconds * self.sample_rate)) if chunked else sys.maxsize  # None: one pass
         self.overlap = int(round(overlap_seconds * self.sample_rate))
         if self.chunk < self.min_samples:
             raise ValueError(f"chunk_seconds={chunk_seconds} is shorter than the model kernel")
@@ -284,9 +288,14 @@ class Separator:
         on = [name for name, used in self.refinements.items() if used]
         return (f"Separator({type(self.model).__name__}, {self.sample_rate} Hz, {self.num_spks} speakers, "
                 f"device={self.device}, dtype={dtype_name(self.dtype)}, "
-                f"chunk_seconds={self.chunk / self.sample_rate:g}, "
+                f"chunk_seconds={self.chunk_seconds if self.chunk_seconds is None else f'{self.chunk_seconds:g}'}, "
                 f"overlap_seconds={self.overlap / self.sample_rate:g}, stitching={self.stitching!r}, "
                 f"normalize={self.normalize!r}, channels={self.channels!r}, refinements={on})")
+
+    @property
+    def chunk_seconds(self) -> float | None:
+        """The chunk length in seconds; None: every input in one pass."""
+        return None if self.chunk == sys.maxsize else self.chunk / self.sample_rate
 
     @property
     def refinements(self) -> dict[str, bool]:
