@@ -79,21 +79,73 @@ def test_corrupt_file_error_names_it_or_is_skipped(tmp_path):
         MixtureDataset(entries, AudioStore(SR, cache=True))
 
 
-def test_source_of_another_length_or_rate_is_a_bad_example_not_zero_padded(tmp_path):
-    root = _make_wsj_folder(tmp_path / "d", [1000, 1000, 1000])
+def _spoil(root):
+    """u0's s1 truncated to 900 samples; u1's s2 with twice the rate in its header (so half as long)."""
     s1, _ = sf.read(root / "s1" / "u0.wav", dtype="float32")
-    sf.write(root / "s1" / "u0.wav", s1[:900], SR, subtype="FLOAT")  # truncated
+    sf.write(root / "s1" / "u0.wav", s1[:900], SR, subtype="FLOAT")
     s2, _ = sf.read(root / "s2" / "u1.wav", dtype="float32")
-    sf.write(root / "s2" / "u1.wav", s2, 2 * SR, subtype="FLOAT")  # wrong rate in the header: half as long
+    sf.write(root / "s2" / "u1.wav", s2, 2 * SR, subtype="FLOAT")
+
+
+def test_a_source_of_another_length_or_rate_fails_when_the_dataset_is_made(tmp_path, caplog):
+    """The headers are checked up front: such a file failed only when the sampler reached it (a validation file
+    after a whole epoch, with nothing saved)."""
+    root = _make_wsj_folder(tmp_path / "d", [1000, 1000, 1000])
+    _spoil(root)
+    entries = load_manifest(root)
+    with pytest.raises(ValueError, match=r"^2 of 3 mixtures cannot be used: mixture u0: lengths differ at 8000 Hz "
+                                         r"\(mix/u0.wav 1000, s1/u0.wav 900, s2/u0.wav 1000 samples\).*mixture u1: "
+                                         r".*s2/u1.wav 500 samples.*data\.skip_bad_files=true"):
+        MixtureDataset(entries, AudioStore(SR))
+    with caplog.at_level("WARNING", logger="mossformer2.data.datasets"):
+        skipping = MixtureDataset(entries, AudioStore(SR), skip_bad_files=True)
+    assert [e.id for e in skipping.entries] == ["u2"] and "skipping 2 of 3 mixtures" in caplog.text
+    assert skipping.file_rates == {SR: 8, 2 * SR: 1}
+
+
+def test_a_file_spoilt_after_the_check_is_a_bad_example_not_zero_padded(tmp_path):
+    root = _make_wsj_folder(tmp_path / "d", [1000, 1000, 1000])
     entries = load_manifest(root)
     ds = MixtureDataset(entries, AudioStore(SR), segment_samples=500)
+    skipping = MixtureDataset(entries, AudioStore(SR), skip_bad_files=True)
+    _spoil(root)  # while the run goes on
     with pytest.raises(BadAudioError, match=r"lengths differ .* source 1 .*u0.wav 900"):
         ds[[e.id for e in entries].index("u0")]
     with pytest.raises(BadAudioError, match=r"source 2 .*u1.wav 500"):
         ds[[e.id for e in entries].index("u1")]
-    skipping = MixtureDataset(entries, AudioStore(SR), skip_bad_files=True)
     batch = collate_fn([skipping[i] for i in range(3)])
     assert batch["skipped"] == 2 and batch["ids"] == ["u2"]
+
+
+def test_a_multichannel_reference_is_refused_not_averaged(tmp_path):
+    """Two channels in a source file (both speakers, say) were averaged into the target; evaluate refused them."""
+    root = _make_wsj_folder(tmp_path / "d", [1000, 1000])
+    s1, _ = sf.read(root / "s1" / "u1.wav", dtype="float32")
+    s2, _ = sf.read(root / "s2" / "u1.wav", dtype="float32")
+    sf.write(root / "s1" / "u1.wav", np.stack([s1, s2], axis=1), SR, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"mixture u1: source 1 .*u1.wav has 2 channels: a reference must be one "
+                                         r"speaker in one channel \(mono\)"):
+        MixtureDataset(load_manifest(root), AudioStore(SR))
+
+
+def test_a_set_at_another_rate_than_the_config_is_named_once(tmp_path, caplog):
+    """8 kHz wsj0-2mix in a 16 kHz config trained on resampled, band-limited audio without a word."""
+    from mossformer2.data.loaders import build_datasets
+    from mossformer2.training.config import train_config_from_dict
+
+    root = _make_wsj_folder(tmp_path / "d", [1000, 1000])
+    cfg = train_config_from_dict({"model": {"sample_rate": 2 * SR}, "data": {
+        "sample_rate": 2 * SR, "segment_seconds": 0.05, "num_workers": 0, "train": str(root), "valid": str(root)}})
+    for is_main in (True, False):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mossformer2.data.loaders"):
+            build_datasets(cfg, progress=False, is_main=is_main)
+        messages = [r.getMessage() for r in caplog.records]
+        if is_main:
+            assert [m.split(":")[0] for m in messages] == ["data.train", "data.valid"]
+            assert "6 of 6 files are not at data.sample_rate 16000 Hz (6 at 8000 Hz)" in messages[0]
+        else:
+            assert messages == []  # said once, by rank 0
 
 
 def test_missing_file_named(tmp_path):

@@ -69,6 +69,27 @@ def test_folder_without_mix_or_sources_is_rejected(tmp_path):
         load_manifest(tmp_path)
 
 
+def test_librimix_and_wham_folders_are_read_from_their_mixture_folder(tmp_path):
+    """LibriMix / WHAM! keep mix_clean/, mix_both/ and mix_single/ beside s1/, s2/: they were refused with "no
+    'mix/' subfolder" (WHAM! ships no CSV: a hand-written list was the only way)."""
+    split = tmp_path / "wham" / "wav8k" / "min" / "tt"
+    for name in ("a.wav", "b.wav"):
+        for folder in ("mix_clean", "mix_both", "mix_single", "s1", "s2", "noise"):
+            touch(split / folder / name)
+    entries = load_manifest(split / "mix_both", num_spks=2)
+    assert [e.id for e in entries] == ["a", "b"]
+    assert entries[0].mix == split / "mix_both" / "a.wav"
+    assert entries[0].sources == [split / "s1" / "a.wav", split / "s2" / "a.wav"]
+    assert load_manifest(split / "mix_clean")[1].mix == split / "mix_clean" / "b.wav"
+    with pytest.raises(ValueError, match=r"holds mix_clean/, mix_both/ beside its sources \(the LibriMix / WHAM! "
+                                         r"layout\): pass the mixture folder itself, e.g. .*tt/mix_clean"):
+        load_manifest(split)
+    with pytest.raises(ValueError, match=r"one speaker plus noise .*speech enhancement"):
+        load_manifest(split / "mix_single")
+    with pytest.raises(ValueError, match=r"holds the sets tt: pass one of them, e.g. .*min/tt"):
+        load_manifest(split.parent)
+
+
 def test_librimix_csv_relative_and_absolute_paths(tmp_path):
     touch(tmp_path / "data" / "mix" / "m1.wav")
     touch(tmp_path / "data" / "s1" / "m1.wav")

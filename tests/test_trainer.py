@@ -1135,3 +1135,23 @@ def test_resume_compares_the_saved_init_from_as_this_config_normalises_it(corpus
         assert resumed_init_from("~/pre.pt", "trainer.init_from=~/pre.pt") == str(home / "pre.pt")
         assert "is ignored" not in caplog.text
         assert resumed_init_from("pre.pt") == "pre.pt"  # relative to an unknown launch folder: kept as given
+
+
+def test_an_error_during_training_is_recorded_in_train_log(corpus, tmp_path, monkeypatch):
+    """train.log, the run's record, ended with "training in ..." when a bad file stopped the run: the error went
+    to the terminal only."""
+    calls = {"n": 0}
+    original = Trainer._optimizer_step
+
+    def failing_step(self, bad):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise ValueError("cannot use audio file x.wav: it contains NaN or infinite samples")
+        return original(self, bad)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", failing_step)
+    with pytest.raises(ValueError, match="x.wav"):
+        Trainer(make_config(corpus), tmp_path / "exp").fit()
+    last_line = (tmp_path / "exp" / "train.log").read_text().strip().splitlines()[-1]
+    assert "ERROR stopped by an error at epoch 1, step 4 (last.pt holds step 4): ValueError: cannot use audio " \
+           "file x.wav" in last_line, last_line

@@ -67,6 +67,10 @@ def test_overrides_and_type_errors(tmp_path):
     for override in ("optim.lr=nan", "data.segment_seconds=.nan", "optim.grad_clip=nan"):
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             load_train_config(path, [override])
+    for override in ("trainer.max_steps=none", "trainer.max_steps=None", "optim.grad_clip="):  # YAML says null
+        with pytest.raises(ConfigError, match=r"got '(none|None|)' \(where a setting may be empty, write null"):
+            load_train_config(path, [override])
+    assert load_train_config(path, ["trainer.max_steps=null"]).trainer.max_steps is None
 
 
 def test_data_section_consistency(tmp_path):

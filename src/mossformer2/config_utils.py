@@ -85,7 +85,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}{_null_hint(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -95,10 +95,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {value!r}{_null_hint(value)}")
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}{_null_hint(value)}")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
@@ -106,12 +106,19 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {value!r}{_null_hint(value)}")
     if tp is str:
         if isinstance(value, (str, Path)):
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
+
+
+def _null_hint(value: Any) -> str:
+    """For a value that reads as "nothing": how YAML and key=value overrides spell it."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "nil", ""):
+        return " (where a setting may be empty, write null: key=null)"
+    return ""
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T:

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
                           normalize=args.normalize, **refinement_options(args))
     print(f"refinements: {describe_refinements(separator)}", file=sys.stderr)
     checkpoint = "built-in" if ref is None else str(Path(ref).resolve()) if Path(ref).exists() else str(ref)
-    info = {"checkpoint": checkpoint, "checkpoint_file": weights or "built-in", WEIGHTS_KEY: file_sha256(default_model_path() if weights is None else weights),
+    info = {"checkpoint": checkpoint, "checkpoint_file": weights or "built-in",
+            WEIGHTS_KEY: file_sha256(default_model_path() if weights is None else weights),
             "device": str(separator.device), "dtype": dtype_name(separator.dtype),  # float16 may fall back
             "separator": {"chunk_seconds": args.chunk_seconds, "overlap_seconds": args.overlap_seconds,
                           "stitching": args.stitching, "normalize": args.normalize, **separator.refinements}}

@@ -11,14 +11,16 @@ any ``num_workers`` see the same data and a resumed run sees the same data as an
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mossformer2.audio import read_audio, resample, to_mono
+from mossformer2.audio import audio_header, read_audio, resample, to_mono
 from mossformer2.data.manifests import MixtureEntry
 
 log = logging.getLogger(__name__)
@@ -99,13 +101,46 @@ def random_crop(waves: np.ndarray, length: int, rng: np.random.Generator) -> np.
     return waves[..., start:start + length]
 
 
+def header_problems(entries: list[MixtureEntry], sample_rate: int) -> tuple[dict[str, str], Counter]:
+    """What the headers of each mixture's files show (libsndfile's, no decoding) that would fail or mislead
+    training: ``({mixture id: reason}, {sample rate: number of files})``. Reasons: a source with several channels
+    (a reference is one speaker in one channel: averaging could train on both speakers), lengths that differ at
+    ``sample_rate`` (a truncated file). Files libsndfile cannot read are left to the loading, which decodes them
+    otherwise or names them."""
+    problems: dict[str, str] = {}
+    rates: Counter = Counter()
+    headers: dict[Path, Any] = {}
+    for entry in entries:
+        paths = (entry.mix, *entry.sources)
+        for path in paths:
+            if path not in headers:
+                headers[path] = audio_header(path)
+                if headers[path] is not None:
+                    rates[int(headers[path].samplerate)] += 1
+        infos = [headers[path] for path in paths]
+        stereo = next((k for k, info in enumerate(infos[1:]) if info is not None and info.channels > 1), None)
+        if stereo is not None:
+            problems[entry.id] = (f"source {stereo + 1} {entry.sources[stereo]} has {infos[stereo + 1].channels} "
+                                  "channels: a reference must be one speaker in one channel (mono)")
+            continue
+        known = [(path, info) for path, info in zip(paths, infos) if info is not None]
+        lengths = [int(round(info.frames * sample_rate / info.samplerate)) for _, info in known]
+        if len(set(lengths)) > 1:
+            listed = ", ".join(f"{path.parent.name}/{path.name} {n}" for (path, _), n in zip(known, lengths))
+            problems[entry.id] = (f"lengths differ at {sample_rate} Hz ({listed} samples): a truncated file or "
+                                  "another sample rate?")
+    return problems, rates
+
+
 class MixtureDataset(Dataset):
     """Pre-mixed mixtures from a manifest.
 
     ``segment_samples`` set: a random crop of that length with the same offset for mix and sources (zero-padded
     when shorter) — training. ``segment_samples=None``: the full utterance (cut to ``max_samples`` from its start
     when given) — validation. Mixture and sources must have equal lengths (after resampling to the store's
-    rate): a mismatch is a bad example (an error, or skipped with ``skip_bad_files``).
+    rate): a mismatch is a bad example (an error, or skipped with ``skip_bad_files``). The file headers are
+    checked when the dataset is made (:func:`header_problems`), so that such a file fails the setup rather than a
+    run hours in; ``file_rates`` counts the files at each sample rate (others than the store's are resampled).
     """
 
     def __init__(self, entries: list[MixtureEntry], store: AudioStore, segment_samples: int | None = None,
@@ -124,6 +159,18 @@ class MixtureDataset(Dataset):
         self.skip_bad_files = skip_bad_files
         self.epoch = 0
         self.preload_skipped = 0  # unreadable files dropped while the cache loaded (the trainer reports them)
+        problems, self.file_rates = header_problems(entries, store.sample_rate)
+        if problems:
+            shown = "; ".join(f"mixture {name}: {reason}" for name, reason in list(problems.items())[:3])
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            if not skip_bad_files:
+                raise ValueError(f"{len(problems)} of {len(entries)} mixtures cannot be used: {shown}{more}; fix "
+                                 "them, or skip such mixtures with data.skip_bad_files=true")
+            log.warning("skipping %d of %d mixtures: %s%s", len(problems), len(entries), shown, more)
+            entries = [e for e in entries if e.id not in problems]
+            if not entries:
+                raise ValueError("every mixture has a file that cannot be used")
+            self.entries = entries
         if store.cache:
             bad = store.preload([p for e in entries for p in (e.mix, *e.sources)], skip_bad_files)
             self.preload_skipped = len(bad)

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -130,11 +131,28 @@ def build_datasets(cfg: TrainConfig, progress: bool = True, is_main: bool = True
                                     num_examples=dm.valid_examples, max_samples=valid_max, fixed=True, **common)
             return train, valid
     else:
-        train = MixtureDataset(_named("data.train", load_manifest, d.train, num_spks), store,
-                               segment_samples=segment, seed=seed, skip_bad_files=d.skip_bad_files)
-    valid = MixtureDataset(_named("data.valid", load_manifest, d.valid, num_spks), store, max_samples=max_valid,
-                           seed=seed, skip_bad_files=d.skip_bad_files)
+        entries = _named("data.train", load_manifest, d.train, num_spks)
+        train = _named("data.train", lambda: MixtureDataset(entries, store, segment_samples=segment, seed=seed,
+                                                            skip_bad_files=d.skip_bad_files))
+        if is_main:
+            _warn_resampled("data.train", train.file_rates, d.sample_rate)
+    entries = _named("data.valid", load_manifest, d.valid, num_spks)
+    valid = _named("data.valid", lambda: MixtureDataset(entries, store, max_samples=max_valid, seed=seed,
+                                                        skip_bad_files=d.skip_bad_files))
+    if is_main:
+        _warn_resampled("data.valid", valid.file_rates, d.sample_rate)
     return train, valid
+
+
+def _warn_resampled(key: str, rates: Counter, sample_rate: int) -> None:
+    """Say when files of a pre-mixed set are at another rate than ``data.sample_rate``: they are resampled as
+    they are read, so a wrong folder (wav8k for a 16 kHz model) trains on band-limited audio without a word."""
+    other = {rate: count for rate, count in sorted(rates.items()) if rate != sample_rate}
+    if other:
+        listed = ", ".join(f"{count} at {rate} Hz" for rate, count in other.items())
+        log.warning("%s: %d of %d files are not at data.sample_rate %d Hz (%s): they are resampled as they are "
+                    "read (is this the set for %d Hz?)", key, sum(other.values()), sum(rates.values()),
+                    sample_rate, listed, sample_rate)
 
 
 def _warn_shared_speakers(train: list, valid: list) -> None:

@@ -80,11 +80,22 @@ def _last_source_folder(root: Path, start: int) -> int:
     return k
 
 
+# LibriMix / WHAM! keep several mixtures of each example beside the sources: clean speech, speech + noise, one
+# speaker + noise (mix_single: enhancement, not separation).
+MIXTURE_VARIANTS = ("mix_clean", "mix_both", "mix_single")
+
+
 def _load_folder(root: Path, num_spks: int | None) -> list[MixtureEntry]:
+    """wsj0-2mix ``<root>/mix, s1, s2, ...``; or, given a LibriMix / WHAM! mixture folder itself
+    (``<split>/mix_clean``, ``mix_both``), that folder with the sources beside it."""
     mix_dir = root / "mix"
-    if not mix_dir.is_dir():
-        raise ValueError(f"{root} is a folder but has no 'mix/' subfolder: expected the wsj0-2mix layout "
-                         "<root>/mix, <root>/s1, <root>/s2, ...")
+    if root.name == "mix_single":
+        raise ValueError(f"{root} holds one speaker plus noise in each mixture (speech enhancement), not a "
+                         f"separation set: pass {root.parent / 'mix_clean'} or {root.parent / 'mix_both'}")
+    if root.name in MIXTURE_VARIANTS and (root.parent / "s1").is_dir():
+        mix_dir, root = root, root.parent
+    elif not mix_dir.is_dir():
+        raise ValueError(_layout_hint(root))
     if num_spks is None:
         num_spks = _last_source_folder(root, 0)
         if num_spks == 0:
@@ -112,6 +123,21 @@ def _load_folder(root: Path, num_spks: int | None) -> list[MixtureEntry]:
             for rel, mix in mixes.items()]
 
 
+def _layout_hint(root: Path) -> str:
+    """Why ``root`` is no mixture folder, with what to pass instead where the layout shows it."""
+    variants = [name for name in MIXTURE_VARIANTS[:2] if (root / name).is_dir()]
+    if variants:
+        return (f"{root} holds {', '.join(v + '/' for v in variants)} beside its sources (the LibriMix / WHAM! "
+                f"layout): pass the mixture folder itself, e.g. {root / variants[0]} (mix_clean: speech only; "
+                "mix_both: speech + noise), or a LibriMix metadata CSV")
+    splits = sorted(p.name for p in root.iterdir() if p.is_dir() and any(
+        (p / name).is_dir() for name in ("mix", *MIXTURE_VARIANTS)))
+    if splits:
+        return f"{root} holds the sets {', '.join(splits)}: pass one of them, e.g. {root / splits[0]}"
+    return (f"{root} is a folder but has no 'mix/' subfolder: expected the wsj0-2mix layout <root>/mix, "
+            "<root>/s1, <root>/s2, ... (or a LibriMix / WHAM! mixture folder such as <split>/mix_clean)")
+
+
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else base / p
@@ -134,7 +160,7 @@ def _load_librimix_csv(path: Path, num_spks: int | None) -> list[tuple[int, Mixt
                              f"{source_columns or 'none'})")
         if num_spks is not None and len(source_columns) != num_spks:
             raise ValueError(f"{path}: has {len(source_columns)} source columns but {num_spks} speakers "
-                             "were expected")
+                             f"were expected (model.num_spks={len(source_columns)} for this set)")
         entries = []
         for line_no, row in enumerate(reader, start=2):
             values = [row.get("mixture_path")] + [row.get(c) for c in source_columns]

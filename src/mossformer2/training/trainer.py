@@ -780,10 +780,24 @@ class Trainer:
         try:
             with stop_signals(self._request_stop):
                 self._train_epochs()
+        except Exception as err:  # the command prints it; train.log, the run's record, would end mid-sentence
+            self._log_to_file(f"stopped by an error at epoch {self.state.epoch}, step {self.state.step} "
+                              f"({self._saved_summary()}): {type(err).__name__}: {err}")
+            raise
         finally:
             self._signal = None  # received during this fit(): a later validate() must not stop for it
             self.close()
         return self.state
+
+    def _log_to_file(self, message: str) -> None:
+        """An ERROR line in train.log only (rank 0's; the exception itself reaches the terminal)."""
+        if self._log_handler is not None:
+            self._log_handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
+
+    def _saved_summary(self) -> str:
+        """What last.pt holds now, for an error's record."""
+        return (f"{LAST} holds step {self._saved_step}" if self._saved_step is not None
+                else f"no {LAST} saved by this run")
 
     def _train_epochs(self) -> None:
         while not self._finished():
