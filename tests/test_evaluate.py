@@ -335,3 +335,31 @@ def test_a_resumed_pesq_summary_reads_only_the_headers_of_earlier_mixtures(datas
     assert summary["num_scored"] == 2 and (tmp_path / "out" / "summary.json").is_file()
     assert summary["pesq_mode"] == ("unknown: the mixture file, scored by an earlier run, can no longer be read; "
                                     "wb: wide band (ITU-T P.862.2)")
+
+
+def test_a_set_of_8_and_16_khz_mixtures_gets_its_pesq_summarised_per_mode(dataset, tmp_path):
+    """Narrow band PESQ (8 kHz) and wide band PESQ (other rates) were averaged into one mean."""
+    from mossformer2.audio import resample
+    from mossformer2.data.manifests import MixtureEntry
+
+    entries = load_manifest(dataset)[:2]
+    for path in (entries[1].mix, *entries[1].sources):
+        wave, rate = sf.read(str(path), dtype="float32")
+        sf.write(str(tmp_path / f"{path.parent.name}.wav"), resample(wave, rate, 8000), 8000, subtype="FLOAT")
+    mixed = [entries[0], MixtureEntry("narrow", tmp_path / "mix.wav", [tmp_path / "s1.wav", tmp_path / "s2.wav"])]
+
+    class Halves:  # any object with separate() and num_spks (and here a sample_rate)
+        num_spks, sample_rate = 2, 16000
+
+        def separate(self, wave, sample_rate):
+            return np.stack([wave / 2, wave / 2])
+
+    with pytest.warns(UserWarning) as caught:
+        summary = evaluate(Halves(), mixed, tmp_path / "out", metrics="pesq", progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any("PESQ is summarised per mode (pesq_nb, pesq_wb), not as one mean" in m for m in messages)
+    assert any("mixture narrow is at 8000 Hz, the model at 16000 Hz: mixtures are resampled" in m for m in messages)
+    assert summary["model_sample_rate"] == 16000
+    assert "pesq" not in summary["scores"]
+    assert summary["scores"]["pesq_nb"]["count"] == 1 and summary["scores"]["pesq_wb"]["count"] == 1
+    assert summary["pesq_mode"] == "nb: narrow band (ITU-T P.862); wb: wide band (ITU-T P.862.2)"

@@ -220,7 +220,8 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
     todo = [e for e in entries if e.id not in done]
     new_rows: list[dict[str, str]] = []
     rates: dict[str, int] = {}  # id -> sample rate of the mixtures scored this run (for the PESQ mode)
-    downmixed = False
+    downmixed = resampled = False
+    model_rate = getattr(separator, "sample_rate", None)
     audio_seconds = 0.0
     start = time.perf_counter()
     with csv_path.open("a", newline="", encoding="utf-8") as f:
@@ -231,6 +232,10 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
             if row["status"] == "ok":
                 audio_seconds += float(row["duration_s"])
                 rates[entry.id] = rate
+                if rate != model_rate and model_rate and not resampled:
+                    resampled = True
+                    warnings.warn(f"mixture {entry.id} is at {rate} Hz, the model at {model_rate} Hz: mixtures are "
+                                  "resampled for the model and scored at their own rate (said once)", stacklevel=2)
             if channels > 1 and not downmixed:
                 downmixed = True
                 warnings.warn(f"mixture {entry.id} has {channels} channels: multi-channel mixtures are averaged "
@@ -243,10 +248,19 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
 
     by_id = {**done, **{r["id"]: r for r in new_rows}}
     rows = [by_id[e.id] for e in entries]
+    modes = _pesq_modes(entries, rows, rates, score_rate) if "pesq" in names else {}
+    scores = summarize(rows, names)
+    if {"nb", "wb"} <= set(modes.values()):  # narrow and wide band PESQ are two scales: no one mean of both
+        for mode in sorted(set(modes.values())):
+            scores[f"pesq_{mode}"] = summarize([r for r in rows if modes.get(r["id"]) == mode], ["pesq"])["pesq"]
+        del scores["pesq"]
+        warnings.warn("the scored mixtures have sample rates of different PESQ modes (8 kHz: narrow band, other "
+                      "rates: wide band): PESQ is summarised per mode (" + ", ".join(
+                          f"pesq_{m}" for m in sorted(set(modes.values()))) + "), not as one mean", stacklevel=2)
     failed = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
     incomplete = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "ok" and r["error"]]
     summary = {
-        "scores": summarize(rows, names),
+        "scores": scores,
         "num_mixtures": len(entries),
         "num_scored": sum(r["status"] == "ok" for r in rows),
         "num_failed": len(failed),
@@ -260,7 +274,9 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
         "real_time_factor_this_run": round(elapsed / audio_seconds, 4) if audio_seconds else None,
         "data": settings["data"],
         "checkpoint": settings.get("checkpoint"),
-        **({"pesq_mode": _describe_pesq_modes(entries, rows, rates, score_rate)} if "pesq" in names else {}),
+        "model_sample_rate": model_rate,
+        **({"pesq_mode": "; ".join(f"{mode}: {PESQ_MODES.get(mode, UNKNOWN_PESQ_MODE)}"
+                                   for mode in sorted(set(modes.values())))} if "pesq" in names else {}),
         "settings": {k: v for k, v in settings.items() if k not in ("data", "checkpoint")},
     }
     atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
@@ -282,18 +298,15 @@ def _check_same_settings(out_dir: Path, old: dict[str, Any], new: dict[str, Any]
                          "evaluate into a new --out folder or pass --overwrite to start again")
 
 
-def _describe_pesq_modes(entries: Sequence[MixtureEntry], rows: Sequence[dict[str, str]], rates: dict[str, int],
-                         score_rate: int | None) -> str:
-    """The PESQ mode(s) of the scored mixtures, e.g. "wb: wide band (ITU-T P.862.2)"; the rates of mixtures
-    scored by an earlier run are read from their file headers ("unknown" for a file no longer readable: the
-    summary is still written)."""
+def _pesq_modes(entries: Sequence[MixtureEntry], rows: Sequence[dict[str, str]], rates: dict[str, int],
+                score_rate: int | None) -> dict[str, str]:
+    """``{id: PESQ mode}`` of the scored mixtures ("nb" / "wb"); the rates of mixtures scored by an earlier run
+    are read from their file headers ("unknown" for a file no longer readable: the summary is still written)."""
+    scored = {r["id"] for r in rows if r["status"] == "ok"}
     if score_rate is not None:
-        modes = {pesq_mode(score_rate)}
-    else:
-        scored = {r["id"] for r in rows if r["status"] == "ok"}
-        modes = {pesq_mode(rates[e.id]) if e.id in rates else _pesq_mode_of_file(e.mix)
-                 for e in entries if e.id in scored}
-    return "; ".join(f"{mode}: {PESQ_MODES.get(mode, UNKNOWN_PESQ_MODE)}" for mode in sorted(modes))
+        return {e.id: pesq_mode(score_rate) for e in entries if e.id in scored}
+    return {e.id: pesq_mode(rates[e.id]) if e.id in rates else _pesq_mode_of_file(e.mix)
+            for e in entries if e.id in scored}
 
 
 def _pesq_mode_of_file(path: Path) -> str:
