@@ -632,6 +632,8 @@ def test_resume_names_changed_data_settings_and_what_they_break(corpus, tmp_path
     assert "data.segment_seconds 0.2 -> 0.25" in text and "goes on after its first 4 batches" in text
     text = resume("data.batch_size=4", "trainer.max_steps=8")  # the position is converted, not lost
     assert "data.batch_size 2 -> 4" in text and "goes on after" not in text and "another data layout" in text
+    # and the optimizer steps now average twice the examples, at the same learning rate: said too
+    assert "the effective batch changes from 4 to 8 examples per optimizer step, at the same learning rate" in text
     text = resume("data.dynamic_mixing.examples_per_epoch=6", "trainer.max_steps=8")  # 3 batches an epoch now
     assert "epoch 1 had used 4 batches, and has 2 with these settings: it ends without further steps" in text
 
@@ -1152,6 +1154,9 @@ def test_an_error_during_training_is_recorded_in_train_log(corpus, tmp_path, mon
     monkeypatch.setattr(Trainer, "_optimizer_step", failing_step)
     with pytest.raises(ValueError, match="x.wav"):
         Trainer(make_config(corpus), tmp_path / "exp").fit()
-    last_line = (tmp_path / "exp" / "train.log").read_text().strip().splitlines()[-1]
+    log_text = (tmp_path / "exp" / "train.log").read_text()
+    assert "8 batches per epoch; 4 examples per optimizer step (1 process(es) x batch 2 x optim.accum_steps 2)" \
+        in log_text
+    last_line = log_text.strip().splitlines()[-1]
     assert "ERROR stopped by an error at epoch 1, step 4 (last.pt holds step 4): ValueError: cannot use audio " \
            "file x.wav" in last_line, last_line

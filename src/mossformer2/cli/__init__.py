@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.nullcontext() if args.verbose else _one_line_warnings(args.command):
             return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+            print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`mossformer2 info | head`): stop quietly, as other command-line tools do. Point

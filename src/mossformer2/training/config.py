@@ -144,7 +144,9 @@ class TrainConfig:
                                   "into training and held-out validation speakers)")
         elif dm is not None:
             if not dm.train_utterances:
-                raise ConfigError("data.dynamic_mixing.train_utterances is required with dynamic mixing")
+                raise ConfigError("data.dynamic_mixing.train_utterances is required with dynamic mixing (any "
+                                  "data.dynamic_mixing key turns it on: it builds mixtures from single-speaker "
+                                  "utterances; a pre-mixed set, data.train, has no augmentation)")
             if d.train:
                 raise ConfigError("set either data.train (pre-mixed) or data.dynamic_mixing, not both")
             if d.valid and dm.valid_utterances:  # one of them would be ignored

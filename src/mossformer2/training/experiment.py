@@ -119,8 +119,9 @@ def stop_signals(on_stop: Callable[[int], None]) -> Iterator[None]:
             return
         if not first_at:
             first_at.append(time.monotonic())
-            log.warning("%s received: stopping after the current optimizer step (a second one aborts at once)",
-                        signal.Signals(signum).name)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets it: one says so
+                log.warning("%s received: stopping after the current optimizer step (a second one aborts at once)",
+                            signal.Signals(signum).name)
             on_stop(signum)
         elif time.monotonic() - first_at[0] > 2.0:
             signal.signal(signum, previous[signum])

@@ -389,6 +389,11 @@ class Trainer:
         new = (self.dist.world_size, self.cfg.data.batch_size)
         old = (s.world_size, s.batch_size) if s.world_size and s.batch_size else new  # older checkpoints: unknown
         s.world_size, s.batch_size = new
+        if old != new:
+            log.warning("resuming from %s with another data layout (%d process(es) x batch %d -> %d x %d, x "
+                        "optim.accum_steps %d): the effective batch changes from %d to %d examples per optimizer "
+                        "step, at the same learning rate", path, *old, *new, accum, old[0] * old[1] * accum,
+                        new[0] * new[1] * accum)
         if s.batches_done == 0 or (old == new and s.batches_done % accum == 0):  # nothing to convert
             return
         used, per_batch = s.batches_done * old[0] * old[1], new[0] * new[1]
@@ -775,8 +780,11 @@ class Trainer:
                      f"; stopped early after {self.state.bad_epochs} epochs without improvement"
                      if self._early_stopped() else "")
         else:
-            log.info("training in %s: epochs %d-%d, %d batches per epoch", self.exp_dir, self.state.epoch,
-                     t.max_epochs - 1, batches_per_epoch(self.train_loader))
+            world, batch, accum = self.dist.world_size, self.cfg.data.batch_size, self.cfg.optim.accum_steps
+            log.info("training in %s: epochs %d-%d, %d batches per epoch%s; %d examples per optimizer step (%d "
+                     "process(es) x batch %d x optim.accum_steps %d)", self.exp_dir, self.state.epoch,
+                     t.max_epochs - 1, batches_per_epoch(self.train_loader), " per process" if world > 1 else "",
+                     world * batch * accum, world, batch, accum)
         try:
             with stop_signals(self._request_stop):
                 self._train_epochs()
