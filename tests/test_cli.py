@@ -156,6 +156,7 @@ def test_commands_that_need_torch_say_so_in_one_line_without_it(tmp_path):
     """An ONNX-only install (README, "Export and deployment"): torch made unimportable as if not installed."""
     wav = tmp_path / "x.wav"
     wav.write_bytes(b"")  # never read: the model comes first
+    (tmp_path / "m.ts.pt").write_bytes(b"PK")  # a checkpoint file (a missing one is said to be missing first)
     commands = [["separate", str(wav), "-o", str(tmp_path / "o")],
                 ["separate", str(wav), "-o", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "m.ts.pt")],
                 ["info"], ["demo", "-o", str(tmp_path / "d")], ["export", "--format", "onnx", "-o", "m.onnx"]]

@@ -109,7 +109,7 @@ def test_resume_skips_scored_mixtures_and_survives_a_cut_off_line(dataset, tmp_p
     fewer = evaluate(sep, dataset, out, metrics="si_sdr", limit=1, progress=False)  # the CSV keeps the others
     assert fewer["num_mixtures"] == 1 and fewer["num_csv_rows_not_summarised"] == NUM_MIXTURES - 1
     assert len(read_csv(csv_path)) == NUM_MIXTURES
-    with pytest.raises(ValueError, match=r"other settings \(metrics\)"):
+    with pytest.raises(ValueError, match=r"other settings \(metrics \['si_sdr'\] -> \['si_sdr', 'stoi'\]\)"):
         evaluate(sep, dataset, out, metrics="si_sdr,stoi", progress=False)
     with pytest.raises(ValueError, match="other settings.*score_rate"):
         evaluate(sep, dataset, out, metrics="si_sdr", score_rate=8000, progress=False)
@@ -194,7 +194,8 @@ def test_cli_with_tiny_checkpoint_reports_broken_files_and_resumes(dataset, tmp_
     assert summary["settings"]["separator"]["chunk_seconds"] is None  # whole mixtures, one pass each
     # Results of other refinements are not mixed into these.
     assert main(argv + ["--polarity-ensemble"]) != 0
-    assert "holds results of a run with other settings (separator)" in capsys.readouterr().err
+    assert "holds results of a run with other settings (separator.polarity_ensemble False -> True)" in \
+        capsys.readouterr().err
     ok = [r for r in rows.values() if r["status"] == "ok"]
     assert all(np.isfinite(float(r["si_sdri"])) and r["permutation"] in ("0 1", "1 0") for r in ok)
 
@@ -363,3 +364,27 @@ def test_a_set_of_8_and_16_khz_mixtures_gets_its_pesq_summarised_per_mode(datase
     assert "pesq" not in summary["scores"]
     assert summary["scores"]["pesq_nb"]["count"] == 1 and summary["scores"]["pesq_wb"]["count"] == 1
     assert summary["pesq_mode"] == "nb: narrow band (ITU-T P.862); wb: wide band (ITU-T P.862.2)"
+
+
+def test_a_resume_from_another_folder_goes_on_and_a_refusal_names_what_changed(dataset, tmp_path, tiny_config,
+                                                                                capsys, monkeypatch):
+    """The checkpoint file's path (relative, or a cache snapshot) was compared on resume: the same run started from
+    another folder was refused, though the weights' SHA-256 identifies them."""
+    run = tmp_path / "runs" / "a"
+    mossformer2.save_checkpoint(run / "best.pt", mossformer2.build_model(tiny_config))
+    argv = ["evaluate", "--data", str(dataset), "--out", str(tmp_path / "out"), "--device", "cpu",
+            "--metrics", "si_sdr", "--limit", "1"]
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--checkpoint", "runs/a"]) == 0
+    assert "checkpoint file: " in capsys.readouterr().err and str(run / "best.pt") in json.loads(
+        (tmp_path / "out" / "summary.json").read_text())["settings"]["checkpoint_file"]
+    monkeypatch.chdir(tmp_path / "runs")
+    assert main([*argv, "--checkpoint", "a/best.pt", "--limit", "2"]) == 0  # the same weights, found otherwise
+    assert main([*argv, "--checkpoint", "a/best.pt", "--limit", "2", "--chunk-seconds", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "other settings (separator.chunk_seconds None -> 10.0, separator.overlap_seconds None -> 2.0)" in err
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    settings["separator"]["chunk_seconds"], settings["separator"]["overlap_seconds"] = 10.0, 2.0  # an older run's
+    (tmp_path / "out" / "settings.json").write_text(json.dumps(settings))
+    assert main([*argv, "--checkpoint", "a/best.pt"]) == 1
+    assert "--chunk-seconds 10 goes on with these results" in capsys.readouterr().err

@@ -128,6 +128,17 @@ def test_an_onnx_separator_says_where_it_runs_and_takes_the_thread_setting(onnx_
         Separator(model, device="cuda")
 
 
+def test_an_onnx_export_picked_by_filename_in_a_folder_runs_on_onnx_runtime(onnx_path, tmp_path):
+    """from_pretrained(folder, filename="x.onnx") went to the checkpoint reader, which refused the file."""
+    import shutil
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    shutil.copy(onnx_path, folder / "model.onnx")
+    sep = Separator.from_pretrained(folder, filename="model.onnx")
+    assert isinstance(sep.model, OnnxRuntimeModel) and sep.model.path == folder / "model.onnx"
+
+
 def test_exports_carry_the_recommended_refinements(tiny_model, tmp_path):
     from mossformer2.export import TorchScriptModel
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import huggingface_hub
 import numpy as np
 import pytest
@@ -63,6 +65,11 @@ def test_local_file_and_folder_layouts(tmp_path, monkeypatch):
         with pytest.raises(FileNotFoundError, match="checkpoint not found"):
             resolve_checkpoint(ref)
     assert is_hub_id("alibabasglab/MossFormer2_SS_16K")
+    # A Path object is a path: a missing one fails at once, never a 27 s detour over the network to the hub.
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        resolve_checkpoint(Path("someone") / "their_model")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_model(Path("someone") / "their_model")
 
 
 def test_hub_id_offline_uses_local_cache(offline_cache):

@@ -581,3 +581,41 @@ def test_chunk_seconds_none_separates_every_input_in_one_pass():
         Separator(model, device="cpu", chunk_seconds=None, overlap_seconds=0.0)
         Separator(model, device="cpu", chunk_seconds=None, stitching="clearvoice")
     assert Separator(model, device="cpu").chunk_seconds == 10.0
+
+
+class SameVoiceTwice:
+    """A NumPy "model" that puts its whole input into both outputs: every overlap holds "one voice", so the
+    stitcher can only guess the speaker order at each chunk boundary."""
+
+    def __init__(self):
+        self.config = make_tiny_config()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return np.stack([batch, batch], axis=1).astype(np.float32)
+
+
+def test_each_file_of_a_batch_has_its_guessed_boundaries_reported_by_name(tmp_path):
+    """As a UserWarning, the second file's notice (same text: same boundaries) was swallowed by Python's
+    once-per-place rule, and neither named its file."""
+    sep = Separator(SameVoiceTwice(), chunk_seconds=2, overlap_seconds=1, normalize="none")
+    paths = []
+    for name in ("a.wav", "b.wav"):
+        sf.write(str(tmp_path / name), noise(5 * SR, seed=len(paths)), SR)
+        paths.append(tmp_path / name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own rule: an identical warning once per place
+        for path in paths:
+            sep.separate_file(path, tmp_path / "out")
+    guesses = [str(w.message) for w in caught if "was a guess" in str(w.message)]
+    assert [g.split(": ")[0] for g in guesses] == [str(p) for p in paths]
+
+
+def test_one_pass_on_a_fixed_length_export_chunks_by_its_length_and_long_inputs_are_warned_about():
+    """chunk_seconds=None (evaluate's default) failed every mixture on a fixed-length export."""
+    fixed = Separator(LouderBandFirst(input_shape=[1, 4 * SR]), chunk_seconds=None)
+    assert (fixed.chunk_seconds, fixed.overlap_seconds) == (4.0, 2.0)
+    assert fixed.separate(noise(9 * SR), SR).shape == (2, 9 * SR)
+    one_pass = Separator(LinearModel(record=False), device="cpu", chunk_seconds=None)
+    assert one_pass.overlap_seconds is None and "overlap_seconds=None" in repr(one_pass)
+    with pytest.warns(UserWarning, match="an input of 61 s is separated in one pass .* memory grows"):
+        one_pass.separate(noise(61 * SR, scale=0.01), SR)

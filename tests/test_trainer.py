@@ -633,7 +633,14 @@ def test_resume_names_changed_data_settings_and_what_they_break(corpus, tmp_path
     text = resume("data.batch_size=4", "trainer.max_steps=8")  # the position is converted, not lost
     assert "data.batch_size 2 -> 4" in text and "goes on after" not in text and "another data layout" in text
     # and the optimizer steps now average twice the examples, at the same learning rate: said too
-    assert "the effective batch changes from 4 to 8 examples per optimizer step, at the same learning rate" in text
+    assert "1 process(es) x batch 2 x optim.accum_steps 2 -> 1 x 4 x 2, 4 -> 8 examples per optimizer step" in text
+    # the same effective batch by other means (twice the batch, half the accumulation): nothing to say
+    Trainer(make_config(corpus, "trainer.max_steps=6"), tmp_path / "same").fit()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mossformer2.training"):
+        Trainer(make_config(corpus, "data.batch_size=4", "optim.accum_steps=1", "trainer.max_steps=8"),
+                tmp_path / "same").close()
+    assert "another effective batch" not in caplog.text
     text = resume("data.dynamic_mixing.examples_per_epoch=6", "trainer.max_steps=8")  # 3 batches an epoch now
     assert "epoch 1 had used 4 batches, and has 2 with these settings: it ends without further steps" in text
 

@@ -111,9 +111,15 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     return wave, int(sample_rate)
 
 
+# Writers that stream a WAV to a pipe leave its data size unset: 0, 0xFFFFFFFF or another value near the 32-bit
+# limit. Sizes from here on are taken as unknown (a real file that large is 2 GiB).
+STREAMED_WAV_SIZE = 0x7FFF0000
+
+
 def wav_declared_frames(path: str | Path) -> int | None:
     """The frame count a RIFF/WAVE header declares (its data chunk's size over the block size), read without
-    decoding; None for other formats, RF64, and streamed files whose writer left the size unset (0 or 0xFFFFFFFF).
+    decoding; None for other formats, RF64, and streamed files whose writer left the size unset (0, or a
+    placeholder of ``STREAMED_WAV_SIZE`` or more).
     libsndfile reports only the frames present, so this is how a cut-off download or copy shows."""
     try:
         with open(path, "rb") as f:
@@ -133,7 +139,7 @@ def wav_declared_frames(path: str | Path) -> int | None:
                     block_align = int.from_bytes(fmt[12:14], "little")
                     skip -= len(fmt)
                 elif chunk_id == b"data":
-                    if not block_align or size in (0, 0xFFFFFFFF):
+                    if not block_align or size == 0 or size >= STREAMED_WAV_SIZE:
                         return None
                     return size // block_align
                 f.seek(skip, 1)

@@ -81,7 +81,7 @@ def resolve_checkpoint(ref: str | Path, filename: str | None = None, cache_dir: 
         return path
     if path.is_dir():
         return _checkpoint_in_folder(path, filename)
-    if is_hub_id(str(ref)):
+    if is_hub_id(ref):  # a str only: a Path object is a path
         try:
             return _download_from_hub(str(ref), filename or HUB_FILENAME, cache_dir)
         except FileNotFoundError as err:  # a mistyped local path looks like owner/name too: name both readings

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mossformer2.data.manifests import load_manifest
     from mossformer2.evaluation.evaluate import WEIGHTS_KEY, evaluate, file_sha256, format_table
-    from mossformer2.hub import resolve_checkpoint
+    from mossformer2.hub import checkpoint_path
     from mossformer2.metrics import parse_metrics
     from mossformer2.pretrained import default_model_path
     from mossformer2.separation import Separator
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     check_folder_creatable(args.out, "output folder")  # and on a bad --out (evaluate() creates it)
     ref = model_ref(args)
     # Resolved once (a hub id: its cached snapshot file), so that the weights hashed are the weights loaded.
-    weights = ref if ref is None or is_onnx_path(ref) else str(resolve_checkpoint(ref))
+    weights = ref if ref is None or is_onnx_path(ref) else str(checkpoint_path(ref).resolve())
     if weights != ref and weights is not None:  # a folder (a run's best.pt, or its only file) or a hub id
         print(f"checkpoint file: {weights}", file=sys.stderr)
     model = load_chosen_model(weights, args.device)
@@ -73,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
     info = {"checkpoint": checkpoint, "checkpoint_file": weights or "built-in",
             WEIGHTS_KEY: file_sha256(default_model_path() if weights is None else weights),
             "device": str(separator.device), "dtype": dtype_name(separator.dtype),  # float16 may fall back
-            "separator": {"chunk_seconds": args.chunk_seconds, "overlap_seconds": args.overlap_seconds,
+            "separator": {"chunk_seconds": separator.chunk_seconds, "overlap_seconds": separator.overlap_seconds,
                           "stitching": args.stitching, "normalize": args.normalize, **separator.refinements}}
     summary = evaluate(separator, args.data, args.out, metrics=metrics, score_rate=args.score_rate,
-                       limit=args.limit, overwrite=args.overwrite, info=info)
+                       limit=args.limit, overwrite=args.overwrite, info=info, progress=None)  # terminal only
     print(format_table(summary))
     print(f"results: {Path(args.out) / 'per_utterance.csv'}, {Path(args.out) / 'summary.json'}")
     if summary["num_csv_rows_not_summarised"]:

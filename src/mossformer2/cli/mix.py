@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give two or more audio files, one folder of speaker folders (ROOT/<speaker>/*.wav), "
                          "or --recipe FILE --wsj-root DIR")
     metadata = create_mixtures(specs, args.out_dir, sample_rate=args.sample_rate, mode=args.mode,
-                               subtype=args.subtype, overwrite=args.overwrite)
+                               subtype=args.subtype, overwrite=args.overwrite, progress=None)  # terminal only
     headers = [audio_header(f) for f in {f for spec in specs for f in spec.files}]  # None: not libsndfile's
     rates = sorted({int(h.samplerate) for h in headers if h is not None} - {args.sample_rate})
     if rates:

@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.audio import audio_header, check_writable, read_audio
     from mossformer2.separation import Separator, output_paths, write_separation
     from mossformer2.separation.batching import make_batches
-    from mossformer2.separation.separator import spectrogram_path
+    from mossformer2.separation.separator import spectrogram_path, warnings_about
     from mossformer2.utils import bar_disabled, check_folder_creatable, make_folder
 
     if args.quiet:  # "only warnings, errors and the summary": not our INFO notes (which weights a file gives, ...)
@@ -460,7 +460,8 @@ def run(args: argparse.Namespace) -> int:
             rates = {rate for _, _, rate in loaded}
             try:
                 if len(loaded) > 1 and len(rates) == 1:
-                    results = sep.separate_many([w for _, w, _ in loaded], rates.pop(), output_rate)
+                    with warnings_about(", ".join(str(f) for f, _, _ in loaded)):
+                        results = sep.separate_many([w for _, w, _ in loaded], rates.pop(), output_rate)
                 else:
                     raise ValueError("not batchable")
             except (ValueError, RuntimeError) as err:
@@ -468,7 +469,11 @@ def run(args: argparse.Namespace) -> int:
                 results = None  # separate one by one so that errors name their file
             for i, (f, wave, rate) in enumerate(loaded):
                 try:
-                    sources = results[i] if results is not None else sep.separate(wave, rate, output_rate)
+                    if results is not None:
+                        sources = results[i]
+                    else:
+                        with warnings_about(str(f)):
+                            sources = sep.separate(wave, rate, output_rate)
                     write_separation(plan[f], sources, output_rate or rate, args.subtype,
                                      plot_mixture=(wave, rate) if args.plot else None, title=f.name)
                     done += 1

@@ -52,7 +52,9 @@ CSV_NAME = "per_utterance.csv"
 SUMMARY_NAME = "summary.json"
 SETTINGS_NAME = "settings.json"
 IMPROVED = {"si_sdr": "si_sdri", "sdr": "sdri"}  # metrics that also get an improvement column
-RESUME_IGNORED = ("limit", "device")  # settings that may change between a run and its resumption
+# Settings that may change between a run and its resumption: the weights are identified by their SHA-256, not by
+# how they were named or where the file was found (another working folder or Hugging Face cache).
+RESUME_IGNORED = ("limit", "device", "checkpoint", "checkpoint_file")
 WEIGHTS_KEY = "checkpoint_sha256"  # what identifies the weights: the same path may hold other weights later
 UNKNOWN_PESQ_MODE = "the mixture file, scored by an earlier run, can no longer be read"
 
@@ -167,7 +169,7 @@ def _first_ten(label: str, items: list[dict[str, str]]) -> list[str]:
 
 def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir: str | Path,
              metrics: str | Sequence[str] = METRICS, score_rate: int | None = None, limit: int | None = None,
-             overwrite: bool = False, info: dict[str, Any] | None = None, progress: bool | None = None
+             overwrite: bool = False, info: dict[str, Any] | None = None, progress: bool | None = True
              ) -> dict[str, Any]:
     """Separate and score every mixture of ``data`` (a manifest path or entries); returns the summary dict.
 
@@ -293,9 +295,25 @@ def _check_same_settings(out_dir: Path, old: dict[str, Any], new: dict[str, Any]
         old = {**old, WEIGHTS_KEY: new[WEIGHTS_KEY]}
     changed = sorted(k for k in set(old) | set(new) if k not in RESUME_IGNORED and old.get(k) != new.get(k))
     if changed:
-        named = [f"{k}: other weights at the same checkpoint path" if k == WEIGHTS_KEY else k for k in changed]
-        raise ValueError(f"{out_dir} holds results of a run with other settings ({', '.join(named)}); "
+        weights = ("other weights at the same checkpoint path" if old.get("checkpoint") == new.get("checkpoint")
+                   else f"other weights ({old.get('checkpoint')} -> {new.get('checkpoint')})")
+        named = [f"{k}: {weights}" if k == WEIGHTS_KEY else _setting_change(k, old, new)
+                 for k in changed]
+        chunk_before = (old.get("separator") or {}).get("chunk_seconds")
+        hint = (f" (evaluate separates whole mixtures unless given --chunk-seconds: --chunk-seconds "
+                f"{chunk_before:g} goes on with these results)" if chunk_before is not None
+                and (new.get("separator") or {}).get("chunk_seconds") is None else "")
+        raise ValueError(f"{out_dir} holds results of a run with other settings ({', '.join(named)}){hint}; "
                          "evaluate into a new --out folder or pass --overwrite to start again")
+
+
+def _setting_change(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``separator.chunk_seconds 10.0 -> None``: what changed in one setting (sub-keys of a dict setting)."""
+    before, after = old.get(key), new.get(key)
+    if isinstance(before, dict) and isinstance(after, dict):
+        return ", ".join(f"{key}.{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+                         if before.get(k) != after.get(k))
+    return f"{key} {before!r} -> {after!r}"
 
 
 def _pesq_modes(entries: Sequence[MixtureEntry], rows: Sequence[dict[str, str]], rates: dict[str, int],

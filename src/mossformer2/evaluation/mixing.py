@@ -309,7 +309,7 @@ def _prepare_out_dir(out_dir: Path, new_files: Sequence[Path], overwrite: bool) 
 
 def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_rate: int = 16000,
                     mode: str = "min", subtype: str = "PCM_16", overwrite: bool = False,
-                    progress: bool | None = None) -> Path:
+                    progress: bool | None = True) -> Path:
     """Render ``specs`` into ``out_dir`` (wsj0-2mix layout) and write ``metadata.csv``; returns its path.
 
     Every file is written atomically; ``metadata.csv`` comes last, so its presence marks a complete set. A run

@@ -67,6 +67,8 @@ OUTPUT_FORMATS = ("wav", "flac")
 TARGET_RMS = 10 ** (-25 / 20)  # -25 dBFS, the level ClearVoice feeds the model
 TARGET_PEAK = 0.9
 CHUNK_SECONDS, OVERLAP_SECONDS = 10.0, 2.0  # the defaults
+# chunk_seconds=None: inputs longer than this draw a warning (memory grows with the length of one pass).
+ONE_PASS_WARN_SECONDS = 60.0
 # Below this overlap the speaker matching of consecutive chunks often goes wrong (an audit measured swaps at
 # 0.1-0.5 s, and at 1 s with 4 s chunks), so shorter overlaps are warned about.
 SAFE_OVERLAP_SECONDS = 1.0
@@ -212,7 +214,10 @@ class Separator:
             model = model.to(self.device)
             if compile_layers:
                 _compile_layers(model, self.device, self.dtype, self.input_dtype)
-            if cuda_graphs and self.device.type == "cuda":
+            if cuda_graphs and self.device.type == "cuda" and not chunked:
+                warnings.warn("cuda_graphs (--cuda-graphs) replays one captured graph per chunk shape; with "
+                              "chunk_seconds=None every input length would be captured anew: ignored", stacklevel=2)
+            elif cuda_graphs and self.device.type == "cuda":
                 from mossformer2.separation.cuda_graphs import CudaGraphModel
 
                 self.graphs = CudaGraphModel(model, self.dtype, max_graphs=4)
@@ -250,8 +255,8 @@ class Separator:
         shape = None if self.is_torch else getattr(model, "input_shape", None)
         self.fixed_length = int(shape[-1]) if shape and isinstance(shape[-1], int) else None
         if (self.fixed_length is not None and stitching == "aligned"
-                and (chunk_seconds, overlap_seconds) == (CHUNK_SECONDS, OVERLAP_SECONDS)):
-            # Chunks of exactly the export's length by default: the only length it takes.
+                and (not chunked or (chunk_seconds, overlap_seconds) == (CHUNK_SECONDS, OVERLAP_SECONDS))):
+            # Chunks of exactly the export's length by default (and for "one pass": the only length it takes).
             seconds = self.fixed_length / self.sample_rate
             self.chunk = self.fixed_length
             self.overlap = int(round(_fixed_length_overlap(seconds) * self.sample_rate))
@@ -288,14 +293,19 @@ class Separator:
         on = [name for name, used in self.refinements.items() if used]
         return (f"Separator({type(self.model).__name__}, {self.sample_rate} Hz, {self.num_spks} speakers, "
                 f"device={self.device}, dtype={dtype_name(self.dtype)}, "
-                f"chunk_seconds={self.chunk_seconds if self.chunk_seconds is None else f'{self.chunk_seconds:g}'}, "
-                f"overlap_seconds={self.overlap / self.sample_rate:g}, stitching={self.stitching!r}, "
+                f"chunk_seconds={_seconds(self.chunk_seconds)}, overlap_seconds={_seconds(self.overlap_seconds)}, "
+                f"stitching={self.stitching!r}, "
                 f"normalize={self.normalize!r}, channels={self.channels!r}, refinements={on})")
 
     @property
     def chunk_seconds(self) -> float | None:
         """The chunk length in seconds; None: every input in one pass."""
         return None if self.chunk == sys.maxsize else self.chunk / self.sample_rate
+
+    @property
+    def overlap_seconds(self) -> float | None:
+        """The overlap of consecutive chunks in seconds; None without chunks."""
+        return None if self.chunk == sys.maxsize else self.overlap / self.sample_rate
 
     @property
     def refinements(self) -> dict[str, bool]:
@@ -423,7 +433,8 @@ class Separator:
             from mossformer2.plotting import require_matplotlib
 
             require_matplotlib()  # before separating, not after
-        sources = self.separate(wave, sample_rate, output_rate)
+        with warnings_about(str(path)):
+            sources = self.separate(wave, sample_rate, output_rate)
         paths = output_paths(path, out_dir, self.num_spks, format)
         return write_separation(paths, sources, int(output_rate or sample_rate), subtype,
                                 plot_mixture=(wave, sample_rate) if plot else None, title=Path(path).name)
@@ -504,6 +515,10 @@ class Separator:
         results: list[np.ndarray | None] = [None] * len(waves)
         single_pass: list[int] = []
         for i, wave in enumerate(waves):
+            if self.chunk == sys.maxsize and wave.shape[-1] > ONE_PASS_WARN_SECONDS * self.sample_rate:
+                warnings.warn(f"an input of {wave.shape[-1] / self.sample_rate:.0f} s is separated in one pass "
+                              "(chunk_seconds=None): memory grows with its length; chunk_seconds (--chunk-seconds) "
+                              "bounds it", stacklevel=4)
             if not np.any(wave):
                 results[i] = np.zeros((self.num_spks, wave.shape[-1]), dtype=np.float32)  # silent channel
             elif self.stitching == "aligned" and wave.shape[-1] <= self.chunk:
@@ -547,13 +562,25 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
     by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults;
     ``mossformer2 export`` carries it into the ONNX and TorchScript files, whose wrappers expose it the same way.
     """
-    if is_onnx_path(ref):
+    if ref is None:
+        if filename is not None:
+            raise ValueError(f"filename={filename!r} picks a file in a folder or hub repository: pass ref too")
+        from mossformer2.pretrained import default_model_path
+
+        path = default_model_path()
+    elif is_onnx_path(ref):
+        path = Path(ref)
+    else:
+        from mossformer2.hub import checkpoint_path
+
+        path = checkpoint_path(ref, filename, cache_dir)
+    if is_onnx_path(path):  # also one that filename= picked in a folder or hub repository
         from mossformer2.runtime import OnnxRuntimeModel, providers_for_device
 
-        if not Path(ref).is_file():
-            raise FileNotFoundError(f"ONNX model not found: {ref}")
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {path}")
         # "cpu" keeps ONNX Runtime off CUDA; "cuda" must start there; "auto" may fall back to the CPU.
-        return OnnxRuntimeModel(ref, providers=None if is_auto_device(device) else providers_for_device(device))
+        return OnnxRuntimeModel(path, providers=None if is_auto_device(device) else providers_for_device(device))
     try:
         from mossformer2.checkpoint import TorchScriptFileError, load_model, read_checkpoint
     except ModuleNotFoundError as err:
@@ -562,16 +589,6 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
         raise ModuleNotFoundError("PyTorch is not installed: the built-in model, .pt checkpoints and TorchScript "
                                   "exports need it (pip install torch); an exported .onnx model runs without it",
                                   name="torch") from None
-    if ref is None:
-        if filename is not None:
-            raise ValueError(f"filename={filename!r} picks a file in a folder or hub repository: pass ref too")
-        from mossformer2.pretrained import default_model_path
-
-        path = default_model_path()
-    else:
-        from mossformer2.hub import checkpoint_path
-
-        path = checkpoint_path(ref, filename, cache_dir)
     try:
         checkpoint = read_checkpoint(path)
     except TorchScriptFileError:  # read_checkpoint recognises the export: run it as it is
@@ -644,6 +661,25 @@ def _aligned_channels(channels: list[np.ndarray]) -> list[np.ndarray]:
             sources = sources[order] * signs[:, None]
         aligned.append(sources)
     return aligned
+
+
+@contextlib.contextmanager
+def warnings_about(label: str) -> Iterator[None]:
+    """Warnings raised in the block, raised again after it with ``label: `` in front (which file of a batch they
+    concern), each time: Python shows an identical warning from one place only once, so a second file with the
+    same guessed chunk boundaries went unreported."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # also when the block failed: what it warned about before still concerns that file
+        for w in caught:
+            warnings.warn_explicit(f"{label}: {w.message}", w.category, w.filename, w.lineno, source=w.source)
+
+
+def _seconds(value: float | None) -> str:
+    return "None" if value is None else f"{value:g}"
 
 
 def _fixed_length_overlap(seconds: float) -> float:

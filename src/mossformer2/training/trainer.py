@@ -374,13 +374,14 @@ class Trainer:
         self.state = TrainState(**ckpt["trainer_state"])
         if self.dist.rank > 0:  # rank 0 goes on from the totals over all ranks
             self.state = dataclasses.replace(self.state, **dict.fromkeys(_RANK_SUMS, 0))
-        self._continue_epoch_in_this_layout(path)
+        saved_accum = ((ckpt.get("train_config") or {}).get("optim") or {}).get("accum_steps")
+        self._continue_epoch_in_this_layout(path, saved_accum)
         if self.dist.is_main:  # one warning for all ranks
             self._warn_changed_data(ckpt.get("train_config") or {}, path)
         rng_states = ckpt["rng_states"]
         _set_rng_state(rng_states[self.dist.rank if self.dist.rank < len(rng_states) else 0])
 
-    def _continue_epoch_in_this_layout(self, path: str | Path) -> None:
+    def _continue_epoch_in_this_layout(self, path: str | Path, saved_accum: int | None = None) -> None:
         """Express a mid-epoch ``batches_done`` saved by a run with another number of processes or batch size (or
         optim.accum_steps) in this run's batches: the examples of the epoch already used are skipped as closely as
         whole steps allow. Every rank takes every world_size-th example of one shuffled epoch order, so the
@@ -389,11 +390,11 @@ class Trainer:
         new = (self.dist.world_size, self.cfg.data.batch_size)
         old = (s.world_size, s.batch_size) if s.world_size and s.batch_size else new  # older checkpoints: unknown
         s.world_size, s.batch_size = new
-        if old != new:
-            log.warning("resuming from %s with another data layout (%d process(es) x batch %d -> %d x %d, x "
-                        "optim.accum_steps %d): the effective batch changes from %d to %d examples per optimizer "
-                        "step, at the same learning rate", path, *old, *new, accum, old[0] * old[1] * accum,
-                        new[0] * new[1] * accum)
+        before, after = old[0] * old[1] * (saved_accum or accum), new[0] * new[1] * accum
+        if before != after and self.dist.is_main:
+            log.warning("resuming from %s with another effective batch: %d process(es) x batch %d x "
+                        "optim.accum_steps %d -> %d x %d x %d, %d -> %d examples per optimizer step, at the same "
+                        "learning rate", path, *old, saved_accum or accum, *new, accum, before, after)
         if s.batches_done == 0 or (old == new and s.batches_done % accum == 0):  # nothing to convert
             return
         used, per_batch = s.batches_done * old[0] * old[1], new[0] * new[1]
