@@ -210,3 +210,24 @@ def test_mixtures_dropped_while_the_cache_loads_are_counted(tmp_path):
     (root / "s2" / "u1.wav").write_bytes(b"RIFF garbage, not audio")
     cached = MixtureDataset(load_manifest(root), AudioStore(SR, cache=True, progress=False), skip_bad_files=True)
     assert len(cached) == 2 and cached.preload_skipped == 1
+
+
+def test_several_training_sets_are_used_together(tmp_path):
+    """data.train took one manifest: Libri2Mix train-100 + train-360 needed a hand-merged CSV (and `cat` of two
+    CSVs made the second header a mixture)."""
+    from mossformer2.data.loaders import build_datasets
+    from mossformer2.training.config import load_train_config
+
+    a = _make_wsj_folder(tmp_path / "a", [1000, 1000])
+    b = _make_wsj_folder(tmp_path / "b", [1000], seed=1)  # a WHAM!-style set: mix_clean/ beside s1/, s2/
+    (b / "mix").rename(b / "mix_clean")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{sample_rate: {SR}}}\ndata: {{sample_rate: {SR}, segment_seconds: 0.05, "
+                      f"num_workers: 0, train: [{a}, {b / 'mix_clean'}], valid: {a}}}\n")
+    with pytest.raises(ValueError, match=r"^data\.train: mixture id 'u0' is in .*a and in .*mix_clean: the sets "
+                                         r"overlap"):
+        build_datasets(load_train_config(config), progress=False)
+    for folder in ("mix_clean", "s1", "s2"):
+        (b / folder / "u0.wav").rename(b / folder / "w0.wav")
+    train, _ = build_datasets(load_train_config(config), progress=False)
+    assert sorted(e.id for e in train.entries) == ["u0", "u1", "w0"]

@@ -101,7 +101,7 @@ def build_datasets(cfg: TrainConfig, progress: bool = True, is_main: bool = True
 
     ``progress``: show the ``cache_audio`` loading bar (create_dataloaders shows it on rank 0 only); ``is_main``:
     this process checks and warns about the data once for all (rank 0 under torchrun)."""
-    from mossformer2.data.manifests import load_manifest
+    from mossformer2.data.manifests import load_manifest, load_manifests
 
     d, seed, num_spks = cfg.data, cfg.trainer.seed, cfg.model.num_spks
     if d.synthetic:
@@ -131,7 +131,7 @@ def build_datasets(cfg: TrainConfig, progress: bool = True, is_main: bool = True
                                     num_examples=dm.valid_examples, max_samples=valid_max, fixed=True, **common)
             return train, valid
     else:
-        entries = _named("data.train", load_manifest, d.train, num_spks)
+        entries = _named("data.train", load_manifests, d.train, num_spks)
         train = _named("data.train", lambda: MixtureDataset(entries, store, segment_samples=segment, seed=seed,
                                                             skip_bad_files=d.skip_bad_files))
         if is_main:

@@ -60,6 +60,28 @@ def load_manifest(path: str | Path, num_spks: int | None = None, check_files: bo
     return entries
 
 
+def load_manifests(paths: str | Path | list[str | Path], num_spks: int | None = None) -> list[MixtureEntry]:
+    """:func:`load_manifest` of one path, or of several whose mixtures are used together (their ids must not
+    clash: each set's ids are its own)."""
+    if isinstance(paths, (str, Path)):
+        return load_manifest(paths, num_spks)
+    if not paths:
+        raise ValueError("the list of manifests is empty")
+    entries: list[MixtureEntry] = []
+    origin: dict[str, str] = {}
+    for path in paths:
+        for entry in load_manifest(path, num_spks):
+            if entry.id in origin:
+                raise ValueError(f"mixture id {entry.id!r} is in {origin[entry.id]} and in {path}: the sets overlap "
+                                 "(or name different mixtures alike)")
+            origin[entry.id] = str(path)
+            entries.append(entry)
+    if len({len(e.sources) for e in entries}) > 1:
+        raise ValueError(f"the manifests {', '.join(map(str, paths))} hold mixtures of different numbers of "
+                         "speakers")
+    return entries
+
+
 def _looks_like_librimix_csv(path: Path) -> bool:
     with path.open(encoding="utf-8", errors="replace") as f:
         first = f.readline()

@@ -47,7 +47,9 @@ class DynamicMixingConfig:
 class DataConfig:
     sample_rate: int = 16000
     segment_seconds: float = 4.0  # random training crops; same offset for mix and sources
-    train: str | None = None  # pre-mixed training set: wsj0-2mix folder, LibriMix CSV or scp list
+    # pre-mixed training set(s): wsj0-2mix folder, LibriMix / WHAM! mixture folder, LibriMix CSV or scp list; a list
+    # of them trains on all (e.g. Libri2Mix train-100 + train-360)
+    train: str | list[str] | None = None
     valid: str | None = None  # pre-mixed validation set (full utterances)
     # Replaces ``train``; validation then uses either ``valid`` or the held-out ``valid_utterances``.
     dynamic_mixing: DynamicMixingConfig | None = None
