@@ -1167,3 +1167,19 @@ def test_an_error_during_training_is_recorded_in_train_log(corpus, tmp_path, mon
     last_line = log_text.strip().splitlines()[-1]
     assert "ERROR stopped by an error at epoch 1, step 4 (last.pt holds step 4): ValueError: cannot use audio " \
            "file x.wav" in last_line, last_line
+
+
+def test_tensorboard_holds_each_examples_references_once_and_its_estimates_every_validation(corpus, tmp_path):
+    """The audio had the estimates only (in the network's own speaker order) and the mixture again each epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_config(corpus, "trainer.max_epochs=2", "trainer.tensorboard=true", "trainer.audio_examples=1")
+    Trainer(cfg, tmp_path).fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"audio": 0}).Reload()
+    tags = events.Tags()["audio"]
+    names = {tag.split("/")[1] for tag in tags}
+    assert len(names) == 1
+    (name,) = names
+    assert sorted(tag.split("/")[2] for tag in tags) == ["mix", "reference1", "reference2", "s1", "s2"]
+    counts = {tag.split("/")[2]: len(events.Audio(tag)) for tag in tags}
+    assert counts == {"mix": 1, "reference1": 1, "reference2": 1, "s1": 2, "s2": 2}

@@ -144,6 +144,7 @@ class Trainer:
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
         self.writer = None
         self._log_handler: logging.Handler | None = None
+        self._audio_logged: set[str] = set()  # validation examples whose mixture and references TensorBoard has
         self._lock: ExperimentLock | None = None
         self._setup_log: logging.handlers.MemoryHandler | None = None
         self.stop_reason: str | None = None  # why fit() stopped before the end (a limit or a signal); None: it ended
@@ -691,14 +692,15 @@ class Trainer:
             with self._autocast():
                 est = model(mix, _padded_lengths(lengths.clamp(min=model.min_input_length), mix))
             est = est.float()
-            plain, _ = pit_si_sdr_loss(est, ref, lengths, reduction="none")  # unclamped: -SI-SDR
+            plain, perm = pit_si_sdr_loss(est, ref, lengths, reduction="none")  # unclamped: -SI-SDR
             clamp = self.cfg.optim.loss_clamp_db
             loss = plain if clamp is None else pit_si_sdr_loss(est, ref, lengths, clamp, reduction="none")[0]
             mix_sdr = si_sdr(mix[:, None, :].expand_as(ref), ref, lengths).mean(-1)
             totals += torch.stack([loss.sum(), -plain.sum(), (-plain - mix_sdr).sum(),
                                    loss.new_tensor(float(len(loss)))]).double()
-            for i in range(min(examples_left, mix.shape[0])):
-                self._log_audio(batch["ids"][i], mix[i, :lengths[i]], est[i, :, :lengths[i]])
+            for i in range(min(examples_left, mix.shape[0])):  # estimates in the references' order
+                aligned = est[i, torch.argsort(perm[i]), :lengths[i]]
+                self._log_audio(batch["ids"][i], mix[i, :lengths[i]], aligned, ref[i, :, :lengths[i]])
             examples_left -= min(examples_left, mix.shape[0])
         self.state.skipped_files += skipped
         totals = all_reduce_sum(totals).cpu()
@@ -706,14 +708,21 @@ class Trainer:
         return {"loss": float(totals[0]) / count, "si_sdr": float(totals[1]) / count,
                 "si_sdri": float(totals[2]) / count, "count": float(totals[3])}
 
-    def _log_audio(self, name: str, mix: torch.Tensor, est: torch.Tensor) -> None:
+    def _log_audio(self, name: str, mix: torch.Tensor, est: torch.Tensor, ref: torch.Tensor) -> None:
+        """TensorBoard audio of one validation example: the estimates ``[S, T]`` (in the order of the references)
+        at every validation; the mixture and the references once per run (they do not change)."""
         peak = float(torch.cat([mix.abs().flatten(), est.abs().flatten()]).max()) + 1e-8  # NaN / inf carry through
         if not math.isfinite(peak):
             return  # a diverged model (reported with the scores): NaN cannot be written as 16-bit audio
-        sr = self.cfg.data.sample_rate
-        self.writer.add_audio(f"valid/{name}/mix", (mix / peak).cpu(), self.state.step, sample_rate=sr)
+        sr, step = self.cfg.data.sample_rate, self.state.step
+        if name not in self._audio_logged:
+            self._audio_logged.add(name)
+            self.writer.add_audio(f"valid/{name}/mix", (mix / peak).cpu(), step, sample_rate=sr)
+            for s in range(ref.shape[0]):
+                self.writer.add_audio(f"valid/{name}/reference{s + 1}", (ref[s] / peak).clamp(-1, 1).cpu(), step,
+                                      sample_rate=sr)
         for s in range(est.shape[0]):
-            self.writer.add_audio(f"valid/{name}/s{s + 1}", (est[s] / peak).cpu(), self.state.step, sample_rate=sr)
+            self.writer.add_audio(f"valid/{name}/s{s + 1}", (est[s] / peak).cpu(), step, sample_rate=sr)
 
     def _end_epoch(self, train_stats: dict[str, float]) -> bool:
         """Validate, update best / plateau / early stopping, checkpoint. Returns True to stop training."""
