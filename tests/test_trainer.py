@@ -949,7 +949,7 @@ def test_nan_estimates_are_not_written_as_tensorboard_audio(corpus, tmp_path):
     trainer = Trainer(make_config(corpus, "trainer.tensorboard=true"), tmp_path, loaders=(None, None))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy's "invalid value encountered in cast" reached the user
-        trainer._log_audio("x", torch.ones(100), torch.full((2, 100), float("nan")))
+        trainer._log_audio("x", torch.ones(100), torch.full((2, 100), float("nan")), torch.ones(2, 100))
     trainer.close()
 
 

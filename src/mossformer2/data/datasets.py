@@ -84,19 +84,13 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def pad_to(wave: np.ndarray, length: int) -> np.ndarray:
-    """Zero-pad (or cut) the last axis to ``length`` samples."""
-    if wave.shape[-1] >= length:
-        return wave[..., :length]
-    pad = [(0, 0)] * (wave.ndim - 1) + [(0, length - wave.shape[-1])]
-    return np.pad(wave, pad)
-
-
 def random_crop(waves: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
-    """Crop ``waves`` ``[..., T]`` to ``length`` at one random offset (zero-padded at the end when shorter)."""
+    """Crop ``waves`` ``[..., T]`` to ``length`` at one random offset; a shorter one is returned whole: the
+    collate function pads the batch and keeps each item's true length, which the model and the loss take (zeros
+    padded here would count in the SI-SDR loss, and the network would normalise over them)."""
     total = waves.shape[-1]
     if total <= length:
-        return pad_to(waves, length)
+        return waves
     start = int(rng.integers(0, total - length + 1))
     return waves[..., start:start + length]
 
@@ -135,12 +129,13 @@ def header_problems(entries: list[MixtureEntry], sample_rate: int) -> tuple[dict
 class MixtureDataset(Dataset):
     """Pre-mixed mixtures from a manifest.
 
-    ``segment_samples`` set: a random crop of that length with the same offset for mix and sources (zero-padded
-    when shorter) — training. ``segment_samples=None``: the full utterance (cut to ``max_samples`` from its start
-    when given) — validation. Mixture and sources must have equal lengths (after resampling to the store's
-    rate): a mismatch is a bad example (an error, or skipped with ``skip_bad_files``). The file headers are
-    checked when the dataset is made (:func:`header_problems`), so that such a file fails the setup rather than a
-    run hours in; ``file_rates`` counts the files at each sample rate (others than the store's are resampled).
+    ``segment_samples`` set: a random crop of that length with the same offset for mix and sources (a shorter
+    utterance whole: the batch is padded with true lengths) — training. ``segment_samples=None``: the full utterance
+    (cut to ``max_samples`` from its start when given) — validation. Mixture and sources must have equal lengths
+    (after resampling to the store's rate): a mismatch is a bad example (an error, or skipped with
+    ``skip_bad_files``). The file headers are checked when the dataset is made (:func:`header_problems`), so that
+    such a file fails the setup rather than a run hours in; ``file_rates`` counts the files at each sample rate
+    (others than the store's are resampled).
     """
 
     def __init__(self, entries: list[MixtureEntry], store: AudioStore, segment_samples: int | None = None,
