@@ -202,11 +202,13 @@ def test_cache_loading_bar_shows_on_rank_0_only(tmp_path, capsys):
     cfg = train_config_from_dict({"model": {"sample_rate": SR}, "data": {
         "sample_rate": SR, "segment_seconds": 0.1, "train": str(root), "valid": str(root), "num_workers": 0,
         "cache_audio": True}})
+    shown_bars = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, progress_bar=True))
     for rank, shown in ((1, False), (0, True)):
-        create_dataloaders(cfg, DistInfo(rank=rank, world_size=2))
+        create_dataloaders(shown_bars, DistInfo(rank=rank, world_size=2))
         assert ("loading audio" in capsys.readouterr().err) == shown, rank
-    create_dataloaders(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, progress_bar=False)))
-    assert "loading audio" not in capsys.readouterr().err
+    for setting in (False, None):  # None (the default): only on a terminal, which pytest's stderr is not
+        create_dataloaders(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, progress_bar=setting)))
+        assert "loading audio" not in capsys.readouterr().err
 
 
 def test_mixtures_dropped_while_the_cache_loads_are_counted(tmp_path):

@@ -31,7 +31,9 @@ def test_tiny_recipe_learns_to_separate(tmp_path, capsys):
     with capsys.disabled():
         print(f"\ntiny recipe: validation SI-SDRi per epoch {curve} dB, {elapsed:.0f} s")
     assert len(curve) == 6 and state["skipped_steps"] == 0
-    assert max(curve) >= 4.0, curve  # observed about 6.5-7 dB
+    # Observed 4.7 dB on the held-out voices (between the training ones; 6.3 dB when they were training voices)
+    assert max(curve) >= 3.0, curve
+    assert "share speaker name" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr[-3000:]
     assert curve[-1] - curve[0] >= 2.0, curve  # it keeps improving after the first epoch
     assert (tmp_path / "best.pt").is_file() and (tmp_path / "config.yaml").is_file()
     assert "done: epoch 6" in proc.stdout

@@ -17,15 +17,18 @@ from mossformer2.cli import (
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "evaluate", help="score a checkpoint on a test set (SI-SDRi, SDRi, PESQ, STOI)",
-        description="Separate every mixture of --data (a wsj0-2mix folder mix/ s1/ s2/, a LibriMix metadata "
-                    "CSV, or a 'mix s1 s2' list / .scp), align the outputs to the references by PIT and score "
+        description="Separate every mixture of --data (a wsj0-2mix folder mix/ s1/ s2/, a LibriMix / WHAM! "
+                    "mixture folder such as <split>/mix_clean, a LibriMix metadata CSV, or a 'mix s1 s2' list / "
+                    ".scp), align the outputs to the references by PIT and score "
                     "them. Writes OUT/per_utterance.csv (one row per mixture, written as it goes; re-running "
                     "skips the mixtures already scored) and OUT/summary.json (mean, median, std, count per "
                     "metric, failures with reasons), and prints a table. Exit code 1 if any mixture failed. SI-SDR is "
                     "the zero-mean definition of the official recipe (estimate and reference have their means "
                     "removed); PESQ is narrow band (P.862) at 8 kHz, wide band (P.862.2) otherwise. A re-run "
                     "with other settings or other weights (the checkpoint's SHA-256 is recorded) is refused.")
-    parser.add_argument("--data", required=True, help="wsj0-2mix folder, LibriMix CSV, or list/scp file")
+    parser.add_argument("--data", required=True,
+                        help="wsj0-2mix folder (mix/ s1/ s2/), LibriMix / WHAM! mixture folder (<split>/mix_clean "
+                             "or mix_both), LibriMix CSV, or list/scp file")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="checkpoint file or folder, hub id (OWNER/NAME), or exported .onnx")
     source.add_argument("--model", help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")

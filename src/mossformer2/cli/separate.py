@@ -398,8 +398,9 @@ def run(args: argparse.Namespace) -> int:
                      if sep.shorter_than_fixed_length(infos[f].frames, infos[f].samplerate)}
         settings = [f for f in wrong if f not in too_short]
         if settings:
-            raise ValueError(f"{len(settings)} of {len(todo)} input(s) have another length (e.g. {settings[0].name}): "
-                             f"{wrong[settings[0]]}")
+            raise ValueError(f"--chunk-seconds {args.chunk_seconds:g} / --overlap-seconds {args.overlap_seconds:g} do "
+                             f"not fit the export: {len(settings)} of {len(todo)} input(s) would run passes of "
+                             f"another length (e.g. {settings[0].name}): {wrong[settings[0]]}")
 
     # Short files share forward passes (sorted by length and zero-padded with true lengths when the model takes
     # them, else only files of identical shape); long files run one at a time, in batched chunks.

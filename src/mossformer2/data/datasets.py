@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from mossformer2.audio import audio_header, read_audio, resample, to_mono
 from mossformer2.data.manifests import MixtureEntry
+from mossformer2.utils import bar_disabled
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,10 @@ class AudioStore:
     the decoded arrays instead of each decoding the corpus again.
     """
 
-    def __init__(self, sample_rate: int, cache: bool = False, progress: bool = True) -> None:
+    def __init__(self, sample_rate: int, cache: bool = False, progress: bool | None = True) -> None:
         self.sample_rate = sample_rate
         self.cache = cache
-        self.progress = progress  # the "loading audio" bar of preload (off on ranks other than 0)
+        self.progress = progress  # the "loading audio" bar of preload (off on ranks other than 0; None: terminal)
         self._cache: dict[str, np.ndarray] = {}
 
     def load(self, path: str | Path) -> np.ndarray:
@@ -68,7 +69,7 @@ class AudioStore:
 
         paths = list(dict.fromkeys(str(p) for p in paths))
         bad: set[str] = set()
-        for path in tqdm(paths, desc="loading audio", unit="file", disable=not self.progress, leave=False):
+        for path in tqdm(paths, desc="loading audio", unit="file", disable=bar_disabled(self.progress), leave=False):
             try:
                 self.load(path)
             except BadAudioError as err:

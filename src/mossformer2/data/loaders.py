@@ -76,7 +76,11 @@ def prepare_synthetic_data(cfg: TrainConfig, root: str | Path, progress: bool = 
     root = Path(root)
     n_valid = max(cfg.model.num_spks, d.synthetic_speakers // 4)
     # The marker records the settings the corpus was made with: changed ones make a new corpus.
-    settings = json.dumps({"train_speakers": d.synthetic_speakers - n_valid, "valid_speakers": n_valid,
+    # Held-out voices lie between training ones (every few steps of one spread of voices), never on them.
+    total = d.synthetic_speakers
+    valid_voices = [round((k + 0.5) * total / n_valid) for k in range(n_valid)]
+    train_voices = [k for k in range(total) if k not in valid_voices]
+    settings = json.dumps({"train_voices": train_voices, "valid_voices": valid_voices,
                            "utterances": d.synthetic_utterances, "seconds": d.synthetic_seconds,
                            "sample_rate": d.sample_rate, "seed": cfg.trainer.seed}, sort_keys=True) + "\n"
     marker = root / "complete.txt"
@@ -86,17 +90,18 @@ def prepare_synthetic_data(cfg: TrainConfig, root: str | Path, progress: bool = 
         marker.unlink(missing_ok=True)
         for part in ("train", "valid"):  # no speakers or files of an older or unfinished corpus may remain
             shutil.rmtree(root / part, ignore_errors=True)
-        generate_speaker_corpus(root / "train", d.synthetic_speakers - n_valid, d.synthetic_utterances,
-                                d.synthetic_seconds, d.sample_rate, seed=cfg.trainer.seed)
-        generate_speaker_corpus(root / "valid", n_valid, d.synthetic_utterances, d.synthetic_seconds,
-                                d.sample_rate, seed=cfg.trainer.seed + 1)
+        generate_speaker_corpus(root / "train", total, d.synthetic_utterances, d.synthetic_seconds,
+                                d.sample_rate, seed=cfg.trainer.seed, voices=train_voices)
+        generate_speaker_corpus(root / "valid", total, d.synthetic_utterances, d.synthetic_seconds,
+                                d.sample_rate, seed=cfg.trainer.seed + 1, voices=valid_voices)
         marker.write_text(settings)
     dm = d.dynamic_mixing or DynamicMixingConfig(examples_per_epoch=256, valid_examples=32)
     dm = dataclasses.replace(dm, train_utterances=str(root / "train"), valid_utterances=str(root / "valid"))
     return dataclasses.replace(cfg, data=dataclasses.replace(d, synthetic=False, dynamic_mixing=dm))
 
 
-def build_datasets(cfg: TrainConfig, progress: bool = True, is_main: bool = True) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: TrainConfig, progress: bool | None = True, is_main: bool = True
+                   ) -> tuple[Dataset, Dataset]:
     """(training dataset, validation dataset) described by ``cfg.data`` (after :func:`prepare_synthetic_data`).
 
     ``progress``: show the ``cache_audio`` loading bar (create_dataloaders shows it on rank 0 only); ``is_main``:
@@ -201,7 +206,7 @@ def create_dataloaders(cfg: TrainConfig, dist_info: DistInfo | None = None,
     from mossformer2.training.distributed import get_dist_info
 
     dist_info = dist_info or get_dist_info()
-    train, valid = datasets or build_datasets(cfg, progress=dist_info.is_main and cfg.trainer.progress_bar,
+    train, valid = datasets or build_datasets(cfg, progress=cfg.trainer.progress_bar if dist_info.is_main else False,
                                               is_main=dist_info.is_main)
     d = cfg.data
     if len(train) < d.batch_size * dist_info.world_size:

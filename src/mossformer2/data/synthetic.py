@@ -9,6 +9,7 @@ Written as ``<root>/<speaker>/<n>.wav`` (16-bit), the layout dynamic mixing read
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,17 +64,20 @@ def synth_utterance(rng: np.random.Generator, sample_rate: int, seconds: float, 
 
 
 def generate_speaker_corpus(root: str | Path, num_speakers: int, utterances_per_speaker: int,
-                            seconds: float = 2.0, sample_rate: int = 16000, seed: int = 0) -> Path:
+                            seconds: float = 2.0, sample_rate: int = 16000, seed: int = 0,
+                            voices: Sequence[int] | None = None) -> Path:
     """Write ``<root>/spk<k>/<n>.wav`` for every speaker and utterance; return ``root``.
 
-    Speakers' mean pitches are spread over 90-260 Hz and their formant scales over 0.75-1.45 (log scales,
-    rising together as from male to female voices), so that any two speakers differ in voice.
+    ``num_speakers`` voices have their mean pitches spread over 90-260 Hz and their formant scales over 0.75-1.45
+    (log scales, rising together as from male to female voices), so that any two speakers differ in voice.
+    ``voices``: write only these of them (speaker ``k`` is voice ``k`` of that spread): a held-out split takes
+    voices between the training ones, so that no voice (nor speaker name) is in both.
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
     pitches = np.geomspace(90, 260, num_speakers)
     scales = np.geomspace(0.75, 1.45, num_speakers)  # higher voices have shorter tracts, as in real speech
-    for k in range(num_speakers):
+    for k in range(num_speakers) if voices is None else voices:
         for n in range(utterances_per_speaker):
             length = seconds * rng.uniform(0.7, 1.0)
             wave = synth_utterance(rng, sample_rate, length, float(pitches[k]), float(scales[k]))

@@ -127,7 +127,7 @@ class Separator:
         compile_layers: compile the network's layers with ``torch.compile`` (``MossFormer2.compile_layers``, in
             place; our MossFormer2 only). Meant for CUDA, with ``cuda_graphs``: on an H200 (full model, 4 s, one
             static shape) one call took 19.1 ms in bf16 against 48 ms with a CUDA graph alone, 16.7 ms with the model
-            cast to bf16 (benchmarks/RESULTS.md; compiling took 30-60 s there). The first input shape compiles a
+            cast to bf16 (benchmarks/RESULTS.md; compiling took 30-70 s there). The first input shape compiles a
             static graph; a second shape compiles once more, into one dynamic-shape graph that then serves every
             length (its speed on a GPU is not measured yet). On the CPU it runs in float32 only and is slower than
             the eager network (built-in model, 10 s, 2 threads: 0.36 against 0.22 s after a 25 s compile), with a

@@ -105,7 +105,7 @@ class TrainerConfig:
     log_every_steps: int = 50
     audio_examples: int = 2  # validation examples written to TensorBoard
     tensorboard: bool = True
-    progress_bar: bool = True
+    progress_bar: bool | None = None  # None: only when stderr is a terminal (no carriage returns in logs)
 
 
 @dataclass
@@ -141,9 +141,11 @@ class TrainConfig:
             if d.train or d.valid or (dm is not None and (dm.train_utterances or dm.valid_utterances)):
                 raise ConfigError("data.synthetic generates its own data: leave data.train, data.valid and "
                                   "data.dynamic_mixing's utterance lists unset")
-            if d.synthetic_speakers < self.model.num_spks + 2:
-                raise ConfigError("data.synthetic_speakers must exceed model.num_spks + 1 (speakers are split "
-                                  "into training and held-out validation speakers)")
+            if d.synthetic_speakers < max(self.model.num_spks + 2, 2 * self.model.num_spks):
+                raise ConfigError(f"data.synthetic_speakers must be at least "
+                                  f"{max(self.model.num_spks + 2, 2 * self.model.num_spks)} for "
+                                  f"{self.model.num_spks} speakers per mixture (they are split into training and "
+                                  "held-out validation speakers, each enough to mix)")
         elif dm is not None:
             if not dm.train_utterances:
                 raise ConfigError("data.dynamic_mixing.train_utterances is required with dynamic mixing (any "

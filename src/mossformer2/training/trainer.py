@@ -44,7 +44,7 @@ from mossformer2.training.experiment import (
     move_run_files_aside,
     stop_signals,
 )
-from mossformer2.utils import resolve_device, with_context
+from mossformer2.utils import bar_disabled, resolve_device, with_context
 
 log = logging.getLogger("mossformer2.training")
 
@@ -599,7 +599,8 @@ class Trainer:
         from tqdm import tqdm
 
         bar = tqdm(total=per_epoch, initial=self.state.batches_done, desc=f"epoch {self.state.epoch}",
-                   unit="batch", disable=not (t.progress_bar and self.dist.is_main), leave=False)
+                   unit="batch", disable=True if not self.dist.is_main else bar_disabled(t.progress_bar),
+                   leave=False)
         sums = {"grad_norm": 0.0, "steps": 0}
         window = {"loss": 0.0, "n": 0}
         bad = False
