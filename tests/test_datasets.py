@@ -237,3 +237,7 @@ def test_several_training_sets_are_used_together(tmp_path):
         (b / folder / "u0.wav").rename(b / folder / "w0.wav")
     train, _ = build_datasets(load_train_config(config), progress=False)
     assert sorted(e.id for e in train.entries) == ["u0", "u1", "w0"]
+    from mossformer2.data.manifests import load_manifests
+
+    with pytest.raises(ValueError, match=r"names .*a more than once"):
+        load_manifests([a, b / "mix_clean", a])

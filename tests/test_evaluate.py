@@ -387,4 +387,14 @@ def test_a_resume_from_another_folder_goes_on_and_a_refusal_names_what_changed(d
     settings["separator"]["chunk_seconds"], settings["separator"]["overlap_seconds"] = 10.0, 2.0  # an older run's
     (tmp_path / "out" / "settings.json").write_text(json.dumps(settings))
     assert main([*argv, "--checkpoint", "a/best.pt"]) == 1
-    assert "--chunk-seconds 10 goes on with these results" in capsys.readouterr().err
+    assert "--chunk-seconds 10 --overlap-seconds 2 goes on with these results" in capsys.readouterr().err
+    assert main([*argv, "--checkpoint", "a/best.pt", "--chunk-seconds", "10", "--overlap-seconds", "2"]) == 0
+    # A settings.json from before the weights' SHA-256 was recorded: its checkpoint's name is all that says which
+    # weights scored it, so another name is refused (as before), not merged with a warning.
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    del settings["checkpoint_sha256"]
+    settings["checkpoint"] = "/elsewhere/other.pt"
+    (tmp_path / "out" / "settings.json").write_text(json.dumps(settings))
+    assert main([*argv, "--checkpoint", "a/best.pt", "--chunk-seconds", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "does not record which weights" in err and "other settings (checkpoint '/elsewhere/other.pt' -> " in err

@@ -1193,3 +1193,24 @@ def test_the_synthetic_corpus_validates_on_voices_it_does_not_train_on(corpus):
     train = sorted(p.name for p in Path(corpus.train_utterances).iterdir() if p.is_dir())
     valid = sorted(p.name for p in Path(corpus.valid_utterances).iterdir() if p.is_dir())
     assert train == ["spk00", "spk02", "spk03"] and valid == ["spk01", "spk04"]  # 5 voices, 2 held out
+    from mossformer2.data.synthetic import generate_speaker_corpus
+
+    for voices in ([1, 1], [5], [-1]):
+        with pytest.raises(ValueError, match="voices must be distinct indices below num_speakers"):
+            generate_speaker_corpus(corpus.train_utterances, 5, 1, voices=voices)
+
+
+@pytest.mark.parametrize("lengths", [[10, 12], [2000, 10]])
+def test_training_utterances_shorter_than_the_networks_minimum_input_train(corpus, tmp_path, lengths):
+    """Since short utterances keep their true length (not padded into the crop), one under the network's minimum
+    input (24 samples here) stopped training; validation already padded such batches."""
+    from tests.test_datasets import _make_wsj_folder
+
+    folder = _make_wsj_folder(tmp_path / "wsj", lengths)
+    cfg = make_config(corpus, "data.dynamic_mixing=null", f"data.train={folder}", f"data.valid={folder}",
+                      "data.batch_size=2", "data.cache_audio=false", "optim.accum_steps=1", "trainer.max_epochs=1")
+    trainer = Trainer(cfg, tmp_path / "exp")
+    assert min(lengths) < trainer.model.min_input_length
+    trainer.fit()
+    assert trainer.state.step == 1 and trainer.state.skipped_steps == 0
+    assert math.isfinite(trainer.state.history[0]["train_loss"])

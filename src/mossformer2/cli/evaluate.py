@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     check_folder_creatable(args.out, "output folder")  # and on a bad --out (evaluate() creates it)
     ref = model_ref(args)
     # Resolved once (a hub id: its cached snapshot file), so that the weights hashed are the weights loaded.
-    weights = ref if ref is None or is_onnx_path(ref) else str(checkpoint_path(ref).resolve())
-    if weights != ref and weights is not None:  # a folder (a run's best.pt, or its only file) or a hub id
+    weights = ref if ref is None or is_onnx_path(ref) else str(checkpoint_path(ref).absolute())
+    if weights is not None and not Path(ref).is_file():  # a folder (a run's best.pt, or its only file) or a hub id
         print(f"checkpoint file: {weights}", file=sys.stderr)
     model = load_chosen_model(weights, args.device)
     separator = Separator(model, device=args.device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,

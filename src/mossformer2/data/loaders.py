@@ -76,7 +76,7 @@ def prepare_synthetic_data(cfg: TrainConfig, root: str | Path, progress: bool = 
     root = Path(root)
     n_valid = max(cfg.model.num_spks, d.synthetic_speakers // 4)
     # The marker records the settings the corpus was made with: changed ones make a new corpus.
-    # Held-out voices lie between training ones (every few steps of one spread of voices), never on them.
+    # Held-out voices are interleaved with the training ones (every few steps of one spread of voices), never one.
     total = d.synthetic_speakers
     valid_voices = [round((k + 0.5) * total / n_valid) for k in range(n_valid)]
     train_voices = [k for k in range(total) if k not in valid_voices]

@@ -67,6 +67,10 @@ def load_manifests(paths: str | Path | list[str | Path], num_spks: int | None = 
         return load_manifest(paths, num_spks)
     if not paths:
         raise ValueError("the list of manifests is empty")
+    named = [Path(p).expanduser().absolute() for p in paths]
+    twice = sorted({str(p) for p in named if named.count(p) > 1})
+    if twice:
+        raise ValueError(f"the list of manifests names {', '.join(twice)} more than once")
     entries: list[MixtureEntry] = []
     origin: dict[str, str] = {}
     for path in paths:

@@ -71,8 +71,10 @@ def generate_speaker_corpus(root: str | Path, num_speakers: int, utterances_per_
     ``num_speakers`` voices have their mean pitches spread over 90-260 Hz and their formant scales over 0.75-1.45
     (log scales, rising together as from male to female voices), so that any two speakers differ in voice.
     ``voices``: write only these of them (speaker ``k`` is voice ``k`` of that spread): a held-out split takes
-    voices between the training ones, so that no voice (nor speaker name) is in both.
+    voices interleaved with the training ones, so that no voice (nor speaker name) is in both.
     """
+    if voices is not None and (len(set(voices)) != len(voices) or not all(0 <= k < num_speakers for k in voices)):
+        raise ValueError(f"voices must be distinct indices below num_speakers ({num_speakers}), got {list(voices)}")
     root = Path(root)
     rng = np.random.default_rng(seed)
     pitches = np.geomspace(90, 260, num_speakers)

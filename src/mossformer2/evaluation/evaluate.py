@@ -288,20 +288,23 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
 def _check_same_settings(out_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     """Refuse to resume results of other settings or other weights; a settings.json written before the weights
     were recorded is accepted with a warning (its weights cannot be checked)."""
-    if WEIGHTS_KEY in new and WEIGHTS_KEY not in old:
+    legacy = WEIGHTS_KEY in new and WEIGHTS_KEY not in old  # its checkpoint's name is all that identifies it
+    if legacy:
         warnings.warn(f"{out_dir / SETTINGS_NAME} does not record which weights scored the results in it (written "
                       f"by an older version): they are kept as results of {new.get('checkpoint')}; pass "
                       "--overwrite if that file may have changed since", stacklevel=3)
         old = {**old, WEIGHTS_KEY: new[WEIGHTS_KEY]}
-    changed = sorted(k for k in set(old) | set(new) if k not in RESUME_IGNORED and old.get(k) != new.get(k))
+    ignored = [k for k in RESUME_IGNORED if not (legacy and k == "checkpoint")]
+    changed = sorted(k for k in set(old) | set(new) if k not in ignored and old.get(k) != new.get(k))
     if changed:
         weights = ("other weights at the same checkpoint path" if old.get("checkpoint") == new.get("checkpoint")
                    else f"other weights ({old.get('checkpoint')} -> {new.get('checkpoint')})")
         named = [f"{k}: {weights}" if k == WEIGHTS_KEY else _setting_change(k, old, new)
                  for k in changed]
-        chunk_before = (old.get("separator") or {}).get("chunk_seconds")
+        before = old.get("separator") or {}
         hint = (f" (evaluate separates whole mixtures unless given --chunk-seconds: --chunk-seconds "
-                f"{chunk_before:g} goes on with these results)" if chunk_before is not None
+                f"{before['chunk_seconds']:g} --overlap-seconds {before.get('overlap_seconds') or 0:g} goes on with "
+                "these results)" if before.get("chunk_seconds") is not None
                 and (new.get("separator") or {}).get("chunk_seconds") is None else "")
         raise ValueError(f"{out_dir} holds results of a run with other settings ({', '.join(named)}){hint}; "
                          "evaluate into a new --out folder or pass --overwrite to start again")

@@ -515,7 +515,8 @@ class Separator:
         results: list[np.ndarray | None] = [None] * len(waves)
         single_pass: list[int] = []
         for i, wave in enumerate(waves):
-            if self.chunk == sys.maxsize and wave.shape[-1] > ONE_PASS_WARN_SECONDS * self.sample_rate:
+            if (self.chunk == sys.maxsize and wave.shape[-1] > ONE_PASS_WARN_SECONDS * self.sample_rate
+                    and np.any(wave)):
                 warnings.warn(f"an input of {wave.shape[-1] / self.sample_rate:.0f} s is separated in one pass "
                               "(chunk_seconds=None): memory grows with its length; chunk_seconds (--chunk-seconds) "
                               "bounds it", stacklevel=4)
@@ -665,17 +666,16 @@ def _aligned_channels(channels: list[np.ndarray]) -> list[np.ndarray]:
 
 @contextlib.contextmanager
 def warnings_about(label: str) -> Iterator[None]:
-    """Warnings raised in the block, raised again after it with ``label: `` in front (which file of a batch they
-    concern), each time: Python shows an identical warning from one place only once, so a second file with the
-    same guessed chunk boundaries went unreported."""
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:  # also when the block failed: what it warned about before still concerns that file
-        for w in caught:
-            warnings.warn_explicit(f"{label}: {w.message}", w.category, w.filename, w.lineno, source=w.source)
+    """Warnings raised in the block, raised again once it succeeded with `` (label)`` at their end (which file of
+    a batch they concern; filters on the message's start still match). Python shows an identical warning from one
+    place only once, so a second file with the same guessed chunk boundaries went unreported. A block that fails
+    raises its error alone (its warnings could otherwise replace it, under -W error). As warnings' own
+    ``catch_warnings``, not thread-safe."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        warnings.warn_explicit(f"{w.message} ({label})", w.category, w.filename, w.lineno, source=w.source)
 
 
 def _seconds(value: float | None) -> str:

@@ -34,7 +34,7 @@ from mossformer2.checkpoint import read_checkpoint, save_checkpoint
 from mossformer2.config_utils import to_dict
 from mossformer2.data.loaders import batches_per_epoch, create_dataloaders, prepare_synthetic_data, set_loader_epoch
 from mossformer2.hub import TRAINER_BEST, TRAINER_LAST
-from mossformer2.losses import pit_si_sdr_loss, si_sdr
+from mossformer2.losses import pit_si_sdr_loss, reorder_estimates, si_sdr
 from mossformer2.models import MossFormer2, build_model
 from mossformer2.training.config import TrainConfig, absolute_path, save_train_config, with_absolute_paths
 from mossformer2.training.distributed import DistInfo, all_reduce_sum, barrier, get_dist_info
@@ -623,8 +623,12 @@ class Trainer:
                 sync = last_micro or not self.dist.is_distributed
                 no_sync = contextlib.nullcontext() if sync else self.train_model.no_sync()
                 with no_sync:
+                    mix, sources, lengths = _fit_to_model(batch["mix"], batch.get("sources"), batch["lengths"],
+                                                          self.model.min_input_length)
+                    if sources is not None:
+                        batch = {**batch, "sources": sources}
                     with self._autocast():
-                        est = self.train_model(batch["mix"], _padded_lengths(batch["lengths"], batch["mix"]))
+                        est = self.train_model(mix, lengths)
                     loss = est.float().sum() * 0.0 if empty else self._loss(est, batch)
                     if self._all_finite(loss.detach()):
                         scaled = loss / accum  # fp16: scaled up against underflow, unscaled in _optimizer_step
@@ -687,11 +691,9 @@ class Trainer:
             if batch["mix"].shape[0] == 0:
                 continue
             mix, ref, lengths = (batch[k].to(self.device) for k in ("mix", "sources", "lengths"))
-            short = model.min_input_length - mix.shape[-1]
-            if short > 0:  # utterances shorter than the network's minimum input: zero-padded, scored on their length
-                mix, ref = torch.nn.functional.pad(mix, (0, short)), torch.nn.functional.pad(ref, (0, short))
+            mix, ref, model_lengths = _fit_to_model(mix, ref, lengths, model.min_input_length)
             with self._autocast():
-                est = model(mix, _padded_lengths(lengths.clamp(min=model.min_input_length), mix))
+                est = model(mix, model_lengths)
             est = est.float()
             plain, perm = pit_si_sdr_loss(est, ref, lengths, reduction="none")  # unclamped: -SI-SDR
             clamp = self.cfg.optim.loss_clamp_db
@@ -699,9 +701,11 @@ class Trainer:
             mix_sdr = si_sdr(mix[:, None, :].expand_as(ref), ref, lengths).mean(-1)
             totals += torch.stack([loss.sum(), -plain.sum(), (-plain - mix_sdr).sum(),
                                    loss.new_tensor(float(len(loss)))]).double()
-            for i in range(min(examples_left, mix.shape[0])):  # estimates in the references' order
-                aligned = est[i, torch.argsort(perm[i]), :lengths[i]]
-                self._log_audio(batch["ids"][i], mix[i, :lengths[i]], aligned, ref[i, :, :lengths[i]])
+            logged = min(examples_left, mix.shape[0])
+            aligned = reorder_estimates(est[:logged], perm[:logged]) if logged else est[:0]  # references' order
+            for i in range(logged):
+                self._log_audio(batch["ids"][i], mix[i, :lengths[i]], aligned[i, :, :lengths[i]],
+                                ref[i, :, :lengths[i]])
             examples_left -= min(examples_left, mix.shape[0])
         self.state.skipped_files += skipped
         totals = all_reduce_sum(totals).cpu()
@@ -716,11 +720,12 @@ class Trainer:
         if not math.isfinite(peak):
             return  # a diverged model (reported with the scores): NaN cannot be written as 16-bit audio
         sr, step = self.cfg.data.sample_rate, self.state.step
-        if name not in self._audio_logged:
+        if name not in self._audio_logged:  # the mixture and references at one level of their own
             self._audio_logged.add(name)
-            self.writer.add_audio(f"valid/{name}/mix", (mix / peak).cpu(), step, sample_rate=sr)
+            level = float(torch.cat([mix.abs().flatten(), ref.abs().flatten()]).max()) + 1e-8
+            self.writer.add_audio(f"valid/{name}/mix", (mix / level).cpu(), step, sample_rate=sr)
             for s in range(ref.shape[0]):
-                self.writer.add_audio(f"valid/{name}/reference{s + 1}", (ref[s] / peak).clamp(-1, 1).cpu(), step,
+                self.writer.add_audio(f"valid/{name}/reference{s + 1}", (ref[s] / level).cpu(), step,
                                       sample_rate=sr)
         for s in range(est.shape[0]):
             self.writer.add_audio(f"valid/{name}/s{s + 1}", (est[s] / peak).cpu(), step, sample_rate=sr)
@@ -934,6 +939,18 @@ def _config_diff(old: Any, new: dict[str, Any]) -> str:
     return "; ".join(f"model.{key}: {old.get(key, missing)!r} in the checkpoint, {new.get(key, missing)!r} in "
                      "the config" for key in sorted(set(old) | set(new), key=str)
                      if old.get(key, missing) != new.get(key, missing))
+
+
+def _fit_to_model(mix: torch.Tensor, sources: torch.Tensor | None, lengths: torch.Tensor, min_length: int
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A batch ``mix [B, T]`` / ``sources [B, S, T]`` shorter than the network's minimum input zero-padded to it,
+    and the lengths the model takes (each at least the minimum; None when nothing is padded). The loss and the
+    scores keep the true ``lengths``: utterances that short are scored on their own samples."""
+    short = min_length - mix.shape[-1]
+    if short > 0:
+        mix = torch.nn.functional.pad(mix, (0, short))
+        sources = None if sources is None else torch.nn.functional.pad(sources, (0, short))
+    return mix, sources, _padded_lengths(lengths.clamp(min=min_length), mix)
 
 
 def _padded_lengths(lengths: torch.Tensor, mix: torch.Tensor) -> torch.Tensor | None:
