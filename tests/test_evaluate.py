@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -398,3 +399,17 @@ def test_a_resume_from_another_folder_goes_on_and_a_refusal_names_what_changed(d
     assert main([*argv, "--checkpoint", "a/best.pt", "--chunk-seconds", "10"]) == 1
     err = capsys.readouterr().err
     assert "does not record which weights" in err and "other settings (checkpoint '/elsewhere/other.pt' -> " in err
+
+
+def test_each_mixtures_guessed_chunk_boundaries_are_reported_by_name(dataset, tmp_path):
+    """With chunks, Python's once-per-place rule reported guessed boundaries for the first mixture only."""
+    from tests.test_separation import SameVoiceTwice
+
+    entries = load_manifest(dataset)[:2]
+    sep = Separator(SameVoiceTwice(), chunk_seconds=0.4, overlap_seconds=0.2, normalize="none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        evaluate(sep, entries, tmp_path / "out", metrics="si_sdr", progress=False)
+    named = sorted(str(w.message).rsplit("(mixture ", 1)[1].rstrip(")") for w in caught
+                   if "was a guess" in str(w.message))
+    assert named == sorted(e.id for e in entries)

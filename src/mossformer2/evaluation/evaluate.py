@@ -343,6 +343,7 @@ def _evaluate_one(separator: Any, entry: MixtureEntry, metrics: Sequence[str], s
                   header: list[str]) -> tuple[dict[str, str], int, int]:
     """``(CSV row, channels of the mixture file, its sample rate)``; 0 channels and rate when unread."""
     from mossformer2.audio import to_mono
+    from mossformer2.separation.separator import warnings_about
 
     row = dict.fromkeys(header, "")
     row["id"] = entry.id
@@ -351,7 +352,8 @@ def _evaluate_one(separator: Any, entry: MixtureEntry, metrics: Sequence[str], s
         mix, refs, rate = _read_entry(entry)
         channels, mix = mix.shape[0], to_mono(mix)
         row["duration_s"] = f"{mix.shape[-1] / rate:.3f}"
-        estimates = np.asarray(separator.separate(mix, rate))
+        with warnings_about(f"mixture {entry.id}"):  # each mixture's guessed chunk boundaries, by name
+            estimates = np.asarray(separator.separate(mix, rate))
         if estimates.shape != refs.shape:
             raise ValueError(f"the separator returned shape {estimates.shape}, the references are {refs.shape}")
         scores = score_separation(estimates, refs, mix, rate, metrics=metrics, score_rate=score_rate)
