@@ -67,8 +67,9 @@ OUTPUT_FORMATS = ("wav", "flac")
 TARGET_RMS = 10 ** (-25 / 20)  # -25 dBFS, the level ClearVoice feeds the model
 TARGET_PEAK = 0.9
 CHUNK_SECONDS, OVERLAP_SECONDS = 10.0, 2.0  # the defaults
-# chunk_seconds=None: inputs longer than this draw a warning (memory grows with the length of one pass).
-ONE_PASS_WARN_SECONDS = 60.0
+# chunk_seconds=None: the chunk length that makes every input one pass, and the input length above which that
+# draws a warning (memory grows with the length of a pass).
+ONE_PASS, ONE_PASS_WARN_SECONDS = sys.maxsize, 60.0
 # Below this overlap the speaker matching of consecutive chunks often goes wrong (an audit measured swaps at
 # 0.1-0.5 s, and at 1 s with 4 s chunks), so shorter overlaps are warned about.
 SAFE_OVERLAP_SECONDS = 1.0
@@ -247,7 +248,7 @@ class Separator:
         kernel = int(getattr(model.config, "encoder_kernel_size", 1))
         # The network needs two encoder frames (its instance norms take statistics over time).
         self.min_samples = int(getattr(model, "min_input_length", 0) or kernel + kernel // 2)
-        self.chunk = int(round(chunk_seconds * self.sample_rate)) if chunked else sys.maxsize  # None: one pass
+        self.chunk = int(round(chunk_seconds * self.sample_rate)) if chunked else ONE_PASS
         self.overlap = int(round(overlap_seconds * self.sample_rate))
         if self.chunk < self.min_samples:
             raise ValueError(f"chunk_seconds={chunk_seconds} is shorter than the model kernel")
@@ -300,12 +301,12 @@ class Separator:
     @property
     def chunk_seconds(self) -> float | None:
         """The chunk length in seconds; None: every input in one pass."""
-        return None if self.chunk == sys.maxsize else self.chunk / self.sample_rate
+        return None if self.chunk == ONE_PASS else self.chunk / self.sample_rate
 
     @property
     def overlap_seconds(self) -> float | None:
         """The overlap of consecutive chunks in seconds; None without chunks."""
-        return None if self.chunk == sys.maxsize else self.overlap / self.sample_rate
+        return None if self.chunk == ONE_PASS else self.overlap / self.sample_rate
 
     @property
     def refinements(self) -> dict[str, bool]:
@@ -515,7 +516,7 @@ class Separator:
         results: list[np.ndarray | None] = [None] * len(waves)
         single_pass: list[int] = []
         for i, wave in enumerate(waves):
-            if (self.chunk == sys.maxsize and wave.shape[-1] > ONE_PASS_WARN_SECONDS * self.sample_rate
+            if (self.chunk == ONE_PASS and wave.shape[-1] > ONE_PASS_WARN_SECONDS * self.sample_rate
                     and np.any(wave)):
                 warnings.warn(f"an input of {wave.shape[-1] / self.sample_rate:.0f} s is separated in one pass "
                               "(chunk_seconds=None): memory grows with its length; chunk_seconds (--chunk-seconds) "
