@@ -622,6 +622,34 @@ def test_compile_layers_fuses_cuda_convs_and_keeps_the_output_on_cpu():
         build_model(make_tiny_config()).compile_layers(layout="shifted_sum")
 
 
+def test_the_realized_conv_form_compiles_through_the_whole_network(monkeypatch):
+    """The CUDA shifted-sum path forced on the CPU, so that the compiled layers of the whole (tiny) network are
+    traced with session 15's realized conv inputs (inductor's stride-forcing primitive), as they will be on a
+    GPU: the same output as eager."""
+    from mossformer2.models import fsmn
+
+    original = convolution.conv_along_time
+    forms = set()
+
+    def cuda_path(x, weight, padding, dilation, groups, cuda_layout=""):
+        if weight.shape[1] == 1 and cuda_layout.startswith("shifted_sum"):
+            forms.add(cuda_layout)
+            return convolution.depthwise_shifted_sum(x, weight.to(x.dtype), padding, dilation,
+                                                     convolution.SHIFTED_SUM_INPUTS[cuda_layout])
+        return original(x, weight, padding, dilation, groups, cuda_layout)
+
+    monkeypatch.setattr(convolution, "conv_along_time", cuda_path)
+    monkeypatch.setattr(fsmn, "conv_along_time", cuda_path)
+    torch.manual_seed(0)
+    model = build_model(make_tiny_config()).eval()
+    wave = torch.randn(2, 4000)
+    with torch.inference_mode():
+        expected = model(wave)
+        out = model.compile_layers(dynamic=False, layout="shifted_sum_realized")(wave)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    assert forms == {"shifted_sum_realized"}  # every depth-wise conv (ConvModule and dense FSMN) took that form
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the layout knob applies on CUDA only")
 def test_a_module_layout_overrides_the_global_one(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
