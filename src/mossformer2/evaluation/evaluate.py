@@ -251,14 +251,15 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
     by_id = {**done, **{r["id"]: r for r in new_rows}}
     rows = [by_id[e.id] for e in entries]
     modes = _pesq_modes(entries, rows, rates, score_rate) if "pesq" in names else {}
+    mode_names = sorted(set(modes.values()))
     scores = summarize(rows, names)
-    if {"nb", "wb"} <= set(modes.values()):  # narrow and wide band PESQ are two scales: no one mean of both
-        for mode in sorted(set(modes.values())):
+    if {"nb", "wb"} <= set(mode_names):  # narrow and wide band PESQ are two scales: no one mean of both
+        for mode in mode_names:
             scores[f"pesq_{mode}"] = summarize([r for r in rows if modes.get(r["id"]) == mode], ["pesq"])["pesq"]
         del scores["pesq"]
         warnings.warn("the scored mixtures have sample rates of different PESQ modes (8 kHz: narrow band, other "
-                      "rates: wide band): PESQ is summarised per mode (" + ", ".join(
-                          f"pesq_{m}" for m in sorted(set(modes.values()))) + "), not as one mean", stacklevel=2)
+                      "rates: wide band): PESQ is summarised per mode ("
+                      + ", ".join(f"pesq_{m}" for m in mode_names) + "), not as one mean", stacklevel=2)
     failed = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
     incomplete = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "ok" and r["error"]]
     summary = {
@@ -277,8 +278,8 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
         "data": settings["data"],
         "checkpoint": settings.get("checkpoint"),
         "model_sample_rate": model_rate,
-        **({"pesq_mode": "; ".join(f"{mode}: {PESQ_MODES.get(mode, UNKNOWN_PESQ_MODE)}"
-                                   for mode in sorted(set(modes.values())))} if "pesq" in names else {}),
+        **({"pesq_mode": "; ".join(f"{mode}: {PESQ_MODES.get(mode, UNKNOWN_PESQ_MODE)}" for mode in mode_names)}
+           if "pesq" in names else {}),
         "settings": {k: v for k, v in settings.items() if k not in ("data", "checkpoint")},
     }
     atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")

@@ -564,17 +564,13 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
     by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults;
     ``mossformer2 export`` carries it into the ONNX and TorchScript files, whose wrappers expose it the same way.
     """
-    if ref is None:
-        if filename is not None:
-            raise ValueError(f"filename={filename!r} picks a file in a folder or hub repository: pass ref too")
-        from mossformer2.pretrained import default_model_path
+    from mossformer2.hub import checkpoint_path, model_checkpoint
 
-        path = default_model_path()
+    if ref is None:
+        path = model_checkpoint("default", filename, cache_dir)  # the shipped file (filename= refused)
     elif is_onnx_path(ref):
         path = Path(ref)
     else:
-        from mossformer2.hub import checkpoint_path
-
         path = checkpoint_path(ref, filename, cache_dir)
     if is_onnx_path(path):  # also one that filename= picked in a folder or hub repository
         from mossformer2.runtime import OnnxRuntimeModel, providers_for_device
