@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import huggingface_hub
@@ -108,7 +109,14 @@ def test_a_mistyped_local_path_is_named_as_both_readings(offline_cache, tmp_path
                                       "local Hugging Face cache"), str(info.value)
 
 
-def test_network_failure_falls_back_to_cache(offline_cache, monkeypatch):
+@pytest.fixture
+def resolvable_hub(monkeypatch):
+    """Name lookups succeed (this machine and CI have no DNS), so the download itself is what gets faked."""
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443))])
+
+
+def test_network_failure_falls_back_to_cache(offline_cache, resolvable_hub, monkeypatch):
     _, cached = offline_cache
     monkeypatch.delenv("HF_HUB_OFFLINE")
     real_download = huggingface_hub.hf_hub_download
@@ -127,7 +135,40 @@ def test_network_failure_falls_back_to_cache(offline_cache, monkeypatch):
         resolve_checkpoint("someone/NotCached")
 
 
-def test_online_download_path_is_used_when_available(tmp_path, monkeypatch):
+def test_an_unresolvable_hub_host_skips_the_network_tries(offline_cache, monkeypatch):
+    """Without DNS, huggingface_hub retried the lookup for ~24 s per file before using the cache."""
+    _, cached = offline_cache
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for proxy in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    lookups, downloads = [], []
+
+    def no_dns(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    real_download = huggingface_hub.hf_hub_download
+
+    def download(*args, **kwargs):
+        downloads.append(kwargs.get("local_files_only", False))
+        return real_download(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert resolve_checkpoint(REPO).resolve() == cached.resolve()
+    # The cache only (huggingface_hub itself may look the host up again for its user-agent header).
+    assert lookups[0] == "huggingface.co" and downloads == [True]
+    with pytest.raises(FileNotFoundError, match="the hub's host huggingface.co cannot be resolved .*no download"):
+        resolve_checkpoint("someone/NotCached")
+    assert downloads == [True, True]
+    # Behind a proxy the proxy resolves the name: the download is tried.
+    monkeypatch.setenv("https_proxy", "http://proxy.invalid:3128")
+    with pytest.raises(FileNotFoundError, match="download failed"):
+        resolve_checkpoint("someone/NotCached")
+    assert downloads[2:] == [False, True]
+
+
+def test_online_download_path_is_used_when_available(tmp_path, resolvable_hub, monkeypatch):
     target = tmp_path / "downloaded.pt"
     save_checkpoint(target, build_model(make_tiny_config()))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

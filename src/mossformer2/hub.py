@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 HUB_FILENAME = "last_best_checkpoint.pt"
@@ -132,6 +135,27 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _unresolvable_hub_host() -> str | None:
+    """The hub's host name when it cannot be resolved and no proxy is set, else None.
+
+    huggingface_hub retries a failed name lookup for about 24 s before giving up; a machine without DNS (an
+    offline one) never gets an answer, so the network try is skipped there. With a proxy the proxy resolves it.
+    """
+    from huggingface_hub import constants
+
+    proxies = urllib.request.getproxies()
+    if proxies.get("https") or proxies.get("all"):
+        return None
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return host
+    return None
+
+
 def _download_from_hub(repo_id: str, filename: str, cache_dir: str | Path | None) -> Path:
     from huggingface_hub import hf_hub_download
 
@@ -139,17 +163,20 @@ def _download_from_hub(repo_id: str, filename: str, cache_dir: str | Path | None
     how_to = (f"on a machine with internet run `hf download {repo_id} {filename}` (huggingface_hub >= 0.34; "
               f"`huggingface-cli download` before 1.0) or download it from https://huggingface.co/{repo_id}, "
               "copy the file here and pass its path (ref= in Python, --checkpoint PATH on the command line)")
-    if not _offline():
+    online_error: Exception | None = None
+    offline = _offline()
+    unresolved = None if offline else _unresolvable_hub_host()
+    if not offline and unresolved is None:
         try:
             return Path(hf_hub_download(repo_id, filename, cache_dir=cache))
         except Exception as err:  # network down, repo missing, ...: try the local cache before giving up
-            online_error: Exception | None = err
-    else:
-        online_error = None
+            online_error = err
     try:
         return Path(hf_hub_download(repo_id, filename, cache_dir=cache, local_files_only=True))
     except Exception:
-        if online_error is None:
+        if unresolved is not None:
+            reason = f"the hub's host {unresolved} cannot be resolved (no network?), so no download was tried"
+        elif offline:
             reason = "offline mode (HF_HUB_OFFLINE=1)"
         else:  # huggingface_hub retries an unreachable hub for about 24 s before this
             first_line = str(online_error).splitlines()[0] if str(online_error) else type(online_error).__name__
