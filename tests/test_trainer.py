@@ -557,6 +557,30 @@ def test_resume_with_another_model_config_names_only_the_keys_that_differ(corpus
     assert "encoder_embedding_dim" not in message and "sample_rate" not in message  # unchanged keys: not listed
 
 
+def test_a_checkpoint_from_another_version_resumes(corpus, tmp_path, caplog):
+    """A model option added since a checkpoint was saved (absent from it, default in the config) is the same
+    network, and a newer version's extra counter is dropped with a warning: both resumed (a raw dict comparison
+    refused the first, ``TrainState(**saved)`` raised a TypeError on the second)."""
+    import logging
+
+    first = Trainer(make_config(corpus), tmp_path, loaders=(None, None))
+    first.state.step = 7
+    first.save_checkpoint(tmp_path / "last.pt")
+    first.close()
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    del ckpt["config"]["conv_kernel_size"]  # saved before the option existed; the config has its default
+    ckpt["trainer_state"]["tokens_seen"] = 123  # a counter from a newer version
+    torch.save(ckpt, tmp_path / "last.pt")
+    with caplog.at_level(logging.WARNING, logger="mossformer2.training"):
+        resumed = Trainer(make_config(corpus), tmp_path, loaders=(None, None))
+    resumed.close()
+    assert resumed.state.step == 7
+    assert "training counters this version does not know (tokens_seen)" in caplog.text
+    # An option that differs from the default the checkpoint implies is still a different network.
+    with pytest.raises(ValueError, match="model.conv_kernel_size: 17 in the checkpoint, 9 in the config"):
+        Trainer(make_config(corpus, "model.conv_kernel_size=9"), tmp_path, loaders=(None, None))
+
+
 def test_files_dropped_while_the_cache_loads_are_counted_as_skipped(corpus, tmp_path):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF garbage, not audio")

@@ -35,7 +35,7 @@ from mossformer2.config_utils import to_dict
 from mossformer2.data.loaders import batches_per_epoch, create_dataloaders, prepare_synthetic_data, set_loader_epoch
 from mossformer2.hub import TRAINER_BEST, TRAINER_LAST
 from mossformer2.losses import pit_si_sdr_loss, reorder_estimates, si_sdr
-from mossformer2.models import MossFormer2, build_model
+from mossformer2.models import MossFormer2, MossFormer2Config, build_model
 from mossformer2.training.config import TrainConfig, absolute_path, save_train_config, with_absolute_paths
 from mossformer2.training.distributed import DistInfo, all_reduce_sum, barrier, get_dist_info
 from mossformer2.training.experiment import (
@@ -354,8 +354,9 @@ class Trainer:
         if missing:
             raise ValueError(f"{path} is not a resumable training checkpoint (missing {missing}); use "
                              "trainer.init_from to start from its weights")
-        if ckpt.get("config") != self.cfg.model.to_dict():
-            diff = _config_diff(ckpt.get("config"), self.cfg.model.to_dict())
+        saved_model = _with_defaults(ckpt.get("config"))
+        if saved_model != self.cfg.model.to_dict():
+            diff = _config_diff(saved_model, self.cfg.model.to_dict())
             raise ValueError(f"{path} was trained with another model config ({diff}); use another --exp-dir for "
                              "this model (or trainer.resume=false to start afresh here: the current run's files are "
                              "then moved to a replaced-<time>/ subfolder)")
@@ -372,7 +373,7 @@ class Trainer:
             else:
                 log.warning("%s holds no weight average: trainer.ema_decay starts one from its weights", path)
                 self.ema.module.load_state_dict(ckpt["model"])
-        self.state = TrainState(**ckpt["trainer_state"])
+        self.state = _train_state(ckpt["trainer_state"], path)
         if self.dist.rank > 0:  # rank 0 goes on from the totals over all ranks
             self.state = dataclasses.replace(self.state, **dict.fromkeys(_RANK_SUMS, 0))
         saved_accum = ((ckpt.get("train_config") or {}).get("optim") or {}).get("accum_steps")
@@ -929,6 +930,27 @@ def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str) -> 
         else:
             changed.append(f"{prefix}.{key} {old[key]!r} -> {value!r}")
     return changed
+
+
+def _with_defaults(saved: Any) -> Any:
+    """A saved model config with the options it predates at their defaults (an option added since then, at its
+    default, is the same network); as saved where it does not parse (e.g. an option from a newer version)."""
+    if not isinstance(saved, dict):
+        return saved
+    try:
+        return MossFormer2Config.from_dict(saved).to_dict()
+    except (TypeError, ValueError):  # ConfigError is a ValueError
+        return saved
+
+
+def _train_state(saved: dict[str, Any], path: str | Path) -> TrainState:
+    """The saved counters; ones this version does not know (a newer version's) are named and dropped."""
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        log.warning("%s holds training counters this version does not know (%s): they are ignored", path,
+                    ", ".join(unknown))
+    return TrainState(**{key: value for key, value in saved.items() if key in known})
 
 
 def _config_diff(old: Any, new: dict[str, Any]) -> str:
