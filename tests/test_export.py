@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import numpy as np
@@ -203,6 +204,34 @@ def test_onnx_deployment_needs_no_torch(tiny_model, onnx_path, tmp_path):
         written, rate = sf.read(tmp_path / "out" / f"in_s{k + 1}.wav", dtype="float32")
         assert rate == 8000
         np.testing.assert_allclose(written, plain[k], atol=1e-4)
+
+
+def test_evaluate_scores_an_onnx_export_without_torch(onnx_path, tmp_path):
+    """`evaluate --checkpoint X.onnx` is offered without torch: SI-SDR, PESQ and STOI score in NumPy (every
+    mixture was recorded as failed with "No module named 'torch'"); SDR, which needs torch, is refused up front."""
+    import json
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    rng = np.random.default_rng(5)
+    sources = (0.1 * rng.standard_normal((2, 8000 * 2))).astype(np.float32)
+    for folder, wave in (("s1", sources[0]), ("s2", sources[1]), ("mix", sources.sum(0))):
+        (tmp_path / "set" / folder).mkdir(parents=True)
+        sf.write(tmp_path / "set" / folder / "a.wav", wave, 8000, subtype="FLOAT")
+    command = [sys.executable, "-m", "mossformer2", "evaluate", "--data", str(tmp_path / "set"), "--checkpoint",
+               str(onnx_path), "-o", str(tmp_path / "out")]
+    env = torch_blocked_env(tmp_path)
+    run = subprocess.run([*command, "--metrics", "si_sdr,stoi"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["num_scored"] == 1 and summary["num_failed"] == 0, summary
+    assert math.isfinite(summary["scores"]["si_sdri"]["mean"]) and "stoi" in summary["scores"], summary
+    refused = subprocess.run([*command[:-1], str(tmp_path / "out2"), "--metrics", "si_sdr,sdr"],
+                             capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and "metric 'sdr' needs PyTorch" in refused.stderr, refused.stderr
+    assert not (tmp_path / "out2" / "scores.csv").exists()
 
 
 def test_separator_and_separate_run_on_a_torchscript_export(tiny_model, checkpoint_path, tmp_path, capsys):

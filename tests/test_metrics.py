@@ -47,6 +47,32 @@ def test_si_sdr_matches_torchmetrics(signals):
     assert metrics.si_sdr(ref[0], ref[0]) > 80
 
 
+def test_numpy_si_sdr_equals_the_training_loss_formula():
+    """Evaluation (NumPy, no torch needed) and training (torch) compute one formula: same values, including the
+    eps cases (a silent estimate, a silent reference) and a near-perfect estimate."""
+    from mossformer2 import losses
+
+    rng = np.random.default_rng(4)
+    ref = rng.standard_normal((3, 4000))
+    ref[1, :] = 0.25  # a constant reference: silent once its mean is removed
+    est = np.stack([np.full(4000, -1.0),  # a constant estimate likewise
+                    0.5 * ref[0] + 0.5 * ref[2], ref[2] + 1e-7 * rng.standard_normal(4000)])
+    ours = metrics.pairwise_si_sdr(est, ref)
+    theirs = losses.pairwise_si_sdr(torch.from_numpy(est)[None], torch.from_numpy(ref)[None])[0].numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-9)
+    # eps floors instead of NaN / -inf; the near-perfect estimate meets the eps ceiling (10 log10(|t|^2 / eps))
+    assert ours[0, 0] == pytest.approx(-80.0) and ours[1, 1] == pytest.approx(-80.0) and ours[2, 2] > 110
+
+
+def test_score_separation_aligns_speakers_by_si_sdr():
+    rng = np.random.default_rng(6)
+    ref = rng.standard_normal((3, 8000))
+    est = ref[[2, 0, 1]] + 0.1 * rng.standard_normal((3, 8000))  # estimate i holds reference [2, 0, 1][i]
+    scores = metrics.score_separation(est, ref, ref.sum(0), 8000, metrics="si_sdr")
+    assert scores["permutation"] == [2, 0, 1]
+    np.testing.assert_allclose(scores["per_speaker"]["si_sdr"], metrics.si_sdr(est[[1, 2, 0]], ref))
+
+
 @pytest.mark.filterwarnings("ignore:mir_eval.separation.bss_eval_sources:FutureWarning")
 def test_sdr_matches_mir_eval_bss_eval_sources(signals):
     from mir_eval.separation import bss_eval_sources

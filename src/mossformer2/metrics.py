@@ -1,6 +1,6 @@
 """Separation quality metrics on numpy arrays, as published papers report them.
 
-- ``si_sdr``: scale-invariant SDR (the math of :mod:`mossformer2.losses`, computed in float64): the zero-mean
+- ``si_sdr``: scale-invariant SDR (the formula of :mod:`mossformer2.losses`, in float64 NumPy): the zero-mean
   definition of the official recipe (estimate and reference have their means removed first);
 - ``sdr``: BSS-eval v3 SDR (512-tap distortion filter, as ``mir_eval.separation.bss_eval_sources``), computed
   with ``fast_bss_eval``;
@@ -38,15 +38,29 @@ def _pair(est: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return est, ref
 
 
+SI_SDR_EPS = 1e-8  # as mossformer2.losses.EPS: evaluation and training report the same numbers
+
+
+def pairwise_si_sdr(est: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """SI-SDR in dB of every estimate against every reference. ``est`` ``[S_est, T]``, ``ref`` ``[S_ref, T]``
+    -> ``[S_est, S_ref]``.
+
+    The formula of :func:`mossformer2.losses.pairwise_si_sdr` (zero-mean, eps in the projection and the ratio),
+    in float64 NumPy, so that scoring needs no torch (an ONNX deployment evaluates without it).
+    """
+    est = est - est.mean(-1, keepdims=True)
+    ref = ref - ref.mean(-1, keepdims=True)
+    ref_energy = np.einsum("jt,jt->j", ref, ref)  # [S_ref]
+    scale = (est @ ref.T) / (ref_energy + SI_SDR_EPS)  # [S_est, S_ref]
+    target_energy = scale**2 * ref_energy
+    # The residual taken explicitly, pair by pair: expanding |e - a r|^2 cancels badly for near-perfect estimates.
+    noise_energy = np.array([[np.sum((e - a * r) ** 2) for a, r in zip(row, ref)] for e, row in zip(est, scale)])
+    return 10 * np.log10(target_energy / (noise_energy + SI_SDR_EPS) + SI_SDR_EPS)
+
+
 def si_sdr(est: np.ndarray, ref: np.ndarray) -> np.ndarray | float:
     """SI-SDR in dB of matching pairs. ``est``, ``ref``: ``[..., T]`` -> ``[...]`` (a float for ``[T]``)."""
-    import torch  # here, not at the top: mixing and metric parsing run without torch
-
-    from mossformer2 import losses
-
-    est, ref = _pair(est, ref)
-    value = losses.si_sdr(torch.from_numpy(est), torch.from_numpy(ref)).numpy()
-    return float(value) if value.ndim == 0 else value
+    return _per_row(lambda e, r: pairwise_si_sdr(e[None], r[None])[0, 0], est, ref)
 
 
 def sdr(est: np.ndarray, ref: np.ndarray, filter_length: int = BSS_EVAL_FILTER_LENGTH) -> np.ndarray | float:
@@ -137,7 +151,8 @@ def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-_METRIC_PACKAGES = {"pesq": "pesq", "stoi": "pystoi", "sdr": "fast_bss_eval"}
+# The packages each metric needs beyond numpy and scipy; sdr runs fast_bss_eval's torch backend.
+_METRIC_PACKAGES = {"pesq": ("pesq",), "stoi": ("pystoi",), "sdr": ("fast_bss_eval", "torch")}
 
 
 def check_metric_dependencies(metrics: Iterable[str]) -> None:
@@ -145,8 +160,15 @@ def check_metric_dependencies(metrics: Iterable[str]) -> None:
     import importlib.util
 
     for name in metrics:
-        package = _METRIC_PACKAGES.get(name)
-        if package and importlib.util.find_spec(package) is None:
+        for package in _METRIC_PACKAGES.get(name, ()):
+            try:
+                if importlib.util.find_spec(package) is not None:
+                    continue
+            except ImportError:  # an import hook refusing the package: as good as not installed
+                pass
+            if package == "torch":
+                raise ValueError(f"metric {name!r} needs PyTorch (pip install torch), or leave {name} out of "
+                                 "--metrics (si_sdr, pesq and stoi score without it)")
             raise ValueError(f"metric {name!r} needs the {package} package: pip install 'mossformer2[quality]' "
                              f"(or pip install {package}), or leave {name} out of --metrics")
 
@@ -189,13 +211,11 @@ def score_separation(est: np.ndarray, ref: np.ndarray, mix: np.ndarray, sample_r
     if silent:
         raise ValueError(f"reference {', '.join(map(str, silent))} is silent: no separation metric is defined")
 
-    import torch
+    from scipy.optimize import linear_sum_assignment
 
-    from mossformer2 import losses
-
-    pairwise = losses.pairwise_si_sdr(torch.from_numpy(est)[None], torch.from_numpy(ref)[None])
-    perm = losses.best_permutation(pairwise)  # [1, S]
-    aligned = losses.reorder_estimates(torch.from_numpy(est)[None], perm)[0].numpy()  # reference order
+    rows, perm = linear_sum_assignment(pairwise_si_sdr(est, ref), maximize=True)  # estimate i -> reference perm[i]
+    aligned = np.empty_like(est)
+    aligned[perm] = est[rows]  # reference order
     mix_as_est = np.broadcast_to(mix, ref.shape)
 
     def with_improvement(metric) -> dict[str, np.ndarray]:
@@ -219,7 +239,7 @@ def score_separation(est: np.ndarray, ref: np.ndarray, mix: np.ndarray, sample_r
         for suffix, value in values.items():
             per_speaker[name + suffix] = [float(v) for v in np.atleast_1d(value)]
 
-    result: dict = {"permutation": [int(p) for p in perm[0]]}
+    result: dict = {"permutation": [int(p) for p in perm]}
     for key, values in per_speaker.items():
         result[key] = float(np.mean(values))
     result["per_speaker"] = per_speaker

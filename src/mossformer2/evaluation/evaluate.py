@@ -368,7 +368,9 @@ def _evaluate_one(separator: Any, entry: MixtureEntry, metrics: Sequence[str], s
         row["permutation"] = " ".join(str(p) for p in scores["permutation"])
         row["status"] = "ok"
         row["error"] = "; ".join(f"{name}: {reason}" for name, reason in scores["errors"].items())
-    except Exception as err:  # any failure is recorded for this mixture and the run goes on
+    except ImportError:  # a missing package fails every mixture alike: stop and say which
+        raise
+    except Exception as err:  # any other failure is recorded for this mixture and the run goes on
         for column in metric_columns(metrics):
             row[column] = ""
         row["status"] = "failed"
