@@ -17,7 +17,7 @@ import mossformer2.pretrained
 from mossformer2 import build_model, save_checkpoint
 from mossformer2.audio import read_audio, write_audio
 from mossformer2.losses import si_sdr
-from mossformer2.separation import Separator, write_separation, write_sources
+from mossformer2.separation import Separator, write_separation
 from mossformer2.separation.batching import equal_length_batches, length_sorted_batches, make_batches
 from mossformer2.separation.cuda_graphs import CudaGraphModel
 from mossformer2.separation.separator import TARGET_PEAK, TARGET_RMS
@@ -317,24 +317,28 @@ def test_separate_file_writes_all_speakers_and_plot(tiny_model, tmp_path):
         sep.separate_file(src, tmp_path / "ogg", format="ogg")
 
 
-def test_write_sources_is_all_or_nothing(tmp_path):
+def test_write_separation_is_all_or_nothing(tmp_path):
     sources = noise((2, 1000))
     sources[1, 10] = np.nan  # the second file cannot be written
     paths = [tmp_path / "a_s1.wav", tmp_path / "a_s2.wav"]
     with pytest.raises(ValueError, match="NaN") as caught:
-        write_sources(paths, sources, SR)
+        write_separation(paths, sources, SR)
     assert str(paths[1]) in str(caught.value) and ".tmp" not in str(caught.value)  # the file, not its temp
     assert list(tmp_path.iterdir()) == []
     write_audio(paths[0], np.full(100, 0.5, np.float32), SR)
     with pytest.raises(ValueError):
-        write_sources(paths, sources, SR)
+        write_separation(paths, sources, SR)
     assert [p.name for p in tmp_path.iterdir()] == ["a_s1.wav"]
     np.testing.assert_allclose(read_audio(paths[0])[0], 0.5, atol=1e-4)  # the old file is untouched
     with pytest.warns(UserWarning, match=r"^a_s1\.wav, a_s2\.wav: outputs peak at 2\.000.*scaled by 0\.495"):
-        write_sources(paths, np.stack([np.full(100, 0.5), np.full(100, -2.0)]).astype(np.float32), SR)
+        write_separation(paths, np.stack([np.full(100, 0.5), np.full(100, -2.0)]).astype(np.float32), SR)
     # One gain for both speakers (neither wrapped nor clipped): their level ratio stays 0.5 / 2.
     np.testing.assert_allclose(read_audio(paths[1])[0], -0.99, atol=1e-4)
     np.testing.assert_allclose(read_audio(paths[0])[0], 0.2475, atol=1e-4)
+    # Sources and paths must pair up: one source too few made an empty third file that a rerun took as done.
+    with pytest.raises(ValueError, match="2 separated sources for 3 output paths"):
+        write_separation([*paths, tmp_path / "a_s3.wav"], sources[:, :100] * 0, SR)
+    assert not (tmp_path / "a_s3.wav").exists()
 
 
 def test_from_pretrained_file_and_default(tiny_model, tmp_path, monkeypatch):

@@ -63,7 +63,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     from mossformer2.metrics import score_separation
     from mossformer2.plotting import plot_separation
     from mossformer2.separation import Separator
-    from mossformer2.separation.separator import write_sources
+    from mossformer2.separation.separator import write_separation
     from mossformer2.utils import atomic_write_text, make_folder
 
     if not math.isfinite(sir_db):
@@ -90,7 +90,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     # scores.json first: it marks the folder as a demo's, so a rerun after an interrupted one may replace the rest
     atomic_write_text(out / "scores.json", json.dumps({"sir_db": sir_db, **scores}, indent=2) + "\n")
     write_audio(out / "mixture.wav", mix, rate)
-    write_sources([out / f"speaker{k + 1}.wav" for k in range(len(aligned))], aligned, rate)
+    write_separation([out / f"speaker{k + 1}.wav" for k in range(len(aligned))], aligned, rate)
     for k, ref in enumerate(refs):
         write_audio(out / f"reference{k + 1}.wav", ref, rate)
     plot_separation(mix, aligned, rate, out / "spectrogram.png",

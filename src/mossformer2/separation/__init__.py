@@ -7,7 +7,6 @@ from mossformer2.separation.separator import (
     load_separation_model,
     output_paths,
     write_separation,
-    write_sources,
 )
 
-__all__ = ["Separator", "load_separation_model", "output_paths", "write_separation", "write_sources"]
+__all__ = ["Separator", "load_separation_model", "output_paths", "write_separation"]

@@ -607,13 +607,6 @@ def output_paths(input_path: str | Path, out_dir: str | Path, num_spks: int, for
     return [Path(out_dir) / f"{input_path.stem}_s{k + 1}.{ext}" for k in range(num_spks)]
 
 
-def write_sources(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> None:
-    """Write ``sources[k]`` (``[T]`` or ``[C, T]``) to ``paths[k]``: all files appear together or none does.
-
-    Outputs louder than full scale are scaled down together (``fit_to_full_scale``), never clipped."""
-    write_separation(paths, sources, sample_rate, subtype)
-
-
 def spectrogram_path(first_output: str | Path) -> Path:
     """``<stem>_spectrogram.png`` beside ``<stem>_s1.<ext>``."""
     first_output = Path(first_output)
@@ -622,10 +615,12 @@ def spectrogram_path(first_output: str | Path) -> Path:
 
 def write_separation(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, subtype: str = "PCM_16",
                      plot_mixture: tuple[np.ndarray, int] | None = None, title: str | None = None) -> list[Path]:
-    """Write the speaker files and, given ``(mixture [C, T], its rate)``, the spectrogram PNG
-    (``spectrogram_path``): all of them appear together or none does. Outputs louder than full scale are scaled
-    down together (``fit_to_full_scale``), never clipped. Returns the paths written."""
+    """Write ``sources[k]`` (``[T]`` or ``[C, T]``) to ``paths[k]`` and, given ``(mixture [C, T], its rate)``,
+    the spectrogram PNG (``spectrogram_path``): all of them appear together or none does. Outputs louder than
+    full scale are scaled down together (``fit_to_full_scale``), never clipped. Returns the paths written."""
     paths = [Path(p) for p in paths]
+    if len(paths) != len(sources):  # else a missing speaker would appear as an empty file, extra ones vanish
+        raise ValueError(f"{len(sources)} separated sources for {len(paths)} output paths")
     sources = fit_to_full_scale(np.asarray(sources, dtype=np.float32), subtype, ", ".join(p.name for p in paths))
     targets = paths if plot_mixture is None else [*paths, spectrogram_path(paths[0])]
     with atomic_paths(targets) as temps:
