@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from mossformer2.cli import (
@@ -19,8 +16,11 @@ from mossformer2.cli import (
     model_ref,
     refinement_options,
 )
+from mossformer2.cli.input_files import Inputs, collect_inputs, inputs_overwritten, mirrored_out_dirs, shard_files
 
-LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
+# Also importable from here (tests do); run() reads collect_inputs and _load_model through this module's globals, so
+# that patching them here takes effect.
+__all__ = ["Inputs", "add_parser", "collect_inputs", "mirrored_out_dirs", "run", "shard_files"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -73,142 +73,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="no progress bars and no per-file messages, only warnings, errors and the summary "
                              "(bars are off anyway when stderr is not a terminal)")
     return parser
-
-
-# -- inputs and outputs -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Inputs:
-    files: list[Path] = field(default_factory=list)
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
-    excluded: int = 0  # files a folder or pattern found inside the output folder (earlier outputs)
-    roots: list[Path] = field(default_factory=list)  # absolute; the folders the inputs name (mirrored_out_dirs)
-
-
-def _list_entries(list_file: Path) -> list[Path]:
-    """Paths in a text list: one path a line (spaces and ``#`` allowed if the whole line names a file),
-    ``mix s1 s2`` lines (first field) or Kaldi ``id path`` lines; ``#`` starts a comment otherwise."""
-    from mossformer2.audio import has_audio_suffix
-
-    def locate(text: str) -> Path:  # relative paths: to the current folder if found there, else to the list's
-        path = Path(text).expanduser()
-        return path if path.is_absolute() or path.exists() else list_file.parent / path
-
-    entries = []
-    # Decoded as the OS decodes file names: on POSIX a name is bytes, and a Latin-1 name in a list still names
-    # its file (a strict UTF-8 read failed the whole run).
-    for line in os.fsdecode(list_file.read_bytes()).splitlines():
-        whole = locate(line.strip()) if line.strip() else None
-        if whole is not None and whole.is_file():
-            entries.append(whole)
-            continue
-        fields = line.split("#", 1)[0].split()
-        if not fields:
-            continue
-        first = locate(fields[0])
-        # "utt_id path": the path is the entry, also when it is missing (the error then names the missing file)
-        kaldi = len(fields) == 2 and has_audio_suffix(fields[1]) and not has_audio_suffix(fields[0])
-        if len(fields) > 1 and not first.is_file() and (kaldi or locate(fields[1]).is_file()):
-            entries.append(locate(fields[1]))
-        else:
-            entries.append(first)
-    return entries
-
-
-def _pattern_root(pattern: str) -> Path:
-    """The folder a glob pattern searches: its parts before the first one with a wildcard."""
-    parts = Path(pattern).parts
-    return Path(*parts[:next(i for i, part in enumerate(parts) if glob.has_magic(part))])
-
-
-def collect_inputs(specs: list[str], exclude: Path | None = None) -> Inputs:
-    """Expand files, folders (recursive, hidden names skipped), globs and list files into a sorted, de-duplicated
-    file list, and note the folder each input names (``Inputs.roots``). An input that yields no file is an error.
-
-    Folders and patterns skip what lies under ``exclude`` (the output folder: separating ``.`` into ``./out``
-    twice must not separate the first run's outputs); files named one by one are always taken.
-    """
-    from mossformer2.audio import find_audio_files  # lazy: `mossformer2 --help` stays light
-
-    found = Inputs()
-    files: list[Path] = []
-    skip = exclude.expanduser().resolve() if exclude is not None else None
-
-    def kept(spec: str, matches: list[Path], none_found: str) -> list[Path]:
-        outside = [p for p in matches if skip is None or not p.resolve().is_relative_to(skip)]
-        found.excluded += len(matches) - len(outside)
-        if not matches:
-            found.errors.append((spec, none_found))
-        elif not outside:
-            found.errors.append((spec, f"all {len(matches)} file(s) found lie inside the output folder {exclude}"))
-        return outside
-
-    for spec in specs:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            files.extend(kept(spec, find_audio_files(path), "no audio files in the folder"))
-            found.roots.append(path)
-        elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
-            try:
-                entries = _list_entries(path)
-            except (OSError, ValueError) as err:  # unreadable, or undecodable where names are not bytes
-                found.errors.append((spec, f"cannot read the list file: {err}"))
-                continue
-            if not entries:
-                found.errors.append((spec, "the list names no file"))
-                continue
-            files.extend(entries)
-            # The entries' common folder: it changes only when the list does (the list's own folder would put
-            # absolute entries elsewhere, e.g. a ClearVoice .scp, under OUT/their/whole/path).
-            found.roots.append(Path(os.path.commonpath([os.path.abspath(p.parent) for p in entries])))
-        elif path.is_file():
-            files.append(path)
-            found.roots.append(path.parent)
-        elif glob.has_magic(spec):
-            pattern = os.path.expanduser(spec)
-            matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
-            files.extend(kept(spec, [p for p in matches if p.is_file()], "the pattern matches no file"))
-            found.roots.append(_pattern_root(pattern))
-        else:
-            found.errors.append((spec, "no such file or folder"))
-    # Absolute, but symlinks kept: outputs take the name and folder the user sees, not a link target's (git-annex,
-    # DVC and the Hugging Face cache link meaningful names to content-hashed files).
-    found.files = sorted({Path(os.path.abspath(p)) for p in files})
-    found.roots = [Path(os.path.abspath(p)) for p in found.roots]
-    return found
-
-
-def mirrored_out_dirs(files: list[Path], out_dir: Path, roots: Sequence[Path] = ()) -> dict[Path, Path]:
-    """Output folder per input file: its folder relative to one root, under ``out_dir``.
-
-    The root is the common folder of ``roots``, the folders the inputs name (``Inputs.roots``), so the layout
-    depends on the command line and the lists, not on which files a folder or glob holds today: a rerun after new
-    files arrive finds its earlier outputs and skips them. One root for all inputs keeps equal names in different
-    named folders apart (``separate A B``: ``OUT/A/x_s1.wav`` and ``OUT/B/x_s1.wav``). Absolute paths.
-    """
-    if not files:
-        return {}
-    # The files' own folders lie under the roots and change nothing (but for a glob such as '*/../x.wav').
-    root = Path(os.path.commonpath([*map(str, roots), *(str(f.parent) for f in files)]))
-    return {f: out_dir / f.parent.relative_to(root) for f in files}
-
-
-def inputs_overwritten(files: list[Path], plan: dict[Path, list[Path]]) -> list[tuple[Path, Path]]:
-    """``(input, its planned output)`` pairs where the output would replace an input file of the same run
-    (compared with symlinked folders resolved; an output may neither replace an input nor its link target)."""
-    def where(path: Path) -> Path:  # the output name itself is not resolved: the atomic rename replaces a link
-        return path.parent.resolve() / path.name
-
-    taken = {where(f) for f in files} | {f.resolve() for f in files}
-    return [(f, out) for f in files for out in plan[f] if where(out) in taken]
-
-
-def shard_files(files: list[Path], rank: int, world_size: int) -> list[Path]:
-    """Files ``i`` with ``i % world_size == rank`` of the sorted list (torchrun ranks)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"invalid rank {rank} for world size {world_size}")
-    return [f for i, f in enumerate(sorted(files)) if i % world_size == rank]
 
 
 def _distributed() -> tuple[int, int, int]:
