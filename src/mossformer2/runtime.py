@@ -120,7 +120,7 @@ class OnnxRuntimeModel:
             json.loads(metadata.get(SEPARATION_METADATA_KEY, "{}")), self.path)
         self.dynamic_length = metadata.get("mossformer2_dynamic_length", "true") == "true"
         self.input_shape = self.session.get_inputs()[0].shape  # ints for fixed axes, names for dynamic ones
-        self.min_input_length = self.config.encoder_kernel_size + self.config.hop_size
+        self.min_input_length = self.config.min_input_length
 
     def __call__(self, wave: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         torch = loaded_torch()

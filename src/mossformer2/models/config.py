@@ -15,6 +15,12 @@ from typing import Any
 from mossformer2.config_utils import ConfigError, from_dict, to_dict
 
 
+def min_input_length(encoder_kernel_size: int) -> int:
+    """Fewest input samples the network takes: two encoder frames (kernel + hop), since its norms take
+    statistics over time."""
+    return encoder_kernel_size + encoder_kernel_size // 2
+
+
 @dataclass
 class MossFormer2Config:
     encoder_embedding_dim: int = 512  # E: encoder filters
@@ -75,8 +81,9 @@ class MossFormer2Config:
         return self.encoder_kernel_size // 2
 
     @property
-    def hidden_dim(self) -> int:
-        return int(self.mossformer_sequence_dim * self.expansion_factor)
+    def min_input_length(self) -> int:
+        """Fewest input samples the network takes (:func:`min_input_length`)."""
+        return min_input_length(self.encoder_kernel_size)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MossFormer2Config:

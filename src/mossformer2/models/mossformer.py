@@ -148,8 +148,7 @@ class MossFormer2(nn.Module):
         c = self.config
         self.num_spks = c.num_spks
         self.kernel_size = c.encoder_kernel_size
-        # Instance norm over time needs two or more encoder frames.
-        self.min_input_length = c.encoder_kernel_size + c.hop_size
+        self.min_input_length = c.min_input_length
         self.enc = Encoder(c.encoder_kernel_size, c.encoder_embedding_dim)
         self.mask_net = MaskNet(c)
         self.dec = nn.ConvTranspose1d(c.mossformer_sequence_dim, 1, c.encoder_kernel_size,

@@ -29,6 +29,7 @@ from mossformer2.audio import (
     to_mono,
     write_audio,
 )
+from mossformer2.models.config import min_input_length
 from mossformer2.separation.batching import make_batches
 from mossformer2.separation.refine import (
     REFINEMENTS,
@@ -245,9 +246,8 @@ class Separator:
         self.pads_batches = self.is_torch and bool(getattr(model, "accepts_lengths", False))
         self.sample_rate = int(model.config.sample_rate)
         self.num_spks = int(model.config.num_spks)
-        kernel = int(getattr(model.config, "encoder_kernel_size", 1))
-        # The network needs two encoder frames (its instance norms take statistics over time).
-        self.min_samples = int(getattr(model, "min_input_length", 0) or kernel + kernel // 2)
+        self.min_samples = int(getattr(model, "min_input_length", 0)
+                               or min_input_length(int(getattr(model.config, "encoder_kernel_size", 1))))
         self.chunk = int(round(chunk_seconds * self.sample_rate)) if chunked else ONE_PASS
         self.overlap = int(round(overlap_seconds * self.sample_rate))
         if self.chunk < self.min_samples:
