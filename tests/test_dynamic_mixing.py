@@ -273,3 +273,55 @@ def test_indexing_stops_at_the_length_and_counts_negative_indices_from_the_end(c
     for index in (3, 100, -4):
         with pytest.raises(IndexError, match=f"example {index} out of range: the dataset has 3"):
             ds[index]
+
+
+def _datasets_from_config(root, noise, **dynamic_mixing):
+    from mossformer2.data.loaders import build_datasets
+    from mossformer2.training.config import train_config_from_dict
+
+    cfg = train_config_from_dict({
+        "model": {"encoder_embedding_dim": 16, "mossformer_sequence_dim": 16, "num_mossformer_layer": 1,
+                  "sample_rate": SR},
+        "data": {"sample_rate": SR, "segment_seconds": 0.5, "num_workers": 0, "cache_audio": False,
+                 "dynamic_mixing": {"train_utterances": str(root), "valid_utterances": str(root),
+                                    "examples_per_epoch": 12, "valid_examples": 6, "noise": str(noise),
+                                    **dynamic_mixing}}})
+    return build_datasets(cfg, progress=False, is_main=False)
+
+
+def test_the_augmentation_settings_of_a_config_reach_both_datasets(corpus):
+    """Each data.dynamic_mixing key changes the mixtures it names (a key dropped between the config and the
+    dataset would train without its augmentation, silently): noise and levels in training and validation
+    alike, speed and polarity in training only (validation mixtures are the held-out speakers as recorded)."""
+    root, noise = corpus
+    train, valid = _datasets_from_config(root, noise, noise_prob=1.0, noise_snr_db=[0.0, 0.0],
+                                         level_db=[-26.0, -26.0], random_polarity=True, gain_db=[-1, 1],
+                                         speed_perturb=[0.9, 1.1])
+    assert train.random_polarity and train.speed_perturb == (0.9, 1.1)
+    assert not valid.random_polarity and valid.speed_perturb is None
+    for dataset in (train, valid):
+        assert dataset.gain_db == (-1, 1)
+        for index in range(len(dataset)):
+            item = dataset[index]
+            residual = item["mix"] - item["sources"].sum(0)  # the noise, at 0 dB below the speech
+            speech_rms = item["sources"].sum(0).pow(2).mean().sqrt()
+            assert residual.pow(2).mean().sqrt() == pytest.approx(speech_rms, rel=0.05)
+            level_db = 20 * torch.log10(item["mix"].pow(2).mean().sqrt())
+            assert level_db == pytest.approx(-26.0, abs=0.05)
+    for dataset in _datasets_from_config(root, noise, noise_prob=0.0):
+        assert all(torch.allclose(dataset[i]["mix"], dataset[i]["sources"].sum(0), atol=1e-6)
+                   for i in range(len(dataset)))
+    train, _ = _datasets_from_config(root, noise, noise_prob=0.5)
+    noisy = [not torch.allclose(train[i]["mix"], train[i]["sources"].sum(0), atol=1e-6) for i in range(len(train))]
+    assert any(noisy) and not all(noisy)
+
+
+def test_lists_expand_the_home_folder(corpus, tmp_path, monkeypatch):
+    """`~/x.wav` in an utterance or noise list is the home folder's file, as in the mixture lists."""
+    root, noise = corpus
+    monkeypatch.setenv("HOME", str(root.parent))
+    utterances, noises = tmp_path / "utterances.txt", tmp_path / "noise.txt"
+    utterances.write_text(f"~/{root.name}/spk0/0.wav alice\n~/{root.name}/spk1/0.wav bob\n")
+    noises.write_text(f"~/{noise.name}/n.wav\n")
+    assert [u.path for u in load_utterances(utterances)] == [root / "spk0" / "0.wav", root / "spk1" / "0.wav"]
+    assert load_noise_files(noises) == [noise / "n.wav"]

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from mossformer2.audio import find_audio_files, speaker_folders
 from mossformer2.data.datasets import AudioStore, BadAudioError, example_rng
+from mossformer2.data.manifests import list_file_lines, resolve_listed_path
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,11 @@ def load_utterances(source: str | Path | list[str] | list[Path]) -> list[Utteran
             raise ValueError(f"{path} holds no audio in speaker folders: expected <root>/<speaker>/*.wav")
         return utterances
     utterances = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
+    for number, line in list_file_lines(path, "path speaker"):
         fields = line.split()
         if len(fields) != 2:
             raise ValueError(f"{path}:{number}: expected 'path speaker', got {line!r}")
-        file = Path(fields[0]) if Path(fields[0]).is_absolute() else path.parent / fields[0]
+        file = resolve_listed_path(path.parent, fields[0])
         if not file.is_file():
             raise FileNotFoundError(f"{path}:{number}: audio file not found: {file}")
         utterances.append(Utterance(file, fields[1]))
@@ -75,13 +73,11 @@ def load_noise_files(source: str | Path) -> list[Path]:
         files = find_audio_files(path)
     else:
         files = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
-            if line:
-                file = Path(line) if Path(line).is_absolute() else path.parent / line
-                if not file.is_file():
-                    raise FileNotFoundError(f"{path}:{number}: noise file not found: {file}")
-                files.append(file)
+        for number, line in list_file_lines(path, "path"):
+            file = resolve_listed_path(path.parent, line)
+            if not file.is_file():
+                raise FileNotFoundError(f"{path}:{number}: noise file not found: {file}")
+            files.append(file)
     if not files:
         raise ValueError(f"no noise files in {path}")
     return files

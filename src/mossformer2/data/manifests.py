@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,9 +162,23 @@ def _layout_hint(root: Path) -> str:
             "<root>/s1, <root>/s2, ... (or a LibriMix / WHAM! mixture folder such as <split>/mix_clean)")
 
 
-def _resolve(base: Path, value: str) -> Path:
+def resolve_listed_path(base: Path, value: str) -> Path:
+    """A path written in a list file: ``~`` expanded, relative ones taken from the list's folder ``base``."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else base / p
+
+
+def list_file_lines(path: Path, expected: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line of a list file that holds more than a ``#`` comment (stripped);
+    ``expected`` names the line format for the error about a file that is not text."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a text list (expected lines '{expected}'): {err}") from err
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            yield number, line
 
 
 def _load_librimix_csv(path: Path, num_spks: int | None) -> list[tuple[int, MixtureEntry]]:
@@ -189,10 +204,10 @@ def _load_librimix_csv(path: Path, num_spks: int | None) -> list[tuple[int, Mixt
             values = [row.get("mixture_path")] + [row.get(c) for c in source_columns]
             if any(v is None or not v.strip() for v in values):
                 raise ValueError(f"{path}, line {line_no}: empty or missing path field")
-            mix = _resolve(base, values[0].strip())
+            mix = resolve_listed_path(base, values[0].strip())
             mixture_id = (row.get("mixture_ID") or "").strip() or mix.stem
             entries.append((line_no, MixtureEntry(id=mixture_id, mix=mix,
-                                                  sources=[_resolve(base, v.strip()) for v in values[1:]])))
+                                                  sources=[resolve_listed_path(base, v.strip()) for v in values[1:]])))
     return entries
 
 
@@ -201,14 +216,7 @@ def _load_list(path: Path, num_spks: int | None) -> list[tuple[int, MixtureEntry
     base = path.parent
     entries: list[tuple[int, MixtureEntry]] = []
     first_fields: tuple[int, int] | None = None  # (field count, line number) of the first entry
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not a text list (expected lines 'mix s1 s2 ...'): {err}") from err
-    for line_no, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
+    for line_no, line in list_file_lines(path, "mix s1 s2 ..."):
         fields = line.split()
         if len(fields) < 2:
             raise ValueError(f"{path}, line {line_no}: expected 'mix s1 s2 ...' (a mixture and its sources), "
@@ -225,9 +233,9 @@ def _load_list(path: Path, num_spks: int | None) -> list[tuple[int, MixtureEntry
         elif len(fields) != first_fields[0]:
             raise ValueError(f"{path}, line {line_no}: {len(fields) - 1} source(s), but line "
                              f"{first_fields[1]} has {first_fields[0] - 1}: every line needs the same count")
-        mix = _resolve(base, fields[0])
+        mix = resolve_listed_path(base, fields[0])
         entries.append((line_no, MixtureEntry(id=mix.stem, mix=mix,
-                                              sources=[_resolve(base, f) for f in fields[1:]])))
+                                              sources=[resolve_listed_path(base, f) for f in fields[1:]])))
     # Equal stems in different folders: fall back to the full mixture path as id so that ids stay unique.
     if len({e.id for _, e in entries}) != len(entries):
         for _, e in entries:
@@ -239,7 +247,7 @@ def _is_utterance_id(fields: list[str], base: Path) -> bool:
     """A Kaldi-style ``utt_id mix s1 ...`` line: a first field without an audio suffix that names no file, followed
     by audio names (``mossformer2 separate`` tells ``utt_id path`` lines by the same :func:`has_audio_suffix`)."""
     return (not has_audio_suffix(fields[0]) and all(has_audio_suffix(f) for f in fields[1:])
-            and not _resolve(base, fields[0]).is_file())
+            and not resolve_listed_path(base, fields[0]).is_file())
 
 
 def _check_unique_ids(entries: list[MixtureEntry], path: Path) -> None:
