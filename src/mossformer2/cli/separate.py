@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mossformer2.cli import (
     add_refinement_arguments,
@@ -16,11 +17,27 @@ from mossformer2.cli import (
     model_ref,
     refinement_options,
 )
-from mossformer2.cli.input_files import Inputs, collect_inputs, inputs_overwritten, mirrored_out_dirs, shard_files
+from mossformer2.cli.input_files import Inputs, collect_inputs, mirrored_out_dirs, shard_files
+from mossformer2.cli.separate_plan import (
+    Plan,
+    batch_groups,
+    check_outputs_writable,
+    check_plan,
+    output_clashes,
+    select_work,
+    too_short_for_export,
+)
 
-# Also importable from here (tests do); run() reads collect_inputs and _load_model through this module's globals, so
-# that patching them here takes effect.
+if TYPE_CHECKING:
+    import numpy as np
+
+    from mossformer2.separation import Separator
+
+# Also importable from here (tests do); run() reads collect_inputs, shard_files and _load_model through this module's
+# globals, so that patching them here takes effect.
 __all__ = ["Inputs", "add_parser", "collect_inputs", "mirrored_out_dirs", "run", "shard_files"]
+
+Loaded = list[tuple[Path, "np.ndarray", int]]  # (input, wave [C, T], rate) of the inputs read
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -75,10 +92,71 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from mossformer2.audio import audio_header
+    from mossformer2.separation import output_paths
+    from mossformer2.utils import make_folder
+
+    if args.quiet:  # "only warnings, errors and the summary": not our INFO notes (which weights a file gives, ...)
+        logging.getLogger("mossformer2").setLevel(logging.WARNING)
+    output_rate = _check_options(args)
+    rank, world_size, local_rank = _distributed()
+    device = _device(args.device, world_size, local_rank)
+
+    def say(message: str) -> None:  # per-run and per-file notes on stderr, silenced by --quiet
+        if not args.quiet:
+            print(message, file=sys.stderr)
+
+    # The inputs before the model (seconds for a large checkpoint): a mistyped only input fails at once.
+    inputs = collect_inputs(args.inputs, exclude=Path(args.out_dir))
+    if inputs.excluded and rank == 0:
+        say(f"ignoring {inputs.excluded} file(s) found inside the output folder {args.out_dir}")
+    failed: list[tuple[str, str]] = list(inputs.errors) if rank == 0 else []  # (input, reason); inputs' errors: once
+    if not inputs.files:
+        if rank == 0 and not failed:
+            raise ValueError("nothing to separate: the inputs name no audio file")
+        return _summary(rank, world_size, 0, 0, failed, 0.0, 0.0)
+    sep = _separator(args, _load_model(args, device), device)
+    if any(sep.refinements.values()) and rank == 0:
+        say(f"refinements: {describe_refinements(sep)}")
+
+    out_dirs = mirrored_out_dirs(inputs.files, Path(args.out_dir), inputs.roots)
+    plan = {f: output_paths(f, out_dirs[f], sep.num_spks, args.format) for f in inputs.files}
+    check_plan(inputs.files, plan, args.subtype)
+    clashes = output_clashes(inputs.files, plan)
+    work = select_work(shard_files(inputs.files, rank, world_size), plan, clashes, args.overwrite, args.plot, say)
+    failed += work.failed
+    infos = {f: audio_header(f) for f in work.todo}  # None: a PyAV format or a damaged file runs, or fails, on its own
+    check_outputs_writable(plan, infos, args.channels, output_rate, args.subtype)
+    too_short = too_short_for_export(sep, infos, args.chunk_seconds, args.overlap_seconds)
+    groups = batch_groups(infos, sep, args.batch_size, args.stitching)
+
+    skipped = work.skipped + _plot_from_existing_outputs(work.plot_only, plan, failed)
+    if work.todo:
+        make_folder(args.out_dir, "output folder")
+    start_time = time.perf_counter()
+    done, audio_seconds = _separate_groups(groups, sep, plan, too_short, output_rate, args, failed,
+                                           _rank_prefix(rank, world_size))
+    return _summary(rank, world_size, done, skipped, failed, audio_seconds, time.perf_counter() - start_time)
+
+
+# -- options, device, model -------------------------------------------------------------------------------------
+
+
+def _check_options(args: argparse.Namespace) -> int | None:
+    """Refuse bad options before any work; the output rate (None: each input's)."""
+    from mossformer2.utils import check_folder_creatable
+
+    output_rate = _parse_output_rate(args.output_rate)
+    if args.plot:
+        from mossformer2.plotting import require_matplotlib
+
+        require_matplotlib()  # before separating anything
+    check_folder_creatable(args.out_dir, "output folder")  # created once every option and input is checked
+    return output_rate
 
 
 def _parse_output_rate(value: str) -> int | None:
@@ -93,7 +171,19 @@ def _parse_output_rate(value: str) -> int | None:
     return check_sample_rate_option(rate, "--output-rate")
 
 
-# -- run --------------------------------------------------------------------------------------------------------
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def _device(requested: str, world_size: int, local_rank: int) -> str:
+    """``--device``, where under torchrun ``auto`` is this process's own GPU (not every rank's first one)."""
+    if requested == "auto" and world_size > 1:
+        import torch
+
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return requested
 
 
 def _load_model(args: argparse.Namespace, device: str):
@@ -105,16 +195,35 @@ def _load_model(args: argparse.Namespace, device: str):
     return load_chosen_model(ref, device, announce=not args.quiet)
 
 
-def existing_outputs_problem(outputs: list[Path]) -> str | None:
-    """Why an input whose ``outputs`` partly exist must not be separated without --overwrite (``None``: none or
-    all exist): a lone file with an output's name (a reference saved there, another tool's file) is not ours to
-    replace, and this tool writes an input's outputs all together."""
-    existing = [p for p in outputs if p.exists()]
-    if not existing or len(existing) == len(outputs):
-        return None
-    missing = next(p for p in outputs if not p.exists())
-    return (f"not separated: {existing[0]} exists but {missing.name} does not, so it is not a complete earlier "
-            "output of this input; move it away, or pass --overwrite to replace it")
+def _separator(args: argparse.Namespace, model, device: str) -> Separator:
+    from mossformer2.separation import Separator
+
+    return Separator(model, device=device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
+                     overlap_seconds=args.overlap_seconds, stitching=args.stitching, normalize=args.normalize,
+                     batch_size=args.batch_size, channels=args.channels,
+                     backend=args.backend, progress=_progress_bars(args.quiet), cuda_graphs=args.cuda_graphs,
+                     compile_layers=args.compile,
+                     **refinement_options(args))
+
+
+def _progress_bars(quiet: bool) -> bool | None:
+    return False if quiet else None  # None: only on a terminal (no \r and cursor codes in logs)
+
+
+# -- separating and writing -------------------------------------------------------------------------------------
+
+
+def _plot_from_existing_outputs(inputs: list[Path], plan: Plan, failed: list[tuple[str, str]]) -> int:
+    """--plot where only the spectrogram is missing: draw it from the speaker files; how many were written (their
+    inputs count as skipped). Failures are added to ``failed``."""
+    written = 0
+    for f in inputs:
+        try:
+            plot_from_outputs(f, plan[f])
+            written += 1
+        except (ValueError, OSError, RuntimeError) as err:
+            failed.append((str(f), f"cannot write its spectrogram: {err}"))
+    return written
 
 
 def plot_from_outputs(input_path: Path, outputs: list[Path]) -> Path:
@@ -133,209 +242,37 @@ def plot_from_outputs(input_path: Path, outputs: list[Path]) -> Path:
                              wave, rate, title=input_path.name)
 
 
-def _raise_if_compile_failed(err: BaseException, compiling: bool) -> None:
-    """With --compile, an error of torch.compile itself (no C++ compiler, Triton missing, a compiler bug) would
-    fail every file the same way: end the run with one message instead of one per file."""
-    if compiling and type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
-        cause = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed wraps the compiler's error
-        text = str(cause).strip()
-        reason = f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
-        raise ValueError(f"compiling the network failed (--compile): {reason}; run without --compile") from err
-
-
-def run(args: argparse.Namespace) -> int:
-    import logging
-
+def _separate_groups(groups: list[list[Path]], sep: Separator, plan: Plan, too_short: dict[Path, str],
+                     output_rate: int | None, args: argparse.Namespace, failed: list[tuple[str, str]],
+                     prefix: str) -> tuple[int, float]:
+    """Separate each group of inputs (in one batch where it can be) and write their outputs; failures are added to
+    ``failed``. The number of inputs separated and their seconds of audio."""
     from tqdm import tqdm
 
-    from mossformer2.audio import audio_header, check_writable, read_audio
-    from mossformer2.separation import Separator, output_paths, write_separation
-    from mossformer2.separation.batching import make_batches
-    from mossformer2.separation.separator import spectrogram_path, warnings_about
-    from mossformer2.utils import bar_disabled, check_folder_creatable, make_folder
+    from mossformer2.separation import write_separation
+    from mossformer2.separation.separator import warnings_about
+    from mossformer2.utils import bar_disabled
 
-    if args.quiet:  # "only warnings, errors and the summary": not our INFO notes (which weights a file gives, ...)
-        logging.getLogger("mossformer2").setLevel(logging.WARNING)
-    output_rate = _parse_output_rate(args.output_rate)
-    if args.plot:
-        from mossformer2.plotting import require_matplotlib
-
-        require_matplotlib()  # before separating anything
-    check_folder_creatable(args.out_dir, "output folder")  # created once every option and input is checked
-    rank, world_size, local_rank = _distributed()
-    device = args.device
-    if device == "auto" and world_size > 1:
-        import torch
-
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    def say(message: str) -> None:  # per-run and per-file notes on stderr, silenced by --quiet
-        if not args.quiet:
-            print(message, file=sys.stderr)
-
-    # The inputs before the model (seconds for a large checkpoint): a mistyped only input fails at once.
-    inputs = collect_inputs(args.inputs, exclude=Path(args.out_dir))
-    if inputs.excluded and rank == 0:
-        say(f"ignoring {inputs.excluded} file(s) found inside the output folder {args.out_dir}")
-    failed: list[tuple[str, str]] = list(inputs.errors) if rank == 0 else []
-    if not inputs.files:
-        if rank == 0 and not failed:
-            raise ValueError("nothing to separate: the inputs name no audio file")
-        return _summary(rank, world_size, 0, 0, failed, 0.0, 0.0)
-    model = _load_model(args, device)
-    show_bars = False if args.quiet else None  # None: only on a terminal (no \r and cursor codes in logs)
-    sep = Separator(model, device=device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
-                    overlap_seconds=args.overlap_seconds, stitching=args.stitching, normalize=args.normalize,
-                    batch_size=args.batch_size, channels=args.channels,
-                    backend=args.backend, progress=show_bars, cuda_graphs=args.cuda_graphs,
-                    compile_layers=args.compile,
-                    **refinement_options(args))
-
-    if any(sep.refinements.values()) and rank == 0:
-        say(f"refinements: {describe_refinements(sep)}")
-
-    out_dirs = mirrored_out_dirs(inputs.files, Path(args.out_dir), inputs.roots)
-    plan = {f: output_paths(f, out_dirs[f], sep.num_spks, args.format) for f in inputs.files}
-    flac = [f for f in inputs.files if plan[f][0].suffix == ".flac"]
-    if args.subtype == "FLOAT" and flac:  # before separating anything: write_audio would refuse every one
-        raise ValueError(f"--subtype FLOAT: FLAC stores integer samples only, and {len(flac)} input(s) would be "
-                         f"written as FLAC (e.g. {flac[0].name}); add --format wav, or use --subtype PCM_24")
-    overwritten = inputs_overwritten(inputs.files, plan)
-    if overwritten:  # never lose an input (`separate *.wav -o .` twice: a.wav's a_s1.wav is an input the second time)
-        source, output = overwritten[0]
-        raise ValueError(f"refusing to overwrite inputs: {output}, an output of {source.name}, is also an input of "
-                         f"this run ({len(overwritten)} such output(s)); choose another -o folder, or leave earlier "
-                         "outputs out of the inputs")
-    # Over all files, before sharding, so that every rank sees the same clashes (a.wav and a.mp3 -> a_s1.wav).
-    owner: dict[Path, Path] = {}
-    clashes: dict[Path, Path] = {}
-    for f in inputs.files:
-        first = next((owner[p] for p in plan[f] if p in owner), None)
-        if first is not None:
-            clashes[f] = first
-        else:
-            owner.update({p: f for p in plan[f]})
-    todo: list[Path] = []
-    plot_only: list[Path] = []  # --plot: the speaker files exist, the spectrogram does not
-    skipped = 0
-    for f in shard_files(inputs.files, rank, world_size):
-        if f in clashes:
-            failed.append((str(f), f"its outputs would overwrite those of {clashes[f]}; rename one of them"))
-            continue
-        if not args.overwrite:
-            outputs = [*plan[f], spectrogram_path(plan[f][0])] if args.plot else plan[f]
-            if args.plot and all(p.exists() for p in plan[f]) and not outputs[-1].exists():
-                say(f"skipping {f}: outputs exist in {out_dirs[f]}; writing only its missing spectrogram")
-                plot_only.append(f)  # counted as skipped once the spectrogram is written
-                continue
-            if all(p.exists() for p in outputs):
-                say(f"skipping {f}: outputs exist in {out_dirs[f]} (use --overwrite to replace)")
-                skipped += 1
-                continue
-            problem = existing_outputs_problem(outputs)
-            if problem is not None:
-                failed.append((str(f), problem))
-                continue
-        todo.append(f)
-
-    infos = {f: audio_header(f) for f in todo}  # None: a PyAV format or a damaged file runs, or fails, on its own
-    # Before separating anything: the outputs' format must hold their channels and rate (FLAC: at most 8, up to
-    # 655350 Hz); writing would refuse each file only after its separation.
-    unwritable: list[tuple[Path, ValueError]] = []
-    for f, info in infos.items():
-        if info is None:
-            continue
-        try:
-            check_writable(plan[f][0].suffix[1:], info.channels if args.channels == "each" else 1,
-                           output_rate or info.samplerate, args.subtype)
-        except ValueError as err:
-            unwritable.append((f, err))
-    if unwritable:
-        raise ValueError(f"{len(unwritable)} of {len(todo)} input(s) cannot be written as asked (e.g. "
-                         f"{unwritable[0][0].name}): {unwritable[0][1]}")
-    too_short: dict[Path, str] = {}
-    if sep.fixed_length is not None:  # an ONNX export of one input length: check every file once, up front
-        wrong = {f: problem for f, info in infos.items()
-                 if info is not None and (problem := sep.fixed_length_error(info.frames, info.samplerate))}
-        # A file shorter than the export fails alone (no setting helps it); other lengths mean chunk settings that
-        # do not fit the export, which would fail file after file: refused at once.
-        too_short = {f: problem for f, problem in wrong.items()
-                     if sep.shorter_than_fixed_length(infos[f].frames, infos[f].samplerate)}
-        settings = [f for f in wrong if f not in too_short]
-        if settings:
-            raise ValueError(f"--chunk-seconds {args.chunk_seconds:g} / --overlap-seconds {args.overlap_seconds:g} do "
-                             f"not fit the export: {len(settings)} of {len(todo)} input(s) would run passes of "
-                             f"another length (e.g. {settings[0].name}): {wrong[settings[0]]}")
-
-    # Short files share forward passes (sorted by length and zero-padded with true lengths when the model takes
-    # them, else only files of identical shape); long files run one at a time, in batched chunks.
-    groups: list[list[Path]] = [[f] for f in todo]
-    if args.batch_size > 1 and args.stitching == "aligned":
-        groups, shapes = [], []
-        singles: list[Path] = []
-        for f, info in infos.items():
-            if info is None or info.frames / info.samplerate > sep.chunk / sep.sample_rate:
-                singles.append(f)
-            else:
-                shapes.append((f, (info.frames, info.samplerate, info.channels)))
-        # One rate per batch (a batch is separated at one input rate); lengths in input samples.
-        for rate in sorted({key[1] for _, key in shapes}):
-            members = [(f, key) for f, key in shapes if key[1] == rate]
-            # Padded batches sort by length; equal-length batches need equal shapes, ranked by length.
-            key_rank = {key: i for i, key in enumerate(sorted({key for _, key in members}))}
-            sizes = [key[0] if sep.pads_batches else key_rank[key] for _, key in members]
-            batches = make_batches(sizes, args.batch_size, padded=sep.pads_batches)
-            groups.extend([members[i][0] for i in batch] for batch in batches)
-        groups.extend([f] for f in singles)
-
-    for f in plot_only:
-        try:
-            plot_from_outputs(f, plan[f])
-            skipped += 1
-        except (ValueError, OSError, RuntimeError) as err:
-            failed.append((str(f), f"cannot write its spectrogram: {err}"))
-    if todo:
-        make_folder(args.out_dir, "output folder")
-    done, audio_seconds = 0, 0.0
-    start_time = time.perf_counter()
-
-    prefix = _rank_prefix(rank, world_size)
+    count = sum(map(len, groups))
 
     def fail(f: Path, reason: str) -> None:  # said at once in a run of several files (a long batch), and listed
         failed.append((str(f), reason))     # again at the end
-        if len(todo) > 1 and not args.quiet:
+        if count > 1 and not args.quiet:
             tqdm.write(f"{prefix}could not separate {f}: {reason}", file=sys.stderr)
 
-    with tqdm(total=len(todo), desc="files", unit="file", disable=True if not todo else bar_disabled(show_bars)) as bar:
+    done, audio_seconds = 0, 0.0
+    disable = True if not count else bar_disabled(_progress_bars(args.quiet))
+    with tqdm(total=count, desc="files", unit="file", disable=disable) as bar:
         for group in groups:
-            loaded = []
-            for f in group:
-                try:
-                    if f in too_short:
-                        raise ValueError(too_short[f])
-                    wave, rate = read_audio(f)
-                    problem = sep.nothing_to_separate(wave)  # the library would return silent speakers
-                    if problem is not None:
-                        raise ValueError(problem)
-                    loaded.append((f, wave, rate))
-                except (ValueError, OSError) as err:
-                    fail(f, str(err))
-                    bar.update(1)
-            if not loaded:
-                continue
-            rates = {rate for _, _, rate in loaded}
-            try:
-                if len(loaded) > 1 and len(rates) == 1:
-                    with warnings_about(", ".join(str(f) for f, _, _ in loaded)):
-                        results = sep.separate_many([w for _, w, _ in loaded], rates.pop(), output_rate)
-                else:
-                    raise ValueError("not batchable")
-            except (ValueError, RuntimeError) as err:
-                _raise_if_compile_failed(err, args.compile)
-                results = None  # separate one by one so that errors name their file
+            loaded, unreadable = _read_inputs(group, sep, too_short)
+            for f, reason in unreadable:
+                fail(f, reason)
+                bar.update(1)
+            batch = _separate_batch(loaded, sep, output_rate, args.compile)
             for i, (f, wave, rate) in enumerate(loaded):
                 try:
-                    if results is not None:
-                        sources = results[i]
+                    if batch is not None:
+                        sources = batch[i]
                     else:
                         with warnings_about(str(f)):
                             sources = sep.separate(wave, rate, output_rate)
@@ -347,7 +284,56 @@ def run(args: argparse.Namespace) -> int:
                     _raise_if_compile_failed(err, args.compile)
                     fail(f, str(err).splitlines()[0] if str(err) else type(err).__name__)
                 bar.update(1)
-    return _summary(rank, world_size, done, skipped, failed, audio_seconds, time.perf_counter() - start_time)
+    return done, audio_seconds
+
+
+def _read_inputs(files: list[Path], sep: Separator,
+                 too_short: dict[Path, str]) -> tuple[Loaded, list[tuple[Path, str]]]:
+    """``(input, wave, rate)`` of the inputs that can be separated, and ``(input, reason)`` of the others."""
+    from mossformer2.audio import read_audio
+
+    loaded, unreadable = [], []
+    for f in files:
+        if f in too_short:
+            unreadable.append((f, too_short[f]))
+            continue
+        try:
+            wave, rate = read_audio(f)
+            problem = sep.nothing_to_separate(wave)  # the library would return silent speakers
+        except (ValueError, OSError) as err:
+            problem = str(err)
+        if problem is None:
+            loaded.append((f, wave, rate))
+        else:
+            unreadable.append((f, problem))
+    return loaded, unreadable
+
+
+def _separate_batch(loaded: Loaded, sep: Separator, output_rate: int | None,
+                    compiling: bool) -> list[np.ndarray] | None:
+    """The inputs' separations from one batched call, or None where they are to be separated one by one: a single
+    input, several rates, or a batch that failed (one by one, an error names its file)."""
+    from mossformer2.separation.separator import warnings_about
+
+    rates = {rate for _, _, rate in loaded}
+    if len(loaded) < 2 or len(rates) != 1:
+        return None
+    try:
+        with warnings_about(", ".join(str(f) for f, _, _ in loaded)):
+            return sep.separate_many([wave for _, wave, _ in loaded], rates.pop(), output_rate)
+    except (ValueError, RuntimeError) as err:
+        _raise_if_compile_failed(err, compiling)
+        return None
+
+
+def _raise_if_compile_failed(err: BaseException, compiling: bool) -> None:
+    """With --compile, an error of torch.compile itself (no C++ compiler, Triton missing, a compiler bug) would
+    fail every file the same way: end the run with one message instead of one per file."""
+    if compiling and type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        cause = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed wraps the compiler's error
+        text = str(cause).strip()
+        reason = f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
+        raise ValueError(f"compiling the network failed (--compile): {reason}; run without --compile") from err
 
 
 def _rank_prefix(rank: int, world_size: int) -> str:
