@@ -595,6 +595,21 @@ def test_separate_passes_its_options_to_the_separator(ckpt, tmp_path, monkeypatc
     assert (kwargs["batch_size"], kwargs["channels"]) == (2, "each")
 
 
+def test_option_choices_are_the_librarys():
+    """The CLI spells out the choices that separator.py and audio.py define (importing those modules when the
+    parser is built would make `mossformer2 --help` load numpy and scipy): they must not drift apart."""
+    import argparse
+
+    from mossformer2.audio import WRITE_SUBTYPES
+    from mossformer2.cli import build_parser
+    from mossformer2.separation.separator import BACKENDS, CHANNELS, OUTPUT_FORMATS
+
+    (subcommands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    choices = {a.dest: a.choices for a in subcommands.choices["separate"]._actions if a.choices}
+    assert {key: tuple(choices[key]) for key in ("backend", "channels", "format", "subtype")} == {
+        "backend": BACKENDS, "channels": CHANNELS, "format": OUTPUT_FORMATS, "subtype": WRITE_SUBTYPES}
+
+
 def test_evaluate_passes_its_options_to_the_separator(ckpt, tmp_path, monkeypatch):
     from tests.test_mix import make_speaker_folder
 
