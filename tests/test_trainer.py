@@ -114,11 +114,11 @@ def test_checkpoint_contents_and_loadable_weights(corpus, tmp_path):
 def test_time_limit_stops_mid_epoch_with_a_resumable_state(corpus, tmp_path, monkeypatch):
     # A fake clock: one "minute" per optimizer step taken. 4 optimizer steps per epoch; 2.5 minutes stop the
     # run after step 3, mid-epoch 0, and the next run resumes there with a fresh time budget.
-    from mossformer2.training import trainer as trainer_module
+    from mossformer2.training import stopping  # reads the clock (time.monotonic)
 
     cfg = make_config(corpus, "trainer.max_minutes=2.5", "trainer.checkpoint_every_steps=null")
     trainer = Trainer(cfg, tmp_path)
-    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: 60.0 * trainer.state.step)
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: 60.0 * trainer.state.step)
     trainer.fit()
     assert trainer.state.step == 3 and trainer.state.epoch == 0
     last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
@@ -130,7 +130,7 @@ def test_time_limit_stops_mid_epoch_with_a_resumable_state(corpus, tmp_path, mon
     assert "finished at epoch" not in text
 
     resumed = Trainer(make_config(corpus, "trainer.max_minutes=100"), tmp_path)
-    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: 60.0 * resumed.state.step)
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: 60.0 * resumed.state.step)
     resumed.fit()
     assert resumed.state.step == 8 and resumed.state.epoch == 2  # both epochs completed from step 3
     with pytest.raises(ValueError, match="max_minutes"):
@@ -842,12 +842,12 @@ def test_a_second_sigint_while_saving_aborts_at_once_and_keeps_the_previous_last
     import os
     import signal
 
-    from mossformer2.training import trainer as trainer_module
+    from mossformer2.training import experiment  # stop_signals times the second signal (time.monotonic)
     from mossformer2.training.experiment import TrainingInterrupted
 
     cfg = make_config(corpus, "trainer.checkpoint_every_steps=2")
     clock = {"now": 0.0}
-    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(experiment.time, "monotonic", lambda: clock["now"])
     original_save = Trainer.save_checkpoint
 
     def save_then_ctrl_c_again(self, path):
@@ -973,7 +973,8 @@ def test_nan_estimates_are_not_written_as_tensorboard_audio(corpus, tmp_path):
     trainer = Trainer(make_config(corpus, "trainer.tensorboard=true"), tmp_path, loaders=(None, None))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy's "invalid value encountered in cast" reached the user
-        trainer._log_audio("x", torch.ones(100), torch.full((2, 100), float("nan")), torch.ones(2, 100))
+        trainer.run_log.audio("x", torch.ones(100), torch.full((2, 100), float("nan")), torch.ones(2, 100), step=0,
+                              sample_rate=8000)
     trainer.close()
 
 

@@ -7,6 +7,9 @@ these, the RNG states, the optimizer/scheduler/scaler states and the weight aver
 exactly where the interrupted one stopped and ends with bit-identical weights (on CPU; cuDNN/NCCL may add
 nondeterminism on GPU). SIGINT (Ctrl-C) or SIGTERM (preemption) during :meth:`Trainer.fit` stops the run after the
 current optimizer step with such a checkpoint saved.
+
+Beside the loop: :mod:`.checkpointing` (what a checkpoint holds, how a resume reconciles it with the config),
+:mod:`.stopping` (limits, signals, divergence), :mod:`.run_log` (train.log, TensorBoard), :mod:`.batches`.
 """
 
 from __future__ import annotations
@@ -14,13 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import logging.handlers
 import math
-import os
 import random
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,75 +34,35 @@ from mossformer2.config_utils import to_dict
 from mossformer2.data.loaders import batches_per_epoch, create_dataloaders, prepare_synthetic_data, set_loader_epoch
 from mossformer2.hub import TRAINER_BEST, TRAINER_LAST
 from mossformer2.losses import pit_si_sdr_loss, reorder_estimates, si_sdr
-from mossformer2.models import MossFormer2, MossFormer2Config, build_model
+from mossformer2.models import MossFormer2, build_model
+from mossformer2.training.batches import fit_to_model
+from mossformer2.training.checkpointing import (
+    TrainState,
+    apply_optim_settings,
+    best_summary,
+    check_resumable,
+    continue_epoch_in_layout,
+    gather_over_ranks,
+    load_pretrained,
+    resumed_train_state,
+    set_rng_state,
+    warn_changed_data,
+    with_init_from_as_started,
+)
 from mossformer2.training.config import TrainConfig, absolute_path, save_train_config, with_absolute_paths
 from mossformer2.training.distributed import DistInfo, all_reduce_sum, barrier, get_dist_info
-from mossformer2.training.experiment import (
-    ExperimentLock,
-    TrainingInterrupted,
-    move_run_files_aside,
-    stop_signals,
-)
-from mossformer2.utils import bar_disabled, resolve_device, with_context
+from mossformer2.training.experiment import ExperimentLock, TrainingInterrupted, stop_signals
+from mossformer2.training.run_log import RunLog, move_previous_run_aside
+from mossformer2.training.stopping import DivergenceGuard, StopController, TrainingDivergedError
+from mossformer2.utils import bar_disabled, resolve_device
+
+__all__ = ["BEST", "LAST", "TrainState", "Trainer", "TrainingDivergedError", "best_summary", "log"]
 
 log = logging.getLogger("mossformer2.training")
 
 LAST, BEST = TRAINER_LAST, TRAINER_BEST  # one definition: hub.py takes best.pt from a trainer's folder
 # Under DDP, validation looks for a stop signal every this many batches (an all-reduce, which syncs the device).
 VALID_STOP_CHECK_EVERY = 10
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # epoch in progress
-    step: int = 0  # optimizer steps taken (skipped ones included)
-    batches_done: int = 0  # micro-batches of the current epoch already consumed
-    best_metric: float = -math.inf  # best validation SI-SDRi (dB)
-    best_epoch: int = -1
-    bad_epochs: int = 0  # consecutive validations without improvement
-    skipped_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient
-    # Reads of unreadable files skipped by this rank's data pipeline (a bad file read in every epoch counts once
-    # per epoch; checkpoints: all ranks' total).
-    skipped_files: int = 0
-    epoch_loss_sum: float = 0.0  # training loss of the current epoch so far (survives a resume)
-    epoch_loss_count: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch validation results
-    # The units of ``batches_done``: processes x examples per batch of the run that saved it (0: unknown, older
-    # checkpoints). A resume with another layout converts ``batches_done`` through the examples consumed.
-    world_size: int = 0
-    batch_size: int = 0
-
-
-# Counted by each rank for its own data under DDP: a checkpoint holds their totals, which rank 0 resumes with.
-_RANK_SUMS = ("skipped_files", "epoch_loss_sum", "epoch_loss_count")
-
-
-def _rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU, CUDA) RNG states in a ``weights_only``-loadable form."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class TrainingDivergedError(ValueError):
-    """``trainer.max_nonfinite_steps`` consecutive optimizer steps had a NaN/inf loss or gradient."""
 
 
 def _seed_everything(seed: int) -> None:
@@ -133,7 +92,7 @@ class Trainer:
         self.resuming = t.resume and (self.exp_dir / LAST).is_file()
         # Read and checked against the model config before the data is read (minutes with data.cache_audio) and
         # before the experiment folder is made; applied once the model is built.
-        self._pretrained = self._load_pretrained(t.init_from) if t.init_from and not self.resuming else None
+        self._pretrained = load_pretrained(t.init_from, self.cfg.model) if t.init_from and not self.resuming else None
         if t.cpu_threads:
             torch.set_num_threads(t.cpu_threads)
         if self.device.type == "cpu":
@@ -142,29 +101,23 @@ class Trainer:
             # threads copy this mode only when created: `mossformer2 train` sets it before any torch op.)
             torch.set_flush_denormal(True)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
-        self.writer = None
-        self._log_handler: logging.Handler | None = None
-        self._audio_logged: set[str] = set()  # validation examples whose mixture and references TensorBoard has
-        self._lock: ExperimentLock | None = None
-        self._setup_log: logging.handlers.MemoryHandler | None = None
-        self.stop_reason: str | None = None  # why fit() stopped before the end (a limit or a signal); None: it ended
-        self._stop_signal: int | None = None
-        self._nonfinite_streak = 0  # consecutive optimizer steps skipped for a NaN/inf loss or gradient
+        self.run_log = RunLog(self.exp_dir)  # opened on rank 0 once setup succeeded
+        self.stopper = StopController(t, self.dist, self.device)
+        self.divergence = DivergenceGuard(t.max_nonfinite_steps)
         self._saved_step: int | None = None  # the step last.pt holds
-        self._fit_started, self._stop_checked_at, self._signal = time.monotonic(), None, None
+        self._lock: ExperimentLock | None = None
         if self.dist.is_main:
             if log.level == logging.NOTSET or log.level > logging.INFO:
                 log.setLevel(logging.INFO)
             self._lock = ExperimentLock(self.exp_dir)  # at once: a second run in this folder fails before any work
-            # Setup messages (resume warnings, ...) are kept for train.log, which is only made once setup succeeded.
-            self._setup_log = logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1)
-            log.addHandler(self._setup_log)
+            self.run_log.keep_setup_messages()
         else:  # under torchrun, one copy of the progress messages (rank 0's); every rank still warns
             log.setLevel(logging.WARNING)
         try:
             self._setup(loaders)
         except BaseException:
-            self._abandon_setup()
+            self.run_log.drop_setup_messages()
+            self.close(remove_created_folder=True)  # and the experiment folder if this start created it
             raise
 
     def _setup(self, loaders: tuple[DataLoader, DataLoader] | None) -> None:
@@ -237,59 +190,11 @@ class Trainer:
         """Once setup succeeded (rank 0): set a previous run aside if this one starts afresh, open train.log (with
         the setup's messages) and TensorBoard, save config.yaml."""
         if not self.resuming:
-            self._move_previous_run_aside()
-        self._log_handler = logging.FileHandler(self.exp_dir / "train.log")
-        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(self._log_handler)
-        if self._setup_log is not None:
-            self._setup_log.setTarget(self._log_handler)
-            self._setup_log.flush()
-            log.removeHandler(self._setup_log)
-            self._setup_log = None
-        if self.cfg.trainer.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # TensorBoard drops the points an interrupted run logged after the step this run starts from (they are
-            # logged again), instead of drawing them twice; step 1 for a rerun of one killed before its first
-            # checkpoint.
-            self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"), purge_step=self.state.step + 1)
+            move_previous_run_aside(self.exp_dir, self.cfg.trainer.resume)
+        # TensorBoard drops the points an interrupted run logged after the step this run starts from; step 1 for
+        # a rerun of one killed before its first checkpoint.
+        self.run_log.open(self.cfg.trainer.tensorboard, purge_step=self.state.step + 1)
         save_train_config(self.cfg, self.exp_dir / "config.yaml")
-
-    def _move_previous_run_aside(self) -> None:
-        """A fresh run in a folder that holds another run's checkpoints (``trainer.resume=false``): move that run's
-        files to ``replaced-<UTC time>/`` rather than overwrite them or mix both runs' logs."""
-        if not any((self.exp_dir / name).exists() for name in (LAST, BEST)):
-            return
-        folder = move_run_files_aside(self.exp_dir, (LAST, BEST, "train.log", "config.yaml", "tensorboard"))
-        why = "trainer.resume=false" if not self.cfg.trainer.resume else f"no {LAST} to resume from"
-        log.warning("%s holds a previous run and this one starts afresh (%s): the previous run's files were moved "
-                    "to %s", self.exp_dir, why, folder)
-
-    def _abandon_setup(self) -> None:
-        """After a failed start: close what was opened; remove the experiment folder if this start created it."""
-        if self._setup_log is not None:
-            log.removeHandler(self._setup_log)
-            self._setup_log = None
-        self.close(remove_created_folder=True)
-
-    def _load_pretrained(self, path: str) -> MossFormer2:
-        """``trainer.init_from``'s network (official checkpoint or ours: a file, or a folder holding one, as
-        ``separate --checkpoint`` takes), refused unless it is of the configured architecture."""
-        from mossformer2.checkpoint import load_model
-        from mossformer2.hub import resolve_checkpoint
-
-        ckpt: dict[str, Any] = {}
-        try:
-            if not Path(path).exists():
-                raise FileNotFoundError("checkpoint not found")
-            ckpt = read_checkpoint(resolve_checkpoint(path))
-            return load_model(ckpt, config=self.cfg.model)
-        except (ValueError, FileNotFoundError) as err:
-            # Our checkpoints embed their model config: the keys that differ say more than 40 missing weight names.
-            embedded = ckpt.get("config")
-            diff = _config_diff(embedded, self.cfg.model.to_dict()) if isinstance(embedded, dict) else ""
-            why = f"the checkpoint's model config differs from the config's ({diff})" if diff else str(err)
-            raise with_context(err, f"trainer.init_from {path}: {why}") from None
 
     def _init_from(self, pretrained: MossFormer2, path: str) -> None:
         """Start from ``pretrained``'s weights (read from ``path``) and its recommended separation settings."""
@@ -317,6 +222,11 @@ class Trainer:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    @property
+    def stop_reason(self) -> str | None:
+        """Why fit() stopped before the end (a limit or a signal); None: it ended."""
+        return self.stopper.reason
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -325,13 +235,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | Path) -> None:
         """Write everything needed to resume (rank 0 writes; every rank must call it under DDP: RNG gather)."""
-        rng_states = [_rng_state()]
-        sums = {key: getattr(self.state, key) for key in _RANK_SUMS}
-        if self.dist.is_distributed:
-            gathered: list[Any] = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(gathered, (rng_states[0], sums))
-            rng_states = [g[0] for g in gathered]
-            sums = {key: sum(g[1][key] for g in gathered) for key in _RANK_SUMS}
+        rng_states, sums = gather_over_ranks(self.state, self.dist)
         if not self.dist.is_main:
             return
         extra = {
@@ -348,23 +252,17 @@ class Trainer:
                         extra=extra)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore model, optimizer, scheduler, scaler, RNG states and the position in the data."""
+        """Restore model, optimizer, scheduler, scaler, RNG states and the position in the data; apply this
+        config's changed settings (with warnings)."""
         ckpt = read_checkpoint(path)
-        missing = [k for k in ("model", "optimizer", "scheduler", "trainer_state", "rng_states") if k not in ckpt]
-        if missing:
-            raise ValueError(f"{path} is not a resumable training checkpoint (missing {missing}); use "
-                             "trainer.init_from to start from its weights")
-        saved_model = _with_defaults(ckpt.get("config"))
-        if saved_model != self.cfg.model.to_dict():
-            diff = _config_diff(saved_model, self.cfg.model.to_dict())
-            raise ValueError(f"{path} was trained with another model config ({diff}); use another --exp-dir for "
-                             "this model (or trainer.resume=false to start afresh here: the current run's files are "
-                             "then moved to a replaced-<time>/ subfolder)")
+        check_resumable(ckpt, path, self.cfg.model)
+        saved_cfg: dict[str, Any] = ckpt.get("train_config") or {}
         self.model.load_state_dict(ckpt["model"])
         self._set_separation_settings(ckpt.get("separation") or {})
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self._apply_changed_settings(ckpt.get("train_config") or {}, path)
+        apply_optim_settings(saved_cfg, self.cfg.optim, self.optimizer, self.scheduler, path)
+        self.cfg = with_init_from_as_started(saved_cfg, self.cfg, path)
         if self.scaler is not None and "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:
@@ -373,103 +271,38 @@ class Trainer:
             else:
                 log.warning("%s holds no weight average: trainer.ema_decay starts one from its weights", path)
                 self.ema.module.load_state_dict(ckpt["model"])
-        self.state = _train_state(ckpt["trainer_state"], path)
-        if self.dist.rank > 0:  # rank 0 goes on from the totals over all ranks
-            self.state = dataclasses.replace(self.state, **dict.fromkeys(_RANK_SUMS, 0))
-        saved_accum = ((ckpt.get("train_config") or {}).get("optim") or {}).get("accum_steps")
-        self._continue_epoch_in_this_layout(path, saved_accum)
+        self.state = resumed_train_state(ckpt["trainer_state"], path, self.dist.rank)
+        continue_epoch_in_layout(self.state, (self.dist.world_size, self.cfg.data.batch_size),
+                                 self.cfg.optim.accum_steps, (saved_cfg.get("optim") or {}).get("accum_steps"),
+                                 path, is_main=self.dist.is_main)
         if self.dist.is_main:  # one warning for all ranks
-            self._warn_changed_data(ckpt.get("train_config") or {}, path)
+            epoch_batches = self._epoch_batches() if self.train_loader is not None else None
+            warn_changed_data(saved_cfg, self.cfg, self.state, epoch_batches, path)
         rng_states = ckpt["rng_states"]
-        _set_rng_state(rng_states[self.dist.rank if self.dist.rank < len(rng_states) else 0])
-
-    def _continue_epoch_in_this_layout(self, path: str | Path, saved_accum: int | None = None) -> None:
-        """Express a mid-epoch ``batches_done`` saved by a run with another number of processes or batch size (or
-        optim.accum_steps) in this run's batches: the examples of the epoch already used are skipped as closely as
-        whole steps allow. Every rank takes every world_size-th example of one shuffled epoch order, so the
-        examples used are the first ``batches_done x world_size x batch_size`` of it whatever the layout."""
-        s, accum = self.state, self.cfg.optim.accum_steps
-        new = (self.dist.world_size, self.cfg.data.batch_size)
-        old = (s.world_size, s.batch_size) if s.world_size and s.batch_size else new  # older checkpoints: unknown
-        s.world_size, s.batch_size = new
-        before, after = old[0] * old[1] * (saved_accum or accum), new[0] * new[1] * accum
-        if before != after and self.dist.is_main:
-            log.warning("resuming from %s with another effective batch: %d process(es) x batch %d x "
-                        "optim.accum_steps %d -> %d x %d x %d, %d -> %d examples per optimizer step, at the same "
-                        "learning rate", path, *old, saved_accum or accum, *new, accum, before, after)
-        if s.batches_done == 0 or (old == new and s.batches_done % accum == 0):  # nothing to convert
-            return
-        used, per_batch = s.batches_done * old[0] * old[1], new[0] * new[1]
-        done = used // per_batch // accum * accum  # whole optimizer steps of this run
-        log.warning("resuming mid-epoch %d from %s with another data layout (%d process(es) x batch %d -> %d x %d, "
-                    "optim.accum_steps %d): continuing after %d of the %d examples the epoch had used; the rest of "
-                    "this epoch is not exact (the per-rank data order changes)", s.epoch, path, *old, *new, accum,
-                    done * per_batch, used)
-        s.batches_done = done
-
-    def _apply_changed_settings(self, saved: dict[str, Any], path: str | Path) -> None:
-        """After loading ``path``'s optimizer/scheduler states (which hold the settings of the run that wrote it),
-        apply this config's, so that config.yaml tells what runs. The lr is only set when ``optim.lr`` changed:
-        otherwise the checkpoint's (maybe plateau-reduced) lr goes on. ``trainer.init_from`` only initialises a
-        new run: on resume it is ignored, and config.yaml keeps the value the run started from."""
-        o, old = self.cfg.optim, saved.get("optim", {})
-        changed = _changed_settings(old, to_dict(o), "optim")
-        if changed:
-            log.warning("resuming %s with changed settings: %s%s", path, "; ".join(changed),
-                        f" (the lr was {self.lr:.3g})" if old.get("lr", o.lr) != o.lr else "")
-        for group in self.optimizer.param_groups:
-            group.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                         decoupled_weight_decay=o.decoupled_weight_decay)
-            if old.get("lr", o.lr) != o.lr:
-                group["lr"] = o.lr
-        self.scheduler.factor, self.scheduler.patience = o.plateau_factor, o.plateau_patience
-        self.scheduler.default_min_lr = o.min_lr
-        self.scheduler.min_lrs = [o.min_lr] * len(self.optimizer.param_groups)
-        # (grad_clip, accum_steps, loss_clamp_db and early_stop_patience are read from the config when used.)
-        started_from = saved.get("trainer", {}).get("init_from")
-        if started_from and os.path.isabs(os.path.expanduser(started_from)):  # normalised as this config's is
-            started_from = absolute_path(started_from)
-        # (older checkpoints hold it as given: a relative one is kept so, its launch folder is unknown)
-        if self.cfg.trainer.init_from != started_from:
-            if self.cfg.trainer.init_from:
-                log.warning("trainer.init_from %s is ignored: resuming from %s (to start from it, use another "
-                            "--exp-dir, or trainer.resume=false: the current run's files are then moved to a "
-                            "replaced-<time>/ subfolder)", self.cfg.trainer.init_from, path)
-            self.cfg = dataclasses.replace(self.cfg, trainer=dataclasses.replace(self.cfg.trainer,
-                                                                                 init_from=started_from))
-
-    def _warn_changed_data(self, saved: dict[str, Any], path: str | Path) -> None:
-        """Changed ``data.*`` settings (and ``trainer.seed``, which draws the mixtures) apply on resume (after the
-        state is loaded): say which, and what no longer holds with them: the position in the epoch (other
-        training data) and the best score so far (another validation set). ``saved``: the checkpoint's config."""
-        changed = _changed_settings(saved.get("data") or {}, to_dict(self.cfg.data), "data")
-        changed += _changed_settings(saved.get("trainer") or {}, {"seed": self.cfg.trainer.seed}, "trainer")
-        if not changed:
-            return
-        log.warning("resuming %s with changed data settings: %s", path, "; ".join(changed))
-        keys = {entry.split(" ", 1)[0] for entry in changed}
-        s, per_epoch = self.state, self._epoch_batches()
-        if s.batches_done >= per_epoch > 0 and self.train_loader is not None:
-            log.warning("epoch %d had used %d batches, and has %d with these settings: it ends without further "
-                        "steps", s.epoch, s.batches_done, per_epoch)
-        elif s.batches_done and keys - DATA_KEYS_KEEPING_TRAINING_EXAMPLES:
-            log.warning("epoch %d goes on after its first %d batches, which with these settings are other "
-                        "examples than those trained on", s.epoch, s.batches_done)
-        keeping = set(DATA_KEYS_KEEPING_VALIDATION)
-        if self.cfg.data.valid:  # a pre-mixed validation set: the mixing settings shape the training data only
-            keeping |= {key for key in keys if key.startswith("data.dynamic_mixing.")}
-        if keys - keeping and s.best_epoch >= 0:
-            log.warning("the validation data may have changed: the best score so far (%.2f dB, epoch %d, in %s) "
-                        "was measured on the earlier set, and later epochs are compared with it", s.best_metric,
-                        s.best_epoch, BEST)
+        set_rng_state(rng_states[self.dist.rank if self.dist.rank < len(rng_states) else 0])
 
     def _write_best(self) -> None:
         if self.dist.is_main:
             save_checkpoint(self.exp_dir / BEST, self.eval_model, epoch=self.state.epoch, step=self.state.step,
                             extra={"valid": self.state.history[-1], "train_config": to_dict(self.cfg)})
 
+    def _save_last_unless_saved(self) -> None:
+        if self._saved_step != self.state.step:  # (a periodic checkpoint may just have been written)
+            self._save_last()
+
+    def _save_last(self) -> None:
+        """Write last.pt, unless the latest steps were skipped for NaN/inf losses: the weights may be diverged ones
+        (the previous last.pt stays)."""
+        if self.divergence.streak:
+            log.warning("%s not updated at step %d: the last %d steps had a NaN/inf loss or gradient", LAST,
+                        self.state.step, self.divergence.streak)
+            return
+        self.save_checkpoint(self.exp_dir / LAST)
+        self._saved_step = self.state.step
+
     # ------------------------------------------------------------------ training
     def _loss(self, est: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The PIT loss (scalar, -SI-SDR in dB, maybe clamped) of ``est [B, S, T]`` against ``batch["sources"]``."""
         loss, _ = pit_si_sdr_loss(est.float(), batch["sources"], batch["lengths"],
                                   clamp_db=self.cfg.optim.loss_clamp_db)
         return loss
@@ -490,14 +323,13 @@ class Trainer:
         skipped = bad or not self._all_finite(grad_norm)
         if skipped:
             self.state.skipped_steps += 1
-            self._nonfinite_streak += 1
             log.warning("step %d skipped: non-finite %s (%d skipped so far)", self.state.step + 1,
                         "loss" if bad else "gradient", self.state.skipped_steps)
             if self.scaler is not None:
                 self.scaler.update()
-            self._check_diverged()
+            self.divergence.step_skipped(self.state.step + 1, self.exp_dir / LAST, self._saved_step)
         else:
-            self._nonfinite_streak = 0
+            self.divergence.step_taken()
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -509,87 +341,9 @@ class Trainer:
         self.state.step += 1
         return math.nan if skipped else float(grad_norm)
 
-    def _check_diverged(self) -> None:
-        """Stop after ``trainer.max_nonfinite_steps`` skipped steps in a row (identical on every rank)."""
-        limit, n = self.cfg.trainer.max_nonfinite_steps, self._nonfinite_streak
-        if limit is None or n < limit:
-            return
-        if self._saved_step is not None:
-            kept = f"{self.exp_dir / LAST} keeps step {self._saved_step}, before them"
-            how = ("run again to resume from there (if it diverges again at once, start afresh with "
-                   "trainer.resume=false)")
-        else:
-            kept, how = f"no {LAST} was written", "run again (it starts afresh)"
-        message = (f"the model diverged: {n} optimizer steps in a row (steps {self.state.step + 2 - n}-"
-                   f"{self.state.step + 1}) had a NaN/inf loss or gradient (trainer.max_nonfinite_steps); {kept}. "
-                   f"Lower optim.lr (or set optim.grad_clip) and {how}")
-        log.error("%s", message)
-        raise TrainingDivergedError(message)
-
     def _should_stop(self) -> bool:
-        """A step or time limit reached, or SIGINT/SIGTERM received (sets ``stop_reason``). Decided once per
-        optimizer step and again after each validation, by all ranks together in one all-reduce: signals and clocks
-        reach the ranks at slightly different times, and all must stop at the same step."""
-        if self.stop_reason is not None:
-            return True
-        t, key = self.cfg.trainer, (self.state.epoch, self.state.step)
-        if self._stop_checked_at == key:
-            return False
-        self._stop_checked_at = key
-        late, sigint, sigterm = self._stop_flags()
-        if self._note_signal(sigint, sigterm):
-            return True
-        if t.max_steps is not None and self.state.step >= t.max_steps:
-            self.stop_reason = f"trainer.max_steps ({t.max_steps}) reached"
-        elif late:
-            self.stop_reason = f"trainer.max_minutes ({t.max_minutes:g}) reached"
-        return self.stop_reason is not None
-
-    def _stop_flags(self) -> tuple[bool, bool, bool]:
-        """(time limit passed, SIGINT, SIGTERM) on any rank: one all-reduce, which every rank must make."""
-        t = self.cfg.trainer
-        late = t.max_minutes is not None and time.monotonic() - self._fit_started > t.max_minutes * 60
-        flags = [float(late), float(self._signal == signal.SIGINT), float(self._signal == signal.SIGTERM)]
-        if self.dist.is_distributed:
-            flags = all_reduce_sum(torch.tensor(flags, device=self.device)).tolist()
-        late, sigint, sigterm = (flag > 0 for flag in flags)
-        return late, sigint, sigterm
-
-    def _note_signal(self, sigint: bool, sigterm: bool) -> bool:
-        """Record a signal some rank received as the reason to stop (it overrides a limit); True if there is one."""
-        if sigint or sigterm:
-            self._stop_signal = signal.SIGINT if sigint else signal.SIGTERM
-            self.stop_reason = f"interrupted by {signal.Signals(self._stop_signal).name}"
-        return self._stop_signal is not None
-
-    def _signal_received(self) -> bool:
-        """SIGINT/SIGTERM received by any rank (under DDP a collective: all ranks call it at the same points)."""
-        _, sigint, sigterm = self._stop_flags()
-        return self._note_signal(sigint, sigterm)
-
-    def _validation_stop_checks(self) -> tuple[int, float]:
-        """(every, until): validation looks for a signal before each ``every``-th batch while fewer than ``until``
-        have been read. Under DDP the ranks' shards may differ by a batch: checks stop at the smallest shard, so
-        every rank makes the same all-reduces."""
-        if not self.dist.is_distributed:
-            return 1, math.inf  # a flag read, no collective
-        counts = torch.zeros(self.dist.world_size, dtype=torch.float64, device=self.device)
-        counts[self.dist.rank] = len(self.valid_loader)
-        return VALID_STOP_CHECK_EVERY, float(all_reduce_sum(counts).min())
-
-    def _save_last_unless_saved(self) -> None:
-        if self._saved_step != self.state.step:  # (a periodic checkpoint may just have been written)
-            self._save_last()
-
-    def _save_last(self) -> None:
-        """Write last.pt, unless the latest steps were skipped for NaN/inf losses: the weights may be diverged ones
-        (the previous last.pt stays)."""
-        if self._nonfinite_streak:
-            log.warning("%s not updated at step %d: the last %d steps had a NaN/inf loss or gradient", LAST,
-                        self.state.step, self._nonfinite_streak)
-            return
-        self.save_checkpoint(self.exp_dir / LAST)
-        self._saved_step = self.state.step
+        """A limit reached or a signal received (sets ``stop_reason``); one all-reduce per optimizer step."""
+        return self.stopper.should_stop(self.state.epoch, self.state.step)
 
     def train_epoch(self) -> dict[str, float]:
         """Run the rest of the current epoch (or to the step/time limit); return mean loss and grad norm."""
@@ -603,8 +357,8 @@ class Trainer:
                    unit="batch", disable=True if not self.dist.is_main else bar_disabled(t.progress_bar),
                    leave=False)
         sums = {"grad_norm": 0.0, "steps": 0}
-        window = {"loss": 0.0, "n": 0}
-        bad = False
+        window = {"loss": 0.0, "n": 0}  # losses since the last log line
+        bad = False  # a micro-batch of this optimizer step had a NaN/inf loss on some rank
         self.optimizer.zero_grad(set_to_none=True)
         iterator = iter(self.train_loader)
         while self.state.batches_done < per_epoch and not self._should_stop():
@@ -612,36 +366,14 @@ class Trainer:
             self.state.batches_done += 1
             self.state.skipped_files += int(batch["skipped"])
             last_micro = self.state.batches_done % accum == 0
-            empty = batch["mix"].shape[0] == 0  # every file of the batch was unreadable (data.skip_bad_files)
-            if empty and self.dist.is_distributed:
-                # The other ranks wait in DDP's gradient all-reduce and in _all_finite: take part with a
-                # zero-weight pass on silence, or the job hangs.
-                n = self.model.min_input_length
-                batch = {"mix": torch.zeros(1, n), "lengths": torch.tensor([n])}
-            if not empty or self.dist.is_distributed:
-                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                         for k, v in batch.items()}
-                sync = last_micro or not self.dist.is_distributed
-                no_sync = contextlib.nullcontext() if sync else self.train_model.no_sync()
-                with no_sync:
-                    mix, sources, lengths = _fit_to_model(batch["mix"], batch.get("sources"), batch["lengths"],
-                                                          self.model.min_input_length)
-                    if sources is not None:
-                        batch = {**batch, "sources": sources}
-                    with self._autocast():
-                        est = self.train_model(mix, lengths)
-                    loss = est.float().sum() * 0.0 if empty else self._loss(est, batch)
-                    if self._all_finite(loss.detach()):
-                        scaled = loss / accum  # fp16: scaled up against underflow, unscaled in _optimizer_step
-                        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                        if not empty:
-                            value = float(loss.detach())
-                            self.state.epoch_loss_sum += value
-                            self.state.epoch_loss_count += 1
-                            window["loss"] += value
-                            window["n"] += 1
-                    else:
-                        bad = True
+            loss = self._micro_step(batch, last_micro)
+            if loss is not None and math.isnan(loss):
+                bad = True
+            elif loss is not None:
+                self.state.epoch_loss_sum += loss
+                self.state.epoch_loss_count += 1
+                window["loss"] += loss
+                window["n"] += 1
             bar.update(1)
             if not last_micro:
                 continue
@@ -652,16 +384,7 @@ class Trainer:
                 sums["steps"] += 1
             step = self.state.step
             if step % t.log_every_steps == 0 and window["n"]:
-                mean = window["loss"] / window["n"]
-                bar.set_postfix(loss=f"{mean:.2f}", lr=f"{self.lr:.2e}")
-                log.info("epoch %d step %d: loss %.3f, grad norm %s, lr %.3g", self.state.epoch, step, mean,
-                         f"{grad_norm:.3g}" if math.isfinite(grad_norm) else "- (step skipped)", self.lr)
-                if self.writer is not None:
-                    self.writer.add_scalar("train/loss", mean, step)
-                    if math.isfinite(grad_norm):
-                        self.writer.add_scalar("train/grad_norm", grad_norm, step)
-                    self.writer.add_scalar("train/lr", self.lr, step)
-                    self.writer.add_scalar("train/skipped_steps", self.state.skipped_steps, step)
+                self._log_step(window["loss"] / window["n"], grad_norm, bar)
                 window = {"loss": 0.0, "n": 0}
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                 self._save_last()
@@ -670,6 +393,47 @@ class Trainer:
         loss_sum, count = self._sum_over_ranks(self.state.epoch_loss_sum, self.state.epoch_loss_count)
         return {"loss": loss_sum / count if count else math.nan,
                 "grad_norm": sums["grad_norm"] / max(sums["steps"], 1)}
+
+    def _micro_step(self, batch: dict[str, Any], last_micro: bool) -> float | None:
+        """Forward and backward one micro-batch (``mix [B, T]``, ``sources [B, S, T]``, ``lengths [B]``); its
+        gradient adds to the optimizer step's, synced across ranks at the step's ``last_micro`` batch. Returns its
+        loss; None for an empty batch; NaN when the loss was not finite on some rank (then no backward: the step
+        will be skipped)."""
+        empty = batch["mix"].shape[0] == 0  # every file of the batch was unreadable (data.skip_bad_files)
+        if empty and not self.dist.is_distributed:
+            return None
+        if empty:
+            # The other ranks wait in DDP's gradient all-reduce and in _all_finite: take part with a zero-weight
+            # pass on silence, or the job hangs.
+            n = self.model.min_input_length
+            batch = {"mix": torch.zeros(1, n), "lengths": torch.tensor([n])}
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        sync = last_micro or not self.dist.is_distributed
+        with contextlib.nullcontext() if sync else self.train_model.no_sync():
+            mix, sources, lengths = fit_to_model(batch["mix"], batch.get("sources"), batch["lengths"],
+                                                 self.model.min_input_length)
+            if sources is not None:
+                batch = {**batch, "sources": sources}
+            with self._autocast():
+                est = self.train_model(mix, lengths)
+            loss = est.float().sum() * 0.0 if empty else self._loss(est, batch)
+            if not self._all_finite(loss.detach()):
+                return math.nan
+            scaled = loss / self.cfg.optim.accum_steps  # fp16: scaled against underflow, unscaled in _optimizer_step
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            return None if empty else float(loss.detach())
+
+    def _log_step(self, loss: float, grad_norm: float, bar: Any) -> None:
+        """The progress line of an optimizer step (``loss``: the mean since the last one), and its TensorBoard
+        points."""
+        step = self.state.step
+        bar.set_postfix(loss=f"{loss:.2f}", lr=f"{self.lr:.2e}")
+        log.info("epoch %d step %d: loss %.3f, grad norm %s, lr %.3g", self.state.epoch, step, loss,
+                 f"{grad_norm:.3g}" if math.isfinite(grad_norm) else "- (step skipped)", self.lr)
+        points = {"train/loss": loss}
+        if math.isfinite(grad_norm):
+            points["train/grad_norm"] = grad_norm
+        self.run_log.scalars({**points, "train/lr": self.lr, "train/skipped_steps": self.state.skipped_steps}, step)
 
     def _sum_over_ranks(self, *values: float) -> list[float]:
         return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
@@ -682,17 +446,17 @@ class Trainer:
         model.eval()
         # loss, si_sdr, si_sdri, count: summed on the device, read once at the end (no per-batch sync)
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
-        examples_left = self.cfg.trainer.audio_examples if self.writer is not None else 0
+        examples_left = self.cfg.trainer.audio_examples if self.run_log.tensorboard else 0
         skipped = 0  # counted only once the validation is complete (an interrupted one is done again)
-        check_every, checks_until = self._validation_stop_checks()
+        check_every, checks_until = self.stopper.validation_checks(self.valid_loader, VALID_STOP_CHECK_EVERY)
         for index, batch in enumerate(self.valid_loader):
-            if index % check_every == 0 and index < checks_until and self._signal_received():
+            if index % check_every == 0 and index < checks_until and self.stopper.signal_received():
                 return None
             skipped += int(batch["skipped"])
             if batch["mix"].shape[0] == 0:
                 continue
             mix, ref, lengths = (batch[k].to(self.device) for k in ("mix", "sources", "lengths"))
-            mix, ref, model_lengths = _fit_to_model(mix, ref, lengths, model.min_input_length)
+            mix, ref, model_lengths = fit_to_model(mix, ref, lengths, model.min_input_length)
             with self._autocast():
                 est = model(mix, model_lengths)
             est = est.float()
@@ -705,31 +469,14 @@ class Trainer:
             logged = min(examples_left, mix.shape[0])
             aligned = reorder_estimates(est[:logged], perm[:logged]) if logged else est[:0]  # references' order
             for i in range(logged):
-                self._log_audio(batch["ids"][i], mix[i, :lengths[i]], aligned[i, :, :lengths[i]],
-                                ref[i, :, :lengths[i]])
+                self.run_log.audio(batch["ids"][i], mix[i, :lengths[i]], aligned[i, :, :lengths[i]],
+                                   ref[i, :, :lengths[i]], self.state.step, self.cfg.data.sample_rate)
             examples_left -= min(examples_left, mix.shape[0])
         self.state.skipped_files += skipped
         totals = all_reduce_sum(totals).cpu()
         count = max(float(totals[3]), 1.0)
         return {"loss": float(totals[0]) / count, "si_sdr": float(totals[1]) / count,
                 "si_sdri": float(totals[2]) / count, "count": float(totals[3])}
-
-    def _log_audio(self, name: str, mix: torch.Tensor, est: torch.Tensor, ref: torch.Tensor) -> None:
-        """TensorBoard audio of one validation example: the estimates ``[S, T]`` (in the order of the references)
-        at every validation; the mixture and the references once per run (they do not change)."""
-        peak = float(torch.cat([mix.abs().flatten(), est.abs().flatten()]).max()) + 1e-8  # NaN / inf carry through
-        if not math.isfinite(peak):
-            return  # a diverged model (reported with the scores): NaN cannot be written as 16-bit audio
-        sr, step = self.cfg.data.sample_rate, self.state.step
-        if name not in self._audio_logged:  # the mixture and references at one level of their own
-            self._audio_logged.add(name)
-            level = float(torch.cat([mix.abs().flatten(), ref.abs().flatten()]).max()) + 1e-8
-            self.writer.add_audio(f"valid/{name}/mix", (mix / level).cpu(), step, sample_rate=sr)
-            for s in range(ref.shape[0]):
-                self.writer.add_audio(f"valid/{name}/reference{s + 1}", (ref[s] / level).cpu(), step,
-                                      sample_rate=sr)
-        for s in range(est.shape[0]):
-            self.writer.add_audio(f"valid/{name}/s{s + 1}", (est[s] / peak).cpu(), step, sample_rate=sr)
 
     def _end_epoch(self, train_stats: dict[str, float]) -> bool:
         """Validate, update best / plateau / early stopping, checkpoint. Returns True to stop training."""
@@ -759,11 +506,9 @@ class Trainer:
             log.warning("epoch %d: every training step was skipped (NaN / inf loss or gradients)", s.epoch)
         if not math.isfinite(metric):
             log.warning("epoch %d: validation SI-SDRi is %s (the model diverged?)", s.epoch, metric)
-        if self.writer is not None:
-            for key in ("loss", "si_sdr", "si_sdri"):
-                self.writer.add_scalar(f"valid/{key}", valid[key], s.step)
-            self.writer.add_scalar("train/epoch_loss", train_stats["loss"], s.step)
-            self.writer.flush()
+        self.run_log.scalars({**{f"valid/{key}": valid[key] for key in ("loss", "si_sdr", "si_sdri")},
+                              "train/epoch_loss": train_stats["loss"]}, s.step)
+        self.run_log.flush()
         if improved:
             self._write_best()
         s.epoch += 1
@@ -790,8 +535,7 @@ class Trainer:
         SIGINT/SIGTERM: the run stops after the current optimizer step, saves last.pt and raises
         :class:`TrainingInterrupted` (a KeyboardInterrupt)."""
         t = self.cfg.trainer
-        self._fit_started, self._stop_checked_at = time.monotonic(), None
-        self.stop_reason, self._stop_signal, self._signal = None, None, None
+        self.stopper.start()
         if self._finished():
             log.info("%s: already finished (epoch %d of %d%s)", self.exp_dir, self.state.epoch, t.max_epochs,
                      f"; stopped early after {self.state.bad_epochs} epochs without improvement"
@@ -803,21 +547,16 @@ class Trainer:
                      t.max_epochs - 1, batches_per_epoch(self.train_loader), " per process" if world > 1 else "",
                      world * batch * accum, world, batch, accum)
         try:
-            with stop_signals(self._request_stop):
+            with stop_signals(self.stopper.request):
                 self._train_epochs()
         except Exception as err:  # the command prints it; train.log, the run's record, would end mid-sentence
-            self._log_to_file(f"stopped by an error at epoch {self.state.epoch}, step {self.state.step} "
-                              f"({self._saved_summary()}): {type(err).__name__}: {err}")
+            self.run_log.error_line(f"stopped by an error at epoch {self.state.epoch}, step {self.state.step} "
+                                    f"({self._saved_summary()}): {type(err).__name__}: {err}")
             raise
         finally:
-            self._signal = None  # received during this fit(): a later validate() must not stop for it
+            self.stopper.received_signal = None  # received during this fit(): a later validate() must not stop
             self.close()
         return self.state
-
-    def _log_to_file(self, message: str) -> None:
-        """An ERROR line in train.log only (rank 0's; the exception itself reaches the terminal)."""
-        if self._log_handler is not None:
-            self._log_handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
 
     def _saved_summary(self) -> str:
         """What last.pt holds now, for an error's record."""
@@ -833,42 +572,23 @@ class Trainer:
             # Stopped mid-epoch, or a signal in the epoch's last step: save (resumable from here) and stop before
             # the validation, which a preemption's grace time may not cover. (A resumed run validates first.)
             mid_epoch = self.state.batches_done < self._epoch_batches()
-            if mid_epoch or (self._should_stop() and self._stop_signal is not None):
+            if mid_epoch or (self._should_stop() and self.stopper.agreed_signal is not None):
                 self._save_last_unless_saved()
                 break
             if self._end_epoch(stats):
                 break
         if self.stop_reason is None:
             log.info("finished at epoch %d, step %d; %s", self.state.epoch, self.state.step, best_summary(self.state))
-        elif self._stop_signal is None:
+        elif self.stopper.agreed_signal is None:
             log.info("stopped: %s", self.stop_summary())
         else:
             if self.dist.is_main:  # the rank that saved says so (the others warn of their own troubles only)
                 log.warning("%s", self.stop_summary())
-            raise TrainingInterrupted(self._stop_signal, self.stop_summary())
+            raise TrainingInterrupted(self.stopper.agreed_signal, self.stop_summary())
 
     def stop_summary(self) -> str:
         """Why and where fit() stopped before the end, what last.pt holds and how to go on."""
-        s, last = self.state, self.exp_dir / LAST
-        if not s.batches_done:
-            where = f"before epoch {s.epoch}"
-        elif s.batches_done < self._epoch_batches():
-            where = f"mid-epoch {s.epoch}"
-        else:  # a signal in the epoch's last step or during its validation
-            where = f"end of epoch {s.epoch}, before its validation"
-        if self._saved_step == s.step:
-            saved = f"state saved to {last}"
-        elif self._saved_step is not None:
-            saved = f"{last} keeps step {self._saved_step} (the later steps had NaN/inf losses)"
-        else:
-            saved = "nothing saved"
-        how = ("raise trainer.max_steps (or set it to null) and run again to continue"
-               if self.stop_reason and self.stop_reason.startswith("trainer.max_steps")
-               else "run the same command to continue")
-        return f"{self.stop_reason} at step {s.step} ({where}): {saved}; {how}"
-
-    def _request_stop(self, signum: int) -> None:
-        self._signal = signum
+        return self.stopper.summary(self.state, self._epoch_batches(), self.exp_dir / LAST, self._saved_step)
 
     def _epoch_batches(self) -> int:
         """Batches of one epoch that make whole optimizer steps (leftovers would make a partial step)."""
@@ -883,98 +603,7 @@ class Trainer:
     def close(self, remove_created_folder: bool = False) -> None:
         """Flush and close the TensorBoard writer and the log file, release the folder's lock (idempotent);
         ``remove_created_folder``: see ``ExperimentLock.release``."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self._log_handler is not None:
-            log.removeHandler(self._log_handler)
-            self._log_handler.close()
-            self._log_handler = None
+        self.run_log.close()
         if self._lock is not None:
             self._lock.release(remove_created_folder=remove_created_folder)
             self._lock = None
-
-
-def best_summary(state: TrainState) -> str:
-    """``best validation SI-SDRi 9.87 dB (epoch 3)``, or that no epoch has been validated (or none finitely)."""
-    if state.best_epoch < 0 and state.history:  # only NaN scores: no epoch is ever better than -inf
-        return f"validation SI-SDRi was NaN in all {len(state.history)} validated epochs (the model diverged?)"
-    if state.best_epoch < 0:
-        return "no validation yet (the run stopped before its first epoch ended)"
-    return f"best validation SI-SDRi {state.best_metric:.2f} dB (epoch {state.best_epoch})"
-
-
-# Data settings that leave the validation scores as they were, and those that leave the training examples of an
-# epoch as they were (changed on resume, the others make a warning say what no longer holds). data.batch_size: a
-# resume converts the epoch's position itself (_continue_epoch_in_this_layout).
-DATA_KEYS_KEEPING_VALIDATION = {
-    "data.train", "data.segment_seconds", "data.batch_size", "data.valid_batch_size", "data.num_workers",
-    "data.cache_audio", "data.skip_bad_files", "data.dynamic_mixing.train_utterances",
-    "data.dynamic_mixing.examples_per_epoch", "data.dynamic_mixing.speed_perturb",
-    "data.dynamic_mixing.random_polarity"}
-DATA_KEYS_KEEPING_TRAINING_EXAMPLES = {
-    "data.valid", "data.max_valid_seconds", "data.valid_batch_size", "data.batch_size", "data.num_workers",
-    "data.cache_audio", "data.skip_bad_files", "data.dynamic_mixing.valid_utterances",
-    "data.dynamic_mixing.valid_examples", "data.dynamic_mixing.valid_max_seconds"}
-
-
-def _changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
-    """``["data.batch_size 4 -> 8", ...]``: the settings of ``new`` that ``old`` (a saved config section) holds
-    with another value, nested sections by their dotted names (keys the old config lacks are new options)."""
-    changed = []
-    for key, value in new.items():
-        if key not in old or old[key] == value:
-            continue
-        if isinstance(value, dict) and isinstance(old[key], dict):
-            changed += _changed_settings(old[key], value, f"{prefix}.{key}")
-        else:
-            changed.append(f"{prefix}.{key} {old[key]!r} -> {value!r}")
-    return changed
-
-
-def _with_defaults(saved: Any) -> Any:
-    """A saved model config with the options it predates at their defaults (an option added since then, at its
-    default, is the same network); as saved where it does not parse (e.g. an option from a newer version)."""
-    if not isinstance(saved, dict):
-        return saved
-    try:
-        return MossFormer2Config.from_dict(saved).to_dict()
-    except (TypeError, ValueError):  # ConfigError is a ValueError
-        return saved
-
-
-def _train_state(saved: dict[str, Any], path: str | Path) -> TrainState:
-    """The saved counters; ones this version does not know (a newer version's) are named and dropped."""
-    known = {f.name for f in dataclasses.fields(TrainState)}
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        log.warning("%s holds training counters this version does not know (%s): they are ignored", path,
-                    ", ".join(unknown))
-    return TrainState(**{key: value for key, value in saved.items() if key in known})
-
-
-def _config_diff(old: Any, new: dict[str, Any]) -> str:
-    """``model.num_mossformer_layer: 1 in the checkpoint, 2 in the config; ...`` for the keys that differ."""
-    if not isinstance(old, dict):
-        return f"the checkpoint holds no model config (found {type(old).__name__})"
-    missing = "(not set)"
-    return "; ".join(f"model.{key}: {old.get(key, missing)!r} in the checkpoint, {new.get(key, missing)!r} in "
-                     "the config" for key in sorted(set(old) | set(new), key=str)
-                     if old.get(key, missing) != new.get(key, missing))
-
-
-def _fit_to_model(mix: torch.Tensor, sources: torch.Tensor | None, lengths: torch.Tensor, min_length: int
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """A batch ``mix [B, T]`` / ``sources [B, S, T]`` shorter than the network's minimum input zero-padded to it,
-    and the lengths the model takes (each at least the minimum; None when nothing is padded). The loss and the
-    scores keep the true ``lengths``: utterances that short are scored on their own samples."""
-    short = min_length - mix.shape[-1]
-    if short > 0:
-        mix = torch.nn.functional.pad(mix, (0, short))
-        sources = None if sources is None else torch.nn.functional.pad(sources, (0, short))
-    return mix, sources, _padded_lengths(lengths.clamp(min=min_length), mix)
-
-
-def _padded_lengths(lengths: torch.Tensor, mix: torch.Tensor) -> torch.Tensor | None:
-    """The true lengths of a zero-padded batch (the model then ignores the padding), or None if none is padded."""
-    return lengths if bool((lengths < mix.shape[-1]).any()) else None
