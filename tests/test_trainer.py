@@ -74,11 +74,12 @@ def killed_and_resumed(cfg, exp_dir, monkeypatch, kill_at_call: int) -> Trainer:
     return Trainer(cfg, exp_dir)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])  # every shipped config loads in worker processes
 @pytest.mark.parametrize("kill_at_call", [7])
-def test_killed_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monkeypatch, kill_at_call):
+def test_killed_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monkeypatch, kill_at_call, num_workers):
     # 8 batches per epoch, accum 2 -> 4 optimizer steps per epoch, 8 in all; checkpoints at steps 3 and 6
     # (mid-epoch) and at each epoch end. Killing inside step 7 resumes from step 6, mid-epoch 1.
-    cfg = make_config(corpus)
+    cfg = make_config(corpus, f"data.num_workers={num_workers}")
     reference = Trainer(cfg, tmp_path / "ref")
     reference.fit()
     final = weights(reference.model)
