@@ -348,9 +348,10 @@ def test_cli_export_prints_only_its_own_lines_and_info_describes_exports(checkpo
     import subprocess
     import sys
 
-    out = tmp_path / "tiny.onnx"
+    out = tmp_path / "tiny.onnx"  # fixed-length: the same exporter and its logging, a third of the time
     run = subprocess.run([sys.executable, "-m", "mossformer2", "export", "--checkpoint", str(checkpoint_path),
-                          "--format", "onnx", "-o", str(out)], capture_output=True, text=True)
+                          "--format", "onnx", "-o", str(out), "--no-dynamic-length", "--length-seconds", "0.2"],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     lines = (run.stdout + run.stderr).strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("max abs difference") and lines[1].startswith("wrote"), lines
@@ -385,6 +386,19 @@ def test_the_python_exports_refuse_names_the_loaders_would_misread(tiny_model, t
     with pytest.raises(ValueError, match=r"model\.onnx: a TorchScript export's name must not end in \.onnx"):
         export_torchscript(tiny_model, tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_chosen_opset_is_the_files_opset(tiny_model, tmp_path):
+    """--opset N writes opset N (the refusals below once guarded an opset silently replaced by 18)."""
+    import onnxruntime as ort
+
+    opset = 20
+    if onnx.defs.onnx_opset_version() < opset:
+        pytest.skip(f"onnx {onnx.__version__} writes opsets up to {onnx.defs.onnx_opset_version()}")
+    path = export_onnx(tiny_model, tmp_path / "m.onnx", dynamic_length=False, example=0.1 * torch.randn(1, 900),
+                       opset=opset)
+    assert {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""] == opset
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # and ONNX Runtime takes it
 
 
 def test_cli_export_refuses_bad_requests_before_exporting(tiny_model, checkpoint_path, tmp_path, capsys):

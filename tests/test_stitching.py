@@ -103,8 +103,11 @@ def test_crossfade_windows_sum_to_one():
 def test_stitcher_reconstructs_identical_chunks_exactly():
     signal = np.random.default_rng(0).standard_normal((2, 500)).astype(np.float32)
     stitcher = AlignedStitcher(2, 500)
-    for start, end in plan_chunks(500, 120, 40):
-        stitcher.add(start, signal[::-1, start:end] if start % 2 else signal[:, start:end])
+    swapped = 0
+    for index, (start, end) in enumerate(plan_chunks(500, 120, 40)):
+        swapped += index % 2
+        stitcher.add(start, signal[::-1, start:end] if index % 2 else signal[:, start:end])  # every other swapped
+    assert swapped >= 2
     np.testing.assert_allclose(stitcher.output, signal, atol=1e-6)
     with pytest.raises(ValueError, match="gap"):
         AlignedStitcher(2, 500).add(10, signal[:, 10:50])
