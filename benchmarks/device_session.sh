@@ -14,6 +14,9 @@ set -u -o pipefail  # pipefail: a step's status is its command's, not tee's
 source scripts/device_env.sh
 CHECKS_LIMIT=${CHECKS_LIMIT:-300} BENCH_LIMIT=${BENCH_LIMIT:-120} LATENCY_LIMIT=${LATENCY_LIMIT:-240}
 PROFILE_LIMIT=${PROFILE_LIMIT:-0}
+# The test suite's CUDA-only tests (conv layouts, a CUDA training run in fp32 / bf16 / fp16 resumed on the CPU):
+# CI has no GPU, so this is the only place they run. Needs pytest in .whl/ (scripts/device_env.sh).
+PYTEST_LIMIT=${PYTEST_LIMIT:-150}
 # Extra benchmark.py flags for the latency and compiled-profile steps, e.g. "--compile-layout shifted_sum" (the
 # compiled convs' fused form instead of the default stored inputs) or "--compile-mode max-autotune-no-cudagraphs"
 # (the compiled regions' matrix multiplies tuned at compile time).
@@ -34,6 +37,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 note nvidia-smi $?
 "$PYTHON" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/gpu.txt"
 note torch-cuda $?
+
+if [ "$PYTEST_LIMIT" -gt 0 ]; then
+    timeout "$PYTEST_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests/test_model.py \
+        tests/test_trainer.py 2>&1 | tee "$OUT/pytest_cuda.log"
+    note pytest_cuda $?
+fi
 
 # Issue 3: padded batch == alone, bf16 / fp16 vs fp32, CUDA graphs == eager, compiled layers == eager, a long file.
 if [ "$CHECKS_LIMIT" -gt 0 ]; then

@@ -299,9 +299,10 @@ def test_device_session_runs_every_step_and_exits_1_if_one_failed(tmp_path, fail
     proc = subprocess.run(["bash", "benchmarks/device_session.sh"], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     calls = (out / "calls.txt").read_text().splitlines()
-    assert len(calls) == 5  # device name, gpu_checks, two benchmarks, compiled profile: every step ran
-    assert [call.endswith("--compile-layout shifted_sum") for call in calls] == [False, False, False, True, True]
-    assert [" --long-compile " in call for call in calls] == [False, True, False, False, False]
+    assert len(calls) == 6  # device name, CUDA tests, gpu_checks, two benchmarks, compiled profile: every step ran
+    assert calls[1].startswith("-m pytest") and calls[1].endswith("-k cuda tests/test_model.py tests/test_trainer.py")
+    assert [call.endswith("--compile-layout shifted_sum") for call in calls] == [False] * 4 + [True] * 2
+    assert [" --long-compile " in call for call in calls] == [False, False, True, False, False, False]
     if failing:
         assert proc.returncode == 1 and "failed steps: gpu_checks (exit 3)" in proc.stderr
     else:
