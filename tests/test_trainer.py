@@ -699,17 +699,48 @@ def test_a_finished_run_stays_finished(corpus, tmp_path, monkeypatch):
     assert "already finished (epoch 3 of 3)\n" in (tmp_path / "train.log").read_text()
 
 
-@pytest.mark.parametrize("batch_size", [1, 2])
-def test_a_validation_utterance_shorter_than_the_network_minimum_is_zero_padded(corpus, tmp_path, batch_size):
+def test_a_validation_utterance_shorter_than_the_network_minimum_is_zero_padded(corpus, tmp_path, monkeypatch):
+    """A 10-sample utterance (the network needs 24) is zero-padded for the network and scored on its own 10
+    samples: the same alone in its batch (padded to 24) as beside a longer one (padded to 2000, the model told
+    its length), and as losses.si_sdr scores the unpadded item."""
+    import soundfile as sf
+
+    from mossformer2 import losses
+    from mossformer2.training import trainer as trainer_module
     from tests.test_datasets import _make_wsj_folder
 
-    folder = _make_wsj_folder(tmp_path / "cv", [10, 2000])  # the network needs 24 samples
-    cfg = make_config(corpus, "data.dynamic_mixing.valid_utterances=null", f"data.valid={folder}",
-                      f"data.valid_batch_size={batch_size}")
-    trainer = Trainer(cfg, tmp_path / "exp")
-    result = trainer.validate()
-    trainer.close()
-    assert result["count"] == 2 and all(math.isfinite(result[k]) for k in ("loss", "si_sdr", "si_sdri"))
+    folder = _make_wsj_folder(tmp_path / "cv", [10, 2000])
+    scored = []  # -SI-SDR [B] of each validation batch, in the validation set's order
+    original = trainer_module.pit_si_sdr_loss
+
+    def recording_loss(est, ref, lengths=None, clamp_db=None, reduction="mean"):
+        loss, perm = original(est, ref, lengths, clamp_db, reduction)
+        scored.append(loss)
+        return loss, perm
+
+    monkeypatch.setattr(trainer_module, "pit_si_sdr_loss", recording_loss)
+    short_si_sdr = {}
+    for batch_size in (1, 2):
+        cfg = make_config(corpus, "data.dynamic_mixing.valid_utterances=null", f"data.valid={folder}",
+                          f"data.valid_batch_size={batch_size}")
+        trainer = Trainer(cfg, tmp_path / f"exp{batch_size}")
+        assert trainer.model.min_input_length == 24
+        scored.clear()
+        result = trainer.validate()
+        trainer.close()
+        assert result["count"] == 2 and all(math.isfinite(result[k]) for k in ("loss", "si_sdr", "si_sdri"))
+        assert [i for batch in trainer.valid_loader for i in batch["ids"]] == ["u0", "u1"]  # u0: 10 samples
+        short_si_sdr[batch_size] = -float(torch.cat(scored)[0])
+    # The same (untrained) network on the item alone, zero-padded to 24, scored on its own 10 samples
+    def read(name: str) -> torch.Tensor:
+        return torch.from_numpy(sf.read(folder / name / "u0.wav", dtype="float32")[0])
+
+    mix, ref = read("mix")[None], torch.stack([read("s1"), read("s2")])[None]  # [1, 10], [1, 2, 10]
+    with torch.no_grad():
+        est = trainer.eval_model(torch.nn.functional.pad(mix, (0, 14)))[..., :10]
+    expected = max(float(losses.si_sdr(est[:, list(order)], ref).mean()) for order in ((0, 1), (1, 0)))
+    assert short_si_sdr[1] == pytest.approx(expected, abs=1e-4)
+    assert short_si_sdr[2] == pytest.approx(expected, abs=1e-3)
 
 
 def test_nan_validation_and_an_epoch_of_skipped_steps_are_reported_as_such(corpus, tmp_path, monkeypatch):
