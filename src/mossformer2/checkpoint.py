@@ -3,7 +3,7 @@
 Official file: ``torch.save({'model': state_dict, 'optimizer': ..., 'epoch': int, 'step': int})``.
 Ours adds ``'config'`` (the MossFormer2Config as a dict) so that no shape inference is needed; the official
 loader reads it too because it only looks at ``'model'``. A checkpoint may also recommend inference-time
-refinements for its model (``'separation'``: ``{name: bool}`` for the names in ``separation.refine.REFINEMENTS``).
+refinements for its model (``'separation'``: ``{name: bool}`` for the names in ``model_settings.REFINEMENTS``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mossformer2.config_utils import ConfigError
+from mossformer2.model_settings import recommended_refinements
 from mossformer2.models import MossFormer2, MossFormer2Config, build_model
 from mossformer2.models.config import NAMED_CONFIGS
 from mossformer2.utils import atomic_torch_save, resolve_device
@@ -268,8 +269,6 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
     The checkpoint's recommended refinements (``'separation'``) become ``model.separation_settings``, which
     ``Separator(model)``, :func:`save_checkpoint` and ``mossformer2.export`` read.
     """
-    from mossformer2.separation.refine import recommended_refinements
-
     if isinstance(checkpoint, (str, Path)):
         from mossformer2.hub import checkpoint_path
 
@@ -346,8 +345,6 @@ def save_checkpoint(path: str | Path, model: MossFormer2, optimizer: torch.optim
     back: tensors, numbers, strings, bools, None and lists/tuples/dicts of them (numpy scalars become numbers,
     numpy arrays tensors); anything else is a ValueError naming the key, before anything is written.
     """
-    from mossformer2.separation.refine import recommended_refinements
-
     inner = _unwrap(model)
     if not isinstance(inner, MossFormer2):
         raise ValueError(f"save_checkpoint expects a MossFormer2 model, got {type(inner).__name__}")
@@ -375,8 +372,6 @@ def checkpoint_summary(path: str | Path, checkpoint: dict[str, Any] | None = Non
     """What ``mossformer2 info --checkpoint`` prints: container keys, epoch/step, tensors, inferred config.
 
     ``checkpoint``: the file's contents if already read (``read_checkpoint``), so that it is not read twice."""
-    from mossformer2.separation.refine import recommended_refinements
-
     obj = read_checkpoint(path) if checkpoint is None else checkpoint
     state = extract_state_dict(obj)
     embedded = _config_from_checkpoint(obj)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mossformer2.model_settings import recommended_refinements
 from mossformer2.models import MossFormer2, MossFormer2Config
 from mossformer2.runtime import (
     CONFIG_METADATA_KEY,
@@ -27,7 +28,6 @@ from mossformer2.runtime import (
     OnnxRuntimeModel,
     import_optional,
 )
-from mossformer2.separation.refine import recommended_refinements
 from mossformer2.utils import atomic_path, is_onnx_path
 
 log = logging.getLogger(__name__)

@@ -8,10 +8,7 @@ callable ``([B, L], lengths [B] | None) -> [B, S, L]`` on float32 NumPy arrays (
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy.signal import istft, stft
@@ -20,28 +17,8 @@ from mossformer2.separation.stitching import match_sources
 
 ModelFnWithLengths = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
-# The refinements a model file may recommend: a checkpoint's "separation" entry, an ONNX file's
-# "mossformer2_separation" metadata, a TorchScript file's separation.json (all written from the checkpoint's).
-REFINEMENTS = ("polarity_ensemble", "wiener_filter", "mixture_consistency")
 WIENER_FFT_SIZE = 4096  # 256 ms at 16 kHz: chosen on validation mixtures among 256-8192 (model card)
 WIENER_POWER = 2.0
-
-
-def recommended_refinements(entry: Any, source: str | Path = "checkpoint") -> dict[str, bool]:
-    """Check a model file's recommendation ``{name: bool}`` (``None``: none). Unknown names are ignored with a
-    warning (a newer version may know more); anything else wrong is a ``ValueError`` naming ``source``."""
-    if entry is None:
-        return {}
-    if not isinstance(entry, dict):
-        raise ValueError(f"{source}: 'separation' must map setting names to true/false, got {type(entry).__name__}")
-    unknown = sorted(set(map(str, entry)) - set(REFINEMENTS))
-    if unknown:
-        warnings.warn(f"{source}: ignoring unknown separation settings {unknown} (known: {list(REFINEMENTS)})",
-                      stacklevel=2)
-    wrong = [k for k in REFINEMENTS if k in entry and not isinstance(entry[k], bool)]
-    if wrong:
-        raise ValueError(f"{source}: separation settings {wrong} must be true or false")
-    return {k: entry[k] for k in REFINEMENTS if k in entry}
 
 
 def polarity_ensemble(model_fn: ModelFnWithLengths, batch: np.ndarray,

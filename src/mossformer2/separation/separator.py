@@ -29,10 +29,10 @@ from mossformer2.audio import (
     to_mono,
     write_audio,
 )
+from mossformer2.model_settings import REFINEMENTS
 from mossformer2.models.config import min_input_length
 from mossformer2.separation.batching import make_batches
 from mossformer2.separation.refine import (
-    REFINEMENTS,
     mixture_consistency,
     polarity_ensemble,
     wiener_filter,
@@ -310,7 +310,7 @@ class Separator:
 
     @property
     def refinements(self) -> dict[str, bool]:
-        """``{name: on}`` for every name in ``refine.REFINEMENTS``: what this Separator applies."""
+        """``{name: on}`` for every name in ``model_settings.REFINEMENTS``: what this Separator applies."""
         return {name: bool(getattr(self, name)) for name in REFINEMENTS}
 
     # -- model call --------------------------------------------------------------------------------------------
@@ -560,7 +560,7 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
     ``"MossFormer2_SS_16K"``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` or TorchScript file.
     ``filename`` / ``cache_dir``: as in ``hub.resolve_checkpoint``.
 
-    A checkpoint's ``"separation"`` entry (``{name: bool}`` for names in ``refine.REFINEMENTS``, written
+    A checkpoint's ``"separation"`` entry (``{name: bool}`` for names in ``model_settings.REFINEMENTS``, written
     by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults;
     ``mossformer2 export`` carries it into the ONNX and TorchScript files, whose wrappers expose it the same way.
     """
