@@ -4,7 +4,7 @@
   definition of the official recipe (estimate and reference have their means removed first);
 - ``sdr``: BSS-eval v3 SDR (512-tap distortion filter, as ``mir_eval.separation.bss_eval_sources``), computed
   with ``fast_bss_eval``;
-- ``pesq_wb``: PESQ (ITU-T P.862.2 wide band at 16 kHz; narrow band P.862 at 8 kHz; :func:`pesq_mode`);
+- ``pesq``: PESQ (ITU-T P.862.2 wide band at 16 kHz; narrow band P.862 at 8 kHz; :func:`pesq_mode`);
 - ``stoi``: short-time objective intelligibility (pystoi).
 
 :func:`score_separation` aligns estimates to references with the SI-SDR permutation (PIT) and scores every
@@ -93,16 +93,17 @@ def _per_row(fn, est: np.ndarray, ref: np.ndarray) -> np.ndarray | float:
 
 
 def pesq_mode(sample_rate: int) -> str:
-    """The PESQ mode :func:`pesq_wb` scores a signal at ``sample_rate`` in: "nb" at 8 kHz, else "wb"."""
+    """The PESQ mode :func:`pesq` scores a signal at ``sample_rate`` in: "nb" at 8 kHz, else "wb"."""
     return "nb" if sample_rate == 8000 else "wb"
 
 
-def pesq_wb(est: np.ndarray, ref: np.ndarray, sample_rate: int) -> np.ndarray | float:
+def pesq(est: np.ndarray, ref: np.ndarray, sample_rate: int) -> np.ndarray | float:
     """PESQ MOS-LQO of matching pairs: wide band at 16 kHz, narrow band at 8 kHz (wide band needs 16 kHz).
 
     Other rates are resampled to 16 kHz (soxr) and scored wide band. ``[..., T]`` -> ``[...]``.
     """
-    from pesq import PesqError, pesq
+    from pesq import PesqError
+    from pesq import pesq as pesq_package
 
     mode = pesq_mode(sample_rate)
     if sample_rate not in (8000, 16000):
@@ -117,7 +118,7 @@ def pesq_wb(est: np.ndarray, ref: np.ndarray, sample_rate: int) -> np.ndarray | 
         if not np.abs(e).max() > 0:  # the pesq package itself fails with "cannot convert float NaN to integer"
             raise ValueError("PESQ failed: the estimate is silent")
         try:
-            return pesq(sample_rate, r, e, mode)
+            return pesq_package(sample_rate, r, e, mode)
         except PesqError as err:  # e.g. no speech found in a silent reference
             raise ValueError(f"PESQ failed: {type(err).__name__}: {err}") from err
 
@@ -225,7 +226,7 @@ def score_separation(est: np.ndarray, ref: np.ndarray, mix: np.ndarray, sample_r
     scorers = {
         "si_sdr": lambda: with_improvement(si_sdr),
         "sdr": lambda: with_improvement(sdr),
-        "pesq": lambda: {"": pesq_wb(aligned, ref, sample_rate)},
+        "pesq": lambda: {"": pesq(aligned, ref, sample_rate)},
         "stoi": lambda: {"": stoi(aligned, ref, sample_rate)},
     }
     per_speaker: dict[str, list[float]] = {}

@@ -46,8 +46,9 @@ def mixture_consistency(sources: np.ndarray, mixture: np.ndarray, lengths: np.nd
     This is the unweighted projection of Wisdom et al. (2019, "Differentiable consistency constraints for improved
     deep speech enhancement"). An SI-SDR-trained model leaves each source's polarity free, so a source that
     correlates negatively with the mixture is negated first (the residual would otherwise hold twice that
-    source). The sources must be at the level of the mixture's components (a calibrated model: our checkpoints
-    carry an ``output_gain`` for this); on arbitrarily scaled outputs the residual is mostly level error.
+    source). The sources must be at the level of the mixture's components (a calibrated model: the built-in one
+    has its output gain folded into the decoder, ``training.calibration``); on arbitrarily scaled outputs the
+    residual is mostly level error.
     """
     if lengths is not None:
         valid = np.arange(mixture.shape[-1])[None, :] < np.asarray(lengths)[:, None]  # [B, L]
