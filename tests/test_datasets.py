@@ -195,8 +195,8 @@ def test_cache_loading_bar_shows_on_rank_0_only(tmp_path, capsys):
     import dataclasses
 
     from mossformer2.data.loaders import create_dataloaders
+    from mossformer2.distributed import DistInfo
     from mossformer2.training.config import train_config_from_dict
-    from mossformer2.training.distributed import DistInfo
 
     root = _make_wsj_folder(tmp_path / "d", [1000, 1000])
     cfg = train_config_from_dict({"model": {"sample_rate": SR}, "data": {

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from mossformer2.distributed import cleanup_distributed, init_distributed
 from mossformer2.training import Trainer
-from mossformer2.training.distributed import cleanup_distributed, init_distributed
 from tests.test_trainer import make_config
 
 

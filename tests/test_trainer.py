@@ -522,7 +522,7 @@ def test_log_lines_are_not_glued_onto_the_progress_bar(corpus, tmp_path, capsys)
 def test_progress_is_logged_by_rank_0_only(corpus, tmp_path):
     import logging
 
-    from mossformer2.training.distributed import DistInfo
+    from mossformer2.distributed import DistInfo
     from mossformer2.training.trainer import log
 
     parent = logging.getLogger("mossformer2")

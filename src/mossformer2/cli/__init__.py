@@ -14,6 +14,8 @@ import sys
 import warnings
 from collections.abc import Iterator
 
+from mossformer2.distributed import DistInfo
+
 SUBCOMMANDS = ["separate", "demo", "info", "train", "evaluate", "mix", "export"]
 
 
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.nullcontext() if args.verbose else _one_line_warnings(args.command):
             return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+        if DistInfo.from_environment().is_main:  # under torchrun: once, not once per process
             print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

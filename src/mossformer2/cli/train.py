@@ -28,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
     # Before any parallel torch op: CPU worker threads copy the flush-to-zero mode when the thread pool is
     # created, and subnormal floats otherwise slow CPU training down 10x or more as training goes on.
     torch.set_flush_denormal(True)
+    from mossformer2.distributed import cleanup_distributed, init_distributed
     from mossformer2.training import Trainer, load_train_config
-    from mossformer2.training.distributed import cleanup_distributed, init_distributed
     from mossformer2.training.experiment import TrainingInterrupted
     from mossformer2.training.trainer import best_summary
 

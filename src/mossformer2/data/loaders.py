@@ -16,13 +16,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mossformer2.data.collate import collate_fn
+from mossformer2.data.config import DynamicMixingConfig
 from mossformer2.data.datasets import AudioStore, BadAudioError, MixtureDataset
 from mossformer2.data.dynamic_mixing import DynamicMixingDataset, load_noise_files, load_utterances
+from mossformer2.distributed import DistInfo, get_dist_info
 from mossformer2.utils import with_context
 
 if TYPE_CHECKING:
     from mossformer2.training.config import TrainConfig
-    from mossformer2.training.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,7 +71,6 @@ def prepare_synthetic_data(cfg: TrainConfig, root: str | Path, progress: bool = 
     return the config with ``data.dynamic_mixing`` pointing at it: ``root/train`` and held-out speakers in
     ``root/valid``."""
     from mossformer2.data.synthetic import generate_speaker_corpus
-    from mossformer2.training.config import DynamicMixingConfig
 
     d = cfg.data
     root = Path(root)
@@ -203,8 +203,6 @@ def create_dataloaders(cfg: TrainConfig, dist_info: DistInfo | None = None,
     Validation: this rank's shard of the full utterances, in order. Neither touches the global torch RNG, so
     making a loader mid-run does not change the model's random stream (exact resume).
     """
-    from mossformer2.training.distributed import get_dist_info
-
     dist_info = dist_info or get_dist_info()
     train, valid = datasets or build_datasets(cfg, progress=cfg.trainer.progress_bar if dist_info.is_main else False,
                                               is_main=dist_info.is_main)

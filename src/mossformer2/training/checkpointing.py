@@ -22,10 +22,10 @@ import torch
 
 from mossformer2.checkpoint import read_checkpoint
 from mossformer2.config_utils import to_dict
+from mossformer2.distributed import DistInfo
 from mossformer2.hub import TRAINER_BEST
 from mossformer2.models import MossFormer2, MossFormer2Config
 from mossformer2.training.config import OptimConfig, TrainConfig, absolute_path
-from mossformer2.training.distributed import DistInfo
 from mossformer2.utils import with_context
 
 log = logging.getLogger("mossformer2.training")

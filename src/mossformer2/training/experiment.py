@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mossformer2.distributed import DistInfo
 from mossformer2.utils import make_folder
 
 try:
@@ -119,7 +120,7 @@ def stop_signals(on_stop: Callable[[int], None]) -> Iterator[None]:
             return
         if not first_at:
             first_at.append(time.monotonic())
-            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets it: one says so
+            if DistInfo.from_environment().is_main:  # under torchrun every rank gets it: one says so
                 log.warning("%s received: stopping after the current optimizer step (a second one aborts at once)",
                             signal.Signals(signum).name)
             on_stop(signum)

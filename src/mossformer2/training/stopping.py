@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from mossformer2.distributed import DistInfo, all_reduce_sum
 from mossformer2.training.checkpointing import TrainState
 from mossformer2.training.config import TrainerConfig
-from mossformer2.training.distributed import DistInfo, all_reduce_sum
 
 log = logging.getLogger("mossformer2.training")
 

@@ -32,6 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mossformer2.checkpoint import read_checkpoint, save_checkpoint
 from mossformer2.config_utils import to_dict
 from mossformer2.data.loaders import batches_per_epoch, create_dataloaders, prepare_synthetic_data, set_loader_epoch
+from mossformer2.distributed import DistInfo, all_reduce_sum, barrier, get_dist_info
 from mossformer2.hub import TRAINER_BEST, TRAINER_LAST
 from mossformer2.losses import pit_si_sdr_loss, reorder_estimates, si_sdr
 from mossformer2.models import MossFormer2, build_model
@@ -50,7 +51,6 @@ from mossformer2.training.checkpointing import (
     with_init_from_as_started,
 )
 from mossformer2.training.config import TrainConfig, absolute_path, save_train_config, with_absolute_paths
-from mossformer2.training.distributed import DistInfo, all_reduce_sum, barrier, get_dist_info
 from mossformer2.training.experiment import ExperimentLock, TrainingInterrupted, stop_signals
 from mossformer2.training.run_log import RunLog, move_previous_run_aside
 from mossformer2.training.stopping import DivergenceGuard, StopController, TrainingDivergedError

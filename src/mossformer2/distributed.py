@@ -1,13 +1,18 @@
-"""torchrun helpers: process-group setup and teardown, rank queries, rank-0-only logging."""
+"""torchrun helpers: the process's place in the job, process-group setup and teardown, collectives.
+
+Used by training, its data loaders and ``mossformer2 separate`` (which shards files over torchrun processes).
+torch is imported inside the functions that need it: :meth:`DistInfo.from_environment` runs without torch (an
+ONNX deployment under torchrun).
+"""
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -15,6 +20,12 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> DistInfo:
+        """What torchrun's environment says (RANK, WORLD_SIZE, LOCAL_RANK); one process without them."""
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
     @property
     def is_distributed(self) -> bool:
@@ -27,8 +38,10 @@ class DistInfo:
 
 def get_dist_info() -> DistInfo:
     """The current process's place in the process group (a single process when none is initialised)."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), DistInfo.from_environment().local_rank)
     return DistInfo()
 
 
@@ -38,42 +51,40 @@ def init_distributed(device: str = "auto") -> DistInfo:
     Without those variables (a plain ``python`` run) nothing is initialised. NCCL on CUDA, gloo on CPU. Each
     rank uses GPU ``LOCAL_RANK``.
     """
+    import torch
+    import torch.distributed as dist
+
     if dist.is_initialized():
         return get_dist_info()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    env = DistInfo.from_environment()
+    if not env.is_distributed:
         return DistInfo()
     use_cuda = torch.cuda.is_available() and device != "cpu"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(env.local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return get_dist_info()
 
 
 def cleanup_distributed() -> None:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (identity in a single process)."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
-
-
-class _MainRankOnly(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return get_dist_info().is_main
-
-
-def rank_zero_logging(logger: logging.Logger) -> None:
-    """Let only rank 0 emit records through ``logger`` (other ranks stay silent)."""
-    if not any(isinstance(f, _MainRankOnly) for f in logger.filters):
-        logger.addFilter(_MainRankOnly())
