@@ -236,3 +236,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = value
     return data
+
+
+NOT_SET = "(not set)"
+
+
+def setting_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
+                    shared_only: bool = False) -> list[tuple[str, Any, Any]]:
+    """``[(dotted key, old value, new value), ...]`` for the settings that differ between two config dicts, nested
+    sections by their dotted names (``data.dynamic_mixing.gain_db``), sorted by key. A key on one side only
+    shows :data:`NOT_SET` on the other; ``shared_only``: only keys both sides hold (e.g. a part of a config
+    against a saved one that predates some options)."""
+    changes = []
+    keys = set(old) & set(new) if shared_only else set(old) | set(new)
+    for key in sorted(keys, key=str):
+        before, after = old.get(key, NOT_SET), new.get(key, NOT_SET)
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += setting_changes(before, after, name, shared_only)
+        elif before != after:
+            changes.append((name, before, after))
+    return changes
+

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from mossformer2.config_utils import setting_changes
 from mossformer2.data.manifests import MixtureEntry, load_manifest
 from mossformer2.metrics import (
     METRICS,
@@ -313,11 +314,8 @@ def _check_same_settings(out_dir: Path, old: dict[str, Any], new: dict[str, Any]
 
 def _setting_change(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
     """``separator.chunk_seconds 10.0 -> None``: what changed in one setting (sub-keys of a dict setting)."""
-    before, after = old.get(key), new.get(key)
-    if isinstance(before, dict) and isinstance(after, dict):
-        return ", ".join(f"{key}.{k} {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
-                         if before.get(k) != after.get(k))
-    return f"{key} {before!r} -> {after!r}"
+    return ", ".join(f"{name} {before!r} -> {after!r}"
+                     for name, before, after in setting_changes({key: old.get(key)}, {key: new.get(key)}))
 
 
 def _pesq_modes(entries: Sequence[MixtureEntry], rows: Sequence[dict[str, str]], rates: dict[str, int],
@@ -344,7 +342,7 @@ def _evaluate_one(separator: Any, entry: MixtureEntry, metrics: Sequence[str], s
                   header: list[str]) -> tuple[dict[str, str], int, int]:
     """``(CSV row, channels of the mixture file, its sample rate)``; 0 channels and rate when unread."""
     from mossformer2.audio import to_mono
-    from mossformer2.separation.separator import warnings_about
+    from mossformer2.utils import warnings_about
 
     row = dict.fromkeys(header, "")
     row["id"] = entry.id

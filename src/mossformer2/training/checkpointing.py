@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mossformer2.checkpoint import read_checkpoint
-from mossformer2.config_utils import to_dict
+from mossformer2.config_utils import setting_changes, to_dict
 from mossformer2.distributed import DistInfo
 from mossformer2.hub import TRAINER_BEST
 from mossformer2.models import MossFormer2, MossFormer2Config
@@ -122,10 +122,8 @@ def model_config_diff(old: Any, new: dict[str, Any]) -> str:
     """``model.num_mossformer_layer: 1 in the checkpoint, 2 in the config; ...`` for the keys that differ."""
     if not isinstance(old, dict):
         return f"the checkpoint holds no model config (found {type(old).__name__})"
-    missing = "(not set)"
-    return "; ".join(f"model.{key}: {old.get(key, missing)!r} in the checkpoint, {new.get(key, missing)!r} in "
-                     "the config" for key in sorted(set(old) | set(new), key=str)
-                     if old.get(key, missing) != new.get(key, missing))
+    return "; ".join(f"{key}: {before!r} in the checkpoint, {after!r} in the config"
+                     for key, before, after in setting_changes(old, new, "model"))
 
 
 def load_pretrained(path: str, config: MossFormer2Config) -> MossFormer2:
@@ -208,15 +206,7 @@ def continue_epoch_in_layout(state: TrainState, layout: tuple[int, int], accum: 
 def changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
     """``["data.batch_size 4 -> 8", ...]``: the settings of ``new`` that ``old`` (a saved config section) holds
     with another value, nested sections by their dotted names (keys the old config lacks are new options)."""
-    changed = []
-    for key, value in new.items():
-        if key not in old or old[key] == value:
-            continue
-        if isinstance(value, dict) and isinstance(old[key], dict):
-            changed += changed_settings(old[key], value, f"{prefix}.{key}")
-        else:
-            changed.append(f"{prefix}.{key} {old[key]!r} -> {value!r}")
-    return changed
+    return [f"{key} {before!r} -> {after!r}" for key, before, after in setting_changes(old, new, prefix, shared_only=True)]
 
 
 def apply_optim_settings(saved: dict[str, Any], o: OptimConfig, optimizer: torch.optim.Optimizer,
