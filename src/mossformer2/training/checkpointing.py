@@ -206,7 +206,8 @@ def continue_epoch_in_layout(state: TrainState, layout: tuple[int, int], accum: 
 def changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
     """``["data.batch_size 4 -> 8", ...]``: the settings of ``new`` that ``old`` (a saved config section) holds
     with another value, nested sections by their dotted names (keys the old config lacks are new options)."""
-    return [f"{key} {before!r} -> {after!r}" for key, before, after in setting_changes(old, new, prefix, shared_only=True)]
+    return [f"{key} {before!r} -> {after!r}"
+            for key, before, after in setting_changes(old, new, prefix, shared_only=True)]
 
 
 def apply_optim_settings(saved: dict[str, Any], o: OptimConfig, optimizer: torch.optim.Optimizer,
