@@ -552,6 +552,41 @@ def test_resume_with_another_model_config_names_only_the_keys_that_differ(corpus
     assert "encoder_embedding_dim" not in message and "sample_rate" not in message  # unchanged keys: not listed
 
 
+def test_a_closed_trainer_refuses_a_second_fit(corpus, tmp_path):
+    """fit() closes the Trainer (lock, train.log, TensorBoard): a second fit() trained with none of them."""
+    trainer = Trainer(make_config(corpus, "trainer.max_epochs=1", "data.dynamic_mixing.examples_per_epoch=4",
+                                  "optim.accum_steps=1"), tmp_path / "exp")
+    trainer.fit()
+    with pytest.raises(RuntimeError, match="this Trainer is closed .* make a new Trainer"):
+        trainer.fit()
+
+
+def test_resume_checks_the_saved_separation_settings(corpus, tmp_path):
+    first = Trainer(make_config(corpus), tmp_path, loaders=(None, None))
+    first.save_checkpoint(tmp_path / "last.pt")
+    first.close()
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    ckpt["separation"] = {"wiener_filter": "yes"}
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"last\.pt: separation settings \['wiener_filter'\] must be true or false"):
+        Trainer(make_config(corpus), tmp_path, loaders=(None, None))
+
+
+def test_a_rank_the_saved_run_lacked_gets_a_random_stream_of_its_own():
+    """Resumed on more processes than saved it, the new ranks took rank 0's RNG state: the same dropout masks."""
+    from mossformer2.training.checkpointing import restore_rng_state, rng_state
+
+    torch.manual_seed(11)
+    saved = [rng_state()]  # a one-process run
+    draws = {}
+    for rank in (0, 1, 2):
+        restore_rng_state(saved, rank, seed=3, step=40)
+        draws[rank] = torch.rand(4)
+    torch.set_rng_state(saved[0]["torch"])
+    assert torch.equal(draws[0], torch.rand(4))  # the saved rank continues its own stream
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+
+
 def test_a_checkpoint_from_another_version_resumes(corpus, tmp_path, caplog):
     """A model option added since a checkpoint was saved (absent from it, default in the config) is the same
     network, and a newer version's extra counter is dropped with a warning: both resumed (a raw dict comparison

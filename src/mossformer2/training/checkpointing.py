@@ -83,6 +83,23 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def restore_rng_state(saved: list[dict[str, Any]], rank: int, seed: int, step: int) -> None:
+    """Continue this rank's saved random stream; a rank the saved run did not have (resumed on more processes)
+    gets one of its own from the seed, its rank and the step (rank 0's would repeat its dropout masks)."""
+    if rank < len(saved):
+        set_rng_state(saved[rank])
+        return
+    seed_everything(seed + rank + 7919 * step)
+    log.info("rank %d was not in the saved run (%d ranks): its random stream starts from the seed, its rank and "
+             "the step", rank, len(saved))
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))

@@ -18,12 +18,10 @@ import contextlib
 import dataclasses
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
@@ -35,7 +33,8 @@ from mossformer2.data.loaders import batches_per_epoch, create_dataloaders, prep
 from mossformer2.distributed import DistInfo, all_reduce_sum, barrier, get_dist_info
 from mossformer2.hub import TRAINER_BEST, TRAINER_LAST
 from mossformer2.losses import pit_si_sdr_loss, reorder_estimates, si_sdr
-from mossformer2.models import MossFormer2, build_model
+from mossformer2.model_settings import recommended_refinements
+from mossformer2.models import MossFormer2, build_model, count_parameters
 from mossformer2.training.batches import fit_to_model
 from mossformer2.training.checkpointing import (
     TrainState,
@@ -45,8 +44,9 @@ from mossformer2.training.checkpointing import (
     continue_epoch_in_layout,
     gather_over_ranks,
     load_pretrained,
+    restore_rng_state,
     resumed_train_state,
-    set_rng_state,
+    seed_everything,
     warn_changed_data,
     with_init_from_as_started,
 )
@@ -63,12 +63,6 @@ log = logging.getLogger("mossformer2.training")
 LAST, BEST = TRAINER_LAST, TRAINER_BEST  # one definition: hub.py takes best.pt from a trainer's folder
 # Under DDP, validation looks for a stop signal every this many batches (an all-reduce, which syncs the device).
 VALID_STOP_CHECK_EVERY = 10
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -106,6 +100,7 @@ class Trainer:
         self.divergence = DivergenceGuard(t.max_nonfinite_steps)
         self._saved_step: int | None = None  # the step last.pt holds
         self._lock: ExperimentLock | None = None
+        self._closed = False
         if self.dist.is_main:
             if log.level == logging.NOTSET or log.level > logging.INFO:
                 log.setLevel(logging.INFO)
@@ -131,7 +126,7 @@ class Trainer:
             raise ValueError(f"one epoch has {batches} batch(es){' per process' if self.dist.is_distributed else ''}"
                              f", fewer than optim.accum_steps ({accum}): lower optim.accum_steps or "
                              "data.batch_size, or use more training data")
-        _seed_everything(t.seed)  # identical initial weights on every rank
+        seed_everything(t.seed)  # identical initial weights on every rank
         self.model: MossFormer2 = build_model(self.cfg.model)
         if t.activation_checkpointing:
             self.model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing = True
@@ -167,11 +162,11 @@ class Trainer:
             if self._pretrained is not None:
                 self._init_from(self._pretrained, t.init_from)
                 self._pretrained = None
-            _seed_everything(t.seed + self.dist.rank)  # different dropout masks per rank
+            seed_everything(t.seed + self.dist.rank)  # different dropout masks per rank
         if self.dist.is_main:
             self._open_run_files()
-            n_params = sum(p.numel() for p in self.model.parameters())
-            log.info("model: %.2f M parameters on %s, precision %s", n_params / 1e6, self.device, t.precision)
+            log.info("model: %.2f M parameters on %s, precision %s", count_parameters(self.model) / 1e6, self.device,
+                     t.precision)
 
     # ------------------------------------------------------------------ setup helpers
     def _prepare_synthetic_corpus(self) -> TrainConfig:
@@ -258,7 +253,7 @@ class Trainer:
         check_resumable(ckpt, path, self.cfg.model)
         saved_cfg: dict[str, Any] = ckpt.get("train_config") or {}
         self.model.load_state_dict(ckpt["model"])
-        self._set_separation_settings(ckpt.get("separation") or {})
+        self._set_separation_settings(recommended_refinements(ckpt.get("separation"), path))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         apply_optim_settings(saved_cfg, self.cfg.optim, self.optimizer, self.scheduler, path)
@@ -278,8 +273,7 @@ class Trainer:
         if self.dist.is_main:  # one warning for all ranks
             epoch_batches = self._epoch_batches() if self.train_loader is not None else None
             warn_changed_data(saved_cfg, self.cfg, self.state, epoch_batches, path)
-        rng_states = ckpt["rng_states"]
-        set_rng_state(rng_states[self.dist.rank if self.dist.rank < len(rng_states) else 0])
+        restore_rng_state(ckpt["rng_states"], self.dist.rank, self.cfg.trainer.seed, self.state.step)
 
     def _write_best(self) -> None:
         if self.dist.is_main:
@@ -534,6 +528,9 @@ class Trainer:
 
         SIGINT/SIGTERM: the run stops after the current optimizer step, saves last.pt and raises
         :class:`TrainingInterrupted` (a KeyboardInterrupt)."""
+        if self._closed:  # no lock on the folder, no train.log, no TensorBoard any more
+            raise RuntimeError(f"this Trainer is closed (fit() closes it when it ends): make a new Trainer for "
+                               f"{self.exp_dir} to go on from its last.pt")
         t = self.cfg.trainer
         self.stopper.start()
         if self._finished():
@@ -603,6 +600,7 @@ class Trainer:
     def close(self, remove_created_folder: bool = False) -> None:
         """Flush and close the TensorBoard writer and the log file, release the folder's lock (idempotent);
         ``remove_created_folder``: see ``ExperimentLock.release``."""
+        self._closed = True
         self.run_log.close()
         if self._lock is not None:
             self._lock.release(remove_created_folder=remove_created_folder)
