@@ -175,3 +175,30 @@ def test_commands_that_need_torch_say_so_in_one_line_without_it(tmp_path):
                       "pip install torch",
                       "mossformer2 export: error: PyTorch is not installed, and `mossformer2 export` needs it "
                       "here: pip install torch"], out.stderr
+
+
+def test_spelled_out_choices_and_defaults_are_the_librarys():
+    """The parsers spell out choices the library defines (importing numpy / scipy / torch when the parser is built
+    would slow `mossformer2 --help` down): they must not drift apart (separate's own are checked in
+    test_cli_separate)."""
+    import argparse
+
+    from mossformer2.audio import WRITE_SUBTYPES
+    from mossformer2.cli import build_parser
+    from mossformer2.export import TORCHSCRIPT_METHODS
+    from mossformer2.metrics import METRICS
+    from mossformer2.separation.separator import NORMALIZE, STITCHING
+    from mossformer2.utils import _DTYPES
+
+    (subcommands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+
+    def options(command):
+        return {a.dest: a for a in subcommands.choices[command]._actions}
+
+    for command in ("separate", "evaluate"):
+        found = options(command)
+        assert tuple(found["stitching"].choices) == STITCHING and tuple(found["normalize"].choices) == NORMALIZE
+        assert set(found["dtype"].choices) == set(_DTYPES.values())  # every precision, by its canonical name
+    assert tuple(options("export")["method"].choices) == TORCHSCRIPT_METHODS
+    assert tuple(options("mix")["subtype"].choices) == WRITE_SUBTYPES
+    assert options("evaluate")["metrics"].default == ",".join(METRICS)

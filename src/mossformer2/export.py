@@ -22,6 +22,7 @@ from mossformer2.model_settings import recommended_refinements
 from mossformer2.models import MossFormer2, MossFormer2Config
 from mossformer2.runtime import (
     CONFIG_METADATA_KEY,
+    DYNAMIC_LENGTH_METADATA_KEY,
     INPUT_NAME,
     OUTPUT_NAME,
     SEPARATION_METADATA_KEY,
@@ -131,7 +132,7 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
                               dynamic_shapes=dynamic_shapes, verbose=False)
             proto = onnx.load(str(tmp))
             meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict()),
-                    "mossformer2_dynamic_length": str(bool(dynamic_length)).lower(),
+                    DYNAMIC_LENGTH_METADATA_KEY: str(bool(dynamic_length)).lower(),
                     SEPARATION_METADATA_KEY: json.dumps(getattr(model, "separation_settings", {}))}
             for key, value in meta.items():
                 entry = proto.metadata_props.add()

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 CONFIG_METADATA_KEY = "mossformer2_config"
 SEPARATION_METADATA_KEY = "mossformer2_separation"  # the checkpoint's recommended refinements, as JSON
+DYNAMIC_LENGTH_METADATA_KEY = "mossformer2_dynamic_length"  # "true" / "false"; files without it are dynamic
 INPUT_NAME = "wave"
 OUTPUT_NAME = "sources"
 
@@ -118,7 +119,7 @@ class OnnxRuntimeModel:
         self.config = MossFormer2Config.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
         self.separation_settings = recommended_refinements(
             json.loads(metadata.get(SEPARATION_METADATA_KEY, "{}")), self.path)
-        self.dynamic_length = metadata.get("mossformer2_dynamic_length", "true") == "true"
+        self.dynamic_length = metadata.get(DYNAMIC_LENGTH_METADATA_KEY, "true") == "true"
         self.input_shape = self.session.get_inputs()[0].shape  # ints for fixed axes, names for dynamic ones
         self.min_input_length = self.config.min_input_length
 
