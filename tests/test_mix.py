@@ -65,6 +65,24 @@ def test_active_level_is_rms_of_active_speech_and_scales_linearly():
         active_level(np.zeros(SR), SR)
 
 
+def test_active_level_does_not_depend_on_the_pauses():
+    """P.56's point: pauses longer than the hangover leave the active level alone, while the plain RMS falls with
+    the duty cycle. Bursts of 0.5 s with 1.5 s or 3.5 s of silence between them: the RMS differs by
+    10 log10(4 / 2) = 3 dB, the active level by under 0.1 dB (so mixing two talkers with different pause habits
+    by active level gives the SIR asked for; by RMS it would be 3 dB off)."""
+    t = np.arange(SR // 2) / SR
+    burst = 0.3 * np.sin(2 * np.pi * 180 * t) * np.hanning(t.size) ** 0.1
+
+    def talker(gap_seconds: float) -> np.ndarray:
+        gap = np.zeros(int(gap_seconds * SR))
+        return np.concatenate([np.concatenate([gap, burst]) for _ in range(4)] + [gap])
+
+    dense, sparse = talker(1.5), talker(3.5)
+    rms = [np.sqrt(np.mean(x**2)) for x in (dense, sparse)]
+    assert 20 * np.log10(rms[0] / rms[1]) == pytest.approx(10 * np.log10((3.5 + 0.5) / (1.5 + 0.5)), abs=0.2)
+    assert 20 * np.log10(active_level(dense, SR) / active_level(sparse, SR)) == pytest.approx(0.0, abs=0.1)
+
+
 def test_levels_and_mix_waves_give_requested_sir_and_avoid_clipping():
     assert levels_for_sirs([6.0]) == [3.0, -3.0]
     rng = np.random.default_rng(0)
