@@ -343,6 +343,26 @@ def test_init_from_our_checkpoint(corpus, tmp_path):
         Trainer(make_config(corpus, f"trainer.init_from={tmp_path / 'none.pt'}"), tmp_path / "ft2")
 
 
+def test_init_from_the_official_checkpoint_format(corpus, tmp_path):
+    """configs/finetune_official.yaml's path: the released file is {'model', 'optimizer', 'epoch', 'step'}
+    (keys with 'module.' here, no config): its weights are taken, its optimizer state and counters are not."""
+    cfg = make_config(corpus)
+    source = mossformer2.build_model(cfg.model)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.25)
+    optimizer = torch.optim.Adam(source.parameters(), lr=1e-4)
+    source(0.1 * torch.randn(1, 800)).sum().backward()
+    optimizer.step()
+    torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "epoch": 7, "step": 1234}, tmp_path / "official.pt")
+    trainer = Trainer(make_config(corpus, f"trainer.init_from={tmp_path / 'official.pt'}"), tmp_path / "ft",
+                      loaders=(None, None))
+    trainer.close()
+    assert_bitwise_equal(weights(source), weights(trainer.model))
+    assert trainer.optimizer.state_dict()["state"] == {} and trainer.state.step == 0 and trainer.state.epoch == 0
+
+
 def test_a_fine_tuned_model_keeps_the_separation_settings_its_base_recommends(corpus, tmp_path):
     """The built-in model recommends inference-time refinements ('separation'); a model fine-tuned from it lost
     them, so separating with it silently ran without. They go into best.pt and last.pt, and survive a resume."""
