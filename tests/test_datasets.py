@@ -241,3 +241,22 @@ def test_several_training_sets_are_used_together(tmp_path):
 
     with pytest.raises(ValueError, match=r"names .*a more than once"):
         load_manifests([a, b / "mix_clean", a])
+
+
+def test_a_premixed_configs_sets_reach_the_datasets(tmp_path):
+    """data.train / data.valid / data.segment_seconds / data.max_valid_seconds of a config become the datasets'
+    crops and caps (only their validation was tested)."""
+    from mossformer2.data.loaders import build_datasets
+    from mossformer2.training.config import train_config_from_dict
+
+    train_root = _make_wsj_folder(tmp_path / "tr", [3000, 5000, 4000])
+    valid_root = _make_wsj_folder(tmp_path / "cv", [3000, 6000], seed=1)
+    cfg = train_config_from_dict({
+        "model": {"encoder_embedding_dim": 16, "mossformer_sequence_dim": 16, "num_mossformer_layer": 1,
+                  "sample_rate": SR},
+        "data": {"sample_rate": SR, "train": str(train_root), "valid": str(valid_root), "segment_seconds": 0.25,
+                 "max_valid_seconds": 0.5, "num_workers": 0}})
+    train, valid = build_datasets(cfg, progress=False, is_main=False)
+    assert len(train) == 3 and {train[i]["mix"].shape[-1] for i in range(3)} == {SR // 4}
+    assert sorted(valid[i]["mix"].shape[-1] for i in range(2)) == [3000, SR // 2]  # whole, or capped at 0.5 s
+

@@ -607,6 +607,15 @@ def test_a_rank_the_saved_run_lacked_gets_a_random_stream_of_its_own():
     assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
 
 
+def test_cpu_threads_sets_torchs_intra_op_threads(corpus, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        Trainer(make_config(corpus, "trainer.cpu_threads=3"), tmp_path, loaders=(None, None)).close()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_checkpoint_from_another_version_resumes(corpus, tmp_path, caplog):
     """A model option added since a checkpoint was saved (absent from it, default in the config) is the same
     network, and a newer version's extra counter is dropped with a warning: both resumed (a raw dict comparison
