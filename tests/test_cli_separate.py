@@ -602,7 +602,8 @@ def test_option_choices_are_the_librarys():
 
     from mossformer2.audio import WRITE_SUBTYPES
     from mossformer2.cli import build_parser
-    from mossformer2.separation.separator import BACKENDS, CHANNELS, OUTPUT_FORMATS
+    from mossformer2.separation.outputs import OUTPUT_FORMATS
+    from mossformer2.separation.separator import BACKENDS, CHANNELS
 
     (subcommands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     choices = {a.dest: a.choices for a in subcommands.choices["separate"]._actions if a.choices}

@@ -627,3 +627,27 @@ def test_one_pass_on_a_fixed_length_export_chunks_by_its_length_and_long_inputs_
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a silent input costs no pass at all
         one_pass.separate(np.zeros(61 * SR, np.float32), SR)
+
+
+class Compilable(LinearModel):
+    def compile_layers(self):
+        return self
+
+
+def test_warnings_name_the_line_that_called_the_separator(tiny_model):
+    """Warnings raised in the Separator's helpers (backends.py, inputs.py, its batching of items) point at the
+    caller's line, not at the helper: their stacklevels count the frames in between, which moving code changes."""
+    cancelling = noise((2, SR))
+    cancelling[1] = -cancelling[0]
+    one_pass = Separator(LinearModel(record=False), device="cpu", chunk_seconds=None)
+    calls = {"float16": lambda: Separator(tiny_model, device="cpu", dtype="float16"),
+             "compile": lambda: Separator(Compilable(), device="cpu", compile_layers=True),
+             "cuda graphs": lambda: Separator(tiny_model, device="cpu", cuda_graphs=True),
+             "export's device": lambda: Separator(LouderBandFirst(), device="cuda"),
+             "downmix": lambda: Separator(tiny_model, device="cpu").separate_many([cancelling], SR),
+             "one pass": lambda: one_pass.separate(noise(61 * SR, scale=0.01), SR)}
+    for name, call in calls.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert [w.filename for w in caught] == [__file__], (name, [(str(w.message), w.filename) for w in caught])

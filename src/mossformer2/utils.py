@@ -9,6 +9,7 @@ import secrets
 import stat
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -231,3 +232,17 @@ def bar_disabled(show: bool | None) -> bool | None:
     """tqdm's ``disable`` for ``show``: ``None`` shows a bar only when stderr is a terminal (tqdm's own rule), so
     that logs get no carriage returns and cursor codes."""
     return None if show is None else not show
+
+
+@contextlib.contextmanager
+def warnings_about(label: str) -> Iterator[None]:
+    """Warnings raised in the block, raised again once it succeeded with `` (label)`` at their end (which file of
+    a batch they concern; filters on the message's start still match). Python shows an identical warning from one
+    place only once, so a second file with the same guessed chunk boundaries went unreported. A block that fails
+    raises its error alone (its warnings could otherwise replace it, under -W error). As warnings' own
+    ``catch_warnings``, not thread-safe."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        warnings.warn_explicit(f"{w.message} ({label})", w.category, w.filename, w.lineno, source=w.source)

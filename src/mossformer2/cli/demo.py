@@ -63,7 +63,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     from mossformer2.metrics import score_separation
     from mossformer2.plotting import plot_separation
     from mossformer2.separation import Separator
-    from mossformer2.separation.separator import write_separation
+    from mossformer2.separation.outputs import write_separation
     from mossformer2.utils import atomic_write_text, make_folder
 
     if not math.isfinite(sir_db):

@@ -231,7 +231,7 @@ def plot_from_outputs(input_path: Path, outputs: list[Path]) -> Path:
     import numpy as np
 
     from mossformer2.audio import read_audio
-    from mossformer2.separation.separator import spectrogram_path, write_spectrogram
+    from mossformer2.separation.outputs import spectrogram_path, write_spectrogram
 
     wave, rate = read_audio(input_path)
     speakers = [read_audio(p) for p in outputs]
@@ -250,8 +250,7 @@ def _separate_groups(groups: list[list[Path]], sep: Separator, plan: Plan, too_s
     from tqdm import tqdm
 
     from mossformer2.separation import write_separation
-    from mossformer2.separation.separator import warnings_about
-    from mossformer2.utils import bar_disabled
+    from mossformer2.utils import bar_disabled, warnings_about
 
     count = sum(map(len, groups))
 
@@ -313,7 +312,7 @@ def _separate_batch(loaded: Loaded, sep: Separator, output_rate: int | None,
                     compiling: bool) -> list[np.ndarray] | None:
     """The inputs' separations from one batched call, or None where they are to be separated one by one: a single
     input, several rates, or a batch that failed (one by one, an error names its file)."""
-    from mossformer2.separation.separator import warnings_about
+    from mossformer2.utils import warnings_about
 
     rates = {rate for _, _, rate in loaded}
     if len(loaded) < 2 or len(rates) != 1:

@@ -9,29 +9,36 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
-from mossformer2.audio import (
-    MIN_SAMPLE_RATE,
-    fit_to_full_scale,
-    pcm_to_float,
-    peak_amplitude,
-    read_audio,
-    resample,
-    to_mono,
-    write_audio,
-)
+from mossformer2.audio import peak_amplitude, read_audio, resample, to_mono
 from mossformer2.model_settings import REFINEMENTS
 from mossformer2.models.config import min_input_length
+from mossformer2.separation.backends import eval_mode, exported_model_device, is_torch_module, prepare_torch_model
 from mossformer2.separation.batching import make_batches
+from mossformer2.separation.inputs import (
+    as_channels_first,
+    channels_cancel,
+    check_choice,
+    check_rate,
+    fix_length,
+    warn_if_downmix_cancels,
+)
+from mossformer2.separation.loading import load_separation_model
+
+# OUTPUT_FORMATS, spectrogram_path, write_spectrogram: moved to outputs.py, still importable from here (for code
+# written against this module, e.g. cli/separate_plan.py).
+from mossformer2.separation.outputs import OUTPUT_FORMATS as OUTPUT_FORMATS
+from mossformer2.separation.outputs import output_paths, write_separation
+from mossformer2.separation.outputs import spectrogram_path as spectrogram_path
+from mossformer2.separation.outputs import write_spectrogram as write_spectrogram
 from mossformer2.separation.refine import (
     mixture_consistency,
     polarity_ensemble,
@@ -46,16 +53,7 @@ from mossformer2.separation.stitching import (
     plan_chunks,
     stitch_aligned,
 )
-from mossformer2.utils import (
-    atomic_paths,
-    bar_disabled,
-    dtype_name,
-    is_auto_device,
-    is_onnx_path,
-    loaded_torch,
-    resolve_device,
-    resolve_dtype,
-)
+from mossformer2.utils import bar_disabled, dtype_name, warnings_about
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +62,6 @@ STITCHING = ("aligned", "clearvoice")
 NORMALIZE = ("rms", "peak", "none", "clearvoice")
 CHANNELS = ("mix", "each")
 BACKENDS = ("auto", "torch", "onnxruntime")
-OUTPUT_FORMATS = ("wav", "flac")
 TARGET_RMS = 10 ** (-25 / 20)  # -25 dBFS, the level ClearVoice feeds the model
 TARGET_PEAK = 0.9
 CHUNK_SECONDS, OVERLAP_SECONDS = 10.0, 2.0  # the defaults
@@ -74,20 +71,6 @@ ONE_PASS, ONE_PASS_WARN_SECONDS = sys.maxsize, 60.0
 # Below this overlap the speaker matching of consecutive chunks often goes wrong (an audit measured swaps at
 # 0.1-0.5 s, and at 1 s with 4 s chunks), so shorter overlaps are warned about.
 SAFE_OVERLAP_SECONDS = 1.0
-
-
-def _compile_layers(model: Any, device: Any, dtype: Any, input_dtype: Any) -> None:
-    """``model.compile_layers()`` after the checks of the CPU, where it is slower and bf16 does not compile."""
-    import torch
-
-    if device.type != "cuda":
-        if dtype != torch.float32 or input_dtype != torch.float32:
-            raise ValueError("compile_layers (--compile) runs in float32 only on the CPU (a compiled bfloat16 "
-                             "network did not finish compiling there): use a float32 model with --dtype float32, "
-                             "or a GPU")
-        warnings.warn("compile_layers (--compile) is meant for CUDA: on the CPU the compiled network is slower than "
-                      "the eager one, after a first call that compiles it", stacklevel=3)
-    model.compile_layers()
 
 
 class Separator:
@@ -154,10 +137,10 @@ class Separator:
                  progress: bool | None = False, cuda_graphs: bool = False, compile_layers: bool = False,
                  polarity_ensemble: bool | None = None, mixture_consistency: bool | None = None,
                  wiener_filter: bool | None = None) -> None:
-        _check_choice("stitching", stitching, STITCHING)
-        _check_choice("normalize", normalize, NORMALIZE)
-        _check_choice("channels", channels, CHANNELS)
-        _check_choice("backend", backend, BACKENDS)
+        check_choice("stitching", stitching, STITCHING)
+        check_choice("normalize", normalize, NORMALIZE)
+        check_choice("channels", channels, CHANNELS)
+        check_choice("backend", backend, BACKENDS)
         chunked = chunk_seconds is not None
         if chunked and not (0 < chunk_seconds < math.inf and 0 <= overlap_seconds < chunk_seconds):
             raise ValueError(f"need finite chunk_seconds > overlap_seconds >= 0 (--chunk-seconds, "
@@ -180,7 +163,7 @@ class Separator:
         if not hasattr(model, "config"):
             raise ValueError("the model needs a .config with sample_rate and num_spks (a MossFormer2 or an "
                              "exported model wrapper)")
-        self.is_torch = _is_torch_module(model)
+        self.is_torch = is_torch_module(model)
         if backend == "torch" and not self.is_torch:
             raise ValueError("backend 'torch' needs a torch model; this one is "
                              f"{type(model).__name__} (use backend 'onnxruntime')")
@@ -191,57 +174,15 @@ class Separator:
                              f"{type(model).__name__}")
         self.graphs = None
         if self.is_torch:
-            import torch
-
-            self.dtype = resolve_dtype(dtype)
-            self.device = resolve_device(device)
-            if self.dtype == torch.float16 and self.device.type != "cuda":
-                warnings.warn("float16 inference needs CUDA; using float32 on the CPU (bfloat16 works on CPU)",
-                              stacklevel=2)
-                self.dtype = torch.float32
-            if self.dtype != torch.float32 and getattr(model, "float32_only", False):  # a TorchScript export
-                warnings.warn(f"the exported TorchScript model runs in float32 only; ignoring dtype "
-                              f"{dtype_name(dtype)}", stacklevel=2)
-                self.dtype = torch.float32
-            # A model cast to half precision (model.bfloat16() / .half()) takes its input in that dtype.
-            weights = next((p for p in model.parameters() if p.is_floating_point()), None)
-            self.input_dtype = torch.float32 if weights is None else weights.dtype
-            if self.input_dtype == torch.float16 and self.device.type != "cuda":
-                warnings.warn("a float16 model needs CUDA (the CPU's float16 convolutions are very slow); "
-                              "casting it to float32 on the CPU", stacklevel=2)
-                model, self.input_dtype = model.float(), torch.float32
-            # Moved (a float16 model on the CPU also cast) in place, but its train / eval flag is left alone:
-            # each forward pass runs in eval mode and restores the flag (a Separator used for validation inside
-            # a training loop must not switch dropout off for the training, nor run with it on).
-            model = model.to(self.device)
-            if compile_layers:
-                _compile_layers(model, self.device, self.dtype, self.input_dtype)
-            if cuda_graphs and self.device.type == "cuda" and not chunked:
-                warnings.warn("cuda_graphs (--cuda-graphs) replays one captured graph per chunk shape; with "
-                              "chunk_seconds=None every input length would be captured anew: ignored", stacklevel=2)
-            elif cuda_graphs and self.device.type == "cuda":
-                from mossformer2.separation.cuda_graphs import CudaGraphModel
-
-                self.graphs = CudaGraphModel(model, self.dtype, max_graphs=4)
-            elif cuda_graphs:
-                warnings.warn(f"cuda_graphs (--cuda-graphs) applies on CUDA only; ignored on {self.device}",
-                              stacklevel=2)
+            setup = prepare_torch_model(model, device, dtype, chunked=chunked, cuda_graphs=cuda_graphs,
+                                        compile_layers=compile_layers)
+            model, self.dtype, self.device = setup.model, setup.dtype, setup.device
+            self.input_dtype, self.graphs = setup.input_dtype, setup.graphs
         else:
-            # Where the callable runs is its own business, chosen when it was loaded (ONNX Runtime: its providers).
-            session = getattr(model, "session", None)
-            providers = session.get_providers() if session is not None else []
-            self.device = "cuda" if "CUDAExecutionProvider" in providers else "cpu"
-            if not is_auto_device(device) and str(device).split(":")[0] != self.device:
-                warnings.warn(f"device={device!r} is not where this {type(model).__name__} runs ({self.device}): an "
-                              "exported model's device is chosen when it is loaded (Separator.from_pretrained(path, "
-                              "device=...), OnnxRuntimeModel(path, providers=providers_for_device(...)))",
-                              stacklevel=2)
-            if dtype_name(dtype) != "float32":
-                raise ValueError(f"dtype {dtype} is only available with the torch backend; the exported model "
-                                 "runs in float32")
+            self.device = exported_model_device(model, device, dtype)
             self.dtype = "float32"
         self.model = model
-        self._modules = list(model.modules()) if self.is_torch else []  # for _eval_mode, once
+        self._modules = list(model.modules()) if self.is_torch else []  # for eval_mode, once
         # Our MossFormer2 takes true lengths, which makes zero-padded batches of unequal inputs exact.
         self.pads_batches = self.is_torch and bool(getattr(model, "accepts_lengths", False))
         self.sample_rate = int(model.config.sample_rate)
@@ -347,7 +288,7 @@ class Separator:
 
         wave = torch.from_numpy(batch).to(self.device, self.input_dtype)
         lengths_t = None if lengths is None else torch.from_numpy(np.asarray(lengths)).to(self.device)
-        with torch.inference_mode(), _eval_mode(self._modules):
+        with torch.inference_mode(), eval_mode(self._modules):
             if self.graphs is not None:
                 out = self.graphs(wave, lengths_t)  # applies the autocast dtype itself
             else:
@@ -377,20 +318,20 @@ class Separator:
                       output_rate: int | None = None) -> list[np.ndarray]:
         """Separate several recordings at one rate; equal-length short inputs share forward passes (inputs and
         outputs as in ``separate``)."""
-        sample_rate = _check_rate("sample_rate", sample_rate)
-        out_rate = sample_rate if output_rate is None else _check_rate("output_rate", output_rate)
+        sample_rate = check_rate("sample_rate", sample_rate)
+        out_rate = sample_rate if output_rate is None else check_rate("output_rate", output_rate)
         # Flatten every input into mono model-rate items: (input index, channel, wave, gain).
         items: list[tuple[int, int, np.ndarray, float]] = []
         shapes: list[tuple[int, int]] = []
         for index, raw in enumerate(waves):
-            wave = _as_channels_first(raw)
+            wave = as_channels_first(raw)
             shapes.append(wave.shape)
             problem = self.fixed_length_error(wave.shape[-1], int(sample_rate))
             if problem is not None:  # before any forward pass
                 raise ValueError(f"{problem}; got {wave.shape[-1]} samples at {sample_rate} Hz")
             channels = [to_mono(wave)] if self.channels == "mix" else list(wave)
             if self.channels == "mix" and wave.shape[0] > 1:
-                _warn_if_downmix_cancels(wave, channels[0], index)
+                warn_if_downmix_cancels(wave, channels[0], index)
             for c, channel in enumerate(channels):
                 model_wave = resample(channel, int(sample_rate), self.sample_rate)
                 if model_wave.shape[-1] < self.min_samples:
@@ -411,7 +352,7 @@ class Separator:
             if out_rate != self.sample_rate:
                 sources = resample(sources, self.sample_rate, out_rate)
                 # The input's length at the output rate: through the model rate it is rounded twice.
-                sources = _fix_length(sources, int(round(shapes[index][1] * out_rate / int(sample_rate))))
+                sources = fix_length(sources, int(round(shapes[index][1] * out_rate / int(sample_rate))))
             per_input[index].append(sources.astype(np.float32, copy=False))
         if self.channels == "mix":
             return [outputs[0] for outputs in per_input]
@@ -554,94 +495,6 @@ class Separator:
                                   keep_polarity=self.wiener_filter or self.mixture_consistency)
 
 
-def load_separation_model(ref: str | Path | None = None, device: str | torch.device = "auto",
-                          filename: str | None = None, cache_dir: str | Path | None = None) -> Any:
-    """The shipped model (``ref=None``), a model name as ``mossformer2 separate --model`` takes it (``"default"``,
-    ``"MossFormer2_SS_16K"``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` or TorchScript file.
-    ``filename`` / ``cache_dir``: as in ``hub.resolve_checkpoint``.
-
-    A checkpoint's ``"separation"`` entry (``{name: bool}`` for names in ``model_settings.REFINEMENTS``, written
-    by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults;
-    ``mossformer2 export`` carries it into the ONNX and TorchScript files, whose wrappers expose it the same way.
-    """
-    from mossformer2.hub import checkpoint_path, model_checkpoint
-
-    if ref is None:
-        path = model_checkpoint("default", filename, cache_dir)  # the shipped file (filename= refused)
-    elif is_onnx_path(ref):
-        path = Path(ref)
-    else:
-        path = checkpoint_path(ref, filename, cache_dir)
-    if is_onnx_path(path):  # also one that filename= picked in a folder or hub repository
-        from mossformer2.runtime import OnnxRuntimeModel, providers_for_device
-
-        if not path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {path}")
-        # "cpu" keeps ONNX Runtime off CUDA; "cuda" must start there; "auto" may fall back to the CPU.
-        return OnnxRuntimeModel(path, providers=None if is_auto_device(device) else providers_for_device(device))
-    try:
-        from mossformer2.checkpoint import TorchScriptFileError, load_model, read_checkpoint
-    except ModuleNotFoundError as err:
-        if err.name != "torch":
-            raise
-        raise ModuleNotFoundError("PyTorch is not installed: the built-in model, .pt checkpoints and TorchScript "
-                                  "exports need it (pip install torch); an exported .onnx model runs without it",
-                                  name="torch") from None
-    try:
-        checkpoint = read_checkpoint(path)
-    except TorchScriptFileError:  # read_checkpoint recognises the export: run it as it is
-        from mossformer2.export import TorchScriptModel
-
-        return TorchScriptModel(path).to(resolve_device(device))
-    return load_model(checkpoint, device=resolve_device(device))  # with its model.separation_settings
-
-
-def output_paths(input_path: str | Path, out_dir: str | Path, num_spks: int, format: str | None = None) -> list[Path]:
-    """``out_dir/<stem>_s1.<ext>`` ... for an input file; ext from ``format``, the input (wav/flac) or wav."""
-    input_path = Path(input_path)
-    if format is not None and format.lower() not in OUTPUT_FORMATS:
-        raise ValueError(f"output format must be one of {list(OUTPUT_FORMATS)}, got {format!r}")
-    ext = (format or input_path.suffix.lstrip(".")).lower()
-    if ext not in OUTPUT_FORMATS:
-        ext = "wav"
-    return [Path(out_dir) / f"{input_path.stem}_s{k + 1}.{ext}" for k in range(num_spks)]
-
-
-def spectrogram_path(first_output: str | Path) -> Path:
-    """``<stem>_spectrogram.png`` beside ``<stem>_s1.<ext>``."""
-    first_output = Path(first_output)
-    return first_output.with_name(first_output.stem.rsplit("_s1", 1)[0] + "_spectrogram.png")
-
-
-def write_separation(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, subtype: str = "PCM_16",
-                     plot_mixture: tuple[np.ndarray, int] | None = None, title: str | None = None) -> list[Path]:
-    """Write ``sources[k]`` (``[T]`` or ``[C, T]``) to ``paths[k]`` and, given ``(mixture [C, T], its rate)``,
-    the spectrogram PNG (``spectrogram_path``): all of them appear together or none does. Outputs louder than
-    full scale are scaled down together (``fit_to_full_scale``), never clipped. Returns the paths written."""
-    paths = [Path(p) for p in paths]
-    if len(paths) != len(sources):  # else a missing speaker would appear as an empty file, extra ones vanish
-        raise ValueError(f"{len(sources)} separated sources for {len(paths)} output paths")
-    sources = fit_to_full_scale(np.asarray(sources, dtype=np.float32), subtype, ", ".join(p.name for p in paths))
-    targets = paths if plot_mixture is None else [*paths, spectrogram_path(paths[0])]
-    with atomic_paths(targets) as temps:
-        for tmp, path, source in zip(temps, paths, sources):
-            write_audio(path, source, sample_rate, subtype=subtype, temp=tmp)
-        if plot_mixture is not None:
-            write_spectrogram(targets[-1], sources, sample_rate, *plot_mixture, title=title, temp=temps[-1])
-    return targets
-
-
-def write_spectrogram(path: Path, sources: np.ndarray, sample_rate: int, mixture: np.ndarray, mixture_rate: int,
-                      title: str | None = None, temp: Path | None = None) -> Path:
-    """The spectrogram PNG of a mixture ``[C, T]`` at ``mixture_rate`` and its separated ``sources`` (``[S, T]``,
-    or ``[S, C, T]``, shown mixed down) at ``sample_rate``; ``temp`` as in ``plot_separation``."""
-    from mossformer2.plotting import plot_separation
-
-    mono = resample(to_mono(mixture), mixture_rate, sample_rate)
-    speakers = sources if sources.ndim == 2 else sources.mean(axis=1)
-    return plot_separation(mono, speakers, sample_rate, path, title=title, temp=temp)
-
-
 def _aligned_channels(channels: list[np.ndarray]) -> list[np.ndarray]:
     """Each channel's separated speakers ``[S, T]`` in the order and polarity of the first non-silent channel's,
     matched over the whole signal as consecutive chunks are on their overlap (``match_sources``): the model orders
@@ -656,20 +509,6 @@ def _aligned_channels(channels: list[np.ndarray]) -> list[np.ndarray]:
     return aligned
 
 
-@contextlib.contextmanager
-def warnings_about(label: str) -> Iterator[None]:
-    """Warnings raised in the block, raised again once it succeeded with `` (label)`` at their end (which file of
-    a batch they concern; filters on the message's start still match). Python shows an identical warning from one
-    place only once, so a second file with the same guessed chunk boundaries went unreported. A block that fails
-    raises its error alone (its warnings could otherwise replace it, under -W error). As warnings' own
-    ``catch_warnings``, not thread-safe."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for w in caught:
-        warnings.warn_explicit(f"{w.message} ({label})", w.category, w.filename, w.lineno, source=w.source)
-
-
 def _seconds(value: float | None) -> str:
     return "None" if value is None else f"{value:g}"
 
@@ -678,85 +517,3 @@ def _fixed_length_overlap(seconds: float) -> float:
     """The overlap of chunks as long as a fixed-length export of ``seconds``: the default 2 s where the chunk allows
     it, else half the chunk (still >= 1 s from 2 s exports on)."""
     return min(OVERLAP_SECONDS, seconds / 2)
-
-
-def _check_rate(name: str, rate: Any) -> int:
-    """``rate`` as an int, or a ValueError naming ``name`` unless it is a whole number of Hz, at least
-    ``MIN_SAMPLE_RATE``."""
-    whole = (isinstance(rate, numbers.Real) and not isinstance(rate, bool) and math.isfinite(rate)
-             and rate == int(rate))
-    if not whole or rate < MIN_SAMPLE_RATE:
-        raise ValueError(f"{name} must be a whole number of Hz, at least {MIN_SAMPLE_RATE} (e.g. 16000), got "
-                         f"{rate!r}" + (": a wrong header?" if whole and rate > 0 else ""))
-    return int(rate)
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _is_torch_module(model: Any) -> bool:
-    torch = loaded_torch()
-    return torch is not None and isinstance(model, torch.nn.Module)
-
-
-@contextlib.contextmanager
-def _eval_mode(modules: Sequence[Any]) -> Iterator[None]:
-    """Run the block with every module of ``modules`` (a model's ``list(model.modules())``, listed once: the full
-    model has ~1,850) in eval mode, then give each its own train / eval flag back (``model.train()`` would set them
-    all: a wrapper in train mode around a model in eval mode)."""
-    training = [m for m in modules if m.training]
-    # object.__setattr__: the flag is a plain attribute, and nn.Module.__setattr__'s parameter / buffer / submodule
-    # checks cost ~6 ms a forward over the full model's modules (~1 ms this way).
-    for m in training:
-        object.__setattr__(m, "training", False)
-    try:
-        yield
-    finally:
-        for m in training:
-            object.__setattr__(m, "training", True)
-
-
-def _as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Validate and convert ``[T]`` / ``[C, T]`` (numpy or torch) to float32 numpy ``[C, T]``."""
-    torch = loaded_torch()
-    if torch is not None and isinstance(wave, torch.Tensor):
-        wave = wave.detach().cpu()
-        wave = (wave.float() if wave.is_floating_point() else wave).numpy()  # NumPy has no bfloat16
-    wave = pcm_to_float(np.asarray(wave))
-    if wave.ndim == 1:
-        wave = wave[None]
-    if wave.ndim != 2:
-        raise ValueError(f"expected audio [T] or [C, T], got shape {wave.shape}")
-    if wave.shape[-1] == 0:
-        raise ValueError("empty audio: no samples")
-    if wave.shape[0] > wave.shape[1]:
-        raise ValueError(f"audio of shape {wave.shape} has more channels than samples; pass [C, T] "
-                         "(channels first), e.g. wave.T")
-    if not np.isfinite(wave).all():
-        raise ValueError("audio contains NaN or infinite samples")
-    return wave  # all zeros is allowed: silent speakers come out (an unused channel, a muted clip in a batch)
-
-
-def channels_cancel(wave: np.ndarray, mono: np.ndarray | None = None) -> bool:
-    """Whether the channels of ``wave`` ``[C, T]`` cancel in their mono downmix ``mono`` (default: their mean), e.g.
-    one channel wired in reverse polarity: the mix is over 60 dB below the loudest channel."""
-    mono = to_mono(wave) if mono is None else mono
-    loudest = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64), axis=-1)).max())
-    return loudest > 0 and float(np.sqrt(np.mean(np.square(mono, dtype=np.float64)))) < 1e-3 * loudest
-
-
-def _warn_if_downmix_cancels(wave: np.ndarray, mono: np.ndarray, index: int) -> None:
-    """Warn when channels cancel in the mono downmix: the model would see near silence and put out silent
-    speakers (``mossformer2 separate`` fails such a file instead)."""
-    if channels_cancel(wave, mono):
-        warnings.warn(f"input {index + 1}: its channels cancel when mixed down to mono (the mix is over 60 dB "
-                      "below the loudest channel): separate each channel instead (channels='each', "
-                      "--channels each)", stacklevel=3)
-
-
-def _fix_length(wave: np.ndarray, length: int) -> np.ndarray:
-    if wave.shape[-1] >= length:
-        return wave[..., :length]
-    return np.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(0, length - wave.shape[-1])])

@@ -1,0 +1,79 @@
+"""Checks and conversions of what a ``Separator`` is given: audio arrays, sample rates and option choices."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mossformer2.audio import MIN_SAMPLE_RATE, pcm_to_float, to_mono
+from mossformer2.utils import loaded_torch
+
+if TYPE_CHECKING:
+    import torch
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_rate(name: str, rate: Any) -> int:
+    """``rate`` as an int, or a ValueError naming ``name`` unless it is a whole number of Hz, at least
+    ``MIN_SAMPLE_RATE``."""
+    whole = (isinstance(rate, numbers.Real) and not isinstance(rate, bool) and math.isfinite(rate)
+             and rate == int(rate))
+    if not whole or rate < MIN_SAMPLE_RATE:
+        raise ValueError(f"{name} must be a whole number of Hz, at least {MIN_SAMPLE_RATE} (e.g. 16000), got "
+                         f"{rate!r}" + (": a wrong header?" if whole and rate > 0 else ""))
+    return int(rate)
+
+
+def as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Validate and convert ``[T]`` / ``[C, T]`` (numpy or torch) to float32 numpy ``[C, T]``."""
+    torch = loaded_torch()  # a tensor exists only if torch is loaded: never import it here
+    if torch is not None and isinstance(wave, torch.Tensor):
+        wave = wave.detach().cpu()
+        wave = (wave.float() if wave.is_floating_point() else wave).numpy()  # NumPy has no bfloat16
+    wave = pcm_to_float(np.asarray(wave))
+    if wave.ndim == 1:
+        wave = wave[None]
+    if wave.ndim != 2:
+        raise ValueError(f"expected audio [T] or [C, T], got shape {wave.shape}")
+    if wave.shape[-1] == 0:
+        raise ValueError("empty audio: no samples")
+    if wave.shape[0] > wave.shape[1]:
+        raise ValueError(f"audio of shape {wave.shape} has more channels than samples; pass [C, T] "
+                         "(channels first), e.g. wave.T")
+    if not np.isfinite(wave).all():
+        raise ValueError("audio contains NaN or infinite samples")
+    return wave  # all zeros is allowed: silent speakers come out (an unused channel, a muted clip in a batch)
+
+
+def channels_cancel(wave: np.ndarray, mono: np.ndarray | None = None) -> bool:
+    """Whether the channels of ``wave`` ``[C, T]`` cancel in their mono downmix ``mono`` (default: their mean), e.g.
+    one channel wired in reverse polarity: the mix is over 60 dB below the loudest channel."""
+    mono = to_mono(wave) if mono is None else mono
+    loudest = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64), axis=-1)).max())
+    return loudest > 0 and float(np.sqrt(np.mean(np.square(mono, dtype=np.float64)))) < 1e-3 * loudest
+
+
+def warn_if_downmix_cancels(wave: np.ndarray, mono: np.ndarray, index: int) -> None:
+    """Warn when channels cancel in the mono downmix: the model would see near silence and put out silent
+    speakers (``mossformer2 separate`` fails such a file instead)."""
+    if channels_cancel(wave, mono):
+        # stacklevel 3: the line that called Separator.separate_many (this is called from it directly)
+        warnings.warn(f"input {index + 1}: its channels cancel when mixed down to mono (the mix is over 60 dB "
+                      "below the loudest channel): separate each channel instead (channels='each', "
+                      "--channels each)", stacklevel=3)
+
+
+def fix_length(wave: np.ndarray, length: int) -> np.ndarray:
+    """``[..., T]`` cut or zero-padded at the end to ``[..., length]``."""
+    if wave.shape[-1] >= length:
+        return wave[..., :length]
+    return np.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(0, length - wave.shape[-1])])

@@ -1,0 +1,56 @@
+"""``load_separation_model``: the model behind a ``--model`` reference, as torch module or ONNX Runtime wrapper.
+
+An ``.onnx`` reference never imports torch (an ONNX deployment runs without it); everything else needs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mossformer2.utils import is_auto_device, is_onnx_path, resolve_device
+
+if TYPE_CHECKING:
+    import torch
+
+
+def load_separation_model(ref: str | Path | None = None, device: str | torch.device = "auto",
+                          filename: str | None = None, cache_dir: str | Path | None = None) -> Any:
+    """The shipped model (``ref=None``), a model name as ``mossformer2 separate --model`` takes it (``"default"``,
+    ``"MossFormer2_SS_16K"``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` or TorchScript file.
+    ``filename`` / ``cache_dir``: as in ``hub.resolve_checkpoint``.
+
+    A checkpoint's ``"separation"`` entry (``{name: bool}`` for names in ``model_settings.REFINEMENTS``, written
+    by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults;
+    ``mossformer2 export`` carries it into the ONNX and TorchScript files, whose wrappers expose it the same way.
+    """
+    from mossformer2.hub import checkpoint_path, model_checkpoint
+
+    if ref is None:
+        path = model_checkpoint("default", filename, cache_dir)  # the shipped file (filename= refused)
+    elif is_onnx_path(ref):
+        path = Path(ref)
+    else:
+        path = checkpoint_path(ref, filename, cache_dir)
+    if is_onnx_path(path):  # also one that filename= picked in a folder or hub repository
+        from mossformer2.runtime import OnnxRuntimeModel, providers_for_device
+
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {path}")
+        # "cpu" keeps ONNX Runtime off CUDA; "cuda" must start there; "auto" may fall back to the CPU.
+        return OnnxRuntimeModel(path, providers=None if is_auto_device(device) else providers_for_device(device))
+    try:
+        from mossformer2.checkpoint import TorchScriptFileError, load_model, read_checkpoint
+    except ModuleNotFoundError as err:
+        if err.name != "torch":
+            raise
+        raise ModuleNotFoundError("PyTorch is not installed: the built-in model, .pt checkpoints and TorchScript "
+                                  "exports need it (pip install torch); an exported .onnx model runs without it",
+                                  name="torch") from None
+    try:
+        checkpoint = read_checkpoint(path)
+    except TorchScriptFileError:  # read_checkpoint recognises the export: run it as it is
+        from mossformer2.export import TorchScriptModel
+
+        return TorchScriptModel(path).to(resolve_device(device))
+    return load_model(checkpoint, device=resolve_device(device))  # with its model.separation_settings
