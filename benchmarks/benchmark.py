@@ -438,7 +438,7 @@ def _bench_train_variant(model: torch.nn.Module, s: Settings, mix: torch.Tensor,
                          dtype: torch.dtype | None, checkpointing: bool, name: str) -> dict[str, Any]:
     """Time one training variant at the batch of ``mix`` ``[B, T]``."""
     train_model = copy.deepcopy(model).to(s.device).train()
-    train_model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing = checkpointing
+    train_model.set_activation_checkpointing(checkpointing)
     step = _train_step(train_model, mix, sources, dtype)
     batch = mix.shape[0]
     with peak_memory(s.device) as mem:

@@ -80,7 +80,7 @@ def compiled_copy(model: torch.nn.Module, regions: str, layout: str) -> torch.nn
     model = copy.deepcopy(model)
     if layout:
         model.set_cuda_depthwise_layout(layout)
-    layers = model.mask_net.mdl.intra_mdl.mossformerM
+    layers = model.layer_stack()
     chosen = {"flash": [*layers.layers], "fsmn": [*layers.fsmn], "both": [*layers.layers, *layers.fsmn]}[regions]
     for layer in chosen:
         layer.compile(dynamic=False)
@@ -89,7 +89,7 @@ def compiled_copy(model: torch.nn.Module, regions: str, layout: str) -> torch.nn
 
 def probe_rotary_tables(model: torch.nn.Module, device: torch.device, frames: int = 20_000) -> dict:
     """Largest difference between compiled and eager rotary cos / sin tables of ``frames`` frames (float32)."""
-    rotary = model.mask_net.mdl.intra_mdl.mossformerM.layers[0].rotary_pos_emb
+    rotary = model.layer_stack().layers[0].rotary_pos_emb
     torch._dynamo.reset()
     start = time.perf_counter()
     try:

@@ -135,7 +135,7 @@ def _one_line_warnings(command: str) -> Iterator[None]:
 ONNX_COMMANDS = {"separate", "evaluate", "info"}  # they run an exported model without torch: --checkpoint X.onnx
 
 
-def _is_torch(err: ImportError) -> bool:
+def _is_missing_torch(err: ImportError) -> bool:
     """Whether ``err`` is torch (or one of its modules) failing to import: not installed in this environment."""
     return (err.name or "").split(".")[0] == "torch"
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, the shell's code for a command ended by a closed pipe
     except ModuleNotFoundError as err:
-        if _is_torch(err) and not args.verbose:  # an ONNX-only deployment (README, "Export and deployment")
+        if _is_missing_torch(err) and not args.verbose:  # an ONNX-only deployment (README, "Export and deployment")
             print(f"mossformer2 {args.command}: error: {_torch_missing(args)}", file=sys.stderr)
             return 1
         # An optional package a command needs (pesq, pystoi, onnx, onnxruntime, ...): one line, no traceback.

@@ -181,6 +181,14 @@ class MossFormer2(nn.Module):
         # The decoder yields (F-1)*hop + K <= T samples: zero-pad to the input length (no branch: exportable).
         return F.pad(out, (0, T - out.shape[-1]))
 
+    def layer_stack(self) -> MossFormerLayers:
+        """The (FLASH layer, gated FSMN block) pairs, deep inside the official module tree."""
+        return self.mask_net.mdl.intra_mdl.mossformerM
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each layer pair in the backward pass instead of storing its activations (training memory)."""
+        self.layer_stack().activation_checkpointing = enabled
+
     def set_cuda_depthwise_layout(self, layout: str) -> None:
         """How every depth-wise conv module runs on CUDA inputs: one of ``convolution.CUDA_DEPTHWISE_LAYOUTS``,
         or "" for the module-wide ``convolution.CUDA_DEPTHWISE_LAYOUT``. The shifted sums also get their weights
@@ -231,7 +239,7 @@ class MossFormer2(nn.Module):
                           '11.8 dB from eager); it is kept for measurements: use the default "shifted_sum_stored"',
                           stacklevel=2)
         self.set_cuda_depthwise_layout(layout)
-        layers = self.mask_net.mdl.intra_mdl.mossformerM
+        layers = self.layer_stack()
         for layer in [*layers.layers, *layers.fsmn]:
             layer.compile(dynamic=dynamic, mode=mode)
         return self

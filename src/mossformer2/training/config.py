@@ -21,8 +21,6 @@ from mossformer2.config_utils import ConfigError, apply_overrides, from_dict, lo
 from mossformer2.data.config import DataConfig
 from mossformer2.models.config import MossFormer2Config, get_config
 
-ModelSection = MossFormer2Config
-
 
 @dataclass
 class OptimConfig:
@@ -69,7 +67,7 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: MossFormer2Config = field(default_factory=MossFormer2Config)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -129,7 +129,7 @@ class Trainer:
         seed_everything(t.seed)  # identical initial weights on every rank
         self.model: MossFormer2 = build_model(self.cfg.model)
         if t.activation_checkpointing:
-            self.model.mask_net.mdl.intra_mdl.mossformerM.activation_checkpointing = True
+            self.model.set_activation_checkpointing(True)
         self.model.to(self.device)
         # The averaged copy is made before DDP wraps the model; every rank averages the same weights.
         self.ema: AveragedModel | None = None
