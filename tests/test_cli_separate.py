@@ -596,7 +596,7 @@ def test_separate_passes_its_options_to_the_separator(ckpt, tmp_path, monkeypatc
 
 
 def test_option_choices_are_the_librarys():
-    """The CLI spells out the choices that separator.py and audio.py define (importing those modules when the
+    """The CLI spells out the choices that the separation package and audio.py define (importing those modules when the
     parser is built would make `mossformer2 --help` load numpy and scipy): they must not drift apart."""
     import argparse
 

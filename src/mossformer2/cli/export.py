@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from mossformer2.models import MossFormer2
     from mossformer2.runtime import import_optional
-    from mossformer2.separation.separator import load_separation_model
+    from mossformer2.separation.loading import load_separation_model
     from mossformer2.utils import atomic_path, is_onnx_path, make_folder
 
     check_format_options(args)

@@ -60,7 +60,7 @@ def select_work(files: list[Path], plan: Plan, clashes: dict[Path, Path], overwr
                 say: Callable[[str], None]) -> Work:
     """Sort ``files`` (this rank's) into those to separate, to skip (``say`` why) and to refuse: a clash, or some
     outputs already there without --overwrite."""
-    from mossformer2.separation.separator import spectrogram_path
+    from mossformer2.separation.outputs import spectrogram_path
 
     work = Work()
     for f in files:

@@ -32,13 +32,7 @@ from mossformer2.separation.inputs import (
     warn_if_downmix_cancels,
 )
 from mossformer2.separation.loading import load_separation_model
-
-# OUTPUT_FORMATS, spectrogram_path, write_spectrogram: moved to outputs.py, still importable from here (for code
-# written against this module, e.g. cli/separate_plan.py).
-from mossformer2.separation.outputs import OUTPUT_FORMATS as OUTPUT_FORMATS
 from mossformer2.separation.outputs import output_paths, write_separation
-from mossformer2.separation.outputs import spectrogram_path as spectrogram_path
-from mossformer2.separation.outputs import write_spectrogram as write_spectrogram
 from mossformer2.separation.refine import (
     mixture_consistency,
     polarity_ensemble,
