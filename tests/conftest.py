@@ -57,6 +57,23 @@ def make_tiny_config(**changes) -> MossFormer2Config:
     return tiny_test_config(**changes)
 
 
+def seeded_tiny_model():
+    """The tiny model with seed-0 weights: the same weights wherever a test file builds it."""
+    from mossformer2 import build_model
+
+    torch.manual_seed(0)
+    return build_model(make_tiny_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """A dynamic-length ONNX export of :func:`seeded_tiny_model`, made once for the session (~12 s)."""
+    from mossformer2.export import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    return export_onnx(seeded_tiny_model(), path, dynamic_length=True, example=0.1 * torch.randn(2, 1000))
+
+
 @pytest.fixture
 def tiny_config() -> MossFormer2Config:
     return make_tiny_config()

@@ -17,7 +17,7 @@ from mossformer2 import build_model, save_checkpoint
 from mossformer2.audio import read_audio
 from mossformer2.cli import main
 from mossformer2.cli.separate import Inputs, collect_inputs, mirrored_out_dirs, shard_files
-from tests.conftest import make_tiny_config
+from tests.conftest import make_tiny_config, seeded_tiny_model
 from tests.test_hub import REPO, fake_hf_cache
 
 
@@ -27,9 +27,8 @@ def noise(n, seed=0, channels=1, scale=0.1):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    save_checkpoint(path, build_model(make_tiny_config()))
+    save_checkpoint(path, seeded_tiny_model())  # the weights of conftest's tiny_onnx export
     return path
 
 
@@ -257,12 +256,9 @@ def test_onnxruntime_backend_needs_an_onnx_file(ckpt, tmp_path, capsys):
     assert "needs --checkpoint MODEL.onnx" in capsys.readouterr().err
 
 
-def test_onnxruntime_backend_matches_torch(ckpt, tmp_path):
+def test_onnxruntime_backend_matches_torch(ckpt, tiny_onnx, tmp_path):
     """The exported graph runs the whole pipeline (chunks + short files) through ONNX Runtime."""
-    from mossformer2 import load_model
-    from mossformer2.export import export_onnx
-
-    onnx_path = export_onnx(load_model(ckpt), tmp_path / "tiny.onnx")
+    onnx_path = tiny_onnx  # an export of ckpt's weights
     src = tmp_path / "in" / "talk.wav"
     src.parent.mkdir()
     sf.write(str(src), noise(int(2.5 * 16000), 11), 16000, subtype="FLOAT")

@@ -22,7 +22,7 @@ from mossformer2.export import (
 )
 from mossformer2.separation import Separator
 
-from .conftest import make_tiny_config, torch_blocked_env
+from .conftest import make_tiny_config, seeded_tiny_model, torch_blocked_env
 
 # Tiny config: hop 8 samples, attention groups of 64 frames = 512 samples.
 GROUP_SAMPLES = 64 * 8
@@ -37,15 +37,12 @@ def _reference(model, wave):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.manual_seed(0)
-    return build_model(make_tiny_config()).eval()
+    return seeded_tiny_model()
 
 
 @pytest.fixture(scope="module")
-def onnx_path(tiny_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    export_onnx(tiny_model, path, dynamic_length=True, example=0.1 * torch.randn(2, 1000))
-    return path
+def onnx_path(tiny_onnx):
+    return tiny_onnx  # exported from seeded_tiny_model(): tiny_model's weights
 
 
 @pytest.mark.parametrize("batch,length", LENGTHS)
