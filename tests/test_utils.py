@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,20 @@ def test_keep_freed_memory_for_reuse_keeps_large_frees_in_the_heap():
     kept = float(subprocess.run([sys.executable, "-c", SCRIPT], check=True, capture_output=True,
                                 text=True).stdout.strip().splitlines()[-1])
     assert kept > 48
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux /proc")
+def test_the_umask_is_read_without_setting_it(monkeypatch):
+    """Setting the umask to read it left a moment in which another thread's new file got mode 0666."""
+    from mossformer2.utils import _umask
+
+    mask = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda value: pytest.fail("os.umask was called"))
+        assert _umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(mask)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")

@@ -141,7 +141,15 @@ def _replace_all(temps: Sequence[Path], targets: Sequence[Path]) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
+    """The process's umask. Read from /proc on Linux: setting it to read it (the portable way) leaves a moment in
+    which a file another thread creates gets mode 0666."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 

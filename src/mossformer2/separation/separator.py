@@ -39,6 +39,7 @@ from mossformer2.separation.refine import (
     wiener_filter,
 )
 from mossformer2.separation.stitching import (
+    TARGET_RMS,
     clearvoice_audio_norm,
     clearvoice_pass_length,
     clearvoice_separate,
@@ -56,7 +57,6 @@ STITCHING = ("aligned", "clearvoice")
 NORMALIZE = ("rms", "peak", "none", "clearvoice")
 CHANNELS = ("mix", "each")
 BACKENDS = ("auto", "torch", "onnxruntime")
-TARGET_RMS = 10 ** (-25 / 20)  # -25 dBFS, the level ClearVoice feeds the model
 TARGET_PEAK = 0.9
 CHUNK_SECONDS, OVERLAP_SECONDS = 10.0, 2.0  # the defaults
 # chunk_seconds=None: the chunk length that makes every input one pass, and the input length above which that

@@ -19,6 +19,8 @@ ModelFn = Callable[[np.ndarray], np.ndarray]
 
 log = logging.getLogger(__name__)
 
+TARGET_RMS = 10 ** (-25 / 20)  # -25 dBFS: the level ClearVoice's audio_norm sets, i.e. what the model was fed
+
 # An overlap decides the speaker order when its best order beats the next best by this much summed SI-SDR (dB).
 # A decisive overlap (both speakers talk in it) wins by tens of dB; one where only one speaker talks (the model
 # then puts that voice into every output) or nobody does wins by a fraction of a dB, i.e. by chance.
@@ -403,7 +405,7 @@ def clearvoice_pass_length(total: int, sample_rate: int = 16000, decode_window: 
 def clearvoice_audio_norm(wave: np.ndarray) -> np.ndarray:
     """Official ``audio_norm``: RMS to -25 dBFS, then the RMS of above-mean-power samples to -25 dBFS."""
     x = wave.astype(np.float64)
-    target = 10 ** (-25 / 20)
+    target = TARGET_RMS
     x = x * (target / (math.sqrt(np.mean(x**2)) + 1e-6))
     power = x**2
     loud = power[power > power.mean()]
@@ -412,6 +414,7 @@ def clearvoice_audio_norm(wave: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
-__all__ = ["DECISIVE_MARGIN_DB", "VOICE_DECISIVE_DB", "AlignedStitcher", "VoiceProfiles", "clearvoice_audio_norm",
-           "clearvoice_padded_length", "clearvoice_pass_length", "clearvoice_separate", "clearvoice_window_count",
-           "crossfade_weights", "match_sources", "match_sources_with_margin", "plan_chunks", "stitch_aligned"]
+__all__ = ["DECISIVE_MARGIN_DB", "TARGET_RMS", "VOICE_DECISIVE_DB", "AlignedStitcher", "VoiceProfiles",
+           "clearvoice_audio_norm", "clearvoice_padded_length", "clearvoice_pass_length", "clearvoice_separate",
+           "clearvoice_window_count", "crossfade_weights", "match_sources", "match_sources_with_margin", "plan_chunks",
+           "stitch_aligned"]
