@@ -179,8 +179,6 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
     separator settings; ``WEIGHTS_KEY: file_sha256(checkpoint file)`` makes a resume check the weights too).
     Writes ``per_utterance.csv``, ``settings.json`` and ``summary.json`` into ``out_dir``.
     """
-    from tqdm import tqdm
-
     names = parse_metrics(metrics)
     check_metric_dependencies(names)
     if score_rate is not None and score_rate <= 0:
@@ -195,74 +193,27 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
                          f"{separator.num_spks}")
 
     out_dir = make_folder(out_dir, "output folder")
-    csv_path = out_dir / CSV_NAME
     settings = {"data": str(Path(data).resolve()) if isinstance(data, (str, Path)) else f"{len(entries)} entries",
                 "metrics": list(names), "score_rate": score_rate, "limit": limit, **(info or {})}
-    settings_path = out_dir / SETTINGS_NAME
     header = csv_header(names)
-    if overwrite:
-        for path in (csv_path, settings_path, out_dir / SUMMARY_NAME):
-            path.unlink(missing_ok=True)
-    previous: list[dict[str, str]] = []
-    if csv_path.exists():
-        if settings_path.exists():
-            _check_same_settings(out_dir, json.loads(settings_path.read_text(encoding="utf-8")), settings)
-        previous = _read_previous_rows(csv_path, header)
-    atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
-
-    wanted = {e.id for e in entries}
-    done = {r["id"]: r for r in previous if r["status"] == "ok"}
-    # Rewrite the CSV with the kept rows (drops old failures, which are retried, and any cut-off line).
-    kept = [r for r in previous if r["status"] == "ok"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(kept)
-    atomic_write_text(csv_path, buffer.getvalue())
-
+    kept = _start_results(out_dir, settings, header, overwrite)
+    done = {r["id"]: r for r in kept}
     todo = [e for e in entries if e.id not in done]
-    new_rows: list[dict[str, str]] = []
-    rates: dict[str, int] = {}  # id -> sample rate of the mixtures scored this run (for the PESQ mode)
-    downmixed = resampled = False
     model_rate = getattr(separator, "sample_rate", None)
-    audio_seconds = 0.0
     start = time.perf_counter()
-    with csv_path.open("a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=header, lineterminator="\n")
-        bar_off = True if not todo else bar_disabled(progress)  # None: only on a terminal
-        for entry in tqdm(todo, desc="evaluating", unit="mix", disable=bar_off):
-            row, channels, rate = _evaluate_one(separator, entry, names, score_rate, header)
-            if row["status"] == "ok":
-                audio_seconds += float(row["duration_s"])
-                rates[entry.id] = rate
-                if rate != model_rate and model_rate and not resampled:
-                    resampled = True
-                    warnings.warn(f"mixture {entry.id} is at {rate} Hz, the model at {model_rate} Hz: mixtures are "
-                                  "resampled for the model and scored at their own rate (said once)", stacklevel=2)
-            if channels > 1 and not downmixed:
-                downmixed = True
-                warnings.warn(f"mixture {entry.id} has {channels} channels: multi-channel mixtures are averaged "
-                              "to mono before separation and scoring (said once)", stacklevel=2)
-            writer.writerow(row)
-            f.flush()
-            os.fsync(f.fileno())
-            new_rows.append(row)
+    new_rows, rates = _score_all(separator, todo, names, score_rate, header, out_dir / CSV_NAME, model_rate,
+                                 progress)
     elapsed = time.perf_counter() - start
 
     by_id = {**done, **{r["id"]: r for r in new_rows}}
     rows = [by_id[e.id] for e in entries]
     modes = _pesq_modes(entries, rows, rates, score_rate) if "pesq" in names else {}
     mode_names = sorted(set(modes.values()))
-    scores = summarize(rows, names)
-    if {"nb", "wb"} <= set(mode_names):  # narrow and wide band PESQ are two scales: no one mean of both
-        for mode in mode_names:
-            scores[f"pesq_{mode}"] = summarize([r for r in rows if modes.get(r["id"]) == mode], ["pesq"])["pesq"]
-        del scores["pesq"]
-        warnings.warn("the scored mixtures have sample rates of different PESQ modes (8 kHz: narrow band, other "
-                      "rates: wide band): PESQ is summarised per mode ("
-                      + ", ".join(f"pesq_{m}" for m in mode_names) + "), not as one mean", stacklevel=2)
+    scores = _scores(rows, names, modes)
+    wanted = {e.id for e in entries}
     failed = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "failed"]
     incomplete = [{"id": r["id"], "error": r["error"]} for r in rows if r["status"] == "ok" and r["error"]]
+    audio_seconds = sum(float(r["duration_s"]) for r in new_rows if r["status"] == "ok")
     summary = {
         "scores": scores,
         "num_mixtures": len(entries),
@@ -285,6 +236,76 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
     }
     atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _start_results(out_dir: Path, settings: dict[str, Any], header: list[str], overwrite: bool
+                   ) -> list[dict[str, str]]:
+    """Write ``settings.json`` and a CSV holding only the rows an earlier run scored with the same settings
+    (its failures are retried, a cut-off last line dropped); those rows."""
+    csv_path, settings_path = out_dir / CSV_NAME, out_dir / SETTINGS_NAME
+    if overwrite:
+        for path in (csv_path, settings_path, out_dir / SUMMARY_NAME):
+            path.unlink(missing_ok=True)
+    previous: list[dict[str, str]] = []
+    if csv_path.exists():
+        if settings_path.exists():
+            _check_same_settings(out_dir, json.loads(settings_path.read_text(encoding="utf-8")), settings)
+        previous = _read_previous_rows(csv_path, header)
+    atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    kept = [r for r in previous if r["status"] == "ok"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write_text(csv_path, buffer.getvalue())
+    return kept
+
+
+def _score_all(separator: Any, todo: Sequence[MixtureEntry], names: Sequence[str], score_rate: int | None,
+               header: list[str], csv_path: Path, model_rate: int | None, progress: bool | None
+               ) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """Separate and score each mixture, appending its row to the CSV as it is done (synced: a killed run keeps
+    its rows). ``(rows, {id: sample rate of each mixture scored})``."""
+    from tqdm import tqdm
+
+    rows: list[dict[str, str]] = []
+    rates: dict[str, int] = {}  # for the PESQ mode
+    downmixed = resampled = False
+    with csv_path.open("a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=header, lineterminator="\n")
+        bar_off = True if not todo else bar_disabled(progress)  # None: only on a terminal
+        for entry in tqdm(todo, desc="evaluating", unit="mix", disable=bar_off):
+            row, channels, rate = _evaluate_one(separator, entry, names, score_rate, header)
+            if row["status"] == "ok":
+                rates[entry.id] = rate
+                if rate != model_rate and model_rate and not resampled:
+                    resampled = True
+                    warnings.warn(f"mixture {entry.id} is at {rate} Hz, the model at {model_rate} Hz: mixtures are "
+                                  "resampled for the model and scored at their own rate (said once)", stacklevel=3)
+            if channels > 1 and not downmixed:
+                downmixed = True
+                warnings.warn(f"mixture {entry.id} has {channels} channels: multi-channel mixtures are averaged "
+                              "to mono before separation and scoring (said once)", stacklevel=3)
+            writer.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+            rows.append(row)
+    return rows, rates
+
+
+def _scores(rows: Sequence[dict[str, str]], names: Sequence[str], modes: dict[str, str]) -> dict[str, Any]:
+    """The summary's scores; PESQ per mode (``pesq_nb``, ``pesq_wb``) where the mixtures' rates mix narrow and
+    wide band, which are two scales: no one mean of both."""
+    scores = summarize(rows, names)
+    mode_names = sorted(set(modes.values()))
+    if {"nb", "wb"} <= set(mode_names):
+        for mode in mode_names:
+            scores[f"pesq_{mode}"] = summarize([r for r in rows if modes.get(r["id"]) == mode], ["pesq"])["pesq"]
+        del scores["pesq"]
+        warnings.warn("the scored mixtures have sample rates of different PESQ modes (8 kHz: narrow band, other "
+                      "rates: wide band): PESQ is summarised per mode ("
+                      + ", ".join(f"pesq_{m}" for m in mode_names) + "), not as one mean", stacklevel=3)
+    return scores
 
 
 def _check_same_settings(out_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
