@@ -73,18 +73,22 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def validate(self) -> None:
-        d, o, t = self.data, self.optim, self.trainer
+        """Raise ConfigError naming the first wrong setting (section by section: data, optim, trainer)."""
         _finite(self, "")
         _positive(self, "data.sample_rate", "data.segment_seconds", "data.batch_size", "data.valid_batch_size",
                   "optim.lr", "optim.eps", "optim.accum_steps", "trainer.max_epochs", "trainer.log_every_steps")
+        self._validate_data()
+        self._validate_optim()
+        self._validate_trainer()
+
+    def _validate_data(self) -> None:
+        d, dm = self.data, self.data.dynamic_mixing
         if d.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
         if d.sample_rate != self.model.sample_rate:
             raise ConfigError(f"data.sample_rate ({d.sample_rate}) must equal model.sample_rate "
                               f"({self.model.sample_rate})")
-        dm = d.dynamic_mixing
-        # The network needs at least two encoder frames (MossFormer2.min_input_length); the loaders round alike.
-        min_samples = self.model.encoder_kernel_size + self.model.hop_size
+        min_samples = self.model.min_input_length  # the loaders round seconds to samples alike
         crops = {"data.segment_seconds": d.segment_seconds, "data.max_valid_seconds": d.max_valid_seconds,
                  "data.dynamic_mixing.valid_max_seconds": dm.valid_max_seconds if dm is not None else None}
         for name, seconds in crops.items():
@@ -93,16 +97,32 @@ class TrainConfig:
                                   f"{d.sample_rate} Hz) is too short: the model needs at least {min_samples} samples "
                                   f"({min_samples / d.sample_rate:.4g} s; two encoder frames: encoder_kernel_size "
                                   f"{self.model.encoder_kernel_size} + hop {self.model.hop_size})")
+        self._validate_data_sources()
+        if dm is not None:
+            _range(dm.gain_db, "data.dynamic_mixing.gain_db")
+            _range(dm.noise_snr_db, "data.dynamic_mixing.noise_snr_db")
+            _range(dm.level_db, "data.dynamic_mixing.level_db")
+            if dm.speed_perturb is not None:
+                _range(dm.speed_perturb, "data.dynamic_mixing.speed_perturb")
+                if dm.speed_perturb[0] <= 0:
+                    raise ConfigError("data.dynamic_mixing.speed_perturb factors must be > 0")
+            if dm.examples_per_epoch <= 0 or dm.valid_examples <= 0:
+                raise ConfigError("data.dynamic_mixing.examples_per_epoch and valid_examples must be > 0")
+            if not 0.0 <= dm.noise_prob <= 1.0:
+                raise ConfigError("data.dynamic_mixing.noise_prob must be in [0, 1]")
+
+    def _validate_data_sources(self) -> None:
+        """Exactly one source of training and validation data: synthetic, dynamic mixing or pre-mixed sets."""
+        d, dm, num_spks = self.data, self.data.dynamic_mixing, self.model.num_spks
         if d.synthetic:
             _positive(self, "data.synthetic_utterances", "data.synthetic_seconds")
             if d.train or d.valid or (dm is not None and (dm.train_utterances or dm.valid_utterances)):
                 raise ConfigError("data.synthetic generates its own data: leave data.train, data.valid and "
                                   "data.dynamic_mixing's utterance lists unset")
-            if d.synthetic_speakers < max(self.model.num_spks + 2, 2 * self.model.num_spks):
-                raise ConfigError(f"data.synthetic_speakers must be at least "
-                                  f"{max(self.model.num_spks + 2, 2 * self.model.num_spks)} for "
-                                  f"{self.model.num_spks} speakers per mixture (they are split into training and "
-                                  "held-out validation speakers, each enough to mix)")
+            if d.synthetic_speakers < max(num_spks + 2, 2 * num_spks):
+                raise ConfigError(f"data.synthetic_speakers must be at least {max(num_spks + 2, 2 * num_spks)} for "
+                                  f"{num_spks} speakers per mixture (they are split into training and held-out "
+                                  "validation speakers, each enough to mix)")
         elif dm is not None:
             if not dm.train_utterances:
                 raise ConfigError("data.dynamic_mixing.train_utterances is required with dynamic mixing (any "
@@ -116,22 +136,12 @@ class TrainConfig:
             if not (d.valid or dm.valid_utterances):
                 raise ConfigError("validation data is required: set data.valid (pre-mixed) or "
                                   "data.dynamic_mixing.valid_utterances (held-out speakers)")
-        else:
-            if not d.train or not d.valid:
-                raise ConfigError("set data.train and data.valid (wsj0-2mix folder, LibriMix CSV or scp list), "
-                                  "or data.dynamic_mixing, or data.synthetic: true")
-        if dm is not None:
-            _range(dm.gain_db, "data.dynamic_mixing.gain_db")
-            _range(dm.noise_snr_db, "data.dynamic_mixing.noise_snr_db")
-            _range(dm.level_db, "data.dynamic_mixing.level_db")
-            if dm.speed_perturb is not None:
-                _range(dm.speed_perturb, "data.dynamic_mixing.speed_perturb")
-                if dm.speed_perturb[0] <= 0:
-                    raise ConfigError("data.dynamic_mixing.speed_perturb factors must be > 0")
-            if dm.examples_per_epoch <= 0 or dm.valid_examples <= 0:
-                raise ConfigError("data.dynamic_mixing.examples_per_epoch and valid_examples must be > 0")
-            if not 0.0 <= dm.noise_prob <= 1.0:
-                raise ConfigError("data.dynamic_mixing.noise_prob must be in [0, 1]")
+        elif not d.train or not d.valid:
+            raise ConfigError("set data.train and data.valid (wsj0-2mix folder, LibriMix CSV or scp list), "
+                              "or data.dynamic_mixing, or data.synthetic: true")
+
+    def _validate_optim(self) -> None:
+        o = self.optim
         if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
         if not o.weight_decay >= 0 or (o.grad_clip is not None and not o.grad_clip > 0):
@@ -145,6 +155,9 @@ class TrainConfig:
         if o.early_stop_patience is not None and o.early_stop_patience < 1:
             raise ConfigError(f"optim.early_stop_patience must be >= 1 or null (never stop early), got "
                               f"{o.early_stop_patience}")
+
+    def _validate_trainer(self) -> None:
+        t = self.trainer
         if t.cpu_threads is not None and t.cpu_threads <= 0:
             raise ConfigError("trainer.cpu_threads must be > 0 or null")
         if t.max_steps is not None and t.max_steps <= 0:
