@@ -6,22 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# How depth-wise convs along time lay out their input on CUDA: "channels_last" convolves the [B, C, 1, T] view of
-# the [B, T, C] activation in place (cuDNN's NHWC grouped kernels); "contiguous" copies it to [B, C, 1, T] first
-# (PyTorch's own depth-wise kernel). Measured end to end (benchmarks/gpu_conv_layouts.py, H200, torch 2.11, full
-# model, 4 s, bf16 CUDA graph): contiguous 47.8 ms, channels_last 59.6 ms, hence the default. Tunable per GPU.
-# "shifted_sum" (depthwise_shifted_sum) is meant for torch.compile, which turns it into one elementwise kernel on
-# the [B, T, C] layout (no layout copies, no conv kernel); eager, it makes K passes over the input. On CUDA the
-# compiler inlines the input's producer (SiLU, norm + PReLU) into each of the K reads, and so compiled it gave wrong
-# float32 output on an H200 (11.8 dB from eager). "shifted_sum_stored" pads the input with an operator the compiler
-# cannot fuse (pad_frames), so the input is stored once and read K times: correct in float32 (94 dB) and faster
-# (H200, bf16 weights, batch 1: 27 against 32 ms; 16.7 ms with the weights laid out taps outermost). MossFormer2.
-# compile_layers sets it; modules can override the global with their own ``cuda_depthwise_layout`` (MossFormer2.
-# set_cuda_depthwise_layout, which also lays their depthwise_weights() out for the chosen form: store_taps_outermost).
-# Padding by concatenating zeros, lowered by inductor into a buffer the producer writes (no copy), was slower still:
-# 27 ms (session 14). "shifted_sum_realized" (session 15, not yet measured on a GPU) pads with F.pad and marks the
-# padded tensor for realization (realize_for_compiler): the producer's kernel writes the padded buffer, zeros
-# included, and the conv reads it; no pad_frames copy, no fills, no change to the compiler's heuristics elsewhere.
+# How depth-wise convs along time lay out their input on CUDA (measurements: benchmarks/RESULTS.md):
+# - "contiguous" (default): copy the [B, T, C] activation to [B, C, 1, T] for PyTorch's depth-wise kernel (faster
+#   end to end than "channels_last" on an H200);
+# - "channels_last": convolve the [B, C, 1, T] view in place (cuDNN's NHWC grouped kernels);
+# - "shifted_sum*" (depthwise_shifted_sum), for torch.compile, which turns K shifted, scaled slices of the
+#   [B, T, C] input into one elementwise kernel (no layout copies, no conv kernel); eager, K passes. How the padded
+#   input reaches the taps (SHIFTED_SUM_INPUTS): "shifted_sum" lets the compiler fuse its producer into every read
+#   (wrong float32 output on an H200: kept for measurements only), "shifted_sum_stored" stores it once
+#   (pad_frames; MossFormer2.compile_layers' default), "shifted_sum_realized" has the producer write the padded
+#   buffer itself (realize_for_compiler; no copy, not yet measured on a GPU).
+# Modules may override the global with their own ``cuda_depthwise_layout`` (MossFormer2.set_cuda_depthwise_layout,
+# which also lays their depthwise_weights() out for the chosen form: store_taps_outermost).
 CUDA_DEPTHWISE_LAYOUTS = ("contiguous", "channels_last", "shifted_sum", "shifted_sum_stored", "shifted_sum_realized")
 # How depthwise_shifted_sum's padded input reaches the taps, for each shifted-sum layout.
 SHIFTED_SUM_INPUTS = {"shifted_sum": "fused", "shifted_sum_stored": "stored", "shifted_sum_realized": "realized"}

@@ -217,11 +217,9 @@ class MossFormer2(nn.Module):
         on a GPU); "shifted_sum" lets the compiler fuse the producer (SiLU, norm + PReLU) into every tap's read.
         Either way the depth-wise weights are re-laid out with their taps outermost in memory
         (``convolution.store_taps_outermost``; values and state dict unchanged), so the compiled kernels read them
-        along channels. Measured on an H200 (full model, 4 s, CUDA graphs, bf16 weights; benchmarks/RESULTS.md,
-        sessions 13-14): batch 1 16.7 ms stored (27 ms before the weight layout, 32 ms fused, 47 ms uncompiled),
-        batch 16 0.213 s (RTF 0.0033), 36.3 dB SI-SDR from eager fp32. The fused form is also wrong in float32 on
-        that GPU (11.8 dB from eager), the stored one is not (94 dB, three 10 s items in a CUDA graph). On the CPU
-        a compiled bf16 forward did not finish (torch 2.13).
+        along channels. The fused form gave wrong float32 output on an H200, the stored one does not; timings and
+        accuracy per form are in benchmarks/RESULTS.md. On the CPU a compiled bf16 forward did not finish (torch
+        2.13).
         ``dynamic``: as ``torch.compile``'s (``None``: static for the first input shape, one dynamic recompile on a
         second).
         ``mode``: ``torch.compile``'s mode for the regions: ``None`` / "default", or "max-autotune-no-cudagraphs"

@@ -104,13 +104,11 @@ class Separator:
             kernels one by one (much lower latency at small batches; costs one capture per shape and the graph's
             activation memory). Padded batches of unequal short inputs still run eagerly. Ignored on the CPU.
         compile_layers: compile the network's layers with ``torch.compile`` (``MossFormer2.compile_layers``, in
-            place; our MossFormer2 only). Meant for CUDA, with ``cuda_graphs``: on an H200 (full model, 4 s, one
-            static shape) one call took 19.1 ms in bf16 against 48 ms with a CUDA graph alone, 16.7 ms with the model
-            cast to bf16 (benchmarks/RESULTS.md; compiling took 30-70 s there). The first input shape compiles a
-            static graph; a second shape compiles once more, into one dynamic-shape graph that then serves every
-            length (its speed on a GPU is not measured yet). On the CPU it runs in float32 only and is slower than
-            the eager network (built-in model, 10 s, 2 threads: 0.36 against 0.22 s after a 25 s compile), with a
-            warning.
+            place; our MossFormer2 only). Meant for CUDA, with ``cuda_graphs``: about 2.5-3x faster per call there
+            than a CUDA graph alone, after 30-70 s of compiling (benchmarks/RESULTS.md). The first input shape
+            compiles a static graph; a second shape compiles once more, into one dynamic-shape graph that then
+            serves every length. On the CPU it runs in float32 only and is slower than the eager network (with a
+            warning).
         polarity_ensemble: also separate the negated input and average the two estimates (twice the compute;
             ``refine.polarity_ensemble``). ``None``: as the checkpoint recommends (see below), else off.
         wiener_filter: re-estimate the sources of each pass as soft masks on the input's STFT, in proportion to
