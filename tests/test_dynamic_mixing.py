@@ -252,7 +252,7 @@ def test_a_synthetic_corpus_is_made_again_when_its_settings_change(tmp_path):
     def prepare(speakers: int) -> list[str]:
         cfg = train_config_from_dict({"data": {"synthetic": True, "synthetic_speakers": speakers,
                                                "synthetic_utterances": 1, "synthetic_seconds": 0.1}})
-        prepare_synthetic_data(cfg, tmp_path, progress=False)
+        prepare_synthetic_data(cfg, tmp_path)
         return sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/spk*"))
 
     six = prepare(6)

@@ -26,7 +26,7 @@ def corpus(tmp_path_factory):
     base = train_config_from_dict({"model": TINY_MODEL, "data": {
         "sample_rate": 8000, "synthetic": True, "synthetic_speakers": 5, "synthetic_utterances": 2,
         "synthetic_seconds": 0.5}})
-    return prepare_synthetic_data(base, root, progress=False).data.dynamic_mixing
+    return prepare_synthetic_data(base, root).data.dynamic_mixing
 
 
 def make_config(corpus, *overrides: str):
@@ -1133,7 +1133,7 @@ def test_cli_on_a_folder_in_use_leaves_its_synthetic_corpus_alone(tmp_path):
     save_train_config(cfg, tmp_path / "c.yaml")
     exp = tmp_path / "exp"
     running = ExperimentLock(exp)  # run A, training in exp/ on the corpus it made
-    prepare_synthetic_data(cfg, exp / "synthetic", progress=False)
+    prepare_synthetic_data(cfg, exp / "synthetic")
     corpus_files = {p: p.read_bytes() for p in (exp / "synthetic").rglob("*") if p.is_file()}
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--exp-dir", str(exp), "trainer.seed=5"]) == 1
     assert {p: p.read_bytes() for p in (exp / "synthetic").rglob("*") if p.is_file()} == corpus_files

@@ -66,7 +66,7 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def prepare_synthetic_data(cfg: TrainConfig, root: str | Path, progress: bool = True) -> TrainConfig:
+def prepare_synthetic_data(cfg: TrainConfig, root: str | Path) -> TrainConfig:
     """Generate the synthetic corpus of ``data.synthetic`` under ``root`` (again only if its settings changed) and
     return the config with ``data.dynamic_mixing`` pointing at it: ``root/train`` and held-out speakers in
     ``root/valid``."""
