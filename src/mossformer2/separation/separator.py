@@ -248,7 +248,7 @@ class Separator:
 
     # -- model call --------------------------------------------------------------------------------------------
 
-    def _forward(self, batch: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    def _separate_pass(self, batch: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         """``[B, L]`` float32 (zero-padded items of ``lengths`` samples, if given) -> ``[B, S, L]``, refined."""
         if self.polarity_ensemble:
             out = polarity_ensemble(self._run_model, batch, lengths)
@@ -468,7 +468,7 @@ class Separator:
             for row, i in enumerate(indices):
                 padded[row, : sizes[row]] = waves[i]
             unequal = min(sizes) != max(sizes)
-            outputs = self._forward(padded, np.array(sizes) if unequal else None)
+            outputs = self._separate_pass(padded, np.array(sizes) if unequal else None)
             for i, out, size in zip(indices, outputs, sizes):
                 results[i] = out[:, :size]
         return results  # type: ignore[return-value]
@@ -479,10 +479,10 @@ class Separator:
         with tqdm(total=total, desc="chunks", unit="chunk", leave=False,
                   disable=True if total < 2 else bar_disabled(self.progress)) as bar:
             if self.stitching == "clearvoice":
-                return clearvoice_separate(wave, self._forward, self.sample_rate, batch_size=self.batch_size,
+                return clearvoice_separate(wave, self._separate_pass, self.sample_rate, batch_size=self.batch_size,
                                            progress=bar.update)
             # Refined outputs sum to their chunk's input, which fixes their polarity: chunks are then only reordered.
-            return stitch_aligned(wave, self._forward, self.num_spks, self.chunk, self.overlap,
+            return stitch_aligned(wave, self._separate_pass, self.num_spks, self.chunk, self.overlap,
                                   batch_size=self.batch_size, progress=bar.update, sample_rate=self.sample_rate,
                                   keep_polarity=self.wiener_filter or self.mixture_consistency)
 
