@@ -219,3 +219,20 @@ def test_a_signal_during_validation_stops_every_rank_and_the_resumed_run_validat
     resumed = _train_two_ranks(corpus, exp, "data.batch_size=2", worker=_validation_signalled_worker)
     assert [r["signum"] for r in resumed] == [None] * 2
     assert resumed[0]["history"] == resumed[1]["history"] and len(resumed[0]["history"]) == 1
+
+
+def test_torchruns_environment_is_read_strictly_except_in_signal_handlers(monkeypatch):
+    from mossformer2.distributed import DistInfo
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert DistInfo.from_environment() == DistInfo(0, 1, 0)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert DistInfo.from_environment() == DistInfo(3, 4, 1) and not DistInfo.from_environment().is_main
+    monkeypatch.setenv("RANK", "")
+    with pytest.raises(ValueError, match="RANK='' is not a whole number"):
+        DistInfo.from_environment()
+    # a signal handler must not fail: the stop it announces would become an exception at an arbitrary line
+    assert DistInfo.from_environment(strict=False) == DistInfo(0, 4, 1)

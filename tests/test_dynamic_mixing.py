@@ -325,3 +325,11 @@ def test_lists_expand_the_home_folder(corpus, tmp_path, monkeypatch):
     noises.write_text(f"~/{noise.name}/n.wav\n")
     assert [u.path for u in load_utterances(utterances)] == [root / "spk0" / "0.wav", root / "spk1" / "0.wav"]
     assert load_noise_files(noises) == [noise / "n.wav"]
+
+
+def test_a_file_named_like_a_home_folder_is_a_file(corpus, tmp_path):
+    """`~1.wav` names no user: Path.expanduser raised 'Could not determine home directory' for it."""
+    root, noise = corpus
+    (tmp_path / "~1.wav").write_bytes((root / "spk0" / "0.wav").read_bytes())
+    (tmp_path / "list.txt").write_text(f"~1.wav alice\n{root}/spk1/0.wav bob\n")
+    assert load_utterances(tmp_path / "list.txt")[0].path == tmp_path / "~1.wav"

@@ -258,3 +258,20 @@ def test_the_cli_prints_each_hub_warning_once():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("Retrying in 1s") == 1, out.stderr
+
+
+def test_a_proxy_for_the_endpoints_own_scheme_counts(monkeypatch):
+    """An http:// endpoint behind http_proxy: the DNS shortcut must not call its host unreachable."""
+    from huggingface_hub import constants
+
+    from mossformer2.hub import _unresolvable_hub_host
+
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://mirror.internal:8080")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(socket.gaierror("no DNS")))
+    assert _unresolvable_hub_host() == "mirror.internal"
+    monkeypatch.setenv("https_proxy", "http://proxy.invalid:3128")  # another scheme's proxy: no help
+    assert _unresolvable_hub_host() == "mirror.internal"
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    assert _unresolvable_hub_host() is None

@@ -60,6 +60,10 @@ def test_numpy_si_sdr_equals_the_training_loss_formula():
     ours = metrics.pairwise_si_sdr(est, ref)
     theirs = losses.pairwise_si_sdr(torch.from_numpy(est)[None], torch.from_numpy(ref)[None])[0].numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(metrics.pairwise_si_sdr(est.astype(np.float32), ref.astype(np.float32))[1, [0, 2]],
+                               ours[1, [0, 2]], atol=1e-4)  # float32 input is taken (converted to float64)
+    with pytest.raises(ValueError, match=r"expected estimates \[S_est, T\]"):
+        metrics.pairwise_si_sdr(est[0], ref[0])
     # eps floors instead of NaN / -inf; the near-perfect estimate meets the eps ceiling (10 log10(|t|^2 / eps))
     assert ours[0, 0] == pytest.approx(-80.0) and ours[1, 1] == pytest.approx(-80.0) and ours[2, 2] > 110
 

@@ -226,3 +226,17 @@ def test_with_absolute_paths_resolves_every_path_against_the_current_folder(tmp_
     assert absolute.trainer.init_from == str(tmp_path / "pre" / "model.pt")
     # Nothing else changes, and the user's config object is left as it was.
     assert absolute.optim == cfg.optim and absolute.model == cfg.model and cfg.data.valid == "cv.scp"
+
+
+def test_setting_changes_names_dotted_keys_and_missing_sides():
+    from mossformer2.config_utils import setting_changes
+
+    old = {"batch_size": 4, "dynamic_mixing": {"gain_db": [-2.5, 2.5], "noise": None}, "gone": 1}
+    new = {"batch_size": 8, "dynamic_mixing": {"gain_db": [-5, 5], "noise": None}, "added": True}
+    assert [f"{k} {a!r} -> {b!r}" for k, a, b in setting_changes(old, new, "data")] == [
+        "data.added (not set) -> True", "data.batch_size 4 -> 8", "data.dynamic_mixing.gain_db [-2.5, 2.5] -> [-5, 5]",
+        "data.gone 1 -> (not set)"]
+    assert [k for k, _, _ in setting_changes(old, new, "data", shared_only=True)] == [
+        "data.batch_size", "data.dynamic_mixing.gain_db"]
+    assert setting_changes(None, {"a": 1}) == setting_changes({}, {"a": 1})
+    assert len(setting_changes({"a": 1}, None)) == 1

@@ -29,8 +29,9 @@ _LAZY = {"load_model": "mossformer2.checkpoint", "save_checkpoint": "mossformer2
 
 
 # Submodules reachable as attributes after a bare `import mossformer2` (imported on first access, like the names).
-_SUBMODULES = ("audio", "checkpoint", "cli", "config_utils", "data", "evaluation", "export", "hub", "losses",
-               "metrics", "models", "plotting", "pretrained", "runtime", "separation", "training", "utils")
+_SUBMODULES = ("audio", "checkpoint", "cli", "config_utils", "data", "distributed", "evaluation", "export", "hub",
+               "losses", "metrics", "model_settings", "models", "plotting", "pretrained", "runtime", "separation",
+               "training", "utils")
 
 
 def __getattr__(name: str) -> Any:

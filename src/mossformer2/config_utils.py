@@ -238,15 +238,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-NOT_SET = "(not set)"
+class _NotSet:
+    """A key one side of :func:`setting_changes` lacks (shown as ``(not set)``, unquoted)."""
+
+    def __repr__(self) -> str:
+        return "(not set)"
 
 
-def setting_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
+NOT_SET = _NotSet()
+
+
+def setting_changes(old: dict[str, Any] | None, new: dict[str, Any] | None, prefix: str = "",
                     shared_only: bool = False) -> list[tuple[str, Any, Any]]:
     """``[(dotted key, old value, new value), ...]`` for the settings that differ between two config dicts, nested
     sections by their dotted names (``data.dynamic_mixing.gain_db``), sorted by key. A key on one side only
     shows :data:`NOT_SET` on the other; ``shared_only``: only keys both sides hold (e.g. a part of a config
     against a saved one that predates some options)."""
+    old, new = old or {}, new or {}  # a missing section: every setting of the other side changed
     changes = []
     keys = set(old) & set(new) if shared_only else set(old) | set(new)
     for key in sorted(keys, key=str):

@@ -22,10 +22,11 @@ class DistInfo:
     local_rank: int = 0
 
     @classmethod
-    def from_environment(cls) -> DistInfo:
-        """What torchrun's environment says (RANK, WORLD_SIZE, LOCAL_RANK); one process without them."""
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    def from_environment(cls, strict: bool = True) -> DistInfo:
+        """What torchrun's environment says (RANK, WORLD_SIZE, LOCAL_RANK); one process without them. A value
+        that is no whole number raises ValueError, or (``strict=False``, e.g. in a signal handler, which must
+        not fail) counts as unset."""
+        return cls(_env_int("RANK", 0, strict), _env_int("WORLD_SIZE", 1, strict), _env_int("LOCAL_RANK", 0, strict))
 
     @property
     def is_distributed(self) -> bool:
@@ -34,6 +35,19 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def _env_int(name: str, default: int, strict: bool) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        if strict:
+            raise ValueError(f"{name}={raw!r} is not a whole number (torchrun sets RANK, WORLD_SIZE and "
+                             "LOCAL_RANK)") from None
+        return default
 
 
 def get_dist_info() -> DistInfo:

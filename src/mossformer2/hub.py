@@ -79,7 +79,7 @@ def resolve_checkpoint(ref: str | Path, filename: str | None = None, cache_dir: 
     ``last_best_checkpoint`` or its ``last_best_checkpoint.pt``, else a trainer's ``best.pt`` where it sits
     beside ``last.pt`` only, else the folder's only ``*.pt``; ``last_best_checkpoint.pt`` on the hub).
     """
-    path = Path(ref).expanduser()
+    path = Path(os.path.expanduser(ref))
     if path.is_file():
         return path
     if path.is_dir():
@@ -143,10 +143,11 @@ def _unresolvable_hub_host() -> str | None:
     """
     from huggingface_hub import constants
 
+    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
     proxies = urllib.request.getproxies()
-    if proxies.get("https") or proxies.get("all"):
+    if proxies.get(endpoint.scheme) or proxies.get("all"):  # the proxy for the endpoint's own scheme
         return None
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    host = endpoint.hostname
     if not host:
         return None
     try:

@@ -48,6 +48,10 @@ def pairwise_si_sdr(est: np.ndarray, ref: np.ndarray) -> np.ndarray:
     The formula of :func:`mossformer2.losses.pairwise_si_sdr` (zero-mean, eps in the projection and the ratio),
     in float64 NumPy, so that scoring needs no torch (an ONNX deployment evaluates without it).
     """
+    est, ref = np.asarray(est, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    if est.ndim != 2 or ref.ndim != 2 or est.shape[-1] != ref.shape[-1]:
+        raise ValueError(f"expected estimates [S_est, T] and references [S_ref, T], got shapes {est.shape} and "
+                         f"{ref.shape}")
     est = est - est.mean(-1, keepdims=True)
     ref = ref - ref.mean(-1, keepdims=True)
     ref_energy = np.einsum("jt,jt->j", ref, ref)  # [S_ref]

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.nullcontext() if args.verbose else _one_line_warnings(args.command):
             return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        if DistInfo.from_environment().is_main:  # under torchrun: once, not once per process
+        if DistInfo.from_environment(strict=False).is_main:  # under torchrun: once, not once per process
             print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

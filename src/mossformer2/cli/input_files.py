@@ -26,7 +26,7 @@ def _list_entries(list_file: Path) -> list[Path]:
     from mossformer2.audio import has_audio_suffix
 
     def locate(text: str) -> Path:  # relative paths: to the current folder if found there, else to the list's
-        path = Path(text).expanduser()
+        path = Path(os.path.expanduser(text))
         return path if path.is_absolute() or path.exists() else list_file.parent / path
 
     entries = []
@@ -67,7 +67,7 @@ def collect_inputs(specs: list[str], exclude: Path | None = None) -> Inputs:
 
     found = Inputs()
     files: list[Path] = []
-    skip = exclude.expanduser().resolve() if exclude is not None else None
+    skip = Path(os.path.expanduser(exclude)).resolve() if exclude is not None else None
 
     def kept(spec: str, matches: list[Path], none_found: str) -> list[Path]:
         outside = [p for p in matches if skip is None or not p.resolve().is_relative_to(skip)]
@@ -79,7 +79,7 @@ def collect_inputs(specs: list[str], exclude: Path | None = None) -> Inputs:
         return outside
 
     for spec in specs:
-        path = Path(spec).expanduser()
+        path = Path(os.path.expanduser(spec))
         if path.is_dir():
             files.extend(kept(spec, find_audio_files(path), "no audio files in the folder"))
             found.roots.append(path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -103,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
     if args.quiet:  # "only warnings, errors and the summary": not our INFO notes (which weights a file gives, ...)
         logging.getLogger("mossformer2").setLevel(logging.WARNING)
     output_rate = _check_options(args)
-    rank, world_size, local_rank = _distributed()
+    from mossformer2.distributed import DistInfo
+
+    env = DistInfo.from_environment()
+    rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
     device = _device(args.device, world_size, local_rank)
 
     def say(message: str) -> None:  # per-run and per-file notes on stderr, silenced by --quiet
@@ -169,12 +171,6 @@ def _parse_output_rate(value: str) -> int | None:
     from mossformer2.audio import check_sample_rate_option
 
     return check_sample_rate_option(rate, "--output-rate")
-
-
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
 def _device(requested: str, world_size: int, local_rank: int) -> str:

@@ -13,6 +13,7 @@ Three layouts are read, detected from the path:
 from __future__ import annotations
 
 import csv
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def load_manifests(paths: str | Path | list[str | Path], num_spks: int | None = 
         return load_manifest(paths, num_spks)
     if not paths:
         raise ValueError("the list of manifests is empty")
-    named = [Path(p).expanduser().absolute() for p in paths]
+    named = [Path(os.path.expanduser(p)).absolute() for p in paths]
     twice = sorted({str(p) for p in named if named.count(p) > 1})
     if twice:
         raise ValueError(f"the list of manifests names {', '.join(twice)} more than once")
@@ -164,7 +165,7 @@ def _layout_hint(root: Path) -> str:
 
 def resolve_listed_path(base: Path, value: str) -> Path:
     """A path written in a list file: ``~`` expanded, relative ones taken from the list's folder ``base``."""
-    p = Path(value).expanduser()
+    p = Path(os.path.expanduser(value))  # leaves an unknown ~name as it is (Path.expanduser raises)
     return p if p.is_absolute() else base / p
 
 

@@ -1,4 +1,4 @@
-"""Training: typed configs, the resumable Trainer, and torchrun helpers.
+"""Training: typed configs and the resumable Trainer (torchrun helpers: :mod:`mossformer2.distributed`).
 
 ``from mossformer2.training import Trainer, load_train_config``.
 """

@@ -184,7 +184,7 @@ def resumed_train_state(saved: dict[str, Any], path: str | Path, rank: int) -> T
     dropped."""
     known = {f.name for f in dataclasses.fields(TrainState)}
     unknown = sorted(set(saved) - known)
-    if unknown:
+    if unknown and rank == 0:  # said once for all ranks
         log.warning("%s holds training counters this version does not know (%s): they are ignored", path,
                     ", ".join(unknown))
     state = TrainState(**{key: value for key, value in saved.items() if key in known})

@@ -120,7 +120,7 @@ def stop_signals(on_stop: Callable[[int], None]) -> Iterator[None]:
             return
         if not first_at:
             first_at.append(time.monotonic())
-            if DistInfo.from_environment().is_main:  # under torchrun every rank gets it: one says so
+            if DistInfo.from_environment(strict=False).is_main:  # under torchrun every rank gets it: one says so
                 log.warning("%s received: stopping after the current optimizer step (a second one aborts at once)",
                             signal.Signals(signum).name)
             on_stop(signum)
