@@ -304,9 +304,9 @@ def test_the_augmentation_settings_of_a_config_reach_both_datasets(corpus):
         for index in range(len(dataset)):
             item = dataset[index]
             residual = item["mix"] - item["sources"].sum(0)  # the noise, at 0 dB below the speech
-            speech_rms = item["sources"].sum(0).pow(2).mean().sqrt()
-            assert residual.pow(2).mean().sqrt() == pytest.approx(speech_rms, rel=0.05)
-            level_db = 20 * torch.log10(item["mix"].pow(2).mean().sqrt())
+            speech_rms = float(item["sources"].sum(0).pow(2).mean().sqrt())
+            assert float(residual.pow(2).mean().sqrt()) == pytest.approx(speech_rms, rel=0.05)
+            level_db = 20 * float(torch.log10(item["mix"].pow(2).mean().sqrt()))
             assert level_db == pytest.approx(-26.0, abs=0.05)
     for dataset in _datasets_from_config(root, noise, noise_prob=0.0):
         assert all(torch.allclose(dataset[i]["mix"], dataset[i]["sources"].sum(0), atol=1e-6)
