@@ -645,9 +645,12 @@ def test_warnings_name_the_line_that_called_the_separator(tiny_model):
              "cuda graphs": lambda: Separator(tiny_model, device="cpu", cuda_graphs=True),
              "export's device": lambda: Separator(LouderBandFirst(), device="cuda"),
              "downmix": lambda: Separator(tiny_model, device="cpu").separate_many([cancelling], SR),
-             "one pass": lambda: one_pass.separate(noise(61 * SR, scale=0.01), SR)}
+             "downmix, one input": lambda: Separator(tiny_model, device="cpu").separate(cancelling, SR),
+             "one pass": lambda: one_pass.separate(noise(61 * SR, scale=0.01), SR),
+             "one pass, several inputs": lambda: one_pass.separate_many([noise(61 * SR, scale=0.01)], SR)}
     for name, call in calls.items():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             call()
-        assert [w.filename for w in caught] == [__file__], (name, [(str(w.message), w.filename) for w in caught])
+        where = [(w.filename, w.lineno) for w in caught]
+        assert where == [(__file__, call.__code__.co_firstlineno)], (name, [str(w.message) for w in caught], where)

@@ -265,4 +265,3 @@ def setting_changes(old: dict[str, Any] | None, new: dict[str, Any] | None, pref
         elif before != after:
             changes.append((name, before, after))
     return changes
-

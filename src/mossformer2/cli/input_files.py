@@ -128,16 +128,6 @@ def mirrored_out_dirs(files: list[Path], out_dir: Path, roots: Sequence[Path] = 
     return {f: out_dir / f.parent.relative_to(root) for f in files}
 
 
-def inputs_overwritten(files: list[Path], plan: dict[Path, list[Path]]) -> list[tuple[Path, Path]]:
-    """``(input, its planned output)`` pairs where the output would replace an input file of the same run
-    (compared with symlinked folders resolved; an output may neither replace an input nor its link target)."""
-    def where(path: Path) -> Path:  # the output name itself is not resolved: the atomic rename replaces a link
-        return path.parent.resolve() / path.name
-
-    taken = {where(f) for f in files} | {f.resolve() for f in files}
-    return [(f, out) for f in files for out in plan[f] if where(out) in taken]
-
-
 def shard_files(files: list[Path], rank: int, world_size: int) -> list[Path]:
     """Files ``i`` with ``i % world_size == rank`` of the sorted list (torchrun ranks)."""
     if world_size < 1 or not 0 <= rank < world_size:

@@ -91,7 +91,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-
 def run(args: argparse.Namespace) -> int:
     import logging
 
@@ -134,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     infos = {f: audio_header(f) for f in work.todo}  # None: a PyAV format or a damaged file runs, or fails, on its own
     check_outputs_writable(plan, infos, args.channels, output_rate, args.subtype)
     too_short = too_short_for_export(sep, infos, args.chunk_seconds, args.overlap_seconds)
-    groups = batch_groups(infos, sep, args.batch_size, args.stitching)
+    groups = batch_groups(infos, sep)
 
     skipped = work.skipped + _plot_from_existing_outputs(work.plot_only, plan, failed)
     if work.todo:

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mossformer2.cli.input_files import inputs_overwritten
-
 if TYPE_CHECKING:
     from mossformer2.separation import Separator
 
@@ -26,7 +24,12 @@ def check_plan(files: list[Path], plan: Plan, subtype: str) -> None:
     if subtype == "FLOAT" and flac:
         raise ValueError(f"--subtype FLOAT: FLAC stores integer samples only, and {len(flac)} input(s) would be "
                          f"written as FLAC (e.g. {flac[0].name}); add --format wav, or use --subtype PCM_24")
-    overwritten = inputs_overwritten(files, plan)
+    def where(path: Path) -> Path:  # the output name itself is not resolved: the atomic rename replaces a link
+        return path.parent.resolve() / path.name
+
+    # Compared with symlinked folders resolved: an output may neither replace an input nor its link target.
+    taken = {where(f) for f in files} | {f.resolve() for f in files}
+    overwritten = [(f, out) for f in files for out in plan[f] if where(out) in taken]
     if overwritten:
         source, output = overwritten[0]
         raise ValueError(f"refusing to overwrite inputs: {output}, an output of {source.name}, is also an input of "
@@ -137,13 +140,13 @@ def too_short_for_export(sep: Separator, infos: Headers, chunk_seconds: float,
     return too_short
 
 
-def batch_groups(infos: Headers, sep: Separator, batch_size: int, stitching: str) -> list[list[Path]]:
+def batch_groups(infos: Headers, sep: Separator) -> list[list[Path]]:
     """The inputs in groups that share forward passes. Short files are batched, sorted by length and zero-padded
     with their true lengths when the model takes them, else only files of identical shape; long files (and those
     without a header) run alone, in batched chunks."""
     from mossformer2.separation.batching import make_batches
 
-    if batch_size <= 1 or stitching != "aligned":
+    if sep.batch_size <= 1 or sep.stitching != "aligned":
         return [[f] for f in infos]
     groups: list[list[Path]] = []
     shapes: list[tuple[Path, tuple[int, int, int]]] = []
@@ -159,7 +162,7 @@ def batch_groups(infos: Headers, sep: Separator, batch_size: int, stitching: str
         # Padded batches sort by length; equal-length batches need equal shapes, ranked by length.
         key_rank = {key: i for i, key in enumerate(sorted({key for _, key in members}))}
         sizes = [key[0] if sep.pads_batches else key_rank[key] for _, key in members]
-        batches = make_batches(sizes, batch_size, padded=sep.pads_batches)
+        batches = make_batches(sizes, sep.batch_size, padded=sep.pads_batches)
         groups.extend([members[i][0] for i in batch] for batch in batches)
     groups.extend([f] for f in singles)
     return groups

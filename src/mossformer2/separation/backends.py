@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from mossformer2.separation.cuda_graphs import CudaGraphModel
 
 # The warnings below are raised for the line that called Separator(...): stacklevel 3 from a function that
-# Separator.__init__ calls, 4 from one that such a function calls.
+# Separator.__init__ calls.
 
 
 class TorchSetup(NamedTuple):
@@ -64,8 +64,15 @@ def prepare_torch_model(model: Any, device: str | torch.device, dtype: str | tor
     # each forward pass runs in eval mode and restores the flag (a Separator used for validation inside
     # a training loop must not switch dropout off for the training, nor run with it on).
     model = model.to(device)
+    if compile_layers and device.type != "cuda":  # slower on the CPU, and bf16 does not compile there
+        if autocast != torch.float32 or input_dtype != torch.float32:
+            raise ValueError("compile_layers (--compile) runs in float32 only on the CPU (a compiled bfloat16 "
+                             "network did not finish compiling there): use a float32 model with --dtype float32, "
+                             "or a GPU")
+        warnings.warn("compile_layers (--compile) is meant for CUDA: on the CPU the compiled network is slower than "
+                      "the eager one, after a first call that compiles it", stacklevel=3)
     if compile_layers:
-        _compile_layers(model, device, autocast, input_dtype)
+        model.compile_layers()
     graphs = None
     if cuda_graphs and device.type == "cuda" and not chunked:
         warnings.warn("cuda_graphs (--cuda-graphs) replays one captured graph per chunk shape; with "
@@ -77,20 +84,6 @@ def prepare_torch_model(model: Any, device: str | torch.device, dtype: str | tor
     elif cuda_graphs:
         warnings.warn(f"cuda_graphs (--cuda-graphs) applies on CUDA only; ignored on {device}", stacklevel=3)
     return TorchSetup(model, device, autocast, input_dtype, graphs)
-
-
-def _compile_layers(model: Any, device: Any, dtype: Any, input_dtype: Any) -> None:
-    """``model.compile_layers()`` after the checks of the CPU, where it is slower and bf16 does not compile."""
-    import torch
-
-    if device.type != "cuda":
-        if dtype != torch.float32 or input_dtype != torch.float32:
-            raise ValueError("compile_layers (--compile) runs in float32 only on the CPU (a compiled bfloat16 "
-                             "network did not finish compiling there): use a float32 model with --dtype float32, "
-                             "or a GPU")
-        warnings.warn("compile_layers (--compile) is meant for CUDA: on the CPU the compiled network is slower than "
-                      "the eager one, after a first call that compiles it", stacklevel=4)
-    model.compile_layers()
 
 
 def exported_model_device(model: Any, device: Any, dtype: Any) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -60,20 +59,3 @@ def channels_cancel(wave: np.ndarray, mono: np.ndarray | None = None) -> bool:
     mono = to_mono(wave) if mono is None else mono
     loudest = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64), axis=-1)).max())
     return loudest > 0 and float(np.sqrt(np.mean(np.square(mono, dtype=np.float64)))) < 1e-3 * loudest
-
-
-def warn_if_downmix_cancels(wave: np.ndarray, mono: np.ndarray, index: int) -> None:
-    """Warn when channels cancel in the mono downmix: the model would see near silence and put out silent
-    speakers (``mossformer2 separate`` fails such a file instead)."""
-    if channels_cancel(wave, mono):
-        # stacklevel 3: the line that called Separator.separate_many (this is called from it directly)
-        warnings.warn(f"input {index + 1}: its channels cancel when mixed down to mono (the mix is over 60 dB "
-                      "below the loudest channel): separate each channel instead (channels='each', "
-                      "--channels each)", stacklevel=3)
-
-
-def fix_length(wave: np.ndarray, length: int) -> np.ndarray:
-    """``[..., T]`` cut or zero-padded at the end to ``[..., length]``."""
-    if wave.shape[-1] >= length:
-        return wave[..., :length]
-    return np.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(0, length - wave.shape[-1])])

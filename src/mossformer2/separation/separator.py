@@ -23,14 +23,7 @@ from mossformer2.model_settings import REFINEMENTS
 from mossformer2.models.config import min_input_length
 from mossformer2.separation.backends import eval_mode, exported_model_device, is_torch_module, prepare_torch_model
 from mossformer2.separation.batching import make_batches
-from mossformer2.separation.inputs import (
-    as_channels_first,
-    channels_cancel,
-    check_choice,
-    check_rate,
-    fix_length,
-    warn_if_downmix_cancels,
-)
+from mossformer2.separation.inputs import as_channels_first, channels_cancel, check_choice, check_rate
 from mossformer2.separation.loading import load_separation_model
 from mossformer2.separation.outputs import output_paths, write_separation
 from mossformer2.separation.refine import (
@@ -304,12 +297,18 @@ class Separator:
         Returns float32 ``[S, T']`` (``channels="mix"``) or ``[S, C, T']`` (``"each"``) at ``output_rate``
         (default ``None``: the input rate, where T' = T).
         """
-        return self.separate_many([wave], sample_rate, output_rate)[0]
+        return self._separate_many([wave], sample_rate, output_rate)[0]
 
     def separate_many(self, waves: Sequence[np.ndarray | torch.Tensor], sample_rate: int,
                       output_rate: int | None = None) -> list[np.ndarray]:
         """Separate several recordings at one rate; equal-length short inputs share forward passes (inputs and
         outputs as in ``separate``)."""
+        return self._separate_many(waves, sample_rate, output_rate)
+
+    def _separate_many(self, waves: Sequence[np.ndarray | torch.Tensor], sample_rate: int,
+                       output_rate: int | None) -> list[np.ndarray]:
+        # Both public methods call this directly: its warnings (stacklevel 3, 4 from _separate_items) name the
+        # user's line whichever they called.
         sample_rate = check_rate("sample_rate", sample_rate)
         out_rate = sample_rate if output_rate is None else check_rate("output_rate", output_rate)
         # Flatten every input into mono model-rate items: (input index, channel, wave, gain).
@@ -322,8 +321,11 @@ class Separator:
             if problem is not None:  # before any forward pass
                 raise ValueError(f"{problem}; got {wave.shape[-1]} samples at {sample_rate} Hz")
             channels = [to_mono(wave)] if self.channels == "mix" else list(wave)
-            if self.channels == "mix" and wave.shape[0] > 1:
-                warn_if_downmix_cancels(wave, channels[0], index)
+            if self.channels == "mix" and wave.shape[0] > 1 and channels_cancel(wave, channels[0]):
+                # The model would see near silence and put out silent speakers (`mossformer2 separate` fails it).
+                warnings.warn(f"input {index + 1}: its channels cancel when mixed down to mono (the mix is over 60 dB "
+                              "below the loudest channel): separate each channel instead (channels='each', "
+                              "--channels each)", stacklevel=3)
             for c, channel in enumerate(channels):
                 model_wave = resample(channel, int(sample_rate), self.sample_rate)
                 if model_wave.shape[-1] < self.min_samples:
@@ -344,7 +346,7 @@ class Separator:
             if out_rate != self.sample_rate:
                 sources = resample(sources, self.sample_rate, out_rate)
                 # The input's length at the output rate: through the model rate it is rounded twice.
-                sources = fix_length(sources, int(round(shapes[index][1] * out_rate / int(sample_rate))))
+                sources = _fix_length(sources, int(round(shapes[index][1] * out_rate / int(sample_rate))))
             per_input[index].append(sources.astype(np.float32, copy=False))
         if self.channels == "mix":
             return [outputs[0] for outputs in per_input]
@@ -509,3 +511,10 @@ def _fixed_length_overlap(seconds: float) -> float:
     """The overlap of chunks as long as a fixed-length export of ``seconds``: the default 2 s where the chunk allows
     it, else half the chunk (still >= 1 s from 2 s exports on)."""
     return min(OVERLAP_SECONDS, seconds / 2)
+
+
+def _fix_length(wave: np.ndarray, length: int) -> np.ndarray:
+    """``[..., T]`` cut or zero-padded at the end to ``[..., length]``."""
+    if wave.shape[-1] >= length:
+        return wave[..., :length]
+    return np.pad(wave, [(0, 0)] * (wave.ndim - 1) + [(0, length - wave.shape[-1])])

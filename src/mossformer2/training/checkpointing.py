@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mossformer2.checkpoint import read_checkpoint
+from mossformer2.checkpoint import load_model, read_checkpoint
 from mossformer2.config_utils import setting_changes, to_dict
 from mossformer2.distributed import DistInfo
-from mossformer2.hub import TRAINER_BEST
+from mossformer2.hub import TRAINER_BEST, resolve_checkpoint
 from mossformer2.models import MossFormer2, MossFormer2Config
 from mossformer2.training.config import OptimConfig, TrainConfig, absolute_path
 from mossformer2.utils import with_context
@@ -146,9 +146,6 @@ def model_config_diff(old: Any, new: dict[str, Any]) -> str:
 def load_pretrained(path: str, config: MossFormer2Config) -> MossFormer2:
     """``trainer.init_from``'s network (official checkpoint or ours: a file, or a folder holding one, as
     ``separate --checkpoint`` takes), refused unless it is of the configured architecture."""
-    from mossformer2.checkpoint import load_model
-    from mossformer2.hub import resolve_checkpoint
-
     ckpt: dict[str, Any] = {}
     try:
         if not Path(path).exists():

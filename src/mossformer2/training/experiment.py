@@ -12,11 +12,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from mossformer2.distributed import DistInfo
+from mossformer2.hub import TRAINER_BEST, TRAINER_LAST
 from mossformer2.utils import make_folder
 
 try:
@@ -82,18 +83,26 @@ class ExperimentLock:
             self._file = None
 
 
-def move_run_files_aside(exp_dir: Path, names: Sequence[str]) -> Path:
-    """Move ``names`` (files or folders) of ``exp_dir`` that exist into a new ``replaced-<UTC time>/`` folder
-    there; return it."""
+RUN_FILES = (TRAINER_LAST, TRAINER_BEST, "train.log", "config.yaml", "tensorboard")
+
+
+def move_previous_run_aside(exp_dir: Path, resume: bool) -> None:
+    """A fresh run in a folder that holds another run's checkpoints (``trainer.resume=false``, or nothing to resume
+    from): move that run's :data:`RUN_FILES` to a new ``replaced-<UTC time>/`` folder rather than overwrite them or
+    mix both runs' logs."""
+    if not any((exp_dir / name).exists() for name in (TRAINER_LAST, TRAINER_BEST)):
+        return
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     folder, n = exp_dir / f"replaced-{stamp}", 1
     while folder.exists():
         folder, n = exp_dir / f"replaced-{stamp}-{n}", n + 1
     folder.mkdir()
-    for name in names:
+    for name in RUN_FILES:
         if (exp_dir / name).exists():
             (exp_dir / name).rename(folder / name)
-    return folder
+    why = "trainer.resume=false" if not resume else f"no {TRAINER_LAST} to resume from"
+    log.warning("%s holds a previous run and this one starts afresh (%s): the previous run's files were moved "
+                "to %s", exp_dir, why, folder)
 
 
 @contextlib.contextmanager

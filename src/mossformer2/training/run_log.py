@@ -1,6 +1,5 @@
 """Rank 0's record of a training run in its experiment folder: train.log (opening with the messages of the setup
-before it), TensorBoard scalars and audio, and the files of a previous run set aside when this one starts afresh.
-"""
+before it), TensorBoard scalars and audio."""
 
 from __future__ import annotations
 
@@ -12,23 +11,7 @@ from typing import Any
 
 import torch
 
-from mossformer2.hub import TRAINER_BEST, TRAINER_LAST
-from mossformer2.training.experiment import move_run_files_aside
-
 log = logging.getLogger("mossformer2.training")
-
-RUN_FILES = (TRAINER_LAST, TRAINER_BEST, "train.log", "config.yaml", "tensorboard")
-
-
-def move_previous_run_aside(exp_dir: Path, resume: bool) -> None:
-    """A fresh run in a folder that holds another run's checkpoints (``trainer.resume=false``, or nothing to resume
-    from): move that run's files to ``replaced-<UTC time>/`` rather than overwrite them or mix both runs' logs."""
-    if not any((exp_dir / name).exists() for name in (TRAINER_LAST, TRAINER_BEST)):
-        return
-    folder = move_run_files_aside(exp_dir, RUN_FILES)
-    why = "trainer.resume=false" if not resume else f"no {TRAINER_LAST} to resume from"
-    log.warning("%s holds a previous run and this one starts afresh (%s): the previous run's files were moved "
-                "to %s", exp_dir, why, folder)
 
 
 class RunLog:
@@ -50,12 +33,6 @@ class RunLog:
         """Keep the setup's messages (resume warnings, ...) for train.log, which is only made once setup succeeded."""
         self._setup = logging.handlers.MemoryHandler(capacity=10**6, flushLevel=logging.CRITICAL + 1)
         log.addHandler(self._setup)
-
-    def drop_setup_messages(self) -> None:
-        """After a failed start: train.log is not made."""
-        if self._setup is not None:
-            log.removeHandler(self._setup)
-            self._setup = None
 
     def open(self, tensorboard: bool, purge_step: int) -> None:
         """Open train.log (writing the setup's messages first) and, with ``tensorboard``, a writer that drops the
@@ -107,7 +84,11 @@ class RunLog:
             self._file.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer and train.log (idempotent)."""
+        """Flush and close the TensorBoard writer and train.log; drop setup messages not yet written (a failed
+        start makes no train.log). Idempotent."""
+        if self._setup is not None:
+            log.removeHandler(self._setup)
+            self._setup = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None

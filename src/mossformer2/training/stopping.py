@@ -50,18 +50,18 @@ class StopController:
     def request(self, signum: int) -> None:
         self.received_signal = signum
 
-    def should_stop(self, epoch: int, step: int) -> bool:
+    def should_stop(self, state: TrainState) -> bool:
         """A step or time limit reached, or SIGINT/SIGTERM received by some rank (sets ``reason``). Decided once per
         (epoch, step): a later call at the same point repeats the answer without a collective."""
         if self.reason is not None:
             return True
-        if self._checked_at == (epoch, step):
+        if self._checked_at == (state.epoch, state.step):
             return False
-        self._checked_at = (epoch, step)
+        self._checked_at = (state.epoch, state.step)
         late, sigint, sigterm = self._flags()
         if self._note_signal(sigint, sigterm):
             return True
-        if self.max_steps is not None and step >= self.max_steps:
+        if self.max_steps is not None and state.step >= self.max_steps:
             self.reason = f"trainer.max_steps ({self.max_steps}) reached"
         elif late:
             self.reason = f"trainer.max_minutes ({self.max_minutes:g}) reached"

@@ -9,7 +9,7 @@ nondeterminism on GPU). SIGINT (Ctrl-C) or SIGTERM (preemption) during :meth:`Tr
 current optimizer step with such a checkpoint saved.
 
 Beside the loop: :mod:`.checkpointing` (what a checkpoint holds, how a resume reconciles it with the config),
-:mod:`.stopping` (limits, signals, divergence), :mod:`.run_log` (train.log, TensorBoard), :mod:`.batches`.
+:mod:`.stopping` (limits, signals, divergence), :mod:`.run_log` (train.log, TensorBoard).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from mossformer2.hub import TRAINER_BEST, TRAINER_LAST
 from mossformer2.losses import pit_si_sdr_loss, reorder_estimates, si_sdr
 from mossformer2.model_settings import recommended_refinements
 from mossformer2.models import MossFormer2, build_model, count_parameters
-from mossformer2.training.batches import fit_to_model
 from mossformer2.training.checkpointing import (
     TrainState,
     apply_optim_settings,
@@ -51,8 +50,8 @@ from mossformer2.training.checkpointing import (
     with_init_from_as_started,
 )
 from mossformer2.training.config import TrainConfig, absolute_path, save_train_config, with_absolute_paths
-from mossformer2.training.experiment import ExperimentLock, TrainingInterrupted, stop_signals
-from mossformer2.training.run_log import RunLog, move_previous_run_aside
+from mossformer2.training.experiment import ExperimentLock, TrainingInterrupted, move_previous_run_aside, stop_signals
+from mossformer2.training.run_log import RunLog
 from mossformer2.training.stopping import DivergenceGuard, StopController, TrainingDivergedError
 from mossformer2.utils import bar_disabled, resolve_device
 
@@ -111,7 +110,6 @@ class Trainer:
         try:
             self._setup(loaders)
         except BaseException:
-            self.run_log.drop_setup_messages()
             self.close(remove_created_folder=True)  # and the experiment folder if this start created it
             raise
 
@@ -335,10 +333,6 @@ class Trainer:
         self.state.step += 1
         return math.nan if skipped else float(grad_norm)
 
-    def _should_stop(self) -> bool:
-        """A limit reached or a signal received (sets ``stop_reason``); one all-reduce per optimizer step."""
-        return self.stopper.should_stop(self.state.epoch, self.state.step)
-
     def train_epoch(self) -> dict[str, float]:
         """Run the rest of the current epoch (or to the step/time limit); return mean loss and grad norm."""
         t, accum = self.cfg.trainer, self.cfg.optim.accum_steps
@@ -355,7 +349,7 @@ class Trainer:
         bad = False  # a micro-batch of this optimizer step had a NaN/inf loss on some rank
         self.optimizer.zero_grad(set_to_none=True)
         iterator = iter(self.train_loader)
-        while self.state.batches_done < per_epoch and not self._should_stop():
+        while self.state.batches_done < per_epoch and not self.stopper.should_stop(self.state):
             batch = next(iterator)
             self.state.batches_done += 1
             self.state.skipped_files += int(batch["skipped"])
@@ -562,14 +556,14 @@ class Trainer:
 
     def _train_epochs(self) -> None:
         while not self._finished():
-            if self._should_stop():
+            if self.stopper.should_stop(self.state):
                 break
             with logging_redirect_tqdm():  # log lines are printed above the progress bar, not glued onto it
                 stats = self.train_epoch()
             # Stopped mid-epoch, or a signal in the epoch's last step: save (resumable from here) and stop before
             # the validation, which a preemption's grace time may not cover. (A resumed run validates first.)
             mid_epoch = self.state.batches_done < self._epoch_batches()
-            if mid_epoch or (self._should_stop() and self.stopper.agreed_signal is not None):
+            if mid_epoch or (self.stopper.should_stop(self.state) and self.stopper.agreed_signal is not None):
                 self._save_last_unless_saved()
                 break
             if self._end_epoch(stats):
@@ -605,3 +599,16 @@ class Trainer:
         if self._lock is not None:
             self._lock.release(remove_created_folder=remove_created_folder)
             self._lock = None
+
+
+def fit_to_model(mix: torch.Tensor, sources: torch.Tensor | None, lengths: torch.Tensor, min_length: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A batch ``mix [B, T]`` / ``sources [B, S, T]`` shorter than the network's minimum input zero-padded to it,
+    and the lengths ``[B]`` the model takes (each at least the minimum; None when nothing is padded). The loss and
+    the scores keep the true ``lengths``: utterances that short are scored on their own samples."""
+    short = min_length - mix.shape[-1]
+    if short > 0:
+        mix = torch.nn.functional.pad(mix, (0, short))
+        sources = None if sources is None else torch.nn.functional.pad(sources, (0, short))
+    lengths = lengths.clamp(min=min_length)
+    return mix, sources, lengths if bool((lengths < mix.shape[-1]).any()) else None
