@@ -95,14 +95,13 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from mossformer2.audio import audio_header
+    from mossformer2.distributed import DistInfo
     from mossformer2.separation import output_paths
     from mossformer2.utils import make_folder
 
     if args.quiet:  # "only warnings, errors and the summary": not our INFO notes (which weights a file gives, ...)
         logging.getLogger("mossformer2").setLevel(logging.WARNING)
     output_rate = _check_options(args)
-    from mossformer2.distributed import DistInfo
-
     env = DistInfo.from_environment()
     rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
     device = _device(args.device, world_size, local_rank)

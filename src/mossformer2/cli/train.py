@@ -33,9 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.training.experiment import TrainingInterrupted
     from mossformer2.training.trainer import best_summary
 
-    cfg = load_train_config(args.config, args.overrides)
-    if cfg.trainer.cpu_threads:
-        torch.set_num_threads(cfg.trainer.cpu_threads)
+    cfg = load_train_config(args.config, args.overrides)  # (the Trainer applies trainer.cpu_threads)
     exp_dir = Path(args.exp_dir)
     dist_info = init_distributed(cfg.trainer.device)
     try:

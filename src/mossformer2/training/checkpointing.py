@@ -217,11 +217,15 @@ def continue_epoch_in_layout(state: TrainState, layout: tuple[int, int], accum: 
 
 
 # ---------------------------------------------------------------------------------------------------- changed settings
-def changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
-    """``["data.batch_size 4 -> 8", ...]``: the settings of ``new`` that ``old`` (a saved config section) holds
-    with another value, nested sections by their dotted names (keys the old config lacks are new options)."""
-    return [f"{key} {before!r} -> {after!r}"
-            for key, before, after in setting_changes(old, new, prefix, shared_only=True)]
+def changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[tuple[str, Any, Any]]:
+    """The settings of ``new`` that ``old`` (a saved config section) holds with another value, as ``(dotted key,
+    old, new)`` (keys the old config lacks are new options, not changes)."""
+    return setting_changes(old, new, prefix, shared_only=True)
+
+
+def _described(changes: list[tuple[str, Any, Any]]) -> str:
+    """``data.batch_size 4 -> 8; ...``"""
+    return "; ".join(f"{key} {before!r} -> {after!r}" for key, before, after in changes)
 
 
 def apply_optim_settings(saved: dict[str, Any], o: OptimConfig, optimizer: torch.optim.Optimizer,
@@ -233,7 +237,7 @@ def apply_optim_settings(saved: dict[str, Any], o: OptimConfig, optimizer: torch
     changed = changed_settings(old, to_dict(o), "optim")
     if changed:
         lr = float(optimizer.param_groups[0]["lr"])
-        log.warning("resuming %s with changed settings: %s%s", path, "; ".join(changed),
+        log.warning("resuming %s with changed settings: %s%s", path, _described(changed),
                     f" (the lr was {lr:.3g})" if old.get("lr", o.lr) != o.lr else "")
     for group in optimizer.param_groups:
         group.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
@@ -286,8 +290,8 @@ def warn_changed_data(saved: dict[str, Any], cfg: TrainConfig, state: TrainState
     changed += changed_settings(saved.get("trainer") or {}, {"seed": cfg.trainer.seed}, "trainer")
     if not changed:
         return
-    log.warning("resuming %s with changed data settings: %s", path, "; ".join(changed))
-    keys = {entry.split(" ", 1)[0] for entry in changed}
+    log.warning("resuming %s with changed data settings: %s", path, _described(changed))
+    keys = {key for key, _, _ in changed}
     s = state
     if epoch_batches is not None and s.batches_done >= epoch_batches > 0:
         log.warning("epoch %d had used %d batches, and has %d with these settings: it ends without further "

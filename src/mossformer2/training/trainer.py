@@ -82,12 +82,12 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         if t.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("trainer.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        if t.cpu_threads:  # before any work of this run
+            torch.set_num_threads(t.cpu_threads)
         self.resuming = t.resume and (self.exp_dir / LAST).is_file()
         # Read and checked against the model config before the data is read (minutes with data.cache_audio) and
         # before the experiment folder is made; applied once the model is built.
         self._pretrained = load_pretrained(t.init_from, self.cfg.model) if t.init_from and not self.resuming else None
-        if t.cpu_threads:
-            torch.set_num_threads(t.cpu_threads)
         if self.device.type == "cpu":
             # Subnormal floats appear in activations/gradients as training goes on and make x86 CPUs 10x+
             # slower; flushing them to zero changes nothing measurable in the results. (Intra-op worker
