@@ -8,7 +8,7 @@ int8 quantisation of the Linear layers. Each output is scored against the eager 
 relative error, SI-SDR in dB). ``--variants`` refuses unknown names; variants for another device type are skipped
 with a line that says so.
 
-    python benchmarks/benchmark.py --quick                      # CI size: tiny model, under a minute
+    python benchmarks/benchmark.py --quick                      # CI size: tiny model, 1-2 minutes on 2 cores
     python benchmarks/benchmark.py --threads 2 --json cpu.json  # full model on the CPU
     python benchmarks/benchmark.py --device cuda --json gpu.json
 
@@ -530,8 +530,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 3; quick 2)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma list of optimised variants beside the eager fp32 baseline (default: all; CPU "
-                             f"only: int8; CUDA only: {', '.join(CUDA_ONLY)})")
+                        help="comma list of optimised variants beside the eager fp32 baseline (default: all: "
+                             f"{', '.join(VARIANTS)}; CPU only: int8; CUDA only: {', '.join(CUDA_ONLY)})")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     parser.add_argument("--json", default=None, help="write the results here (rewritten after each section)")
     parser.add_argument("--time-budget", type=float, default=None,

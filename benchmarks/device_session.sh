@@ -25,8 +25,8 @@ CHECKS=${CHECKS:-padded_batch,dtypes,cuda_graphs,compiled}
 # LONG_COMPILE=1: the long file through Separator(compile_layers=True) (timed on a second pass, after compiling).
 LONG_COMPILE=${LONG_COMPILE:-}
 LATENCY_SECTIONS=${LATENCY_SECTIONS:-latency}
-# Compiled variants last: they take longest. regional-compile-graph-bf16 runs MossFormer2.compile_layers (fused
-# shifted-sum depth-wise convs); compiling the whole model with them did not finish in 240 s on an H200.
+# Compiled variants last: they take longest. regional-compile-graph-bf16 runs MossFormer2.compile_layers (shifted-sum
+# depth-wise convs over stored inputs by default); compiling the whole model with them did not finish in 240 s on an H200.
 LATENCY_VARIANTS=${LATENCY_VARIANTS:-tf32,bf16,fp16,graph,graph-bf16,graph-fp16,regional-compile-graph-bf16,graph-bf16-weights,regional-compile-graph-bf16-weights}
 FAILED=()
 note() {  # note STEP STATUS: remember a failed step (124: its time limit ran out)

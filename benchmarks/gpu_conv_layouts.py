@@ -9,7 +9,7 @@ whole batch-1 forward (4 s, CUDA graph, bf16 autocast) under each combination of
 - ``torch.backends.cudnn.benchmark`` (cuDNN tries its algorithms once per shape).
 
 Under the fastest it also times fp32, batch-16 throughput, and compiled layers + CUDA graph (whose depth-wise
-convs are fused shifted sums whatever the layout: ``MossFormer2.compile_layers``), and writes a kernel profile.
+convs are shifted sums whatever the layout: ``MossFormer2.compile_layers``), and writes a kernel profile.
 Every output is scored against eager fp32 (SI-SDR). CUDA only::
 
     python benchmarks/gpu_conv_layouts.py --json layouts.json --profile layouts_profile.txt

@@ -30,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="wsj0-2mix folder (mix/ s1/ s2/), LibriMix / WHAM! mixture folder (<split>/mix_clean "
                              "or mix_both), LibriMix CSV, or list/scp file")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="checkpoint file or folder, hub id (OWNER/NAME), or exported .onnx")
+    source.add_argument("--checkpoint",
+                        help="checkpoint file or folder, hub id (OWNER/NAME), or an export (.onnx or TorchScript)")
     source.add_argument("--model", help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
     parser.add_argument("-o", "--out", required=True, help="output folder for per_utterance.csv, summary.json")
     parser.add_argument("--metrics", default="si_sdr,sdr,pesq,stoi",

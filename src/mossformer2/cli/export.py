@@ -22,12 +22,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="ONNX: symbolic batch and time axes, any input length (default); "
                              "--no-dynamic-length fixes the shape to --length-seconds at batch 1")
     parser.add_argument("--length-seconds", type=float, default=4.0,
-                        help="length of the tracing example; the fixed input length with --no-dynamic-length")
+                        help="length of the tracing example; the fixed input length with --no-dynamic-length "
+                             "(default 4.0)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX: opset version (default 18)")
     parser.add_argument("--method", choices=["trace", "script"], default=None,
                         help="TorchScript: trace (default) or script")
     parser.add_argument("--tolerance", type=float, default=1e-3,
-                        help="fail (exit 1) if the export differs from PyTorch by more than this (max abs)")
+                        help="fail (exit 1) if the export differs from PyTorch by more than this "
+                             "(max abs; default 1e-3)")
     return parser
 
 

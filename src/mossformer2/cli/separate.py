@@ -76,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="on CUDA, replay one captured CUDA graph per chunk shape (lower latency)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the network's layers with torch.compile (our MossFormer2 only; for CUDA, "
-                             "with --cuda-graphs: faster once compiled, which takes 30-60 s on the first input and "
+                             "with --cuda-graphs: faster once compiled, which takes 30-70 s on the first input and "
                              "again on the first of another length; slower on the CPU, where it needs float32)")
     add_refinement_arguments(parser)
     parser.add_argument("--overwrite", action="store_true",

@@ -23,6 +23,14 @@ def min_input_length(encoder_kernel_size: int) -> int:
 
 @dataclass
 class MossFormer2Config:
+    """Sizes of a MossFormer2 network; the defaults are the official MossFormer2_SS_16K (55.7 M parameters).
+
+    ``MossFormer2Config()`` is the official network, ``get_config("MossFormer2-S")`` its 37.8 M size; small
+    models of our own shrink the internals too (``encoder_embedding_dim`` must equal
+    ``mossformer_sequence_dim``, ``encoder_kernel_size`` must be even). Invalid values raise ``ConfigError``
+    on construction. ``from_dict`` / ``to_dict`` convert to and from the dict stored in checkpoints.
+    """
+
     encoder_embedding_dim: int = 512  # E: encoder filters
     mossformer_sequence_dim: int = 512  # D: width of the MossFormer blocks (official code needs E == D)
     num_mossformer_layer: int = 24  # L: number of (FLASH, gated FSMN) pairs
