@@ -58,6 +58,9 @@ ONE_PASS, ONE_PASS_WARN_SECONDS = sys.maxsize, 60.0
 # Below this overlap the speaker matching of consecutive chunks often goes wrong (an audit measured swaps at
 # 0.1-0.5 s, and at 1 s with 4 s chunks), so shorter overlaps are warned about.
 SAFE_OVERLAP_SECONDS = 1.0
+# --channels each: a speaker's output correlates with its own channel's input by about its share of the level
+# (0.3 at -10 dB, 0.1 at -20 dB); weaker correlations say nothing about its sign.
+POLARITY_MIN_CORRELATION = 0.1
 
 
 class Separator:
@@ -89,8 +92,8 @@ class Separator:
             (our network takes their true lengths, so each output equals the unbatched one); models without
             ``lengths`` support (ONNX, official modules) batch equal-length inputs only.
         channels: "mix" (downmix to mono, output ``[S, T]``) or "each" (separate every channel, ``[S, C, T]``;
-            each channel's speaker order and polarity are matched to the first non-silent channel's over the whole
-            signal, as chunks are on their overlaps; with ``stitching="clearvoice"`` the channels stay
+            each channel's speaker order is matched to the first non-silent channel's over the whole signal, and
+            its polarity stays as that channel recorded it; with ``stitching="clearvoice"`` the channels stay
             independent, as in the official tool).
         progress: show a tqdm bar over the chunks of long inputs; ``None``: only when stderr is a terminal.
         cuda_graphs: on CUDA, replay a captured CUDA graph per chunk shape instead of launching the network's
@@ -337,7 +340,9 @@ class Separator:
         if self.channels == "each" and self.stitching == "aligned":  # ClearVoice's channels stay independent
             for index in range(len(waves)):
                 rows = [k for k, item in enumerate(items) if item[0] == index]
-                for k, sources in zip(rows, _aligned_channels([separated[k] for k in rows])):
+                aligned = _aligned_channels([separated[k] for k in rows], [items[k][2] for k in rows],
+                                            keep_polarity=self.wiener_filter or self.mixture_consistency)
+                for k, sources in zip(rows, aligned):
                     separated[k] = sources
         per_input: list[list[np.ndarray]] = [[] for _ in waves]
         for (index, _, _, gain), sources in zip(items, separated):
@@ -489,18 +494,42 @@ class Separator:
                                   keep_polarity=self.wiener_filter or self.mixture_consistency)
 
 
-def _aligned_channels(channels: list[np.ndarray]) -> list[np.ndarray]:
-    """Each channel's separated speakers ``[S, T]`` in the order and polarity of the first non-silent channel's,
-    matched over the whole signal as consecutive chunks are on their overlap (``match_sources``): the model orders
-    the speakers of each pass by chance, so ``_s1`` could hold one person on the left and another on the right."""
-    reference = next((sources for sources in channels if np.any(sources)), None)
+def _aligned_channels(channels: list[np.ndarray], inputs: list[np.ndarray], keep_polarity: bool) -> list[np.ndarray]:
+    """Each channel's separated speakers ``[S, T]`` in the order of the first non-silent channel's, matched over the
+    whole signal (``match_sources``, blind to polarity): the model orders the speakers of each pass by chance, so
+    ``_s1`` could hold one person on the left and another on the right. ``inputs`` are the channels ``[T]``.
+
+    Polarity stays as each channel recorded it: a channel wired in reverse, or a spaced microphone's delayed copy
+    (weakly anti-correlated with the first), keeps its outputs' sign. Without ``keep_polarity`` (refinements that
+    make the outputs sum to their input fix the sign) the model's own sign is arbitrary per pass, so an output is
+    negated where it relates to its channel's input with the opposite sign to the first channel's same speaker,
+    on clear correlations only (``POLARITY_MIN_CORRELATION``)."""
+    first = next((c for c, sources in enumerate(channels) if np.any(sources)), None)
+    if first is None:
+        return channels
+    reference = channels[first]
+    reference_signs = _input_correlation_signs(reference, inputs[first])
     aligned = []
-    for sources in channels:
-        if sources is not reference and np.any(sources):
-            order, signs = match_sources(sources, reference)
-            sources = sources[order] * signs[:, None]
+    for c, sources in enumerate(channels):
+        if c != first and np.any(sources):
+            order, _ = match_sources(sources, reference)
+            sources = sources[order]
+            if not keep_polarity:
+                signs = _input_correlation_signs(sources, inputs[c]) * reference_signs
+                if (signs < 0).any():
+                    sources = sources * np.where(signs < 0, -1.0, 1.0).astype(np.float32)[:, None]
         aligned.append(sources)
     return aligned
+
+
+def _input_correlation_signs(sources: np.ndarray, mixture: np.ndarray) -> np.ndarray:
+    """``[S]``: +1 / -1 where output ``[S, T]`` correlates clearly positively / negatively with its input ``[T]``,
+    0 where the correlation is too weak to tell (a near-silent output)."""
+    centred = sources - sources.mean(axis=-1, keepdims=True)
+    mix = mixture - mixture.mean()
+    denominator = np.linalg.norm(centred, axis=-1) * np.linalg.norm(mix) + 1e-12
+    rho = centred @ mix / denominator
+    return np.where(np.abs(rho) >= POLARITY_MIN_CORRELATION, np.sign(rho), 0.0)
 
 
 def _seconds(value: float | None) -> str:
