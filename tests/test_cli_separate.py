@@ -512,6 +512,21 @@ def test_list_files_name_missing_kaldi_paths_and_read_any_bytes(ckpt, tmp_path, 
     assert len(list((tmp_path / "o").glob("caf*_s1.wav"))) == 1
 
 
+def test_a_list_with_a_byte_order_mark_and_an_output_folder_under_home(ckpt, tmp_path, monkeypatch, capsys):
+    """A list saved by a Windows editor starts with U+FEFF (its first entry failed as missing); `--out-dir=~/x`,
+    which the shell leaves as it is, made a folder named `~` in the current one."""
+    sf.write(str(tmp_path / "a.wav"), noise(4000, 1), 16000)
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbfa.wav\r\n")
+    assert collect_inputs([str(tmp_path / "list.txt")]).files == [tmp_path / "a.wav"]
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the rerun skips: the outputs are where the first run wrote them
+        assert main(["separate", str(tmp_path / "list.txt"), "--out-dir=~/sep", "--checkpoint", str(ckpt)]) == 0
+    assert outputs_under(home / "sep") == ["a_s1.wav", "a_s2.wav"] and not (tmp_path / "~").exists()
+    assert "skipped 1" in capsys.readouterr().out
+
+
 def test_outputs_a_format_cannot_hold_fail_before_separating(ckpt, tmp_path, capsys):
     """FLAC holds at most 8 channels and rates up to 655350 Hz: the run failed after separating, naming a temp
     file ('Error opening .../.x_s1.XXXX.tmp.XXXX.tmp.flac': Format not recognised)."""

@@ -138,6 +138,19 @@ def test_list_file_comments_blank_lines_and_relative_paths(tmp_path):
     assert entries[1].mix == tmp_path / "b" / "mix2.wav"
 
 
+def test_lists_and_csvs_saved_with_a_byte_order_mark_read_as_without(tmp_path):
+    """Windows editors (Notepad, Excel's "CSV UTF-8") start a file with U+FEFF: it named the first path, or the
+    CSV's first column, and the entry failed as missing although the file exists."""
+    for name in ("mix.wav", "s1.wav", "s2.wav"):
+        touch(tmp_path / name)
+    scp = tmp_path / "test.scp"
+    scp.write_bytes(b"\xef\xbb\xbfmix.wav s1.wav s2.wav\r\n")
+    assert [e.mix for e in load_manifest(scp)] == [tmp_path / "mix.wav"]
+    csv_path = tmp_path / "meta.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbfmixture_path,source_1_path,source_2_path\r\nmix.wav,s1.wav,s2.wav\r\n")
+    assert [e.sources for e in load_manifest(csv_path)] == [[tmp_path / "s1.wav", tmp_path / "s2.wav"]]
+
+
 def test_list_duplicate_stems_get_unique_path_ids(tmp_path):
     for name in ("a/mix.wav", "b/mix.wav", "s.wav"):
         touch(tmp_path / name)

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_path(text: str) -> str:
+    """argparse ``type`` of path options: ``~`` expanded as for the inputs (a shell leaves ``--out-dir=~/x`` as
+    it is, which made a folder named ``~``)."""
+    return os.path.expanduser(text)
+
+
 REFINEMENT_HELP = {
     "polarity_ensemble": "also separate the negated input and average both estimates (twice the compute)",
     "wiener_filter": "re-estimate the sources as soft masks on the input's spectrogram (Wiener filter)",

@@ -7,7 +7,13 @@ import json
 import math
 from pathlib import Path
 
-from mossformer2.cli import add_refinement_arguments, announce_builtin_model, describe_refinements, refinement_options
+from mossformer2.cli import (
+    add_refinement_arguments,
+    announce_builtin_model,
+    describe_refinements,
+    refinement_options,
+    user_path,
+)
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "pretrained" / "demo"
 DEMO_CLIPS = ("speaker_ro.flac", "speaker_es.flac")
@@ -21,7 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "demo", help="separate a two-speaker demo mixture built from clips shipped with the package",
         description="Build a two-speaker mixture from two clips shipped with the package, separate it with the "
                     "built-in model (or --checkpoint), write the audio and a spectrogram, and print SI-SDRi.")
-    parser.add_argument("-o", "--out-dir", default="mossformer2_demo", help="output folder (default: %(default)s)")
+    parser.add_argument("-o", "--out-dir", default="mossformer2_demo", type=user_path,
+                        help="output folder (default: %(default)s)")
     parser.add_argument("--sir", type=float, default=0.0, help="level of speaker 1 over speaker 2 in dB (default 0)")
     parser.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the built-in model")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

@@ -11,6 +11,7 @@ from mossformer2.cli import (
     load_chosen_model,
     model_ref,
     refinement_options,
+    user_path,
 )
 
 
@@ -26,14 +27,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "the zero-mean definition of the official recipe (estimate and reference have their means "
                     "removed); PESQ is narrow band (P.862) at 8 kHz, wide band (P.862.2) otherwise. A re-run "
                     "with other settings or other weights (the checkpoint's SHA-256 is recorded) is refused.")
-    parser.add_argument("--data", required=True,
+    parser.add_argument("--data", required=True, type=user_path,
                         help="wsj0-2mix folder (mix/ s1/ s2/), LibriMix / WHAM! mixture folder (<split>/mix_clean "
                              "or mix_both), LibriMix CSV, or list/scp file")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint",
                         help="checkpoint file or folder, hub id (OWNER/NAME), or an export (.onnx or TorchScript)")
     source.add_argument("--model", help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
-    parser.add_argument("-o", "--out", required=True, help="output folder for per_utterance.csv, summary.json")
+    parser.add_argument("-o", "--out", required=True, type=user_path,
+                        help="output folder for per_utterance.csv, summary.json")
     parser.add_argument("--metrics", default="si_sdr,sdr,pesq,stoi",
                         help="comma-separated subset of si_sdr,sdr,pesq,stoi (default: all)")
     parser.add_argument("--score-rate", type=int, default=None,

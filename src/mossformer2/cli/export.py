@@ -6,6 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
+from mossformer2.cli import user_path
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -17,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file or folder, or hub id (default: the model shipped with the package)")
     parser.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="export format")
-    parser.add_argument("-o", "--output", required=True, help="output file (.onnx / .pt)")
+    parser.add_argument("-o", "--output", required=True, type=user_path, help="output file (.onnx / .pt)")
     parser.add_argument("--dynamic-length", action=argparse.BooleanOptionalAction, default=None,
                         help="ONNX: symbolic batch and time axes, any input length (default); "
                              "--no-dynamic-length fixes the shape to --length-seconds at batch 1")

@@ -3,6 +3,7 @@ input files, their mirrored output folders, and each torchrun rank's share."""
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 from collections.abc import Sequence
@@ -31,8 +32,8 @@ def _list_entries(list_file: Path) -> list[Path]:
 
     entries = []
     # Decoded as the OS decodes file names: on POSIX a name is bytes, and a Latin-1 name in a list still names
-    # its file (a strict UTF-8 read failed the whole run).
-    for line in os.fsdecode(list_file.read_bytes()).splitlines():
+    # its file (a strict UTF-8 read failed the whole run). A byte-order mark (Windows editors) is no path.
+    for line in os.fsdecode(list_file.read_bytes().removeprefix(codecs.BOM_UTF8)).splitlines():
         whole = locate(line.strip()) if line.strip() else None
         if whole is not None and whole.is_file():
             entries.append(whole)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mossformer2.cli import user_path
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -18,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "together (as in the wsj0-2mix scripts), which keeps mix = s1 + s2 and the SIR.")
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="two or more audio files, or one folder of speaker folders")
-    parser.add_argument("-o", "--out-dir", required=True, help="output folder")
+    parser.add_argument("-o", "--out-dir", required=True, type=user_path, help="output folder")
     parser.add_argument("--recipe", help="wsj0-2mix-style mixing list (mix_2_spk_tt.txt format)")
     parser.add_argument("--wsj-root", help="folder the recipe's paths are relative to")
     # Mode-specific options default to None, so that one given in another mode is refused instead of ignored.

@@ -15,6 +15,7 @@ from mossformer2.cli import (
     load_chosen_model,
     model_ref,
     refinement_options,
+    user_path,
 )
 from mossformer2.cli.input_files import Inputs, collect_inputs, mirrored_out_dirs, shard_files
 from mossformer2.cli.separate_plan import (
@@ -51,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "rate and channel count.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="audio file, folder, glob or list file (.txt, .lst, .list, .scp)")
-    parser.add_argument("-o", "--out-dir", required=True, help="output folder")
+    parser.add_argument("-o", "--out-dir", required=True, type=user_path, help="output folder")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint",
                         help="checkpoint file or folder, hub id (OWNER/NAME), or an export (.onnx or TorchScript)")

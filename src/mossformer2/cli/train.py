@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mossformer2.cli import user_path
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -13,8 +15,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "the current step. Override any config key with "
                     "key.sub=value, e.g. optim.lr=5e-5 data.batch_size=2. "
                     "Several GPUs or machines: torchrun --nproc_per_node=N -m mossformer2 train ...")
-    parser.add_argument("--config", required=True, help="YAML training config")
-    parser.add_argument("--exp-dir", required=True, help="experiment folder: checkpoints, logs, TensorBoard")
+    parser.add_argument("--config", required=True, type=user_path,
+                        help="YAML training config")
+    parser.add_argument("--exp-dir", required=True, type=user_path,
+                        help="experiment folder: checkpoints, logs, TensorBoard")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 

@@ -173,7 +173,7 @@ def list_file_lines(path: Path, expected: str) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of each line of a list file that holds more than a ``#`` comment (stripped);
     ``expected`` names the line format for the error about a file that is not text."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is no path
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not a text list (expected lines '{expected}'): {err}") from err
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -185,7 +185,7 @@ def list_file_lines(path: Path, expected: str) -> Iterator[tuple[int, str]]:
 def _load_librimix_csv(path: Path, num_spks: int | None) -> list[tuple[int, MixtureEntry]]:
     """Entries with the CSV line number each came from."""
     base = path.parent
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # a byte-order mark would rename the first column
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         if "mixture_path" not in columns:

@@ -223,7 +223,7 @@ def plan_from_recipe(recipe: str | Path, wsj_root: str | Path) -> list[MixtureSp
     if not wsj_root.is_dir():
         raise FileNotFoundError(f"--wsj-root folder not found: {wsj_root}")
     specs = []
-    for line_no, raw in enumerate(recipe.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, raw in enumerate(recipe.read_text(encoding="utf-8-sig").splitlines(), start=1):
         fields = raw.split("#", 1)[0].split()
         if not fields:
             continue
