@@ -694,12 +694,13 @@ def test_plot_counts_as_an_output_and_a_missing_one_is_drawn_from_the_outputs(ck
     assert "mix_s2.wav does not" in capsys.readouterr().err and speaker_file.stat().st_mtime_ns == before
 
 
-def test_output_rates_below_1000_hz_are_refused(ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("rate", ["1", "2147483648"])  # 2**31 crashed libsndfile with an OverflowError
+def test_output_rates_outside_1000_to_768000_hz_are_refused(ckpt, tmp_path, capsys, rate):
     src = tmp_path / "mix.wav"
     sf.write(str(src), noise(8000, 9), 16000)
     assert main(["separate", str(src), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt),
-                 "--output-rate", "1"]) == 1
-    assert "--output-rate must be at least 1000 Hz, got 1" in capsys.readouterr().err
+                 "--output-rate", rate]) == 1
+    assert f"--output-rate must be 1000 to 768000 Hz, got {rate}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

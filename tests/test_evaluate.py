@@ -116,6 +116,8 @@ def test_resume_skips_scored_mixtures_and_survives_a_cut_off_line(dataset, tmp_p
         evaluate(sep, dataset, out, metrics="si_sdr", score_rate=8000, progress=False)
     evaluate(sep, dataset, out, metrics="si_sdr", score_rate=8000, overwrite=True, progress=False)
     assert oracle.calls == 2 * NUM_MIXTURES
+    with pytest.raises(ValueError, match="score_rate must be 1000 to 768000 Hz, got 100"):
+        evaluate(sep, dataset, out, metrics="si_sdr", score_rate=100, overwrite=True, progress=False)
 
 
 def test_a_metric_undefined_on_one_mixture_blanks_only_that_metric(dataset, tmp_path):
@@ -218,6 +220,8 @@ def test_cli_rejects_bad_options(dataset, tmp_path, tiny_config, capsys):
     assert "2 speakers per mixture but the model separates 3" in capsys.readouterr().err
     assert main([*base, "--checkpoint", str(checkpoint), "--metrics", "si_sdr,mos"]) == 1
     assert "unknown metric" in capsys.readouterr().err
+    assert main([*base, "--checkpoint", str(checkpoint), "--score-rate", "16"]) == 1  # resampled to 16 Hz before
+    assert "--score-rate must be 1000 to 768000 Hz, got 16" in capsys.readouterr().err
     assert main([*base[:2], str(tmp_path / "missing"), *base[3:], "--checkpoint", str(checkpoint)]) == 1
     assert "--data not found" in capsys.readouterr().err
     broken = tmp_path / "list.scp"

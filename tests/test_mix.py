@@ -221,7 +221,7 @@ def test_mix_reports_bad_requests(tmp_path, capsys):
     assert main(["mix", str(root), "-o", str(tmp_path / "o"), "--num-mixtures", "2", "--sir", "3"]) == 1
     assert "--sir: not used in folder mode (use --sir-range)" in capsys.readouterr().err
     assert main(["mix", *files, "-o", str(tmp_path / "o"), "--sample-rate", "16"]) == 1  # files `separate` refuses
-    assert "--sample-rate must be at least 1000 Hz, got 16" in capsys.readouterr().err
+    assert "--sample-rate must be 1000 to 768000 Hz, got 16" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     silent = tmp_path / "silent.wav"
     sf.write(str(silent), np.zeros(SR, dtype=np.float32), SR)

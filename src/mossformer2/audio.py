@@ -30,14 +30,16 @@ AUDIO_SUFFIXES = frozenset({
 WRITE_FORMATS = {"wav": "WAV", "flac": "FLAC"}
 SAMPLE_BYTES = {"PCM_16": 2, "PCM_24": 3, "FLOAT": 4}  # the subtypes write_audio takes, and their sizes
 WRITE_SUBTYPES = tuple(SAMPLE_BYTES)
-MIN_SAMPLE_RATE = 1000  # Hz, for inputs and outputs: lower is a typo or a broken header, not a speech rate
+# Hz, for inputs and outputs: outside, a typo or a broken header, not a recording's rate (768 kHz is the highest
+# rate audio interfaces offer; --output-rate 4410000 would make an output 100 times the input's size).
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
 
 
 def check_sample_rate_option(rate: int, option: str) -> int:
-    """``rate`` unless it is under ``MIN_SAMPLE_RATE`` (``--output-rate 1`` once wrote a 1 Hz file): a ValueError
-    naming the command-line ``option``."""
-    if rate < MIN_SAMPLE_RATE:
-        raise ValueError(f"{option} must be at least {MIN_SAMPLE_RATE} Hz, got {rate}")
+    """``rate`` unless it lies outside ``MIN_SAMPLE_RATE`` .. ``MAX_SAMPLE_RATE`` (``--output-rate 1`` once wrote a
+    1 Hz file; 2**31 crashed libsndfile): a ValueError naming the command-line ``option``."""
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise ValueError(f"{option} must be {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz, got {rate}")
     return rate
 
 

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from mossformer2.audio import check_sample_rate_option
     from mossformer2.data.manifests import load_manifest
     from mossformer2.evaluation.evaluate import WEIGHTS_KEY, evaluate, file_sha256, format_table
     from mossformer2.hub import checkpoint_path
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.utils import check_folder_creatable, dtype_name, is_onnx_path
 
     metrics = parse_metrics(args.metrics)  # fail on a typo before loading anything
+    if args.score_rate is not None:
+        check_sample_rate_option(args.score_rate, "--score-rate")
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data not found: {args.data}")
     load_manifest(args.data)  # and on a bad manifest (missing files, ...) before loading a large model

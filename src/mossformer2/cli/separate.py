@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "channel's speakers are matched to the first channel's order, except with "
                              "--stitching clearvoice)")
     parser.add_argument("--output-rate", default="input",
-                        help="'input' (default) or a rate in Hz, at least 1000, e.g. 16000")
+                        help="'input' (default) or a rate in Hz, 1000 to 768000, e.g. 16000")
     parser.add_argument("--format", choices=["wav", "flac"], default=None,
                         help="output format (default: the input's if wav/flac, else wav)")
     parser.add_argument("--subtype", choices=["PCM_16", "PCM_24", "FLOAT"], default="PCM_16",

@@ -181,8 +181,10 @@ def evaluate(separator: Any, data: str | Path | Sequence[MixtureEntry], out_dir:
     """
     names = parse_metrics(metrics)
     check_metric_dependencies(names)
-    if score_rate is not None and score_rate <= 0:
-        raise ValueError(f"score rate must be positive, got {score_rate}")
+    if score_rate is not None:
+        from mossformer2.audio import check_sample_rate_option
+
+        check_sample_rate_option(score_rate, "score_rate")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     entries = list(load_manifest(data) if isinstance(data, (str, Path)) else data)

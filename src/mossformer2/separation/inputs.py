@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mossformer2.audio import MIN_SAMPLE_RATE, pcm_to_float, to_mono
+from mossformer2.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, pcm_to_float, to_mono
 from mossformer2.utils import loaded_torch
 
 if TYPE_CHECKING:
@@ -22,14 +22,17 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 def check_rate(name: str, rate: Any) -> int:
-    """``rate`` as an int, or a ValueError naming ``name`` unless it is a whole number of Hz, at least
-    ``MIN_SAMPLE_RATE``."""
+    """``rate`` (a number, or a one-element tensor) as an int, or a ValueError naming ``name`` unless it is a whole
+    number of Hz from ``MIN_SAMPLE_RATE`` to ``MAX_SAMPLE_RATE``."""
+    if hasattr(rate, "item") and getattr(rate, "ndim", None) == 0:  # torch / NumPy 0-d
+        rate = rate.item()
     whole = (isinstance(rate, numbers.Real) and not isinstance(rate, bool) and math.isfinite(rate)
              and rate == int(rate))
-    if not whole or rate < MIN_SAMPLE_RATE:
-        raise ValueError(f"{name} must be a whole number of Hz, at least {MIN_SAMPLE_RATE} (e.g. 16000), got "
-                         f"{rate!r}" + (": a wrong header?" if whole and rate > 0 else ""))
-    return int(rate)
+    if whole and MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        return int(rate)
+    header = name == "sample_rate" and whole and rate > 0  # as read_audio returns it for a file
+    raise ValueError(f"{name} must be a whole number of Hz from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} (e.g. "
+                     f"16000), got {rate!r}" + (": a file with a broken header?" if header else ""))
 
 
 def as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -292,7 +292,7 @@ class Separator:
 
     def separate(self, wave: np.ndarray | torch.Tensor, sample_rate: int,
                  output_rate: int | None = None) -> np.ndarray:
-        """Separate one recording ``[T]`` or ``[C, T]`` at ``sample_rate`` (Hz, a whole number, at least 1000).
+        """Separate one recording ``[T]`` or ``[C, T]`` at ``sample_rate`` (Hz, a whole number, 1000 to 768000).
 
         Float samples are taken as they are (full scale 1.0); integer PCM (int16 / int32 / uint8, as
         ``scipy.io.wavfile.read`` returns it) is scaled to [-1, 1] as ``read_audio`` reads such files. A silent
