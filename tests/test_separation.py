@@ -279,7 +279,14 @@ def test_bad_options_are_rejected(tiny_model):
                             ({"backend": "onnxruntime"}, "onnx"), ({"device": "tpu"}, "device"),
                             ({"chunk_seconds": float("inf")}, "finite"),  # was an OverflowError traceback
                             # aligned stitching matches speakers on the overlap: with none they swapped silently
-                            ({"overlap_seconds": 0}, "--overlap-seconds.* above 0")]:
+                            ({"overlap_seconds": 0}, "--overlap-seconds.* above 0"),
+                            # equal, or none, once rounded to samples: every file failed alone, or the chunks
+                            # were joined unmatched without a warning
+                            ({"chunk_seconds": 1.00001, "overlap_seconds": 1}, "are both .* samples at"),
+                            ({"chunk_seconds": 3, "overlap_seconds": 1e-7}, "under one sample"),
+                            ({"overlap_seconds": None}, "overlap_seconds must be a number"),  # were TypeErrors
+                            ({"chunk_seconds": "10"}, "chunk_seconds must be a number"),
+                            ({"batch_size": 2.5}, "batch_size must be a whole number")]:  # was taken as 2
         with pytest.raises(ValueError, match=message):
             Separator(tiny_model, **kwargs)
     with pytest.raises(ValueError, match="config"):

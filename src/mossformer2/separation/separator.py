@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import sys
 import warnings
 from collections.abc import Sequence
@@ -130,6 +131,11 @@ class Separator:
         check_choice("channels", channels, CHANNELS)
         check_choice("backend", backend, BACKENDS)
         chunked = chunk_seconds is not None
+        for name, value in (("chunk_seconds", chunk_seconds), ("overlap_seconds", overlap_seconds)):
+            if (value is not None or name == "overlap_seconds") and not _is_number(value):
+                raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
+            raise ValueError(f"batch_size must be a whole number, got {batch_size!r}")
         if chunked and not (0 < chunk_seconds < math.inf and 0 <= overlap_seconds < chunk_seconds):
             raise ValueError(f"need finite chunk_seconds > overlap_seconds >= 0 (--chunk-seconds, "
                              f"--overlap-seconds), got {chunk_seconds} and {overlap_seconds}")
@@ -146,7 +152,7 @@ class Separator:
                                                                                            OVERLAP_SECONDS):
             warnings.warn("clearvoice stitching runs the official tool's fixed 2 s windows: chunk_seconds and "
                           "overlap_seconds (--chunk-seconds, --overlap-seconds) are not used", stacklevel=2)
-        if int(batch_size) < 1:
+        if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not hasattr(model, "config"):
             raise ValueError("the model needs a .config with sample_rate and num_spks (a MossFormer2 or an "
@@ -181,6 +187,14 @@ class Separator:
         self.overlap = int(round(overlap_seconds * self.sample_rate))
         if self.chunk < self.min_samples:
             raise ValueError(f"chunk_seconds={chunk_seconds} is shorter than the model kernel")
+        if chunked and not self.overlap < self.chunk:  # the check above, in samples: 1.00001 s and 1 s are equal
+            raise ValueError(f"chunk_seconds={chunk_seconds:g} and overlap_seconds={overlap_seconds:g} "
+                             f"(--chunk-seconds, --overlap-seconds) are both {self.chunk} samples at "
+                             f"{self.sample_rate} Hz: the overlap must be shorter than the chunk")
+        if chunked and stitching == "aligned" and self.overlap == 0:  # matching needs a shared sample at least
+            raise ValueError(f"overlap_seconds={overlap_seconds:g} (--overlap-seconds) is under one sample at "
+                             f"{self.sample_rate} Hz: aligned stitching matches the speakers of consecutive chunks on "
+                             "their overlap (default 2)")
         # An ONNX export without --dynamic-length takes one input length only: its time axis is a fixed int.
         shape = None if self.is_torch else getattr(model, "input_shape", None)
         self.fixed_length = int(shape[-1]) if shape and isinstance(shape[-1], int) else None
@@ -530,6 +544,10 @@ def _input_correlation_signs(sources: np.ndarray, mixture: np.ndarray) -> np.nda
     denominator = np.linalg.norm(centred, axis=-1) * np.linalg.norm(mix) + 1e-12
     rho = centred @ mix / denominator
     return np.where(np.abs(rho) >= POLARITY_MIN_CORRELATION, np.sign(rho), 0.0)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _seconds(value: float | None) -> str:
