@@ -190,11 +190,13 @@ def test_reading_a_format_for_pyav_without_pyav_says_what_to_install(tmp_path, m
 def test_write_refuses_what_the_format_cannot_hold_naming_the_cause(tmp_path):
     """FLAC holds integer samples, at most 8 channels, rates up to 655350 Hz: libsndfile said 'Format not
     recognised' about an internal temp file."""
-    with pytest.raises(ValueError, match=r"^FLAC cannot store 10 channels: use --format wav$"):
+    with pytest.raises(ValueError, match=r"^FLAC cannot store 10 channels: use the WAV format \(--format wav\)$"):
         write_audio(tmp_path / "x.flac", np.zeros((10, 100), np.float32), 16000)
-    with pytest.raises(ValueError, match=r"^FLAC cannot store a sample rate of 700000 Hz: use --format wav$"):
+    with pytest.raises(ValueError, match=r"^FLAC cannot store a sample rate of 700000 Hz: use the WAV format "
+                                         r"\(--format wav\)$"):
         write_audio(tmp_path / "x.flac", np.zeros(100, np.float32), 700000)
-    with pytest.raises(ValueError, match=r"^FLAC cannot store FLOAT samples: .*--format wav$"):
+    with pytest.raises(ValueError, match=r"^FLAC cannot store FLOAT samples: use subtype PCM_16 or PCM_24 "
+                                         r"\(--subtype\), .*\(--format wav\)$"):
         check_writable("flac", 1, 16000, "FLOAT")
     check_writable("flac", 8, 655350, "PCM_24")
     check_writable("wav", 10, 700000, "FLOAT")

@@ -533,7 +533,8 @@ def test_outputs_a_format_cannot_hold_fail_before_separating(ckpt, tmp_path, cap
     src = tmp_path / "ch10.wav"
     sf.write(str(src), noise(4000, 1, channels=10), 16000)
     out = tmp_path / "out"
-    for extra, cause in [(["--channels", "each"], "FLAC cannot store 10 channels: use --format wav"),
+    for extra, cause in [(["--channels", "each"], "FLAC cannot store 10 channels: use the WAV format "
+                                                   "(--format wav)"),
                          (["--output-rate", "700000"], "FLAC cannot store a sample rate of 700000 Hz")]:
         assert main(["separate", str(src), "-o", str(out), "--checkpoint", str(ckpt), "--format", "flac",
                      *extra]) == 1

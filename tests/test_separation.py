@@ -263,10 +263,17 @@ def test_bad_input_gives_clear_errors(tiny_model):
              (np.zeros(0, np.float32), "empty"),
              (noise(10), "too short"),
              (noise((4000, 2)), "channels first"),
-             (noise((2, 3, 100)), r"\[T\] or \[C, T\]")]
+             (noise((2, 3, 100)), r"\[T\] or \[C, T\]"),
+             (noise(4000).astype(np.float64) * 1e300, r"reach .*e\+299, beyond float32's range")]  # not "NaN"
     for wave, message in cases:
         with pytest.raises(ValueError, match=message):
             sep.separate(wave, SR)
+    # Below float32's smallest normal number it is silence: the level gain overflowed to "NaN or infinite".
+    for denormal in (np.full(4000, 1e-40, np.float32), np.r_[np.full(4000, 1e-40, np.float32), 2e-38]):
+        out = sep.separate(denormal.astype(np.float32), SR)
+        assert np.isfinite(out).all() and np.abs(out).max() < 1e-30
+    assert "all silent" in sep.nothing_to_separate(np.full((1, 4000), 1e-40, np.float32))
+    assert sep.nothing_to_separate(np.full((1, 4000), 1e-30, np.float32)) is None
     with pytest.raises(ValueError, match="sample_rate"):
         sep.separate(noise(4000), 0)
 

@@ -205,7 +205,12 @@ def pcm_to_float(wave: np.ndarray) -> np.ndarray:
         raise ValueError(f"audio of dtype {wave.dtype} is not audio samples: pass float samples in [-1, 1] or "
                          "int16 / int32 / uint8 PCM")  # bool masks ran as 0 / 1, complex lost its imaginary part
     if not np.issubdtype(wave.dtype, np.integer):
-        return wave.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # said below, in words
+            samples = wave.astype(np.float32, copy=False)
+        if samples is not wave and np.isinf(samples).any() and np.isfinite(wave).all():  # not "NaN or infinite"
+            raise ValueError(f"audio samples reach {peak_amplitude(wave):.3g}, beyond float32's range (3.4e38): "
+                             "pass float samples in [-1, 1]")
+        return samples
     if wave.dtype.itemsize > 4:  # e.g. a list of Python ints: full scale 2**63 would silence it
         raise ValueError(f"audio of dtype {wave.dtype} has no PCM full scale: pass float samples in [-1, 1] or "
                          "int16 / int32 / uint8 PCM")
@@ -287,7 +292,8 @@ def check_writable(format: str, channels: int, sample_rate: int, subtype: str = 
     for too many channels, the cause ("Format not recognised")."""
     fmt = WRITE_FORMATS[format]
     if not sf.check_format(fmt, subtype):  # FLOAT in FLAC: WAV takes every subtype of WRITE_SUBTYPES
-        raise ValueError(f"{fmt} cannot store {subtype} samples: use --subtype PCM_16 or PCM_24, or --format wav")
+        raise ValueError(f"{fmt} cannot store {subtype} samples: use subtype PCM_16 or PCM_24 "
+                         "(--subtype), or the WAV format (--format wav)")
 
     def opens(num_channels: int, rate: int) -> bool:
         try:
@@ -298,7 +304,8 @@ def check_writable(format: str, channels: int, sample_rate: int, subtype: str = 
 
     if not opens(channels, sample_rate):
         cause = f"{channels} channels" if opens(1, sample_rate) else f"a sample rate of {sample_rate} Hz"
-        raise ValueError(f"{fmt} cannot store {cause}" + (": use --format wav" if fmt != "WAV" else ""))
+        advice = ": use the WAV format (--format wav)" if fmt != "WAV" else ""
+        raise ValueError(f"{fmt} cannot store {cause}{advice}")
 
 
 def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, subtype: str = "PCM_16",

@@ -62,6 +62,10 @@ SAFE_OVERLAP_SECONDS = 1.0
 # --channels each: a speaker's output correlates with its own channel's input by about its share of the level
 # (0.3 at -10 dB, 0.1 at -20 dB); weaker correlations say nothing about its sign.
 POLARITY_MIN_CORRELATION = 0.1
+# Below float32's smallest normal number (about -758 dBFS) a recording is silence, and bringing it to the model's
+# level needs a gain float32 cannot hold (an all-denormal file failed as "NaN or infinite samples").
+SILENCE_FLOOR = float(np.finfo(np.float32).tiny)
+MAX_GAIN = TARGET_PEAK / SILENCE_FLOOR  # what brings the quietest peak that is not silence to TARGET_PEAK
 
 
 class Separator:
@@ -398,8 +402,8 @@ class Separator:
         """Why a recording ``[C, T]`` (as ``read_audio`` returns it) holds nothing to separate, else None: all
         silent, or (``channels="mix"``) channels that cancel in the mono downmix, e.g. one wired in reverse
         polarity. ``separate`` returns silent speakers for such input; a file is refused instead."""
-        if not np.any(wave):
-            return "audio is all silent (every sample is zero): nothing to separate"
+        if peak_amplitude(wave) < SILENCE_FLOOR:
+            return "audio is all silent (every sample is zero, or below 1.2e-38): nothing to separate"
         if self.channels == "mix" and wave.shape[0] > 1 and channels_cancel(wave):
             return ("its channels cancel when mixed down to mono (the mix is over 60 dB below the loudest channel): "
                     "nothing to separate in the mix; separate each channel (channels='each', --channels each)")
@@ -454,7 +458,7 @@ class Separator:
     def _normalize_level(self, wave: np.ndarray) -> tuple[np.ndarray, float]:
         """Scale the model input; returns (scaled wave, gain) with outputs later divided by gain."""
         peak = peak_amplitude(wave)
-        if peak == 0.0 or self.normalize == "none":
+        if peak < SILENCE_FLOOR or self.normalize == "none":
             return wave, 1.0
         if self.normalize == "clearvoice":
             return clearvoice_audio_norm(wave), 1.0  # official: the level is not restored for separation
@@ -462,7 +466,7 @@ class Separator:
             gain = TARGET_PEAK / peak
         else:
             rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
-            gain = TARGET_RMS / rms
+            gain = min(TARGET_RMS / rms, MAX_GAIN)  # a lone normal sample among denormals: 1e40 and more
         return np.multiply(wave, gain, dtype=np.float32), gain  # one float32 copy, no float64 or second pass
 
     def _separate_items(self, waves: list[np.ndarray]) -> list[np.ndarray]:
