@@ -673,6 +673,12 @@ def test_a_lone_file_with_an_output_name_is_not_replaced(ckpt, tmp_path, capsys)
     assert (out / "mix_s1.wav").read_text() == "a reference the user saved here"
     assert main([*args, "--overwrite"]) == 0
     assert sf.info(str(out / "mix_s1.wav")).frames == 8000 and (out / "mix_s2.wav").is_file()
+    # Folders with the outputs' names are no earlier outputs: the input was "skipped" with exit code 0.
+    folders = tmp_path / "folders"
+    for name in ("mix_s1.wav", "mix_s2.wav"):
+        (folders / name).mkdir(parents=True)
+    assert main(["separate", str(src), "-o", str(folders), "--checkpoint", str(ckpt)]) == 1
+    assert f"{folders / 'mix_s1.wav'} is a folder, where an output file goes" in capsys.readouterr().err
 
 
 def test_plot_counts_as_an_output_and_a_missing_one_is_drawn_from_the_outputs(ckpt, tmp_path, capsys):

@@ -539,6 +539,18 @@ def test_the_spectrogram_appears_together_with_the_speaker_files(tmp_path, monke
     written = write_separation(paths, noise((2, 1000)), SR, plot_mixture=(noise((1, 1000)), SR), title="a")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_s1.wav", "a_s2.wav", "a_spectrogram.png"]
     assert written == [*paths, tmp_path / "a_spectrogram.png"]
+    # A full disk while drawing: the message names the spectrogram (it said only "No space left on device").
+    import matplotlib.figure
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full)
+    for path in tmp_path.iterdir():
+        path.unlink()
+    with pytest.raises(OSError, match=r"^cannot write .*a_spectrogram\.png: No space left on device$"):
+        write_separation(paths, noise((2, 1000)), SR, plot_mixture=(noise((1, 1000)), SR))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_separator_leaves_the_callers_train_flag_alone_and_separates_in_eval_mode(tiny_config):

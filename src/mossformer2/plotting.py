@@ -47,8 +47,11 @@ def plot_separation(mixture: np.ndarray, sources: np.ndarray, sample_rate: int, 
             fig.suptitle(title)
         fig.tight_layout()
         path = Path(path)
-        with atomic_path(path) if temp is None else contextlib.nullcontext(temp) as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
+        try:
+            with atomic_path(path) if temp is None else contextlib.nullcontext(temp) as tmp:
+                fig.savefig(tmp, format="png", dpi=80)
+        except OSError as err:  # it names the temp file, or no file ("No space left on device")
+            raise OSError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
         plt.close(fig)
     return path

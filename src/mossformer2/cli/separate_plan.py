@@ -73,6 +73,10 @@ def select_work(files: list[Path], plan: Plan, clashes: dict[Path, Path], overwr
         if not overwrite:
             out_dir = plan[f][0].parent
             outputs = [*plan[f], spectrogram_path(plan[f][0])] if plot else plan[f]
+            folder = next((p for p in outputs if p.is_dir()), None)
+            if folder is not None:  # not an earlier output: skipping it as done would leave the input unseparated
+                work.failed.append((str(f), f"{folder} is a folder, where an output file goes: move or rename it"))
+                continue
             if plot and all(p.exists() for p in plan[f]) and not outputs[-1].exists():
                 say(f"skipping {f}: outputs exist in {out_dir}; writing only its missing spectrogram")
                 work.plot_only.append(f)  # counted as skipped once the spectrogram is written
