@@ -151,3 +151,17 @@ def test_auto_device_is_read_the_same_everywhere():
     assert resolve_device("AUTO") == resolve_device(" auto ") == expected
     cpu_only = ["CPUExecutionProvider"]
     assert providers_for_device("AUTO", cpu_only) == providers_for_device("auto", cpu_only) == cpu_only
+
+
+def test_an_unwritable_folder_is_named_read_only_or_permission_denied(tmp_path, monkeypatch):
+    """A read-only mount (a mounted image, a read-only share) was reported as "permission denied"."""
+    from types import SimpleNamespace
+
+    from mossformer2.utils import check_folder_creatable
+
+    monkeypatch.setattr(os, "access", lambda *_args, **_kwargs: False)
+    with pytest.raises(OSError, match=r"cannot create the output folder .*new: permission denied$"):
+        check_folder_creatable(tmp_path / "new", "output folder")
+    monkeypatch.setattr(os, "statvfs", lambda _path: SimpleNamespace(f_flag=os.ST_RDONLY))
+    with pytest.raises(OSError, match=r"cannot write into the output folder .*: Read-only file system$"):
+        check_folder_creatable(tmp_path, "output folder")

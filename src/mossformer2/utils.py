@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -39,13 +40,22 @@ def check_folder_creatable(path: str | Path, what: str = "folder") -> None:
         raise NotADirectoryError(f"cannot create the {what} {path}: {where} is a file, not a folder")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         verb = "write into" if existing == path else "create"
-        raise OSError(f"cannot {verb} the {what} {path}: permission denied")
+        raise OSError(f"cannot {verb} the {what} {path}: {_no_write_reason(existing)}")
     if existing == path:  # os.access can say yes where writes fail (root on sysfs, NFS root_squash, ACLs): try
         try:
             with tempfile.TemporaryFile(dir=path):
                 pass
         except OSError as err:
             raise OSError(f"cannot write into the {what} {path}: {err.strerror or err}") from None
+
+
+def _no_write_reason(folder: Path) -> str:
+    """Why ``os.access`` refuses writes into ``folder``: a read-only mount (say, a mounted image), else permissions."""
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        read_only = False
+    return os.strerror(errno.EROFS) if read_only else "permission denied"
 
 
 def make_folder(path: str | Path, what: str = "folder") -> Path:
