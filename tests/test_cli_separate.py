@@ -518,6 +518,9 @@ def test_a_list_with_a_byte_order_mark_and_an_output_folder_under_home(ckpt, tmp
     sf.write(str(tmp_path / "a.wav"), noise(4000, 1), 16000)
     (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbfa.wav\r\n")
     assert collect_inputs([str(tmp_path / "list.txt")]).files == [tmp_path / "a.wav"]
+    sf.write(str(tmp_path / "take#2.wav"), noise(4000, 2), 16000)  # a # inside a name is no comment
+    (tmp_path / "ids.scp").write_text("utt1 take#2.wav # first take\n")
+    assert collect_inputs([str(tmp_path / "ids.scp")]).files == [tmp_path / "take#2.wav"]
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path)

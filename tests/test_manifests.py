@@ -151,6 +151,15 @@ def test_lists_and_csvs_saved_with_a_byte_order_mark_read_as_without(tmp_path):
     assert [e.sources for e in load_manifest(csv_path)] == [[tmp_path / "s1.wav", tmp_path / "s2.wav"]]
 
 
+def test_a_hash_inside_a_file_name_is_no_comment(tmp_path):
+    """`take#2.wav` was cut to `take` (a comment then starts at any #); one that begins a word still is one."""
+    for name in ("take#2.wav", "s1.wav", "s2.wav"):
+        touch(tmp_path / name)
+    scp = tmp_path / "test.scp"
+    scp.write_text("#mix s1 s2\ntake#2.wav s1.wav s2.wav #comment\n")
+    assert [e.mix for e in load_manifest(scp)] == [tmp_path / "take#2.wav"]
+
+
 def test_list_duplicate_stems_get_unique_path_ids(tmp_path):
     for name in ("a/mix.wav", "b/mix.wav", "s.wav"):
         touch(tmp_path / name)

@@ -25,6 +25,7 @@ def _list_entries(list_file: Path) -> list[Path]:
     """Paths in a text list: one path a line (spaces and ``#`` allowed if the whole line names a file),
     ``mix s1 s2`` lines (first field) or Kaldi ``id path`` lines; ``#`` starts a comment otherwise."""
     from mossformer2.audio import has_audio_suffix
+    from mossformer2.data.manifests import strip_comment
 
     def locate(text: str) -> Path:  # relative paths: to the current folder if found there, else to the list's
         path = Path(os.path.expanduser(text))
@@ -38,7 +39,7 @@ def _list_entries(list_file: Path) -> list[Path]:
         if whole is not None and whole.is_file():
             entries.append(whole)
             continue
-        fields = line.split("#", 1)[0].split()
+        fields = strip_comment(line).split()
         if not fields:
             continue
         first = locate(fields[0])

@@ -108,6 +108,7 @@ def _last_source_folder(root: Path, start: int) -> int:
 # LibriMix / WHAM! keep several mixtures of each example beside the sources: clean speech, speech + noise, one
 # speaker + noise (mix_single: enhancement, not separation).
 MIXTURE_VARIANTS = ("mix_clean", "mix_both", "mix_single")
+COMMENT = re.compile(r"(?:^|(?<=\s))#")  # list files: a comment starts at a # that begins a word
 
 
 def _load_folder(root: Path, num_spks: int | None) -> list[MixtureEntry]:
@@ -169,6 +170,12 @@ def resolve_listed_path(base: Path, value: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def strip_comment(line: str) -> str:
+    """``line`` without its comment: a ``#`` at its start or after white space, as in a shell (``a#b.wav`` is a
+    file name; it was cut to ``a``)."""
+    return COMMENT.split(line, maxsplit=1)[0]
+
+
 def list_file_lines(path: Path, expected: str) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of each line of a list file that holds more than a ``#`` comment (stripped);
     ``expected`` names the line format for the error about a file that is not text."""
@@ -177,7 +184,7 @@ def list_file_lines(path: Path, expected: str) -> Iterator[tuple[int, str]]:
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not a text list (expected lines '{expected}'): {err}") from err
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
+        line = strip_comment(raw).strip()
         if line:
             yield number, line
 

@@ -36,7 +36,7 @@ from mossformer2.audio import (
     to_mono,
     write_audio,
 )
-from mossformer2.data.manifests import load_manifest
+from mossformer2.data.manifests import load_manifest, strip_comment
 from mossformer2.utils import bar_disabled, is_atomic_temp
 
 PEAK_LIMIT = 0.9  # wsj0-2mix multiplies everything by 0.9 / peak (create_wav_2speakers.m: 1 / max_amp * 0.9)
@@ -224,7 +224,7 @@ def plan_from_recipe(recipe: str | Path, wsj_root: str | Path) -> list[MixtureSp
         raise FileNotFoundError(f"--wsj-root folder not found: {wsj_root}")
     specs = []
     for line_no, raw in enumerate(recipe.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        fields = raw.split("#", 1)[0].split()
+        fields = strip_comment(raw).split()
         if not fields:
             continue
         if len(fields) < 4 or len(fields) % 2:
