@@ -151,6 +151,14 @@ def test_lists_and_csvs_saved_with_a_byte_order_mark_read_as_without(tmp_path):
     assert [e.sources for e in load_manifest(csv_path)] == [[tmp_path / "s1.wav", tmp_path / "s2.wav"]]
 
 
+def test_paths_with_spaces_show_as_missing_files_not_as_repeated_ids(tmp_path):
+    """`sp ace/mix/a.wav ...` lines split at the spaces: the error said "mixture id 'sp' appears more than once"."""
+    lines = "".join(f"sp ace/mix/{n}.wav sp ace/s1/{n}.wav sp ace/s2/{n}.wav\n" for n in "ab")
+    (tmp_path / "spaces.lst").write_text(lines)
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        load_manifest(tmp_path / "spaces.lst")
+
+
 def test_a_hash_inside_a_file_name_is_no_comment(tmp_path):
     """`take#2.wav` was cut to `take` (a comment then starts at any #); one that begins a word still is one."""
     for name in ("take#2.wav", "s1.wav", "s2.wav"):

@@ -222,6 +222,12 @@ def test_mix_reports_bad_requests(tmp_path, capsys):
     assert "--sir: not used in folder mode (use --sir-range)" in capsys.readouterr().err
     assert main(["mix", *files, "-o", str(tmp_path / "o"), "--sample-rate", "16"]) == 1  # files `separate` refuses
     assert "--sample-rate must be 1000 to 768000 Hz, got 16" in capsys.readouterr().err
+    # SIRs: 1e6 dB and NaN ended in an OverflowError traceback, inf / NaN in "the mixture is silent"
+    for sir in ("1e6", "nan", "inf", "-61"):
+        assert main(["mix", *files, "-o", str(tmp_path / "o"), "--sir", sir]) == 1
+        assert "sir_db (--sir) must be a number of dB from -60 to 60" in capsys.readouterr().err
+    assert main(["mix", str(root), "-o", str(tmp_path / "o"), "--num-mixtures", "2", "--sir-range", "nan", "5"]) == 1
+    assert "sir_range (--sir-range) must be a number of dB from -60 to 60" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     silent = tmp_path / "silent.wav"
     sf.write(str(silent), np.zeros(SR, dtype=np.float32), SR)
@@ -251,6 +257,12 @@ def test_a_set_of_mixtures_inside_the_speaker_folder_is_never_taken_as_a_speaker
     (root / "testset").rename(root / "spk0" / "old")  # deeper down: found too (a speaker's audio is searched there)
     with pytest.raises(ValueError, match=f"{root / 'spk0' / 'old'} holds a set of mixtures"):
         load_utterances(root)
+    # The set itself named as the speaker folder: mix/, s1/, s2/ were taken as three speakers.
+    assert main(["mix", str(tmp_path / "b"), "-o", str(tmp_path / "c"), "--num-mixtures", "2"]) == 1
+    assert f"{tmp_path / 'b'} is a set of mixtures (mix/, s1/, ...), not a folder of speaker" in (
+        capsys.readouterr().err)
+    with pytest.raises(ValueError, match="is a set of mixtures"):
+        load_utterances(tmp_path / "b")
 
 
 def test_mix_names_clashing_mixtures_and_notes_resampling(tmp_path, capsys):
@@ -352,6 +364,8 @@ main(["mix", {str(root)!r}, "-o", {str(out)!r}, "--num-mixtures", "3", "--seed",
     assert len([p for p in left if not p.name.startswith(".")]) == 4 and Path("metadata.csv") not in left
     assert main(["mix", str(root), "-o", str(out), "--num-mixtures", "2", "--seed", "5"]) == 1
     assert "holds the files of a `mix` run that did not finish" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is a set that `mossformer2 mix` did not finish"):
+        load_manifest(out)  # evaluate and train scored and trained on what a killed run left, as if whole
     assert main(["mix", str(root), "-o", str(out), "--num-mixtures", "2", "--seed", "5", "--overwrite"]) == 0
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert len(files) == 2 * 3 + 1 and not [p for p in files if p.name.startswith(".")], files

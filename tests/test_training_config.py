@@ -210,6 +210,17 @@ def test_max_nonfinite_steps_is_typed_and_validated(tmp_path):
         load_train_config(path, ["trainer.max_nonfinite_steps=0"])
 
 
+def test_a_negative_seed_or_example_count_is_refused_before_the_run_starts(tmp_path):
+    """trainer.seed=-1 passed validation and failed once the run had made its folder ("expected non-negative
+    integer", from NumPy, naming neither key nor value)."""
+    path = _write(tmp_path, {"data": {"synthetic": True}})
+    for override, words in (("trainer.seed=-1", "trainer.seed must be from 0 to 2**63 - 1, got -1"),
+                            ("trainer.audio_examples=-1", "trainer.audio_examples must be >= 0, got -1")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_train_config(path, [override])
+    assert load_train_config(path, ["trainer.seed=0", "trainer.audio_examples=0"]).trainer.seed == 0
+
+
 def test_with_absolute_paths_resolves_every_path_against_the_current_folder(tmp_path, monkeypatch):
     from mossformer2.training.config import with_absolute_paths
 

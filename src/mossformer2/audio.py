@@ -63,6 +63,9 @@ def speaker_folders(root: str | Path) -> list[Path]:
     """The speaker folders of a ``<root>/<speaker>/`` corpus: the folders directly in ``root``, sorted; hidden ones
     (``.x``) skipped. A folder that holds a set of mixtures (``mix/`` and ``s1/``, as ``mossformer2 mix`` writes) is
     refused: its mixtures and references would count as one more speaker's recordings."""
+    if (Path(root) / "mix").is_dir() and (Path(root) / "s1").is_dir():  # mix/, s1/, s2/ would be three "speakers"
+        raise ValueError(f"{root} is a set of mixtures (mix/, s1/, ...), not a folder of speaker folders "
+                         "(ROOT/<speaker>/*.wav): use the single-speaker recordings it was mixed from")
     folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
     for folder in folders:  # at any depth: a speaker's audio is searched recursively
         for candidate in (folder, *(mix.parent for mix in folder.rglob("mix"))):

@@ -45,6 +45,9 @@ def load_manifest(path: str | Path, num_spks: int | None = None, check_files: bo
     if num_spks is not None and num_spks < 1:
         raise ValueError(f"num_spks must be >= 1, got {num_spks}")
     if path.is_dir():
+        if (path / UNFINISHED_NAME).exists():
+            raise ValueError(f"{path} is a set that `mossformer2 mix` did not finish (the run was stopped; "
+                             f"{UNFINISHED_NAME} lists its files): run that command again with --overwrite")
         entries = _load_folder(path, num_spks)
         line_numbers: list[int] | None = None  # the folder loader already paired existing files
     else:
@@ -56,9 +59,9 @@ def load_manifest(path: str | Path, num_spks: int | None = None, check_files: bo
         entries = [e for _, e in numbered]
     if not entries:
         raise ValueError(f"manifest {path} lists no mixtures")
-    _check_unique_ids(entries, path)
-    if check_files and line_numbers is not None:
+    if check_files and line_numbers is not None:  # first: a path with spaces shows here, not as a repeated id
         _check_files_exist(entries, line_numbers, path)
+    _check_unique_ids(entries, path)
     return entries
 
 
@@ -108,6 +111,10 @@ def _last_source_folder(root: Path, start: int) -> int:
 # LibriMix / WHAM! keep several mixtures of each example beside the sources: clean speech, speech + noise, one
 # speaker + noise (mix_single: enhancement, not separation).
 MIXTURE_VARIANTS = ("mix_clean", "mix_both", "mix_single")
+# `mossformer2 mix` lists the files of a set here before it writes any and removes the list once the set is
+# complete: a killed run leaves it behind, so that the next run notices its files and --overwrite can remove them,
+# and so that a set cut short is not scored or trained on as if it were whole.
+UNFINISHED_NAME = ".mix_unfinished.txt"
 COMMENT = re.compile(r"(?:^|(?<=\s))#")  # list files: a comment starts at a # that begins a word
 
 

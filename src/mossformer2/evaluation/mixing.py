@@ -36,14 +36,13 @@ from mossformer2.audio import (
     to_mono,
     write_audio,
 )
-from mossformer2.data.manifests import load_manifest, strip_comment
+from mossformer2.data.manifests import UNFINISHED_NAME, load_manifest, strip_comment
 from mossformer2.utils import bar_disabled, is_atomic_temp
 
 PEAK_LIMIT = 0.9  # wsj0-2mix multiplies everything by 0.9 / peak (create_wav_2speakers.m: 1 / max_amp * 0.9)
 METADATA_NAME = "metadata.csv"
-# The files a run will write, listed before it writes any and removed once metadata.csv is written: a killed run
-# leaves it behind, so that the next run notices its files and --overwrite can remove them.
-UNFINISHED_NAME = ".mix_unfinished.txt"
+# Beyond this SIR the weaker source is a few steps of 16-bit PCM (at 90 dB and up, silence): no test of separation.
+MAX_SIR_DB = 60.0
 
 
 @dataclass
@@ -97,6 +96,14 @@ def active_level(wave: np.ndarray, sample_rate: int) -> float:
             return 10 ** ((prev[1] + frac * (level_db - prev[1])) / 20)
         prev = (diff, level_db)
     return math.sqrt(energy / x.size)  # never reached for real signals; plain RMS as the safe fallback
+
+
+def check_sir(value: float, name: str) -> float:
+    """``value`` (dB) unless it is not finite or beyond +-``MAX_SIR_DB``: a ValueError naming ``name``."""
+    if not (math.isfinite(value) and abs(value) <= MAX_SIR_DB):
+        raise ValueError(f"{name} must be a number of dB from {-MAX_SIR_DB:g} to {MAX_SIR_DB:g} (beyond, the "
+                         f"weaker source is a few steps of 16-bit PCM, or silence), got {value:g}")
+    return float(value)
 
 
 def levels_for_sirs(sirs_db: Sequence[float]) -> list[float]:
@@ -158,7 +165,7 @@ def plan_from_files(files: Sequence[str | Path], sir_db: float = 0.0) -> list[Mi
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"no such audio file: {p}")
-    levels = levels_for_sirs([sir_db] * (len(paths) - 1))
+    levels = levels_for_sirs([check_sir(sir_db, "sir_db (--sir)")] * (len(paths) - 1))
     mix_id = "_".join(f"{p.stem}_{_level_tag(lv)}" for p, lv in zip(paths, levels))
     return [MixtureSpec(id=mix_id, files=paths, levels_db=levels)]
 
@@ -187,7 +194,7 @@ def plan_from_speaker_folder(root: str | Path, num_mixtures: int, num_spks: int 
         raise ValueError(f"num_mixtures must be >= 1, got {num_mixtures}")
     if num_spks < 2:
         raise ValueError(f"num_spks must be >= 2, got {num_spks}")
-    low, high = sorted(float(v) for v in sir_range)
+    low, high = sorted(check_sir(float(v), "sir_range (--sir-range)") for v in sir_range)
     table = speaker_files(root)
     root = Path(root)
     if len(table) < num_spks and any(p.is_file() and not p.name.startswith(".")
@@ -232,9 +239,10 @@ def plan_from_recipe(recipe: str | Path, wsj_root: str | Path) -> list[MixtureSp
         paths, levels = [], []
         for path_text, snr_text in zip(fields[::2], fields[1::2]):
             try:
-                levels.append(float(snr_text))
+                level = float(snr_text)
             except ValueError:
                 raise ValueError(f"{recipe}, line {line_no}: {snr_text!r} is not a dB value") from None
+            levels.append(check_sir(level, f"{recipe}, line {line_no}: the level {snr_text}"))
             path = wsj_root / path_text
             if not path.is_file() and path.suffix.lower() == ".wv1" and path.with_suffix(".wav").is_file():
                 path = path.with_suffix(".wav")

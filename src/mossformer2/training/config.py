@@ -158,6 +158,10 @@ class TrainConfig:
 
     def _validate_trainer(self) -> None:
         t = self.trainer
+        if not 0 <= t.seed < 2**63:  # NumPy's generators take no negative seed (it failed once the run had started)
+            raise ConfigError(f"trainer.seed must be from 0 to 2**63 - 1, got {t.seed}")
+        if t.audio_examples < 0:
+            raise ConfigError(f"trainer.audio_examples must be >= 0, got {t.audio_examples}")
         if t.cpu_threads is not None and t.cpu_threads <= 0:
             raise ConfigError("trainer.cpu_threads must be > 0 or null")
         if t.max_steps is not None and t.max_steps <= 0:
