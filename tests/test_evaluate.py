@@ -205,6 +205,8 @@ def test_cli_with_tiny_checkpoint_reports_broken_files_and_resumes(dataset, tmp_
     # fix the list: the failed mixtures are retried, the scored ones are skipped
     lst.write_text("".join(f"{e.mix} {e.sources[0]} {e.sources[1]}\n" for e in entries))
     assert main(argv) == 0
+    assert "scored 4 of 4 mixture(s) (2 scored by an earlier run into this folder, kept); failed 0" in (
+        capsys.readouterr().out)  # it said "scored 4 of 4" as if all were scored now
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_skipped_already_scored"] == 2 and summary["num_failed"] == 0
     assert summary["scores"]["sdri"]["count"] == NUM_MIXTURES

@@ -68,6 +68,16 @@ def test_onnx_metadata_holds_config(tiny_model, onnx_path):
     assert runtime.eval() is runtime and runtime.to("cpu") is runtime
 
 
+def test_damaged_export_metadata_names_the_file_and_key(onnx_path, tmp_path):
+    """It said only "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"."""
+    proto = onnx.load(str(onnx_path))
+    next(p for p in proto.metadata_props if p.key == CONFIG_METADATA_KEY).value = "{broken"
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(proto, str(damaged))
+    with pytest.raises(ValueError, match=f"damaged.onnx: its '{CONFIG_METADATA_KEY}' metadata is not valid JSON"):
+        OnnxRuntimeModel(damaged)
+
+
 def test_onnx_runtime_input_errors(onnx_path, tmp_path):
     runtime = OnnxRuntimeModel(onnx_path)
     with pytest.raises(ValueError, match="batch, samples"):
@@ -419,6 +429,11 @@ def test_cli_export_refuses_bad_requests_before_exporting(tiny_model, checkpoint
          "--[no-]dynamic-length only applies to --format onnx, not --format torchscript"),
         (["--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--method", "script"],
          "--method only applies to --format torchscript, not --format onnx"),
+        # no export passes it (it failed after the export); a fixed length under the model's shortest input was
+        # raised to it without a word
+        (["--format", "torchscript", "-o", str(tmp_path / "m.pt"), "--tolerance", "-1"], "--tolerance must be >= 0"),
+        (["--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--no-dynamic-length", "--length-seconds", "1e-4"],
+         "under the model's shortest input"),
     ]:
         assert main(["export", "--checkpoint", ckpt, *args]) == 1, args
         err = capsys.readouterr().err

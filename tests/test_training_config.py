@@ -88,9 +88,11 @@ def test_data_section_consistency(tmp_path):
             "train_utterances": "a", "valid_utterances": "b"}}}))
 
 
-def test_missing_config_file():
+def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_train_config("/nonexistent/config.yaml")
+    with pytest.raises(ConfigError, match="is a folder: give the YAML file"):  # it said "not found"
+        load_train_config(tmp_path)
 
 
 def test_unknown_override_key_is_reported_as_an_override_not_as_the_yaml_file(tmp_path):

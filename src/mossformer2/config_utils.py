@@ -194,6 +194,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML config file as a dict; a missing file, invalid YAML, a duplicate key or a non-mapping top level
     raises :class:`ConfigError` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: give the YAML file (e.g. a file in configs/)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mossformer2.model_settings import recommended_refinements
+from mossformer2.model_settings import export_metadata, recommended_refinements
 from mossformer2.models import MossFormer2, MossFormer2Config
 from mossformer2.runtime import (
     CONFIG_METADATA_KEY,
@@ -186,8 +186,10 @@ def _load_torchscript_files(path: str | Path) -> tuple[torch.jit.ScriptModule, M
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     if not extra["config.json"]:
         raise ValueError(f"{path} has no mossformer2 config.json: was it written by `mossformer2 export`?")
-    separation = recommended_refinements(json.loads(extra["separation.json"] or "{}"), path)
-    return module.eval(), MossFormer2Config.from_dict(json.loads(extra["config.json"])), separation
+    separation = recommended_refinements(export_metadata(extra["separation.json"] or "{}", path, "separation.json"),
+                                         path)
+    config = MossFormer2Config.from_dict(export_metadata(extra["config.json"], path, "config.json"))
+    return module.eval(), config, separation
 
 
 class TorchScriptModel(torch.nn.Module):

@@ -8,11 +8,22 @@ package (no torch, no scipy).
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 REFINEMENTS = ("polarity_ensemble", "wiener_filter", "mixture_consistency")
+
+
+def export_metadata(text: str, source: str | Path, key: str) -> Any:
+    """The JSON value an export stores under ``key`` (its config, its recommended settings); a ValueError naming
+    the file and the key if it is not JSON (a damaged or hand-edited file gave only the JSON parser's words)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: its '{key}' metadata is not valid JSON ({err}): export the model again "
+                         "with `mossformer2 export`") from None
 
 
 def recommended_refinements(entry: Any, source: str | Path = "checkpoint") -> dict[str, bool]:

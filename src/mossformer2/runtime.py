@@ -8,7 +8,6 @@ are written by ``mossformer2.export.export_onnx``; they carry the model config a
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mossformer2.model_settings import recommended_refinements
+from mossformer2.model_settings import export_metadata, recommended_refinements
 from mossformer2.models.config import MossFormer2Config
 from mossformer2.utils import is_auto_device, loaded_torch
 
@@ -116,9 +115,10 @@ class OnnxRuntimeModel:
         if CONFIG_METADATA_KEY not in metadata:
             raise ValueError(f"{self.path} has no '{CONFIG_METADATA_KEY}' metadata: export it with "
                              "`mossformer2 export` (or mossformer2.export.export_onnx)")
-        self.config = MossFormer2Config.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
-        self.separation_settings = recommended_refinements(
-            json.loads(metadata.get(SEPARATION_METADATA_KEY, "{}")), self.path)
+        self.config = MossFormer2Config.from_dict(
+            export_metadata(metadata[CONFIG_METADATA_KEY], self.path, CONFIG_METADATA_KEY))
+        self.separation_settings = recommended_refinements(export_metadata(
+            metadata.get(SEPARATION_METADATA_KEY, "{}"), self.path, SEPARATION_METADATA_KEY), self.path)
         self.dynamic_length = metadata.get(DYNAMIC_LENGTH_METADATA_KEY, "true") == "true"
         self.input_shape = self.session.get_inputs()[0].shape  # ints for fixed axes, names for dynamic ones
         self.min_input_length = self.config.min_input_length

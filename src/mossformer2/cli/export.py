@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     check_format_options(args)
     if not 0 < args.length_seconds < math.inf:
         raise ValueError(f"--length-seconds must be a positive number, got {args.length_seconds}")
+    if not args.tolerance >= 0:  # no export passes a negative one: refused before the export, not after
+        raise ValueError(f"--tolerance must be >= 0, got {args.tolerance:g}")
     if is_onnx_path(args.checkpoint):
         raise ValueError("--checkpoint is already an exported ONNX model; export needs a PyTorch checkpoint")
     output = Path(args.output)
@@ -82,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(model, MossFormer2):  # a TorchScript export: nothing to trace or script again
         raise ValueError(f"--checkpoint {args.checkpoint} is already a TorchScript export; export needs the "
                          "PyTorch checkpoint it was exported from")
+    fixed_samples = int(args.length_seconds * model.config.sample_rate)
+    if args.format == "onnx" and args.dynamic_length is False and fixed_samples < model.min_input_length:
+        raise ValueError(f"--length-seconds {args.length_seconds:g} is {fixed_samples} samples at "
+                         f"{model.config.sample_rate} Hz, under the model's shortest input ({model.min_input_length} "
+                         "samples): the fixed input length would not be the one asked for")
     # Export to a temp file, check it, and only then move it onto the output: a bad export never lands.
     with atomic_path(output) as tmp:
         if args.format == "onnx":

@@ -150,7 +150,9 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append(f"{name:<8} {'-':>9} {'-':>9} {'-':>9} {0:>6d}")
     if summary.get("pesq_mode"):
         lines.append(f"pesq: {summary['pesq_mode']}")
-    lines.append(f"scored {summary['num_scored']} of {summary['num_mixtures']} mixture(s); "
+    earlier = summary.get("num_skipped_already_scored", 0)
+    kept = f" ({earlier} scored by an earlier run into this folder, kept)" if earlier else ""
+    lines.append(f"scored {summary['num_scored']} of {summary['num_mixtures']} mixture(s){kept}; "
                  f"failed {summary['num_failed']}")
     lines += _first_ten("failed", summary["failed"])
     incomplete = summary.get("incomplete", [])
