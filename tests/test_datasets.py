@@ -121,6 +121,19 @@ def test_a_file_spoilt_after_the_check_is_a_bad_example_not_zero_padded(tmp_path
     assert batch["skipped"] == 2 and batch["ids"] == ["u2"]
 
 
+def test_a_silent_reference_is_a_bad_example(tmp_path):
+    """Validation scored an all-zero source by the eps of SI-SDR (-17.3 dB against -13.0 dB without it), while
+    evaluate refused the same mixture."""
+    root = _make_wsj_folder(tmp_path / "d", [1000, 1000])
+    sf.write(root / "s2" / "u1.wav", np.zeros(1000, np.float32), SR, subtype="FLOAT")
+    entries = load_manifest(root)
+    with pytest.raises(BadAudioError, match=r"mixture u1: source 2 .*u1.wav is silent"):
+        MixtureDataset(entries, AudioStore(SR))[1]
+    skipping = MixtureDataset(entries, AudioStore(SR), skip_bad_files=True)
+    batch = collate_fn([skipping[i] for i in range(2)])
+    assert batch["skipped"] == 1 and batch["ids"] == ["u0"]
+
+
 def test_a_multichannel_reference_is_refused_not_averaged(tmp_path):
     """Two channels in a source file (both speakers, say) were averaged into the target; evaluate refused them."""
     root = _make_wsj_folder(tmp_path / "d", [1000, 1000])

@@ -188,21 +188,20 @@ class MixtureDataset(Dataset):
         try:
             mix = self.store.load(entry.mix)
             sources = [self.store.load(p) for p in entry.sources]
+            for k, (path, source) in enumerate(zip(entry.sources, sources)):
+                if source.shape[-1] != mix.shape[-1]:
+                    # A truncated file or one at another sample rate: zero-padding it would train on wrong targets.
+                    raise BadAudioError(f"mixture {entry.id}: lengths differ at {self.store.sample_rate} Hz: mixture "
+                                        f"{entry.mix} has {mix.shape[-1]} samples, source {k + 1} {path} "
+                                        f"{source.shape[-1]} (a truncated file or another sample rate?)")
+                if not np.any(source):  # no target: SI-SDR would score the eps (evaluate refuses such mixtures too)
+                    raise BadAudioError(f"mixture {entry.id}: source {k + 1} {path} is silent (every sample is "
+                                        "zero): there is nothing to separate it from")
         except BadAudioError as err:
             if not self.skip_bad_files:
                 raise
             log.warning("skipping mixture %s: %s", entry.id, err)
             return None
-        for k, (path, source) in enumerate(zip(entry.sources, sources)):
-            if source.shape[-1] != mix.shape[-1]:
-                # A truncated file or one at another sample rate: zero-padding it would train on wrong targets.
-                err = BadAudioError(f"mixture {entry.id}: lengths differ at {self.store.sample_rate} Hz: mixture "
-                                    f"{entry.mix} has {mix.shape[-1]} samples, source {k + 1} {path} "
-                                    f"{source.shape[-1]} (a truncated file or another sample rate?)")
-                if not self.skip_bad_files:
-                    raise err
-                log.warning("skipping %s", err)
-                return None
         stacked = np.stack([mix, *sources])  # [1 + S, T]
         if self.segment_samples is not None:
             stacked = random_crop(stacked, self.segment_samples, example_rng(self.seed, self.epoch, index))
