@@ -297,7 +297,12 @@ def test_overwrite_leaves_no_stale_mixtures_and_a_failed_run_leaves_no_files(tmp
     specs = [MixtureSpec("good", speech[:2], [0.0, 0.0]), MixtureSpec("bad", [speech[2], silent], [0.0, 0.0])]
     with pytest.raises(ValueError, match="mixture bad .* silent"):
         create_mixtures(specs, tmp_path / "failed", progress=False)
-    assert not [p for p in (tmp_path / "failed").rglob("*") if p.is_file()]  # "good" removed again
+    assert not (tmp_path / "failed").exists()  # "good" removed again, and the folders the run made
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("the user's")
+    with pytest.raises(ValueError, match="mixture bad .* silent"):
+        create_mixtures(specs, tmp_path / "kept", progress=False)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]  # a folder that was there stays
 
 
 def test_sir_0_names_have_no_negative_zero(tmp_path):

@@ -17,6 +17,7 @@ provenance of each source: original file, start sample taken from it, linear gai
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -330,7 +331,7 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
 
     from mossformer2.utils import atomic_write_text, make_folder
 
-    out_dir = make_folder(out_dir, "output folder")
+    out_dir = Path(out_dir)
     metadata_path = out_dir / METADATA_NAME
     if not specs:
         raise ValueError("nothing to mix")
@@ -354,6 +355,9 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
         return [f"{folder}/{spec.id}.wav" for folder in folders]
 
     planned = [name for spec in specs for name in names_of(spec)]
+    # Made here, after the checks above; a run that fails removes the folders it made (empty ones only).
+    made = [d for d in (out_dir, *(out_dir / f for f in folders)) if not d.exists()]
+    make_folder(out_dir, "output folder")
     _prepare_out_dir(out_dir, [out_dir / name for name in planned], overwrite)
     atomic_write_text(out_dir / UNFINISHED_NAME, "".join(f"{name}\n" for name in planned))
     rows = []
@@ -380,6 +384,9 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
         for path in written:
             path.unlink(missing_ok=True)
         (out_dir / UNFINISHED_NAME).unlink(missing_ok=True)
+        for folder in reversed(made):  # the set's folders, then the output folder
+            with contextlib.suppress(OSError):  # not empty: something else is there
+                folder.rmdir()
         raise
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
