@@ -371,17 +371,21 @@ def test_cli_export_prints_only_its_own_lines_and_info_describes_exports(checkpo
         assert run.stdout.startswith(f"{kind}: {path}") and "encoder_embedding_dim" in run.stdout
 
 
-def test_cli_export_errors(checkpoint_path, tmp_path, capsys):
+def test_cli_export_errors(checkpoint_path, tmp_path, capsys, monkeypatch):
     out = tmp_path / "x.pt"
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--format", "torchscript",
                  "-o", str(out)]) == 1
     assert main(["export", "--checkpoint", str(checkpoint_path), "--format", "torchscript", "-o", str(out),
                  "--opset", "17"]) == 1
     assert "--opset only applies" in capsys.readouterr().err
-    # An impossible tolerance: the check fails and no output file is left behind.
+    # An export that differs by more than the tolerance: the check fails and no output file is left behind.
+    import mossformer2.export
+
+    monkeypatch.setattr(mossformer2.export, "verify_export", lambda *_args, **_kwargs: 0.5)
     assert main(["export", "--checkpoint", str(checkpoint_path), "--format", "torchscript", "-o", str(out),
-                 "--tolerance", "-1", "--length-seconds", "0.1"]) == 1
-    assert "was not written" in capsys.readouterr().err
+                 "--tolerance", "0.1", "--length-seconds", "0.1"]) == 1
+    err = capsys.readouterr().err
+    assert "differs from PyTorch by 0.5 > --tolerance 0.1" in err and f"{out} was not written" in err
     assert list(tmp_path.iterdir()) == []
 
 
