@@ -298,6 +298,9 @@ def test_bad_options_are_rejected(tiny_model):
             Separator(tiny_model, **kwargs)
     with pytest.raises(ValueError, match="config"):
         Separator(lambda x: x)
+    whole = Separator(tiny_model, chunk_seconds=None)  # its settings make it again (overlap_seconds is None then)
+    assert Separator(tiny_model, chunk_seconds=whole.chunk_seconds, overlap_seconds=whole.overlap_seconds).chunk == (
+        whole.chunk)
     with pytest.warns(UserWarning, match="fixed 2 s windows: chunk_seconds and overlap_seconds .* are not used"):
         Separator(tiny_model, stitching="clearvoice", overlap_seconds=0)  # its windows have their own overlap
 
@@ -432,45 +435,67 @@ class LouderBandFirst:
         return out.astype(np.float32)
 
 
-def test_channels_each_share_the_first_channels_speaker_order_and_keep_their_recorded_polarity():
-    t = np.arange(SR) / SR
-    low, high = np.sin(2 * np.pi * 300 * t), np.sin(2 * np.pi * 3000 * t)
-    # Left: the low voice louder; right: the high voice louder and the polarity reversed (a mic wired in reverse).
-    # The model puts the louder voice first, so each channel on its own has another order.
-    stereo = np.stack([low + 0.3 * high, -(0.3 * low + high)]).astype(np.float32)
-    out = Separator(LouderBandFirst(), channels="each").separate(stereo, SR)
-    assert out.shape == (2, 2, SR)
-    assert np.corrcoef(out[0, 0], low)[0, 1] > 0.99 and np.corrcoef(out[1, 0], high)[0, 1] > 0.99
-    # Reordered, not negated: the right channel's speakers as it recorded them (they sum to it).
-    assert np.corrcoef(out[0, 1], -low)[0, 1] > 0.99 and np.corrcoef(out[1, 1], -high)[0, 1] > 0.99
-    np.testing.assert_allclose(out[:, 1].sum(0), stereo[1], atol=1e-4)
-    # A spaced pair: the right mic hears the low voice half a period later (anti-correlated with the left) and the
-    # high voice louder; the right channel's low voice stays delayed, not negated.
-    delay = 27  # samples: 0.51 periods of 300 Hz
-    spaced = np.stack([low + 0.3 * high, 0.3 * np.roll(low, delay) + high]).astype(np.float32)
-    out = Separator(LouderBandFirst(), channels="each").separate(spaced, SR)
-    assert np.corrcoef(out[0, 1], np.roll(low, delay))[0, 1] > 0.99
-    assert np.corrcoef(out[1, 1], high)[0, 1] > 0.99
-    # A model's sign is arbitrary per pass (SI-SDR training): one that negates the right channel's outputs gets
-    # them back as recorded, relative to its input as the first channel's are to theirs.
-    flipped = Separator(NegatesHighLouder(), channels="each").separate(stereo, SR)
-    np.testing.assert_allclose(flipped, Separator(LouderBandFirst(), channels="each").separate(stereo, SR),
-                               atol=1e-5)
-    # --stitching clearvoice keeps the official tool's independent channels (documented).
-    official = Separator(LouderBandFirst(), channels="each", stitching="clearvoice").separate(stereo, SR)
-    assert np.corrcoef(official[0, 1], high)[0, 1] < -0.99
-
-
 class NegatesHighLouder(LouderBandFirst):
     """:class:`LouderBandFirst`, with the outputs of inputs whose high band is louder negated."""
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         out = super().__call__(batch)
-        spec = np.abs(np.fft.rfft(batch, axis=-1)) ** 2
-        high_louder = spec[:, np.fft.rfftfreq(batch.shape[-1], 1 / SR) >= 2000].sum(-1) > spec[
-            :, np.fft.rfftfreq(batch.shape[-1], 1 / SR) < 2000].sum(-1)
-        out[high_louder] *= -1
+        power = np.abs(np.fft.rfft(batch, axis=-1)) ** 2
+        high = np.fft.rfftfreq(batch.shape[-1], 1 / SR) >= 2000
+        out[power[:, high].sum(-1) > power[:, ~high].sum(-1)] *= -1
         return out
+
+
+class NegatesHighWhenLoud(LouderBandFirst):
+    """Low band, high band in that order; the high band negated for inputs with an RMS above 0.5."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        low_bins = np.fft.rfftfreq(batch.shape[-1], 1 / SR) < 2000
+        low = np.fft.irfft(np.fft.rfft(batch, axis=-1) * low_bins, n=batch.shape[-1], axis=-1)
+        out = np.stack([low, batch - low], axis=1)
+        out[np.sqrt(np.mean(batch**2, axis=-1)) > 0.5, 1] *= -1
+        return out.astype(np.float32)
+
+
+@pytest.mark.parametrize("refinements", [{}, {"wiener_filter": True}])
+def test_channels_each_share_the_first_channels_speaker_order_and_keep_their_recorded_polarity(refinements):
+    t = np.arange(SR) / SR
+    low, high = np.sin(2 * np.pi * 300 * t), np.sin(2 * np.pi * 3000 * t)
+    # Left: the low voice louder; right: the high voice louder and the polarity reversed (a mic wired in reverse).
+    # The model puts the louder voice first, so each channel on its own has another order.
+    stereo = np.stack([low + 0.3 * high, -(0.3 * low + high)]).astype(np.float32)
+    out = Separator(LouderBandFirst(), channels="each", normalize="none", **refinements).separate(stereo, SR)
+    assert out.shape == (2, 2, SR)
+    assert np.corrcoef(out[0, 0], low)[0, 1] > 0.99 and np.corrcoef(out[1, 0], high)[0, 1] > 0.99
+    # Reordered, not negated: the right channel's speakers as it recorded them (they sum to it).
+    assert np.corrcoef(out[0, 1], -low)[0, 1] > 0.99 and np.corrcoef(out[1, 1], -high)[0, 1] > 0.99
+    np.testing.assert_allclose(out[:, 1].sum(0), stereo[1], atol=1e-3)
+    # A spaced pair: the right mic hears the low voice half a period later (anti-correlated with the left) and the
+    # high voice louder; the right channel's low voice stays delayed, not negated.
+    delay = 27  # samples: 0.51 periods of 300 Hz
+    spaced = np.stack([low + 0.3 * high, 0.3 * np.roll(low, delay) + high]).astype(np.float32)
+    out = Separator(LouderBandFirst(), channels="each", normalize="none", **refinements).separate(spaced, SR)
+    assert np.corrcoef(out[0, 1], np.roll(low, delay))[0, 1] > 0.99
+    assert np.corrcoef(out[1, 1], high)[0, 1] > 0.99
+    # A model's sign is arbitrary per pass (SI-SDR training): one that negates the right channel's outputs gets
+    # them back as recorded, relative to its input as the first channel's are to theirs.
+    flipped = Separator(NegatesHighLouder(), channels="each", normalize="none", **refinements).separate(stereo, SR)
+    np.testing.assert_allclose(flipped, Separator(LouderBandFirst(), channels="each", normalize="none",
+                                                  **refinements).separate(stereo, SR), atol=1e-4)
+    # ... also a speaker too quiet in its channel for that (-25 dB): through the channels' own correlation.
+    quiet = 0.056 * high
+    alike = np.stack([0.6 * (low + quiet), 0.9 * (low + quiet)]).astype(np.float32)  # RMS 0.42 and 0.64
+    out = Separator(NegatesHighWhenLoud(), channels="each", normalize="none", **refinements).separate(alike, SR)
+    assert np.corrcoef(out[1, 1], out[1, 0])[0, 1] > 0.99
+
+
+def test_clearvoice_stitching_keeps_the_channels_independent():
+    t = np.arange(SR) / SR
+    low, high = np.sin(2 * np.pi * 300 * t), np.sin(2 * np.pi * 3000 * t)
+    stereo = np.stack([low + 0.3 * high, -(0.3 * low + high)]).astype(np.float32)
+    # --stitching clearvoice keeps the official tool's independent channels (documented).
+    official = Separator(LouderBandFirst(), channels="each", stitching="clearvoice").separate(stereo, SR)
+    assert np.corrcoef(official[0, 1], high)[0, 1] < -0.99
 
 
 def test_short_overlaps_are_warned_about_and_the_fixed_length_advice_is_safe(tiny_model):

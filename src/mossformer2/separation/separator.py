@@ -135,9 +135,12 @@ class Separator:
         check_choice("channels", channels, CHANNELS)
         check_choice("backend", backend, BACKENDS)
         chunked = chunk_seconds is not None
-        for name, value in (("chunk_seconds", chunk_seconds), ("overlap_seconds", overlap_seconds)):
-            if (value is not None or name == "overlap_seconds") and not _is_number(value):
-                raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+        if chunked and not _is_number(chunk_seconds):
+            raise ValueError(f"chunk_seconds must be a number of seconds or None, got {chunk_seconds!r}")
+        if overlap_seconds is None and not chunked:  # as the overlap_seconds property gives it back then
+            overlap_seconds = OVERLAP_SECONDS
+        if not _is_number(overlap_seconds):
+            raise ValueError(f"overlap_seconds must be a number of seconds, got {overlap_seconds!r}")
         if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
             raise ValueError(f"batch_size must be a whole number, got {batch_size!r}")
         if chunked and not (0 < chunk_seconds < math.inf and 0 <= overlap_seconds < chunk_seconds):
@@ -256,6 +259,11 @@ class Separator:
         return None if self.chunk == ONE_PASS else self.overlap / self.sample_rate
 
     @property
+    def fixes_polarity(self) -> bool:
+        """Whether the refinements make each pass's outputs sum to its input, which fixes their sign."""
+        return bool(self.wiener_filter or self.mixture_consistency)
+
+    @property
     def refinements(self) -> dict[str, bool]:
         """``{name: on}`` for every name in ``model_settings.REFINEMENTS``: what this Separator applies."""
         return {name: bool(getattr(self, name)) for name in REFINEMENTS}
@@ -359,7 +367,7 @@ class Separator:
             for index in range(len(waves)):
                 rows = [k for k, item in enumerate(items) if item[0] == index]
                 aligned = _aligned_channels([separated[k] for k in rows], [items[k][2] for k in rows],
-                                            keep_polarity=self.wiener_filter or self.mixture_consistency)
+                                            keep_polarity=self.fixes_polarity)
                 for k, sources in zip(rows, aligned):
                     separated[k] = sources
         per_input: list[list[np.ndarray]] = [[] for _ in waves]
@@ -403,7 +411,7 @@ class Separator:
         silent, or (``channels="mix"``) channels that cancel in the mono downmix, e.g. one wired in reverse
         polarity. ``separate`` returns silent speakers for such input; a file is refused instead."""
         if peak_amplitude(wave) < SILENCE_FLOOR:
-            return "audio is all silent (every sample is zero, or below 1.2e-38): nothing to separate"
+            return f"audio is all silent (every sample is zero, or below {SILENCE_FLOOR:.2g}): nothing to separate"
         if self.channels == "mix" and wave.shape[0] > 1 and channels_cancel(wave):
             return ("its channels cancel when mixed down to mono (the mix is over 60 dB below the loudest channel): "
                     "nothing to separate in the mix; separate each channel (channels='each', --channels each)")
@@ -479,7 +487,7 @@ class Separator:
                 warnings.warn(f"an input of {wave.shape[-1] / self.sample_rate:.0f} s is separated in one pass "
                               "(chunk_seconds=None): memory grows with its length; chunk_seconds (--chunk-seconds) "
                               "bounds it", stacklevel=4)
-            if not np.any(wave):
+            if peak_amplitude(wave) < SILENCE_FLOOR:
                 results[i] = np.zeros((self.num_spks, wave.shape[-1]), dtype=np.float32)  # silent channel
             elif self.stitching == "aligned" and wave.shape[-1] <= self.chunk:
                 single_pass.append(i)
@@ -509,7 +517,7 @@ class Separator:
             # Refined outputs sum to their chunk's input, which fixes their polarity: chunks are then only reordered.
             return stitch_aligned(wave, self._separate_pass, self.num_spks, self.chunk, self.overlap,
                                   batch_size=self.batch_size, progress=bar.update, sample_rate=self.sample_rate,
-                                  keep_polarity=self.wiener_filter or self.mixture_consistency)
+                                  keep_polarity=self.fixes_polarity)
 
 
 def _aligned_channels(channels: list[np.ndarray], inputs: list[np.ndarray], keep_polarity: bool) -> list[np.ndarray]:
@@ -518,31 +526,34 @@ def _aligned_channels(channels: list[np.ndarray], inputs: list[np.ndarray], keep
     ``_s1`` could hold one person on the left and another on the right. ``inputs`` are the channels ``[T]``.
 
     Polarity stays as each channel recorded it: a channel wired in reverse, or a spaced microphone's delayed copy
-    (weakly anti-correlated with the first), keeps its outputs' sign. Without ``keep_polarity`` (refinements that
-    make the outputs sum to their input fix the sign) the model's own sign is arbitrary per pass, so an output is
-    negated where it relates to its channel's input with the opposite sign to the first channel's same speaker,
-    on clear correlations only (``POLARITY_MIN_CORRELATION``)."""
+    (weakly anti-correlated with the first), keeps its outputs' sign. With ``keep_polarity`` (refinements that make
+    the outputs sum to their input) the sign is right as it is. Otherwise the model's own sign is arbitrary per
+    pass, so an output is negated where it relates to its channel's input with the opposite sign to the first
+    channel's same speaker. Where that is too weak to tell (a speaker some 20 dB under the other in that channel),
+    it is negated where it anti-correlates with the first channel's output of that speaker while the two channels
+    correlate (or correlates while they anti-correlate)."""
     first = next((c for c, sources in enumerate(channels) if np.any(sources)), None)
     if first is None:
         return channels
     reference = channels[first]
-    reference_signs = _input_correlation_signs(reference, inputs[first])
+    reference_signs = _correlation_signs(reference, inputs[first])
     aligned = []
     for c, sources in enumerate(channels):
         if c != first and np.any(sources):
-            order, _ = match_sources(sources, reference)
-            sources = sources[order]
+            order, matched_signs = match_sources(sources, reference)
+            sources = sources[order]  # a copy
             if not keep_polarity:
-                signs = _input_correlation_signs(sources, inputs[c]) * reference_signs
-                if (signs < 0).any():
-                    sources = sources * np.where(signs < 0, -1.0, 1.0).astype(np.float32)[:, None]
+                signs = _correlation_signs(sources, inputs[c]) * reference_signs
+                wiring = _correlation_signs(inputs[c][None], inputs[first])[0]  # 0: the channels are unrelated
+                signs = np.where(signs == 0, matched_signs * wiring, signs)
+                sources[signs < 0] *= -1
         aligned.append(sources)
     return aligned
 
 
-def _input_correlation_signs(sources: np.ndarray, mixture: np.ndarray) -> np.ndarray:
-    """``[S]``: +1 / -1 where output ``[S, T]`` correlates clearly positively / negatively with its input ``[T]``,
-    0 where the correlation is too weak to tell (a near-silent output)."""
+def _correlation_signs(sources: np.ndarray, mixture: np.ndarray) -> np.ndarray:
+    """``[S]``: +1 / -1 where each of ``sources`` ``[S, T]`` correlates clearly positively / negatively with
+    ``mixture`` ``[T]``, 0 where the correlation is too weak to tell (``POLARITY_MIN_CORRELATION``)."""
     centred = sources - sources.mean(axis=-1, keepdims=True)
     mix = mixture - mixture.mean()
     denominator = np.linalg.norm(centred, axis=-1) * np.linalg.norm(mix) + 1e-12
