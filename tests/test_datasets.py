@@ -127,8 +127,11 @@ def test_a_silent_reference_is_a_bad_example(tmp_path):
     root = _make_wsj_folder(tmp_path / "d", [1000, 1000])
     sf.write(root / "s2" / "u1.wav", np.zeros(1000, np.float32), SR, subtype="FLOAT")
     entries = load_manifest(root)
-    with pytest.raises(BadAudioError, match=r"mixture u1: source 2 .*u1.wav is silent"):
+    with pytest.raises(BadAudioError, match=r"mixture u1: source 2 .*u1.wav is silent .*data.skip_bad_files=true"):
         MixtureDataset(entries, AudioStore(SR))[1]
+    sf.write(root / "s2" / "u1.wav", np.full(1000, 0.1, np.float32), SR, subtype="FLOAT")  # a DC level only
+    with pytest.raises(BadAudioError, match=r"source 2 .*u1.wav is silent \(every sample is 0.1\)"):
+        MixtureDataset(load_manifest(root), AudioStore(SR))[1]
     skipping = MixtureDataset(entries, AudioStore(SR), skip_bad_files=True)
     batch = collate_fn([skipping[i] for i in range(2)])
     assert batch["skipped"] == 1 and batch["ids"] == ["u0"]

@@ -191,15 +191,16 @@ class MixtureDataset(Dataset):
             for k, (path, source) in enumerate(zip(entry.sources, sources)):
                 if source.shape[-1] != mix.shape[-1]:
                     # A truncated file or one at another sample rate: zero-padding it would train on wrong targets.
-                    raise BadAudioError(f"mixture {entry.id}: lengths differ at {self.store.sample_rate} Hz: mixture "
-                                        f"{entry.mix} has {mix.shape[-1]} samples, source {k + 1} {path} "
-                                        f"{source.shape[-1]} (a truncated file or another sample rate?)")
-                if not np.any(source):  # no target: SI-SDR would score the eps (evaluate refuses such mixtures too)
-                    raise BadAudioError(f"mixture {entry.id}: source {k + 1} {path} is silent (every sample is "
-                                        "zero): there is nothing to separate it from")
+                    raise BadAudioError(f"lengths differ at {self.store.sample_rate} Hz: mixture {entry.mix} has "
+                                        f"{mix.shape[-1]} samples, source {k + 1} {path} {source.shape[-1]} (a "
+                                        "truncated file or another sample rate?)")
+                if not np.ptp(source) > 0:  # no target: SI-SDR would score its eps (evaluate refuses it too)
+                    raise BadAudioError(f"source {k + 1} {path} is silent (every sample is {source[0]:g}): there is "
+                                        "nothing to separate it from")
         except BadAudioError as err:
             if not self.skip_bad_files:
-                raise
+                raise BadAudioError(f"mixture {entry.id}: {err}; fix it, or skip such mixtures with "
+                                    "data.skip_bad_files=true") from err
             log.warning("skipping mixture %s: %s", entry.id, err)
             return None
         stacked = np.stack([mix, *sources])  # [1 + S, T]
