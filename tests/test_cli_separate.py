@@ -15,7 +15,7 @@ import torch
 import mossformer2.pretrained
 from mossformer2 import build_model, save_checkpoint
 from mossformer2.audio import read_audio
-from mossformer2.cli import main
+from mossformer2.cli import build_parser, main, user_path
 from mossformer2.cli.separate import Inputs, collect_inputs, mirrored_out_dirs, shard_files
 from tests.conftest import make_tiny_config, seeded_tiny_model
 from tests.test_hub import REPO, fake_hf_cache
@@ -527,6 +527,10 @@ def test_a_list_with_a_byte_order_mark_and_an_output_folder_under_home(ckpt, tmp
     for _ in range(2):  # the rerun skips: the outputs are where the first run wrote them
         assert main(["separate", str(tmp_path / "list.txt"), "--out-dir=~/sep", "--checkpoint", str(ckpt)]) == 0
     assert outputs_under(home / "sep") == ["a_s1.wav", "a_s2.wav"] and not (tmp_path / "~").exists()
+    commands = build_parser()._subparsers._group_actions[0].choices  # every path option of every command
+    paths = [(name, action.dest, action.type) for name, sub in commands.items() for action in sub._actions
+             if action.dest in ("out_dir", "out", "output", "data", "config", "exp_dir", "recipe", "wsj_root")]
+    assert len(paths) == 10 and all(kind is user_path for _, _, kind in paths), paths
     assert "skipped 1" in capsys.readouterr().out
 
 

@@ -193,6 +193,13 @@ def test_mix_recipe_like_wsj0_2mix(tmp_path):
     recipe.write_text("si_tr_s/011/011a0101.wv1 1.5 si_tr_s/401/missing.wv1 -1.5\n")
     with pytest.raises(FileNotFoundError, match="line 1: source file not found"):
         main(["-v", "mix", "--recipe", str(recipe), "--wsj-root", str(wsj), "-o", str(tmp_path / "x")])
+    # The SIR of a line is checked as --sir is (each level alone passed 40 and -40: 80 dB).
+    recipe.write_text("si_tr_s/011/011a0101.wv1 40 si_tr_s/401/401o030t.wv1 -40\n")
+    with pytest.raises(ValueError, match="line 1: the SIR of s1 over another source must be a number of dB from -60"):
+        main(["-v", "mix", "--recipe", str(recipe), "--wsj-root", str(wsj), "-o", str(tmp_path / "x")])
+    recipe.write_text("si_tr_s/011/011a0101.wv1 nan si_tr_s/401/401o030t.wv1 0\n")
+    with pytest.raises(ValueError, match="line 1: 'nan' is not a finite dB value"):
+        main(["-v", "mix", "--recipe", str(recipe), "--wsj-root", str(wsj), "-o", str(tmp_path / "x")])
 
 
 def test_mix_reports_bad_requests(tmp_path, capsys):
@@ -263,6 +270,10 @@ def test_a_set_of_mixtures_inside_the_speaker_folder_is_never_taken_as_a_speaker
         capsys.readouterr().err)
     with pytest.raises(ValueError, match="is a set of mixtures"):
         load_utterances(tmp_path / "b")
+    for folder in ("mix", "s1", "s2"):  # a LibriMix split: mix_clean/ beside s1/, s2/
+        (tmp_path / "b" / folder).rename(tmp_path / "b" / ("mix_clean" if folder == "mix" else folder))
+    with pytest.raises(ValueError, match="is a set of mixtures"):
+        load_utterances(tmp_path / "b")
 
 
 def test_mix_names_clashing_mixtures_and_notes_resampling(tmp_path, capsys):
@@ -297,6 +308,8 @@ def test_overwrite_leaves_no_stale_mixtures_and_a_failed_run_leaves_no_files(tmp
     specs = [MixtureSpec("good", speech[:2], [0.0, 0.0]), MixtureSpec("bad", [speech[2], silent], [0.0, 0.0])]
     with pytest.raises(ValueError, match="mixture bad .* silent"):
         create_mixtures(specs, tmp_path / "failed", progress=False)
+    with pytest.raises(ValueError, match="mixture bad .* silent"):
+        create_mixtures(specs, tmp_path / "failed" / "deeper", progress=False)
     assert not (tmp_path / "failed").exists()  # "good" removed again, and the folders the run made
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "notes.txt").write_text("the user's")

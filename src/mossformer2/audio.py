@@ -33,6 +33,8 @@ WRITE_SUBTYPES = tuple(SAMPLE_BYTES)
 # Hz, for inputs and outputs: outside, a typo or a broken header, not a recording's rate (768 kHz is the highest
 # rate audio interfaces offer; --output-rate 4410000 would make an output 100 times the input's size).
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768_000
+# Mixture folders of a set: wsj0-2mix's (and `mossformer2 mix`'s) and LibriMix / WHAM!'s.
+MIXTURE_FOLDERS = ("mix", "mix_clean", "mix_both", "mix_single")
 
 
 def check_sample_rate_option(rate: int, option: str) -> int:
@@ -59,17 +61,24 @@ def find_audio_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in found if p.is_file())  # a link to a file counts, a dangling one does not
 
 
+def holds_mixture_set(folder: Path) -> bool:
+    """Whether ``folder`` holds a set of mixtures: ``s1/`` beside ``mix/`` (wsj0-2mix, ``mossformer2 mix``) or a
+    LibriMix mixture folder."""
+    return (folder / "s1").is_dir() and any((folder / name).is_dir() for name in MIXTURE_FOLDERS)
+
+
 def speaker_folders(root: str | Path) -> list[Path]:
     """The speaker folders of a ``<root>/<speaker>/`` corpus: the folders directly in ``root``, sorted; hidden ones
-    (``.x``) skipped. A folder that holds a set of mixtures (``mix/`` and ``s1/``, as ``mossformer2 mix`` writes) is
-    refused: its mixtures and references would count as one more speaker's recordings."""
-    if (Path(root) / "mix").is_dir() and (Path(root) / "s1").is_dir():  # mix/, s1/, s2/ would be three "speakers"
+    (``.x``) skipped. A set of mixtures (:func:`holds_mixture_set`) as ``root`` or among its folders is refused:
+    its mixture and reference folders would count as speakers, or its mixtures as one more speaker's recordings."""
+    root = Path(root)
+    if holds_mixture_set(root):
         raise ValueError(f"{root} is a set of mixtures (mix/, s1/, ...), not a folder of speaker folders "
                          "(ROOT/<speaker>/*.wav): use the single-speaker recordings it was mixed from")
-    folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     for folder in folders:  # at any depth: a speaker's audio is searched recursively
-        for candidate in (folder, *(mix.parent for mix in folder.rglob("mix"))):
-            if (candidate / "mix").is_dir() and (candidate / "s1").is_dir():
+        for candidate in (folder, *(m.parent for m in folder.rglob("mix*") if m.name in MIXTURE_FOLDERS)):
+            if holds_mixture_set(candidate):
                 raise ValueError(f"{candidate} holds a set of mixtures (mix/, s1/, ...), not a speaker's recordings: "
                                  f"move it out of {root}, whose folders are taken as speakers")
     return folders

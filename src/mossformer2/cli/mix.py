@@ -21,8 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="two or more audio files, or one folder of speaker folders")
     parser.add_argument("-o", "--out-dir", required=True, type=user_path, help="output folder")
-    parser.add_argument("--recipe", help="wsj0-2mix-style mixing list (mix_2_spk_tt.txt format)")
-    parser.add_argument("--wsj-root", help="folder the recipe's paths are relative to")
+    parser.add_argument("--recipe", type=user_path, help="wsj0-2mix-style mixing list (mix_2_spk_tt.txt format)")
+    parser.add_argument("--wsj-root", type=user_path, help="folder the recipe's paths are relative to")
     # Mode-specific options default to None, so that one given in another mode is refused instead of ignored.
     parser.add_argument("--sir", type=float, default=None,
                         help="files mode: level of s1 over each other source in dB (default 0)")

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mossformer2.audio import find_audio_files, has_audio_suffix  # hidden names skipped
+from mossformer2.audio import MIXTURE_FOLDERS, find_audio_files, has_audio_suffix  # hidden names skipped
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _last_source_folder(root: Path, start: int) -> int:
 
 # LibriMix / WHAM! keep several mixtures of each example beside the sources: clean speech, speech + noise, one
 # speaker + noise (mix_single: enhancement, not separation).
-MIXTURE_VARIANTS = ("mix_clean", "mix_both", "mix_single")
+MIXTURE_VARIANTS = MIXTURE_FOLDERS[1:]  # LibriMix / WHAM!: mix_clean, mix_both, mix_single
 # `mossformer2 mix` lists the files of a set here before it writes any and removes the list once the set is
 # complete: a killed run leaves it behind, so that the next run notices its files and --overwrite can remove them,
 # and so that a set cut short is not scored or trained on as if it were whole.

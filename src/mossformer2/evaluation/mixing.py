@@ -243,13 +243,17 @@ def plan_from_recipe(recipe: str | Path, wsj_root: str | Path) -> list[MixtureSp
                 level = float(snr_text)
             except ValueError:
                 raise ValueError(f"{recipe}, line {line_no}: {snr_text!r} is not a dB value") from None
-            levels.append(check_sir(level, f"{recipe}, line {line_no}: the level {snr_text}"))
+            if not math.isfinite(level):
+                raise ValueError(f"{recipe}, line {line_no}: {snr_text!r} is not a finite dB value")
+            levels.append(level)
             path = wsj_root / path_text
             if not path.is_file() and path.suffix.lower() == ".wv1" and path.with_suffix(".wav").is_file():
                 path = path.with_suffix(".wav")
             if not path.is_file():
                 raise FileNotFoundError(f"{recipe}, line {line_no}: source file not found: {path}")
             paths.append(path)
+        for level in levels[1:]:  # s1 over each other source, as --sir and --sir-range are checked
+            check_sir(levels[0] - level, f"{recipe}, line {line_no}: the SIR of s1 over another source")
         mix_id = "_".join(f"{Path(p).stem}_{s}" for p, s in zip(fields[::2], fields[1::2]))
         specs.append(MixtureSpec(id=mix_id, files=paths, levels_db=levels, level_on_whole_file=True))
     if not specs:
@@ -356,7 +360,8 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
 
     planned = [name for spec in specs for name in names_of(spec)]
     # Made here, after the checks above; a run that fails removes the folders it made (empty ones only).
-    made = [d for d in (out_dir, *(out_dir / f for f in folders)) if not d.exists()]
+    absolute = out_dir.absolute()
+    made = [d for d in (*reversed(absolute.parents), absolute, *(absolute / f for f in folders)) if not d.exists()]
     make_folder(out_dir, "output folder")
     _prepare_out_dir(out_dir, [out_dir / name for name in planned], overwrite)
     atomic_write_text(out_dir / UNFINISHED_NAME, "".join(f"{name}\n" for name in planned))
