@@ -684,8 +684,9 @@ def test_a_lone_file_with_an_output_name_is_not_replaced(ckpt, tmp_path, capsys)
     folders = tmp_path / "folders"
     for name in ("mix_s1.wav", "mix_s2.wav"):
         (folders / name).mkdir(parents=True)
-    assert main(["separate", str(src), "-o", str(folders), "--checkpoint", str(ckpt)]) == 1
-    assert f"{folders / 'mix_s1.wav'} is a folder, where an output file goes" in capsys.readouterr().err
+    for overwrite in ([], ["--overwrite"]):  # with --overwrite it was found only after separating
+        assert main(["separate", str(src), "-o", str(folders), "--checkpoint", str(ckpt), *overwrite]) == 1
+        assert f"{folders / 'mix_s1.wav'} is a folder, where an output file goes" in capsys.readouterr().err
 
 
 def test_plot_counts_as_an_output_and_a_missing_one_is_drawn_from_the_outputs(ckpt, tmp_path, capsys):

@@ -68,7 +68,7 @@ def test_onnx_metadata_holds_config(tiny_model, onnx_path):
     assert runtime.eval() is runtime and runtime.to("cpu") is runtime
 
 
-def test_damaged_export_metadata_names_the_file_and_key(onnx_path, tmp_path):
+def test_damaged_parse_export_json_names_the_file_and_key(onnx_path, tmp_path):
     """It said only "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"."""
     proto = onnx.load(str(onnx_path))
     next(p for p in proto.metadata_props if p.key == CONFIG_METADATA_KEY).value = "{broken"

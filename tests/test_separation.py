@@ -573,8 +573,9 @@ def test_the_spectrogram_appears_together_with_the_speaker_files(tmp_path, monke
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full)
     for path in tmp_path.iterdir():
         path.unlink()
-    with pytest.raises(OSError, match=r"^cannot write .*a_spectrogram\.png: No space left on device$"):
+    with pytest.raises(OSError, match=r"^cannot write .*a_spectrogram\.png: No space left on device$") as caught:
         write_separation(paths, noise((2, 1000)), SR, plot_mixture=(noise((1, 1000)), SR))
+    assert caught.value.errno == 28
     assert list(tmp_path.iterdir()) == []
 
 

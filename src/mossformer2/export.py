@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mossformer2.model_settings import export_metadata, recommended_refinements
+from mossformer2.model_settings import parse_export_json, recommended_refinements
 from mossformer2.models import MossFormer2, MossFormer2Config
 from mossformer2.runtime import (
     CONFIG_METADATA_KEY,
@@ -37,13 +37,18 @@ DEFAULT_OPSET = 18
 TORCHSCRIPT_METHODS = ("trace", "script")
 
 
+def example_length(model: MossFormer2, seconds: float) -> int:
+    """Samples of a ``seconds``-long example (the fixed input length of a ``--no-dynamic-length`` export)."""
+    return int(seconds * model.config.sample_rate)
+
+
 def example_input(model: MossFormer2, seconds: float = 1.0, batch_size: int = 2) -> torch.Tensor:
     """A reproducible noise input ``[batch_size, T]`` on the model's device.
 
     The default length (1 s) is not a multiple of the attention group size in frames for the shipped configs,
     so the padding path is traced; a batch of 2 keeps the batch axis symbolic in torch.export.
     """
-    length = max(int(seconds * model.config.sample_rate), model.min_input_length)
+    length = max(example_length(model, seconds), model.min_input_length)
     generator = torch.Generator().manual_seed(0)
     wave = 0.1 * torch.randn(batch_size, length, generator=generator)
     return wave.to(next(model.parameters()).device)
@@ -186,9 +191,9 @@ def _load_torchscript_files(path: str | Path) -> tuple[torch.jit.ScriptModule, M
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     if not extra["config.json"]:
         raise ValueError(f"{path} has no mossformer2 config.json: was it written by `mossformer2 export`?")
-    separation = recommended_refinements(export_metadata(extra["separation.json"] or "{}", path, "separation.json"),
+    separation = recommended_refinements(parse_export_json(extra["separation.json"] or "{}", path, "separation.json"),
                                          path)
-    config = MossFormer2Config.from_dict(export_metadata(extra["config.json"], path, "config.json"))
+    config = MossFormer2Config.from_dict(parse_export_json(extra["config.json"], path, "config.json"))
     return module.eval(), config, separation
 
 

@@ -16,7 +16,7 @@ from typing import Any
 REFINEMENTS = ("polarity_ensemble", "wiener_filter", "mixture_consistency")
 
 
-def export_metadata(text: str, source: str | Path, key: str) -> Any:
+def parse_export_json(text: str, source: str | Path, key: str) -> Any:
     """The JSON value an export stores under ``key`` (its config, its recommended settings); a ValueError naming
     the file and the key if it is not JSON (a damaged or hand-edited file gave only the JSON parser's words)."""
     try:

@@ -50,8 +50,12 @@ def plot_separation(mixture: np.ndarray, sources: np.ndarray, sample_rate: int, 
         try:
             with atomic_path(path) if temp is None else contextlib.nullcontext(temp) as tmp:
                 fig.savefig(tmp, format="png", dpi=80)
-        except OSError as err:  # it names the temp file, or no file ("No space left on device")
-            raise OSError(f"cannot write {path}: {err.strerror or err}") from None
+        except OSError as err:  # the system's message names the temp file, or no file ("No space left on device")
+            if err.strerror is None:  # ours (a folder that cannot be made): it names the path already
+                raise
+            named = OSError(f"cannot write {path}: {err.strerror}")
+            named.errno = err.errno  # still tells ENOSPC apart; a one-argument OSError prints no "[Errno 28]"
+            raise named from None
     finally:
         plt.close(fig)
     return path

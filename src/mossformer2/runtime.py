@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mossformer2.model_settings import export_metadata, recommended_refinements
+from mossformer2.model_settings import parse_export_json, recommended_refinements
 from mossformer2.models.config import MossFormer2Config
 from mossformer2.utils import is_auto_device, loaded_torch
 
@@ -116,8 +116,8 @@ class OnnxRuntimeModel:
             raise ValueError(f"{self.path} has no '{CONFIG_METADATA_KEY}' metadata: export it with "
                              "`mossformer2 export` (or mossformer2.export.export_onnx)")
         self.config = MossFormer2Config.from_dict(
-            export_metadata(metadata[CONFIG_METADATA_KEY], self.path, CONFIG_METADATA_KEY))
-        self.separation_settings = recommended_refinements(export_metadata(
+            parse_export_json(metadata[CONFIG_METADATA_KEY], self.path, CONFIG_METADATA_KEY))
+        self.separation_settings = recommended_refinements(parse_export_json(
             metadata.get(SEPARATION_METADATA_KEY, "{}"), self.path, SEPARATION_METADATA_KEY), self.path)
         self.dynamic_length = metadata.get(DYNAMIC_LENGTH_METADATA_KEY, "true") == "true"
         self.input_shape = self.session.get_inputs()[0].shape  # ints for fixed axes, names for dynamic ones

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         check_export_name,
         check_opset,
         example_input,
+        example_length,
         export_onnx,
         export_torchscript,
         verify_export,
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(model, MossFormer2):  # a TorchScript export: nothing to trace or script again
         raise ValueError(f"--checkpoint {args.checkpoint} is already a TorchScript export; export needs the "
                          "PyTorch checkpoint it was exported from")
-    fixed_samples = int(args.length_seconds * model.config.sample_rate)
+    fixed_samples = example_length(model, args.length_seconds)
     if args.format == "onnx" and args.dynamic_length is False and fixed_samples < model.min_input_length:
         raise ValueError(f"--length-seconds {args.length_seconds:g} is {fixed_samples} samples at "
                          f"{model.config.sample_rate} Hz, under the model's shortest input ({model.min_input_length} "

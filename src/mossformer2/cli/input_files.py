@@ -23,7 +23,8 @@ class Inputs:
 
 def _list_entries(list_file: Path) -> list[Path]:
     """Paths in a text list: one path a line (spaces and ``#`` allowed if the whole line names a file),
-    ``mix s1 s2`` lines (first field) or Kaldi ``id path`` lines; ``#`` starts a comment otherwise."""
+    ``mix s1 s2`` lines (first field) or Kaldi ``id path`` lines; otherwise a ``#`` that begins a word starts a
+    comment (``take#2.wav`` is a name)."""
     from mossformer2.audio import has_audio_suffix
     from mossformer2.data.manifests import strip_comment
 

@@ -62,8 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_separator_arguments(parser)
     parser.add_argument("--channels", choices=["mix", "each"], default="mix",
                         help="mix: downmix to mono; each: separate every channel (multichannel outputs; each "
-                             "channel's speakers are matched to the first channel's order, except with "
-                             "--stitching clearvoice)")
+                             "channel's speakers are matched to the first channel's order, their polarity kept "
+                             "as recorded, except with --stitching clearvoice)")
     parser.add_argument("--output-rate", default="input",
                         help="'input' (default) or a rate in Hz, 1000 to 768000, e.g. 16000")
     parser.add_argument("--format", choices=["wav", "flac"], default=None,

@@ -70,13 +70,13 @@ def select_work(files: list[Path], plan: Plan, clashes: dict[Path, Path], overwr
         if f in clashes:
             work.failed.append((str(f), f"its outputs would overwrite those of {clashes[f]}; rename one of them"))
             continue
+        outputs = [*plan[f], spectrogram_path(plan[f][0])] if plot else plan[f]
+        folder = next((p for p in outputs if p.is_dir()), None)
+        if folder is not None:  # no earlier output (skipped as done, the input stayed unseparated), nor replaceable
+            work.failed.append((str(f), f"{folder} is a folder, where an output file goes: move or rename it"))
+            continue
         if not overwrite:
             out_dir = plan[f][0].parent
-            outputs = [*plan[f], spectrogram_path(plan[f][0])] if plot else plan[f]
-            folder = next((p for p in outputs if p.is_dir()), None)
-            if folder is not None:  # not an earlier output: skipping it as done would leave the input unseparated
-                work.failed.append((str(f), f"{folder} is a folder, where an output file goes: move or rename it"))
-                continue
             if plot and all(p.exists() for p in plan[f]) and not outputs[-1].exists():
                 say(f"skipping {f}: outputs exist in {out_dir}; writing only its missing spectrogram")
                 work.plot_only.append(f)  # counted as skipped once the spectrogram is written

@@ -7,7 +7,8 @@ Three layouts are read, detected from the path:
 - a **LibriMix metadata CSV** with columns ``mixture_ID, mixture_path, source_1_path, source_2_path, ...``
   (extra columns such as ``length`` are ignored; relative paths are resolved against the CSV's folder);
 - a **list / scp text file**: one mixture per line, ``mix s1 s2 ...`` separated by whitespace (ClearVoice
-  format); ``#`` comments and blank lines are ignored; relative paths are resolved against the list's folder.
+  format); comments (from a ``#`` that begins a word) and blank lines are ignored; relative paths are resolved
+  against the list's folder.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ MIXTURE_VARIANTS = MIXTURE_FOLDERS[1:]  # LibriMix / WHAM!: mix_clean, mix_both,
 # complete: a killed run leaves it behind, so that the next run notices its files and --overwrite can remove them,
 # and so that a set cut short is not scored or trained on as if it were whole.
 UNFINISHED_NAME = ".mix_unfinished.txt"
-COMMENT = re.compile(r"(?:^|(?<=\s))#")  # list files: a comment starts at a # that begins a word
+COMMENT = re.compile(r"(?<!\S)#")  # list files: a comment starts at a # that begins a word
 
 
 def _load_folder(root: Path, num_spks: int | None) -> list[MixtureEntry]:

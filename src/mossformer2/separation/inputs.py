@@ -22,8 +22,8 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 def check_rate(name: str, rate: Any) -> int:
-    """``rate`` (a number, or a one-element tensor) as an int, or a ValueError naming ``name`` unless it is a whole
-    number of Hz from ``MIN_SAMPLE_RATE`` to ``MAX_SAMPLE_RATE``."""
+    """``rate`` (a number, a NumPy scalar or a 0-d tensor) as an int, or a ValueError naming ``name`` unless it is
+    a whole number of Hz from ``MIN_SAMPLE_RATE`` to ``MAX_SAMPLE_RATE``."""
     if hasattr(rate, "item") and getattr(rate, "ndim", None) == 0:  # torch / NumPy 0-d
         rate = rate.item()
     whole = (isinstance(rate, numbers.Real) and not isinstance(rate, bool) and math.isfinite(rate)
