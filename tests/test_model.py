@@ -199,7 +199,7 @@ def test_float16_linear_attention_keeps_the_mean_over_a_long_input(with_mask, in
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_model_cast_to_half_precision_follows_float32(dtype):
+def test_model_cast_to_half_precision_follows_float32(dtype, tmp_path):
     """``model.bfloat16()`` / ``model.half()`` run close to fp32. The casts round the closed-form position tables,
     which are still computed from exact float32 frequencies, and ScaleNorm normalises in float32 (in float16 its
     ``1 / eps`` overflowed). Measured on this model, 4 s: bf16 41.9 dB, fp16 58.9 dB; before, bf16 lost its
@@ -217,6 +217,12 @@ def test_model_cast_to_half_precision_follows_float32(dtype):
         half = model.to(dtype)(wave.to(dtype))
     assert half.dtype == dtype
     assert si_sdr(half.float().flatten(0, 1), reference.flatten(0, 1)).min() > 30
+    # Back in float32 (a cast, a save and reload): the rounded tables were kept (17 dB), the exact ones are used.
+    path = mossformer2.save_checkpoint(tmp_path / "half.pt", model)
+    for back in (model.float(), mossformer2.load_model(path)):
+        with torch.inference_mode():
+            again = back(wave)
+        assert si_sdr(again.flatten(0, 1), reference.flatten(0, 1)).min() > 30
 
 
 @pytest.mark.parametrize("length", [24, 1001, 64 * 8 + 3, 3 * 64 * 8 + 8])
@@ -380,6 +386,13 @@ def test_build_model_from_dict_and_alias():
     assert build_model({"num_mossformer_layer": 1, "encoder_embedding_dim": 32,
                         "mossformer_sequence_dim": 32}).config.num_mossformer_layer == 1
     assert build_model("MossFormer2_SS_16K").config == MossFormer2Config()
+
+
+def test_a_model_keeps_its_own_copy_of_the_config(tiny_config):
+    """A sweep that changed the config object for its next model changed the earlier model's config too."""
+    first = build_model(tiny_config)
+    tiny_config.num_spks = 3
+    assert first.config.num_spks == 2 and build_model(tiny_config).config.num_spks == 3
 
 
 def test_bfloat16_autocast_on_cpu_matches_float32(tiny_config):

@@ -131,8 +131,9 @@ def resolve_config(name_or_config: str | MossFormer2Config | dict | None) -> Mos
     if name_or_config is None:
         return MossFormer2Config()
     if isinstance(name_or_config, MossFormer2Config):
-        name_or_config.validate()
-        return name_or_config
+        # A copy (replace validates it): a model kept the caller's object, so a sweep that changed it for the next
+        # model changed the config of the models already built, which then saved checkpoints that did not load.
+        return dataclasses.replace(name_or_config)
     if isinstance(name_or_config, dict):
         return MossFormer2Config.from_dict(name_or_config)
     if isinstance(name_or_config, str):
