@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import tracemalloc
 import types
 import warnings
@@ -592,6 +593,19 @@ def test_a_separator_leaves_the_callers_train_flag_alone_and_separates_in_eval_m
     torch.manual_seed(1)
     np.testing.assert_array_equal(sep.separate(x, SR), first)  # no dropout inside separate
     assert model.training
+    # From several threads at once: one thread's exit switched dropout back on during another's pass.
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [noise(8000 + 731 * i, seed=i) for i in range(8)]
+    alone = [sep.separate(x, SR) for x in inputs]
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda x: sep.separate(x, SR), inputs))
+        for a, b in zip(alone, together):
+            np.testing.assert_array_equal(a, b)
+    assert model.training
+    copied = pickle.loads(pickle.dumps(sep))  # the flag's lock does not travel; a new one is made
+    np.testing.assert_array_equal(copied.separate(inputs[0], SR), alone[0])
 
 
 def test_silent_recordings_give_silent_speakers_and_do_not_sink_a_batch(tiny_model):

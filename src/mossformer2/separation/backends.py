@@ -6,9 +6,9 @@ torch is imported inside the torch functions only: the callable path runs withou
 
 from __future__ import annotations
 
-import contextlib
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mossformer2.utils import dtype_name, is_auto_device, loaded_torch, resolve_device, resolve_dtype
@@ -104,18 +104,40 @@ def exported_model_device(model: Any, device: Any, dtype: Any) -> str:
     return runs_on
 
 
-@contextlib.contextmanager
-def eval_mode(modules: Sequence[Any]) -> Iterator[None]:
-    """Run the block with every module of ``modules`` (a model's ``list(model.modules())``, listed once: the full
-    model has ~1,850) in eval mode, then give each its own train / eval flag back (``model.train()`` would set them
-    all: a wrapper in train mode around a model in eval mode)."""
-    training = [m for m in modules if m.training]
-    # object.__setattr__: the flag is a plain attribute, and nn.Module.__setattr__'s parameter / buffer / submodule
-    # checks cost ~6 ms a forward over the full model's modules (~1 ms this way).
-    for m in training:
-        object.__setattr__(m, "training", False)
-    try:
-        yield
-    finally:
-        for m in training:
-            object.__setattr__(m, "training", True)
+class EvalMode:
+    """``with eval_mode:`` runs the block with every module of ``modules`` (a model's ``list(model.modules())``,
+    listed once: the full model has ~1,850) in eval mode, then gives each its own train / eval flag back
+    (``model.train()`` would set them all: a wrapper in train mode around a model in eval mode). Re-entrant across
+    threads: the flags come back when the last block leaves (one thread's exit switched dropout back on while
+    another thread's pass ran)."""
+
+    def __init__(self, modules: Sequence[Any]) -> None:
+        self.modules = modules
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._training: list[Any] = []
+
+    def __getstate__(self) -> dict[str, Any]:  # a Separator pickles and deep-copies (a lock does neither)
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._training = [m for m in self.modules if m.training]
+                # object.__setattr__: the flag is a plain attribute, and nn.Module.__setattr__'s parameter / buffer /
+                # submodule checks cost ~6 ms a forward over the full model's modules (~1 ms this way).
+                for m in self._training:
+                    object.__setattr__(m, "training", False)
+            self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for m in self._training:
+                    object.__setattr__(m, "training", True)
+                self._training = []
