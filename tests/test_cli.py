@@ -144,12 +144,32 @@ def test_a_closed_pipe_ends_quietly_and_a_missing_package_is_one_line(monkeypatc
     err = capsys.readouterr().err
     assert err.startswith("mossformer2 info: error: No module named 'pesq'") and "pip install pesq" in err
 
+    def no_yaml(args):  # the import name is not what pip installs
+        raise ModuleNotFoundError("No module named 'yaml'", name="yaml")
+
+    monkeypatch.setattr(info_cli, "run", no_yaml)
+    assert main(["info"]) == 1
+    assert "install it with `pip install pyyaml`" in capsys.readouterr().err
+
     def ours(args):
         raise ModuleNotFoundError("No module named 'mossformer2.nothing'", name="mossformer2.nothing")
 
     monkeypatch.setattr(info_cli, "run", ours)
     with pytest.raises(ModuleNotFoundError):  # a missing module of our own is a bug: the traceback shows
         main(["info"])
+
+
+def test_without_matplotlib_demo_stops_before_writing_and_says_once_what_to_install(tmp_path, capsys, monkeypatch):
+    """The demo wrote its audio and then failed on the plot; the hint was printed twice."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    assert main(["demo", "-o", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("pip install matplotlib") == 1 and "spectrogram plots need matplotlib" in err
+    assert not list(tmp_path.rglob("*.wav"))
 
 
 def test_commands_that_need_torch_say_so_in_one_line_without_it(tmp_path):

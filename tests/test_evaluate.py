@@ -232,6 +232,24 @@ def test_cli_rejects_bad_options(dataset, tmp_path, tiny_config, capsys):
     assert "3 listed file(s) do not exist" in capsys.readouterr().err  # the data is checked before the model
 
 
+def test_cli_scores_every_installed_metric_by_default(dataset, tmp_path, tiny_config, capsys, monkeypatch):
+    """The default was all four metrics, so a plain install (no [quality] extra) failed the README's command."""
+    import importlib.util
+
+    checkpoint = tmp_path / "tiny.pt"
+    mossformer2.save_checkpoint(checkpoint, mossformer2.build_model(tiny_config))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("pesq", "pystoi") else real_find_spec(name, *a))
+    out = tmp_path / "o"
+    assert main(["evaluate", "--data", str(dataset), "--out", str(out), "--checkpoint", str(checkpoint),
+                 "--device", "cpu", "--limit", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "leaving out pesq: metric 'pesq' needs the pesq package: pip install 'mossformer2[quality]'" in err
+    assert "leaving out stoi" in err
+    assert json.loads((out / "settings.json").read_text())["metrics"] == ["si_sdr", "sdr"]
+
+
 def test_load_mixture_reports_mismatched_rates(dataset, tmp_path):
     from mossformer2.data.manifests import MixtureEntry
     from mossformer2.evaluation import load_mixture

@@ -205,5 +205,11 @@ def test_missing_metric_package_is_named(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "pesq" else real_find_spec(name, *a))
     metrics.check_metric_dependencies(["si_sdr", "stoi"])
-    with pytest.raises(ValueError, match=r"needs the pesq package: pip install 'mossformer2\[quality\]'"):
+    with pytest.raises(ValueError, match=r"needs the pesq package: pip install 'mossformer2\[quality\]' \(or pip "
+                                         r"install pesq\), or leave pesq out of --metrics$"):
         metrics.check_metric_dependencies(["si_sdr", "pesq"])
+    assert metrics.installed_metrics() == ("si_sdr", "sdr", "stoi")  # evaluate's default then
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fast_bss_eval" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"needs the fast_bss_eval package: pip install fast_bss_eval, or leave"):
+        metrics.check_metric_dependencies(["sdr"])  # a core dependency: the [quality] extra does not hold it

@@ -157,25 +157,43 @@ def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
 
 
 # The packages each metric needs beyond numpy and scipy; sdr runs fast_bss_eval's torch backend.
-_METRIC_PACKAGES = {"pesq": ("pesq",), "stoi": ("pystoi",), "sdr": ("fast_bss_eval", "torch")}
+_METRIC_PACKAGES = {"pesq": ("pesq",), "stoi": ("pystoi",), "sdr": ("torch", "fast_bss_eval")}
+
+
+def missing_package(metric: str) -> str | None:
+    """The first package ``metric`` needs that is not installed, else None."""
+    import importlib.util
+
+    for package in _METRIC_PACKAGES.get(metric, ()):
+        try:
+            if importlib.util.find_spec(package) is not None:
+                continue
+        except ImportError:  # an import hook refusing the package: as good as not installed
+            pass
+        return package
+    return None
+
+
+def installed_metrics() -> tuple[str, ...]:
+    """The metrics whose packages are installed (``mossformer2 evaluate``'s default)."""
+    return tuple(name for name in METRICS if missing_package(name) is None)
+
+
+def missing_package_advice(metric: str, package: str) -> str:
+    """What to install for ``metric``, which needs ``package``."""
+    if package == "torch":
+        return f"metric {metric!r} needs PyTorch (pip install torch)"
+    extra = " 'mossformer2[quality]' (or pip install" if metric in ("pesq", "stoi") else ""
+    return f"metric {metric!r} needs the {package} package: pip install{extra} {package}{')' if extra else ''}"
 
 
 def check_metric_dependencies(metrics: Iterable[str]) -> None:
     """Raise ValueError naming the pip package for any selected metric whose library is not installed."""
-    import importlib.util
-
     for name in metrics:
-        for package in _METRIC_PACKAGES.get(name, ()):
-            try:
-                if importlib.util.find_spec(package) is not None:
-                    continue
-            except ImportError:  # an import hook refusing the package: as good as not installed
-                pass
-            if package == "torch":
-                raise ValueError(f"metric {name!r} needs PyTorch (pip install torch), or leave {name} out of "
-                                 "--metrics (si_sdr, pesq and stoi score without it)")
-            raise ValueError(f"metric {name!r} needs the {package} package: pip install 'mossformer2[quality]' "
-                             f"(or pip install {package}), or leave {name} out of --metrics")
+        package = missing_package(name)
+        if package is not None:
+            others = " (si_sdr, pesq and stoi score without it)" if package == "torch" else ""
+            raise ValueError(f"{missing_package_advice(name, package)}, or leave {name} out of --metrics{others}")
 
 
 def score_separation(est: np.ndarray, ref: np.ndarray, mix: np.ndarray, sample_rate: int,

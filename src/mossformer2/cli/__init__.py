@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from mossformer2.distributed import DistInfo
 
 SUBCOMMANDS = ["separate", "demo", "info", "train", "evaluate", "mix", "export"]
+PIP_NAMES = {"yaml": "pyyaml"}  # import name -> the name pip installs it by, where they differ
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         package = (err.name or "").split(".")[0]
         if args.verbose or package == "mossformer2":  # our own modules are not optional: a bug, show it
             raise
-        hint = f"; install it with `pip install {package}`" if package else ""
+        distribution = PIP_NAMES.get(package, package)  # the import name is not always the one pip installs
+        hint = f"; install it with `pip install {distribution}`" if package and "pip install" not in str(err) else ""
         print(f"mossformer2 {args.command}: error: {err}{hint}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -68,10 +68,12 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     from mossformer2.audio import read_audio, resample, to_mono, write_audio
     from mossformer2.evaluation.mixing import levels_for_sirs, mix_waves
     from mossformer2.metrics import score_separation
-    from mossformer2.plotting import plot_separation
+    from mossformer2.plotting import plot_separation, require_matplotlib
     from mossformer2.separation import Separator
     from mossformer2.separation.outputs import write_separation
     from mossformer2.utils import atomic_write_text, make_folder
+
+    require_matplotlib()  # the spectrogram comes last: refused before the work, not after the audio is written
 
     if not math.isfinite(sir_db):
         raise ValueError(f"the SIR must be a finite number of dB, got {sir_db}")

@@ -36,8 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     source.add_argument("--model", help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
     parser.add_argument("-o", "--out", required=True, type=user_path,
                         help="output folder for per_utterance.csv, summary.json")
-    parser.add_argument("--metrics", default="si_sdr,sdr,pesq,stoi",
-                        help="comma-separated subset of si_sdr,sdr,pesq,stoi (default: all)")
+    parser.add_argument("--metrics", default=None,
+                        help="comma-separated subset of si_sdr,sdr,pesq,stoi (default: every one whose package is "
+                             "installed; PESQ and STOI need mossformer2[quality])")
     parser.add_argument("--score-rate", type=int, default=None,
                         help="resample estimates, references and mixture to this rate before scoring (e.g. "
                              "8000 to compare with published 8 kHz numbers; default: the data's rate)")
@@ -56,12 +57,17 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.data.manifests import load_manifest
     from mossformer2.evaluation.evaluate import WEIGHTS_KEY, evaluate, file_sha256, format_table
     from mossformer2.hub import checkpoint_path
-    from mossformer2.metrics import parse_metrics
+    from mossformer2.metrics import METRICS, installed_metrics, missing_package, missing_package_advice, parse_metrics
     from mossformer2.pretrained import default_model_path
     from mossformer2.separation import Separator
     from mossformer2.utils import check_folder_creatable, dtype_name, is_onnx_path
 
-    metrics = parse_metrics(args.metrics)  # fail on a typo before loading anything
+    if args.metrics is None:  # every metric that can be scored here, and a word on the others
+        metrics = installed_metrics()
+        for name in (m for m in METRICS if m not in metrics):
+            print(f"leaving out {name}: {missing_package_advice(name, missing_package(name))}", file=sys.stderr)
+    else:
+        metrics = parse_metrics(args.metrics)  # fail on a typo before loading anything
     if args.score_rate is not None:
         check_sample_rate_option(args.score_rate, "--score-rate")
     if not Path(args.data).exists():

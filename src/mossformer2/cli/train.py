@@ -10,9 +10,9 @@ from mossformer2.cli import user_path
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train", help="train or fine-tune a model from a YAML config",
-        description="Train MossFormer2 from a YAML config (see configs/). Resumes from EXP_DIR/last.pt when it "
-                    "exists (changed optim.* settings then apply from there); Ctrl-C or SIGTERM saves it after "
-                    "the current step. Override any config key with "
+        description="Train MossFormer2 from a YAML config (examples: configs/ in the source repository). Resumes "
+                    "from EXP_DIR/last.pt when it exists (changed optim.* settings then apply from there); "
+                    "Ctrl-C or SIGTERM saves it after the current step. Override any config key with "
                     "key.sub=value, e.g. optim.lr=5e-5 data.batch_size=2. "
                     "Several GPUs or machines: torchrun --nproc_per_node=N -m mossformer2 train ...")
     parser.add_argument("--config", required=True, type=user_path,
