@@ -175,6 +175,10 @@ def test_save_checkpoint_embeds_config_and_is_official_layout(tmp_path, tiny_mod
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp files left behind
     with pytest.raises(ValueError, match="overwrite"):
         save_checkpoint(tmp_path / "x.pt", tiny_model, extra={"model": 1})
+    # Recommended settings given as extra are checked as load_model checks them (a file that did not load)
+    with pytest.raises(ValueError, match=r"extra\['separation'\]: .*must be true or false"):
+        save_checkpoint(tmp_path / "x.pt", tiny_model, extra={"separation": {"mixture_consistency": "yes"}})
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_infer_config_full_size_shapes():

@@ -37,6 +37,8 @@ def test_masked_lengths_ignore_padding():
                                atol=1e-3, rtol=1e-4)
     loss, _ = pit_si_sdr_loss(padded_est, padded_ref, lengths, reduction="none")
     torch.testing.assert_close(loss, -masked.mean(-1), atol=1e-4, rtol=1e-4)
+    # A [T] pair with its one length (a raw expand error before)
+    torch.testing.assert_close(si_sdr(padded_est[1, 0], padded_ref[1, 0], torch.tensor(500)), masked[1, 0])
 
 
 @pytest.mark.parametrize("num_spks", [2, 3, 4, 5])

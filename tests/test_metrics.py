@@ -92,6 +92,8 @@ def test_sdr_matches_mir_eval_bss_eval_sources(signals):
     assert metrics.sdr(ref[0], ref[0]) == pytest.approx(metrics.SDR_CLAMP_DB)  # finite for perfect estimates
     with pytest.raises(ValueError, match="shorter than the BSS-eval filter"):
         metrics.sdr(est[:, :100], ref[:, :100])
+    with pytest.raises(ValueError, match="undefined for a silent reference"):  # was torch's _LinAlgError
+        metrics.sdr(est[0], np.zeros_like(ref[0]))
 
 
 def test_pesq_and_stoi_match_direct_calls(signals):
@@ -111,6 +113,11 @@ def test_pesq_and_stoi_match_direct_calls(signals):
         metrics.pesq(np.zeros(sr), np.zeros(sr), sr)
     with pytest.raises(ValueError, match="PESQ failed: the estimate is silent"):
         metrics.pesq(np.zeros_like(ref[0]), ref[0], sr)
+    # Another rate is resampled to 16 kHz whatever the leading axes ([..., T]; [1, S, T] failed to resample).
+    from mossformer2.audio import resample
+
+    e32, r32 = resample(est.astype(np.float32), sr, 32000), resample(ref.astype(np.float32), sr, 32000)
+    np.testing.assert_allclose(metrics.pesq(e32[None], r32[None], 32000), [metrics.pesq(e32, r32, 32000)])
 
 
 def test_score_separation_aligns_permutation_and_reports_improvements(signals):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -393,6 +394,9 @@ def test_a_model_keeps_its_own_copy_of_the_config(tiny_config):
     first = build_model(tiny_config)
     tiny_config.num_spks = 3
     assert first.config.num_spks == 2 and build_model(tiny_config).config.num_spks == 3
+    # NumPy integers (a sweep's values) are taken, as plain ints: a checkpoint stores the config
+    swept = tiny_config.replace(num_spks=np.int64(2))
+    assert type(swept.num_spks) is int and swept == tiny_config.replace(num_spks=2)
 
 
 def test_bfloat16_autocast_on_cpu_matches_float32(tiny_config):

@@ -163,6 +163,8 @@ def test_short_inputs_are_sorted_by_length_padded_and_exact(tiny_model):
         assert got.shape == (2, wave.shape[0])
         expected = one.separate(wave, SR)
         np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max())
+    from_generator = sep.separate_many((wave for wave in files), SR)  # an IndexError after all the work
+    assert [o.shape for o in from_generator] == [o.shape for o in batched]
 
 
 def test_models_without_lengths_batch_equal_lengths_only(tiny_model):

@@ -83,6 +83,8 @@ def sdr(est: np.ndarray, ref: np.ndarray, filter_length: int = BSS_EVAL_FILTER_L
     if est.shape[-1] < filter_length:
         raise ValueError(f"signals of {est.shape[-1]} samples are shorter than the BSS-eval filter "
                          f"({filter_length} taps)")
+    if not (np.ptp(ref, axis=-1) > 0).all():  # its delays span nothing: torch's solver failed as "singular"
+        raise ValueError("SDR is undefined for a silent reference (every sample equal)")
     est_t, ref_t = torch.from_numpy(est)[..., None, :], torch.from_numpy(ref)[..., None, :]
     value = -sdr_loss(est_t, ref_t, filter_length=filter_length, clamp_db=SDR_CLAMP_DB)[..., 0].numpy()
     return float(value) if value.ndim == 0 else value
@@ -113,7 +115,11 @@ def pesq(est: np.ndarray, ref: np.ndarray, sample_rate: int) -> np.ndarray | flo
     if sample_rate not in (8000, 16000):
         from mossformer2.audio import resample
 
-        est, ref = (resample(np.asarray(x, dtype=np.float32), sample_rate, 16000) for x in (est, ref))
+        def to_16k(x: np.ndarray) -> np.ndarray:  # any leading axes ([..., T]; resample takes [C, T])
+            x = np.asarray(x, dtype=np.float32)
+            return resample(x.reshape(-1, x.shape[-1]), sample_rate, 16000).reshape(*x.shape[:-1], -1)
+
+        est, ref = to_16k(est), to_16k(ref)
         sample_rate = 16000
 
     def one(e: np.ndarray, r: np.ndarray) -> float:

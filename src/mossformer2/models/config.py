@@ -9,6 +9,7 @@ checkpoint of the official architecture always uses the defaults.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +57,11 @@ class MossFormer2Config:
                     "rotary_dim", "fsmn_inner_dim", "fsmn_lorder", "conv_kernel_size"]
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"MossFormer2Config.{name} must be a positive integer, got {value!r}")
+            # A NumPy integer (a sweep's value) as a plain int: checkpoints store the config, and torch.load with
+            # weights_only=True reads no NumPy scalars back.
+            object.__setattr__(self, name, int(value))
         if self.encoder_embedding_dim != self.mossformer_sequence_dim:
             raise ConfigError(
                 "MossFormer2Config: encoder_embedding_dim must equal mossformer_sequence_dim "

@@ -12,7 +12,7 @@ import math
 import numbers
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -328,11 +328,11 @@ class Separator:
         """
         return self._separate_many([wave], sample_rate, output_rate)[0]
 
-    def separate_many(self, waves: Sequence[np.ndarray | torch.Tensor], sample_rate: int,
+    def separate_many(self, waves: Iterable[np.ndarray | torch.Tensor], sample_rate: int,
                       output_rate: int | None = None) -> list[np.ndarray]:
         """Separate several recordings at one rate; equal-length short inputs share forward passes (inputs and
-        outputs as in ``separate``)."""
-        return self._separate_many(waves, sample_rate, output_rate)
+        outputs as in ``separate``; ``waves`` may be any iterable: a generator failed after all the work)."""
+        return self._separate_many(list(waves), sample_rate, output_rate)
 
     def _separate_many(self, waves: Sequence[np.ndarray | torch.Tensor], sample_rate: int,
                        output_rate: int | None) -> list[np.ndarray]:
@@ -390,7 +390,9 @@ class Separator:
         All outputs appear together or not at all (temp files renamed at the end). ``ext`` is ``format``, else
         the input's own if wav/flac, else wav. ``plot`` adds ``<stem>_spectrogram.png``. Returns the paths.
         A file with nothing to separate (:meth:`nothing_to_separate`) raises ValueError, as ``mossformer2
-        separate`` fails it, instead of writing silent speakers.
+        separate`` fails it, instead of writing silent speakers. Its warnings are labelled with the file through
+        ``warnings.catch_warnings``, which is process-wide: called from several threads at once, some of them are
+        lost (``separate`` is thread-safe; so is this method's work, but not its warnings).
         """
         wave, sample_rate = read_audio(path)
         problem = self.nothing_to_separate(wave)
