@@ -66,9 +66,17 @@ def test_onnx_metadata_holds_config(tiny_model, onnx_path):
     runtime = OnnxRuntimeModel(onnx_path)
     assert runtime.config == tiny_model.config
     assert runtime.eval() is runtime and runtime.to("cpu") is runtime
+    # Pickled (worker processes) and deep-copied as the file: a new session (InferenceSession does not pickle)
+    import copy
+    import pickle
+
+    wave = 0.1 * np.random.default_rng(0).standard_normal((1, 4000)).astype(np.float32)
+    for again in (pickle.loads(pickle.dumps(Separator(runtime))).model, copy.deepcopy(runtime)):
+        assert again.session is not runtime.session and again.config == runtime.config
+        np.testing.assert_array_equal(again(wave), runtime(wave))
 
 
-def test_damaged_parse_export_json_names_the_file_and_key(onnx_path, tmp_path):
+def test_damaged_export_metadata_names_the_file_and_key(onnx_path, tmp_path):
     """It said only "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"."""
     proto = onnx.load(str(onnx_path))
     next(p for p in proto.metadata_props if p.key == CONFIG_METADATA_KEY).value = "{broken"

@@ -87,9 +87,15 @@ class OnnxRuntimeModel:
             ONNX Runtime's choice, all cores).
     """
 
+    def __reduce__(self) -> tuple:
+        """Pickled and deep-copied as its arguments: the copy opens the file again (a Separator on an ONNX model
+        then goes to worker processes, which start them by pickling)."""
+        return (OnnxRuntimeModel, self._arguments)
+
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
                  num_threads: int | None = None) -> None:
         ort = import_optional("onnxruntime", "running an ONNX model")
+        self._arguments = (path, providers, num_threads)  # __reduce__: a session does not pickle, the file does
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
