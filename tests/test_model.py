@@ -395,8 +395,9 @@ def test_a_model_keeps_its_own_copy_of_the_config(tiny_config):
     tiny_config.num_spks = 3
     assert first.config.num_spks == 2 and build_model(tiny_config).config.num_spks == 3
     # NumPy integers (a sweep's values) are taken, as plain ints: a checkpoint stores the config
-    swept = tiny_config.replace(num_spks=np.int64(2))
-    assert type(swept.num_spks) is int and swept == tiny_config.replace(num_spks=2)
+    swept = tiny_config.replace(num_spks=np.int64(2), dropout=np.float64(0.1), expansion_factor=np.float32(2.0))
+    assert type(swept.num_spks) is int and type(swept.dropout) is float and type(swept.expansion_factor) is float
+    assert swept == tiny_config.replace(num_spks=2, dropout=0.1, expansion_factor=2.0)
 
 
 def test_bfloat16_autocast_on_cpu_matches_float32(tiny_config):

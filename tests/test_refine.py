@@ -213,7 +213,11 @@ def test_bad_separation_entries_are_reported(tiny_model, tmp_path):
         torch.save({**raw, "separation": entry}, path)
         with pytest.raises(ValueError, match=message):
             load_separation_model(path, "cpu")
-    save_checkpoint(path, tiny_model, extra={"separation": {"polarity_ensemble": True, "shifts": 4}})
+    newer = {"polarity_ensemble": True, "shifts": 4}  # a name a newer version knows: warned about, left out
+    with pytest.warns(UserWarning, match=r"extra\['separation'\]: ignoring unknown separation settings \['shifts'\]"):
+        save_checkpoint(path, tiny_model, extra={"separation": newer})
+    assert torch.load(path, weights_only=True)["separation"] == {"polarity_ensemble": True}  # written as checked
+    torch.save({**torch.load(path, weights_only=True), "separation": newer}, path)  # a newer version's file
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert load_separation_model(path, "cpu").separation_settings == {"polarity_ensemble": True}

@@ -595,14 +595,16 @@ def test_a_separator_leaves_the_callers_train_flag_alone_and_separates_in_eval_m
     torch.manual_seed(1)
     np.testing.assert_array_equal(sep.separate(x, SR), first)  # no dropout inside separate
     assert model.training
-    # From several threads at once: one thread's exit switched dropout back on during another's pass.
+    # From several threads at once, through one Separator or two on the same model: one thread's exit switched
+    # dropout back on during another's pass.
     from concurrent.futures import ThreadPoolExecutor
 
     inputs = [noise(8000 + 731 * i, seed=i) for i in range(8)]
     alone = [sep.separate(x, SR) for x in inputs]
+    separators = [sep, sep, Separator(model, device="cpu", chunk_seconds=10.0)]
     for _ in range(3):
         with ThreadPoolExecutor(4) as pool:
-            together = list(pool.map(lambda x: sep.separate(x, SR), inputs))
+            together = list(pool.map(lambda i: separators[i % 3].separate(inputs[i], SR), range(len(inputs))))
         for a, b in zip(alone, together):
             np.testing.assert_array_equal(a, b)
     assert model.training

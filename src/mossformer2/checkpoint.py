@@ -360,12 +360,12 @@ def save_checkpoint(path: str | Path, model: MossFormer2, optimizer: torch.optim
     clash = set(extra) & set(payload)
     if clash:
         raise ValueError(f"extra keys {sorted(clash)} would overwrite checkpoint fields")
-    if "separation" in extra:  # read back by load_model: checked as it will be there
-        recommended_refinements(extra["separation"], "extra['separation']")
-    else:
-        settings = recommended_refinements(getattr(inner, "separation_settings", None), "model.separation_settings")
-        if settings:
-            extra["separation"] = settings
+    # Read back by load_model: checked as it will be there, and written as checked (unknown names dropped).
+    given = "separation" in extra
+    settings = recommended_refinements(extra["separation"] if given else getattr(inner, "separation_settings", None),
+                                       "extra['separation']" if given else "model.separation_settings")
+    if settings or given:
+        extra["separation"] = settings
     payload.update(_plain(extra, "extra"))
     atomic_torch_save(payload, path)
     return Path(path)

@@ -67,8 +67,7 @@ def si_sdr(est: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor | None = 
     e = est.reshape(-1, 1, est.shape[-1])
     r = ref.reshape(-1, 1, ref.shape[-1])
     if lengths is not None:  # [B] for [B, ..., T] (one length for a [T] pair)
-        lengths = lengths.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1) if shape else (
-            lengths.reshape(1))
+        lengths = lengths.reshape(shape[:1] + (1,) * (len(shape) - 1)).expand(shape).reshape(-1)
     return pairwise_si_sdr(e, r, lengths, eps)[:, 0, 0].reshape(shape)
 
 

@@ -189,8 +189,9 @@ def missing_package_advice(metric: str, package: str) -> str:
     """What to install for ``metric``, which needs ``package``."""
     if package == "torch":
         return f"metric {metric!r} needs PyTorch (pip install torch)"
-    extra = " 'mossformer2[quality]' (or pip install" if metric in ("pesq", "stoi") else ""
-    return f"metric {metric!r} needs the {package} package: pip install{extra} {package}{')' if extra else ''}"
+    install = (f"pip install 'mossformer2[quality]' (or pip install {package})" if metric in ("pesq", "stoi")
+               else f"pip install {package}")
+    return f"metric {metric!r} needs the {package} package: {install}"
 
 
 def check_metric_dependencies(metrics: Iterable[str]) -> None:

@@ -95,7 +95,8 @@ class OnnxRuntimeModel:
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
                  num_threads: int | None = None) -> None:
         ort = import_optional("onnxruntime", "running an ONNX model")
-        self._arguments = (path, providers, num_threads)  # __reduce__: a session does not pickle, the file does
+        # __reduce__: a session does not pickle, the file does (resolved: a worker may start in another folder)
+        self._arguments = (Path(path).resolve(), None if providers is None else tuple(providers), num_threads)
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")

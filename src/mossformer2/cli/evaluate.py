@@ -62,18 +62,16 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.separation import Separator
     from mossformer2.utils import check_folder_creatable, dtype_name, is_onnx_path
 
-    if args.metrics is None:  # every metric that can be scored here, and a word on the others
-        metrics = installed_metrics()
-        for name in (m for m in METRICS if m not in metrics):
-            print(f"leaving out {name}: {missing_package_advice(name, missing_package(name))}", file=sys.stderr)
-    else:
-        metrics = parse_metrics(args.metrics)  # fail on a typo before loading anything
+    # Every metric that can be scored here by default (a word on the others once the options are checked).
+    metrics = installed_metrics() if args.metrics is None else parse_metrics(args.metrics)  # a typo fails first
     if args.score_rate is not None:
         check_sample_rate_option(args.score_rate, "--score-rate")
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data not found: {args.data}")
     load_manifest(args.data)  # and on a bad manifest (missing files, ...) before loading a large model
     check_folder_creatable(args.out, "output folder")  # and on a bad --out (evaluate() creates it)
+    for name in (m for m in METRICS if args.metrics is None and m not in metrics):
+        print(f"leaving out {name}: {missing_package_advice(name, missing_package(name))}", file=sys.stderr)
     ref = model_ref(args)
     # Resolved once (a hub id: its cached snapshot file), so that the weights hashed are the weights loaded.
     weights = ref if ref is None or is_onnx_path(ref) else str(checkpoint_path(ref).absolute())

@@ -59,9 +59,9 @@ class MossFormer2Config:
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"MossFormer2Config.{name} must be a positive integer, got {value!r}")
-            # A NumPy integer (a sweep's value) as a plain int: checkpoints store the config, and torch.load with
+            # A NumPy scalar (a sweep's value) as a plain number: checkpoints store the config, and torch.load with
             # weights_only=True reads no NumPy scalars back.
-            object.__setattr__(self, name, int(value))
+            setattr(self, name, int(value))
         if self.encoder_embedding_dim != self.mossformer_sequence_dim:
             raise ConfigError(
                 "MossFormer2Config: encoder_embedding_dim must equal mossformer_sequence_dim "
@@ -74,6 +74,10 @@ class MossFormer2Config:
         if self.mossformer_sequence_dim % 2:
             raise ConfigError("MossFormer2Config.mossformer_sequence_dim must be even (token shift, "
                               "sinusoidal table)")
+        for name in ("expansion_factor", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                setattr(self, name, value if type(value) in (int, float) else float(value))
         if isinstance(self.expansion_factor, bool) or not isinstance(self.expansion_factor, (int, float)) \
                 or not self.expansion_factor > 0:
             raise ConfigError(f"MossFormer2Config.expansion_factor must be a positive number, "

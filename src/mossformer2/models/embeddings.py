@@ -47,7 +47,9 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding on the first ``dim`` features, interleaved pairs (2i, 2i+1).
 
     Matches rotary-embedding-torch 0.8.3: angle = float32(pos) * freq_i, freq_i = 10000^(-2i/dim).
-    One instance is shared by all FLASH layers (hence the aliased ``freqs`` entries in the state dict).
+    One instance is shared by all FLASH layers (hence the aliased ``freqs`` entries in the state dict). The stored
+    ``freqs`` are kept for the checkpoints' keys; the angles always use the formula's float32 values (see
+    :func:`full_precision_frequencies`).
     """
 
     def __init__(self, dim: int) -> None:
@@ -65,7 +67,7 @@ class RotaryEmbedding(nn.Module):
         32 rad) and scramble the positions.
         """
         t = torch.arange(num_frames, device=device, dtype=torch.float32)
-        angles = t[:, None] * full_precision_frequencies(self.freqs, self.dim).float()[None, :]  # [F, dim/2]
+        angles = t[:, None] * sinusoidal_inv_freq(self.dim, self.freqs.device)[None, :]  # [F, dim/2]
         # Each angle twice, by expand + flatten: repeat_interleave may wait for the device (no CUDA graphs then).
         angles = angles.unsqueeze(-1).expand(-1, -1, 2).flatten(-2)  # [F, dim]
         angles = angles.to(torch.promote_types(dtype, torch.float32))

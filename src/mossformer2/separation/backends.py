@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Sequence
+import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mossformer2.utils import dtype_name, is_auto_device, loaded_torch, resolve_device, resolve_dtype
@@ -105,29 +105,22 @@ def exported_model_device(model: Any, device: Any, dtype: Any) -> str:
 
 
 class EvalMode:
-    """``with eval_mode:`` runs the block with every module of ``modules`` (a model's ``list(model.modules())``,
-    listed once: the full model has ~1,850) in eval mode, then gives each its own train / eval flag back
-    (``model.train()`` would set them all: a wrapper in train mode around a model in eval mode). Re-entrant across
-    threads: the flags come back when the last block leaves (one thread's exit switched dropout back on while
-    another thread's pass ran)."""
+    """``with eval_mode(model):`` runs the block with every module of ``model`` in eval mode, then gives each its own
+    train / eval flag back (``model.train()`` would set them all: a wrapper in train mode around a model in eval
+    mode). One per model (:func:`eval_mode`), re-entrant across threads: the flags come back when the last block
+    leaves (one thread's exit switched dropout back on while another thread's pass ran, also through two
+    Separators on one model). Holds the model weakly, so that it can be collected."""
 
-    def __init__(self, modules: Sequence[Any]) -> None:
-        self.modules = modules
+    def __init__(self, model: Any) -> None:
+        self._model = weakref.ref(model)
         self._lock = threading.Lock()
         self._depth = 0
         self._training: list[Any] = []
 
-    def __getstate__(self) -> dict[str, Any]:  # a Separator pickles and deep-copies (a lock does neither)
-        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
     def __enter__(self) -> None:
         with self._lock:
             if self._depth == 0:
-                self._training = [m for m in self.modules if m.training]
+                self._training = [m for m in self._model().modules() if m.training]
                 # object.__setattr__: the flag is a plain attribute, and nn.Module.__setattr__'s parameter / buffer /
                 # submodule checks cost ~6 ms a forward over the full model's modules (~1 ms this way).
                 for m in self._training:
@@ -141,3 +134,16 @@ class EvalMode:
                 for m in self._training:
                     object.__setattr__(m, "training", True)
                 self._training = []
+
+
+_EVAL_MODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_EVAL_MODES_LOCK = threading.Lock()
+
+
+def eval_mode(model: Any) -> EvalMode:
+    """The one :class:`EvalMode` of ``model`` (a torch module), made on first use."""
+    with _EVAL_MODES_LOCK:
+        mode = _EVAL_MODES.get(model)
+        if mode is None:
+            mode = _EVAL_MODES[model] = EvalMode(model)
+        return mode

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mossformer2.audio import peak_amplitude, read_audio, resample, to_mono
 from mossformer2.model_settings import REFINEMENTS
 from mossformer2.models.config import min_input_length
-from mossformer2.separation.backends import EvalMode, exported_model_device, is_torch_module, prepare_torch_model
+from mossformer2.separation.backends import eval_mode, exported_model_device, is_torch_module, prepare_torch_model
 from mossformer2.separation.batching import make_batches
 from mossformer2.separation.inputs import as_channels_first, channels_cancel, check_choice, check_rate
 from mossformer2.separation.loading import load_separation_model
@@ -183,7 +183,6 @@ class Separator:
             self.device = exported_model_device(model, device, dtype)
             self.dtype = "float32"
         self.model = model
-        self._eval_mode = EvalMode(list(model.modules()) if self.is_torch else [])  # modules listed once
         # Our MossFormer2 takes true lengths, which makes zero-padded batches of unequal inputs exact.
         self.pads_batches = self.is_torch and bool(getattr(model, "accepts_lengths", False))
         self.sample_rate = int(model.config.sample_rate)
@@ -302,7 +301,7 @@ class Separator:
 
         wave = torch.from_numpy(batch).to(self.device, self.input_dtype)
         lengths_t = None if lengths is None else torch.from_numpy(np.asarray(lengths)).to(self.device)
-        with torch.inference_mode(), self._eval_mode:
+        with torch.inference_mode(), eval_mode(self.model):
             if self.graphs is not None:
                 out = self.graphs(wave, lengths_t)  # applies the autocast dtype itself
             else:
