@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--data not found: {args.data}")
     load_manifest(args.data)  # and on a bad manifest (missing files, ...) before loading a large model
     check_folder_creatable(args.out, "output folder")  # and on a bad --out (evaluate() creates it)
-    for name in (m for m in METRICS if args.metrics is None and m not in metrics):
-        print(f"leaving out {name}: {missing_package_advice(name, missing_package(name))}", file=sys.stderr)
+    if args.metrics is None:
+        for name in [m for m in METRICS if m not in metrics]:
+            print(f"leaving out {name}: {missing_package_advice(name, missing_package(name))}", file=sys.stderr)
     ref = model_ref(args)
     # Resolved once (a hub id: its cached snapshot file), so that the weights hashed are the weights loaded.
     weights = ref if ref is None or is_onnx_path(ref) else str(checkpoint_path(ref).absolute())

@@ -21,12 +21,17 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def is_real_number(value: Any) -> bool:
+    """A real number (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_rate(name: str, rate: Any) -> int:
     """``rate`` (a number, a NumPy scalar or a 0-d tensor) as an int, or a ValueError naming ``name`` unless it is
     a whole number of Hz from ``MIN_SAMPLE_RATE`` to ``MAX_SAMPLE_RATE``."""
     if hasattr(rate, "item") and getattr(rate, "ndim", None) == 0:  # torch / NumPy 0-d
         rate = rate.item()
-    whole = (isinstance(rate, numbers.Real) and not isinstance(rate, bool) and math.isfinite(rate)
+    whole = (is_real_number(rate) and math.isfinite(rate)
              and rate == int(rate))
     if whole and MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         return int(rate)

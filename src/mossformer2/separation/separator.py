@@ -24,7 +24,13 @@ from mossformer2.model_settings import REFINEMENTS
 from mossformer2.models.config import min_input_length
 from mossformer2.separation.backends import eval_mode, exported_model_device, is_torch_module, prepare_torch_model
 from mossformer2.separation.batching import make_batches
-from mossformer2.separation.inputs import as_channels_first, channels_cancel, check_choice, check_rate
+from mossformer2.separation.inputs import (
+    as_channels_first,
+    channels_cancel,
+    check_choice,
+    check_rate,
+    is_real_number,
+)
 from mossformer2.separation.loading import load_separation_model
 from mossformer2.separation.outputs import output_paths, write_separation
 from mossformer2.separation.refine import (
@@ -38,6 +44,7 @@ from mossformer2.separation.stitching import (
     clearvoice_pass_length,
     clearvoice_separate,
     clearvoice_window_count,
+    correlation_signs,
     match_sources,
     plan_chunks,
     stitch_aligned,
@@ -59,9 +66,6 @@ ONE_PASS, ONE_PASS_WARN_SECONDS = sys.maxsize, 60.0
 # Below this overlap the speaker matching of consecutive chunks often goes wrong (an audit measured swaps at
 # 0.1-0.5 s, and at 1 s with 4 s chunks), so shorter overlaps are warned about.
 SAFE_OVERLAP_SECONDS = 1.0
-# --channels each: a speaker's output correlates with its own channel's input by about its share of the level
-# (0.3 at -10 dB, 0.1 at -20 dB); weaker correlations say nothing about its sign.
-POLARITY_MIN_CORRELATION = 0.1
 # Below float32's smallest normal number (about -758 dBFS) a recording is silence, and bringing it to the model's
 # level needs a gain float32 cannot hold (an all-denormal file failed as "NaN or infinite samples").
 SILENCE_FLOOR = float(np.finfo(np.float32).tiny)
@@ -135,11 +139,11 @@ class Separator:
         check_choice("channels", channels, CHANNELS)
         check_choice("backend", backend, BACKENDS)
         chunked = chunk_seconds is not None
-        if chunked and not _is_number(chunk_seconds):
+        if chunked and not is_real_number(chunk_seconds):
             raise ValueError(f"chunk_seconds must be a number of seconds or None, got {chunk_seconds!r}")
         if overlap_seconds is None and not chunked:  # as the overlap_seconds property gives it back then
             overlap_seconds = OVERLAP_SECONDS
-        if not _is_number(overlap_seconds):
+        if not is_real_number(overlap_seconds):
             raise ValueError(f"overlap_seconds must be a number of seconds, got {overlap_seconds!r}")
         if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
             raise ValueError(f"batch_size must be a whole number, got {batch_size!r}")
@@ -537,33 +541,19 @@ def _aligned_channels(channels: list[np.ndarray], inputs: list[np.ndarray], keep
     if first is None:
         return channels
     reference = channels[first]
-    reference_signs = _correlation_signs(reference, inputs[first])
+    reference_signs = correlation_signs(reference, inputs[first])
     aligned = []
     for c, sources in enumerate(channels):
         if c != first and np.any(sources):
             order, matched_signs = match_sources(sources, reference)
             sources = sources[order]  # a copy
             if not keep_polarity:
-                signs = _correlation_signs(sources, inputs[c]) * reference_signs
-                wiring = _correlation_signs(inputs[c][None], inputs[first])[0]  # 0: the channels are unrelated
+                signs = correlation_signs(sources, inputs[c]) * reference_signs
+                wiring = correlation_signs(inputs[c][None], inputs[first])[0]  # 0: the channels are unrelated
                 signs = np.where(signs == 0, matched_signs * wiring, signs)
                 sources[signs < 0] *= -1
         aligned.append(sources)
     return aligned
-
-
-def _correlation_signs(sources: np.ndarray, mixture: np.ndarray) -> np.ndarray:
-    """``[S]``: +1 / -1 where each of ``sources`` ``[S, T]`` correlates clearly positively / negatively with
-    ``mixture`` ``[T]``, 0 where the correlation is too weak to tell (``POLARITY_MIN_CORRELATION``)."""
-    centred = sources - sources.mean(axis=-1, keepdims=True)
-    mix = mixture - mixture.mean()
-    denominator = np.linalg.norm(centred, axis=-1) * np.linalg.norm(mix) + 1e-12
-    rho = centred @ mix / denominator
-    return np.where(np.abs(rho) >= POLARITY_MIN_CORRELATION, np.sign(rho), 0.0)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _seconds(value: float | None) -> str:

@@ -34,6 +34,9 @@ SILENCE_PEAK = 1e-4  # -80 dBFS: a chunk this quiet holds no voice whose order c
 # negative over an overlap that is not silent. A real flip of a voice correlates near -1; a near-silent overlap
 # (a DC offset in a pause) gave +-0.03 and +-0.9 alike, and a flip there inverted the rest of the file.
 FLIP_MIN_ANTICORRELATION = 0.5
+# --channels each: a speaker's output correlates with its own channel's input by about its share of the level
+# (0.3 at -10 dB, 0.1 at -20 dB); weaker correlations say nothing about its sign.
+POLARITY_MIN_CORRELATION = 0.1
 
 
 def plan_chunks(total: int, chunk: int, overlap: int) -> list[tuple[int, int]]:
@@ -104,6 +107,13 @@ def _runner_up_gap(score: np.ndarray, order: np.ndarray, maximize: bool = True) 
     if not others:
         return math.inf
     return best - max(others) if maximize else min(others) - best
+
+
+def correlation_signs(signals: np.ndarray, mixture: np.ndarray) -> np.ndarray:
+    """``[S]``: +1 / -1 where each of ``signals`` ``[S, T]`` correlates clearly positively / negatively with
+    ``mixture`` ``[T]`` (zero-mean), 0 where the correlation is too weak to tell (``POLARITY_MIN_CORRELATION``)."""
+    rho = _pair_si_sdr(signals, mixture[None])[1][:, 0]
+    return np.where(np.abs(rho) >= POLARITY_MIN_CORRELATION, np.sign(rho), 0.0)
 
 
 def match_sources(estimate: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
