@@ -49,6 +49,43 @@ def test_random_crop_same_offset_for_mix_and_sources(tmp_path, num_spks):
     assert not torch.equal(first, ds[1]["mix"])
 
 
+def test_crops_of_a_max_set_keep_every_speaker(tmp_path):
+    """In a "max" set (wsj0-2mix max/, LibriMix max/) the shorter source is zero-padded to the mixture: a crop in
+    its padding has no target (a constant SI-SDR in the loss, no gradient): crops keep to the span all share."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "max"
+    for k in range(2):
+        (root / f"s{k + 1}").mkdir(parents=True)
+    (root / "mix").mkdir()
+    lengths = {"long_short": (8000, 2400), "short_long": (1500, 8000)}
+    for name, (n1, n2) in lengths.items():
+        sources = np.zeros((2, 8000), np.float32)
+        sources[0, :n1] = rng.uniform(-0.3, 0.3, n1)
+        sources[1, :n2] = rng.uniform(-0.3, 0.3, n2)
+        for k in range(2):
+            sf.write(root / f"s{k + 1}" / f"{name}.wav", sources[k], SR, subtype="FLOAT")
+        sf.write(root / "mix" / f"{name}.wav", sources.sum(0), SR, subtype="FLOAT")
+    ds = MixtureDataset(load_manifest(root), AudioStore(SR), segment_samples=2000, seed=0)
+    for epoch in range(25):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            sources = ds[i]["sources"].numpy()
+            active = (sources != 0).mean(-1)
+            short = min(lengths[ds.entries[i].id])
+            # inside the shared 2400 samples, or (1500 < 2000) holding all of them
+            assert active.min() >= min(short, 2000) / 2000 - 1e-9, (epoch, ds.entries[i].id, active)
+    # Where the sources share the whole file the draws are those of before (the same offsets as a plain crop).
+    from mossformer2.data.datasets import active_span, example_rng, random_crop
+
+    waves = rng.uniform(-1, 1, (3, 5000))
+    assert active_span(waves) == (0, 5000)
+    for index in range(5):
+        plain = random_crop(waves, 700, example_rng(1, 2, index))
+        offset = int(example_rng(1, 2, index).integers(0, 5000 - 700 + 1))
+        np.testing.assert_array_equal(plain, waves[:, offset:offset + 700])
+        np.testing.assert_array_equal(random_crop(waves, 700, example_rng(1, 2, index), active_span(waves)), plain)
+
+
 def test_validation_uses_full_utterances(tmp_path):
     root = _make_wsj_folder(tmp_path / "d", [3000, 5000])
     ds = MixtureDataset(load_manifest(root), AudioStore(SR))

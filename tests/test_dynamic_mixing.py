@@ -193,6 +193,31 @@ def test_bad_files_error_or_skip(corpus, tmp_path):
     assert cached.preload_skipped == 1 and all(cached[i]["skipped"] == 0 for i in range(10))
 
 
+def test_crops_stay_on_audio_and_silent_utterances_are_bad_files(corpus, tmp_path):
+    """A crop inside an utterance's long leading or trailing digital silence, or a silent utterance, left a source
+    without audio: a constant SI-SDR in the loss and no gradient for it."""
+    root, _ = corpus
+    from mossformer2.data.dynamic_mixing import Utterance
+
+    padded = tmp_path / "padded.wav"  # 0.1 s of tone between 1 s of zeros on each side
+    tone = 0.3 * np.sin(2 * np.pi * 300 * np.arange(800) / SR)
+    sf.write(padded, np.r_[np.zeros(SR), tone, np.zeros(SR)].astype(np.float32), SR, subtype="FLOAT")
+    pair = [Utterance(padded, "a"), Utterance(root / "spk1" / "0.wav", "b")]
+    for segment in (400, 4000):  # shorter than the audio (inside it) and longer than it (holds it all)
+        ds = DynamicMixingDataset(pair, 2, AudioStore(SR), 30, segment_samples=segment, seed=1)
+        for i in range(30):
+            active = (ds[i]["sources"] != 0).float().mean(-1)  # inside the tone, or holding all of it
+            assert (active >= min(800, segment) / segment - 0.01).all(), (segment, i, active)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(2000, np.float32), SR)
+    with_silent = [Utterance(silent, "a"), Utterance(root / "spk1" / "0.wav", "b")]
+    with pytest.raises(BadAudioError, match="silent.wav is silent"):
+        DynamicMixingDataset(with_silent, 2, AudioStore(SR), 1, segment_samples=400)[0]
+    lenient = DynamicMixingDataset(with_silent + [Utterance(root / "spk0" / "0.wav", "a")], 2, AudioStore(SR), 20,
+                                   segment_samples=400, skip_bad_files=True)
+    assert sum(lenient[i]["skipped"] for i in range(20)) > 0
+
+
 def test_too_few_speakers(corpus):
     root, _ = corpus
     utts = [u for u in load_utterances(root) if u.speaker == "spk0"]

@@ -67,6 +67,21 @@ def test_hungarian_agrees_with_exhaustive_search():
         assert perm[b].tolist() == list(best)
 
 
+@pytest.mark.parametrize("num_spks", [2, 3, 4, 5])
+def test_a_non_finite_estimate_gives_a_nan_loss_for_any_speaker_count(num_spks):
+    """The trainer skips a step whose loss is NaN; with 4+ speakers scipy's search raised on the NaN scores
+    instead (a ValueError that ended the run)."""
+    g = torch.Generator().manual_seed(num_spks)
+    ref = torch.randn(3, num_spks, 200, generator=g)
+    est = _noisy(ref, 0.1, 5)
+    est[1, 0, 7] = float("nan")
+    est[2, 1, 3] = float("inf")
+    loss, perm = pit_si_sdr_loss(est, ref, reduction="none")
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    assert torch.equal(perm[0], torch.arange(num_spks))
+    assert all(sorted(p.tolist()) == list(range(num_spks)) for p in perm)  # still permutations
+
+
 def test_batch_loss_is_mean_of_per_example_losses():
     g = torch.Generator().manual_seed(3)
     ref = torch.randn(5, 2, 300, generator=g)

@@ -97,6 +97,11 @@ def test_levels_and_mix_waves_give_requested_sir_and_avoid_clipping():
     mix_max, sources_max, _, _ = mix_waves([a, b], [0.0, 0.0], SR, mode="max", start_fractions=[0.5, 0.5])
     assert mix_max.shape == (int(1.5 * SR),)
     assert not sources_max[0, SR:].any()  # the shorter source is zero-padded at the end
+    # The SIR holds in the written (padded) files when the shorter source talks to its last sample: measured
+    # before padding, P.56's hang-over into the zeros put it 0.9 dB off.
+    talking = rng.standard_normal(SR // 2) * 0.1
+    _, padded, _, _ = mix_waves([b, talking], levels_for_sirs([4.0]), SR, mode="max")
+    assert measured_sir_db(padded[0], padded[1]) == pytest.approx(4.0, abs=1e-6)
     _, _, _, crop_starts = mix_waves([a, b], [0.0, 0.0], SR, mode="min", start_fractions=[0.5, 0.5])
     assert crop_starts == [0, int(0.5 * 0.5 * SR)]  # only the longer source is cropped, where asked
     with pytest.raises(ValueError, match="mode"):

@@ -281,6 +281,21 @@ def test_bad_input_gives_clear_errors(tiny_model):
         sep.separate(noise(4000), 0)
 
 
+def test_a_model_returning_nan_is_named_not_a_matrix_error(tiny_model):
+    """A diverged checkpoint (or an fp16 overflow) gave scipy's "matrix contains invalid numeric entries" from the
+    refinements' speaker matching, or NaN audio without them."""
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    for options in ({}, {"polarity_ensemble": False, "wiener_filter": False, "mixture_consistency": False},
+                    {"chunk_seconds": 0.5, "overlap_seconds": 0.25}):
+        sep = Separator(broken, device="cpu", **options)
+        with pytest.raises(ValueError, match="^the model returned NaN or infinite values: its weights may hold"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (a short overlap)
+                sep.separate(noise(SR), SR)
+
+
 def test_bad_options_are_rejected(tiny_model):
     for kwargs, message in [({"stitching": "magic"}, "stitching"), ({"normalize": "loud"}, "normalize"),
                             ({"channels": "left"}, "channels"), ({"chunk_seconds": 1, "overlap_seconds": 1},

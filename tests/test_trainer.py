@@ -859,6 +859,57 @@ def test_fp16_loss_scaling_scales_the_loss_before_backward(corpus, tmp_path):
         torch.testing.assert_close(weights(scaled.model)[key], value)
 
 
+@pytest.mark.parametrize("bad_call", [1, 3])
+def test_fp16_skips_a_step_without_backward_nan_loss_or_empty_batch(corpus, tmp_path, monkeypatch, bad_call):
+    """fp16's GradScaler refuses to unscale, step or update without a scaled backward in the step: a NaN loss
+    (the overflow the skip exists for) or an all-unreadable batch, one micro-batch per step, once stopped the run
+    with an AssertionError. The step is skipped (NaN) or empty, and training goes on. A CPU GradScaler stands in."""
+    cfg = make_config(corpus, "trainer.max_steps=4", "optim.accum_steps=1")
+    trainer = Trainer(cfg, tmp_path / "nan")
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    calls = {"n": 0}
+    original_loss = Trainer._loss
+
+    def nan_once(self, est, batch):
+        calls["n"] += 1
+        loss = original_loss(self, est, batch)
+        return loss * float("nan") if calls["n"] == bad_call else loss
+
+    monkeypatch.setattr(Trainer, "_loss", nan_once)
+    state = trainer.fit()
+    assert state.step == 4 and state.skipped_steps == 1
+    monkeypatch.undo()
+
+    trainer = Trainer(cfg, tmp_path / "empty")
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    micro_calls = {"n": 0}
+    original_micro = Trainer._micro_step
+
+    def empty_once(self, batch, last_micro):
+        micro_calls["n"] += 1
+        if micro_calls["n"] == bad_call:  # every file of this batch was unreadable (data.skip_bad_files)
+            batch = {**batch, "mix": batch["mix"][:0], "sources": batch["sources"][:0],
+                     "lengths": batch["lengths"][:0]}
+        return original_micro(self, batch, last_micro)
+
+    monkeypatch.setattr(Trainer, "_micro_step", empty_once)
+    before = None
+
+    def record(self, bad):
+        nonlocal before
+        if micro_calls["n"] == bad_call:
+            before = weights(self.model)
+        result = original_step(self, bad)
+        if micro_calls["n"] == bad_call:
+            assert_bitwise_equal(before, weights(self.model))  # nothing to learn from an empty batch
+        return result
+
+    original_step = Trainer._optimizer_step
+    monkeypatch.setattr(Trainer, "_optimizer_step", record)
+    state = trainer.fit()
+    assert state.step == 4 and state.skipped_steps == 0 and before is not None
+
+
 def _signal_at_step(monkeypatch, step: int, signum: int, repeats: int = 1) -> None:
     """Send ``signum`` to this process from inside the ``step``-th optimizer step (as Ctrl-C or a preemption would
     arrive in the middle of one)."""

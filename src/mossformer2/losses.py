@@ -85,7 +85,8 @@ def best_permutation(score: torch.Tensor) -> torch.Tensor:
         totals = score[:, idx[None, :], perms].sum(-1)  # [B, P]
         return perms[totals.argmax(-1)]
     out = np.empty((B, S), dtype=np.int64)
-    values = score.float().cpu().numpy()
+    # scipy refuses NaN/inf; any order then gives the NaN loss that the trainer skips, as the search above does.
+    values = np.nan_to_num(score.float().cpu().numpy(), nan=-1e30, posinf=1e30, neginf=-1e30)
     for b in range(B):
         rows, cols = linear_sum_assignment(values[b], maximize=True)
         out[b, rows] = cols

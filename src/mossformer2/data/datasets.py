@@ -85,15 +85,35 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def random_crop(waves: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+def active_span(waves: np.ndarray) -> tuple[int, int]:
+    """``(start, end)``: from the first to past the last sample where every one of ``waves`` ``[S, T]`` has had
+    and will have audio, i.e. the span they share once leading and trailing digital silence is set aside (a "max"
+    set's zero padding); ``(0, T)`` when they share none."""
+    total = waves.shape[-1]
+    active = waves != 0
+    firsts = active.argmax(-1)  # (0 for an all-zero row: such sources are refused before cropping)
+    lasts = total - active[..., ::-1].argmax(-1)
+    start, end = int(firsts.max()), int(lasts.min())
+    return (start, end) if start < end else (0, total)
+
+
+def random_crop(waves: np.ndarray, length: int, rng: np.random.Generator,
+                span: tuple[int, int] | None = None) -> np.ndarray:
     """Crop ``waves`` ``[..., T]`` to ``length`` at one random offset; a shorter one is returned whole: the
     collate function pads the batch and keeps each item's true length, which the model and the loss take (zeros
-    padded here would count in the SI-SDR loss, and the network would normalise over them)."""
+    padded here would count in the SI-SDR loss, and the network would normalise over them).
+
+    With ``span = (start, end)`` the window stays inside it, or holds all of it when it is shorter: a crop from the
+    zero padding of a "max" set's shorter source would have no target (its SI-SDR a constant, no gradient)."""
     total = waves.shape[-1]
     if total <= length:
         return waves
-    start = int(rng.integers(0, total - length + 1))
-    return waves[..., start:start + length]
+    low, high = 0, total - length
+    if span is not None:
+        start, end = span
+        low, high = (start, end - length) if end - start >= length else (max(end - length, 0), min(start, high))
+    offset = int(rng.integers(low, high + 1))
+    return waves[..., offset:offset + length]
 
 
 def header_problems(entries: list[MixtureEntry], sample_rate: int) -> tuple[dict[str, str], Counter]:
@@ -205,7 +225,8 @@ class MixtureDataset(Dataset):
             return None
         stacked = np.stack([mix, *sources])  # [1 + S, T]
         if self.segment_samples is not None:
-            stacked = random_crop(stacked, self.segment_samples, example_rng(self.seed, self.epoch, index))
+            stacked = random_crop(stacked, self.segment_samples, example_rng(self.seed, self.epoch, index),
+                                  active_span(stacked[1:]))
         elif self.max_samples is not None:
             stacked = stacked[:, :self.max_samples]
         stacked = torch.from_numpy(np.ascontiguousarray(stacked))

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mossformer2.audio import find_audio_files, speaker_folders
-from mossformer2.data.datasets import AudioStore, BadAudioError, example_rng
+from mossformer2.data.datasets import AudioStore, BadAudioError, active_span, example_rng, random_crop
 from mossformer2.data.manifests import list_file_lines, resolve_listed_path
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,10 @@ class DynamicMixingDataset(Dataset):
         for _ in range(20):
             path = paths[int(rng.integers(len(paths)))]
             try:
-                return self.store.load(path), skipped
+                wave = self.store.load(path)
+                if not np.ptp(wave) > 0:  # no target: its SI-SDR would be a constant (as MixtureDataset refuses)
+                    raise BadAudioError(f"{path} is silent (every sample is {wave[0]:g})")
+                return wave, skipped
             except BadAudioError as err:
                 if not self.skip_bad_files:
                     raise
@@ -182,9 +185,8 @@ class DynamicMixingDataset(Dataset):
                 length = min(length, self.max_samples)
         sources = np.zeros((self.num_spks, length), dtype=np.float32)
         for i, wave in enumerate(waves):
-            if wave.shape[-1] >= length:
-                start = int(rng.integers(0, wave.shape[-1] - length + 1))
-                sources[i] = wave[start:start + length]
+            if wave.shape[-1] >= length:  # (kept on its audio: no silent crop of a long leading/trailing silence)
+                sources[i] = random_crop(wave, length, rng, active_span(wave[None]))
             else:  # a short utterance at a random place in the segment
                 start = int(rng.integers(0, length - wave.shape[-1] + 1))
                 sources[i, start:start + wave.shape[-1]] = wave

@@ -140,8 +140,11 @@ def mix_waves(waves: Sequence[np.ndarray], levels_db: Sequence[float], sample_ra
         start = int(math.floor(fractions[k] * (lengths[k] - length))) if lengths[k] > length else 0
         wave = np.asarray(wave, dtype=np.float64)
         segment = wave[start:start + length]
-        gain = 10 ** (level_db / 20) / active_level(wave if level_on_whole_file else segment, sample_rate)
-        sources[k, : segment.size] = gain * segment
+        sources[k, : segment.size] = segment
+        # Measured as written (zero-padded in "max" mode: P.56's hang-over runs on into the zeros), so that the
+        # written files have the SIR asked for.
+        gain = 10 ** (level_db / 20) / active_level(wave if level_on_whole_file else sources[k], sample_rate)
+        sources[k] *= gain
         gains.append(gain)
         starts.append(start)
     mix = sources.sum(0)

@@ -298,6 +298,11 @@ class Separator:
                 or out.shape[1] != self.num_spks):
             raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(batch.shape)}; "
                              f"expected [B, S, T] with S = config.num_spks = {self.num_spks}")
+        if not np.isfinite(out).all():  # (the refinements' speaker matching would fail on it, unclearly)
+            cause = ("float16 overflowed: use dtype bfloat16 or float32 (--dtype)"
+                     if dtype_name(self.dtype) == "float16"
+                     else "its weights may hold NaN/inf values (a diverged training run?)")
+            raise ValueError(f"the model returned NaN or infinite values: {cause}")
         return out
 
     def _run_torch_model(self, batch: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:

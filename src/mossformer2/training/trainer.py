@@ -145,6 +145,7 @@ class Trainer:
             self.optimizer, mode="max", factor=o.plateau_factor, patience=o.plateau_patience, threshold=0.0,
             threshold_mode="abs", min_lr=o.min_lr)
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        self._backward_in_step = False  # a backward ran since the last optimizer step (the GradScaler needs one)
         self.state = TrainState(world_size=self.dist.world_size, batch_size=self.cfg.data.batch_size)
         # Unreadable files dropped while ``data.cache_audio`` loaded (each run loads the cache again, so this is
         # not part of the resumable state); reported with the files skipped while batches are made.
@@ -308,8 +309,12 @@ class Trainer:
         """Clip the accumulated gradient once, then step unless the loss or gradient was NaN/inf; returns the
         gradient norm (NaN for a skipped step: a skipped loss left no gradient to measure)."""
         o = self.cfg.optim
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+        # A GradScaler steps on the inf checks of a scaled backward: with none in this step (every micro-batch's
+        # loss NaN/inf, or an empty batch) it would raise, so the step goes without it (no gradient to unscale).
+        scaler = self.scaler if self._backward_in_step else None
+        self._backward_in_step = False
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         max_norm = o.grad_clip if o.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         skipped = bad or not self._all_finite(grad_norm)
@@ -317,14 +322,14 @@ class Trainer:
             self.state.skipped_steps += 1
             log.warning("step %d skipped: non-finite %s (%d skipped so far)", self.state.step + 1,
                         "loss" if bad else "gradient", self.state.skipped_steps)
-            if self.scaler is not None:
-                self.scaler.update()
+            if scaler is not None:
+                scaler.update()
             self.divergence.step_skipped(self.state.step + 1, self.exp_dir / LAST, self._saved_step)
         else:
             self.divergence.step_taken()
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            if scaler is not None:
+                scaler.step(self.optimizer)
+                scaler.update()
             else:
                 self.optimizer.step()
             if self.ema is not None:
@@ -348,6 +353,7 @@ class Trainer:
         window = {"loss": 0.0, "n": 0}  # losses since the last log line
         bad = False  # a micro-batch of this optimizer step had a NaN/inf loss on some rank
         self.optimizer.zero_grad(set_to_none=True)
+        self._backward_in_step = False
         iterator = iter(self.train_loader)
         while self.state.batches_done < per_epoch and not self.stopper.should_stop(self.state):
             batch = next(iterator)
@@ -409,6 +415,7 @@ class Trainer:
                 return math.nan
             scaled = loss / self.cfg.optim.accum_steps  # fp16: scaled against underflow, unscaled in _optimizer_step
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            self._backward_in_step = True
             return None if empty else float(loss.detach())
 
     def _log_step(self, loss: float, grad_norm: float, bar: Any) -> None:
