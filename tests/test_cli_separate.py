@@ -123,6 +123,14 @@ def test_equal_output_names_in_one_folder_are_not_overwritten(ckpt, tmp_path, ca
     assert main(["separate", str(data), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 1
     assert outputs_under(tmp_path / "o") == ["a_s1.wav", "a_s2.wav"]
     assert "a.ogg; rename one of them" in capsys.readouterr().err  # sorted order: a.ogg came first
+    # a.wav and a.flac keep apart speaker files, but --plot gave them one a_spectrogram.png (the second replaced
+    # the first, and reruns took both as done).
+    (data / "a.ogg").unlink()
+    sf.write(str(data / "a.flac"), noise(4000, 3), 16000)
+    assert main(["separate", str(data), "-o", str(tmp_path / "flac"), "--checkpoint", str(ckpt)]) == 0
+    assert main(["separate", str(data), "-o", str(tmp_path / "plot"), "--checkpoint", str(ckpt), "--plot"]) == 1
+    assert outputs_under(tmp_path / "plot") == ["a_s1.flac", "a_s2.flac", "a_spectrogram.png"]
+    assert "a.wav: its outputs would overwrite those of" in capsys.readouterr().err
 
 
 def test_options_channels_rate_format_plot_dtype(ckpt, tmp_path):
@@ -270,6 +278,29 @@ def test_onnxruntime_backend_matches_torch(ckpt, tiny_onnx, tmp_path):
         want, _ = read_audio(tmp_path / "torch" / f"talk_s{k}.wav")
         got, _ = read_audio(tmp_path / "ort" / f"talk_s{k}.wav")
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_chunk_seconds_none_separates_each_file_in_one_pass(ckpt, tmp_path, capsys):
+    """One pass per file had no command-line spelling (Python's chunk_seconds=None; `--chunk-seconds 0` is an
+    error): `--chunk-seconds none`."""
+    from mossformer2.separation import Separator
+
+    src = tmp_path / "talk.wav"
+    wave = noise(int(2.5 * 16000), 12)[:, 0]
+    sf.write(str(src), wave, 16000, subtype="FLOAT")
+    assert main(["separate", str(src), "-o", str(tmp_path / "one"), "--checkpoint", str(ckpt), "--chunk-seconds",
+                 "None", "--subtype", "FLOAT", "--no-polarity-ensemble", "--no-wiener-filter"]) == 0
+    model = mossformer2.load_model(ckpt)
+    whole = Separator(model, device="cpu", chunk_seconds=None, polarity_ensemble=False,
+                      wiener_filter=False).separate(wave, 16000)
+    chunked = Separator(model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.5, polarity_ensemble=False,
+                        wiener_filter=False).separate(wave, 16000)
+    got = np.stack([read_audio(tmp_path / "one" / f"talk_s{k}.wav")[0][0] for k in (1, 2)])
+    np.testing.assert_allclose(got, whole, atol=1e-5)
+    assert np.abs(whole - chunked).max() > 1e-3  # (the chunked pass differs: the check can fail)
+    with pytest.raises(SystemExit):
+        main(["separate", str(src), "-o", str(tmp_path / "x"), "--chunk-seconds", "never"])
+    assert "--chunk-seconds: expected seconds or none, got 'never'" in capsys.readouterr().err
 
 
 def test_sharding_covers_every_file_once():
@@ -510,6 +541,43 @@ def test_list_files_name_missing_kaldi_paths_and_read_any_bytes(ckpt, tmp_path, 
     assert "separated 2 file(s), skipped 0, failed 2" in captured.out
     assert f"no such audio file: {tmp_path / 'missing_recording.wav'}" in captured.err
     assert len(list((tmp_path / "o").glob("caf*_s1.wav"))) == 1
+
+
+def test_a_folder_scan_leaves_out_earlier_outputs_beside_their_inputs(ckpt, tmp_path, capsys):
+    """`separate d/a.wav d/b.wav -o d` writes a_s1.wav ... beside the inputs; a later `separate d -o out` separated
+    them again (a_s1_s1.wav, ...: 6 files where 2 were recordings). Named one by one, they are still taken."""
+    data = tmp_path / "d"
+    data.mkdir()
+    for k, name in enumerate(("a.wav", "b.flac", "c_s1.wav")):  # c_s1.wav: no c.* beside it, a recording
+        sf.write(str(data / name), noise(4000, k), 16000)
+    assert main(["separate", str(data / "a.wav"), str(data / "b.flac"), "-o", str(data),
+                 "--checkpoint", str(ckpt)]) == 0
+    capsys.readouterr()
+    assert main(["separate", str(data), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt)]) == 0
+    assert outputs_under(tmp_path / "out") == [f"{stem}_s{k}.{ext}" for stem, ext in
+                                               (("a", "wav"), ("b", "flac"), ("c_s1", "wav")) for k in (1, 2)]
+    captured = capsys.readouterr()
+    assert "ignoring 4 file(s) named as outputs of an input beside them (like a_s1.wav beside a.wav)" in captured.err
+    assert "separated 3 file(s)" in captured.out
+    assert main(["separate", str(data / "a_s1.wav"), "-o", str(tmp_path / "named"), "--checkpoint", str(ckpt)]) == 0
+    assert outputs_under(tmp_path / "named") == ["a_s1_s1.wav", "a_s1_s2.wav"]
+
+
+def test_kaldi_commands_pipes_and_standard_input_are_named_as_such(tmp_path):
+    """A Kaldi `id sox x.wav -t wav - |` entry was "no such audio file: .../id"; `/dev/stdin`, a FIFO and `-`
+    were "no such file or folder"."""
+    scp = tmp_path / "wav.scp"
+    scp.write_text("utt1 sox /data/a.wav -t wav - |\n")
+    found = collect_inputs([str(scp)])
+    assert found.errors == [(str(scp), "cannot read the list file: line 1 is a command (ends in '|'), which is not "
+                                       "run: write its audio to a file and list that")]
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    found = collect_inputs(["-", str(fifo), str(tmp_path / "gone.wav")])
+    reasons = dict(found.errors)
+    for spec in ("-", str(fifo)):
+        assert reasons[spec].startswith("not a regular file: standard input, pipes and devices are not read")
+    assert reasons[str(tmp_path / "gone.wav")] == "no such file or folder"
 
 
 def test_a_list_with_a_byte_order_mark_and_an_output_folder_under_home(ckpt, tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ import pickle
 import tracemalloc
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,6 +280,11 @@ def test_bad_input_gives_clear_errors(tiny_model):
     assert sep.nothing_to_separate(np.full((1, 4000), 1e-30, np.float32)) is None
     with pytest.raises(ValueError, match="sample_rate"):
         sep.separate(noise(4000), 0)
+    # A path (as SpeechBrain's separate_file or Asteroid's separate take) was "audio of dtype <U7".
+    for path in ("mix.wav", Path("mix.wav")):
+        with pytest.raises(TypeError, match=r"^separate\(\) takes audio samples, not a file \('mix.wav'\): "
+                                            r"separate_file\(path, out_dir\)"):
+            sep.separate(path, SR)
 
 
 def test_a_model_returning_nan_is_named_not_a_matrix_error(tiny_model):

@@ -153,6 +153,26 @@ def test_auto_device_is_read_the_same_everywhere():
     assert providers_for_device("AUTO", cpu_only) == providers_for_device("auto", cpu_only) == cpu_only
 
 
+def test_devices_other_than_cpu_and_present_cuda_ones_are_refused_in_words(monkeypatch):
+    """`--device mps` ended in PyTorch's traceback, and `cuda:N` past the last GPU failed later, unclearly."""
+    import torch
+
+    from mossformer2.utils import resolve_device
+
+    for name in ("mps", "xpu:0", "meta"):
+        with pytest.raises(ValueError, match=f"^device '{name}' is not supported: use 'auto', 'cpu', 'cuda'"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"^device 'cuda:2' requested but this machine has 2 CUDA devices "
+                                         r"\(cuda:0 to cuda:1\)$"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"has 1 CUDA device \(cuda:0\)$"):
+        resolve_device(torch.device("cuda", 1))
+
+
 def test_an_unwritable_folder_is_named_read_only_or_permission_denied(tmp_path, monkeypatch):
     """A read-only mount (a mounted image, a read-only share) was reported as "permission denied"."""
     from types import SimpleNamespace

@@ -234,6 +234,12 @@ def pcm_to_float(wave: np.ndarray) -> np.ndarray:
     return scaled
 
 
+def resampled_length(num_samples: int, orig_sr: int, target_sr: int) -> int:
+    """The length ``resample`` returns: soxr rounds ``num_samples * target_sr / orig_sr`` half up (Python's
+    ``round`` rounds half to even: one sample short at 32 kHz -> 16 kHz for odd lengths)."""
+    return (2 * num_samples * target_sr + orig_sr) // (2 * orig_sr)
+
+
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """High-quality soxr resampling of ``[T]`` or ``[C, T]`` float audio; same layout, float32."""
     if orig_sr <= 0 or target_sr <= 0:

@@ -64,6 +64,16 @@ def add_refinement_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{text}; default: as the checkpoint recommends")
 
 
+def chunk_seconds(text: str) -> float | None:
+    """``--chunk-seconds``: seconds, or "none" for one pass per input."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or none, got {text!r}") from None
+
+
 def add_separator_arguments(parser: argparse.ArgumentParser, whole_inputs: bool = False) -> None:
     """The ``Separator`` options ``separate`` and ``evaluate`` share: device, precision, chunking, level.
     ``whole_inputs``: no chunking unless ``--chunk-seconds`` is given (test sets: one pass per mixture)."""
@@ -71,12 +81,14 @@ def add_separator_arguments(parser: argparse.ArgumentParser, whole_inputs: bool 
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="autocast precision, torch backend (default float32; float16 needs CUDA)")
     if whole_inputs:
-        parser.add_argument("--chunk-seconds", type=float, default=None,
+        parser.add_argument("--chunk-seconds", type=chunk_seconds, default=None,
                             help="separate mixtures longer than this in overlapping chunks, as `separate` does "
-                                 "(default: each mixture in one pass, the standard protocol of test sets and "
+                                 "(default none: each mixture in one pass, the standard protocol of test sets and "
                                  "the trainer's validation)")
     else:
-        parser.add_argument("--chunk-seconds", type=float, default=10.0, help="chunk length for long inputs (10)")
+        parser.add_argument("--chunk-seconds", type=chunk_seconds, default=10.0,
+                            help="chunk length for long inputs (10); none: each file in one pass, however long "
+                                 "(no speaker swaps between chunks; memory grows with the length)")
     parser.add_argument("--overlap-seconds", type=float, default=2.0,
                         help="overlap between chunks, where their speakers are matched: > 0 for aligned stitching; "
                              "under 1 s (or with short chunks) speakers may swap between chunks (2)")

@@ -18,6 +18,7 @@ class Inputs:
     files: list[Path] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
     excluded: int = 0  # files a folder or pattern found inside the output folder (earlier outputs)
+    beside_inputs: int = 0  # files a folder or pattern found named as outputs beside their input (a_s1.wav, a.wav)
     roots: list[Path] = field(default_factory=list)  # absolute; the folders the inputs name (mirrored_out_dirs)
 
 
@@ -35,7 +36,10 @@ def _list_entries(list_file: Path) -> list[Path]:
     entries = []
     # Decoded as the OS decodes file names: on POSIX a name is bytes, and a Latin-1 name in a list still names
     # its file (a strict UTF-8 read failed the whole run). A byte-order mark (Windows editors) is no path.
-    for line in os.fsdecode(list_file.read_bytes().removeprefix(codecs.BOM_UTF8)).splitlines():
+    for number, line in enumerate(os.fsdecode(list_file.read_bytes().removeprefix(codecs.BOM_UTF8)).splitlines()):
+        if line.rstrip().endswith("|"):  # a Kaldi "id command |" entry: its audio comes out of a command
+            raise ValueError(f"line {number + 1} is a command (ends in '|'), which is not run: write its audio to a "
+                             "file and list that")
         whole = locate(line.strip()) if line.strip() else None
         if whole is not None and whole.is_file():
             entries.append(whole)
@@ -53,6 +57,15 @@ def _list_entries(list_file: Path) -> list[Path]:
     return entries
 
 
+def outputs_beside_inputs(files: list[Path]) -> set[Path]:
+    """The files named as ``separate`` names outputs (``<stem>_s<N>.<ext>``) that lie beside an input of that stem
+    (``a_s1.wav`` beside ``a.mp3``; ``a_s1_s2.wav`` beside ``a_s1.wav``): a run that wrote into its inputs' folder
+    left them, and a later scan of that folder would separate them again."""
+    stems = {(f.parent, f.stem) for f in files}
+    return {f for f in files
+            if (parts := f.stem.rsplit("_s", 1))[-1].isdigit() and len(parts) == 2 and (f.parent, parts[0]) in stems}
+
+
 def _pattern_root(pattern: str) -> Path:
     """The folder a glob pattern searches: its parts before the first one with a wildcard."""
     parts = Path(pattern).parts
@@ -64,7 +77,8 @@ def collect_inputs(specs: list[str], exclude: Path | None = None) -> Inputs:
     file list, and note the folder each input names (``Inputs.roots``). An input that yields no file is an error.
 
     Folders and patterns skip what lies under ``exclude`` (the output folder: separating ``.`` into ``./out``
-    twice must not separate the first run's outputs); files named one by one are always taken.
+    twice must not separate the first run's outputs) and outputs beside their inputs (``outputs_beside_inputs``);
+    files named one by one are always taken.
     """
     from mossformer2.audio import find_audio_files  # lazy: `mossformer2 --help` stays light
 
@@ -75,11 +89,13 @@ def collect_inputs(specs: list[str], exclude: Path | None = None) -> Inputs:
     def kept(spec: str, matches: list[Path], none_found: str) -> list[Path]:
         outside = [p for p in matches if skip is None or not p.resolve().is_relative_to(skip)]
         found.excluded += len(matches) - len(outside)
+        earlier = outputs_beside_inputs(outside)
+        found.beside_inputs += len(earlier)
         if not matches:
             found.errors.append((spec, none_found))
         elif not outside:
             found.errors.append((spec, f"all {len(matches)} file(s) found lie inside the output folder {exclude}"))
-        return outside
+        return [p for p in outside if p not in earlier]
 
     for spec in specs:
         path = Path(os.path.expanduser(spec))
@@ -107,6 +123,9 @@ def collect_inputs(specs: list[str], exclude: Path | None = None) -> Inputs:
             matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
             files.extend(kept(spec, [p for p in matches if p.is_file()], "the pattern matches no file"))
             found.roots.append(_pattern_root(pattern))
+        elif spec == "-" or path.exists():
+            found.errors.append((spec, "not a regular file: standard input, pipes and devices are not read (write "
+                                       "the audio to a file first)"))
         else:
             found.errors.append((spec, "no such file or folder"))
     # Absolute, but symlinks kept: outputs take the name and folder the user sees, not a link target's (git-annex,

@@ -115,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     inputs = collect_inputs(args.inputs, exclude=Path(args.out_dir))
     if inputs.excluded and rank == 0:
         say(f"ignoring {inputs.excluded} file(s) found inside the output folder {args.out_dir}")
+    if inputs.beside_inputs and rank == 0:
+        say(f"ignoring {inputs.beside_inputs} file(s) named as outputs of an input beside them (like a_s1.wav "
+            "beside a.wav): earlier outputs; name them one by one to separate them")
     failed: list[tuple[str, str]] = list(inputs.errors) if rank == 0 else []  # (input, reason); inputs' errors: once
     if not inputs.files:
         if rank == 0 and not failed:
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     out_dirs = mirrored_out_dirs(inputs.files, Path(args.out_dir), inputs.roots)
     plan = {f: output_paths(f, out_dirs[f], sep.num_spks, args.format) for f in inputs.files}
     check_plan(inputs.files, plan, args.subtype)
-    clashes = output_clashes(inputs.files, plan)
+    clashes = output_clashes(inputs.files, plan, args.plot)
     work = select_work(shard_files(inputs.files, rank, world_size), plan, clashes, args.overwrite, args.plot, say)
     failed += work.failed
     infos = {f: audio_header(f) for f in work.todo}  # None: a PyAV format or a damaged file runs, or fails, on its own

@@ -37,17 +37,21 @@ def check_plan(files: list[Path], plan: Plan, subtype: str) -> None:
                          "outputs out of the inputs")
 
 
-def output_clashes(files: list[Path], plan: Plan) -> dict[Path, Path]:
-    """Inputs whose outputs would overwrite those of an earlier input (a.wav and a.mp3 -> a_s1.wav), each with that
-    earlier input. Called with all files, before sharding, so that every rank sees the same clashes."""
+def output_clashes(files: list[Path], plan: Plan, plot: bool = False) -> dict[Path, Path]:
+    """Inputs whose outputs would overwrite those of an earlier input (a.wav and a.mp3 -> a_s1.wav; with ``plot``
+    also a.wav and a.flac -> a_spectrogram.png), each with that earlier input. Called with all files, before
+    sharding, so that every rank sees the same clashes."""
+    from mossformer2.separation.outputs import spectrogram_path
+
     owner: dict[Path, Path] = {}
     clashes: dict[Path, Path] = {}
     for f in files:
-        first = next((owner[p] for p in plan[f] if p in owner), None)
+        outputs = [*plan[f], spectrogram_path(plan[f][0])] if plot else plan[f]
+        first = next((owner[p] for p in outputs if p in owner), None)
         if first is not None:
             clashes[f] = first
         else:
-            owner.update({p: f for p in plan[f]})
+            owner.update({p: f for p in outputs})
     return clashes
 
 
@@ -125,7 +129,7 @@ def check_outputs_writable(plan: Plan, infos: Headers, channels: str, output_rat
                          f"{unwritable[0][0].name}): {unwritable[0][1]}")
 
 
-def too_short_for_export(sep: Separator, infos: Headers, chunk_seconds: float,
+def too_short_for_export(sep: Separator, infos: Headers, chunk_seconds: float | None,
                          overlap_seconds: float) -> dict[Path, str]:
     """For an ONNX export of one input length, checked once per file up front: the inputs shorter than the export,
     with the reason (each fails alone: no setting helps it). Other lengths mean chunk settings that do not fit the
@@ -138,7 +142,8 @@ def too_short_for_export(sep: Separator, infos: Headers, chunk_seconds: float,
                  if sep.shorter_than_fixed_length(infos[f].frames, infos[f].samplerate)}
     settings = [f for f in wrong if f not in too_short]
     if settings:
-        raise ValueError(f"--chunk-seconds {chunk_seconds:g} / --overlap-seconds {overlap_seconds:g} do "
+        chunk = "none" if chunk_seconds is None else f"{chunk_seconds:g}"
+        raise ValueError(f"--chunk-seconds {chunk} / --overlap-seconds {overlap_seconds:g} do "
                          f"not fit the export: {len(settings)} of {len(infos)} input(s) would run passes of "
                          f"another length (e.g. {settings[0].name}): {wrong[settings[0]]}")
     return too_short

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mossformer2.audio import audio_header, read_audio, resample, to_mono
+from mossformer2.audio import audio_header, read_audio, resample, resampled_length, to_mono
 from mossformer2.data.manifests import MixtureEntry
 from mossformer2.utils import bar_disabled
 
@@ -139,7 +139,7 @@ def header_problems(entries: list[MixtureEntry], sample_rate: int) -> tuple[dict
                                   "channels: a reference must be one speaker in one channel (mono)")
             continue
         known = [(path, info) for path, info in zip(paths, infos) if info is not None]
-        lengths = [int(round(info.frames * sample_rate / info.samplerate)) for _, info in known]
+        lengths = [resampled_length(info.frames, info.samplerate, sample_rate) for _, info in known]
         if len(set(lengths)) > 1:
             listed = ", ".join(f"{path.parent.name}/{path.name} {n}" for (path, _), n in zip(known, lengths))
             problems[entry.id] = (f"lengths differ at {sample_rate} Hz ({listed} samples): a truncated file or "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from mossformer2.audio import peak_amplitude, read_audio, resample, to_mono
+from mossformer2.audio import peak_amplitude, read_audio, resample, resampled_length, to_mono
 from mossformer2.model_settings import REFINEMENTS
 from mossformer2.models.config import min_input_length
 from mossformer2.separation.backends import eval_mode, exported_model_device, is_torch_module, prepare_torch_model
@@ -125,6 +126,9 @@ class Separator:
     A model from ``load_separation_model`` carries its checkpoint's recommended refinements as
     ``model.separation_settings`` (the built-in model recommends the polarity ensemble and the Wiener filter: its
     model card has the measurements). They apply in that order: ensemble, Wiener filter, mixture consistency.
+    The outputs sum to the input (band-limited to the model's rate) under ``stitching="aligned"``; the official
+    ``"clearvoice"`` stitching then scales each output to the input's RMS, as the official tool does, which the
+    sum does not survive.
     """
 
     def __init__(self, model: Any, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
@@ -328,6 +332,9 @@ class Separator:
                  output_rate: int | None = None) -> np.ndarray:
         """Separate one recording ``[T]`` or ``[C, T]`` at ``sample_rate`` (Hz, a whole number, 1000 to 768000).
 
+        ``[C, T]`` is the C channels of one recording (mixed down, or separated one by one with
+        ``channels="each"``), not a batch: for a batch ``[B, T]`` of recordings use ``separate_many(batch)``.
+
         Float samples are taken as they are (full scale 1.0); integer PCM (int16 / int32 / uint8, as
         ``scipy.io.wavfile.read`` returns it) is scaled to [-1, 1] as ``read_audio`` reads such files. A silent
         recording gives silent speakers (``mossformer2 separate`` refuses silent files instead).
@@ -352,6 +359,10 @@ class Separator:
         items: list[tuple[int, int, np.ndarray, float]] = []
         shapes: list[tuple[int, int]] = []
         for index, raw in enumerate(waves):
+            if isinstance(raw, (str, os.PathLike)):
+                raise TypeError(f"separate() takes audio samples, not a file ({str(raw)!r}): separate_file(path, "
+                                "out_dir) writes the speakers' files; mossformer2.audio.read_audio(path) gives "
+                                "(samples, sample_rate) to pass here")
             wave = as_channels_first(raw)
             shapes.append(wave.shape)
             problem = self.fixed_length_error(wave.shape[-1], int(sample_rate))
@@ -385,7 +396,7 @@ class Separator:
             if out_rate != self.sample_rate:
                 sources = resample(sources, self.sample_rate, out_rate)
                 # The input's length at the output rate: through the model rate it is rounded twice.
-                sources = _fix_length(sources, int(round(shapes[index][1] * out_rate / int(sample_rate))))
+                sources = _fix_length(sources, resampled_length(shapes[index][1], int(sample_rate), out_rate))
             per_input[index].append(sources.astype(np.float32, copy=False))
         if self.channels == "mix":
             return [outputs[0] for outputs in per_input]
@@ -429,7 +440,7 @@ class Separator:
 
     def _model_length(self, num_samples: int, sample_rate: int) -> int:
         """Samples at the model rate of a recording of ``num_samples`` at ``sample_rate`` (soxr's output length)."""
-        return int(round(num_samples * self.sample_rate / sample_rate))
+        return resampled_length(num_samples, int(sample_rate), self.sample_rate)
 
     def pass_length(self, num_samples: int, sample_rate: int) -> int:
         """Samples (at the model rate) of each forward pass for a recording of ``num_samples`` at ``sample_rate``
