@@ -355,6 +355,18 @@ def test_cli_export_torchscript(tiny_model, checkpoint_path, tmp_path, capsys):
     wave = 0.1 * torch.randn(2, 3000)
     with torch.no_grad():
         torch.testing.assert_close(module(wave), _reference(tiny_model, wave), atol=1e-5, rtol=1e-4)
+    # --model names a model as separate, evaluate and info take it (export had --checkpoint only).
+    named = tmp_path / "named.pt"
+    assert main(["export", "--model", "default", "--format", "torchscript", "-o", str(named),
+                 "--length-seconds", "0.1"]) == 0
+    from mossformer2.pretrained import load_default_model
+
+    builtin = load_default_model()
+    with torch.no_grad():
+        torch.testing.assert_close(load_torchscript(named)[0](wave), _reference(builtin, wave), atol=1e-5, rtol=1e-4)
+    with pytest.raises(SystemExit):
+        main(["export", "--model", "default", "--checkpoint", str(checkpoint_path), "--format", "torchscript",
+              "-o", str(named)])
 
 
 def test_cli_export_prints_only_its_own_lines_and_info_describes_exports(checkpoint_path, tmp_path):

@@ -356,6 +356,16 @@ def test_separate_file_writes_all_speakers_and_plot(tiny_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)
     with pytest.raises(ValueError, match="output format must be one of"):  # it wrote .wav files instead
         sep.separate_file(src, tmp_path / "ogg", format="ogg")
+    # overwrite=False keeps what is there, as `separate` does without --overwrite (a spectrogram only with plot)
+    before = {p: p.stat().st_mtime_ns for p in paths}
+    with pytest.raises(FileExistsError, match=r"meeting_s1.flac exists \(overwrite=True replaces it\)"):
+        sep.separate_file(src, tmp_path / "out", overwrite=False)
+    assert {p: p.stat().st_mtime_ns for p in paths} == before
+    paths[0].unlink()
+    paths[1].unlink()
+    with pytest.raises(FileExistsError, match="meeting_spectrogram.png exists"):
+        sep.separate_file(src, tmp_path / "out", overwrite=False, plot=True)
+    assert len(sep.separate_file(src, tmp_path / "out", overwrite=False)) == 2
 
 
 def test_write_separation_is_all_or_nothing(tmp_path):

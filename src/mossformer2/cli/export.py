@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from mossformer2.cli import user_path
+from mossformer2.cli import model_ref, user_path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -16,8 +16,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "--checkpoint model.onnx --backend onnxruntime`) or TorchScript. The export is run once "
                     "beside PyTorch and the max abs difference printed before it is moved into place: one that "
                     "differs by more than --tolerance is never written.")
-    parser.add_argument("--checkpoint", default=None,
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default=None,
                         help="checkpoint file or folder, or hub id (default: the model shipped with the package)")
+    source.add_argument("--model", default=None,
+                        help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
     parser.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="export format")
     parser.add_argument("-o", "--output", required=True, type=user_path, help="output file (.onnx / .pt)")
     parser.add_argument("--dynamic-length", action=argparse.BooleanOptionalAction, default=None,
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--length-seconds must be a positive number, got {args.length_seconds}")
     if not args.tolerance >= 0:  # no export passes a negative one: refused before the export, not after
         raise ValueError(f"--tolerance must be >= 0, got {args.tolerance:g}")
-    if is_onnx_path(args.checkpoint):
+    checkpoint = model_ref(args)
+    if is_onnx_path(checkpoint):
         raise ValueError("--checkpoint is already an exported ONNX model; export needs a PyTorch checkpoint")
     output = Path(args.output)
     if output.is_dir():
@@ -79,11 +83,11 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         import_optional("onnxruntime", "checking the ONNX export")  # before the export, not after it
         check_opset(args.opset or DEFAULT_OPSET)
-    if args.checkpoint is None:
+    if checkpoint is None:
         print("no --checkpoint given: exporting the model shipped with the package")
-    model = load_separation_model(args.checkpoint, device="cpu")
+    model = load_separation_model(checkpoint, device="cpu")
     if not isinstance(model, MossFormer2):  # a TorchScript export: nothing to trace or script again
-        raise ValueError(f"--checkpoint {args.checkpoint} is already a TorchScript export; export needs the "
+        raise ValueError(f"--checkpoint {checkpoint} is already a TorchScript export; export needs the "
                          "PyTorch checkpoint it was exported from")
     fixed_samples = example_length(model, args.length_seconds)
     if args.format == "onnx" and args.dynamic_length is False and fixed_samples < model.min_input_length:

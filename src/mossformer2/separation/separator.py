@@ -33,7 +33,7 @@ from mossformer2.separation.inputs import (
     is_real_number,
 )
 from mossformer2.separation.loading import load_separation_model
-from mossformer2.separation.outputs import output_paths, write_separation
+from mossformer2.separation.outputs import output_paths, spectrogram_path, write_separation
 from mossformer2.separation.refine import (
     mixture_consistency,
     polarity_ensemble,
@@ -403,16 +403,25 @@ class Separator:
         return [np.stack(outputs, axis=1) for outputs in per_input]  # [S, C, T] each
 
     def separate_file(self, path: str | Path, out_dir: str | Path, output_rate: int | None = None,
-                      format: str | None = None, subtype: str = "PCM_16", plot: bool = False) -> list[Path]:
+                      format: str | None = None, subtype: str = "PCM_16", plot: bool = False,
+                      overwrite: bool = True) -> list[Path]:
         """Separate an audio file and write ``<stem>_s1.<ext>``, ``<stem>_s2.<ext>``, ... into ``out_dir``.
 
         All outputs appear together or not at all (temp files renamed at the end). ``ext`` is ``format``, else
         the input's own if wav/flac, else wav. ``plot`` adds ``<stem>_spectrogram.png``. Returns the paths.
+        Existing outputs are replaced; ``overwrite=False`` raises FileExistsError instead, before separating
+        (``mossformer2 separate`` skips such files unless ``--overwrite``).
         A file with nothing to separate (:meth:`nothing_to_separate`) raises ValueError, as ``mossformer2
         separate`` fails it, instead of writing silent speakers. Its warnings are labelled with the file through
         ``warnings.catch_warnings``, which is process-wide: called from several threads at once, some of them are
         lost (``separate`` is thread-safe; so is this method's work, but not its warnings).
         """
+        paths = output_paths(path, out_dir, self.num_spks, format)
+        if not overwrite:
+            existing = [p for p in [*paths, spectrogram_path(paths[0])] if p.exists()] if plot else \
+                [p for p in paths if p.exists()]
+            if existing:
+                raise FileExistsError(f"{path}: {existing[0]} exists (overwrite=True replaces it)")
         wave, sample_rate = read_audio(path)
         problem = self.nothing_to_separate(wave)
         if problem is not None:
@@ -423,7 +432,6 @@ class Separator:
             require_matplotlib()  # before separating, not after
         with warnings_about(str(path)):
             sources = self.separate(wave, sample_rate, output_rate)
-        paths = output_paths(path, out_dir, self.num_spks, format)
         return write_separation(paths, sources, int(output_rate or sample_rate), subtype,
                                 plot_mixture=(wave, sample_rate) if plot else None, title=Path(path).name)
 
