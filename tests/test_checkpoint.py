@@ -57,6 +57,43 @@ def test_module_prefix_and_missing_aliases_are_accepted(tiny_model):
     _same_output(tiny_model, loaded)
 
 
+def test_torch_compile_and_nested_wrapper_prefixes_are_peeled(tiny_model):
+    """A state dict saved from torch.compile(model) (keys `_orig_mod.`), or DDP around it, or a wrapper's
+    `model.` around either, was "not a MossFormer2 checkpoint: missing [...]"."""
+    state = tiny_model.state_dict()
+    compiled = torch.compile(tiny_model).state_dict()  # (compiling happens on the first call: none here)
+    assert next(iter(compiled)).startswith("_orig_mod.")
+    for prefix in ("_orig_mod.", "module._orig_mod.", "_orig_mod.module.", "model.module._orig_mod."):
+        wrapped = {f"{prefix}{k}": v for k, v in state.items()}
+        _same_output(tiny_model, load_model({"state_dict": wrapped}))
+    _same_output(tiny_model, load_model(compiled))
+
+
+def test_rotary_dim_is_read_from_any_layer_and_said_assumed_without_one():
+    """rotary_dim was read from layers.0's table only; without it the guess min(32, query_key_dim) changed the
+    output of a custom size silently (the warning named sample_rate, group_size and dropout only)."""
+    model = build_model(make_tiny_config(num_mossformer_layer=2, rotary_dim=4, group_size=256, dropout=0.1))
+    state = model.state_dict()
+    without_first = {k: v for k, v in state.items() if "layers.0.rotary_pos_emb" not in k}
+    with pytest.warns(UserWarning) as said:
+        _same_output(model, load_model(without_first))
+    assert "rotary_dim" not in str(said[0].message)
+    without_any = {k: v for k, v in state.items() if "rotary_pos_emb" not in k}
+    with pytest.warns(UserWarning, match=r"dropout=0.1, rotary_dim=16 \(official values\)"):
+        assert load_model(without_any).config.rotary_dim == 16  # min(32, query_key_dim): a wrong guess, now said
+
+
+def test_another_scripts_config_entry_does_not_make_good_weights_unloadable(tiny_model):
+    """'config': vars(args) of someone's training script was parsed as a MossFormer2Config and refused."""
+    state = tiny_model.state_dict()
+    foreign = {"model": state, "config": {"lr": 1e-3, "batch_size": 4, "num_spks": 2, "sample_rate": 16000}}
+    with pytest.warns(UserWarning, match="sizes read from its tensor shapes"):
+        _same_output(tiny_model, load_model(foreign, config=None))
+    ours = {"model": state, "config": {**tiny_model.config.to_dict(), "lr": 1e-3}}  # ours, with a stray key
+    with pytest.raises(ValueError, match="embedded config is invalid"):
+        load_model(ours)
+
+
 def test_rotary_aliases_are_accepted():
     model = build_model(make_tiny_config(num_mossformer_layer=3))
     state = model.state_dict()
@@ -207,7 +244,10 @@ def test_info_cli_checkpoint(tmp_path, tiny_model, capsys):
     out = capsys.readouterr().out
     assert "epoch: 7  step: 1234" in out and "optimizer state: yes" in out
     summary = checkpoint_summary(path)
-    assert summary["num_rotary_aliases"] == 1
+    assert summary["num_rotary_aliases"] == 0  # one layer: its own table, no alias (the official file: 23)
+    deeper = build_model(make_tiny_config(num_mossformer_layer=3))
+    torch.save(_official_container(deeper), tmp_path / "deeper.pt")
+    assert checkpoint_summary(tmp_path / "deeper.pt")["num_rotary_aliases"] == 2
     assert main(["info", "--checkpoint", str(tmp_path / "nope.pt")]) == 1
 
 
@@ -356,7 +396,7 @@ def test_load_model_carries_the_recommended_refinements_to_separator_save_and_ex
     assert Separator(loaded, device="cpu").refinements["polarity_ensemble"] is True
     resaved = save_checkpoint(tmp_path / "b.pt", loaded)
     assert read_checkpoint(resaved)["separation"] == recommended
-    exported = export_torchscript(load_model(resaved), tmp_path / "b.ts")
+    exported = export_torchscript(load_model(resaved), tmp_path / "b.ts.pt")
     assert TorchScriptModel(exported).separation_settings == recommended
     # An explicit entry wins over the model's; a model without settings writes none.
     explicit = save_checkpoint(tmp_path / "c.pt", loaded, extra={"separation": {"wiener_filter": True}})

@@ -104,7 +104,7 @@ def test_an_output_path_under_a_file_is_named_before_any_work(tmp_path, capsys):
     speakers = make_speaker_folder(tmp_path / "speakers", speakers=2, files=1)
     assert main(["mix", str(speakers), "-o", str(tmp_path / "mixed"), "--num-mixtures", "1"]) == 0
     missing = str(tmp_path / "never_loaded.pt")
-    for command in (["export", "--checkpoint", missing, "--format", "torchscript", "-o", str(taken / "m.pt")],
+    for command in (["export", "--checkpoint", missing, "--format", "torchscript", "-o", str(taken / "m.ts.pt")],
                     ["mix", str(speakers), "-o", str(taken / "mixtures"), "--num-mixtures", "1"],
                     ["evaluate", "--data", str(tmp_path / "mixed"), "--checkpoint", missing, "--out",
                      str(taken / "scores")]):

@@ -281,7 +281,7 @@ def test_separator_and_separate_run_on_a_torchscript_export(tiny_model, checkpoi
 
 @pytest.mark.parametrize("method", ["trace", "script"])
 def test_torchscript_matches_pytorch(tiny_model, tmp_path, method):
-    path = export_torchscript(tiny_model, tmp_path / f"tiny_{method}.pt", method=method,
+    path = export_torchscript(tiny_model, tmp_path / f"tiny_{method}.ts.pt", method=method,
                               example=0.1 * torch.randn(1, 900))
     module, config = load_torchscript(path)
     assert config == tiny_model.config
@@ -293,7 +293,7 @@ def test_torchscript_matches_pytorch(tiny_model, tmp_path, method):
 
 
 def test_scripted_model_takes_lengths_for_padded_batches(tiny_model, tmp_path):
-    module, _ = load_torchscript(export_torchscript(tiny_model, tmp_path / "s.pt", method="script"))
+    module, _ = load_torchscript(export_torchscript(tiny_model, tmp_path / "s.ts.pt", method="script"))
     wave = 0.1 * torch.randn(2, 1300)
     wave[1, 900:] = 0.0
     lengths = torch.tensor([1300, 900])
@@ -311,7 +311,7 @@ def _reference_with_lengths(model, wave, lengths):
 
 def test_export_keeps_model_state(tiny_model, tmp_path):
     model = build_model(make_tiny_config()).double().train()
-    export_torchscript(model, tmp_path / "m.pt")
+    export_torchscript(model, tmp_path / "m.ts.pt")
     assert model.training and next(model.parameters()).dtype == torch.float64
 
 
@@ -319,7 +319,7 @@ def test_export_rejects_non_mossformer(tmp_path):
     with pytest.raises(ValueError, match="MossFormer2"):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="method"):
-        export_torchscript(build_model(make_tiny_config()), tmp_path / "x.pt", method="compile")
+        export_torchscript(build_model(make_tiny_config()), tmp_path / "x.ts.pt", method="compile")
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +346,7 @@ def test_cli_export_onnx_fixed_length(tiny_model, checkpoint_path, tmp_path, cap
 
 
 def test_cli_export_torchscript(tiny_model, checkpoint_path, tmp_path, capsys):
-    out = tmp_path / "sub" / "model.pt"
+    out = tmp_path / "sub" / "model.ts.pt"
     code = main(["export", "--checkpoint", str(checkpoint_path), "--format", "torchscript", "-o", str(out),
                  "--method", "script", "--length-seconds", "0.1"])
     assert code == 0
@@ -356,7 +356,7 @@ def test_cli_export_torchscript(tiny_model, checkpoint_path, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(module(wave), _reference(tiny_model, wave), atol=1e-5, rtol=1e-4)
     # --model names a model as separate, evaluate and info take it (export had --checkpoint only).
-    named = tmp_path / "named.pt"
+    named = tmp_path / "named.ts.pt"
     assert main(["export", "--model", "default", "--format", "torchscript", "-o", str(named),
                  "--length-seconds", "0.1"]) == 0
     from mossformer2.pretrained import load_default_model
@@ -392,7 +392,7 @@ def test_cli_export_prints_only_its_own_lines_and_info_describes_exports(checkpo
 
 
 def test_cli_export_errors(checkpoint_path, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "x.pt"
+    out = tmp_path / "x.ts.pt"
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--format", "torchscript",
                  "-o", str(out)]) == 1
     assert main(["export", "--checkpoint", str(checkpoint_path), "--format", "torchscript", "-o", str(out),
@@ -409,13 +409,63 @@ def test_cli_export_errors(checkpoint_path, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_torchscript_runs_only_from_a_named_local_ts_pt_file_and_info_runs_none(tiny_model, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """TorchScript is a program: a .pt found by its contents ran through torch.jit.load from any reference (a hub
+    repository's last_best_checkpoint.pt, a folder, a file handed over as weights), past weights_only."""
+    from mossformer2.separation import load_separation_model
+
+    export = export_torchscript(tiny_model, tmp_path / "model.ts.pt", example=0.1 * torch.randn(1, 900))
+    assert load_separation_model(export, device="cpu").config.to_dict() == tiny_model.config.to_dict()
+    disguised = tmp_path / "weights" / "last_best_checkpoint.pt"
+    disguised.parent.mkdir()
+    disguised.write_bytes(export.read_bytes())
+    calls = []
+    monkeypatch.setattr(torch.jit, "load", lambda *args, **kwargs: calls.append(args))
+    with pytest.raises(ValueError, match=r"last_best_checkpoint.pt is a TorchScript program, not a checkpoint of "
+                                         r"weights: a program runs only from a file named \*\.ts\.pt"):
+        Separator.from_pretrained(disguised, device="cpu")
+    for ref, filename in ((disguised.parent, None), (tmp_path, "model.ts.pt")):  # a folder finds it
+        with pytest.raises(ValueError, match=r"is a TorchScript program, found through .*: a program from a hub "
+                                             r"repository or a folder is never run"):
+            load_separation_model(ref, device="cpu", filename=filename)
+    # info shows what the file says without loading its code
+    assert main(["info", "--checkpoint", str(disguised)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"TorchScript export: {disguised}") and "encoder_embedding_dim" in out
+    assert f"parameters: {sum(p.numel() for p in tiny_model.parameters()):,}" in out
+    assert calls == []
+
+
+def test_onnx_exports_keep_a_batch_axis_check_their_settings_and_open_from_home(tiny_model, tmp_path,
+                                                                                  monkeypatch):
+    """A dynamic export traced with a batch-1 example fixed its batch axis to 1; an export wrote separation
+    settings its loaders then refused; `~/m.onnx` was "ONNX model not found" (.pt paths expanded ~)."""
+    import copy
+
+    odd = copy.deepcopy(tiny_model)
+    odd.separation_settings = {"wiener_filter": "yes"}
+    with pytest.raises(ValueError, match=r"separation settings \['wiener_filter'\] must be true or false"):
+        export_onnx(odd, tmp_path / "odd.onnx")
+    with pytest.raises(ValueError, match="must be true or false"):
+        export_torchscript(odd, tmp_path / "odd.ts.pt")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("HOME", str(tmp_path))
+    export_onnx(tiny_model, tmp_path / "m.onnx", example=0.1 * torch.randn(1, 1000))
+    model = OnnxRuntimeModel("~/m.onnx")
+    assert model.path == tmp_path / "m.onnx" and isinstance(model.input_shape[0], str)  # symbolic batch
+    wave = 0.1 * torch.randn(3, 1100)
+    np.testing.assert_allclose(model(wave.numpy()), _reference(tiny_model, wave).numpy(), atol=1e-5)
+
+
 def test_the_python_exports_refuse_names_the_loaders_would_misread(tiny_model, tmp_path):
     """export_onnx wrote any name (a .bin file that from_pretrained then called "an ONNX export, not a
     checkpoint"); the command line already refused such names."""
     with pytest.raises(ValueError, match=r"model\.bin: an ONNX export's name must end in \.onnx"):
         export_onnx(tiny_model, tmp_path / "model.bin")
-    with pytest.raises(ValueError, match=r"model\.onnx: a TorchScript export's name must not end in \.onnx"):
-        export_torchscript(tiny_model, tmp_path / "model.onnx")
+    for name in ("model.onnx", "model.pt"):
+        with pytest.raises(ValueError, match=rf"{name}: a TorchScript export's name must end in \.ts\.pt"):
+            export_torchscript(tiny_model, tmp_path / name)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -441,21 +491,21 @@ def test_cli_export_refuses_bad_requests_before_exporting(tiny_model, checkpoint
     for args, reason in [
         (["--format", "onnx", "-o", str(tmp_path / "folder")], "is a folder"),
         (["--format", "onnx", "-o", str(tmp_path / "model.pt")], "must end in .onnx"),
-        (["--format", "torchscript", "-o", str(tmp_path / "model.onnx")], "must not end in .onnx"),
+        (["--format", "torchscript", "-o", str(tmp_path / "model.onnx")], "must end in .ts.pt"),
         (["--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--opset", "17"], "opset 17"),
-        (["--format", "torchscript", "-o", str(tmp_path / "m.pt"), "--length-seconds", "inf"], "positive number"),
+        (["--format", "torchscript", "-o", str(tmp_path / "m.ts.pt"), "--length-seconds", "inf"], "positive number"),
         # above what the installed onnx knows: it was a traceback from deep inside the exporter
         (["--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--opset", "99"],
          f"ONNX opset 99 is not available: the exporter with this onnx ({onnx.__version__}) writes 18 to "
          f"{onnx.defs.onnx_opset_version()}"),
         # options of the other format, which were ignored without a word
-        (["--format", "torchscript", "-o", str(tmp_path / "m.pt"), "--no-dynamic-length"],
+        (["--format", "torchscript", "-o", str(tmp_path / "m.ts.pt"), "--no-dynamic-length"],
          "--[no-]dynamic-length only applies to --format onnx, not --format torchscript"),
         (["--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--method", "script"],
          "--method only applies to --format torchscript, not --format onnx"),
         # no export passes it (it failed after the export); a fixed length under the model's shortest input was
         # raised to it without a word
-        (["--format", "torchscript", "-o", str(tmp_path / "m.pt"), "--tolerance", "-1"], "--tolerance must be >= 0"),
+        (["--format", "torchscript", "-o", str(tmp_path / "m.ts.pt"), "--tolerance", "-1"], "--tolerance must be >= 0"),
         (["--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--no-dynamic-length", "--length-seconds", "1e-4"],
          "under the model's shortest input"),
     ]:
@@ -499,8 +549,8 @@ def test_torchscript_exports_run_in_float32(tiny_model, tmp_path):
     (this tiny one): TorchScript exports run in float32, and the Separator says that it ignores a reduced dtype."""
     from mossformer2.export import TorchScriptModel
 
-    traced = export_torchscript(tiny_model, tmp_path / "traced.pt", example=0.1 * torch.randn(1, 900))
-    scripted = export_torchscript(tiny_model, tmp_path / "scripted.pt", method="script")
+    traced = export_torchscript(tiny_model, tmp_path / "traced.ts.pt", example=0.1 * torch.randn(1, 900))
+    scripted = export_torchscript(tiny_model, tmp_path / "scripted.ts.pt", method="script")
     wave = 0.1 * torch.randn(1, 1200)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert TorchScriptModel(scripted)(wave).dtype == torch.float32

@@ -211,6 +211,11 @@ def test_a_folder_takes_filename_and_prefers_a_trainers_best_pt(tmp_path):
     save_checkpoint(exp / "last.pt", model)
     assert resolve_checkpoint(exp) == exp / "best.pt"
     assert resolve_checkpoint(exp, filename="last.pt") == exp / "last.pt"
+    (exp / "model.ts.pt").write_bytes(b"a TorchScript export beside them: never run from a folder, not a choice")
+    assert resolve_checkpoint(exp) == exp / "best.pt"
+    other = tmp_path / "pth"  # .pth and .ckpt files are checkpoints too
+    save_checkpoint(other / "weights.pth", model)
+    assert resolve_checkpoint(other) == other / "weights.pth"
     assert Separator.from_pretrained(exp, device="cpu").num_spks == 2
     with pytest.raises(FileNotFoundError, match=r"no other.pt in folder .*exp \(filename='other.pt'\)"):
         resolve_checkpoint(exp, filename="other.pt")

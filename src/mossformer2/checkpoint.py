@@ -26,8 +26,10 @@ from mossformer2.models.config import NAMED_CONFIGS
 from mossformer2.utils import atomic_torch_save, resolve_device
 
 _LAYER_KEY = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.(?:fsmn|layers)\.(\d+)\.")
+_ROTARY_KEY = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.\d+\.rotary_pos_emb\.freqs$")
 _REQUIRED = ("enc.conv1d.weight", "mask_net.conv1d_encoder.weight", "mask_net.conv1d_out.weight", "dec.weight")
-_ROTARY_ALIAS = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.\d+\.rotary_pos_emb\.freqs$")
+# The rotary tables of layers 1 and up: aliases of layer 0's (the official file stores all of them).
+_ROTARY_ALIAS = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.[1-9]\d*\.rotary_pos_emb\.freqs$")
 # Entries that are closed-form tables: a checkpoint may omit them and we fill them in.
 _COMPUTED = re.compile(r"(rotary_pos_emb\.freqs|pos_enc\.inv_freq)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -61,8 +63,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                          "(mossformer2.hub.resolve_checkpoint(folder) finds it)")
     if is_torchscript_archive(path):
         raise TorchScriptFileError(f"{path} is a TorchScript export, not a checkpoint: `mossformer2 separate` and "
-                         "Separator.from_pretrained run it as it is; to train or export again, use the checkpoint "
-                         "it was exported from")
+                                   "Separator.from_pretrained run it when given the file, named *.ts.pt; to train "
+                                   "or export again, use the checkpoint it was exported from")
     try:
         with warnings.catch_warnings():  # its note on an unusual pickle protocol asks users to file a torch issue
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -71,9 +73,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         if isinstance(err, MemoryError):
             raise
         if _looks_like_onnx(path):
-            raise ValueError(f"{path} is an ONNX export, not a checkpoint: `mossformer2 separate` and "
-                             "Separator.from_pretrained run it as it is (mossformer2.runtime.OnnxRuntimeModel); "
-                             "to train or export again, use the checkpoint it was exported from") from None
+            raise ValueError(f"{path} is an ONNX export, not a checkpoint: named *.onnx, `mossformer2 separate` "
+                             "and Separator.from_pretrained run it (they tell ONNX files by that suffix); to train "
+                             "or export again, use the checkpoint it was exported from") from None
         raise ValueError(_load_error(path, err)) from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
@@ -118,9 +120,12 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP / DataParallel, torch.compile, a wrapper module
+
+
 def extract_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model weights of a container (``'model'`` / ``'state_dict'`` key) or a bare state dict, with any
-    ``module.`` (DDP) or ``model.`` (wrapper) prefix removed."""
+    ``module.`` (DDP), ``_orig_mod.`` (torch.compile) or ``model.`` (wrapper) prefixes removed, nested or not."""
     state = checkpoint
     for key in ("model", "state_dict", "model_state_dict"):
         if key in checkpoint and _is_state_dict(checkpoint[key]):
@@ -131,10 +136,10 @@ def extract_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
             "not a model checkpoint: expected a state dict or a dict with a 'model' state dict; found keys "
             f"{sorted(map(str, checkpoint))[:8]}"
         )
-    for prefix in ("module.", "model."):
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    # Wrappers nest (DDP around torch.compile, a Lightning module's "model." around either): peel them all.
+    while prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None):
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise ValueError(
@@ -165,8 +170,8 @@ def infer_config(state: dict[str, torch.Tensor], base: MossFormer2Config | None 
             values["query_key_dim"] = int(state[f"{p}layers.0.to_qk.mdl.1.weight"].shape[0])
             values["expansion_factor"] = state[f"{p}layers.0.to_hidden.mdl.1.weight"].shape[0] / D
             values["conv_kernel_size"] = int(state[f"{p}layers.0.to_qk.mdl.3.sequential.1.conv.weight"].shape[-1])
-        freqs = f"{p}layers.0.rotary_pos_emb.freqs"
-        values["rotary_dim"] = (2 * int(state[freqs].shape[0]) if freqs in state
+        freqs = next((v for k, v in state.items() if _ROTARY_KEY.match(k)), None)  # any layer's alias
+        values["rotary_dim"] = (2 * int(freqs.shape[0]) if freqs is not None
                                 else min(base.rotary_dim, values.get("query_key_dim", base.query_key_dim)))
     except (KeyError, IndexError) as err:
         raise ValueError(f"cannot infer the MossFormer2 configuration from this checkpoint: missing {err}") from err
@@ -182,6 +187,12 @@ def _config_from_checkpoint(checkpoint: dict[str, Any]) -> MossFormer2Config | N
     raw = checkpoint.get("config")
     if isinstance(raw, dict):
         model_section = raw.get("model", raw) if isinstance(raw.get("model"), dict) else raw
+        if not {"encoder_embedding_dim", "mossformer_sequence_dim"} & set(model_section):
+            # Another training script's settings (vars(args): lr, batch_size, ...), not a model config: the
+            # weights are still good, and their shapes give the sizes.
+            log.info("the checkpoint's 'config' entry is not a MossFormer2 config (keys like %s): ignored",
+                     sorted(map(str, model_section))[:5])
+            return None
         try:
             return MossFormer2Config.from_dict(model_section)
         except ConfigError as err:
@@ -288,9 +299,11 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
         cfg = config or _config_from_checkpoint(obj)
         if cfg is None:
             cfg = infer_config(state)
+            # Without a rotary table rotary_dim leaves no trace either: the official rule min(32, query_key_dim).
+            rotary = "" if any(map(_ROTARY_KEY.match, state)) else f", rotary_dim={cfg.rotary_dim}"
             assumed = (f"{source} has no embedded config: sizes read from its tensor shapes; assumed sample_rate="
-                       f"{cfg.sample_rate}, group_size={cfg.group_size}, dropout={cfg.dropout:g} (official values): "
-                       "pass config= if the model was trained otherwise")
+                       f"{cfg.sample_rate}, group_size={cfg.group_size}, dropout={cfg.dropout:g}{rotary} (official "
+                       "values): pass config= if the model was trained otherwise")
             if cfg in NAMED_CONFIGS.values():  # an official size (the released file has no config): as expected
                 log.info(assumed)
             else:  # a size of someone's own: its group size may well differ, which changes the output a little

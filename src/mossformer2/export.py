@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from mossformer2.runtime import (
     OnnxRuntimeModel,
     import_optional,
 )
-from mossformer2.utils import atomic_path, is_onnx_path
+from mossformer2.utils import TORCHSCRIPT_SUFFIX, atomic_path, is_onnx_path, is_torchscript_name
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,18 @@ def check_opset(opset: int) -> None:
 def check_export_name(path: str | Path, format: str) -> None:
     """ValueError unless an export to ``path`` in ``format`` ("onnx" | "torchscript") is named so that it is
     recognised: ``separate``, ``info`` and ``Separator.from_pretrained`` tell an ONNX file by its suffix."""
-    if is_onnx_path(path) != (format == "onnx"):
-        rule = "must end in .onnx" if format == "onnx" else "must not end in .onnx (use e.g. .pt)"
-        kind = "an ONNX" if format == "onnx" else "a TorchScript"
-        raise ValueError(f"{path}: {kind} export's name {rule}; `separate`, `info` and Separator.from_pretrained "
-                         "recognise ONNX files by that suffix")
+    if format == "onnx" and not is_onnx_path(path):
+        raise ValueError(f"{path}: an ONNX export's name must end in .onnx; `separate`, `info` and "
+                         "Separator.from_pretrained recognise ONNX files by that suffix")
+    if format == "torchscript" and not is_torchscript_name(path):
+        raise ValueError(f"{path}: a TorchScript export's name must end in {TORCHSCRIPT_SUFFIX}: TorchScript is a "
+                         "program, and `separate` and Separator.from_pretrained run one only from a file named so")
+
+
+def _checked_settings(model: MossFormer2) -> dict[str, bool]:
+    """The model's ``separation_settings`` as an export stores them, checked as the loaders will read them back."""
+    return recommended_refinements(getattr(model, "separation_settings", None) or None, "the model's "
+                                   "separation_settings")
 
 
 def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = True, opset: int = DEFAULT_OPSET,
@@ -118,6 +126,7 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
     onnx = import_optional("onnx", "ONNX export")
     import_optional("onnxscript", "ONNX export")  # torch's exporter needs it; fail before tracing
     check_opset(opset)
+    settings = _checked_settings(model)  # before the export, not after it
     path = Path(path)
     with _eval_float32_cpu(model) as model:
         if example is None:  # batch 2 keeps the batch axis symbolic; a fixed shape takes one item at a time
@@ -125,6 +134,8 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
         example = example.detach().float().cpu()
         if example.dim() != 2:
             raise ValueError(f"example input must be [batch, samples], got shape {tuple(example.shape)}")
+        if dynamic_length and example.shape[0] == 1:  # the exporter fixes an axis of size 1 to 1
+            example = example.repeat(2, 1)
         dynamic_shapes = None
         if dynamic_length:
             batch = torch.export.Dim("batch", min=1)
@@ -138,7 +149,7 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
             proto = onnx.load(str(tmp))
             meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict()),
                     DYNAMIC_LENGTH_METADATA_KEY: str(bool(dynamic_length)).lower(),
-                    SEPARATION_METADATA_KEY: json.dumps(getattr(model, "separation_settings", {}))}
+                    SEPARATION_METADATA_KEY: json.dumps(settings)}
             for key, value in meta.items():
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, value
@@ -158,6 +169,7 @@ def export_torchscript(model: MossFormer2, path: str | Path, method: str = "trac
     if method not in TORCHSCRIPT_METHODS:
         raise ValueError(f"TorchScript method must be one of {list(TORCHSCRIPT_METHODS)}, got {method!r}")
     check_export_name(path, "torchscript")
+    settings = _checked_settings(model)
     path = Path(path)
     with _eval_float32_cpu(model) as model, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript is deprecated upstream; the warning is not actionable
@@ -168,7 +180,7 @@ def export_torchscript(model: MossFormer2, path: str | Path, method: str = "trac
             with torch.no_grad():
                 compiled = torch.jit.trace(model, (example,), check_trace=False)
         extra = {"config.json": json.dumps(model.config.to_dict()),
-                 "separation.json": json.dumps(getattr(model, "separation_settings", {}))}
+                 "separation.json": json.dumps(settings)}
         with atomic_path(path) as tmp:
             torch.jit.save(compiled, str(tmp), _extra_files=extra)
     log.debug("wrote TorchScript model %s (%s)", path, method)
@@ -181,19 +193,27 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, MossForm
     return module, config
 
 
-def _load_torchscript_files(path: str | Path) -> tuple[torch.jit.ScriptModule, MossFormer2Config, dict[str, bool]]:
+def torchscript_metadata(path: str | Path) -> tuple[MossFormer2Config, dict[str, bool]]:
+    """The config and separation settings a TorchScript export stores beside its graph, read from the archive
+    without loading its code (``mossformer2 info`` shows them for any such file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"TorchScript model not found: {path}")
-    extra = {"config.json": "", "separation.json": ""}
+    with zipfile.ZipFile(path) as archive:  # torch.jit.save's extra files: <archive>/extra/<name>
+        extra = {name.rsplit("/", 1)[-1]: archive.read(name).decode("utf-8")
+                 for name in archive.namelist() if name.rsplit("/", 2)[-2:-1] == ["extra"]}
+    if not extra.get("config.json"):
+        raise ValueError(f"{path} has no mossformer2 config.json: was it written by `mossformer2 export`?")
+    separation = recommended_refinements(parse_export_json(extra.get("separation.json") or "{}", path,
+                                                           "separation.json"), path)
+    return MossFormer2Config.from_dict(parse_export_json(extra["config.json"], path, "config.json")), separation
+
+
+def _load_torchscript_files(path: str | Path) -> tuple[torch.jit.ScriptModule, MossFormer2Config, dict[str, bool]]:
+    config, separation = torchscript_metadata(path)  # (also checks that the file exists)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load's deprecation notice
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    if not extra["config.json"]:
-        raise ValueError(f"{path} has no mossformer2 config.json: was it written by `mossformer2 export`?")
-    separation = recommended_refinements(parse_export_json(extra["separation.json"] or "{}", path, "separation.json"),
-                                         path)
-    config = MossFormer2Config.from_dict(parse_export_json(extra["config.json"], path, "config.json"))
+        module = torch.jit.load(str(path), map_location="cpu")
     return module.eval(), config, separation
 
 

@@ -13,6 +13,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from mossformer2.utils import is_torchscript_name
+
 HUB_FILENAME = "last_best_checkpoint.pt"
 POINTER_FILE = "last_best_checkpoint"
 # A trainer's experiment folder: the best validated weights and the latest training state (training.trainer).
@@ -21,6 +23,7 @@ TRAINER_BEST, TRAINER_LAST = "best.pt", "last.pt"
 KNOWN_MODELS = {"mossformer2_ss_16k": "alibabasglab/MossFormer2_SS_16K"}
 BUILTIN_NAMES = ("default", "builtin", "built-in")
 _FILE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".onnx", ".safetensors"}
+FOLDER_SUFFIXES = {".pt", ".pth", ".ckpt"}  # the files a folder reference chooses among
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -108,7 +111,9 @@ def _checkpoint_in_folder(folder: Path, filename: str | None = None) -> Path:
         if not target.is_file():
             raise FileNotFoundError(f"{pointer} names {name!r}, which does not exist in {folder}")
         return target
-    candidates = sorted(folder.glob("*.pt"))
+    # TorchScript exports (*.ts.pt) are programs, never run from a folder: no candidates, nor a reason to refuse.
+    candidates = sorted(f for f in folder.iterdir() if f.suffix.lower() in FOLDER_SUFFIXES and f.is_file()
+                        and not is_torchscript_name(f))
     if (folder / HUB_FILENAME).is_file():
         return folder / HUB_FILENAME
     if len(candidates) == 1:
@@ -116,7 +121,8 @@ def _checkpoint_in_folder(folder: Path, filename: str | None = None) -> Path:
     if {c.name for c in candidates} == {TRAINER_BEST, TRAINER_LAST}:
         return folder / TRAINER_BEST
     if not candidates:
-        raise FileNotFoundError(f"no checkpoint (*.pt or '{POINTER_FILE}' pointer file) in folder {folder}")
+        raise FileNotFoundError(f"no checkpoint (*.pt, *.pth, *.ckpt or '{POINTER_FILE}' pointer file) in folder "
+                                f"{folder}")
     raise ValueError(f"several checkpoints in {folder} ({', '.join(c.name for c in candidates)}): pass the file "
                      "itself (on the command line: --checkpoint PATH; in Python: its path, or "
                      "Separator.from_pretrained(folder, filename=NAME))")

@@ -95,9 +95,10 @@ class OnnxRuntimeModel:
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
                  num_threads: int | None = None) -> None:
         ort = import_optional("onnxruntime", "running an ONNX model")
+        path = Path(os.path.expanduser(path))  # (`--checkpoint=~/m.onnx`: no shell expands ~ after "=")
         # __reduce__: a session does not pickle, the file does (resolved: a worker may start in another folder)
-        self._arguments = (Path(path).resolve(), None if providers is None else tuple(providers), num_threads)
-        self.path = Path(path)
+        self._arguments = (path.resolve(), None if providers is None else tuple(providers), num_threads)
+        self.path = path
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
         asked = providers is not None  # "auto" may fall back to the CPU; providers asked for must start

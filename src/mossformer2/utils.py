@@ -24,6 +24,15 @@ def is_onnx_path(ref: str | Path | None) -> bool:
     return str(ref or "").lower().endswith(".onnx")
 
 
+TORCHSCRIPT_SUFFIX = ".ts.pt"
+
+
+def is_torchscript_name(ref: str | Path | None) -> bool:
+    """Whether a file is named as a TorchScript export (``*.ts.pt``, any case). TorchScript is a program, not
+    weights: it runs only from a local file named so (``load_separation_model``), which is the user's opt-in."""
+    return str(ref or "").lower().endswith(TORCHSCRIPT_SUFFIX)
+
+
 def with_context(err: Exception, message: str) -> Exception:
     """A ``FileNotFoundError`` or ``ValueError`` (as ``err`` was) with ``message``: a user error re-raised with
     what it concerns (a config key, a checkpoint path) in front, still reported as one line by the CLI."""
@@ -105,8 +114,9 @@ def atomic_paths(paths: Sequence[str | Path], suffix: str | None = None) -> Iter
                 tmp.unlink()
 
 
-# The names atomic_paths gives its temporary files: ".<stem>.<8 mkstemp characters>.tmp<suffix>".
-_ATOMIC_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp\.[A-Za-z0-9]+$")
+# The names atomic_paths gives its temporary files: ".<stem>.<8 mkstemp characters>.tmp<suffix>" (a
+# suffix such as ".ts.pt" may hold several dots).
+_ATOMIC_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)+$")
 
 
 def is_atomic_temp(path: str | Path) -> bool:

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.models import MossFormer2
     from mossformer2.runtime import import_optional
     from mossformer2.separation.loading import load_separation_model
-    from mossformer2.utils import atomic_path, is_onnx_path, make_folder
+    from mossformer2.utils import TORCHSCRIPT_SUFFIX, atomic_path, is_onnx_path, make_folder
 
     check_format_options(args)
     if not 0 < args.length_seconds < math.inf:
@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
                          f"{model.config.sample_rate} Hz, under the model's shortest input ({model.min_input_length} "
                          "samples): the fixed input length would not be the one asked for")
     # Export to a temp file, check it, and only then move it onto the output: a bad export never lands.
-    with atomic_path(output) as tmp:
+    # (the temp file keeps the whole .ts.pt ending: export_torchscript checks the name it writes to)
+    with atomic_path(output, TORCHSCRIPT_SUFFIX if args.format == "torchscript" else None) as tmp:
         if args.format == "onnx":
             dynamic = args.dynamic_length is not False
             batch = 2 if dynamic else 1  # batch 2 keeps the batch axis symbolic

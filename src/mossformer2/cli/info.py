@@ -47,11 +47,12 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as err:
                 raise ValueError(f"{err}; or a configuration: {', '.join(NAMED_CONFIGS)}") from None
     if path is not None and is_torchscript_archive(path):
-        from mossformer2.export import TorchScriptModel
+        from mossformer2.export import torchscript_metadata
 
-        model = TorchScriptModel(path)
+        config, settings = torchscript_metadata(path)  # its code is not loaded: info runs nothing
+        model = build_model(config)
         print(f"TorchScript export: {path}")
-        _print_refinements(model.separation_settings)
+        _print_refinements(settings)
     elif path is not None:
         checkpoint = read_checkpoint(path)  # once: the official file is 670 MB
         summary = checkpoint_summary(path, checkpoint)

@@ -5,6 +5,7 @@ An ``.onnx`` reference never imports torch (an ONNX deployment runs without it);
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
     if ref is None:
         path = model_checkpoint("default", filename, cache_dir)  # the shipped file (filename= refused)
     elif is_onnx_path(ref):
-        path = Path(ref)
+        path = Path(os.path.expanduser(ref))
     else:
         path = checkpoint_path(ref, filename, cache_dir)
     if is_onnx_path(path):  # also one that filename= picked in a folder or hub repository
@@ -49,8 +50,26 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
                                   name="torch") from None
     try:
         checkpoint = read_checkpoint(path)
-    except TorchScriptFileError:  # read_checkpoint recognises the export: run it as it is
+    except TorchScriptFileError:  # read_checkpoint recognises the export by its contents
+        check_torchscript_allowed(path, ref, filename)
         from mossformer2.export import TorchScriptModel
 
         return TorchScriptModel(path).to(resolve_device(device))
     return load_model(checkpoint, device=resolve_device(device))  # with its model.separation_settings
+
+
+def check_torchscript_allowed(path: Path, ref: str | Path | None, filename: str | None) -> None:
+    """ValueError unless the TorchScript export at ``path`` may run: a program, not weights (which load with
+    ``weights_only``), so only from a local file the caller names itself, named ``*.ts.pt`` as ``mossformer2
+    export`` names it. A hub repository, a folder or a file named as a checkpoint never runs code."""
+    from mossformer2.utils import TORCHSCRIPT_SUFFIX, is_torchscript_name
+
+    named = ref is not None and filename is None and Path(os.path.expanduser(ref)).is_file()
+    if not named:
+        raise ValueError(f"{path} is a TorchScript program, found through {ref!r}: a program from a hub repository "
+                         f"or a folder is never run; if you trust its source, pass the file itself, named "
+                         f"*{TORCHSCRIPT_SUFFIX}")
+    if not is_torchscript_name(path):
+        raise ValueError(f"{path} is a TorchScript program, not a checkpoint of weights: a program runs only from a "
+                         f"file named *{TORCHSCRIPT_SUFFIX} (as `mossformer2 export` names it); if you trust its "
+                         "source, rename it")
