@@ -18,6 +18,13 @@ from mossformer2.models.config import tiny_test_config  # noqa: E402
 
 torch.set_num_threads(1)
 
+# A shell starts background jobs with SIGINT ignored (`pytest &`), and Python then installs no KeyboardInterrupt
+# handler: the tests of Ctrl-C during training need the default one, as in a terminal.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -94,6 +94,21 @@ def test_another_scripts_config_entry_does_not_make_good_weights_unloadable(tiny
         load_model(ours)
 
 
+def test_numpy_scalars_in_a_checkpoint_load_and_numpy_arrays_stay_refused(tiny_model, tmp_path):
+    """{'model': ..., 'best_loss': np.float64(...)} (common in training scripts) was refused as "Python objects
+    that could run code"; a scalar rebuilds from bytes and a dtype. An array pickles through a reconstructor."""
+    import numpy as np
+
+    path = tmp_path / "scalars.pt"
+    torch.save({"model": tiny_model.state_dict(), "best_loss": np.float64(-12.3), "epoch": np.int64(7),
+                "ok": np.bool_(True)}, path)
+    assert read_checkpoint(path)["best_loss"] == -12.3
+    _same_output(tiny_model, load_model(path, config=tiny_model.config))
+    torch.save({"model": tiny_model.state_dict(), "curve": np.zeros(3)}, tmp_path / "array.pt")
+    with pytest.raises(ValueError, match="could run code"):
+        read_checkpoint(tmp_path / "array.pt")
+
+
 def test_rotary_aliases_are_accepted():
     model = build_model(make_tiny_config(num_mossformer_layer=3))
     state = model.state_dict()

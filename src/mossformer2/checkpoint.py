@@ -40,6 +40,13 @@ _UNSAFE_GLOBAL = re.compile(r"unsupported global:? (?:GLOBAL )?([\w.]+)", re.IGN
 log = logging.getLogger(__name__)
 
 
+# NumPy scalars (a third-party training script's best_loss = np.float64(...)) rebuild from bytes and a dtype, and
+# run nothing: allowed in the weights-only unpickler. NumPy arrays (np.core.multiarray._reconstruct) stay refused.
+_NUMPY_SCALAR_GLOBALS = [(getattr(np, "_core", None) or np.core).multiarray.scalar, np.dtype,
+                         *(type(np.dtype(name)) for name in ("float64", "float32", "float16", "int64", "int32",
+                                                             "int16", "int8", "uint8", "bool"))]
+
+
 class TorchScriptFileError(ValueError):
     """:func:`read_checkpoint` was given a TorchScript export (``torch.jit.save``), which ``torch.load`` cannot read."""
 
@@ -68,7 +75,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # its note on an unusual pickle protocol asks users to file a torch issue
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the safe unpickler raises many types on garbage input
         if isinstance(err, MemoryError):
             raise
