@@ -86,12 +86,17 @@ def test_rotary_dim_is_read_from_any_layer_and_said_assumed_without_one():
 def test_another_scripts_config_entry_does_not_make_good_weights_unloadable(tiny_model):
     """'config': vars(args) of someone's training script was parsed as a MossFormer2Config and refused."""
     state = tiny_model.state_dict()
-    foreign = {"model": state, "config": {"lr": 1e-3, "batch_size": 4, "num_spks": 2, "sample_rate": 16000}}
+    foreign = {"model": state, "config": {"lr": 1e-3, "batch_size": 4, "epochs": 100}}
     with pytest.warns(UserWarning, match="sizes read from its tensor shapes"):
         _same_output(tiny_model, load_model(foreign, config=None))
     ours = {"model": state, "config": {**tiny_model.config.to_dict(), "lr": 1e-3}}  # ours, with a stray key
     with pytest.raises(ValueError, match="embedded config is invalid"):
         load_model(ours)
+    # A partial config of ours still counts: its other fields are the defaults (the official sizes here).
+    from mossformer2.checkpoint import _config_from_checkpoint
+
+    assert _config_from_checkpoint({"config": {"sample_rate": 8000, "num_spks": 2}}).sample_rate == 8000
+    assert _config_from_checkpoint({"config": {"lr": 1e-3}}) is None
 
 
 def test_numpy_scalars_in_a_checkpoint_load_and_numpy_arrays_stay_refused(tiny_model, tmp_path):
@@ -104,6 +109,18 @@ def test_numpy_scalars_in_a_checkpoint_load_and_numpy_arrays_stay_refused(tiny_m
                 "ok": np.bool_(True)}, path)
     assert read_checkpoint(path)["best_loss"] == -12.3
     _same_output(tiny_model, load_model(path, config=tiny_model.config))
+    # NumPy 1.x pickled the scalar as numpy.core.multiarray.scalar: such files are most of the older ones.
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    pickled = next(name for name in files if name.endswith("data.pkl"))
+    old_name = files[pickled].replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")  # (protocol 2)
+    assert old_name != files[pickled]
+    with zipfile.ZipFile(tmp_path / "numpy1.pt", "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, old_name if name == pickled else data)
+    assert read_checkpoint(tmp_path / "numpy1.pt")["best_loss"] == -12.3
     torch.save({"model": tiny_model.state_dict(), "curve": np.zeros(3)}, tmp_path / "array.pt")
     with pytest.raises(ValueError, match="could run code"):
         read_checkpoint(tmp_path / "array.pt")
@@ -362,7 +379,8 @@ def test_info_says_when_group_size_was_assumed(tmp_path, tiny_model, capsys):
     torch.save(tiny_model.state_dict(), tmp_path / "bare.pt")
     assert main(["info", "--checkpoint", str(tmp_path / "bare.pt")]) == 0
     out = capsys.readouterr().out
-    assert "group_size and dropout leave no trace in the weights" in out and "group_size: 256" in out
+    assert "group_size and dropout (and rotary_dim, where the file has no rotary table) leave no trace" in out
+    assert "group_size: 256" in out
     save_checkpoint(tmp_path / "ours.pt", tiny_model)
     assert main(["info", "--checkpoint", str(tmp_path / "ours.pt")]) == 0
     assert "leave no trace" not in capsys.readouterr().out

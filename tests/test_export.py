@@ -425,10 +425,29 @@ def test_torchscript_runs_only_from_a_named_local_ts_pt_file_and_info_runs_none(
     with pytest.raises(ValueError, match=r"last_best_checkpoint.pt is a TorchScript program, not a checkpoint of "
                                          r"weights: a program runs only from a file named \*\.ts\.pt"):
         Separator.from_pretrained(disguised, device="cpu")
-    for ref, filename in ((disguised.parent, None), (tmp_path, "model.ts.pt")):  # a folder finds it
-        with pytest.raises(ValueError, match=r"is a TorchScript program, found through .*: a program from a hub "
-                                             r"repository or a folder is never run"):
+    with pytest.raises(ValueError, match="is a TorchScript program, not a checkpoint of weights"):
+        load_separation_model(disguised.parent, device="cpu")  # a folder finds it as the official file name
+    pointing = tmp_path / "repo"  # the official layout's pointer file, naming an export
+    pointing.mkdir()
+    (pointing / "model.ts.pt").write_bytes(export.read_bytes())
+    (pointing / "last_best_checkpoint").write_text("model.ts.pt\n")
+    from mossformer2.hub import checkpoint_path
+
+    for ref, filename in ((pointing, None), (tmp_path, "model.ts.pt")):
+        message = r"model.ts.pt, found through .*, is a TorchScript export: a program from a hub repository or a folder"
+        with pytest.raises(ValueError, match=message):
             load_separation_model(ref, device="cpu", filename=filename)
+        with pytest.raises(ValueError, match=message):  # what evaluate resolves (to hash the weights) first
+            checkpoint_path(ref, filename)
+    import soundfile as sf
+
+    for folder in ("mix", "s1", "s2"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        sf.write(tmp_path / "data" / folder / "a.wav", np.random.default_rng(len(folder)).uniform(-.1, .1, 4000),
+                 16000)
+    assert main(["evaluate", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "ev"), "--checkpoint",
+                 str(pointing)]) == 1
+    assert "is a TorchScript export: a program from a hub repository" in capsys.readouterr().err
     # info shows what the file says without loading its code
     assert main(["info", "--checkpoint", str(disguised)]) == 0
     out = capsys.readouterr().out

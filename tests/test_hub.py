@@ -213,9 +213,16 @@ def test_a_folder_takes_filename_and_prefers_a_trainers_best_pt(tmp_path):
     assert resolve_checkpoint(exp, filename="last.pt") == exp / "last.pt"
     (exp / "model.ts.pt").write_bytes(b"a TorchScript export beside them: never run from a folder, not a choice")
     assert resolve_checkpoint(exp) == exp / "best.pt"
+    (exp / "init.pth").write_bytes(b"weights copied in: .pth files count only where no .pt file is")
+    assert resolve_checkpoint(exp) == exp / "best.pt"
     other = tmp_path / "pth"  # .pth and .ckpt files are checkpoints too
     save_checkpoint(other / "weights.pth", model)
     assert resolve_checkpoint(other) == other / "weights.pth"
+    only_export = tmp_path / "export"
+    only_export.mkdir()
+    (only_export / "m.ts.pt").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"TorchScript exports such as m.ts.pt are not taken from a folder"):
+        resolve_checkpoint(only_export)
     assert Separator.from_pretrained(exp, device="cpu").num_spks == 2
     with pytest.raises(FileNotFoundError, match=r"no other.pt in folder .*exp \(filename='other.pt'\)"):
         resolve_checkpoint(exp, filename="other.pt")

@@ -285,6 +285,10 @@ def test_bad_input_gives_clear_errors(tiny_model):
         with pytest.raises(TypeError, match=r"^separate\(\) takes audio samples, not a file \('mix.wav'\): "
                                             r"separate_file\(path, out_dir\)"):
             sep.separate(path, SR)
+        with pytest.raises(TypeError, match=r"^separate_many\(\) takes audio samples, not a file \('mix.wav'\)"):
+            sep.separate_many(path, SR)  # (not its characters, one by one)
+    with pytest.raises(TypeError, match=r"^separate_many\(\) takes .* \('b.wav'\)"):
+        sep.separate_many([noise(4000), "b.wav"], SR)
 
 
 def test_a_model_returning_nan_is_named_not_a_matrix_error(tiny_model):

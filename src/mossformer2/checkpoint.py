@@ -26,10 +26,9 @@ from mossformer2.models.config import NAMED_CONFIGS
 from mossformer2.utils import atomic_torch_save, resolve_device
 
 _LAYER_KEY = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.(?:fsmn|layers)\.(\d+)\.")
-_ROTARY_KEY = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.\d+\.rotary_pos_emb\.freqs$")
+# A layer's rotary table; those of layers 1 and up are aliases of layer 0's (the official file stores them all).
+_ROTARY_KEY = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.(\d+)\.rotary_pos_emb\.freqs$")
 _REQUIRED = ("enc.conv1d.weight", "mask_net.conv1d_encoder.weight", "mask_net.conv1d_out.weight", "dec.weight")
-# The rotary tables of layers 1 and up: aliases of layer 0's (the official file stores all of them).
-_ROTARY_ALIAS = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.layers\.[1-9]\d*\.rotary_pos_emb\.freqs$")
 # Entries that are closed-form tables: a checkpoint may omit them and we fill them in.
 _COMPUTED = re.compile(r"(rotary_pos_emb\.freqs|pos_enc\.inv_freq)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -42,9 +41,12 @@ log = logging.getLogger(__name__)
 
 # NumPy scalars (a third-party training script's best_loss = np.float64(...)) rebuild from bytes and a dtype, and
 # run nothing: allowed in the weights-only unpickler. NumPy arrays (np.core.multiarray._reconstruct) stay refused.
-_NUMPY_SCALAR_GLOBALS = [(getattr(np, "_core", None) or np.core).multiarray.scalar, np.dtype,
+_NUMPY_SCALAR = (getattr(np, "_core", None) or np.core).multiarray.scalar
+_NUMPY_SCALAR_GLOBALS = [_NUMPY_SCALAR, (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"),  # as NumPy 1.x named it
+                         (_NUMPY_SCALAR, "numpy._core.multiarray.scalar"), np.dtype,
                          *(type(np.dtype(name)) for name in ("float64", "float32", "float16", "int64", "int32",
-                                                             "int16", "int8", "uint8", "bool"))]
+                                                             "int16", "int8", "uint64", "uint32", "uint16", "uint8",
+                                                             "bool", "complex64", "complex128"))]
 
 
 class TorchScriptFileError(ValueError):
@@ -195,7 +197,7 @@ def _config_from_checkpoint(checkpoint: dict[str, Any]) -> MossFormer2Config | N
     raw = checkpoint.get("config")
     if isinstance(raw, dict):
         model_section = raw.get("model", raw) if isinstance(raw.get("model"), dict) else raw
-        if not {"encoder_embedding_dim", "mossformer_sequence_dim"} & set(model_section):
+        if not set(MossFormer2Config.__dataclass_fields__) & set(model_section):
             # Another training script's settings (vars(args): lr, batch_size, ...), not a model config: the
             # weights are still good, and their shapes give the sizes.
             log.info("the checkpoint's 'config' entry is not a MossFormer2 config (keys like %s): ignored",
@@ -408,7 +410,7 @@ def checkpoint_summary(path: str | Path, checkpoint: dict[str, Any] | None = Non
         "step": obj.get("step"),
         "has_optimizer_state": "optimizer" in obj,
         "num_tensors": len(state),
-        "num_rotary_aliases": sum(1 for k in state if _ROTARY_ALIAS.match(k)),
+        "num_rotary_aliases": sum(1 for k in state if (m := _ROTARY_KEY.match(k)) and m.group(1) != "0"),
         "num_elements": sum(unique.values()),
         "config": config,
         # Without an embedded config, the sizes come from tensor shapes; group_size and dropout leave no trace in

@@ -105,8 +105,7 @@ def check_export_name(path: str | Path, format: str) -> None:
 
 def _checked_settings(model: MossFormer2) -> dict[str, bool]:
     """The model's ``separation_settings`` as an export stores them, checked as the loaders will read them back."""
-    return recommended_refinements(getattr(model, "separation_settings", None) or None, "the model's "
-                                   "separation_settings")
+    return recommended_refinements(getattr(model, "separation_settings", None), "the model's separation_settings")
 
 
 def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = True, opset: int = DEFAULT_OPSET,
@@ -199,9 +198,13 @@ def torchscript_metadata(path: str | Path) -> tuple[MossFormer2Config, dict[str,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"TorchScript model not found: {path}")
-    with zipfile.ZipFile(path) as archive:  # torch.jit.save's extra files: <archive>/extra/<name>
-        extra = {name.rsplit("/", 1)[-1]: archive.read(name).decode("utf-8")
-                 for name in archive.namelist() if name.rsplit("/", 2)[-2:-1] == ["extra"]}
+    wanted = ("config.json", "separation.json")
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch.jit.save's extra files: <archive>/extra/<name>
+            extra = {name.rsplit("/", 1)[-1]: archive.read(name).decode("utf-8") for name in archive.namelist()
+                     if any(name.endswith(f"/extra/{w}") for w in wanted)}
+    except (zipfile.BadZipFile, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a TorchScript export of mossformer2 ({err})") from err
     if not extra.get("config.json"):
         raise ValueError(f"{path} has no mossformer2 config.json: was it written by `mossformer2 export`?")
     separation = recommended_refinements(parse_export_json(extra.get("separation.json") or "{}", path,

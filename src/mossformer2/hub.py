@@ -23,7 +23,6 @@ TRAINER_BEST, TRAINER_LAST = "best.pt", "last.pt"
 KNOWN_MODELS = {"mossformer2_ss_16k": "alibabasglab/MossFormer2_SS_16K"}
 BUILTIN_NAMES = ("default", "builtin", "built-in")
 _FILE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".onnx", ".safetensors"}
-FOLDER_SUFFIXES = {".pt", ".pth", ".ckpt"}  # the files a folder reference chooses among
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -61,10 +60,15 @@ def model_checkpoint(name: str, filename: str | None = None, cache_dir: str | Pa
 
 def checkpoint_path(ref: str | Path, filename: str | None = None, cache_dir: str | Path | None = None) -> Path:
     """Any checkpoint reference -> its file: a model name (:func:`model_checkpoint`), else a file, a folder or a
-    hub id (:func:`resolve_checkpoint`)."""
-    if is_model_name(ref):
-        return model_checkpoint(str(ref), filename, cache_dir)
-    return resolve_checkpoint(ref, filename, cache_dir)
+    hub id (:func:`resolve_checkpoint`). A TorchScript export (``*.ts.pt``) is taken only as the file named
+    itself: one found in a folder or a hub repository (a pointer file, ``filename=``) is a program nobody chose
+    to run."""
+    path = (model_checkpoint(str(ref), filename, cache_dir) if is_model_name(ref)
+            else resolve_checkpoint(ref, filename, cache_dir))
+    if is_torchscript_name(path) and not Path(os.path.expanduser(str(ref))).is_file():
+        raise ValueError(f"{path}, found through {str(ref)!r}, is a TorchScript export: a program from a hub "
+                         "repository or a folder is never run; if you trust its source, pass the file itself")
+    return path
 
 
 def is_hub_id(ref: str | Path) -> bool:
@@ -80,7 +84,8 @@ def resolve_checkpoint(ref: str | Path, filename: str | None = None, cache_dir: 
 
     ``filename``: the file to take from a folder or hub repository (default: a folder's pointer file
     ``last_best_checkpoint`` or its ``last_best_checkpoint.pt``, else a trainer's ``best.pt`` where it sits
-    beside ``last.pt`` only, else the folder's only ``*.pt``; ``last_best_checkpoint.pt`` on the hub).
+    beside ``last.pt`` only, else the folder's only ``*.pt`` / ``*.pth`` / ``*.ckpt`` (TorchScript ``*.ts.pt``
+    left out); ``last_best_checkpoint.pt`` on the hub).
     """
     path = Path(os.path.expanduser(ref))
     if path.is_file():
@@ -99,7 +104,8 @@ def resolve_checkpoint(ref: str | Path, filename: str | None = None, cache_dir: 
 
 def _checkpoint_in_folder(folder: Path, filename: str | None = None) -> Path:
     """``filename`` if given; official layout: a pointer file ``last_best_checkpoint`` naming the file; else the
-    official file name, a trainer's ``best.pt`` (validated weights) beside its ``last.pt``, or the only ``*.pt``."""
+    official file name, a trainer's ``best.pt`` (validated weights) beside its ``last.pt``, or the only ``*.pt``
+    / ``.pth`` / ``.ckpt`` (not a ``*.ts.pt`` export)."""
     if filename is not None:
         if not (folder / filename).is_file():
             raise FileNotFoundError(f"no {filename} in folder {folder} (filename={filename!r})")
@@ -112,8 +118,10 @@ def _checkpoint_in_folder(folder: Path, filename: str | None = None) -> Path:
             raise FileNotFoundError(f"{pointer} names {name!r}, which does not exist in {folder}")
         return target
     # TorchScript exports (*.ts.pt) are programs, never run from a folder: no candidates, nor a reason to refuse.
-    candidates = sorted(f for f in folder.iterdir() if f.suffix.lower() in FOLDER_SUFFIXES and f.is_file()
-                        and not is_torchscript_name(f))
+    # .pth / .ckpt files count only in a folder without .pt ones (a trainer's folder with a copied-in init.pth).
+    files = [f for f in folder.iterdir() if f.is_file() and not is_torchscript_name(f)]
+    candidates = (sorted(f for f in files if f.suffix.lower() == ".pt")
+                  or sorted(f for f in files if f.suffix.lower() in (".pth", ".ckpt")))
     if (folder / HUB_FILENAME).is_file():
         return folder / HUB_FILENAME
     if len(candidates) == 1:
@@ -121,8 +129,11 @@ def _checkpoint_in_folder(folder: Path, filename: str | None = None) -> Path:
     if {c.name for c in candidates} == {TRAINER_BEST, TRAINER_LAST}:
         return folder / TRAINER_BEST
     if not candidates:
+        exports = sorted(f.name for f in folder.glob("*") if is_torchscript_name(f))
+        also = (f" (TorchScript exports such as {exports[0]} are not taken from a folder: pass the file)"
+                if exports else "")
         raise FileNotFoundError(f"no checkpoint (*.pt, *.pth, *.ckpt or '{POINTER_FILE}' pointer file) in folder "
-                                f"{folder}")
+                                f"{folder}{also}")
     raise ValueError(f"several checkpoints in {folder} ({', '.join(c.name for c in candidates)}): pass the file "
                      "itself (on the command line: --checkpoint PATH; in Python: its path, or "
                      "Separator.from_pretrained(folder, filename=NAME))")

@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     source.add_argument("--model", default=None,
                         help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
     parser.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="export format")
-    parser.add_argument("-o", "--output", required=True, type=user_path, help="output file (.onnx / .pt)")
+    parser.add_argument("-o", "--output", required=True, type=user_path, help="output file (.onnx / .ts.pt)")
     parser.add_argument("--dynamic-length", action=argparse.BooleanOptionalAction, default=None,
                         help="ONNX: symbolic batch and time axes, any input length (default); "
                              "--no-dynamic-length fixes the shape to --length-seconds at batch 1")
@@ -51,6 +51,7 @@ def check_format_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mossformer2.checkpoint import is_torchscript_archive
     from mossformer2.export import (
         DEFAULT_OPSET,
         check_export_name,
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         export_torchscript,
         verify_export,
     )
-    from mossformer2.models import MossFormer2
+    from mossformer2.hub import checkpoint_path
     from mossformer2.runtime import import_optional
     from mossformer2.separation.loading import load_separation_model
     from mossformer2.utils import TORCHSCRIPT_SUFFIX, atomic_path, is_onnx_path, make_folder
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.is_dir():
         raise ValueError(f"-o {output} is a folder: give the file to write, e.g. {output / 'model'}"
-                         f"{'.onnx' if args.format == 'onnx' else '.pt'}")
+                         f"{'.onnx' if args.format == 'onnx' else TORCHSCRIPT_SUFFIX}")
     check_export_name(output, args.format)  # before the checkpoint loads
     make_folder(output.parent, "output folder")  # a bad -o fails before the checkpoint loads
     if args.format == "onnx":
@@ -85,10 +86,10 @@ def run(args: argparse.Namespace) -> int:
         check_opset(args.opset or DEFAULT_OPSET)
     if checkpoint is None:
         print("no --checkpoint given: exporting the model shipped with the package")
-    model = load_separation_model(checkpoint, device="cpu")
-    if not isinstance(model, MossFormer2):  # a TorchScript export: nothing to trace or script again
+    if checkpoint is not None and is_torchscript_archive(checkpoint_path(checkpoint)):  # (before running it)
         raise ValueError(f"--checkpoint {checkpoint} is already a TorchScript export; export needs the "
                          "PyTorch checkpoint it was exported from")
+    model = load_separation_model(checkpoint, device="cpu")
     fixed_samples = example_length(model, args.length_seconds)
     if args.format == "onnx" and args.dynamic_length is False and fixed_samples < model.min_input_length:
         raise ValueError(f"--length-seconds {args.length_seconds:g} is {fixed_samples} samples at "

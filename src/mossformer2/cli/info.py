@@ -72,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"validation: {summary['validation']}")
         _print_refinements(summary["separation"])
         if summary["config_inferred"]:
-            print("config read from the tensor shapes (the file stores none): group_size and dropout leave no trace "
-                  "in the weights, so the official values below are assumed")
+            print("config read from the tensor shapes (the file stores none): group_size and dropout (and "
+                  "rotary_dim, where the file has no rotary table) leave no trace in the weights, so the official "
+                  "values below are assumed")
     else:
         model = build_model(args.model)
         print(f"model: {args.model}")

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mossformer2.utils import is_auto_device, is_onnx_path, resolve_device
+from mossformer2.utils import TORCHSCRIPT_SUFFIX, is_auto_device, is_onnx_path, is_torchscript_name, resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -51,24 +51,18 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
     try:
         checkpoint = read_checkpoint(path)
     except TorchScriptFileError:  # read_checkpoint recognises the export by its contents
-        check_torchscript_allowed(path, ref, filename)
+        check_torchscript_allowed(path)
         from mossformer2.export import TorchScriptModel
 
         return TorchScriptModel(path).to(resolve_device(device))
     return load_model(checkpoint, device=resolve_device(device))  # with its model.separation_settings
 
 
-def check_torchscript_allowed(path: Path, ref: str | Path | None, filename: str | None) -> None:
+def check_torchscript_allowed(path: Path) -> None:
     """ValueError unless the TorchScript export at ``path`` may run: a program, not weights (which load with
-    ``weights_only``), so only from a local file the caller names itself, named ``*.ts.pt`` as ``mossformer2
-    export`` names it. A hub repository, a folder or a file named as a checkpoint never runs code."""
-    from mossformer2.utils import TORCHSCRIPT_SUFFIX, is_torchscript_name
-
-    named = ref is not None and filename is None and Path(os.path.expanduser(ref)).is_file()
-    if not named:
-        raise ValueError(f"{path} is a TorchScript program, found through {ref!r}: a program from a hub repository "
-                         f"or a folder is never run; if you trust its source, pass the file itself, named "
-                         f"*{TORCHSCRIPT_SUFFIX}")
+    ``weights_only``), so only from a file named ``*.ts.pt`` as ``mossformer2 export`` names it, and which the
+    caller named itself (``hub.checkpoint_path`` takes no such file from a folder or a hub repository). A
+    TorchScript file named as a checkpoint never runs."""
     if not is_torchscript_name(path):
         raise ValueError(f"{path} is a TorchScript program, not a checkpoint of weights: a program runs only from a "
                          f"file named *{TORCHSCRIPT_SUFFIX} (as `mossformer2 export` names it); if you trust its "

@@ -126,9 +126,9 @@ class Separator:
     A model from ``load_separation_model`` carries its checkpoint's recommended refinements as
     ``model.separation_settings`` (the built-in model recommends the polarity ensemble and the Wiener filter: its
     model card has the measurements). They apply in that order: ensemble, Wiener filter, mixture consistency.
-    The outputs sum to the input (band-limited to the model's rate) under ``stitching="aligned"``; the official
-    ``"clearvoice"`` stitching then scales each output to the input's RMS, as the official tool does, which the
-    sum does not survive.
+    With the Wiener filter or mixture consistency the outputs sum to the input (band-limited to the model's rate)
+    under ``stitching="aligned"``; the official ``"clearvoice"`` stitching scales each output to the input's RMS,
+    as the official tool does, which the sum does not survive.
     """
 
     def __init__(self, model: Any, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32",
@@ -347,6 +347,7 @@ class Separator:
                       output_rate: int | None = None) -> list[np.ndarray]:
         """Separate several recordings at one rate; equal-length short inputs share forward passes (inputs and
         outputs as in ``separate``; ``waves`` may be any iterable: a generator failed after all the work)."""
+        _refuse_path(waves, "separate_many")  # (a path is an iterable too: of its characters)
         return self._separate_many(list(waves), sample_rate, output_rate)
 
     def _separate_many(self, waves: Sequence[np.ndarray | torch.Tensor], sample_rate: int,
@@ -359,10 +360,7 @@ class Separator:
         items: list[tuple[int, int, np.ndarray, float]] = []
         shapes: list[tuple[int, int]] = []
         for index, raw in enumerate(waves):
-            if isinstance(raw, (str, os.PathLike)):
-                raise TypeError(f"separate() takes audio samples, not a file ({str(raw)!r}): separate_file(path, "
-                                "out_dir) writes the speakers' files; mossformer2.audio.read_audio(path) gives "
-                                "(samples, sample_rate) to pass here")
+            _refuse_path(raw, "separate" if len(waves) == 1 else "separate_many")
             wave = as_channels_first(raw)
             shapes.append(wave.shape)
             problem = self.fixed_length_error(wave.shape[-1], int(sample_rate))
@@ -418,8 +416,8 @@ class Separator:
         """
         paths = output_paths(path, out_dir, self.num_spks, format)
         if not overwrite:
-            existing = [p for p in [*paths, spectrogram_path(paths[0])] if p.exists()] if plot else \
-                [p for p in paths if p.exists()]
+            candidates = [*paths, spectrogram_path(paths[0])] if plot else paths
+            existing = [p for p in candidates if p.exists()]
             if existing:
                 raise FileExistsError(f"{path}: {existing[0]} exists (overwrite=True replaces it)")
         wave, sample_rate = read_audio(path)
@@ -578,6 +576,13 @@ def _aligned_channels(channels: list[np.ndarray], inputs: list[np.ndarray], keep
                 sources[signs < 0] *= -1
         aligned.append(sources)
     return aligned
+
+
+def _refuse_path(value: Any, method: str) -> None:
+    if isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{method}() takes audio samples, not a file ({str(value)!r}): separate_file(path, out_dir) "
+                        "writes the speakers' files; mossformer2.audio.read_audio(path) gives (samples, sample_rate) "
+                        "to pass here")
 
 
 def _seconds(value: float | None) -> str:
