@@ -165,9 +165,10 @@ def test_not_a_checkpoint_file(tmp_path):
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 670000000\n")
     with pytest.raises(ValueError, match="is a Git LFS pointer, not the checkpoint itself"):
         load_model(pointer)
-    broken = tmp_path / "broken.pt"  # a zip that is not a whole checkpoint
-    broken.write_bytes(b"PK\x03\x04" + b"\0" * 100)
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+    broken = tmp_path / "broken.pt"  # a zip that is not a whole checkpoint: "(OSError: Invalid argument)" before
+    whole = save_checkpoint(tmp_path / "whole.pt", build_model(make_tiny_config())).read_bytes()
+    broken.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"broken.pt is truncated or damaged: its zip archive has no readable end"):
         load_model(broken)
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "missing.pt")

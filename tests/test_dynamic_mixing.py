@@ -216,6 +216,12 @@ def test_crops_stay_on_audio_and_silent_utterances_are_bad_files(corpus, tmp_pat
     lenient = DynamicMixingDataset(with_silent + [Utterance(root / "spk0" / "0.wav", "a")], 2, AudioStore(SR), 20,
                                    segment_samples=400, skip_bad_files=True)
     assert sum(lenient[i]["skipped"] for i in range(20)) > 0
+    # With the cache (data.cache_audio) they are found up front, not when first drawn, hours into a run.
+    with pytest.raises(BadAudioError, match=r"1 silent utterance\(s\), e.g. .*silent.wav"):
+        DynamicMixingDataset(with_silent, 2, AudioStore(SR, cache=True), 1, segment_samples=400)
+    cached = DynamicMixingDataset(with_silent + [Utterance(root / "spk0" / "0.wav", "a")], 2,
+                                  AudioStore(SR, cache=True), 20, segment_samples=400, skip_bad_files=True)
+    assert cached.preload_skipped == 1 and all(cached[i]["skipped"] == 0 for i in range(20))
 
 
 def test_too_few_speakers(corpus):

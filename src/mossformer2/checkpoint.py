@@ -121,6 +121,9 @@ def _load_error(path: Path, err: Exception) -> str:
         return f"{path} is a Git LFS pointer, not the checkpoint itself: fetch the file (git lfs pull)"
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: a zip, or a legacy pickle
         return f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive (or a pickle), and this is neither"
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):  # the zip's directory is at its end
+        return (f"{path} is truncated or damaged: its zip archive has no readable end (an interrupted download or "
+                "copy?)")
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}{': ' + first if first else ''})"
 

@@ -107,6 +107,14 @@ class DynamicMixingDataset(Dataset):
         self.skip_bad_files = skip_bad_files
         if store.cache:
             bad = store.preload([u.path for u in utterances] + list(noise_files or []), skip_bad_files)
+            # Silent utterances, found now rather than when first drawn (hours into a run, without the cache).
+            silent = [u.path for u in utterances if str(u.path) not in bad and not np.ptp(store.load(u.path)) > 0]
+            if silent and not skip_bad_files:
+                raise BadAudioError(f"{len(silent)} silent utterance(s), e.g. {silent[0]}: nothing to separate them "
+                                    "from; remove them, or skip such files with data.skip_bad_files=true")
+            if silent:
+                log.warning("skipping %d silent utterance(s), e.g. %s", len(silent), silent[0])
+            bad |= set(map(str, silent))
             utterances = [u for u in utterances if str(u.path) not in bad]
             noise_files = [f for f in noise_files or [] if str(f) not in bad] or None
             self.preload_skipped = len(bad)
