@@ -303,6 +303,21 @@ def test_chunk_seconds_none_separates_each_file_in_one_pass(ckpt, tmp_path, caps
     assert "--chunk-seconds: expected seconds or none, got 'never'" in capsys.readouterr().err
 
 
+def test_threads_sets_the_cpu_threads_of_torch_and_onnx_runtime(ckpt, tmp_path, monkeypatch, capsys):
+    """A shared CPU machine had only OMP_NUM_THREADS to keep `separate` / `evaluate` off the busy cores."""
+    src = tmp_path / "talk.wav"
+    sf.write(str(src), noise(8000, 3), 16000)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # (restored after the test: the option sets it for ONNX Runtime)
+    try:
+        assert main(["separate", str(src), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt),
+                     "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+    finally:
+        torch.set_num_threads(1)
+    assert main(["separate", str(src), "-o", str(tmp_path / "z"), "--checkpoint", str(ckpt), "--threads", "0"]) == 1
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_sharding_covers_every_file_once():
     files = [Path(f"/data/f{i:03d}.wav") for i in range(23)]
     for world in (1, 2, 3, 4, 8, 30):

@@ -78,6 +78,9 @@ def add_separator_arguments(parser: argparse.ArgumentParser, whole_inputs: bool 
     """The ``Separator`` options ``separate`` and ``evaluate`` share: device, precision, chunking, level.
     ``whole_inputs``: no chunking unless ``--chunk-seconds`` is given (test sets: one pass per mixture)."""
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads to compute with (default: all cores, or OMP_NUM_THREADS where set; on a "
+                             "shared machine keep it at or below the idle cores)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="autocast precision, torch backend (default float32; float16 needs CUDA)")
     if whole_inputs:
@@ -119,14 +122,22 @@ def announce_builtin_model(alternatives: str = "--checkpoint PATH or --model NAM
     print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass {alternatives} for another)", file=sys.stderr)
 
 
-def load_chosen_model(ref: str | None, device: str, announce: bool = True):
+def load_chosen_model(ref: str | None, device: str, announce: bool = True, threads: int | None = None):
     """``load_separation_model(ref, device)``, saying so on stderr when ``ref`` is ``None`` (the built-in model)
-    and ``announce``."""
+    and ``announce``; ``threads``: the CPU threads it computes with (``--threads``; default: as torch and ONNX
+    Runtime choose, ``OMP_NUM_THREADS`` where it is set)."""
     from mossformer2.separation import load_separation_model
 
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # ONNX Runtime's session reads it when it starts
     if ref is None and announce:
         announce_builtin_model()
-    return load_separation_model(ref, device)
+    model = load_separation_model(ref, device)
+    if threads is not None and "torch" in sys.modules:  # (an ONNX model runs without importing torch)
+        sys.modules["torch"].set_num_threads(threads)
+    return model
 
 
 def describe_refinements(separator) -> str:

@@ -190,7 +190,7 @@ def _load_model(args: argparse.Namespace, device: str):
 
     if args.backend == "onnxruntime" and not is_onnx_path(ref):
         raise ValueError("--backend onnxruntime needs --checkpoint MODEL.onnx (see `mossformer2 export`)")
-    return load_chosen_model(ref, device, announce=not args.quiet)
+    return load_chosen_model(ref, device, announce=not args.quiet, threads=args.threads)
 
 
 def _separator(args: argparse.Namespace, model, device: str) -> Separator:
