@@ -202,6 +202,25 @@ def test_separator_from_pretrained_hub_id_offline(offline_cache):
     np.testing.assert_allclose(out, Separator(model, device="cpu").separate(wave, 16000), atol=1e-6)
 
 
+def test_a_hub_id_pins_a_revision_with_at(tmp_path, monkeypatch):
+    """`owner/name@rev` was "checkpoint not found": no download could be pinned to a commit (reproducibility,
+    and a repository changed under the same name)."""
+    hf_home = tmp_path / "hf"
+    _, main_file = fake_hf_cache(hf_home, tmp_path)
+    pinned_commit = "b" * 40
+    pinned = main_file.parents[1] / pinned_commit / "last_best_checkpoint.pt"
+    save_checkpoint(pinned, build_model(make_tiny_config(num_spks=3)))
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_checkpoint(REPO) == main_file
+    assert resolve_checkpoint(f"{REPO}@{pinned_commit}") == pinned
+    assert Separator.from_pretrained(f"{REPO}@{pinned_commit}", device="cpu").num_spks == 3
+    assert model_name_to_ref(f"{REPO}@v1.0") == f"{REPO}@v1.0"
+    with pytest.raises(FileNotFoundError, match=rf"{REPO}/last_best_checkpoint.pt at revision {'c' * 40} is not in "
+                                                 rf"the local Hugging Face cache .*--revision {'c' * 40}"):
+        resolve_checkpoint(f"{REPO}@{'c' * 40}")
+
+
 def test_a_folder_takes_filename_and_prefers_a_trainers_best_pt(tmp_path):
     """``filename=`` was ignored for local folders, and a trainer's experiment folder (best.pt + last.pt) was
     refused as ambiguous."""

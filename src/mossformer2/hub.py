@@ -6,6 +6,7 @@ the network is unreachable; a miss says how to fetch the file on another machine
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -23,7 +24,8 @@ TRAINER_BEST, TRAINER_LAST = "best.pt", "last.pt"
 KNOWN_MODELS = {"mossformer2_ss_16k": "alibabasglab/MossFormer2_SS_16K"}
 BUILTIN_NAMES = ("default", "builtin", "built-in")
 _FILE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".onnx", ".safetensors"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# owner/name, optionally @revision (a commit, tag or branch: a pinned download, e.g. owner/name@3f5a2c1)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 
 def model_name_to_ref(name: str) -> str | None:
@@ -174,11 +176,16 @@ def _unresolvable_hub_host() -> str | None:
     return None
 
 
-def _download_from_hub(repo_id: str, filename: str, cache_dir: str | Path | None) -> Path:
+def _download_from_hub(ref: str, filename: str, cache_dir: str | Path | None) -> Path:
+    """``ref``: ``owner/name`` or ``owner/name@revision``."""
     from huggingface_hub import hf_hub_download
 
+    repo_id, _, revision = ref.partition("@")
+    if revision:
+        hf_hub_download = functools.partial(hf_hub_download, revision=revision)
     cache = str(cache_dir) if cache_dir is not None else _cache_dir_from_env()
-    how_to = (f"on a machine with internet run `hf download {repo_id} {filename}` (huggingface_hub >= 0.34; "
+    pin = f" --revision {revision}" if revision else ""
+    how_to = (f"on a machine with internet run `hf download {repo_id} {filename}{pin}` (huggingface_hub >= 0.34; "
               f"`huggingface-cli download` before 1.0) or download it from https://huggingface.co/{repo_id}, "
               "copy the file here and pass its path (ref= in Python, --checkpoint PATH on the command line)")
     online_error: Exception | None = None
@@ -200,5 +207,6 @@ def _download_from_hub(repo_id: str, filename: str, cache_dir: str | Path | None
             first_line = str(online_error).splitlines()[0] if str(online_error) else type(online_error).__name__
             reason = (f"download failed: {first_line} (on a machine without internet, HF_HUB_OFFLINE=1 skips the "
                       "network tries)")
-        raise FileNotFoundError(f"{repo_id}/{filename} is not in the local Hugging Face cache "
+        raise FileNotFoundError(f"{repo_id}/{filename}{f' at revision {revision}' if revision else ''} is not in "
+                                f"the local Hugging Face cache "
                                 f"({cache or 'default cache'}) and {reason}; {how_to}") from None
