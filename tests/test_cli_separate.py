@@ -509,22 +509,26 @@ def test_layout_follows_the_named_inputs_not_the_files_found(ckpt, tmp_path, cap
 
 
 def test_inputs_that_yield_no_file_are_errors(ckpt, tmp_path, monkeypatch, capsys):
-    """An empty folder, a folder whose every file lies inside the output folder (`separate . -o .`) and an empty
-    list were 'separated 0 file(s)' with exit status 0."""
+    """An empty folder, a folder whose every file lies inside the output folder (`separate . -o ./out` where only
+    ./out has audio) and an empty list were 'separated 0 file(s)' with exit status 0."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no audio here")
     here = tmp_path / "here"
-    here.mkdir()
+    (here / "out").mkdir(parents=True)
     for name in ("a.wav", "b.wav"):
-        sf.write(str(here / name), noise(4000), 16000)
+        sf.write(str(here / "out" / name), noise(4000), 16000)
     (tmp_path / "none.lst").write_text("# nothing yet\n")
-    found = collect_inputs([str(tmp_path / "empty"), str(here), str(here / "*.wav"), str(tmp_path / "none.lst")],
-                           exclude=here)
+    out = here / "out"
+    found = collect_inputs([str(tmp_path / "empty"), str(here), str(here / "**" / "*.wav"),
+                            str(tmp_path / "none.lst")], exclude=out)
     assert found.files == [] and found.excluded == 4
     assert found.errors == [(str(tmp_path / "empty"), "no audio files in the folder"),
-                            (str(here), f"all 2 file(s) found lie inside the output folder {here}"),
-                            (str(here / "*.wav"), f"all 2 file(s) found lie inside the output folder {here}"),
+                            (str(here), f"all 2 file(s) found lie inside the output folder {out}"),
+                            (str(here / "**" / "*.wav"), f"all 2 file(s) found lie inside the output folder {out}"),
                             (str(tmp_path / "none.lst"), "the list names no file")]
+    # The folder itself, or one around it, as the output folder: its files are inputs (in place; data/raw -o data)
+    assert len(collect_inputs([str(out)], exclude=out).files) == 2
+    assert len(collect_inputs([str(out)], exclude=here).files) == 2
     # found before the model is loaded (seconds for a large checkpoint)
     monkeypatch.setattr("mossformer2.cli.separate._load_model", lambda *_: pytest.fail("the model was loaded"))
     assert main(["separate", str(tmp_path / "empty"), "-o", str(tmp_path / "o"), "--checkpoint", str(ckpt)]) == 1
@@ -576,6 +580,15 @@ def test_a_folder_scan_leaves_out_earlier_outputs_beside_their_inputs(ckpt, tmp_
     assert "separated 3 file(s)" in captured.out
     assert main(["separate", str(data / "a_s1.wav"), "-o", str(tmp_path / "named"), "--checkpoint", str(ckpt)]) == 0
     assert outputs_under(tmp_path / "named") == ["a_s1_s1.wav", "a_s1_s2.wav"]
+    # So a folder separates into itself (Asteroid's default), once: `-o` the folder was refused ("all files lie
+    # inside the output folder"); a rerun skips what is done.
+    capsys.readouterr()
+    for _run in range(2):
+        assert main(["separate", str(data), "-o", str(data), "--checkpoint", str(ckpt)]) == 0
+    assert sorted(p.name for p in data.iterdir()) == sorted(
+        ["a.wav", "b.flac", "c_s1.wav", *(f"{stem}_s{k}.{ext}" for stem, ext in
+                                          (("a", "wav"), ("b", "flac"), ("c_s1", "wav")) for k in (1, 2))])
+    assert "separated 0 file(s), skipped 3" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_kaldi_commands_pipes_and_standard_input_are_named_as_such(tmp_path):

@@ -17,7 +17,7 @@ LIST_EXTENSIONS = {".txt", ".lst", ".list", ".scp"}
 class Inputs:
     files: list[Path] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
-    excluded: int = 0  # files a folder or pattern found inside the output folder (earlier outputs)
+    excluded: int = 0  # files a folder or pattern found inside an output folder within it (earlier outputs)
     beside_inputs: int = 0  # files a folder or pattern found named as outputs beside their input (a_s1.wav, a.wav)
     roots: list[Path] = field(default_factory=list)  # absolute; the folders the inputs name (mirrored_out_dirs)
 
@@ -86,8 +86,13 @@ def collect_inputs(specs: list[str], exclude: Path | None = None) -> Inputs:
     files: list[Path] = []
     skip = Path(os.path.expanduser(exclude)).resolve() if exclude is not None else None
 
-    def kept(spec: str, matches: list[Path], none_found: str) -> list[Path]:
-        outside = [p for p in matches if skip is None or not p.resolve().is_relative_to(skip)]
+    def kept(spec: str, matches: list[Path], none_found: str, root: Path) -> list[Path]:
+        # Only an output folder inside the scanned one holds earlier outputs the scan would find (`. -o ./out`).
+        # Written into the scanned folder itself (-o = that folder) they sit beside their inputs, where
+        # outputs_beside_inputs finds them; into a folder around it (data/raw -o data), out of the scan's reach.
+        root = root.resolve()
+        inside = skip is not None and skip != root and skip.is_relative_to(root)
+        outside = [p for p in matches if not inside or not p.resolve().is_relative_to(skip)]
         found.excluded += len(matches) - len(outside)
         earlier = outputs_beside_inputs(outside)
         found.beside_inputs += len(earlier)
@@ -100,7 +105,7 @@ def collect_inputs(specs: list[str], exclude: Path | None = None) -> Inputs:
     for spec in specs:
         path = Path(os.path.expanduser(spec))
         if path.is_dir():
-            files.extend(kept(spec, find_audio_files(path), "no audio files in the folder"))
+            files.extend(kept(spec, find_audio_files(path), "no audio files in the folder", path))
             found.roots.append(path)
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             try:
@@ -121,7 +126,8 @@ def collect_inputs(specs: list[str], exclude: Path | None = None) -> Inputs:
         elif glob.has_magic(spec):
             pattern = os.path.expanduser(spec)
             matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
-            files.extend(kept(spec, [p for p in matches if p.is_file()], "the pattern matches no file"))
+            files.extend(kept(spec, [p for p in matches if p.is_file()], "the pattern matches no file",
+                              _pattern_root(pattern)))
             found.roots.append(_pattern_root(pattern))
         elif spec == "-" or path.exists():
             found.errors.append((spec, "not a regular file: standard input, pipes and devices are not read (write "
