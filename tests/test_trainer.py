@@ -865,42 +865,41 @@ def test_fp16_skips_a_step_without_backward_nan_loss_or_empty_batch(corpus, tmp_
     (the overflow the skip exists for) or an all-unreadable batch, one micro-batch per step, once stopped the run
     with an AssertionError. The step is skipped (NaN) or empty, and training goes on. A CPU GradScaler stands in."""
     cfg = make_config(corpus, "trainer.max_steps=4", "optim.accum_steps=1")
+    calls = {"_loss": 0, "_micro_step": 0}
+
+    def on_bad_call(name, change):
+        """Trainer.<name> with its arguments (or, for _loss, its result) changed by ``change`` on call bad_call."""
+        original = getattr(Trainer, name)
+
+        def wrapped(self, *args):
+            calls[name] += 1
+            if calls[name] != bad_call:
+                return original(self, *args)
+            return change(original(self, *args)) if name == "_loss" else original(self, *change(*args))
+
+        monkeypatch.setattr(Trainer, name, wrapped)
+
     trainer = Trainer(cfg, tmp_path / "nan")
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    calls = {"n": 0}
-    original_loss = Trainer._loss
-
-    def nan_once(self, est, batch):
-        calls["n"] += 1
-        loss = original_loss(self, est, batch)
-        return loss * float("nan") if calls["n"] == bad_call else loss
-
-    monkeypatch.setattr(Trainer, "_loss", nan_once)
+    on_bad_call("_loss", lambda loss: loss * float("nan"))
     state = trainer.fit()
     assert state.step == 4 and state.skipped_steps == 1
     monkeypatch.undo()
 
     trainer = Trainer(cfg, tmp_path / "empty")
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    micro_calls = {"n": 0}
-    original_micro = Trainer._micro_step
-
-    def empty_once(self, batch, last_micro):
-        micro_calls["n"] += 1
-        if micro_calls["n"] == bad_call:  # every file of this batch was unreadable (data.skip_bad_files)
-            batch = {**batch, "mix": batch["mix"][:0], "sources": batch["sources"][:0],
-                     "lengths": batch["lengths"][:0]}
-        return original_micro(self, batch, last_micro)
-
-    monkeypatch.setattr(Trainer, "_micro_step", empty_once)
+    # every file of this batch was unreadable (data.skip_bad_files)
+    on_bad_call("_micro_step", lambda batch, last: ({**batch, "mix": batch["mix"][:0],
+                                                     "sources": batch["sources"][:0],
+                                                     "lengths": batch["lengths"][:0]}, last))
     before = None
 
     def record(self, bad):
         nonlocal before
-        if micro_calls["n"] == bad_call:
+        if calls["_micro_step"] == bad_call:
             before = weights(self.model)
         result = original_step(self, bad)
-        if micro_calls["n"] == bad_call:
+        if calls["_micro_step"] == bad_call:
             assert_bitwise_equal(before, weights(self.model))  # nothing to learn from an empty batch
         return result
 
