@@ -47,7 +47,7 @@ def example_input(model: MossFormer2, seconds: float = 1.0, batch_size: int = 2)
     """A reproducible noise input ``[batch_size, T]`` on the model's device.
 
     The default length (1 s) is not a multiple of the attention group size in frames for the shipped configs,
-    so the padding path is traced; a batch of 2 keeps the batch axis symbolic in torch.export.
+    so the padding path is traced.
     """
     length = max(example_length(model, seconds), model.min_input_length)
     generator = torch.Generator().manual_seed(0)
@@ -118,7 +118,8 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
             is fixed to the shape of ``example``.
         opset: ONNX opset version (18 or newer for the torch.export-based exporter, up to the newest the installed
             onnx knows; :func:`check_opset`).
-        example: input ``[B, T]`` to trace with (default: :func:`example_input`, batch 1 for a fixed shape).
+        example: input ``[B, T]`` to trace with (default: :func:`example_input`; a dynamic export repeats a batch
+            of 1 to 2).
     Returns the path.
     """
     check_export_name(path, "onnx")
@@ -128,13 +129,11 @@ def export_onnx(model: MossFormer2, path: str | Path, dynamic_length: bool = Tru
     settings = _checked_settings(model)  # before the export, not after it
     path = Path(path)
     with _eval_float32_cpu(model) as model:
-        if example is None:  # batch 2 keeps the batch axis symbolic; a fixed shape takes one item at a time
-            example = example_input(model, batch_size=2 if dynamic_length else 1)
-        example = example.detach().float().cpu()
+        example = (example_input(model, batch_size=1) if example is None else example).detach().float().cpu()
         if example.dim() != 2:
             raise ValueError(f"example input must be [batch, samples], got shape {tuple(example.shape)}")
-        if dynamic_length and example.shape[0] == 1:  # the exporter fixes an axis of size 1 to 1
-            example = example.repeat(2, 1)
+        if dynamic_length and example.shape[0] == 1:  # the exporter fixes an axis of size 1 to 1: batch 2 keeps
+            example = example.repeat(2, 1)            # it symbolic (a fixed shape takes one item at a time)
         dynamic_shapes = None
         if dynamic_length:
             batch = torch.export.Dim("batch", min=1)

@@ -86,10 +86,11 @@ def run(args: argparse.Namespace) -> int:
         check_opset(args.opset or DEFAULT_OPSET)
     if checkpoint is None:
         print("no --checkpoint given: exporting the model shipped with the package")
-    if checkpoint is not None and is_torchscript_archive(checkpoint_path(checkpoint)):  # (before running it)
+    path = None if checkpoint is None else checkpoint_path(checkpoint)  # (a hub id resolved once)
+    if path is not None and is_torchscript_archive(path):  # refused before it would run
         raise ValueError(f"--checkpoint {checkpoint} is already a TorchScript export; export needs the "
                          "PyTorch checkpoint it was exported from")
-    model = load_separation_model(checkpoint, device="cpu")
+    model = load_separation_model(path, device="cpu")
     fixed_samples = example_length(model, args.length_seconds)
     if args.format == "onnx" and args.dynamic_length is False and fixed_samples < model.min_input_length:
         raise ValueError(f"--length-seconds {args.length_seconds:g} is {fixed_samples} samples at "
@@ -98,13 +99,11 @@ def run(args: argparse.Namespace) -> int:
     # Export to a temp file, check it, and only then move it onto the output: a bad export never lands.
     # (the temp file keeps the whole .ts.pt ending: export_torchscript checks the name it writes to)
     with atomic_path(output, TORCHSCRIPT_SUFFIX if args.format == "torchscript" else None) as tmp:
-        if args.format == "onnx":
-            dynamic = args.dynamic_length is not False
-            batch = 2 if dynamic else 1  # batch 2 keeps the batch axis symbolic
-            example = example_input(model, seconds=args.length_seconds, batch_size=batch)
-            export_onnx(model, tmp, dynamic_length=dynamic, opset=args.opset or DEFAULT_OPSET, example=example)
+        example = example_input(model, seconds=args.length_seconds, batch_size=1)  # (a dynamic ONNX export
+        if args.format == "onnx":                                                   # repeats it to batch 2)
+            export_onnx(model, tmp, dynamic_length=args.dynamic_length is not False,
+                        opset=args.opset or DEFAULT_OPSET, example=example)
         else:
-            example = example_input(model, seconds=args.length_seconds, batch_size=1)
             export_torchscript(model, tmp, method=args.method or "trace", example=example)
         error = verify_export(model, tmp, args.format)
         print(f"max abs difference to PyTorch: {error:.3g}")

@@ -41,12 +41,12 @@ def output_clashes(files: list[Path], plan: Plan, plot: bool = False) -> dict[Pa
     """Inputs whose outputs would overwrite those of an earlier input (a.wav and a.mp3 -> a_s1.wav; with ``plot``
     also a.wav and a.flac -> a_spectrogram.png), each with that earlier input. Called with all files, before
     sharding, so that every rank sees the same clashes."""
-    from mossformer2.separation.outputs import spectrogram_path
+    from mossformer2.separation.outputs import output_files
 
     owner: dict[Path, Path] = {}
     clashes: dict[Path, Path] = {}
     for f in files:
-        outputs = [*plan[f], spectrogram_path(plan[f][0])] if plot else plan[f]
+        outputs = output_files(plan[f], plot)
         first = next((owner[p] for p in outputs if p in owner), None)
         if first is not None:
             clashes[f] = first
@@ -67,14 +67,14 @@ def select_work(files: list[Path], plan: Plan, clashes: dict[Path, Path], overwr
                 say: Callable[[str], None]) -> Work:
     """Sort ``files`` (this rank's) into those to separate, to skip (``say`` why) and to refuse: a clash, or some
     outputs already there without --overwrite."""
-    from mossformer2.separation.outputs import spectrogram_path
+    from mossformer2.separation.outputs import output_files
 
     work = Work()
     for f in files:
         if f in clashes:
             work.failed.append((str(f), f"its outputs would overwrite those of {clashes[f]}; rename one of them"))
             continue
-        outputs = [*plan[f], spectrogram_path(plan[f][0])] if plot else plan[f]
+        outputs = output_files(plan[f], plot)
         folder = next((p for p in outputs if p.is_dir()), None)
         if folder is not None:  # no earlier output (skipped as done, the input stayed unseparated), nor replaceable
             work.failed.append((str(f), f"{folder} is a folder, where an output file goes: move or rename it"))

@@ -85,6 +85,11 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+def is_silent(wave: np.ndarray) -> bool:
+    """A constant wave (zeros, or a DC level): as a target it has no signal, and SI-SDR would score its eps."""
+    return not np.ptp(wave) > 0
+
+
 def active_span(waves: np.ndarray) -> tuple[int, int]:
     """``(start, end)``: from the first to past the last sample where every one of ``waves`` ``[S, T]`` has had
     and will have audio, i.e. the span they share once leading and trailing digital silence is set aside (a "max"
@@ -214,7 +219,7 @@ class MixtureDataset(Dataset):
                     raise BadAudioError(f"lengths differ at {self.store.sample_rate} Hz: mixture {entry.mix} has "
                                         f"{mix.shape[-1]} samples, source {k + 1} {path} {source.shape[-1]} (a "
                                         "truncated file or another sample rate?)")
-                if not np.ptp(source) > 0:  # no target: SI-SDR would score its eps (evaluate refuses it too)
+                if is_silent(source):  # (evaluate refuses such references too)
                     raise BadAudioError(f"source {k + 1} {path} is silent (every sample is {source[0]:g}): there is "
                                         "nothing to separate it from")
         except BadAudioError as err:

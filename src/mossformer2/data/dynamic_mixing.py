@@ -23,7 +23,14 @@ import torch
 from torch.utils.data import Dataset
 
 from mossformer2.audio import find_audio_files, speaker_folders
-from mossformer2.data.datasets import AudioStore, BadAudioError, active_span, example_rng, random_crop
+from mossformer2.data.datasets import (
+    AudioStore,
+    BadAudioError,
+    active_span,
+    example_rng,
+    is_silent,
+    random_crop,
+)
 from mossformer2.data.manifests import list_file_lines, resolve_listed_path
 
 log = logging.getLogger(__name__)
@@ -108,7 +115,7 @@ class DynamicMixingDataset(Dataset):
         if store.cache:
             bad = store.preload([u.path for u in utterances] + list(noise_files or []), skip_bad_files)
             # Silent utterances, found now rather than when first drawn (hours into a run, without the cache).
-            silent = [u.path for u in utterances if str(u.path) not in bad and not np.ptp(store.load(u.path)) > 0]
+            silent = [u.path for u in utterances if str(u.path) not in bad and is_silent(store.load(u.path))]
             if silent and not skip_bad_files:
                 raise BadAudioError(f"{len(silent)} silent utterance(s), e.g. {silent[0]}: nothing to separate them "
                                     "from; remove them, or skip such files with data.skip_bad_files=true")
@@ -156,7 +163,7 @@ class DynamicMixingDataset(Dataset):
             path = paths[int(rng.integers(len(paths)))]
             try:
                 wave = self.store.load(path)
-                if not np.ptp(wave) > 0:  # no target: its SI-SDR would be a constant (as MixtureDataset refuses)
+                if is_silent(wave):  # (as MixtureDataset refuses such sources)
                     raise BadAudioError(f"{path} is silent (every sample is {wave[0]:g})")
                 return wave, skipped
             except BadAudioError as err:

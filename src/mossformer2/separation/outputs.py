@@ -30,6 +30,11 @@ def spectrogram_path(first_output: str | Path) -> Path:
     return first_output.with_name(first_output.stem.rsplit("_s1", 1)[0] + "_spectrogram.png")
 
 
+def output_files(speaker_paths: Sequence[Path], plot: bool) -> list[Path]:
+    """Every file a separation writes: the speaker files, and with ``plot`` the spectrogram after them."""
+    return [*speaker_paths, spectrogram_path(speaker_paths[0])] if plot else list(speaker_paths)
+
+
 def write_separation(paths: Sequence[Path], sources: np.ndarray, sample_rate: int, subtype: str = "PCM_16",
                      plot_mixture: tuple[np.ndarray, int] | None = None, title: str | None = None) -> list[Path]:
     """Write ``sources[k]`` (``[T]`` or ``[C, T]``) to ``paths[k]`` and, given ``(mixture [C, T], its rate)``,
@@ -39,7 +44,7 @@ def write_separation(paths: Sequence[Path], sources: np.ndarray, sample_rate: in
     if len(paths) != len(sources):  # else a missing speaker would appear as an empty file, extra ones vanish
         raise ValueError(f"{len(sources)} separated sources for {len(paths)} output paths")
     sources = fit_to_full_scale(np.asarray(sources, dtype=np.float32), subtype, ", ".join(p.name for p in paths))
-    targets = paths if plot_mixture is None else [*paths, spectrogram_path(paths[0])]
+    targets = output_files(paths, plot_mixture is not None)
     with atomic_paths(targets) as temps:
         for tmp, path, source in zip(temps, paths, sources):
             write_audio(path, source, sample_rate, subtype=subtype, temp=tmp)

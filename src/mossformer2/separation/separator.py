@@ -33,7 +33,7 @@ from mossformer2.separation.inputs import (
     is_real_number,
 )
 from mossformer2.separation.loading import load_separation_model
-from mossformer2.separation.outputs import output_paths, spectrogram_path, write_separation
+from mossformer2.separation.outputs import output_files, output_paths, write_separation
 from mossformer2.separation.refine import (
     mixture_consistency,
     polarity_ensemble,
@@ -416,8 +416,7 @@ class Separator:
         """
         paths = output_paths(path, out_dir, self.num_spks, format)
         if not overwrite:
-            candidates = [*paths, spectrogram_path(paths[0])] if plot else paths
-            existing = [p for p in candidates if p.exists()]
+            existing = [p for p in output_files(paths, plot) if p.exists()]
             if existing:
                 raise FileExistsError(f"{path}: {existing[0]} exists (overwrite=True replaces it)")
         wave, sample_rate = read_audio(path)
