@@ -476,3 +476,40 @@ def test_save_checkpoint_unwraps_a_compiled_model(tmp_path, tiny_model):
     path = save_checkpoint(tmp_path / "c.pt", compiled)
     assert list(read_checkpoint(path)["model"]) == list(tiny_model.state_dict())
     _same_output(tiny_model, load_model(path))
+
+
+def test_a_model_config_file_or_name_gives_a_bare_state_dict_its_architecture(tmp_path, tiny_model):
+    """What a bare state dict's shapes cannot tell (group size, sample rate) comes from a YAML file: its own
+    fields, or a training config's ``model:`` section; a wrong key is named."""
+    import yaml
+
+    from mossformer2.config_utils import ConfigError
+    from mossformer2.models.config import read_model_config
+
+    config = tiny_model.config.replace(sample_rate=8000)
+    torch.save(tiny_model.state_dict(), tmp_path / "bare.pt")
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    (tmp_path / "train.yml").write_text(yaml.safe_dump({"model": config.to_dict(), "optim": {"lr": 1e-3}}))
+    for spec in ("model.yaml", "train.yml"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing assumed, nothing overridden
+            loaded = load_model(tmp_path / "bare.pt", config=str(tmp_path / spec))
+        assert loaded.config == config and config.group_size != 256
+        _same_output(tiny_model, loaded)
+    assert read_model_config("MossFormer2-S").num_mossformer_layer == 25
+    (tmp_path / "typo.yaml").write_text("groupsize: 64\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: .*unknown key\(s\) \['groupsize'\]"):
+        read_model_config(str(tmp_path / "typo.yaml"))
+    with pytest.raises(ConfigError, match="neither a known name .* nor a .yaml"):
+        read_model_config("model.txt")
+
+
+def test_a_given_config_that_differs_from_the_stored_one_is_named_in_a_warning(tmp_path, tiny_model):
+    save_checkpoint(tmp_path / "ours.pt", tiny_model)
+    other = tiny_model.config.replace(group_size=2 * tiny_model.config.group_size)
+    with pytest.warns(UserWarning, match=f"overrides the one it was saved with: group_size "
+                                         f"{tiny_model.config.group_size} -> {other.group_size}"):
+        assert load_model(tmp_path / "ours.pt", config=other).config == other
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(tmp_path / "ours.pt", config=tiny_model.config)  # the same config: no word

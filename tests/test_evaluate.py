@@ -437,3 +437,20 @@ def test_each_mixtures_guessed_chunk_boundaries_are_reported_by_name(dataset, tm
     named = sorted(str(w.message).rsplit("(mixture ", 1)[1].rstrip(")") for w in caught
                    if "was a guess" in str(w.message))
     assert named == sorted(e.id for e in entries)
+
+
+def test_cli_records_a_model_config_and_refuses_a_rerun_without_it(dataset, tmp_path, tiny_config, capsys):
+    """The same weights file under another architecture is another network: a re-run must not merge them."""
+    import torch
+    import yaml
+
+    checkpoint = tmp_path / "bare.pt"
+    torch.save(mossformer2.build_model(tiny_config).state_dict(), checkpoint)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_config.to_dict()))
+    base = ["evaluate", "--data", str(dataset), "--out", str(tmp_path / "o"), "--checkpoint", str(checkpoint),
+            "--device", "cpu", "--limit", "1", "--metrics", "si_sdr"]
+    assert main([*base, "--model-config", str(tmp_path / "tiny.yaml")]) == 0
+    assert json.loads((tmp_path / "o" / "settings.json").read_text())["model_config"] == tiny_config.to_dict()
+    capsys.readouterr()
+    assert main(base) == 1
+    assert "holds results of a run with other settings (model_config" in capsys.readouterr().err

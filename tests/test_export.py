@@ -663,3 +663,17 @@ def test_a_fixed_length_onnx_export_chunks_by_its_length_and_fails_shorter_files
     # Without an example, a fixed-length export takes batch 1 (batch 2 made every other batch size fail).
     default = OnnxRuntimeModel(export_onnx(tiny_model, tmp_path / "default.onnx", dynamic_length=False))
     assert default.input_shape[0] == 1
+
+
+def test_export_takes_a_bare_state_dicts_architecture_from_model_config(tmp_path, capsys):
+    from mossformer2.export import torchscript_metadata
+
+    config = make_tiny_config(sample_rate=8000)
+    torch.save(build_model(config).state_dict(), tmp_path / "bare.pt")
+    (tmp_path / "tiny.json").write_text(json.dumps(config.to_dict()))  # (JSON is YAML)
+    assert main(["export", "--checkpoint", str(tmp_path / "bare.pt"), "--model-config", str(tmp_path / "tiny.json"),
+                 "--format", "torchscript", "-o", str(tmp_path / "m.ts.pt"), "--length-seconds", "0.2"]) == 0
+    assert torchscript_metadata(tmp_path / "m.ts.pt")[0] == config
+    assert main(["export", "--checkpoint", str(tmp_path / "bare.pt"), "--model-config", "MossFormer2-S",
+                 "--format", "torchscript", "-o", str(tmp_path / "s.ts.pt")]) == 1  # strict: not that size
+    assert "mossformer2 export: error:" in capsys.readouterr().err and not (tmp_path / "s.ts.pt").exists()

@@ -19,10 +19,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mossformer2.config_utils import ConfigError
+from mossformer2.config_utils import ConfigError, setting_changes
 from mossformer2.model_settings import recommended_refinements
-from mossformer2.models import MossFormer2, MossFormer2Config, build_model
-from mossformer2.models.config import NAMED_CONFIGS
+from mossformer2.models import MossFormer2, MossFormer2Config
+from mossformer2.models.config import NAMED_CONFIGS, read_model_config, resolve_config
 from mossformer2.utils import atomic_torch_save, resolve_device
 
 _LAYER_KEY = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.(?:fsmn|layers)\.(\d+)\.")
@@ -288,7 +288,9 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
     Accepts the official container, our checkpoints (config embedded), or a bare state dict; keys with or without
     ``module.``; with or without the rotary aliases. Without ``config`` the architecture is read from the
     checkpoint (embedded config, else tensor shapes; then ``sample_rate``, ``group_size`` and ``dropout`` are the
-    official values, logged at INFO). A checkpoint of another architecture raises ValueError.
+    official values, logged at INFO). ``config``: a config, a name (``"MossFormer2-S"``) or a YAML file
+    (:func:`~mossformer2.models.config.read_model_config`); where it differs from the checkpoint's embedded config it
+    wins, with a warning naming the differences. A checkpoint of another architecture raises ValueError.
     A training state that kept a moving average loads the average by default (see :func:`select_weights`).
     The checkpoint's recommended refinements (``'separation'``) become ``model.separation_settings``, which
     ``Separator(model)``, :func:`save_checkpoint` and ``mossformer2.export`` read.
@@ -306,10 +308,17 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
         where = f" of {checkpoint}" if isinstance(checkpoint, (str, Path)) else ""
         log.info("using the %s%s, the weights validation scored (its raw weights: weights='model')", chosen, where)
     state = extract_state_dict(obj)
-    if isinstance(config, str):
-        model = build_model(config)
+    if config is not None:
+        cfg = read_model_config(config) if isinstance(config, str) else resolve_config(config)
+        saved = None if _is_state_dict(obj) else obj.get("config")
+        saved = saved.get("model", saved) if isinstance(saved, dict) else None
+        changes = setting_changes(saved, cfg.to_dict(), shared_only=True) if isinstance(saved, dict) else []
+        if changes:  # (fine-tuning may change dropout on purpose; at inference group_size changes the output)
+            warnings.warn(f"{source}: the given model config overrides the one it was saved with: "
+                          + "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes), stacklevel=2)
+        model = MossFormer2(cfg)
     else:
-        cfg = config or _config_from_checkpoint(obj)
+        cfg = _config_from_checkpoint(obj)
         if cfg is None:
             cfg = infer_config(state)
             # Without a rotary table rotary_dim leaves no trace either: the official rule min(32, query_key_dim).

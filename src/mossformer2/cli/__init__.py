@@ -122,19 +122,34 @@ def announce_builtin_model(alternatives: str = "--checkpoint PATH or --model NAM
     print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass {alternatives} for another)", file=sys.stderr)
 
 
-def load_chosen_model(ref: str | None, device: str, announce: bool = True, threads: int | None = None):
-    """``load_separation_model(ref, device)``, saying so on stderr when ``ref`` is ``None`` (the built-in model)
-    and ``announce``; ``threads``: the CPU threads it computes with (``--threads``; default: as torch and ONNX
-    Runtime choose, ``OMP_NUM_THREADS`` where it is set)."""
+def add_model_config_argument(parser: argparse.ArgumentParser) -> None:
+    """``--model-config``: the architecture of a checkpoint saved without one (``read_model_config``)."""
+    parser.add_argument("--model-config", default=None, metavar="YAML_OR_NAME",
+                        help="architecture of a --checkpoint that stores none (a bare state dict whose sample rate, "
+                             "group size or rotary size is not the official one: its tensor shapes cannot tell): a "
+                             "YAML file of MossFormer2Config fields (top level or a training config's model: "
+                             "section) or MossFormer2 / MossFormer2-S; overrides a stored config, with a warning")
+
+
+def load_chosen_model(ref: str | None, device: str, announce: bool = True, threads: int | None = None,
+                      config: str | None = None):
+    """``load_separation_model(ref, device, config=...)``, saying so on stderr when ``ref`` is ``None`` (the
+    built-in model) and ``announce``; ``threads``: the CPU threads it computes with (``--threads``; default: as
+    torch and ONNX Runtime choose, ``OMP_NUM_THREADS`` where it is set); ``config``: ``--model-config``, read
+    before the model loads."""
     from mossformer2.separation import load_separation_model
 
+    if config is not None:
+        from mossformer2.models.config import read_model_config
+
+        config = read_model_config(config)
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         os.environ["OMP_NUM_THREADS"] = str(threads)  # ONNX Runtime's session reads it when it starts
     if ref is None and announce:
         announce_builtin_model()
-    model = load_separation_model(ref, device)
+    model = load_separation_model(ref, device, config=config)
     if threads is not None and "torch" in sys.modules:  # (an ONNX model runs without importing torch)
         sys.modules["torch"].set_num_threads(threads)
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mossformer2.cli import (
+    add_model_config_argument,
     add_refinement_arguments,
     add_separator_arguments,
     describe_refinements,
@@ -34,6 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     source.add_argument("--checkpoint",
                         help="checkpoint file or folder, hub id (OWNER/NAME), or an export (.onnx or TorchScript)")
     source.add_argument("--model", help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
+    add_model_config_argument(parser)
     parser.add_argument("-o", "--out", required=True, type=user_path,
                         help="output folder for per_utterance.csv, summary.json")
     parser.add_argument("--metrics", default=None,
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     weights = ref if ref is None or is_onnx_path(ref) else str(checkpoint_path(ref).absolute())
     if weights is not None and not Path(ref).is_file():  # a folder (a run's best.pt, or its only file) or a hub id
         print(f"checkpoint file: {weights}", file=sys.stderr)
-    model = load_chosen_model(weights, args.device, threads=args.threads)
+    model = load_chosen_model(weights, args.device, threads=args.threads, config=args.model_config)
     separator = Separator(model, device=args.device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                           overlap_seconds=args.overlap_seconds, stitching=args.stitching,
                           normalize=args.normalize, **refinement_options(args))
@@ -89,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
             "device": str(separator.device), "dtype": dtype_name(separator.dtype),  # float16 may fall back
             "separator": {"chunk_seconds": separator.chunk_seconds, "overlap_seconds": separator.overlap_seconds,
                           "stitching": args.stitching, "normalize": args.normalize, **separator.refinements}}
+    if args.model_config is not None:  # the weights are the same file, the network another: a re-run must match
+        info["model_config"] = model.config.to_dict()
     summary = evaluate(separator, args.data, args.out, metrics=metrics, score_rate=args.score_rate,
                        limit=args.limit, overwrite=args.overwrite, info=info, progress=None)  # terminal only
     print(format_table(summary))

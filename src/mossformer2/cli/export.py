@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from mossformer2.cli import model_ref, user_path
+from mossformer2.cli import add_model_config_argument, model_ref, user_path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="checkpoint file or folder, or hub id (default: the model shipped with the package)")
     source.add_argument("--model", default=None,
                         help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
+    add_model_config_argument(parser)
     parser.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="export format")
     parser.add_argument("-o", "--output", required=True, type=user_path, help="output file (.onnx / .ts.pt)")
     parser.add_argument("--dynamic-length", action=argparse.BooleanOptionalAction, default=None,
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         verify_export,
     )
     from mossformer2.hub import checkpoint_path
+    from mossformer2.models.config import read_model_config
     from mossformer2.runtime import import_optional
     from mossformer2.separation.loading import load_separation_model
     from mossformer2.utils import TORCHSCRIPT_SUFFIX, atomic_path, is_onnx_path, make_folder
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if path is not None and is_torchscript_archive(path):  # refused before it would run
         raise ValueError(f"--checkpoint {checkpoint} is already a TorchScript export; export needs the "
                          "PyTorch checkpoint it was exported from")
-    model = load_separation_model(path, device="cpu")
+    config = None if args.model_config is None else read_model_config(args.model_config)
+    model = load_separation_model(path, device="cpu", config=config)
     fixed_samples = example_length(model, args.length_seconds)
     if args.format == "onnx" and args.dynamic_length is False and fixed_samples < model.min_input_length:
         raise ValueError(f"--length-seconds {args.length_seconds:g} is {fixed_samples} samples at "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mossformer2.cli import add_model_config_argument
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -19,20 +21,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     group.add_argument("--checkpoint", default=None,
                        help="checkpoint file (official or ours) or folder, hub id (OWNER/NAME), or an export "
                             "(.onnx or TorchScript)")
+    add_model_config_argument(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    from mossformer2.separation.loading import refuse_config_for_export
     from mossformer2.utils import is_onnx_path
 
+    if args.model_config is not None and args.checkpoint is None:
+        raise ValueError("--model-config gives a --checkpoint its architecture (`info --model-config` alone: "
+                         "`info --model NAME` shows a named one)")
     if is_onnx_path(args.checkpoint):
+        refuse_config_for_export(args.checkpoint, args.model_config)
         return _info_onnx(args.checkpoint)  # without torch, as separating with an ONNX export
     import torch
 
     from mossformer2.checkpoint import checkpoint_summary, is_torchscript_archive, load_model, read_checkpoint
     from mossformer2.hub import model_checkpoint, resolve_checkpoint
     from mossformer2.models import NAMED_CONFIGS, build_model, count_parameters, get_config
+    from mossformer2.models.config import read_model_config
 
+    config = None if args.model_config is None else read_model_config(args.model_config)
     path = resolve_checkpoint(args.checkpoint) if args.checkpoint else None  # a file, folder or hub id
     if args.model is None and path is None:
         print("the built-in model, which `separate` uses without --model/--checkpoint (`--model MossFormer2`: the "
@@ -47,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as err:
                 raise ValueError(f"{err}; or a configuration: {', '.join(NAMED_CONFIGS)}") from None
     if path is not None and is_torchscript_archive(path):
+        refuse_config_for_export(path, config)
         from mossformer2.export import torchscript_metadata
 
         config, settings = torchscript_metadata(path)  # its code is not loaded: info runs nothing
@@ -56,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     elif path is not None:
         checkpoint = read_checkpoint(path)  # once: the official file is 670 MB
         summary = checkpoint_summary(path, checkpoint)
-        model = load_model(checkpoint)
+        model = load_model(checkpoint, config)
         print(f"checkpoint: {summary['path']}")
         if summary["container_keys"]:
             print(f"container keys: {', '.join(summary['container_keys'])}")
@@ -71,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
         if summary["validation"]:
             print(f"validation: {summary['validation']}")
         _print_refinements(summary["separation"])
-        if summary["config_inferred"]:
+        if config is not None:
+            print(f"config: from --model-config {args.model_config}")
+        elif summary["config_inferred"]:
             print("config read from the tensor shapes (the file stores none): group_size and dropout (and "
                   "rotary_dim, where the file has no rotary table) leave no trace in the weights, so the official "
                   "values below are assumed")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mossformer2.cli import (
+    add_model_config_argument,
     add_refinement_arguments,
     add_separator_arguments,
     describe_refinements,
@@ -57,6 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     source.add_argument("--checkpoint",
                         help="checkpoint file or folder, hub id (OWNER/NAME), or an export (.onnx or TorchScript)")
     source.add_argument("--model", help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
+    add_model_config_argument(parser)
     parser.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
                         help="onnxruntime runs an exported .onnx checkpoint without torch's model code")
     add_separator_arguments(parser)
@@ -190,7 +192,7 @@ def _load_model(args: argparse.Namespace, device: str):
 
     if args.backend == "onnxruntime" and not is_onnx_path(ref):
         raise ValueError("--backend onnxruntime needs --checkpoint MODEL.onnx (see `mossformer2 export`)")
-    return load_chosen_model(ref, device, announce=not args.quiet, threads=args.threads)
+    return load_chosen_model(ref, device, announce=not args.quiet, threads=args.threads, config=args.model_config)
 
 
 def _separator(args: argparse.Namespace, model, device: str) -> Separator:

@@ -14,12 +14,16 @@ from mossformer2.utils import TORCHSCRIPT_SUFFIX, is_auto_device, is_onnx_path, 
 if TYPE_CHECKING:
     import torch
 
+    from mossformer2.models.config import MossFormer2Config
+
 
 def load_separation_model(ref: str | Path | None = None, device: str | torch.device = "auto",
-                          filename: str | None = None, cache_dir: str | Path | None = None) -> Any:
+                          filename: str | None = None, cache_dir: str | Path | None = None,
+                          config: MossFormer2Config | str | None = None) -> Any:
     """The shipped model (``ref=None``), a model name as ``mossformer2 separate --model`` takes it (``"default"``,
     ``"MossFormer2_SS_16K"``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` or TorchScript file.
-    ``filename`` / ``cache_dir``: as in ``hub.resolve_checkpoint``.
+    ``filename`` / ``cache_dir``: as in ``hub.resolve_checkpoint``. ``config``: the architecture of a checkpoint
+    saved without one (``checkpoint.load_model``'s ``config``); exports carry their own and refuse it.
 
     A checkpoint's ``"separation"`` entry (``{name: bool}`` for names in ``model_settings.REFINEMENTS``, written
     by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults;
@@ -34,6 +38,7 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
     else:
         path = checkpoint_path(ref, filename, cache_dir)
     if is_onnx_path(path):  # also one that filename= picked in a folder or hub repository
+        refuse_config_for_export(path, config)
         from mossformer2.runtime import OnnxRuntimeModel, providers_for_device
 
         if not path.is_file():
@@ -51,11 +56,19 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
     try:
         checkpoint = read_checkpoint(path)
     except TorchScriptFileError:  # read_checkpoint recognises the export by its contents
+        refuse_config_for_export(path, config)
         check_torchscript_allowed(path)
         from mossformer2.export import TorchScriptModel
 
         return TorchScriptModel(path).to(resolve_device(device))
-    return load_model(checkpoint, device=resolve_device(device))  # with its model.separation_settings
+    return load_model(checkpoint, config, device=resolve_device(device))  # with its model.separation_settings
+
+
+def refuse_config_for_export(path: str | Path, config: object) -> None:
+    """ValueError when ``config`` (a model config) is given for the export at ``path``."""
+    if config is not None:
+        raise ValueError(f"{path} is an export, which runs the architecture it was exported with: a model config "
+                         "applies to PyTorch checkpoints only")
 
 
 def check_torchscript_allowed(path: Path) -> None:
