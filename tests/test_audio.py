@@ -82,6 +82,30 @@ def test_read_m4a_through_pyav(tmp_path):
     np.testing.assert_allclose(np.abs(got).max(axis=1), [0.4, 0.2], atol=0.05)
 
 
+def test_read_binary_file_objects_as_their_files(tmp_path):
+    """Uploaded bytes (``io.BytesIO``) and open files read as the file would, through libsndfile or PyAV."""
+    import io
+
+    wave = np.stack([_sine(440, 24000, 1.0, 0.4), _sine(440, 24000, 1.0, 0.2)])
+    sf.write(str(tmp_path / "x.flac"), wave.T, 24000)
+    write_m4a(tmp_path / "x.m4a", wave, 24000)
+    for name in ("x.flac", "x.m4a"):
+        expected, rate = read_audio(tmp_path / name)
+        for source in (io.BytesIO((tmp_path / name).read_bytes()), open(tmp_path / name, "rb")):  # noqa: SIM115
+            with source:
+                got, got_rate = read_audio(source)
+            assert got_rate == rate == 24000
+            np.testing.assert_array_equal(got, expected)
+    with open(tmp_path / "x.flac", "rb") as f:
+        read_audio(f)
+        with pytest.raises(ValueError, match=r"no bytes to read from .*x.flac \(empty, or already read"):
+            read_audio(f)
+    with open(tmp_path / "x.flac", encoding="latin-1") as f, pytest.raises(ValueError, match="binary mode"):
+        read_audio(f)
+    with pytest.raises(ValueError, match="cannot read BytesIO as audio"):
+        read_audio(io.BytesIO(b"this is not audio at all " * 20))
+
+
 def test_read_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such audio file"):
         read_audio(tmp_path / "missing.wav")

@@ -12,8 +12,9 @@ import os
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -95,12 +96,22 @@ def soundfile_name(path: str | Path) -> str | bytes:
     return name
 
 
-def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+def read_audio(path: str | Path | BinaryIO) -> tuple[np.ndarray, int]:
     """Read any audio file as float32 ``[C, T]`` in [-1, 1] (ints scaled) and its sample rate.
 
     libsndfile handles wav/flac/ogg/mp3/aiff...; other containers (m4a, aac, opus-in-webm, ...) go through PyAV.
+    ``path`` may also be a binary file object open for reading (``io.BytesIO(uploaded_bytes)``, ``open(f, "rb")``),
+    read from its current position.
     Raises FileNotFoundError for a missing path and ValueError for empty, non-audio or undecodable files.
     """
+    if hasattr(path, "read"):
+        name = getattr(path, "name", None) or type(path).__name__
+        data = path.read()
+        if not isinstance(data, bytes):
+            raise ValueError(f"{name} is open in text mode: open audio in binary mode ('rb')")
+        if not data:
+            raise ValueError(f"no bytes to read from {name} (empty, or already read to its end)")
+        return _decode(lambda: io.BytesIO(data), lambda: io.BytesIO(data), name)  # (each decoder its own copy)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such audio file: {path}")
@@ -108,20 +119,26 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         raise ValueError(f"not a file: {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"empty file (0 bytes): {path}")
-    try:
-        data, sample_rate = sf.read(soundfile_name(path), dtype="float32", always_2d=True)  # [T, C]
-        wave = np.ascontiguousarray(data.T)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as sf_err:
-        try:
-            wave, sample_rate = _read_with_pyav(path)
-        except ValueError as av_err:
-            raise ValueError(f"cannot read {path} as audio: {av_err} (libsndfile: {sf_err})") from None
-    if wave.shape[-1] == 0:
-        raise ValueError(f"audio file has no samples: {path}")
+    wave, sample_rate = _decode(lambda: soundfile_name(path), lambda: str(path), path)
     declared = wav_declared_frames(path)
     if declared is not None and declared > wave.shape[-1]:
         warnings.warn(f"{path} is truncated: its header declares {declared / sample_rate:.2f} s of audio, the file "
                       f"holds {wave.shape[-1] / sample_rate:.2f} s; using what is there", stacklevel=2)
+    return wave, sample_rate
+
+
+def _decode(for_soundfile: Callable[[], Any], for_pyav: Callable[[], Any], name: str | Path) -> tuple[np.ndarray, int]:
+    """Decode with libsndfile, else PyAV; ``for_*`` give each its source (a name or a file object)."""
+    try:
+        data, sample_rate = sf.read(for_soundfile(), dtype="float32", always_2d=True)  # [T, C]
+        wave = np.ascontiguousarray(data.T)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as sf_err:
+        try:
+            wave, sample_rate = _read_with_pyav(for_pyav())
+        except ValueError as av_err:
+            raise ValueError(f"cannot read {name} as audio: {av_err} (libsndfile: {sf_err})") from None
+    if wave.shape[-1] == 0:
+        raise ValueError(f"audio file has no samples: {name}")
     return wave, int(sample_rate)
 
 
@@ -177,8 +194,8 @@ def audio_sample_rate(path: str | Path) -> int:
     return int(header.samplerate) if header is not None else read_audio(path)[1]
 
 
-def _read_with_pyav(path: Path) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream with PyAV into float32 ``[C, T]``."""
+def _read_with_pyav(path: str | BinaryIO) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of a file (or binary file object) with PyAV into float32 ``[C, T]``."""
     try:
         import av
     except ImportError:
@@ -186,7 +203,7 @@ def _read_with_pyav(path: Path) -> tuple[np.ndarray, int]:
                          "(pip install av)") from None
 
     try:
-        container = av.open(str(path))
+        container = av.open(path)
     except (av.error.FFmpegError, UnicodeDecodeError) as err:
         raise ValueError(f"not a recognised audio/video container ({err})") from None
     with container:
