@@ -29,7 +29,7 @@ DECISIVE_MARGIN_DB = 3.0
 # on 33 undecided boundaries of turn-taking conversations of the validation speakers, weaker voice evidence was
 # right no more often than the overlap's guess (17 vs 20), while every decision at >= 10 dB agreed with the truth.
 VOICE_DECISIVE_DB = 10.0
-SILENCE_PEAK = 1e-4  # -80 dBFS: a chunk this quiet holds no voice whose order could be wrong
+SILENCE_PEAK = 1e-4  # -80 dBFS: a chunk this quiet holds no voice whose order could be wrong (at the model's level)
 # A chunk's output is negated to follow the stitched one only on clear evidence: a correlation at least this
 # negative over an overlap that is not silent. A real flip of a voice correlates near -1; a near-silent overlap
 # (a DC offset in a pause) gave +-0.03 and +-0.9 alike, and a flip there inverted the rest of the file.
@@ -160,7 +160,8 @@ class VoiceProfiles:
     ACTIVE_DB = 45.0  # ... and within this range of the loudest frame seen so far, and above -80 dBFS
     MIN_FRAMES = 8  # about 0.25 s of clear speech before a profile is trusted
 
-    def __init__(self, num_spks: int) -> None:
+    def __init__(self, num_spks: int, silence_peak: float = SILENCE_PEAK) -> None:
+        self.silence_db = 20 * math.log10(silence_peak)
         edges = np.unique(np.geomspace(2, self.FRAME // 2 + 1, self.BANDS + 1).astype(np.int64))
         self._edges = edges
         self._window = np.hanning(self.FRAME).astype(np.float32)
@@ -185,7 +186,7 @@ class VoiceProfiles:
                                          / weights.sum() + 1e-20)
                            for spk in range(num_spks)])  # [S, F] dB of the windowed mean square
         self._loudest = max(self._loudest, float(energy.max()))
-        floor = max(self._loudest - self.ACTIVE_DB, 20 * math.log10(SILENCE_PEAK))
+        floor = max(self._loudest - self.ACTIVE_DB, self.silence_db)
         for spk in range(num_spks):
             others = np.delete(energy, spk, axis=0).max(axis=0) if num_spks > 1 else np.full(frames, -np.inf)
             clear = np.flatnonzero((energy[spk] - others >= self.DOMINANCE_DB)
@@ -236,12 +237,14 @@ class AlignedStitcher:
 
     ``keep_polarity``: never negate a chunk's outputs, only reorder them: right when each chunk's outputs sum to
     that chunk's input (the Wiener filter, mixture consistency), which already fixes their polarity.
+    ``silence_peak``: outputs under this peak hold no voice (:func:`silence_peak_for` scales it to the input).
     """
 
     def __init__(self, num_spks: int, total: int, sample_rate: int | None = None,
-                 keep_polarity: bool = False) -> None:
+                 keep_polarity: bool = False, silence_peak: float = SILENCE_PEAK) -> None:
         self.output = np.zeros((num_spks, total), dtype=np.float32)
-        self.profiles = VoiceProfiles(num_spks)
+        self.silence_peak = silence_peak
+        self.profiles = VoiceProfiles(num_spks, silence_peak)
         self.sample_rate = sample_rate
         self.keep_polarity = keep_polarity
         self.uncertain: list[int] = []  # chunk starts (samples) whose speaker order was a guess
@@ -265,7 +268,7 @@ class AlignedStitcher:
         self.output[:, self._end:end] = chunk_out[:, overlap:]
         self.profiles.add(chunk_out[:, overlap:])
         self._end = max(self._end, end)
-        self._heard = self._heard or bool(np.abs(chunk_out).max() >= SILENCE_PEAK)
+        self._heard = self._heard or bool(np.abs(chunk_out).max() >= self.silence_peak)
 
     def _evidenced_signs(self, rho: np.ndarray, order: np.ndarray, written: np.ndarray) -> np.ndarray:
         """:func:`_signs`, keeping the model's own polarity where the overlap gives no clear reason to flip (or
@@ -274,7 +277,7 @@ class AlignedStitcher:
             return np.ones(len(order), dtype=np.float32)
         signs = _signs(rho, order)
         weak = rho[order, np.arange(len(order))] > -FLIP_MIN_ANTICORRELATION
-        silent = np.abs(written - written.mean(axis=-1, keepdims=True)).max(axis=-1) < SILENCE_PEAK
+        silent = np.abs(written - written.mean(axis=-1, keepdims=True)).max(axis=-1) < self.silence_peak
         signs[weak | silent] = 1.0
         return signs
 
@@ -286,7 +289,7 @@ class AlignedStitcher:
         by_voice = self.profiles.order(chunk_out)
         if by_voice is None or by_voice[1] < VOICE_DECISIVE_DB:
             # In a silent chunk, or after nothing but silence, the order cannot matter yet.
-            if self._heard and np.abs(chunk_out).max() >= SILENCE_PEAK:
+            if self._heard and np.abs(chunk_out).max() >= self.silence_peak:
                 self.uncertain.append(start)
             log.debug("speaker order at %s: neither the overlap (lead %.2f dB) nor the voices decide it",
                       self._where(start), margin)
@@ -304,6 +307,14 @@ def batched(items: list, size: int) -> Iterator[list]:
         yield items[i:i + size]
 
 
+def silence_peak_for(wave: np.ndarray) -> float:
+    """The stitcher's silence level for an input ``[T]``: ``SILENCE_PEAK`` (-80 dBFS) at the level the model is fed
+    (-25 dBFS RMS), lowered with a quieter input (``normalize="none"``): at 1e-5 peak every output fell under the
+    absolute level, so no chunk's polarity flip was undone and no guessed order was reported."""
+    rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
+    return SILENCE_PEAK * min(1.0, rms / TARGET_RMS)
+
+
 def stitch_aligned(wave: np.ndarray, model_fn: ModelFn, num_spks: int, chunk: int, overlap: int,
                    batch_size: int = 1, progress: Callable[[int], None] | None = None,
                    sample_rate: int | None = None, keep_polarity: bool = False) -> np.ndarray:
@@ -314,7 +325,7 @@ def stitch_aligned(wave: np.ndarray, model_fn: ModelFn, num_spks: int, chunk: in
     (``sample_rate`` puts them in seconds). ``keep_polarity``: see :class:`AlignedStitcher`.
     """
     plan = plan_chunks(wave.shape[-1], chunk, overlap)
-    stitcher = AlignedStitcher(num_spks, wave.shape[-1], sample_rate, keep_polarity)
+    stitcher = AlignedStitcher(num_spks, wave.shape[-1], sample_rate, keep_polarity, silence_peak_for(wave))
     for group in batched(plan, max(1, batch_size)):
         outputs = model_fn(np.stack([wave[s:e] for s, e in group]))  # [B, S, L]
         for (start, _), out in zip(group, outputs):
