@@ -61,6 +61,14 @@ def as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:
     return wave  # all zeros is allowed: silent speakers come out (an unused channel, a muted clip in a batch)
 
 
+def like_input(result: np.ndarray, raw: Any) -> Any:
+    """``result`` as the kind of array ``raw`` was: a torch tensor on ``raw``'s device for a tensor, else as is."""
+    torch = loaded_torch()
+    if torch is not None and isinstance(raw, torch.Tensor):
+        return torch.from_numpy(result).to(raw.device)
+    return result
+
+
 def channels_cancel(wave: np.ndarray, mono: np.ndarray | None = None) -> bool:
     """Whether the channels of ``wave`` ``[C, T]`` cancel in their mono downmix ``mono`` (default: their mean), e.g.
     one channel wired in reverse polarity: the mix is over 60 dB below the loudest channel."""

@@ -31,6 +31,7 @@ from mossformer2.separation.inputs import (
     check_choice,
     check_rate,
     is_real_number,
+    like_input,
 )
 from mossformer2.separation.loading import load_separation_model
 from mossformer2.separation.outputs import output_files, output_paths, write_separation
@@ -329,7 +330,7 @@ class Separator:
     # -- public API --------------------------------------------------------------------------------------------
 
     def separate(self, wave: np.ndarray | torch.Tensor, sample_rate: int,
-                 output_rate: int | None = None) -> np.ndarray:
+                 output_rate: int | None = None) -> np.ndarray | torch.Tensor:
         """Separate one recording ``[T]`` or ``[C, T]`` at ``sample_rate`` (Hz, a whole number, 1000 to 768000).
 
         ``[C, T]`` is the C channels of one recording (mixed down, or separated one by one with
@@ -339,19 +340,20 @@ class Separator:
         ``scipy.io.wavfile.read`` returns it) is scaled to [-1, 1] as ``read_audio`` reads such files. A silent
         recording gives silent speakers (``mossformer2 separate`` refuses silent files instead).
         Returns float32 ``[S, T']`` (``channels="mix"``) or ``[S, C, T']`` (``"each"``) at ``output_rate``
-        (default ``None``: the input rate, where T' = T).
+        (default ``None``: the input rate, where T' = T): a NumPy array, or for a torch tensor a tensor on its
+        device.
         """
         return self._separate_many([wave], sample_rate, output_rate)[0]
 
     def separate_many(self, waves: Iterable[np.ndarray | torch.Tensor], sample_rate: int,
-                      output_rate: int | None = None) -> list[np.ndarray]:
+                      output_rate: int | None = None) -> list[np.ndarray | torch.Tensor]:
         """Separate several recordings at one rate; equal-length short inputs share forward passes (inputs and
         outputs as in ``separate``; ``waves`` may be any iterable: a generator failed after all the work)."""
         _refuse_path(waves, "separate_many")  # (a path is an iterable too: of its characters)
         return self._separate_many(list(waves), sample_rate, output_rate)
 
     def _separate_many(self, waves: Sequence[np.ndarray | torch.Tensor], sample_rate: int,
-                       output_rate: int | None) -> list[np.ndarray]:
+                       output_rate: int | None) -> list[np.ndarray | torch.Tensor]:
         # Both public methods call this directly: its warnings (stacklevel 3, 4 from _separate_items) name the
         # user's line whichever they called.
         sample_rate = check_rate("sample_rate", sample_rate)
@@ -396,9 +398,9 @@ class Separator:
                 # The input's length at the output rate: through the model rate it is rounded twice.
                 sources = _fix_length(sources, resampled_length(shapes[index][1], int(sample_rate), out_rate))
             per_input[index].append(sources.astype(np.float32, copy=False))
-        if self.channels == "mix":
-            return [outputs[0] for outputs in per_input]
-        return [np.stack(outputs, axis=1) for outputs in per_input]  # [S, C, T] each
+        results = [outputs[0] if self.channels == "mix" else np.stack(outputs, axis=1)  # [S, T] or [S, C, T]
+                   for outputs in per_input]
+        return [like_input(result, raw) for result, raw in zip(results, waves)]
 
     def separate_file(self, path: str | Path, out_dir: str | Path, output_rate: int | None = None,
                       format: str | None = None, subtype: str = "PCM_16", plot: bool = False,
