@@ -483,8 +483,7 @@ def test_a_model_config_file_or_name_gives_a_bare_state_dict_its_architecture(tm
     fields, or a training config's ``model:`` section; a wrong key is named."""
     import yaml
 
-    from mossformer2.config_utils import ConfigError
-    from mossformer2.models.config import read_model_config
+    from mossformer2.config_utils import ConfigError, read_model_config
 
     config = tiny_model.config.replace(sample_rate=8000)
     torch.save(tiny_model.state_dict(), tmp_path / "bare.pt")

@@ -464,3 +464,19 @@ def test_pauses_and_room_noise_stay_out_of_the_voice_profiles():
     fresh = VoiceProfiles(2)  # nothing louder seen yet: the absolute floor still keeps near-silence out
     fresh.add(np.stack([1e-5 * noise / 3e-4, 3e-6 * noise / 3e-4]))
     assert fresh.counts.sum() == 0
+
+
+def test_a_weak_anti_correlation_in_an_overlap_does_not_flip_what_follows():
+    """Only a clear anti-correlation (FLIP_MIN_ANTICORRELATION) negates a chunk: at -0.2 the overlap is mostly
+    something else, and a flip there would invert the rest of the speaker's track."""
+    rng = np.random.default_rng(0)
+    total, chunk, overlap = 4000, 2500, 1000
+    a, b = rng.standard_normal((2, total)).astype(np.float32)
+    stitcher = AlignedStitcher(2, total)
+    stitcher.add(0, np.stack([a[:chunk], b[:chunk]]))
+    start = total - chunk
+    second = np.stack([a[start:], b[start:]])
+    second[0, :overlap] = -0.2 * a[start:start + overlap] + rng.standard_normal(overlap).astype(np.float32)
+    assert -0.4 < np.corrcoef(second[0, :overlap], a[start:start + overlap])[0, 1] < -0.05
+    stitcher.add(start, second)
+    np.testing.assert_array_equal(stitcher.output[0, chunk:], a[chunk:])

@@ -1118,6 +1118,17 @@ def test_nan_estimates_are_not_written_as_tensorboard_audio(corpus, tmp_path):
     trainer.close()
 
 
+def test_a_run_log_without_tensorboard_takes_every_call_as_a_no_op(tmp_path):
+    """As on ranks other than 0 (nothing opened): audio raised AttributeError on the missing writer."""
+    from mossformer2.training.run_log import RunLog
+
+    run_log = RunLog(tmp_path)
+    run_log.scalars({"loss": 1.0}, step=0)
+    run_log.audio("x", torch.ones(100), torch.ones(2, 100), torch.ones(2, 100), step=0, sample_rate=8000)
+    run_log.flush()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_config_yaml_names_the_data_with_absolute_paths(corpus, tmp_path, monkeypatch):
     import os
 

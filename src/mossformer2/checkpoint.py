@@ -19,10 +19,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mossformer2.config_utils import ConfigError, setting_changes
+from mossformer2.config_utils import ConfigError, read_model_config, setting_changes
 from mossformer2.model_settings import recommended_refinements
 from mossformer2.models import MossFormer2, MossFormer2Config
-from mossformer2.models.config import NAMED_CONFIGS, read_model_config, resolve_config
+from mossformer2.models.config import NAMED_CONFIGS, resolve_config
 from mossformer2.utils import atomic_torch_save, resolve_device
 
 _LAYER_KEY = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.(?:fsmn|layers)\.(\d+)\.")
@@ -289,7 +289,7 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
     ``module.``; with or without the rotary aliases. Without ``config`` the architecture is read from the
     checkpoint (embedded config, else tensor shapes; then ``sample_rate``, ``group_size`` and ``dropout`` are the
     official values, logged at INFO). ``config``: a config, a name (``"MossFormer2-S"``) or a YAML file
-    (:func:`~mossformer2.models.config.read_model_config`); where it differs from the checkpoint's embedded config it
+    (:func:`~mossformer2.config_utils.read_model_config`); where it differs from the checkpoint's embedded config it
     wins, with a warning naming the differences. A checkpoint of another architecture raises ValueError.
     A training state that kept a moving average loads the average by default (see :func:`select_weights`).
     The checkpoint's recommended refinements (``'separation'``) become ``model.separation_settings``, which

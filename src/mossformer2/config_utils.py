@@ -9,9 +9,12 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
+
+if TYPE_CHECKING:
+    from mossformer2.models.config import MossFormer2Config
 
 T = TypeVar("T")
 
@@ -267,3 +270,24 @@ def setting_changes(old: dict[str, Any] | None, new: dict[str, Any] | None, pref
         elif before != after:
             changes.append((name, before, after))
     return changes
+
+
+def read_model_config(spec: str) -> MossFormer2Config:
+    """The architecture ``spec`` names: a named config (``MossFormer2``, ``MossFormer2-S``) or a YAML file holding
+    :class:`~mossformer2.models.config.MossFormer2Config` fields, at its top level or in a ``model:`` section (a
+    training config): ``--model-config``, for checkpoints saved without a config whose sample rate, group size or
+    rotary size is not the official one (their tensor shapes cannot tell)."""
+    from mossformer2.models.config import NAMED_CONFIGS, MossFormer2Config, get_config
+
+    if not spec.lower().endswith((".yaml", ".yml", ".json")):  # (JSON is YAML)
+        try:
+            return get_config(spec)
+        except ValueError:
+            raise ConfigError(f"model config {spec!r}: neither a known name ({', '.join(sorted(NAMED_CONFIGS))}) "
+                              "nor a .yaml / .yml / .json file") from None
+    data = load_yaml(spec)
+    section = data["model"] if isinstance(data.get("model"), dict) else data
+    try:
+        return MossFormer2Config.from_dict(section)
+    except ConfigError as err:
+        raise ConfigError(f"{spec}: {err}") from None

@@ -140,7 +140,7 @@ def load_chosen_model(ref: str | None, device: str, announce: bool = True, threa
     from mossformer2.separation import load_separation_model
 
     if config is not None:
-        from mossformer2.models.config import read_model_config
+        from mossformer2.config_utils import read_model_config
 
         config = read_model_config(config)
     if threads is not None:

@@ -53,6 +53,7 @@ def check_format_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mossformer2.checkpoint import is_torchscript_archive
+    from mossformer2.config_utils import read_model_config
     from mossformer2.export import (
         DEFAULT_OPSET,
         check_export_name,
@@ -64,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
         verify_export,
     )
     from mossformer2.hub import checkpoint_path
-    from mossformer2.models.config import read_model_config
     from mossformer2.runtime import import_optional
     from mossformer2.separation.loading import load_separation_model
     from mossformer2.utils import TORCHSCRIPT_SUFFIX, atomic_path, is_onnx_path, make_folder

@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mossformer2.checkpoint import checkpoint_summary, is_torchscript_archive, load_model, read_checkpoint
+    from mossformer2.config_utils import read_model_config
     from mossformer2.hub import model_checkpoint, resolve_checkpoint
     from mossformer2.models import NAMED_CONFIGS, build_model, count_parameters, get_config
-    from mossformer2.models.config import read_model_config
 
     config = None if args.model_config is None else read_model_config(args.model_config)
     path = resolve_checkpoint(args.checkpoint) if args.checkpoint else None  # a file, folder or hub id

@@ -13,7 +13,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from mossformer2.config_utils import ConfigError, from_dict, load_yaml, to_dict
+from mossformer2.config_utils import ConfigError, from_dict, to_dict
 
 
 def min_input_length(encoder_kernel_size: int) -> int:
@@ -157,21 +157,3 @@ def get_config(name: str) -> MossFormer2Config:
         raise ValueError(f"unknown model name {name!r}; known names: {sorted(NAMED_CONFIGS)}")
     return dataclasses.replace(NAMED_CONFIGS[key])
 
-
-def read_model_config(spec: str) -> MossFormer2Config:
-    """The architecture ``spec`` names: a named config (``MossFormer2``, ``MossFormer2-S``) or a YAML file holding
-    :class:`MossFormer2Config` fields, at its top level or in a ``model:`` section (a training config). For
-    checkpoints without an embedded config whose model was not built with the official group size, sample rate
-    or rotary size, which their tensor shapes cannot tell."""
-    if not spec.lower().endswith((".yaml", ".yml", ".json")):  # (JSON is YAML)
-        try:
-            return get_config(spec)
-        except ValueError:
-            raise ConfigError(f"model config {spec!r}: neither a known name ({', '.join(sorted(NAMED_CONFIGS))}) "
-                              "nor a .yaml / .yml / .json file") from None
-    data = load_yaml(spec)
-    section = data["model"] if isinstance(data.get("model"), dict) else data
-    try:
-        return MossFormer2Config.from_dict(section)
-    except ConfigError as err:
-        raise ConfigError(f"{spec}: {err}") from None

@@ -65,6 +65,8 @@ class RunLog:
         """TensorBoard audio of validation example ``name``: the estimates ``est [S, T]`` (in the order of the
         references ``ref [S, T]``) at every validation; the mixture ``mix [T]`` and the references once per run
         (they do not change)."""
+        if self.writer is None:
+            return
         peak = float(torch.cat([mix.abs().flatten(), est.abs().flatten()]).max()) + 1e-8  # NaN / inf carry through
         if not math.isfinite(peak):
             return  # a diverged model (reported with the scores): NaN cannot be written as 16-bit audio
