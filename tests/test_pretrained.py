@@ -101,6 +101,9 @@ def test_demo_command(tmp_path, capsys, monkeypatch):
     refs = [sf.read(tmp_path / "demo6" / f"reference{k}.wav", dtype="float32")[0] for k in (1, 2)]
     assert measured_sir_db(refs[0], refs[1]) == pytest.approx(6.0, abs=0.1)
     assert json.loads((tmp_path / "demo6" / "scores.json").read_text())["sir_db"] == 6.0
+    # --model default names the built-in model, as for separate (it was "unrecognized arguments")
+    assert main(["demo", "-o", str(tmp_path / "named"), "--device", "cpu", "--model", "default"]) == 0
+    assert json.loads((tmp_path / "named" / "scores.json").read_text())["si_sdri"] == saved["si_sdri"]
     # an earlier demo's folder is reused; files of the same names that no demo wrote are never replaced silently
     assert main(["demo", "-o", str(tmp_path / "demo6"), "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "demo6" / "scores.json").read_text())["sir_db"] == 0.0

@@ -122,6 +122,21 @@ def announce_builtin_model(alternatives: str = "--checkpoint PATH or --model NAM
     print(f"using the built-in model {DEFAULT_MODEL_NAME} (pass {alternatives} for another)", file=sys.stderr)
 
 
+CHECKPOINT_HELP = "checkpoint file or folder, hub id (OWNER/NAME), or an export (.onnx or TorchScript)"
+MODEL_HELP = "named model: 'default' (built in) or MossFormer2_SS_16K / a hub id"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, checkpoint_help: str = CHECKPOINT_HELP,
+                        model_help: str = MODEL_HELP, model_config: bool = True) -> None:
+    """The model a command runs: ``--checkpoint PATH`` or ``--model NAME`` (read back by :func:`model_ref`), and
+    ``--model-config`` (:func:`add_model_config_argument`) unless ``model_config=False``."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default=None, help=checkpoint_help)
+    source.add_argument("--model", default=None, help=model_help)
+    if model_config:
+        add_model_config_argument(parser)
+
+
 def add_model_config_argument(parser: argparse.ArgumentParser) -> None:
     """``--model-config``: the architecture of a checkpoint saved without one (``read_model_config``)."""
     parser.add_argument("--model-config", default=None, metavar="YAML_OR_NAME",

@@ -8,9 +8,11 @@ import math
 from pathlib import Path
 
 from mossformer2.cli import (
+    add_model_arguments,
     add_refinement_arguments,
     announce_builtin_model,
     describe_refinements,
+    model_ref,
     refinement_options,
     user_path,
 )
@@ -30,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("-o", "--out-dir", default="mossformer2_demo", type=user_path,
                         help="output folder (default: %(default)s)")
     parser.add_argument("--sir", type=float, default=0.0, help="level of speaker 1 over speaker 2 in dB (default 0)")
-    parser.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the built-in model")
+    add_model_arguments(parser, "use this checkpoint (file or folder, hub id, or an export) instead of the built-in "
+                                "model", model_config=False)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace files of these names that an earlier demo run did not write (a folder "
@@ -112,9 +115,10 @@ def run(args: argparse.Namespace) -> int:
 
     # A bad -o fails before the work; run_demo creates the folder once the options are checked.
     check_folder_creatable(args.out_dir, "output folder")
-    if args.checkpoint is None:
-        announce_builtin_model("--checkpoint")
-    scores = run_demo(args.out_dir, args.sir, args.checkpoint, args.device, args.overwrite,
+    ref = model_ref(args)
+    if ref is None:
+        announce_builtin_model()
+    scores = run_demo(args.out_dir, args.sir, ref, args.device, args.overwrite,
                       **refinement_options(args))
     si = scores["per_speaker"]
     print(f"mixture of 2 speakers at {args.sir:+.1f} dB SIR -> {args.out_dir}/")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mossformer2.cli import (
-    add_model_config_argument,
+    add_model_arguments,
     add_refinement_arguments,
     add_separator_arguments,
     describe_refinements,
@@ -31,11 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--data", required=True, type=user_path,
                         help="wsj0-2mix folder (mix/ s1/ s2/), LibriMix / WHAM! mixture folder (<split>/mix_clean "
                              "or mix_both), LibriMix CSV, or list/scp file")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint",
-                        help="checkpoint file or folder, hub id (OWNER/NAME), or an export (.onnx or TorchScript)")
-    source.add_argument("--model", help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
-    add_model_config_argument(parser)
+    add_model_arguments(parser)
     parser.add_argument("-o", "--out", required=True, type=user_path,
                         help="output folder for per_utterance.csv, summary.json")
     parser.add_argument("--metrics", default=None,

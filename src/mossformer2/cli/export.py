@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from mossformer2.cli import add_model_config_argument, model_ref, user_path
+from mossformer2.cli import add_model_arguments, model_ref, user_path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -16,12 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "--checkpoint model.onnx --backend onnxruntime`) or TorchScript. The export is run once "
                     "beside PyTorch and the max abs difference printed before it is moved into place: one that "
                     "differs by more than --tolerance is never written.")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", default=None,
-                        help="checkpoint file or folder, or hub id (default: the model shipped with the package)")
-    source.add_argument("--model", default=None,
-                        help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
-    add_model_config_argument(parser)
+    add_model_arguments(parser, "checkpoint file or folder, or hub id (default: the model shipped with the package)")
     parser.add_argument("--format", choices=["onnx", "torchscript"], required=True, help="export format")
     parser.add_argument("-o", "--output", required=True, type=user_path, help="output file (.onnx / .ts.pt)")
     parser.add_argument("--dynamic-length", action=argparse.BooleanOptionalAction, default=None,

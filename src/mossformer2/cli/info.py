@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mossformer2.cli import add_model_config_argument
+from mossformer2.cli import add_model_arguments
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -13,15 +13,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Print the configuration and parameter count of a named model or a checkpoint "
                     "(for a checkpoint also its epoch, step and keys). Without options: the built-in model, "
                     "which `separate` uses when given no --model or --checkpoint.")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--model", default=None,
-                       help="named configuration: MossFormer2, MossFormer2-S; or a named model as in "
-                            "`separate --model`: 'default' (built in: what `info` shows without options), "
-                            "MossFormer2_SS_16K, a hub id")
-    group.add_argument("--checkpoint", default=None,
-                       help="checkpoint file (official or ours) or folder, hub id (OWNER/NAME), or an export "
-                            "(.onnx or TorchScript)")
-    add_model_config_argument(parser)
+    add_model_arguments(parser, "checkpoint file (official or ours) or folder, hub id (OWNER/NAME), or an export "
+                                "(.onnx or TorchScript)",
+                        "named configuration: MossFormer2, MossFormer2-S; or a named model as in `separate --model`: "
+                        "'default' (built in: what `info` shows without options), MossFormer2_SS_16K, a hub id")
     return parser
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mossformer2.cli import (
-    add_model_config_argument,
+    add_model_arguments,
     add_refinement_arguments,
     add_separator_arguments,
     describe_refinements,
@@ -54,11 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="audio file, folder, glob or list file (.txt, .lst, .list, .scp)")
     parser.add_argument("-o", "--out-dir", required=True, type=user_path, help="output folder")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint",
-                        help="checkpoint file or folder, hub id (OWNER/NAME), or an export (.onnx or TorchScript)")
-    source.add_argument("--model", help="named model: 'default' (built in) or MossFormer2_SS_16K / a hub id")
-    add_model_config_argument(parser)
+    add_model_arguments(parser)
     parser.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
                         help="onnxruntime runs an exported .onnx checkpoint without torch's model code")
     add_separator_arguments(parser)
