@@ -140,6 +140,9 @@ class MossFormer2(nn.Module):
     """
 
     accepts_lengths = True  # callers may batch unequal inputs with padding
+    # Inference-time refinements its checkpoint recommends ({name: on}; set by the loaders, saved with the weights,
+    # the Separator's defaults): not part of the network. (Annotated here: TorchScript cannot type an empty dict.)
+    separation_settings: dict[str, bool]
 
     def __init__(self, config: MossFormer2Config | dict | str | None = None) -> None:
         """``config``: a ``MossFormer2Config``, a dict of its fields, a named config or None (the official one)."""
@@ -153,6 +156,7 @@ class MossFormer2(nn.Module):
         self.mask_net = MaskNet(c)
         self.dec = nn.ConvTranspose1d(c.mossformer_sequence_dim, 1, c.encoder_kernel_size,
                                       stride=c.encoder_kernel_size // 2, bias=False)
+        self.separation_settings = {}
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
