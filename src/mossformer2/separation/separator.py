@@ -144,44 +144,13 @@ class Separator:
         check_choice("channels", channels, CHANNELS)
         check_choice("backend", backend, BACKENDS)
         chunked = chunk_seconds is not None
-        if chunked and not is_real_number(chunk_seconds):
-            raise ValueError(f"chunk_seconds must be a number of seconds or None, got {chunk_seconds!r}")
-        if overlap_seconds is None and not chunked:  # as the overlap_seconds property gives it back then
-            overlap_seconds = OVERLAP_SECONDS
-        if not is_real_number(overlap_seconds):
-            raise ValueError(f"overlap_seconds must be a number of seconds, got {overlap_seconds!r}")
+        overlap_seconds = _check_chunking_options(chunk_seconds, overlap_seconds, stitching)
         if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
             raise ValueError(f"batch_size must be a whole number, got {batch_size!r}")
-        if chunked and not (0 < chunk_seconds < math.inf and 0 <= overlap_seconds < chunk_seconds):
-            raise ValueError(f"need finite chunk_seconds > overlap_seconds >= 0 (--chunk-seconds, "
-                             f"--overlap-seconds), got {chunk_seconds} and {overlap_seconds}")
-        if chunked and stitching == "aligned" and not overlap_seconds > 0:
-            # Speaker order and polarity are matched on the overlap of consecutive chunks: with none, they swap
-            # between chunks (an audit measured a third of the seconds on the right speaker at overlap 0).
-            raise ValueError("aligned stitching matches the speakers of consecutive chunks on their overlap: "
-                             "overlap_seconds (--overlap-seconds) must be above 0 (default 2)")
-        if chunked and stitching == "aligned" and overlap_seconds < SAFE_OVERLAP_SECONDS:
-            warnings.warn(f"overlap_seconds={overlap_seconds:g} (--overlap-seconds) is under "
-                          f"{SAFE_OVERLAP_SECONDS:g} s: in inputs longer than a chunk the speakers may swap between "
-                          "chunks (use 1-2 s; default 2)", stacklevel=2)
-        if chunked and stitching == "clearvoice" and (chunk_seconds, overlap_seconds) != (CHUNK_SECONDS,
-                                                                                           OVERLAP_SECONDS):
-            warnings.warn("clearvoice stitching runs the official tool's fixed 2 s windows: chunk_seconds and "
-                          "overlap_seconds (--chunk-seconds, --overlap-seconds) are not used", stacklevel=2)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not hasattr(model, "config"):
-            raise ValueError("the model needs a .config with sample_rate and num_spks (a MossFormer2 or an "
-                             "exported model wrapper)")
+        _check_model(model, backend, compile_layers)
         self.is_torch = is_torch_module(model)
-        if backend == "torch" and not self.is_torch:
-            raise ValueError("backend 'torch' needs a torch model; this one is "
-                             f"{type(model).__name__} (use backend 'onnxruntime')")
-        if backend == "onnxruntime" and self.is_torch:
-            raise ValueError("backend 'onnxruntime' needs an exported .onnx model, not a torch module")
-        if compile_layers and not hasattr(model, "compile_layers"):
-            raise ValueError(f"compile_layers (--compile) compiles our MossFormer2 network; this model is "
-                             f"{type(model).__name__}")
         self.graphs = None
         if self.is_torch:
             setup = prepare_torch_model(model, device, dtype, chunked=chunked, cuda_graphs=cuda_graphs,
@@ -198,41 +167,50 @@ class Separator:
         self.num_spks = int(model.config.num_spks)
         self.min_samples = int(getattr(model, "min_input_length", 0)
                                or min_input_length(int(getattr(model.config, "encoder_kernel_size", 1))))
-        self.chunk = int(round(chunk_seconds * self.sample_rate)) if chunked else ONE_PASS
-        self.overlap = int(round(overlap_seconds * self.sample_rate))
-        if self.chunk < self.min_samples:
-            raise ValueError(f"chunk_seconds={chunk_seconds} is shorter than the model kernel")
-        if chunked and not self.overlap < self.chunk:  # the check above, in samples: 1.00001 s and 1 s are equal
-            raise ValueError(f"chunk_seconds={chunk_seconds:g} and overlap_seconds={overlap_seconds:g} "
-                             f"(--chunk-seconds, --overlap-seconds) are both {self.chunk} samples at "
-                             f"{self.sample_rate} Hz: the overlap must be shorter than the chunk")
-        if chunked and stitching == "aligned" and self.overlap == 0:  # matching needs a shared sample at least
-            raise ValueError(f"overlap_seconds={overlap_seconds:g} (--overlap-seconds) is under one sample at "
-                             f"{self.sample_rate} Hz: aligned stitching matches the speakers of consecutive chunks on "
-                             "their overlap (default 2)")
         # An ONNX export without --dynamic-length takes one input length only: its time axis is a fixed int.
         shape = None if self.is_torch else getattr(model, "input_shape", None)
         self.fixed_length = int(shape[-1]) if shape and isinstance(shape[-1], int) else None
-        if (self.fixed_length is not None and stitching == "aligned"
-                and (not chunked or (chunk_seconds, overlap_seconds) == (CHUNK_SECONDS, OVERLAP_SECONDS))):
-            # Chunks of exactly the export's length by default (and for "one pass": the only length it takes).
-            seconds = self.fixed_length / self.sample_rate
-            self.chunk = self.fixed_length
-            self.overlap = int(round(_fixed_length_overlap(seconds) * self.sample_rate))
-            if self.overlap < SAFE_OVERLAP_SECONDS * self.sample_rate:
-                warnings.warn(f"the model was exported with a fixed input length of {seconds:g} s: chunks of that "
-                              f"length overlap by {self.overlap / self.sample_rate:g} s only, where speakers may swap "
-                              "between chunks (export a longer --length-seconds, or --dynamic-length)", stacklevel=2)
+        self.chunk, self.overlap = self._chunk_samples(chunk_seconds, overlap_seconds, stitching)
         self.stitching = stitching
         self.normalize = normalize
         self.batch_size = int(batch_size)
         self.channels = channels
         self.progress = progress
-        recommended = getattr(model, "separation_settings", {})
-        requested = {"polarity_ensemble": polarity_ensemble, "wiener_filter": wiener_filter,
-                     "mixture_consistency": mixture_consistency}
-        for name in REFINEMENTS:  # None: as the checkpoint recommends, else off
-            setattr(self, name, bool(recommended.get(name, False) if requested[name] is None else requested[name]))
+        recommended = getattr(model, "separation_settings", {})  # None: as the checkpoint recommends, else off
+        self.polarity_ensemble = _chosen(polarity_ensemble, recommended.get("polarity_ensemble"))
+        self.wiener_filter = _chosen(wiener_filter, recommended.get("wiener_filter"))
+        self.mixture_consistency = _chosen(mixture_consistency, recommended.get("mixture_consistency"))
+
+    def _chunk_samples(self, chunk_seconds: float | None, overlap_seconds: float, stitching: str) -> tuple[int, int]:
+        """``(chunk, overlap)`` in samples at the model rate (:data:`ONE_PASS` for ``chunk_seconds=None``), checked
+        there: lengths distinct in seconds may round to equal or zero samples. A fixed-length ONNX export chunks
+        at its length by default."""
+        chunked = chunk_seconds is not None
+        chunk = int(round(chunk_seconds * self.sample_rate)) if chunked else ONE_PASS
+        overlap = int(round(overlap_seconds * self.sample_rate))
+        if chunk < self.min_samples:
+            raise ValueError(f"chunk_seconds={chunk_seconds} is shorter than the model kernel")
+        if chunked and not overlap < chunk:
+            raise ValueError(f"overlap_seconds={overlap_seconds:g} is not shorter than chunk_seconds={chunk_seconds:g} "
+                             f"(--overlap-seconds, --chunk-seconds: {overlap} and {chunk} samples at "
+                             f"{self.sample_rate} Hz): the overlap must be shorter than the chunk")
+        if chunked and stitching == "aligned" and overlap == 0:
+            # Speaker order and polarity are matched on the overlap of consecutive chunks: with none, they swap
+            # between chunks (an audit measured a third of the seconds on the right speaker at overlap 0).
+            raise ValueError(f"overlap_seconds={overlap_seconds:g} (--overlap-seconds) is under one sample at "
+                             f"{self.sample_rate} Hz: aligned stitching matches the speakers of consecutive chunks on "
+                             "their overlap, which must be above 0 (default 2)")
+        if (self.fixed_length is not None and stitching == "aligned"
+                and (not chunked or (chunk_seconds, overlap_seconds) == (CHUNK_SECONDS, OVERLAP_SECONDS))):
+            # Chunks of exactly the export's length by default (and for "one pass": the only length it takes).
+            seconds = self.fixed_length / self.sample_rate
+            chunk = self.fixed_length
+            overlap = int(round(_fixed_length_overlap(seconds) * self.sample_rate))
+            if overlap < SAFE_OVERLAP_SECONDS * self.sample_rate:
+                warnings.warn(f"the model was exported with a fixed input length of {seconds:g} s: chunks of that "
+                              f"length overlap by {overlap / self.sample_rate:g} s only, where speakers may swap "
+                              "between chunks (export a longer --length-seconds, or --dynamic-length)", stacklevel=3)
+        return chunk, overlap
 
     @classmethod
     def from_pretrained(cls, ref: str | Path | None = None, device: str | torch.device = "auto",
@@ -546,6 +524,51 @@ class Separator:
             return stitch_aligned(wave, self._separate_pass, self.num_spks, self.chunk, self.overlap,
                                   batch_size=self.batch_size, progress=bar.update, sample_rate=self.sample_rate,
                                   keep_polarity=self.fixes_polarity)
+
+
+def _check_chunking_options(chunk_seconds: Any, overlap_seconds: Any, stitching: str) -> float:
+    """Check ``chunk_seconds`` / ``overlap_seconds`` as numbers of seconds (their order and size in samples:
+    ``Separator._chunk_samples``) and warn where they do not serve; returns ``overlap_seconds`` (a given ``None``
+    with ``chunk_seconds=None``, as the ``overlap_seconds`` property gives it back then, is the default)."""
+    chunked = chunk_seconds is not None
+    if chunked and not is_real_number(chunk_seconds):
+        raise ValueError(f"chunk_seconds must be a number of seconds or None, got {chunk_seconds!r}")
+    if overlap_seconds is None and not chunked:
+        overlap_seconds = OVERLAP_SECONDS
+    if not is_real_number(overlap_seconds):
+        raise ValueError(f"overlap_seconds must be a number of seconds, got {overlap_seconds!r}")
+    if chunked and not (0 < chunk_seconds < math.inf and 0 <= overlap_seconds < math.inf):
+        raise ValueError(f"need finite chunk_seconds > 0 and overlap_seconds >= 0 (--chunk-seconds, "
+                         f"--overlap-seconds), got {chunk_seconds} and {overlap_seconds}")
+    if chunked and stitching == "aligned" and 0 < overlap_seconds < SAFE_OVERLAP_SECONDS:
+        warnings.warn(f"overlap_seconds={overlap_seconds:g} (--overlap-seconds) is under {SAFE_OVERLAP_SECONDS:g} s: "
+                      "in inputs longer than a chunk the speakers may swap between chunks (use 1-2 s; default 2)",
+                      stacklevel=3)
+    if chunked and stitching == "clearvoice" and (chunk_seconds, overlap_seconds) != (CHUNK_SECONDS, OVERLAP_SECONDS):
+        warnings.warn("clearvoice stitching runs the official tool's fixed 2 s windows: chunk_seconds and "
+                      "overlap_seconds (--chunk-seconds, --overlap-seconds) are not used", stacklevel=3)
+    return float(overlap_seconds)
+
+
+def _check_model(model: Any, backend: str, compile_layers: bool) -> None:
+    """ValueError for a model the ``Separator`` cannot run as asked."""
+    if not hasattr(model, "config"):
+        raise ValueError("the model needs a .config with sample_rate and num_spks (a MossFormer2 or an "
+                         "exported model wrapper)")
+    is_torch = is_torch_module(model)
+    if backend == "torch" and not is_torch:
+        raise ValueError(f"backend 'torch' needs a torch model; this one is {type(model).__name__} (use backend "
+                         "'onnxruntime')")
+    if backend == "onnxruntime" and is_torch:
+        raise ValueError("backend 'onnxruntime' needs an exported .onnx model, not a torch module")
+    if compile_layers and not hasattr(model, "compile_layers"):
+        raise ValueError(f"compile_layers (--compile) compiles our MossFormer2 network; this model is "
+                         f"{type(model).__name__}")
+
+
+def _chosen(requested: bool | None, recommended: bool | None) -> bool:
+    """A refinement's switch: as requested, else (``None``) as the checkpoint recommends, else off."""
+    return bool(recommended) if requested is None else bool(requested)
 
 
 def _aligned_channels(channels: list[np.ndarray], inputs: list[np.ndarray], keep_polarity: bool) -> list[np.ndarray]:
