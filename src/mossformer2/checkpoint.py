@@ -308,14 +308,13 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
         where = f" of {checkpoint}" if isinstance(checkpoint, (str, Path)) else ""
         log.info("using the %s%s, the weights validation scored (its raw weights: weights='model')", chosen, where)
     state = extract_state_dict(obj)
+    overridden = ""
     if config is not None:
         cfg = read_model_config(config) if isinstance(config, str) else resolve_config(config)
         saved = None if _is_state_dict(obj) else obj.get("config")
         saved = saved.get("model", saved) if isinstance(saved, dict) else None
         changes = setting_changes(saved, cfg.to_dict(), shared_only=True) if isinstance(saved, dict) else []
-        if changes:  # (fine-tuning may change dropout on purpose; at inference group_size changes the output)
-            warnings.warn(f"{source}: the given model config overrides the one it was saved with: "
-                          + "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes), stacklevel=2)
+        overridden = "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
         model = MossFormer2(cfg)
     else:
         cfg = _config_from_checkpoint(obj)
@@ -332,6 +331,9 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
                 warnings.warn(assumed, stacklevel=2)
         model = MossFormer2(cfg)
     load_state_dict_strict(model, state)
+    if overridden:  # (weights that do not fit say so above instead; fine-tuning may change dropout on purpose)
+        warnings.warn(f"{source}: the given model config overrides the one it was saved with: {overridden}",
+                      stacklevel=2)
     model.separation_settings = recommended_refinements(None if _is_state_dict(obj) else obj.get("separation"),
                                                         source)
     return model.to(resolve_device(device)).eval()
