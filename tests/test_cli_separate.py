@@ -883,3 +883,31 @@ def test_model_config_gives_a_bare_state_dict_its_architecture(tiny_onnx, tmp_pa
     assert main(["separate", str(src), "-o", str(tmp_path / "bad"), "--checkpoint", str(tmp_path / "bare.pt"),
                  "--model-config", str(tmp_path / "bad.yaml")]) == 1
     assert "unknown key(s) ['group_sise']" in capsys.readouterr().err
+
+
+def test_utf16_lists_are_read_and_binary_lists_are_named(tmp_path):
+    """Notepad's "Unicode" and PowerShell 5's `>` write UTF-16 with a byte-order mark: the run stopped on
+    "embedded null byte", naming neither the list nor the cause, and separated none of the other inputs."""
+    sf.write(str(tmp_path / "a.wav"), noise(4000, 1), 16000)
+    (tmp_path / "list.txt").write_text("a.wav\r\n", encoding="utf-16")  # (with its byte-order mark)
+    (tmp_path / "binary.txt").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt ")
+    found = collect_inputs([str(tmp_path / "list.txt"), str(tmp_path / "binary.txt")])
+    assert found.files == [tmp_path / "a.wav"]
+    assert found.errors == [(str(tmp_path / "binary.txt"), "cannot read the list file: it holds NUL bytes: not a "
+                             "text list (binary, or UTF-16 without a byte-order mark: save it as UTF-8)")]
+
+
+def test_a_missing_list_entry_keeps_the_layout_the_list_gives_once_it_arrives(ckpt, tmp_path, monkeypatch):
+    """Relative entries found in the current folder, and one not there yet: it was looked up in the list's folder,
+    which moved the outputs' common folder, so the rerun after it arrived separated a.wav again elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "lists").mkdir()
+    sf.write(str(tmp_path / "data" / "a.wav"), noise(4000, 1), 16000)
+    (tmp_path / "lists" / "todo.txt").write_text("data/a.wav\ndata/b.wav\n")
+    assert collect_inputs(["lists/todo.txt"]).files == [tmp_path / "data" / "a.wav", tmp_path / "data" / "b.wav"]
+    run = ["separate", "lists/todo.txt", "-o", "out", "--checkpoint", str(ckpt), "-q"]
+    assert main(run) == 1  # b.wav missing
+    sf.write(str(tmp_path / "data" / "b.wav"), noise(4000, 2), 16000)
+    assert main(run) == 0
+    assert outputs_under(tmp_path / "out") == ["a_s1.wav", "a_s2.wav", "b_s1.wav", "b_s2.wav"]

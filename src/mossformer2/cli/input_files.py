@@ -25,36 +25,67 @@ class Inputs:
 def _list_entries(list_file: Path) -> list[Path]:
     """Paths in a text list: one path a line (spaces and ``#`` allowed if the whole line names a file),
     ``mix s1 s2`` lines (first field) or Kaldi ``id path`` lines; otherwise a ``#`` that begins a word starts a
-    comment (``take#2.wav`` is a name)."""
+    comment (``take#2.wav`` is a name).
+
+    A relative entry is taken from the current folder where its file is found there, else from the list's folder;
+    a missing one as the list's other relative entries were (from the list's folder if one was found only there),
+    so that the outputs' layout does not change once it arrives."""
     from mossformer2.audio import has_audio_suffix
     from mossformer2.data.manifests import strip_comment
 
-    def locate(text: str) -> Path:  # relative paths: to the current folder if found there, else to the list's
+    from_list_folder = False  # whether a relative entry was found only in the list's folder
+    missing: list[int] = []  # indices of relative entries found nowhere (resolved once all lines are read)
+
+    def locate(text: str) -> Path:
         path = Path(os.path.expanduser(text))
         return path if path.is_absolute() or path.exists() else list_file.parent / path
 
-    entries = []
-    # Decoded as the OS decodes file names: on POSIX a name is bytes, and a Latin-1 name in a list still names
-    # its file (a strict UTF-8 read failed the whole run). A byte-order mark (Windows editors) is no path.
-    for number, line in enumerate(os.fsdecode(list_file.read_bytes().removeprefix(codecs.BOM_UTF8)).splitlines()):
+    def entry(text: str) -> Path:
+        nonlocal from_list_folder
+        path = Path(os.path.expanduser(text))
+        if path.is_absolute() or path.exists():
+            return path
+        if (list_file.parent / path).exists():
+            from_list_folder = True
+            return list_file.parent / path
+        missing.append(len(entries))
+        return path
+
+    entries: list[Path] = []
+    for number, line in enumerate(_list_text(list_file).splitlines()):
         if line.rstrip().endswith("|"):  # a Kaldi "id command |" entry: its audio comes out of a command
             raise ValueError(f"line {number + 1} is a command (ends in '|'), which is not run: write its audio to a "
                              "file and list that")
-        whole = locate(line.strip()) if line.strip() else None
-        if whole is not None and whole.is_file():
-            entries.append(whole)
+        if line.strip() and locate(line.strip()).is_file():
+            entries.append(entry(line.strip()))
             continue
         fields = strip_comment(line).split()
         if not fields:
             continue
-        first = locate(fields[0])
         # "utt_id path": the path is the entry, also when it is missing (the error then names the missing file)
         kaldi = len(fields) == 2 and has_audio_suffix(fields[1]) and not has_audio_suffix(fields[0])
-        if len(fields) > 1 and not first.is_file() and (kaldi or locate(fields[1]).is_file()):
-            entries.append(locate(fields[1]))
+        if len(fields) > 1 and not locate(fields[0]).is_file() and (kaldi or locate(fields[1]).is_file()):
+            entries.append(entry(fields[1]))
         else:
-            entries.append(first)
+            entries.append(entry(fields[0]))
+    if from_list_folder:
+        for index in missing:
+            entries[index] = list_file.parent / entries[index]
     return entries
+
+
+def _list_text(list_file: Path) -> str:
+    """A list file's text. Decoded as the OS decodes file names: on POSIX a name is bytes, and a Latin-1 name in a
+    list still names its file (a strict UTF-8 read failed the whole run). A byte-order mark (Windows editors) is no
+    path; UTF-16 with one (Notepad's "Unicode", PowerShell 5's ``>``) is read as such."""
+    data = list_file.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    text = os.fsdecode(data.removeprefix(codecs.BOM_UTF8))
+    if "\x00" in text:
+        raise ValueError("it holds NUL bytes: not a text list (binary, or UTF-16 without a byte-order mark: save it "
+                         "as UTF-8)")
+    return text
 
 
 def outputs_beside_inputs(files: list[Path]) -> set[Path]:
