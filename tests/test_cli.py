@@ -87,7 +87,9 @@ def test_demo_refuses_bad_requests_before_separating(tmp_path, capsys):
     taken.write_text("a file")
     save_checkpoint(tmp_path / "three.pt", build_model(make_tiny_config(num_spks=3)))
     for args, reason in [(["-o", str(taken)], "it is a file, not a folder"),
-                         (["-o", str(tmp_path / "a"), "--sir", "nan"], "finite"),
+                         (["-o", str(tmp_path / "a"), "--sir", "nan"], "(--sir) must be a number of dB from -60 to 60"),
+                         # as `mix` refuses it: reference 2 was written silent and scored -80 dB
+                         (["-o", str(tmp_path / "a"), "--sir", "400"], "(--sir) must be a number of dB from -60"),
                          (["-o", str(tmp_path / "b"), "--checkpoint", str(tmp_path / "three.pt")], "separates 3")]:
         assert main(["demo", "--device", "cpu", *args]) == 1
         err = capsys.readouterr().err

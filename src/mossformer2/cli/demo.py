@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from mossformer2.cli import (
@@ -69,7 +68,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
     import numpy as np
 
     from mossformer2.audio import read_audio, resample, to_mono, write_audio
-    from mossformer2.evaluation.mixing import levels_for_sirs, mix_waves
+    from mossformer2.evaluation.mixing import check_sir, levels_for_sirs, mix_waves
     from mossformer2.metrics import score_separation
     from mossformer2.plotting import plot_separation, require_matplotlib
     from mossformer2.separation import Separator
@@ -78,8 +77,7 @@ def run_demo(out_dir: str | Path, sir_db: float = 0.0, checkpoint: str | None = 
 
     require_matplotlib()  # the spectrogram comes last: refused before the work, not after the audio is written
 
-    if not math.isfinite(sir_db):
-        raise ValueError(f"the SIR must be a finite number of dB, got {sir_db}")
+    check_sir(sir_db, "the SIR (--sir)")
     check_demo_folder(out_dir, overwrite)
     separator = Separator.from_pretrained(checkpoint, device=device, **refinements)
     if separator.num_spks != len(DEMO_CLIPS):
