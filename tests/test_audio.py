@@ -123,6 +123,17 @@ def test_read_errors_are_clear(tmp_path):
         read_audio(no_samples)
     with pytest.raises(ValueError, match="not a file"):
         read_audio(tmp_path)
+    # A WAV whose writer never filled in its sizes (RIFF and data 0) holds audio all the same ("no samples" before)
+    wave = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
+    sf.write(str(tmp_path / "full.wav"), wave, 16000, subtype="PCM_16")
+    data = bytearray((tmp_path / "full.wav").read_bytes())
+    at = data.find(b"data")
+    data[4:8], data[at + 4:at + 8] = bytes(4), bytes(4)
+    (tmp_path / "unfinished.wav").write_bytes(bytes(data))
+    assert sf.info(str(tmp_path / "unfinished.wav")).frames == 0  # libsndfile sees none
+    got, rate = read_audio(tmp_path / "unfinished.wav")
+    assert rate == 16000
+    np.testing.assert_allclose(got[0], read_audio(tmp_path / "full.wav")[0][0], atol=1e-7)
 
 
 def test_resample_keeps_layout_and_content():

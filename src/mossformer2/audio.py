@@ -138,7 +138,12 @@ def _decode(for_soundfile: Callable[[], Any], for_pyav: Callable[[], Any], name:
         except ValueError as av_err:
             raise ValueError(f"cannot read {name} as audio: {av_err} (libsndfile: {sf_err})") from None
     if wave.shape[-1] == 0:
-        raise ValueError(f"audio file has no samples: {name}")
+        # A WAV whose writer never filled in its sizes (RIFF and data 0): libsndfile reads no frames, FFmpeg
+        # reads the data that follows the header.
+        try:
+            wave, sample_rate = _read_with_pyav(for_pyav())
+        except ValueError:
+            raise ValueError(f"audio file has no samples: {name}") from None
     return wave, int(sample_rate)
 
 
