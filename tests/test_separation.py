@@ -325,8 +325,8 @@ def test_bad_options_are_rejected(tiny_model):
                             ({"chunk_seconds": 1.00001, "overlap_seconds": 1}, "16000 and 16000 samples at"),
                             ({"chunk_seconds": 3, "overlap_seconds": 1e-7}, "under one sample"),
                             ({"overlap_seconds": None}, "overlap_seconds must be a number"),  # were TypeErrors
-                            ({"chunk_seconds": "10"}, "chunk_seconds must be a number"),
-                            ({"batch_size": 2.5}, "batch_size must be a whole number")]:  # was taken as 2
+                            ({"chunk_seconds": "10"}, "chunk_seconds must be a number"),  # 2.5 batches: taken as 2
+                            ({"batch_size": 2.5}, r"batch_size \(--batch-size\) must be a whole number")]:
         with pytest.raises(ValueError, match=message):
             Separator(tiny_model, **kwargs)
     with pytest.raises(ValueError, match="config"):
@@ -699,7 +699,7 @@ def test_compile_layers_option_compiles_the_network_and_keeps_its_output(tiny_mo
 def test_compile_layers_option_refuses_what_it_cannot_compile(tiny_model):
     """Clear refusals: another kind of model, and reduced precision on the CPU (a compiled bf16 network did not
     finish compiling there)."""
-    with pytest.raises(ValueError, match="compiles our MossFormer2 network; this model is LouderBandFirst"):
+    with pytest.raises(ValueError, match="compiles our MossFormer2 network; this model is a LouderBandFirst"):
         Separator(LouderBandFirst(), compile_layers=True)
     for model, dtype in ((tiny_model, "bfloat16"), (copy.deepcopy(tiny_model).bfloat16(), "float32")):
         with pytest.raises(ValueError, match="float32 only on the CPU"):

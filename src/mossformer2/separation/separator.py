@@ -146,9 +146,9 @@ class Separator:
         chunked = chunk_seconds is not None
         overlap_seconds = _check_chunking_options(chunk_seconds, overlap_seconds, stitching)
         if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
-            raise ValueError(f"batch_size must be a whole number, got {batch_size!r}")
+            raise ValueError(f"batch_size (--batch-size) must be a whole number, got {batch_size!r}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"batch_size (--batch-size) must be >= 1, got {batch_size}")
         _check_model(model, backend, compile_layers)
         self.is_torch = is_torch_module(model)
         self.graphs = None
@@ -556,14 +556,15 @@ def _check_model(model: Any, backend: str, compile_layers: bool) -> None:
         raise ValueError("the model needs a .config with sample_rate and num_spks (a MossFormer2 or an "
                          "exported model wrapper)")
     is_torch = is_torch_module(model)
+    kind = "an ONNX export" if type(model).__name__ == "OnnxRuntimeModel" else f"a {type(model).__name__}"
     if backend == "torch" and not is_torch:
-        raise ValueError(f"backend 'torch' needs a torch model; this one is {type(model).__name__} (use backend "
+        raise ValueError(f"backend 'torch' (--backend torch) needs a torch model; this one is {kind} (use backend "
                          "'onnxruntime')")
     if backend == "onnxruntime" and is_torch:
-        raise ValueError("backend 'onnxruntime' needs an exported .onnx model, not a torch module")
+        raise ValueError("backend 'onnxruntime' (--backend onnxruntime) needs an exported .onnx model, not a torch "
+                         "module")
     if compile_layers and not hasattr(model, "compile_layers"):
-        raise ValueError(f"compile_layers (--compile) compiles our MossFormer2 network; this model is "
-                         f"{type(model).__name__}")
+        raise ValueError(f"compile_layers (--compile) compiles our MossFormer2 network; this model is {kind}")
 
 
 def _chosen(requested: bool | None, recommended: bool | None) -> bool:
