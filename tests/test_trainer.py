@@ -13,7 +13,7 @@ import mossformer2
 from mossformer2.config_utils import ConfigError, apply_overrides
 from mossformer2.data.loaders import prepare_synthetic_data
 from mossformer2.training import Trainer
-from mossformer2.training.config import train_config_from_dict
+from mossformer2.training.config import load_train_config, train_config_from_dict
 
 TINY_MODEL = dict(encoder_embedding_dim=16, mossformer_sequence_dim=16, num_mossformer_layer=1, query_key_dim=16,
                   rotary_dim=8, fsmn_inner_dim=16, fsmn_lorder=4, group_size=64, sample_rate=8000,
@@ -129,6 +129,16 @@ def test_time_limit_stops_mid_epoch_with_a_resumable_state(corpus, tmp_path, mon
     assert (f"stopped: trainer.max_minutes (2.5) reached at step 3 (mid-epoch 0): state saved to {tmp_path / 'last.pt'}"
             "; run the same command to continue") in text
     assert "finished at epoch" not in text
+    # the run's config.yaml continues it, also when it began with trainer.resume=false (its message says so)
+    assert load_train_config(tmp_path / "config.yaml").trainer.resume is True
+    exp = tmp_path / "afresh"
+    fresh = Trainer(make_config(corpus, "trainer.max_minutes=2.5", "trainer.checkpoint_every_steps=null",
+                                "trainer.resume=false"), exp)
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: 60.0 * fresh.state.step)
+    fresh.fit()
+    assert ("; run the same command to continue with trainer.resume=true (trainer.resume=false would start afresh, "
+            "moving this run aside)") in (exp / "train.log").read_text()
+    assert load_train_config(exp / "config.yaml").trainer.resume is True
 
     resumed = Trainer(make_config(corpus, "trainer.max_minutes=100"), tmp_path)
     monkeypatch.setattr(stopping.time, "monotonic", lambda: 60.0 * resumed.state.step)
@@ -740,6 +750,12 @@ def test_with_a_premixed_validation_set_mixing_settings_leave_the_best_score_alo
         Trainer(make_config(corpus, *premixed, "data.dynamic_mixing.gain_db=[-1,1]"), tmp_path / "exp").close()
     assert "data.dynamic_mixing.gain_db [-2.5, 2.5] -> [-1.0, 1.0]" in caplog.text
     assert "the best score" not in caplog.text
+    # uncropped, a pre-mixed set does not depend on the seed either (it was said to "may have changed")
+    for crop, changed in (("data.max_valid_seconds=null", False), ("data.max_valid_seconds=0.1", True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mossformer2.training"):
+            Trainer(make_config(corpus, *premixed, "trainer.seed=4", crop), tmp_path / "exp").close()
+        assert "trainer.seed 3 -> 4" in caplog.text and ("the best score" in caplog.text) == changed
 
 
 def test_a_finished_run_stays_finished(corpus, tmp_path, monkeypatch):

@@ -302,6 +302,8 @@ def warn_changed_data(saved: dict[str, Any], cfg: TrainConfig, state: TrainState
     keeping = set(DATA_KEYS_KEEPING_VALIDATION)
     if cfg.data.valid:  # a pre-mixed validation set: the mixing settings shape the training data only
         keeping |= {key for key in keys if key.startswith("data.dynamic_mixing.")}
+        if cfg.data.max_valid_seconds is None:  # ... and uncropped, the seed too
+            keeping.add("trainer.seed")
     if keys - keeping and s.best_epoch >= 0:
         log.warning("the validation data may have changed: the best score so far (%.2f dB, epoch %d, in %s) "
                     "was measured on the earlier set, and later epochs are compared with it", s.best_metric,

@@ -82,9 +82,10 @@ class StopController:
         counts[self.dist.rank] = len(valid_loader)
         return every, float(all_reduce_sum(counts).min())
 
-    def summary(self, state: TrainState, epoch_batches: int, last: Path, saved_step: int | None) -> str:
+    def summary(self, state: TrainState, epoch_batches: int, last: Path, saved_step: int | None,
+                resume: bool = True) -> str:
         """Why and where fit() stopped before the end, what ``last`` (last.pt, holding ``saved_step``) holds and how
-        to go on."""
+        to go on (``resume``: the run's ``trainer.resume``; with false, the same command would start afresh)."""
         s = state
         if not s.batches_done:
             where = f"before epoch {s.epoch}"
@@ -101,6 +102,8 @@ class StopController:
         how = ("raise trainer.max_steps (or set it to null) and run again to continue"
                if self.reason and self.reason.startswith("trainer.max_steps")
                else "run the same command to continue")
+        if not resume:
+            how += " with trainer.resume=true (trainer.resume=false would start afresh, moving this run aside)"
         return f"{self.reason} at step {s.step} ({where}): {saved}; {how}"
 
     def _flags(self) -> tuple[bool, bool, bool]:

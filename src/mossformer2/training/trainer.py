@@ -188,7 +188,9 @@ class Trainer:
         # TensorBoard drops the points an interrupted run logged after the step this run starts from; step 1 for
         # a rerun of one killed before its first checkpoint.
         self.run_log.open(self.cfg.trainer.tensorboard, purge_step=self.state.step + 1)
-        save_train_config(self.cfg, self.exp_dir / "config.yaml")
+        # The run's settings: `--config config.yaml` continues it, also when it was started with trainer.resume=false
+        save_train_config(dataclasses.replace(self.cfg, trainer=dataclasses.replace(self.cfg.trainer, resume=True)),
+                          self.exp_dir / "config.yaml")
 
     def _init_from(self, pretrained: MossFormer2, path: str) -> None:
         """Start from ``pretrained``'s weights (read from ``path``) and its recommended separation settings."""
@@ -586,7 +588,8 @@ class Trainer:
 
     def stop_summary(self) -> str:
         """Why and where fit() stopped before the end, what last.pt holds and how to go on."""
-        return self.stopper.summary(self.state, self._epoch_batches(), self.exp_dir / LAST, self._saved_step)
+        return self.stopper.summary(self.state, self._epoch_batches(), self.exp_dir / LAST, self._saved_step,
+                                    self.cfg.trainer.resume)
 
     def _epoch_batches(self) -> int:
         """Batches of one epoch that make whole optimizer steps (leftovers would make a partial step)."""
