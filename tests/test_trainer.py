@@ -1406,3 +1406,31 @@ def test_training_utterances_shorter_than_the_networks_minimum_input_train(corpu
     trainer.fit()
     assert trainer.state.step == 1 and trainer.state.skipped_steps == 0
     assert math.isfinite(trainer.state.history[0]["train_loss"])
+
+
+def test_a_forked_child_does_not_keep_the_experiment_folder_locked(tmp_path):
+    """DataLoader workers are forked with the lock's descriptor: after a SIGKILL of the run, the orphaned workers
+    kept the folder locked for seconds and a restart was refused ("another training run (pid N)", N dead)."""
+    import os
+    import signal
+
+    from mossformer2.training.experiment import ExperimentLock
+
+    lock = ExperimentLock(tmp_path)
+    ready, started = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker that outlives its parent's lock for a while
+        import time
+
+        os.write(started, b"x")  # (after the fork handlers ran)
+        time.sleep(30)
+        os._exit(0)
+    try:
+        os.read(ready, 1)
+        lock._file.close()  # the run dies (its descriptor closes) while the worker lives on
+        ExperimentLock(tmp_path).release()  # a restart takes the folder at once
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(ready)
+        os.close(started)

@@ -27,6 +27,27 @@ except ImportError:  # Windows: runs in one folder are not guarded against each 
 
 log = logging.getLogger("mossformer2.training")
 
+# Descriptors of the experiment locks this process holds. A forked child (a DataLoader worker) inherits them, and
+# flock holds while any copy is open: after a SIGKILL of the run its orphaned workers kept the folder locked for
+# seconds, and a restart was refused. Each child points its copies at /dev/null (not closed: the file objects it
+# inherited close these numbers later, which must not hit a file the child opened since).
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    if not _HELD_LOCK_FDS:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in _HELD_LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.dup2(null, fd)
+    os.close(null)
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
 
 class ExperimentInUseError(OSError):
     """Another training run holds the experiment folder's lock."""
@@ -42,8 +63,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class ExperimentLock:
     """An exclusive lock on an experiment folder for one training run: ``<exp-dir>/.lock`` (holding the pid) locked
-    with ``flock``, which the OS drops when the process ends, however it ends. Creates the folder. No lock where
-    ``fcntl`` is missing (Windows) or the file system refuses locks."""
+    with ``flock``, which the OS drops when the process ends, however it ends (forked children drop their copies
+    at once). Creates the folder. No lock where ``fcntl`` is missing (Windows) or the file system refuses locks."""
 
     def __init__(self, exp_dir: Path) -> None:
         self.created_folder = not exp_dir.exists()
@@ -70,6 +91,7 @@ class ExperimentLock:
         file.write(f"{os.getpid()}\n")
         file.flush()
         self._file = file
+        _HELD_LOCK_FDS.add(file.fileno())
 
     def release(self, remove_created_folder: bool = False) -> None:
         """Unlock; ``remove_created_folder``: also remove the folder if this lock created it and it is empty again
@@ -79,6 +101,7 @@ class ExperimentLock:
             with contextlib.suppress(OSError):
                 self.path.parent.rmdir()
         if self._file is not None:
+            _HELD_LOCK_FDS.discard(self._file.fileno())
             self._file.close()
             self._file = None
 
