@@ -240,7 +240,10 @@ def test_a_folder_takes_filename_and_prefers_a_trainers_best_pt(tmp_path):
     only_export = tmp_path / "export"
     only_export.mkdir()
     (only_export / "m.ts.pt").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match=r"TorchScript exports such as m.ts.pt are not taken from a folder"):
+    with pytest.raises(FileNotFoundError, match=r"exports such as m.ts.pt are not taken from a folder: pass the"):
+        resolve_checkpoint(only_export)
+    (only_export / "m.ts.pt").rename(only_export / "m.onnx")  # an ONNX export: the same hint (none before)
+    with pytest.raises(FileNotFoundError, match=r"exports such as m.onnx are not taken from a folder: pass the"):
         resolve_checkpoint(only_export)
     assert Separator.from_pretrained(exp, device="cpu").num_spks == 2
     with pytest.raises(FileNotFoundError, match=r"no other.pt in folder .*exp \(filename='other.pt'\)"):

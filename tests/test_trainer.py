@@ -1162,6 +1162,22 @@ def test_config_yaml_names_the_data_with_absolute_paths(corpus, tmp_path, monkey
     assert saved.trainer.init_from == str(pre) and saved.optim == cfg.optim
 
 
+def test_init_from_takes_model_names_as_separate_does(corpus, monkeypatch, tmp_path):
+    """`trainer.init_from=default` (the built-in model, to fine-tune it) was made a path of the launch folder:
+    "trainer.init_from /here/default: checkpoint not found"."""
+    from mossformer2.training.checkpointing import load_pretrained
+    from mossformer2.training.config import with_absolute_paths
+
+    builtin = mossformer2.load_model("default")
+    cfg = make_config(corpus, "trainer.init_from=default")
+    monkeypatch.chdir(tmp_path)
+    assert with_absolute_paths(cfg).trainer.init_from == "default"
+    assert with_absolute_paths(make_config(corpus, "trainer.init_from=w.pt")).trainer.init_from == str(tmp_path / "w.pt")
+    loaded = load_pretrained("default", builtin.config)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), builtin.state_dict().values()))
+    assert loaded.separation_settings == builtin.separation_settings != {}
+
+
 def test_a_failed_start_leaves_no_log_or_event_file_and_checks_init_from_first(corpus, tmp_path, monkeypatch):
     """A bad trainer.init_from (missing, another architecture, not a checkpoint) fails before the data is read
     (minutes with data.cache_audio) and leaves no folder; a folder holding a checkpoint is taken, as `separate

@@ -14,7 +14,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from mossformer2.utils import is_torchscript_name
+from mossformer2.utils import is_onnx_path, is_torchscript_name
 
 HUB_FILENAME = "last_best_checkpoint.pt"
 POINTER_FILE = "last_best_checkpoint"
@@ -131,9 +131,8 @@ def _checkpoint_in_folder(folder: Path, filename: str | None = None) -> Path:
     if {c.name for c in candidates} == {TRAINER_BEST, TRAINER_LAST}:
         return folder / TRAINER_BEST
     if not candidates:
-        exports = sorted(f.name for f in folder.glob("*") if is_torchscript_name(f))
-        also = (f" (TorchScript exports such as {exports[0]} are not taken from a folder: pass the file)"
-                if exports else "")
+        exports = sorted(f.name for f in folder.glob("*") if is_torchscript_name(f) or is_onnx_path(f))
+        also = (f" (exports such as {exports[0]} are not taken from a folder: pass the file)" if exports else "")
         raise FileNotFoundError(f"no checkpoint (*.pt, *.pth, *.ckpt or '{POINTER_FILE}' pointer file) in folder "
                                 f"{folder}{also}")
     raise ValueError(f"several checkpoints in {folder} ({', '.join(c.name for c in candidates)}): pass the file "

@@ -23,7 +23,7 @@ import torch
 from mossformer2.checkpoint import load_model, read_checkpoint
 from mossformer2.config_utils import setting_changes, to_dict
 from mossformer2.distributed import DistInfo
-from mossformer2.hub import TRAINER_BEST, resolve_checkpoint
+from mossformer2.hub import TRAINER_BEST, checkpoint_path
 from mossformer2.models import MossFormer2, MossFormer2Config
 from mossformer2.training.config import OptimConfig, TrainConfig, absolute_path
 from mossformer2.utils import with_context
@@ -144,13 +144,12 @@ def model_config_diff(old: Any, new: dict[str, Any]) -> str:
 
 
 def load_pretrained(path: str, config: MossFormer2Config) -> MossFormer2:
-    """``trainer.init_from``'s network (official checkpoint or ours: a file, or a folder holding one, as
-    ``separate --checkpoint`` takes), refused unless it is of the configured architecture."""
+    """``trainer.init_from``'s network (official checkpoint or ours: a file, a folder holding one, a hub id or a
+    model name such as ``default``, as ``separate --checkpoint`` / ``--model`` take them), refused unless it is of
+    the configured architecture."""
     ckpt: dict[str, Any] = {}
     try:
-        if not Path(path).exists():
-            raise FileNotFoundError("checkpoint not found")
-        ckpt = read_checkpoint(resolve_checkpoint(path))
+        ckpt = read_checkpoint(checkpoint_path(path))
         return load_model(ckpt, config=config)
     except (ValueError, FileNotFoundError) as err:
         # Our checkpoints embed their model config: the keys that differ say more than 40 missing weight names.

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from mossformer2.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, save_yaml, to_dict
 from mossformer2.data.config import DataConfig
+from mossformer2.hub import is_hub_id, is_model_name
 from mossformer2.models.config import MossFormer2Config, get_config
 
 
@@ -305,7 +306,10 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
         dm = dataclasses.replace(dm, train_utterances=absolute(dm.train_utterances),
                                  valid_utterances=absolute(dm.valid_utterances), noise=absolute(dm.noise))
     data = dataclasses.replace(d, train=absolute(d.train), valid=absolute(d.valid), dynamic_mixing=dm)
-    trainer = dataclasses.replace(cfg.trainer, init_from=absolute(cfg.trainer.init_from))
+    init_from = cfg.trainer.init_from  # a model name or hub id (init_from=default) names no local path
+    trainer = dataclasses.replace(cfg.trainer, init_from=init_from if init_from and (is_model_name(init_from) or
+                                                                                    is_hub_id(init_from))
+                                  else absolute(init_from))
     return dataclasses.replace(cfg, data=data, trainer=trainer)
 
 
