@@ -14,7 +14,7 @@ import soundfile as sf
 
 from mossformer2.cli import main
 from mossformer2.data.manifests import load_manifest
-from mossformer2.evaluation.mixing import active_level, levels_for_sirs, mix_waves
+from mossformer2.evaluation.mixing import active_level, levels_for_sirs, mix_waves, plan_from_files
 from tests.test_metrics import speech_like
 
 from .conftest import torch_blocked_env
@@ -132,6 +132,10 @@ def test_mix_two_files_at_sir_with_resampling_reads_back(tmp_path):
     assert main(["mix", str(f1), str(f2), "-o", str(out)]) == 1
     assert main(["mix", str(f1), str(f2), "-o", str(out), "--overwrite", "--mode", "max"]) == 0
     assert read(load_manifest(out)[0].mix).shape == (int(1.4 * SR),)
+    # one recording as both speakers (also through another spelling of its path): refused, it was mixed
+    twice = str(tmp_path / "in" / ".." / "in" / "alice.wav")
+    with pytest.raises(ValueError, match=r"alice.wav is named twice \(as .*alice.wav before\)"):
+        plan_from_files([f1, twice])
 
 
 def test_mix_speaker_folder_is_seeded_and_uses_different_speakers(tmp_path, capsys):

@@ -1172,7 +1172,8 @@ def test_init_from_takes_model_names_as_separate_does(corpus, monkeypatch, tmp_p
     cfg = make_config(corpus, "trainer.init_from=default")
     monkeypatch.chdir(tmp_path)
     assert with_absolute_paths(cfg).trainer.init_from == "default"
-    assert with_absolute_paths(make_config(corpus, "trainer.init_from=w.pt")).trainer.init_from == str(tmp_path / "w.pt")
+    local = make_config(corpus, "trainer.init_from=w.pt")
+    assert with_absolute_paths(local).trainer.init_from == str(tmp_path / "w.pt")
     loaded = load_pretrained("default", builtin.config)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), builtin.state_dict().values()))
     assert loaded.separation_settings == builtin.separation_settings != {}

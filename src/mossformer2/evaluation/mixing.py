@@ -169,6 +169,11 @@ def plan_from_files(files: Sequence[str | Path], sir_db: float = 0.0) -> list[Mi
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"no such audio file: {p}")
+    seen: dict[Path, Path] = {}
+    for p in paths:  # one recording as two speakers: an inseparable "mixture" whose scores mean nothing
+        if p.resolve() in seen:
+            raise ValueError(f"{p} is named twice (as {seen[p.resolve()]} before): give each speaker's own recording")
+        seen[p.resolve()] = p
     levels = levels_for_sirs([check_sir(sir_db, "sir_db (--sir)")] * (len(paths) - 1))
     mix_id = "_".join(f"{p.stem}_{_level_tag(lv)}" for p, lv in zip(paths, levels))
     return [MixtureSpec(id=mix_id, files=paths, levels_db=levels)]
