@@ -106,6 +106,10 @@ def test_unknown_override_key_is_reported_as_an_override_not_as_the_yaml_file(tm
         message = str(err.value)
         assert message.startswith(f"command-line override {override!r}") and words in message, message
         assert str(path) not in message
+    # a message naming the section an override lies in blames that override, not an unrelated one with it
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path, ["trainer.max_epochs=1", "data.dynamic_mixing.train_utterances=spk"])
+    assert str(err.value).startswith("command-line override 'data.dynamic_mixing.train_utterances=spk': ")
     # known keys, the preset name and optional sections still pass
     cfg = load_train_config(path, ["model.name=MossFormer2-S", "data.dynamic_mixing.noise_prob=0.5"])
     assert cfg.model.num_mossformer_layer == 25 and cfg.data.dynamic_mixing.noise_prob == 0.5

@@ -278,9 +278,15 @@ def _blame(err: ConfigError, path: str | Path | None, data: dict[str, Any], over
         except ConfigError as alone:
             if str(alone) == str(err):
                 return f"{path}: {err}"
-    # Messages name keys as "optim.lr" or "config.optim.lr".
-    named = [item for item in overrides
-             if re.search(rf"(?:^|[^\w.]|config\.){re.escape(item.split('=', 1)[0].strip())}(?!\w)", str(err))]
+    # Messages name keys as "optim.lr" or "config.optim.lr", or a section an override lies in ("data.dynamic_mixing"
+    # for data.dynamic_mixing.noise=...; a top-level section alone names too much).
+    def names(item: str) -> bool:
+        parts = item.split("=", 1)[0].strip().split(".")
+        sections = [".".join(parts[:n]) for n in range(2, len(parts))]
+        return any(re.search(rf"(?:^|[^\w.]|config\.){re.escape(key)}{end}", str(err))
+                   for key, end in [(".".join(parts), r"(?!\w)"), *((k, r"(?![\w.])") for k in sections)])
+
+    named = [item for item in overrides if names(item)]
     culprits = ", ".join(repr(item) for item in named or overrides)
     what = "command-line override" + ("s" if len(named or overrides) > 1 else "")
     if not named and path is not None:
