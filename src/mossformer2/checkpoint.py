@@ -330,7 +330,13 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
             else:  # a size of someone's own: its group size may well differ, which changes the output a little
                 warnings.warn(assumed, stacklevel=2)
         model = MossFormer2(cfg)
-    load_state_dict_strict(model, state)
+    try:
+        load_state_dict_strict(model, state)
+    except ValueError as err:
+        if overridden:  # the cause, before a list of hundreds of keys
+            raise ValueError(f"the given model config (config=, --model-config) does not fit {source}, which was "
+                             f"saved with its own ({overridden}): leave it out to use the stored one; {err}") from None
+        raise
     if overridden:  # (weights that do not fit say so above instead; fine-tuning may change dropout on purpose)
         warnings.warn(f"{source}: the given model config overrides the one it was saved with: {overridden}",
                       stacklevel=2)
