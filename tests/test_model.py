@@ -355,8 +355,8 @@ def test_activation_checkpointing_gives_same_gradients(tiny_config, monkeypatch)
 @pytest.mark.parametrize(
     ("wave", "message"),
     [
-        (torch.randn(100), "shape \\[batch, samples\\]"),
-        (torch.randn(1, 1, 100), "shape \\[batch, samples\\]"),
+        (torch.randn(100), "shape \\[batch, samples\\].*wave.unsqueeze\\(0\\)"),
+        (torch.randn(1, 1, 100), "shape \\[batch, samples\\].*wave.squeeze\\(1\\)"),  # not unsqueeze
         (torch.ones(1, 100, dtype=torch.int16), "floating-point"),
         (torch.randn(1, 23), "too short"),
         (torch.tensor([[0.0] * 50 + [float("nan")] * 50]), "NaN or infinite"),

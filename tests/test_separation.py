@@ -331,6 +331,8 @@ def test_bad_options_are_rejected(tiny_model):
             Separator(tiny_model, **kwargs)
     with pytest.raises(ValueError, match="config"):
         Separator(lambda x: x)
+    with pytest.raises(TypeError, match=r"takes a model, not a file \('m.pt'\): Separator.from_pretrained\(path\)"):
+        Separator("m.pt")  # (from_pretrained takes paths)
     whole = Separator(tiny_model, chunk_seconds=None)  # its settings make it again (overlap_seconds is None then)
     assert Separator(tiny_model, chunk_seconds=whole.chunk_seconds, overlap_seconds=whole.overlap_seconds).chunk == (
         whole.chunk)

@@ -251,10 +251,11 @@ class MossFormer2(nn.Module):
         if not isinstance(wave, torch.Tensor):
             raise ValueError(f"MossFormer2 expects a torch.Tensor waveform [batch, samples], got {type(wave)}")
         if wave.dim() != 2:
-            raise ValueError(
-                f"MossFormer2 expects a waveform of shape [batch, samples], got shape {tuple(wave.shape)}; "
-                "use wave.unsqueeze(0) for a single signal"
-            )
+            hint = ("use wave.unsqueeze(0) for a single signal" if wave.dim() == 1 else
+                    "for [batch, 1, samples] use wave.squeeze(1); for several channels of one recording, "
+                    "Separator (channels='mix' or 'each')")
+            raise ValueError(f"MossFormer2 expects a waveform of shape [batch, samples], got shape "
+                             f"{tuple(wave.shape)}; {hint}")
         if wave.shape[0] == 0:
             raise ValueError("the batch is empty (shape [0, samples]): pass one or more signals")
         if not wave.is_floating_point():

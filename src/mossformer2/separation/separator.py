@@ -552,6 +552,9 @@ def _check_chunking_options(chunk_seconds: Any, overlap_seconds: Any, stitching:
 
 def _check_model(model: Any, backend: str, compile_layers: bool) -> None:
     """ValueError for a model the ``Separator`` cannot run as asked."""
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"Separator() takes a model, not a file ({str(model)!r}): Separator.from_pretrained(path) "
+                        "loads one (or mossformer2.load_model(path))")
     if not hasattr(model, "config"):
         raise ValueError("the model needs a .config with sample_rate and num_spks (a MossFormer2 or an "
                          "exported model wrapper)")
