@@ -161,6 +161,10 @@ def load_chosen_model(ref: str | None, device: str, announce: bool = True, threa
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if threads > cores:  # spinning OpenMP threads on shared cores: 75x slower, measured
+            warnings.warn(f"--threads {threads} is more than the {cores} CPU core(s) this process may use: "
+                          "oversubscribed threads run many times slower", stacklevel=2)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # ONNX Runtime's session reads it when it starts
     if ref is None and announce:
         announce_builtin_model()
