@@ -81,7 +81,8 @@ class Separator:
         model: a torch module, or any callable on float32 NumPy arrays ``[B, T] -> [B, S, T]`` with a ``.config``
             (e.g. the ONNX Runtime wrapper ``mossformer2.runtime.OnnxRuntimeModel``). With such a callable the
             Separator never imports torch (an ONNX deployment needs NumPy, SciPy, PyYAML, soundfile, soxr, tqdm and
-            onnxruntime only).
+            onnxruntime only). A torch module is moved to ``device`` (and a float16 one on the CPU cast to float32)
+            in place, not copied: its weights may be gigabytes.
         device: "auto" | "cpu" | "cuda[:N]" (torch backend only).
         dtype: "float32" | "bfloat16" | "float16": autocast precision; float16 needs CUDA (falls back to float32
             with a warning on CPU). A model already cast to bf16 / fp16 (``model.bfloat16()``) gets its input in
