@@ -5,9 +5,11 @@ Shared by the model config, the training config and anything else that is config
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,23 +44,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors: list[tuple[Any, ConfigError]] = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, where)
-            except ConfigError as err:
-                errors.append((arg, err))
-        # The member the value was meant for (the only one, or the only one of its shape: a mapping for a
-        # section, a list for a list) knows what is wrong inside it, e.g. an unknown key in a nested section.
-        meant = [err for arg, err in errors if len(errors) == 1 or _same_shape(value, arg)]
-        if len(meant) == 1:
-            raise meant[0]
-        details = "; ".join(str(err).removeprefix(f"{where}: ") for _, err in errors)
-        raise ConfigError(f"{where}: {value!r} does not match any of {[_type_name(a) for a in args]} ({details})")
+        return _convert_union(value, args, where)
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
@@ -80,41 +66,60 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
         return from_dict(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}{_null_hint(value)}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}{_null_hint(value)}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}{_null_hint(value)}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}{_null_hint(value)}")
-    if tp is str:
-        if isinstance(value, (str, Path)):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, tp, where)
     return value
+
+
+def _convert_union(value: Any, args: tuple[Any, ...], where: str) -> Any:
+    """``value`` as the first member of an ``X | Y | None`` that takes it."""
+    if value is None and type(None) in args:
+        return None
+    errors: list[tuple[Any, ConfigError]] = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, where)
+        except ConfigError as err:
+            errors.append((arg, err))
+    # The member the value was meant for (the only one, or the only one of its shape: a mapping for a
+    # section, a list for a list) knows what is wrong inside it, e.g. an unknown key in a nested section.
+    meant = [err for arg, err in errors if len(errors) == 1 or _same_shape(value, arg)]
+    if len(meant) == 1:
+        raise meant[0]
+    details = "; ".join(str(err).removeprefix(f"{where}: ") for _, err in errors)
+    raise ConfigError(f"{where}: {value!r} does not match any of {[_type_name(a) for a in args]} ({details})")
+
+
+def _to_bool(value: Any, _tp: type, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ConfigError(f"{where}: expected true/false, got {value!r}")
+
+
+def _to_number(value: Any, tp: type, where: str) -> int | float:
+    """An int (also from a whole float or a numeral) or a float (also from an int or a numeral); never a bool."""
+    if not isinstance(value, bool):
+        if isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer())):
+            return tp(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return tp(value)
+    noun = "an integer" if tp is int else "a number"
+    raise ConfigError(f"{where}: expected {noun}, got {value!r}{_null_hint(value)}")
+
+
+def _to_str(value: Any, _tp: type, where: str) -> str:
+    if isinstance(value, (str, Path)):
+        return str(value)
+    raise ConfigError(f"{where}: expected a string, got {value!r}")
+
+
+_SCALARS: dict[type, Callable[[Any, type, str], Any]] = {bool: _to_bool, int: _to_number, float: _to_number,
+                                                          str: _to_str}
 
 
 def _null_hint(value: Any) -> str:
