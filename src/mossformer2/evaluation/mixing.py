@@ -344,23 +344,7 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
     from mossformer2.utils import atomic_write_text, make_folder
 
     out_dir = Path(out_dir)
-    metadata_path = out_dir / METADATA_NAME
-    if not specs:
-        raise ValueError("nothing to mix")
-    first_of: dict[str, int] = {}
-    for number, spec in enumerate(specs, 1):
-        if spec.id in first_of:
-            raise ValueError(f"mixtures {first_of[spec.id]} and {number} (in the order given) would get the same name "
-                             f"{spec.id!r}: their files have the same names and levels; rename a file or change a "
-                             "level")
-        first_of[spec.id] = number
-    num_spks = len(specs[0].files)
-    if any(len(s.files) != num_spks for s in specs):
-        raise ValueError("all mixtures must have the same number of speakers")
-    header = (["mixture_ID", "mixture_path"] + [f"source_{k + 1}_path" for k in range(num_spks)] + ["length"]
-              + [f"source_{k + 1}_{what}" for k in range(num_spks) for what in ("file", "offset", "gain",
-                                                                                  "level_db")]
-              + ["sir_db"] + [f"sir_db_s{k + 1}" for k in range(2, num_spks)])
+    num_spks = _check_specs(specs)
     folders = ["mix", *(f"s{k + 1}" for k in range(num_spks))]
 
     def names_of(spec: MixtureSpec) -> list[str]:  # [mix, s1, s2, ...]: listed, written and in the CSV alike
@@ -377,22 +361,7 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
     written: list[Path] = []
     try:
         for spec in tqdm(specs, desc="mixing", unit="mix", disable=bar_disabled(progress)):
-            waves = [_load_mono(f, sample_rate) for f in spec.files]
-            try:
-                mix, sources, gains, starts = mix_waves(waves, spec.levels_db, sample_rate, mode,
-                                                        spec.start_fractions, spec.level_on_whole_file)
-            except ValueError as err:
-                raise ValueError(f"mixture {spec.id} ({', '.join(map(str, spec.files))}): {err}") from err
-            names = names_of(spec)
-            for name, wave in zip(names, (mix, *sources[:num_spks])):
-                written.append(write_audio(out_dir / name, wave.astype(np.float32), sample_rate, subtype=subtype))
-            row = [spec.id, *names, mix.size]
-            for k in range(num_spks):
-                # The original file as an absolute path: relative to where `mix` ran it would say nothing.
-                row += [str(Path(spec.files[k]).resolve()), starts[k], f"{gains[k]:.8g}",
-                        f"{spec.levels_db[k] + 0.0:.6g}"]
-            # s1 over s2 (sir_db), and over each further source (sir_db_s3, ...)
-            rows.append(row + [f"{spec.levels_db[0] - level:.6g}" for level in spec.levels_db[1:num_spks]])
+            rows.append(_render(spec, out_dir, names_of(spec), sample_rate, mode, subtype, written))
     except BaseException:  # a bad input file, Ctrl-C: leave no incomplete set that the folder loader would read
         for path in written:
             path.unlink(missing_ok=True)
@@ -403,8 +372,53 @@ def create_mixtures(specs: Sequence[MixtureSpec], out_dir: str | Path, sample_ra
         raise
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
+    writer.writerow(_metadata_header(num_spks))
     writer.writerows(rows)
+    metadata_path = out_dir / METADATA_NAME
     atomic_write_text(metadata_path, buffer.getvalue())
     (out_dir / UNFINISHED_NAME).unlink()
     return metadata_path
+
+
+def _check_specs(specs: Sequence[MixtureSpec]) -> int:
+    """The speaker count of ``specs``; ValueError for none, names used twice or unequal speaker counts."""
+    if not specs:
+        raise ValueError("nothing to mix")
+    first_of: dict[str, int] = {}
+    for number, spec in enumerate(specs, 1):
+        if spec.id in first_of:
+            raise ValueError(f"mixtures {first_of[spec.id]} and {number} (in the order given) would get the same name "
+                             f"{spec.id!r}: their files have the same names and levels; rename a file or change a "
+                             "level")
+        first_of[spec.id] = number
+    num_spks = len(specs[0].files)
+    if any(len(s.files) != num_spks for s in specs):
+        raise ValueError("all mixtures must have the same number of speakers")
+    return num_spks
+
+
+def _metadata_header(num_spks: int) -> list[str]:
+    return (["mixture_ID", "mixture_path"] + [f"source_{k + 1}_path" for k in range(num_spks)] + ["length"]
+            + [f"source_{k + 1}_{what}" for k in range(num_spks) for what in ("file", "offset", "gain", "level_db")]
+            + ["sir_db"] + [f"sir_db_s{k + 1}" for k in range(2, num_spks)])
+
+
+def _render(spec: MixtureSpec, out_dir: Path, names: list[str], sample_rate: int, mode: str, subtype: str,
+            written: list[Path]) -> list[object]:
+    """Mix ``spec``, write its files ``names`` ([mix, s1, ...], appended to ``written`` as they land) and return
+    its metadata row."""
+    num_spks = len(spec.files)
+    waves = [_load_mono(f, sample_rate) for f in spec.files]
+    try:
+        mix, sources, gains, starts = mix_waves(waves, spec.levels_db, sample_rate, mode, spec.start_fractions,
+                                                spec.level_on_whole_file)
+    except ValueError as err:
+        raise ValueError(f"mixture {spec.id} ({', '.join(map(str, spec.files))}): {err}") from err
+    for name, wave in zip(names, (mix, *sources[:num_spks])):
+        written.append(write_audio(out_dir / name, wave.astype(np.float32), sample_rate, subtype=subtype))
+    row = [spec.id, *names, mix.size]
+    for k in range(num_spks):
+        # The original file as an absolute path: relative to where `mix` ran it would say nothing.
+        row += [str(Path(spec.files[k]).resolve()), starts[k], f"{gains[k]:.8g}", f"{spec.levels_db[k] + 0.0:.6g}"]
+    # s1 over s2 (sir_db), and over each further source (sir_db_s3, ...)
+    return row + [f"{spec.levels_db[0] - level:.6g}" for level in spec.levels_db[1:num_spks]]
