@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
         keep_freed_memory_for_reuse()
 
-    from mossformer2.model_settings import REFINEMENTS
     from mossformer2.separation import Separator
+    from mossformer2.separation_settings import REFINEMENTS
 
     model = load(args.model)
     rss_model = current_rss_mib()

@@ -11,10 +11,10 @@ import torch
 from mossformer2 import build_model, save_checkpoint
 from mossformer2.cli import REFINEMENT_HELP, describe_refinements
 from mossformer2.losses import best_permutation, pairwise_si_sdr, si_sdr
-from mossformer2.model_settings import REFINEMENTS
 from mossformer2.separation import Separator, load_separation_model
 from mossformer2.separation.refine import mixture_consistency, polarity_ensemble, wiener_filter
 from mossformer2.separation.stitching import match_sources
+from mossformer2.separation_settings import REFINEMENTS
 from tests.conftest import make_tiny_config
 
 RATE = make_tiny_config().sample_rate  # no resampling: the sum of the outputs is exact

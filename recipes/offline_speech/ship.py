@@ -28,9 +28,9 @@ from pathlib import Path
 from mossformer2.checkpoint import load_model, read_checkpoint, save_checkpoint, select_weights
 from mossformer2.data.datasets import AudioStore
 from mossformer2.data.dynamic_mixing import DynamicMixingDataset, load_utterances
-from mossformer2.model_settings import REFINEMENTS, recommended_refinements
 from mossformer2.models import MossFormer2
 from mossformer2.pretrained import DEFAULT_MODEL_FILE
+from mossformer2.separation_settings import REFINEMENTS, recommended_refinements
 from mossformer2.training.calibration import estimate_output_gain, fold_output_gain
 
 RESUMABLE_KEYS = ("optimizer", "trainer_state", "ema")  # what the trainer's last.pt holds and best.pt does not

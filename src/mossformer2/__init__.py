@@ -30,7 +30,7 @@ _LAZY = {"load_model": "mossformer2.checkpoint", "save_checkpoint": "mossformer2
 
 # Submodules reachable as attributes after a bare `import mossformer2` (imported on first access, like the names).
 _SUBMODULES = ("audio", "checkpoint", "cli", "config_utils", "data", "distributed", "evaluation", "export", "hub",
-               "losses", "metrics", "model_settings", "models", "plotting", "pretrained", "runtime", "separation",
+               "losses", "metrics", "models", "plotting", "pretrained", "runtime", "separation", "separation_settings",
                "training", "utils")
 
 

@@ -3,7 +3,7 @@
 Official file: ``torch.save({'model': state_dict, 'optimizer': ..., 'epoch': int, 'step': int})``.
 Ours adds ``'config'`` (the MossFormer2Config as a dict) so that no shape inference is needed; the official
 loader reads it too because it only looks at ``'model'``. A checkpoint may also recommend inference-time
-refinements for its model (``'separation'``: ``{name: bool}`` for the names in ``model_settings.REFINEMENTS``).
+refinements for its model (``'separation'``: ``{name: bool}`` for the names in ``separation_settings.REFINEMENTS``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from mossformer2.config_utils import ConfigError, read_model_config, setting_changes
-from mossformer2.model_settings import recommended_refinements
 from mossformer2.models import MossFormer2, MossFormer2Config
 from mossformer2.models.config import NAMED_CONFIGS, resolve_config
+from mossformer2.separation_settings import recommended_refinements
 from mossformer2.utils import atomic_torch_save, resolve_device
 
 _LAYER_KEY = re.compile(r"^mask_net\.mdl\.intra_mdl\.mossformerM\.(?:fsmn|layers)\.(\d+)\.")

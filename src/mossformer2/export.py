@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from mossformer2.model_settings import parse_export_json, recommended_refinements
 from mossformer2.models import MossFormer2, MossFormer2Config
 from mossformer2.runtime import (
     CONFIG_METADATA_KEY,
@@ -30,6 +29,7 @@ from mossformer2.runtime import (
     OnnxRuntimeModel,
     import_optional,
 )
+from mossformer2.separation_settings import parse_export_json, recommended_refinements
 from mossformer2.utils import TORCHSCRIPT_SUFFIX, atomic_path, is_onnx_path, is_torchscript_name
 
 log = logging.getLogger(__name__)

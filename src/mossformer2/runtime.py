@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mossformer2.model_settings import parse_export_json, recommended_refinements
 from mossformer2.models.config import MossFormer2Config
+from mossformer2.separation_settings import parse_export_json, recommended_refinements
 from mossformer2.utils import is_auto_device, loaded_torch
 
 if TYPE_CHECKING:

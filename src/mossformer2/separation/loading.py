@@ -25,7 +25,7 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
     ``filename`` / ``cache_dir``: as in ``hub.resolve_checkpoint``. ``config``: the architecture of a checkpoint
     saved without one (``checkpoint.load_model``'s ``config``); exports carry their own and refuse it.
 
-    A checkpoint's ``"separation"`` entry (``{name: bool}`` for names in ``model_settings.REFINEMENTS``, written
+    A checkpoint's ``"separation"`` entry (``{name: bool}`` for names in ``separation_settings.REFINEMENTS``, written
     by the recipe that validated them) becomes ``model.separation_settings``, the ``Separator``'s defaults;
     ``mossformer2 export`` carries it into the ONNX and TorchScript files, whose wrappers expose it the same way.
     """

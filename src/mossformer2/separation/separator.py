@@ -21,7 +21,6 @@ import numpy as np
 from tqdm import tqdm
 
 from mossformer2.audio import peak_amplitude, read_audio, resample, resampled_length, to_mono
-from mossformer2.model_settings import REFINEMENTS
 from mossformer2.models.config import min_input_length
 from mossformer2.separation.backends import eval_mode, exported_model_device, is_torch_module, prepare_torch_model
 from mossformer2.separation.batching import make_batches
@@ -51,6 +50,7 @@ from mossformer2.separation.stitching import (
     plan_chunks,
     stitch_aligned,
 )
+from mossformer2.separation_settings import REFINEMENTS
 from mossformer2.utils import bar_disabled, dtype_name, warnings_about
 
 if TYPE_CHECKING:
@@ -252,7 +252,7 @@ class Separator:
 
     @property
     def refinements(self) -> dict[str, bool]:
-        """``{name: on}`` for every name in ``model_settings.REFINEMENTS``: what this Separator applies."""
+        """``{name: on}`` for every name in ``separation_settings.REFINEMENTS``: what this Separator applies."""
         return {name: bool(getattr(self, name)) for name in REFINEMENTS}
 
     # -- model call --------------------------------------------------------------------------------------------

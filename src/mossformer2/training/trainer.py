@@ -33,8 +33,8 @@ from mossformer2.data.loaders import batches_per_epoch, create_dataloaders, prep
 from mossformer2.distributed import DistInfo, all_reduce_sum, barrier, get_dist_info
 from mossformer2.hub import TRAINER_BEST, TRAINER_LAST
 from mossformer2.losses import pit_si_sdr_loss, reorder_estimates, si_sdr
-from mossformer2.model_settings import recommended_refinements
 from mossformer2.models import MossFormer2, build_model, count_parameters
+from mossformer2.separation_settings import recommended_refinements
 from mossformer2.training.checkpointing import (
     TrainState,
     apply_optim_settings,
