@@ -209,7 +209,7 @@ def test_spelled_out_choices_and_defaults_are_the_librarys():
     from mossformer2.cli import build_parser
     from mossformer2.export import TORCHSCRIPT_METHODS
     from mossformer2.metrics import METRICS
-    from mossformer2.separation.separator import NORMALIZE, STITCHING
+    from mossformer2.separation.separator import CHUNK_SECONDS, NORMALIZE, OVERLAP_SECONDS, STITCHING
     from mossformer2.utils import _DTYPES
 
     (subcommands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
@@ -220,7 +220,9 @@ def test_spelled_out_choices_and_defaults_are_the_librarys():
     for command in ("separate", "evaluate"):
         found = options(command)
         assert tuple(found["stitching"].choices) == STITCHING and tuple(found["normalize"].choices) == NORMALIZE
+        assert found["overlap_seconds"].default == OVERLAP_SECONDS  # and the defaults too
         assert set(found["dtype"].choices) == set(_DTYPES.values())  # every precision, by its canonical name
+    assert options("separate")["chunk_seconds"].default == CHUNK_SECONDS
     assert tuple(options("export")["method"].choices) == TORCHSCRIPT_METHODS
     assert tuple(options("mix")["subtype"].choices) == WRITE_SUBTYPES
     assert options("evaluate")["metrics"].default is None  # every installed metric (metrics.installed_metrics)
