@@ -496,6 +496,9 @@ def test_a_model_config_file_or_name_gives_a_bare_state_dict_its_architecture(tm
         assert loaded.config == config and config.group_size != 256
         _same_output(tiny_model, loaded)
     assert read_model_config("MossFormer2-S").num_mossformer_layer == 25
+    # a training config's model: section as training reads it, presets (name:) included: the shipped 8 kHz recipe
+    eight_k = read_model_config(Path(__file__).parents[1] / "configs" / "wsj0-2mix-8k.yaml")  # (a Path too)
+    assert eight_k == mossformer2.models.get_config("MossFormer2").replace(sample_rate=8000)
     (tmp_path / "typo.yaml").write_text("groupsize: 64\n")
     with pytest.raises(ConfigError, match=r"typo.yaml: .*unknown key\(s\) \['groupsize'\]"):
         read_model_config(str(tmp_path / "typo.yaml"))
@@ -515,3 +518,10 @@ def test_a_given_config_that_differs_from_the_stored_one_is_named_in_a_warning(t
     with pytest.raises(ValueError, match=r"^the given model config \(config=, --model-config\) does not fit .*ours.pt, "
                                          r"which was saved with its own \(encoder_embedding_dim 16 -> 512; .*\): "):
         load_model(tmp_path / "ours.pt", config="MossFormer2")
+    torch.save(tiny_model.state_dict(), tmp_path / "bare.pt")  # no stored config: the shapes say what differs
+    with pytest.raises(ValueError, match=r"^the given model config .* does not fit .*bare.pt, whose tensor shapes say "
+                                         r"otherwise \(encoder_embedding_dim 16 -> 512; "):
+        load_model(tmp_path / "bare.pt", config="MossFormer2")
+    with warnings.catch_warnings():  # fine-tuning with another dropout: on purpose, no word
+        warnings.simplefilter("error")
+        load_model(tmp_path / "ours.pt", config=tiny_model.config.replace(dropout=0.3))

@@ -8,7 +8,9 @@ refinements for its model (``'separation'``: ``{name: bool}`` for the names in `
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import warnings
 import zipfile
@@ -213,6 +215,15 @@ def _config_from_checkpoint(checkpoint: dict[str, Any]) -> MossFormer2Config | N
     return None
 
 
+# What a state dict's tensor shapes cannot tell (infer_config assumes the official values).
+_NOT_IN_SHAPES = ("sample_rate", "group_size", "dropout")
+
+
+def _described(changes: list[tuple[str, Any, Any]]) -> str:
+    """``group_size 128 -> 256; ...`` for :func:`~mossformer2.config_utils.setting_changes`' triples."""
+    return "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+
+
 def _list(items: list[str], limit: int = 10) -> str:
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
@@ -277,8 +288,9 @@ def select_weights(checkpoint: dict[str, Any], weights: WeightsChoice = "auto") 
     return {**checkpoint, "model": average}, f"moving average ('ema'{count})"
 
 
-def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Config | str | None = None,
-               device: str | torch.device = "cpu", weights: WeightsChoice = "auto") -> MossFormer2:
+def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Config | str | Path | None = None,
+               device: str | torch.device = "cpu", weights: WeightsChoice = "auto", *,
+               source: str | Path | None = None) -> MossFormer2:
     """Build a MossFormer2 from a checkpoint and return it in eval mode on ``device``.
 
     ``checkpoint``: a dict, a file, a folder (``hub.resolve_checkpoint`` picks its file), a hub id
@@ -290,7 +302,9 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
     checkpoint (embedded config, else tensor shapes; then ``sample_rate``, ``group_size`` and ``dropout`` are the
     official values, logged at INFO). ``config``: a config, a name (``"MossFormer2-S"``) or a YAML file
     (:func:`~mossformer2.config_utils.read_model_config`); where it differs from the checkpoint's embedded config it
-    wins, with a warning naming the differences. A checkpoint of another architecture raises ValueError.
+    wins, with a warning naming the differences (dropout aside: fine-tuning changes it on purpose). A checkpoint of
+    another architecture raises ValueError. ``source``: the file a checkpoint given as a dict was read from, for
+    messages.
     A training state that kept a moving average loads the average by default (see :func:`select_weights`).
     The checkpoint's recommended refinements (``'separation'``) become ``model.separation_settings``, which
     ``Separator(model)``, :func:`save_checkpoint` and ``mossformer2.export`` read.
@@ -299,7 +313,7 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
         from mossformer2.hub import checkpoint_path
 
         checkpoint = checkpoint_path(checkpoint)
-    source = checkpoint if isinstance(checkpoint, Path) else "checkpoint"
+    source = source or (checkpoint if isinstance(checkpoint, Path) else "checkpoint")
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, Path) else checkpoint
     if not isinstance(obj, dict):
         raise ValueError(f"expected a checkpoint path or dict, got {type(obj).__name__}")
@@ -308,13 +322,19 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
         where = f" of {checkpoint}" if isinstance(checkpoint, (str, Path)) else ""
         log.info("using the %s%s, the weights validation scored (its raw weights: weights='model')", chosen, where)
     state = extract_state_dict(obj)
-    overridden = ""
+    misfit = ""  # why a given config may not fit: how it differs from the stored one, or from the tensor shapes
     if config is not None:
-        cfg = read_model_config(config) if isinstance(config, str) else resolve_config(config)
+        cfg = read_model_config(config) if isinstance(config, (str, os.PathLike)) else resolve_config(config)
         saved = None if _is_state_dict(obj) else obj.get("config")
         saved = saved.get("model", saved) if isinstance(saved, dict) else None
-        changes = setting_changes(saved, cfg.to_dict(), shared_only=True) if isinstance(saved, dict) else []
-        overridden = "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+        if isinstance(saved, dict):
+            changes = setting_changes(saved, cfg.to_dict(), shared_only=True)
+            misfit = f"which was saved with its own ({_described(changes)}): leave it out to use the stored one"
+        else:
+            with contextlib.suppress(ValueError):  # (shapes that form no config: the key list says it)
+                shapes = {k: v for k, v in infer_config(state).to_dict().items() if k not in _NOT_IN_SHAPES}
+                changes = setting_changes(shapes, cfg.to_dict(), shared_only=True)
+                misfit = f"whose tensor shapes say otherwise ({_described(changes)})" if changes else ""
         model = MossFormer2(cfg)
     else:
         cfg = _config_from_checkpoint(obj)
@@ -333,13 +353,15 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
     try:
         load_state_dict_strict(model, state)
     except ValueError as err:
-        if overridden:  # the cause, before a list of hundreds of keys
-            raise ValueError(f"the given model config (config=, --model-config) does not fit {source}, which was "
-                             f"saved with its own ({overridden}): leave it out to use the stored one; {err}") from None
+        if misfit:  # the cause, before a list of hundreds of keys
+            raise ValueError(f"the given model config (config=, --model-config) does not fit {source}, {misfit}; "
+                             f"{err}") from None
         raise
-    if overridden:  # (weights that do not fit say so above instead; fine-tuning may change dropout on purpose)
-        warnings.warn(f"{source}: the given model config overrides the one it was saved with: {overridden}",
-                      stacklevel=2)
+    if config is not None and isinstance(saved, dict):  # fine-tuning may change dropout on purpose: no word
+        changes = [change for change in changes if change[0] != "dropout"]
+        if changes:
+            warnings.warn(f"{source}: the given model config overrides the one it was saved with: "
+                          f"{_described(changes)}", stacklevel=2)
     model.separation_settings = recommended_refinements(None if _is_state_dict(obj) else obj.get("separation"),
                                                         source)
     return model.to(resolve_device(device)).eval()

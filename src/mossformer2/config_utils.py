@@ -277,13 +277,35 @@ def setting_changes(old: dict[str, Any] | None, new: dict[str, Any] | None, pref
     return changes
 
 
-def read_model_config(spec: str) -> MossFormer2Config:
-    """The architecture ``spec`` names: a named config (``MossFormer2``, ``MossFormer2-S``) or a YAML file holding
-    :class:`~mossformer2.models.config.MossFormer2Config` fields, at its top level or in a ``model:`` section (a
-    training config): ``--model-config``, for checkpoints saved without a config whose sample rate, group size or
-    rotary size is not the official one (their tensor shapes cannot tell)."""
-    from mossformer2.models.config import NAMED_CONFIGS, MossFormer2Config, get_config
+def model_config_from_section(data: Any) -> MossFormer2Config:
+    """A config's ``model`` mapping -> :class:`~mossformer2.models.config.MossFormer2Config`; a ``name`` key selects a
+    preset (``MossFormer2``, ``MossFormer2-S``) that the other keys override."""
+    from mossformer2.models.config import MossFormer2Config, get_config
 
+    if isinstance(data, MossFormer2Config):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"model: expected a mapping, got {type(data).__name__}")
+    data = dict(data)
+    name = data.pop("name", None)
+    try:
+        base = to_dict(get_config(str(name))) if name else {}
+    except ValueError as err:  # an unknown preset name
+        raise ConfigError(f"model.name: {err}") from err
+    return from_dict(MossFormer2Config, {**base, **data}, "model")
+
+
+def read_model_config(spec: str | Path) -> MossFormer2Config:
+    """The architecture ``spec`` names: a named config (``MossFormer2``, ``MossFormer2-S``) or a YAML file holding
+    :class:`~mossformer2.models.config.MossFormer2Config` fields (and ``name:`` for a preset they change), at its
+    top level or in a ``model:`` section (a training config, read as training reads it): ``--model-config``, for
+    checkpoints saved without a config whose sample rate, group size or rotary size is not the official one (their
+    tensor shapes cannot tell)."""
+    from mossformer2.models.config import NAMED_CONFIGS, get_config
+
+    spec = str(spec)
     if not spec.lower().endswith((".yaml", ".yml", ".json")):  # (JSON is YAML)
         try:
             return get_config(spec)
@@ -291,8 +313,7 @@ def read_model_config(spec: str) -> MossFormer2Config:
             raise ConfigError(f"model config {spec!r}: neither a known name ({', '.join(sorted(NAMED_CONFIGS))}) "
                               "nor a .yaml / .yml / .json file") from None
     data = load_yaml(spec)
-    section = data["model"] if isinstance(data.get("model"), dict) else data
     try:
-        return MossFormer2Config.from_dict(section)
+        return model_config_from_section(data["model"] if "model" in data else data)
     except ConfigError as err:
         raise ConfigError(f"{spec}: {err}") from None

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     elif path is not None:
         checkpoint = read_checkpoint(path)  # once: the official file is 670 MB
         summary = checkpoint_summary(path, checkpoint)
-        model = load_model(checkpoint, config)
+        model = load_model(checkpoint, config, source=path)
         print(f"checkpoint: {summary['path']}")
         if summary["container_keys"]:
             print(f"container keys: {', '.join(summary['container_keys'])}")

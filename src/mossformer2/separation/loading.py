@@ -61,7 +61,8 @@ def load_separation_model(ref: str | Path | None = None, device: str | torch.dev
         from mossformer2.export import TorchScriptModel
 
         return TorchScriptModel(path).to(resolve_device(device))
-    return load_model(checkpoint, config, device=resolve_device(device))  # with its model.separation_settings
+    # (with its model.separation_settings)
+    return load_model(checkpoint, config, device=resolve_device(device), source=path)
 
 
 def refuse_config_for_export(path: str | Path, config: object) -> None:

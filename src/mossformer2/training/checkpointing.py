@@ -149,8 +149,9 @@ def load_pretrained(path: str, config: MossFormer2Config) -> MossFormer2:
     the configured architecture."""
     ckpt: dict[str, Any] = {}
     try:
-        ckpt = read_checkpoint(checkpoint_path(path))
-        return load_model(ckpt, config=config)
+        file = checkpoint_path(path)
+        ckpt = read_checkpoint(file)
+        return load_model(ckpt, config=config, source=file)
     except (ValueError, FileNotFoundError) as err:
         # Our checkpoints embed their model config: the keys that differ say more than 40 missing weight names.
         embedded = ckpt.get("config")

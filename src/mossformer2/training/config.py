@@ -17,10 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mossformer2.config_utils import ConfigError, apply_overrides, from_dict, load_yaml, save_yaml, to_dict
+from mossformer2.config_utils import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    model_config_from_section,
+    save_yaml,
+)
 from mossformer2.data.config import DataConfig
 from mossformer2.hub import is_hub_id, is_model_name
-from mossformer2.models.config import MossFormer2Config, get_config
+from mossformer2.models.config import MossFormer2Config
 
 
 @dataclass
@@ -202,28 +209,11 @@ def _range(values: list[float], name: str) -> None:
         raise ConfigError(f"{name} must be [low, high] with low <= high, got {values}")
 
 
-def _model_section(data: Any) -> MossFormer2Config:
-    """``model`` mapping -> config; a ``name`` key selects a preset that the other keys override."""
-    if isinstance(data, MossFormer2Config):
-        return data
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"model: expected a mapping, got {type(data).__name__}")
-    data = dict(data)
-    name = data.pop("name", None)
-    try:
-        base = to_dict(get_config(str(name))) if name else {}
-    except ValueError as err:  # an unknown preset name
-        raise ConfigError(f"model.name: {err}") from err
-    return from_dict(MossFormer2Config, {**base, **data}, "model")
-
-
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"training config: expected a mapping, got {type(data).__name__}")
     data = dict(data)
-    model = _model_section(data.pop("model", None))
+    model = model_config_from_section(data.pop("model", None))
     cfg = from_dict(TrainConfig, data, "config")
     cfg = dataclasses.replace(cfg, model=model)
     cfg.validate()
