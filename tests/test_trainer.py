@@ -1451,3 +1451,14 @@ def test_a_forked_child_does_not_keep_the_experiment_folder_locked(tmp_path):
         os.waitpid(child, 0)
         os.close(ready)
         os.close(started)
+    # A lock file closed without release() (a Trainer dropped without close()): a later child must not point the
+    # file that reuses its descriptor number at /dev/null
+    ExperimentLock(tmp_path / "dropped")._file.close()
+    ready, started = os.pipe()
+    os.write(started, b"hello")
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if os.read(ready, 5) == b"hello" else 1)
+    assert os.waitpid(child, 0)[1] == 0
+    os.close(ready)
+    os.close(started)

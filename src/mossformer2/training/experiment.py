@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,22 +28,24 @@ except ImportError:  # Windows: runs in one folder are not guarded against each 
 
 log = logging.getLogger("mossformer2.training")
 
-# Descriptors of the experiment locks this process holds. A forked child (a DataLoader worker) inherits them, and
+# The lock files this process holds open. A forked child (a DataLoader worker) inherits their descriptors, and
 # flock holds while any copy is open: after a SIGKILL of the run its orphaned workers kept the folder locked for
 # seconds, and a restart was refused. Each child points its copies at /dev/null (not closed: the file objects it
-# inherited close these numbers later, which must not hit a file the child opened since).
-_HELD_LOCK_FDS: set[int] = set()
+# inherited close these numbers later, which must not hit a file the child opened since). File objects, not
+# numbers: a lock file closed some other way (a Trainer dropped without close()) is skipped, not a reused number.
+_HELD_LOCK_FILES: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _drop_inherited_locks() -> None:
-    if not _HELD_LOCK_FDS:
+    files = [file for file in _HELD_LOCK_FILES if not file.closed]
+    _HELD_LOCK_FILES.clear()
+    if not files:
         return
     null = os.open(os.devnull, os.O_RDONLY)
-    for fd in _HELD_LOCK_FDS:
+    for file in files:
         with contextlib.suppress(OSError):
-            os.dup2(null, fd)
+            os.dup2(null, file.fileno())
     os.close(null)
-    _HELD_LOCK_FDS.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -91,7 +94,7 @@ class ExperimentLock:
         file.write(f"{os.getpid()}\n")
         file.flush()
         self._file = file
-        _HELD_LOCK_FDS.add(file.fileno())
+        _HELD_LOCK_FILES.add(file)
 
     def release(self, remove_created_folder: bool = False) -> None:
         """Unlock; ``remove_created_folder``: also remove the folder if this lock created it and it is empty again
@@ -101,7 +104,7 @@ class ExperimentLock:
             with contextlib.suppress(OSError):
                 self.path.parent.rmdir()
         if self._file is not None:
-            _HELD_LOCK_FDS.discard(self._file.fileno())
+            _HELD_LOCK_FILES.discard(self._file)
             self._file.close()
             self._file = None
 
