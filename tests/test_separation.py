@@ -331,6 +331,13 @@ def test_bad_options_are_rejected(tiny_model):
             Separator(tiny_model, **kwargs)
     with pytest.raises(ValueError, match="config"):
         Separator(lambda x: x)
+    # refused before the model is prepared, which casts (and moves, compiles) the caller's model in place
+    half = copy.deepcopy(tiny_model).half()
+    for bad in ({"chunk_seconds": 1, "overlap_seconds": 2}, {"chunk_seconds": 4, "overlap_seconds": 0}):
+        with pytest.raises(ValueError, match="overlap_seconds"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Separator(half, device="cpu", **bad)
+        assert next(half.parameters()).dtype == torch.float16
     with pytest.raises(TypeError, match=r"takes a model, not a file \('m.pt'\): Separator.from_pretrained\(path\)"):
         Separator("m.pt")  # (from_pretrained takes paths)
     whole = Separator(tiny_model, chunk_seconds=None)  # its settings make it again (overlap_seconds is None then)

@@ -152,6 +152,15 @@ class Separator:
             raise ValueError(f"batch_size (--batch-size) must be >= 1, got {batch_size}")
         _check_model(model, backend, compile_layers)
         self.is_torch = is_torch_module(model)
+        self.sample_rate = int(model.config.sample_rate)
+        self.num_spks = int(model.config.num_spks)
+        self.min_samples = int(getattr(model, "min_input_length", 0)
+                               or min_input_length(int(getattr(model.config, "encoder_kernel_size", 1))))
+        # An ONNX export without --dynamic-length takes one input length only: its time axis is a fixed int.
+        shape = None if self.is_torch else getattr(model, "input_shape", None)
+        self.fixed_length = int(shape[-1]) if shape and isinstance(shape[-1], int) else None
+        # Every option checked before the model is prepared, which moves, casts or compiles it in place.
+        self.chunk, self.overlap = self._chunk_samples(chunk_seconds, overlap_seconds, stitching)
         self.graphs = None
         if self.is_torch:
             setup = prepare_torch_model(model, device, dtype, chunked=chunked, cuda_graphs=cuda_graphs,
@@ -164,14 +173,6 @@ class Separator:
         self.model = model
         # Our MossFormer2 takes true lengths, which makes zero-padded batches of unequal inputs exact.
         self.pads_batches = self.is_torch and bool(getattr(model, "accepts_lengths", False))
-        self.sample_rate = int(model.config.sample_rate)
-        self.num_spks = int(model.config.num_spks)
-        self.min_samples = int(getattr(model, "min_input_length", 0)
-                               or min_input_length(int(getattr(model.config, "encoder_kernel_size", 1))))
-        # An ONNX export without --dynamic-length takes one input length only: its time axis is a fixed int.
-        shape = None if self.is_torch else getattr(model, "input_shape", None)
-        self.fixed_length = int(shape[-1]) if shape and isinstance(shape[-1], int) else None
-        self.chunk, self.overlap = self._chunk_samples(chunk_seconds, overlap_seconds, stitching)
         self.stitching = stitching
         self.normalize = normalize
         self.batch_size = int(batch_size)
@@ -198,9 +199,10 @@ class Separator:
         if chunked and stitching == "aligned" and overlap == 0:
             # Speaker order and polarity are matched on the overlap of consecutive chunks: with none, they swap
             # between chunks (an audit measured a third of the seconds on the right speaker at overlap 0).
-            raise ValueError(f"overlap_seconds={overlap_seconds:g} (--overlap-seconds) is under one sample at "
-                             f"{self.sample_rate} Hz: aligned stitching matches the speakers of consecutive chunks on "
-                             "their overlap, which must be above 0 (default 2)")
+            size = "is 0" if overlap_seconds == 0 else f"is under one sample at {self.sample_rate} Hz"
+            raise ValueError(f"overlap_seconds={overlap_seconds:g} (--overlap-seconds) {size}: aligned stitching "
+                             "matches the speakers of consecutive chunks on their overlap, which must be above 0 "
+                             "(default 2)")
         if (self.fixed_length is not None and stitching == "aligned"
                 and (not chunked or (chunk_seconds, overlap_seconds) == (CHUNK_SECONDS, OVERLAP_SECONDS))):
             # Chunks of exactly the export's length by default (and for "one pass": the only length it takes).
