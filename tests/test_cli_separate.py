@@ -882,6 +882,10 @@ def test_model_config_gives_a_bare_state_dict_its_architecture(tiny_onnx, tmp_pa
     assert main(["separate", str(src), "-o", str(tmp_path / "onnx"), "--checkpoint", str(tiny_onnx),
                  "--model-config", str(tmp_path / "tiny.yaml")]) == 1
     assert "is an export, which runs the architecture it was exported with" in capsys.readouterr().err
+    for command in (["separate", str(src), "-o", str(tmp_path / "named"), "--model", "default"],
+                    ["separate", str(src), "-o", str(tmp_path / "builtin")], ["info"]):  # they store their own
+        assert main([*command, "--model-config", str(tmp_path / "tiny.yaml")]) == 1
+        assert "--model-config gives a --checkpoint its architecture" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("model: {group_sise: 64}\n")
     assert main(["separate", str(src), "-o", str(tmp_path / "bad"), "--checkpoint", str(tmp_path / "bare.pt"),
                  "--model-config", str(tmp_path / "bad.yaml")]) == 1

@@ -13,8 +13,12 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from mossformer2.distributed import DistInfo
+
+if TYPE_CHECKING:
+    from mossformer2.models.config import MossFormer2Config
 
 SUBCOMMANDS = ["separate", "demo", "info", "train", "evaluate", "mix", "export"]
 PIP_NAMES = {"yaml": "pyyaml"}  # import name -> the name pip installs it by, where they differ
@@ -129,35 +133,43 @@ MODEL_HELP = "named model: 'default' (built in) or MossFormer2_SS_16K / a hub id
 def add_model_arguments(parser: argparse.ArgumentParser, checkpoint_help: str = CHECKPOINT_HELP,
                         model_help: str = MODEL_HELP, model_config: bool = True) -> None:
     """The model a command runs: ``--checkpoint PATH`` or ``--model NAME`` (read back by :func:`model_ref`), and
-    ``--model-config`` (:func:`add_model_config_argument`) unless ``model_config=False``."""
+    ``--model-config`` (read back by :func:`chosen_model_config`) unless ``model_config=False``."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default=None, help=checkpoint_help)
     source.add_argument("--model", default=None, help=model_help)
     if model_config:
-        add_model_config_argument(parser)
+        parser.add_argument("--model-config", default=None, metavar="YAML_OR_NAME",
+                            help="architecture of a --checkpoint that stores none (a bare state dict whose sample "
+                                 "rate, group size or rotary size is not the official one: its tensor shapes cannot "
+                                 "tell): a YAML file of MossFormer2Config fields (top level or a training config's "
+                                 "model: section) or MossFormer2 / MossFormer2-S; overrides a stored config, with a "
+                                 "warning")
 
 
-def add_model_config_argument(parser: argparse.ArgumentParser) -> None:
-    """``--model-config``: the architecture of a checkpoint saved without one (``read_model_config``)."""
-    parser.add_argument("--model-config", default=None, metavar="YAML_OR_NAME",
-                        help="architecture of a --checkpoint that stores none (a bare state dict whose sample rate, "
-                             "group size or rotary size is not the official one: its tensor shapes cannot tell): a "
-                             "YAML file of MossFormer2Config fields (top level or a training config's model: "
-                             "section) or MossFormer2 / MossFormer2-S; overrides a stored config, with a warning")
+def chosen_model_config(args: argparse.Namespace) -> MossFormer2Config | None:
+    """``--model-config``, read before any model loads (a bad file fails at once); refused without
+    ``--checkpoint`` (the built-in and named models store their own) and for an export."""
+    if args.model_config is None:
+        return None
+    if args.checkpoint is None:
+        raise ValueError("--model-config gives a --checkpoint its architecture; the built-in model and --model NAME "
+                         "store their own")
+    from mossformer2.config_utils import read_model_config
+    from mossformer2.separation.loading import refuse_config_for_export
+    from mossformer2.utils import is_onnx_path
+
+    if is_onnx_path(args.checkpoint):
+        refuse_config_for_export(args.checkpoint, args.model_config)
+    return read_model_config(args.model_config)
 
 
 def load_chosen_model(ref: str | None, device: str, announce: bool = True, threads: int | None = None,
-                      config: str | None = None):
+                      config: MossFormer2Config | None = None):
     """``load_separation_model(ref, device, config=...)``, saying so on stderr when ``ref`` is ``None`` (the
     built-in model) and ``announce``; ``threads``: the CPU threads it computes with (``--threads``; default: as
-    torch and ONNX Runtime choose, ``OMP_NUM_THREADS`` where it is set); ``config``: ``--model-config``, read
-    before the model loads."""
+    torch and ONNX Runtime choose, ``OMP_NUM_THREADS`` where it is set); ``config``: :func:`chosen_model_config`."""
     from mossformer2.separation import load_separation_model
 
-    if config is not None:
-        from mossformer2.config_utils import read_model_config
-
-        config = read_model_config(config)
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")

@@ -8,6 +8,7 @@ from mossformer2.cli import (
     add_model_arguments,
     add_refinement_arguments,
     add_separator_arguments,
+    chosen_model_config,
     describe_refinements,
     load_chosen_model,
     model_ref,
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     weights = ref if ref is None or is_onnx_path(ref) else str(checkpoint_path(ref).absolute())
     if weights is not None and not Path(ref).is_file():  # a folder (a run's best.pt, or its only file) or a hub id
         print(f"checkpoint file: {weights}", file=sys.stderr)
-    model = load_chosen_model(weights, args.device, threads=args.threads, config=args.model_config)
+    model = load_chosen_model(weights, args.device, threads=args.threads, config=chosen_model_config(args))
     separator = Separator(model, device=args.device, dtype=args.dtype, chunk_seconds=args.chunk_seconds,
                           overlap_seconds=args.overlap_seconds, stitching=args.stitching,
                           normalize=args.normalize, **refinement_options(args))

@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from mossformer2.cli import add_model_arguments, model_ref, user_path
+from mossformer2.cli import add_model_arguments, chosen_model_config, model_ref, user_path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -48,7 +48,6 @@ def check_format_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mossformer2.checkpoint import is_torchscript_archive
-    from mossformer2.config_utils import read_model_config
     from mossformer2.export import (
         DEFAULT_OPSET,
         check_export_name,
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if path is not None and is_torchscript_archive(path):  # refused before it would run
         raise ValueError(f"--checkpoint {checkpoint} is already a TorchScript export; export needs the "
                          "PyTorch checkpoint it was exported from")
-    config = None if args.model_config is None else read_model_config(args.model_config)
+    config = chosen_model_config(args)
     model = load_separation_model(path, device="cpu", config=config)
     fixed_samples = example_length(model, args.length_seconds)
     if args.format == "onnx" and args.dynamic_length is False and fixed_samples < model.min_input_length:

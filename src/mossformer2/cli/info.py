@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mossformer2.cli import add_model_arguments
+from mossformer2.cli import add_model_arguments, chosen_model_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -24,20 +24,15 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.separation.loading import refuse_config_for_export
     from mossformer2.utils import is_onnx_path
 
-    if args.model_config is not None and args.checkpoint is None:
-        raise ValueError("--model-config gives a --checkpoint its architecture (`info --model-config` alone: "
-                         "`info --model NAME` shows a named one)")
+    config = chosen_model_config(args)
     if is_onnx_path(args.checkpoint):
-        refuse_config_for_export(args.checkpoint, args.model_config)
         return _info_onnx(args.checkpoint)  # without torch, as separating with an ONNX export
     import torch
 
     from mossformer2.checkpoint import checkpoint_summary, is_torchscript_archive, load_model, read_checkpoint
-    from mossformer2.config_utils import read_model_config
     from mossformer2.hub import model_checkpoint, resolve_checkpoint
     from mossformer2.models import NAMED_CONFIGS, build_model, count_parameters, get_config
 
-    config = None if args.model_config is None else read_model_config(args.model_config)
     path = resolve_checkpoint(args.checkpoint) if args.checkpoint else None  # a file, folder or hub id
     if args.model is None and path is None:
         print("the built-in model, which `separate` uses without --model/--checkpoint (`--model MossFormer2`: the "

@@ -12,6 +12,7 @@ from mossformer2.cli import (
     add_model_arguments,
     add_refinement_arguments,
     add_separator_arguments,
+    chosen_model_config,
     describe_refinements,
     load_chosen_model,
     model_ref,
@@ -188,7 +189,8 @@ def _load_model(args: argparse.Namespace, device: str):
 
     if args.backend == "onnxruntime" and not is_onnx_path(ref):
         raise ValueError("--backend onnxruntime needs --checkpoint MODEL.onnx (see `mossformer2 export`)")
-    return load_chosen_model(ref, device, announce=not args.quiet, threads=args.threads, config=args.model_config)
+    config = chosen_model_config(args)
+    return load_chosen_model(ref, device, announce=not args.quiet, threads=args.threads, config=config)
 
 
 def _separator(args: argparse.Namespace, model, device: str) -> Separator:
