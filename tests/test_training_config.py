@@ -110,6 +110,12 @@ def test_unknown_override_key_is_reported_as_an_override_not_as_the_yaml_file(tm
     with pytest.raises(ConfigError) as err:
         load_train_config(path, ["trainer.max_epochs=1", "data.dynamic_mixing.train_utterances=spk"])
     assert str(err.value).startswith("command-line override 'data.dynamic_mixing.train_utterances=spk': ")
+    # ... and of several overrides in that section, the one without which the error goes away
+    (tmp_path / "syn").mkdir()
+    synthetic = _write(tmp_path / "syn", {"data": {"synthetic": True, "dynamic_mixing": {"noise_prob": 1.0}}})
+    with pytest.raises(ConfigError) as err:
+        load_train_config(synthetic, ["data.synthetic=false", "data.dynamic_mixing.noise_prob=0.5"])
+    assert str(err.value).startswith("command-line override 'data.synthetic=false': ")
     # known keys, the preset name and optional sections still pass
     cfg = load_train_config(path, ["model.name=MossFormer2-S", "data.dynamic_mixing.noise_prob=0.5"])
     assert cfg.model.num_mossformer_layer == 25 and cfg.data.dynamic_mixing.noise_prob == 0.5

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -259,24 +258,20 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
 
 def _blame(err: ConfigError, path: str | Path | None, data: dict[str, Any], overrides: list[str]) -> str:
     """``err``'s message prefixed with its cause: the YAML file when the file alone gives the same error, else the
-    command-line overrides whose keys it names (all overrides if it names none)."""
+    command-line overrides without which it goes away (all overrides if no single one does)."""
     if not overrides:
         return f"{path}: {err}" if path is not None else str(err)
-    if path is not None:
-        try:
-            train_config_from_dict(data)
-        except ConfigError as alone:
-            if str(alone) == str(err):
-                return f"{path}: {err}"
-    # Messages name keys as "optim.lr" or "config.optim.lr", or a section an override lies in ("data.dynamic_mixing"
-    # for data.dynamic_mixing.noise=...; a top-level section alone names too much).
-    def names(item: str) -> bool:
-        parts = item.split("=", 1)[0].strip().split(".")
-        sections = [".".join(parts[:n]) for n in range(2, len(parts))]
-        return any(re.search(rf"(?:^|[^\w.]|config\.){re.escape(key)}{end}", str(err))
-                   for key, end in [(".".join(parts), r"(?!\w)"), *((k, r"(?![\w.])") for k in sections)])
 
-    named = [item for item in overrides if names(item)]
+    def same_error(items: list[str]) -> bool:
+        try:
+            train_config_from_dict(apply_overrides(data, items))
+        except ConfigError as other:
+            return str(other) == str(err)
+        return False
+
+    if path is not None and same_error([]):
+        return f"{path}: {err}"
+    named = [item for item in overrides if not same_error([o for o in overrides if o is not item])]
     culprits = ", ".join(repr(item) for item in named or overrides)
     what = "command-line override" + ("s" if len(named or overrides) > 1 else "")
     if not named and path is not None:
