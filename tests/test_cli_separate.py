@@ -553,6 +553,9 @@ def test_list_files_name_missing_kaldi_paths_and_read_any_bytes(ckpt, tmp_path, 
     scp.write_text("utt1 r.wav\nutt2 missing_recording.wav\nmix.wav s1.wav s2.wav\n")
     assert collect_inputs([str(scp)]).files == [tmp_path / "missing_recording.wav", tmp_path / "mix.wav",
                                                 tmp_path / "r.wav"]
+    sf.write(str(tmp_path / "s1.wav"), noise(4000, 3), 16000)  # the mixture missing, its s1 there: not s1 instead
+    (tmp_path / "mixes.lst").write_text("gone_mix.wav s1.wav r.wav\n")
+    assert collect_inputs([str(tmp_path / "mixes.lst")]).files == [tmp_path / "gone_mix.wav"]
     latin = os.fsencode(tmp_path) + b"/caf\xe9.wav"  # a file name that is not UTF-8, as on an old share
     sf.write(latin, noise(4000, 2), 16000, format="WAV")
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9.wav\n")
@@ -897,6 +900,8 @@ def test_utf16_lists_are_read_and_binary_lists_are_named(tmp_path):
     "embedded null byte", naming neither the list nor the cause, and separated none of the other inputs."""
     sf.write(str(tmp_path / "a.wav"), noise(4000, 1), 16000)
     (tmp_path / "list.txt").write_text("a.wav\r\n", encoding="utf-16")  # (with its byte-order mark)
+    (tmp_path / "list32.txt").write_text("a.wav\r\n", encoding="utf-32")  # PowerShell's Out-File -Encoding utf32
+    assert collect_inputs([str(tmp_path / "list32.txt")]).files == [tmp_path / "a.wav"]
     (tmp_path / "binary.txt").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt ")
     found = collect_inputs([str(tmp_path / "list.txt"), str(tmp_path / "binary.txt")])
     assert found.files == [tmp_path / "a.wav"]

@@ -28,60 +28,74 @@ def _list_entries(list_file: Path) -> list[Path]:
     comment (``take#2.wav`` is a name).
 
     A relative entry is taken from the current folder where its file is found there, else from the list's folder;
-    a missing one as the list's other relative entries were (from the list's folder if one was found only there),
+    a missing one as the list's other relative files were (from the list's folder if one was found only there),
     so that the outputs' layout does not change once it arrives."""
     from mossformer2.audio import has_audio_suffix
     from mossformer2.data.manifests import strip_comment
 
-    from_list_folder = False  # whether a relative entry was found only in the list's folder
+    from_list_folder = False  # whether a relative file the list names was found only in the list's folder
     missing: list[int] = []  # indices of relative entries found nowhere (resolved once all lines are read)
 
-    def locate(text: str) -> Path:
-        path = Path(os.path.expanduser(text))
-        return path if path.is_absolute() or path.exists() else list_file.parent / path
-
-    def entry(text: str) -> Path:
+    def locate(text: str) -> Path | None:
+        """Where a field's file is (noting when only the list's folder has it), or None where it is not."""
         nonlocal from_list_folder
         path = Path(os.path.expanduser(text))
         if path.is_absolute() or path.exists():
-            return path
+            return path if path.exists() else None
         if (list_file.parent / path).exists():
             from_list_folder = True
             return list_file.parent / path
-        missing.append(len(entries))
-        return path
+        return None
+
+    def is_file(text: str) -> bool:
+        return (found := locate(text)) is not None and found.is_file()
+
+    def entry(text: str) -> Path:
+        found = locate(text)
+        if found is None:
+            missing.append(len(entries))
+            return Path(os.path.expanduser(text))
+        return found
 
     entries: list[Path] = []
     for number, line in enumerate(_list_text(list_file).splitlines()):
         if line.rstrip().endswith("|"):  # a Kaldi "id command |" entry: its audio comes out of a command
             raise ValueError(f"line {number + 1} is a command (ends in '|'), which is not run: write its audio to a "
                              "file and list that")
-        if line.strip() and locate(line.strip()).is_file():
+        if line.strip() and is_file(line.strip()):
             entries.append(entry(line.strip()))
             continue
         fields = strip_comment(line).split()
         if not fields:
             continue
-        # "utt_id path": the path is the entry, also when it is missing (the error then names the missing file)
+        # "utt_id path": the path is the entry, also when it is missing (the error then names the missing file);
+        # "mix s1 s2": the mixture, also when it is missing (its s1 was separated instead, without a word)
         kaldi = len(fields) == 2 and has_audio_suffix(fields[1]) and not has_audio_suffix(fields[0])
-        if len(fields) > 1 and not locate(fields[0]).is_file() and (kaldi or locate(fields[1]).is_file()):
+        for other in fields[1:]:  # (where the list's other files are says where its missing ones would be)
+            locate(other)
+        named_id = not is_file(fields[0]) and not has_audio_suffix(fields[0])
+        if len(fields) > 1 and named_id and (kaldi or is_file(fields[1])):
             entries.append(entry(fields[1]))
         else:
             entries.append(entry(fields[0]))
-    if from_list_folder:
+    if from_list_folder:  # a relative file found only in the list's folder: the list names files from there
         for index in missing:
-            entries[index] = list_file.parent / entries[index]
+            if not entries[index].is_absolute():
+                entries[index] = list_file.parent / entries[index]
     return entries
 
 
 def _list_text(list_file: Path) -> str:
     """A list file's text. Decoded as the OS decodes file names: on POSIX a name is bytes, and a Latin-1 name in a
     list still names its file (a strict UTF-8 read failed the whole run). A byte-order mark (Windows editors) is no
-    path; UTF-16 with one (Notepad's "Unicode", PowerShell 5's ``>``) is read as such."""
+    path; UTF-16 with one (Notepad's "Unicode", PowerShell 5's ``>``) is read as such, and UTF-32."""
     data = list_file.read_bytes()
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return data.decode("utf-16")
-    text = os.fsdecode(data.removeprefix(codecs.BOM_UTF8))
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # (UTF-32-LE's mark begins as UTF-16-LE's)
+        text = data.decode("utf-32")
+    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = data.decode("utf-16")
+    else:
+        text = os.fsdecode(data.removeprefix(codecs.BOM_UTF8))
     if "\x00" in text:
         raise ValueError("it holds NUL bytes: not a text list (binary, or UTF-16 without a byte-order mark: save it "
                          "as UTF-8)")
