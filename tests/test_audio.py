@@ -104,6 +104,16 @@ def test_read_binary_file_objects_as_their_files(tmp_path):
         read_audio(f)
     with pytest.raises(ValueError, match="cannot read BytesIO as audio"):
         read_audio(io.BytesIO(b"this is not audio at all " * 20))
+    with pytest.raises(TypeError, match=r"for audio bytes pass io.BytesIO\(data\)"):
+        read_audio((tmp_path / "x.flac").read_bytes())  # (pathlib's "argument should be a str ..." before)
+
+    class Stream:  # a reader whose read() gives a bytearray: bytes all the same
+        name = "stream"
+
+        def read(self):
+            return bytearray((tmp_path / "x.flac").read_bytes())
+
+    np.testing.assert_array_equal(read_audio(Stream())[0], read_audio(tmp_path / "x.flac")[0])
 
 
 def test_read_errors_are_clear(tmp_path):
@@ -340,6 +350,8 @@ def test_a_truncated_wav_is_read_with_a_warning_that_gives_both_durations(tmp_pa
                                          r"holds 0\.7\d s"):
         got, rate = read_audio(cut)
     assert rate == 16000 and 0 < got.shape[1] < 16000 and got.shape[0] == 2
+    with open(cut, "rb") as f, pytest.warns(UserWarning, match=r"cut\.wav is truncated: its header declares 1\.00 s"):
+        read_audio(f)  # (a file object: the same word)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_audio(whole)  # a complete file: no warning

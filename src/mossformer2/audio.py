@@ -104,25 +104,30 @@ def read_audio(path: str | Path | BinaryIO) -> tuple[np.ndarray, int]:
     read from its current position.
     Raises FileNotFoundError for a missing path and ValueError for empty, non-audio or undecodable files.
     """
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        raise TypeError("read_audio takes a path or a binary file object: for audio bytes pass io.BytesIO(data)")
     if hasattr(path, "read"):
         name = getattr(path, "name", None) or type(path).__name__
         data = path.read()
-        if not isinstance(data, bytes):
+        if isinstance(data, str):
             raise ValueError(f"{name} is open in text mode: open audio in binary mode ('rb')")
+        data = bytes(data)
         if not data:
             raise ValueError(f"no bytes to read from {name} (empty, or already read to its end)")
-        return _decode(lambda: io.BytesIO(data), lambda: io.BytesIO(data), name)  # (each decoder its own copy)
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such audio file: {path}")
-    if not path.is_file():
-        raise ValueError(f"not a file: {path}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"empty file (0 bytes): {path}")
-    wave, sample_rate = _decode(lambda: soundfile_name(path), lambda: str(path), path)
-    declared = wav_declared_frames(path)
+        wave, sample_rate = _decode(lambda: io.BytesIO(data), lambda: io.BytesIO(data), name)  # (a copy each)
+        declared = _declared_frames(io.BytesIO(data))
+    else:
+        path = name = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no such audio file: {path}")
+        if not path.is_file():
+            raise ValueError(f"not a file: {path}")
+        if path.stat().st_size == 0:
+            raise ValueError(f"empty file (0 bytes): {path}")
+        wave, sample_rate = _decode(lambda: soundfile_name(path), lambda: str(path), path)
+        declared = wav_declared_frames(path)
     if declared is not None and declared > wave.shape[-1]:
-        warnings.warn(f"{path} is truncated: its header declares {declared / sample_rate:.2f} s of audio, the file "
+        warnings.warn(f"{name} is truncated: its header declares {declared / sample_rate:.2f} s of audio, the file "
                       f"holds {wave.shape[-1] / sample_rate:.2f} s; using what is there", stacklevel=2)
     return wave, sample_rate
 
@@ -159,28 +164,33 @@ def wav_declared_frames(path: str | Path) -> int | None:
     libsndfile reports only the frames present, so this is how a cut-off download or copy shows."""
     try:
         with open(path, "rb") as f:
-            if f.read(4) != b"RIFF" or len(f.read(4)) != 4 or f.read(4) != b"WAVE":
-                return None
-            block_align = None
-            while True:
-                chunk = f.read(8)
-                if len(chunk) < 8:
-                    return None
-                chunk_id, size = chunk[:4], int.from_bytes(chunk[4:], "little")
-                skip = size + (size & 1)  # chunks are padded to an even size
-                if chunk_id == b"fmt ":
-                    fmt = f.read(size)
-                    if len(fmt) < 14:
-                        return None
-                    block_align = int.from_bytes(fmt[12:14], "little")
-                    skip -= len(fmt)
-                elif chunk_id == b"data":
-                    if not block_align or size == 0 or size >= STREAMED_WAV_SIZE:
-                        return None
-                    return size // block_align
-                f.seek(skip, 1)
+            return _declared_frames(f)
     except OSError:
         return None
+
+
+def _declared_frames(f: BinaryIO) -> int | None:
+    """:func:`wav_declared_frames` of a binary stream at its start."""
+    if f.read(4) != b"RIFF" or len(f.read(4)) != 4 or f.read(4) != b"WAVE":
+        return None
+    block_align = None
+    while True:
+        chunk = f.read(8)
+        if len(chunk) < 8:
+            return None
+        chunk_id, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+        skip = size + (size & 1)  # chunks are padded to an even size
+        if chunk_id == b"fmt ":
+            fmt = f.read(size)
+            if len(fmt) < 14:
+                return None
+            block_align = int.from_bytes(fmt[12:14], "little")
+            skip -= len(fmt)
+        elif chunk_id == b"data":
+            if not block_align or size == 0 or size >= STREAMED_WAV_SIZE:
+                return None
+            return size // block_align
+        f.seek(skip, 1)
 
 
 def audio_header(path: str | Path) -> Any | None:
