@@ -480,3 +480,12 @@ def test_a_weak_anti_correlation_in_an_overlap_does_not_flip_what_follows():
     assert -0.4 < np.corrcoef(second[0, :overlap], a[start:start + overlap])[0, 1] < -0.05
     stitcher.add(start, second)
     np.testing.assert_array_equal(stitcher.output[0, chunk:], a[chunk:])
+
+
+def test_stitching_silence_gives_silence():
+    """The silence level scales with the input's: an all-zero input made it 0 and its log a math domain error."""
+    from mossformer2.separation.stitching import stitch_aligned
+
+    out = stitch_aligned(np.zeros(8000, np.float32), lambda batch: np.zeros((len(batch), 2, batch.shape[-1]),
+                                                                            np.float32), 2, 3000, 1000)
+    assert out.shape == (2, 8000) and not out.any()

@@ -311,8 +311,8 @@ def silence_peak_for(wave: np.ndarray) -> float:
     """The stitcher's silence level for an input ``[T]``: ``SILENCE_PEAK`` (-80 dBFS) at the level the model is fed
     (-25 dBFS RMS), lowered with a quieter input (``normalize="none"``): at 1e-5 peak every output fell under the
     absolute level, so no chunk's polarity flip was undone and no guessed order was reported."""
-    rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
-    return SILENCE_PEAK * min(1.0, rms / TARGET_RMS)
+    rms = math.sqrt(float(np.dot(wave, wave)) / max(wave.size, 1))  # (no float64 copy of an hour-long input)
+    return max(SILENCE_PEAK * min(1.0, rms / TARGET_RMS), 1e-30)  # silence: a level above 0 (its log is taken)
 
 
 def stitch_aligned(wave: np.ndarray, model_fn: ModelFn, num_spks: int, chunk: int, overlap: int,
