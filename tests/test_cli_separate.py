@@ -885,6 +885,12 @@ def test_model_config_gives_a_bare_state_dict_its_architecture(tiny_onnx, tmp_pa
     assert main(["separate", str(src), "-o", str(tmp_path / "onnx"), "--checkpoint", str(tiny_onnx),
                  "--model-config", str(tmp_path / "tiny.yaml")]) == 1
     assert "is an export, which runs the architecture it was exported with" in capsys.readouterr().err
+    assert main(["info", "--checkpoint", str(tiny_onnx), "--model-config", str(tmp_path / "tiny.yaml")]) == 1
+    assert "is an export, which runs the architecture it was exported with" in capsys.readouterr().err
+    assert main(["separate", str(src), "-o", str(tmp_path / "t"), "--checkpoint", str(tiny_onnx), "--backend",
+                 "torch"]) == 1
+    assert "backend 'torch' (--backend torch) needs a torch model; this one is an ONNX export" in (
+        capsys.readouterr().err)
     for command in (["separate", str(src), "-o", str(tmp_path / "named"), "--model", "default"],
                     ["separate", str(src), "-o", str(tmp_path / "builtin")], ["info"]):  # they store their own
         assert main([*command, "--model-config", str(tmp_path / "tiny.yaml")]) == 1

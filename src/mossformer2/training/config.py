@@ -298,9 +298,8 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
                                  valid_utterances=absolute(dm.valid_utterances), noise=absolute(dm.noise))
     data = dataclasses.replace(d, train=absolute(d.train), valid=absolute(d.valid), dynamic_mixing=dm)
     init_from = cfg.trainer.init_from  # a model name or hub id (init_from=default) names no local path
-    trainer = dataclasses.replace(cfg.trainer, init_from=init_from if init_from and (is_model_name(init_from) or
-                                                                                    is_hub_id(init_from))
-                                  else absolute(init_from))
+    named = is_model_name(init_from) or is_hub_id(init_from)
+    trainer = dataclasses.replace(cfg.trainer, init_from=init_from if named else absolute(init_from))
     return dataclasses.replace(cfg, data=data, trainer=trainer)
 
 
