@@ -116,6 +116,26 @@ def test_read_binary_file_objects_as_their_files(tmp_path):
     np.testing.assert_array_equal(read_audio(Stream())[0], read_audio(tmp_path / "x.flac")[0])
 
 
+def test_headers_that_fool_the_decoders_are_errors_or_read(tmp_path, monkeypatch):
+    """A WAV format tag FFmpeg has no codec for raised AttributeError inside PyAV (a traceback that stopped
+    `separate`); a damaged MP3 header claiming 20,000 hours made libsndfile allocate 7.6 TiB (MemoryError), where
+    PyAV reads what is there."""
+    sf.write(str(tmp_path / "a.wav"), np.full(16000, 0.1, np.float32), 16000)
+    data = bytearray((tmp_path / "a.wav").read_bytes())
+    data[20:22] = (3).to_bytes(2, "little")  # IEEE float, with 16-bit samples
+    (tmp_path / "tag.wav").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="cannot read .*tag.wav as audio"):
+        read_audio(tmp_path / "tag.wav")
+    write_m4a(tmp_path / "x.m4a", np.stack([_sine(440, 16000, 1.0, 0.4)]), 16000)
+    expected = read_audio(tmp_path / "x.m4a")[0]
+
+    def huge(*args, **kwargs):
+        raise MemoryError("Unable to allocate 7.59 TiB")
+
+    monkeypatch.setattr(sf, "read", huge)
+    np.testing.assert_array_equal(read_audio(tmp_path / "x.m4a")[0], expected)
+
+
 def test_read_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such audio file"):
         read_audio(tmp_path / "missing.wav")

@@ -137,7 +137,8 @@ def _decode(for_soundfile: Callable[[], Any], for_pyav: Callable[[], Any], name:
     try:
         data, sample_rate = sf.read(for_soundfile(), dtype="float32", always_2d=True)  # [T, C]
         wave = np.ascontiguousarray(data.T)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as sf_err:
+    # (MemoryError: a damaged header claiming thousands of hours, which libsndfile allocates up front)
+    except (sf.LibsndfileError, RuntimeError, TypeError, MemoryError, OverflowError) as sf_err:
         try:
             wave, sample_rate = _read_with_pyav(for_pyav())
         except ValueError as av_err:
@@ -225,14 +226,15 @@ def _read_with_pyav(path: str | BinaryIO) -> tuple[np.ndarray, int]:
         if not container.streams.audio:
             raise ValueError("the file has no audio stream")
         stream = container.streams.audio[0]
-        # Planar float output keeps channels separate: each frame gives [C, n].
-        resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=stream.rate)
         pieces: list[np.ndarray] = []
         try:
+            # Planar float output keeps channels separate: each frame gives [C, n]. (A stream FFmpeg has no codec
+            # for, e.g. a WAV format tag it does not know, has no layout: AttributeError.)
+            resampler = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=stream.rate)
             for frame in container.decode(stream):
                 pieces.extend(f.to_ndarray() for f in resampler.resample(frame))
             pieces.extend(f.to_ndarray() for f in resampler.resample(None))
-        except av.error.FFmpegError as err:
+        except (av.error.FFmpegError, AttributeError, TypeError) as err:
             raise ValueError(f"audio stream could not be decoded ({err})") from None
         sample_rate = stream.rate
     if not pieces:
