@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -220,3 +222,19 @@ def test_missing_metric_package_is_named(monkeypatch):
                         lambda name, *a: None if name == "fast_bss_eval" else real_find_spec(name, *a))
     with pytest.raises(ValueError, match=r"needs the fast_bss_eval package: pip install fast_bss_eval, or leave"):
         metrics.check_metric_dependencies(["sdr"])  # a core dependency: the [quality] extra does not hold it
+
+
+def test_sdr_finishes_after_torch_takes_two_threads_and_names_a_numerically_silent_reference():
+    """`evaluate --threads 2` hung for good in MKL (DLASWP) in the batched solve of two speakers' systems."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, torch; torch.set_num_threads(2); from mossformer2 import metrics; "
+            "r = np.random.default_rng(0).standard_normal((2, 32000)); "
+            "print(metrics.sdr(r + 0.3 * np.random.default_rng(1).standard_normal((2, 32000)), r))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and "DLASWP" not in done.stderr, done.stderr
+    with pytest.raises(ValueError, match="SDR is undefined for a numerically silent reference"):
+        rng = np.random.default_rng(2)
+        metrics.sdr(rng.standard_normal(4000), 1e-310 * rng.standard_normal(4000))

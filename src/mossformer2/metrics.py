@@ -85,9 +85,17 @@ def sdr(est: np.ndarray, ref: np.ndarray, filter_length: int = BSS_EVAL_FILTER_L
                          f"({filter_length} taps)")
     if not (np.ptp(ref, axis=-1) > 0).all():  # its delays span nothing: torch's solver failed as "singular"
         raise ValueError("SDR is undefined for a silent reference (every sample equal)")
-    est_t, ref_t = torch.from_numpy(est)[..., None, :], torch.from_numpy(ref)[..., None, :]
-    value = -sdr_loss(est_t, ref_t, filter_length=filter_length, clamp_db=SDR_CLAMP_DB)[..., 0].numpy()
-    return float(value) if value.ndim == 0 else value
+
+    def one(e: np.ndarray, r: np.ndarray) -> float:
+        # One pair a solve: a batched solve of 512x512 systems hung in MKL (DLASWP error) after
+        # torch.set_num_threads(n >= 2), as `evaluate --threads 2` sets it.
+        try:
+            return float(-sdr_loss(torch.from_numpy(e)[None, None], torch.from_numpy(r)[None, None],
+                                   filter_length=filter_length, clamp_db=SDR_CLAMP_DB)[0, 0])
+        except torch.linalg.LinAlgError:  # e.g. a denormal reference: numerically silent
+            raise ValueError("SDR is undefined for a numerically silent reference") from None
+
+    return _per_row(one, est, ref)
 
 
 def _per_row(fn, est: np.ndarray, ref: np.ndarray) -> np.ndarray | float:
