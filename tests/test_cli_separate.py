@@ -315,8 +315,11 @@ def test_threads_sets_the_cpu_threads_of_torch_and_onnx_runtime(ckpt, tmp_path, 
         assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
     finally:
         torch.set_num_threads(1)
-    # more threads than cores ran 75x slower, without a word
+    # more threads than cores ran 75x slower, without a word; 10^5 failed every file, 10^6 crashed
     assert "warning: --threads 2 is more than the 1 CPU core(s) this process may use" in capsys.readouterr().err
+    assert main(["separate", str(src), "-o", str(tmp_path / "many"), "--checkpoint", str(ckpt),
+                 "--threads", "1000000"]) == 1
+    assert "--threads 1000000: this process may use 1 CPU core(s); at most 16 threads" in capsys.readouterr().err
     assert main(["separate", str(src), "-o", str(tmp_path / "z"), "--checkpoint", str(ckpt), "--threads", "0"]) == 1
     assert "--threads must be >= 1, got 0" in capsys.readouterr().err
 

@@ -324,7 +324,10 @@ def test_bad_options_are_rejected(tiny_model):
                             # were joined unmatched without a warning
                             ({"chunk_seconds": 1.00001, "overlap_seconds": 1}, "16000 and 16000 samples at"),
                             ({"chunk_seconds": 3, "overlap_seconds": 1e-7}, "under one sample"),
-                            ({"overlap_seconds": None}, "overlap_seconds must be a number"),  # were TypeErrors
+                            ({"overlap_seconds": None}, "overlap_seconds .* must be a finite"),  # were TypeErrors
+                            # unused without chunks, but inf was an OverflowError traceback there
+                            ({"chunk_seconds": None, "overlap_seconds": float("inf")}, "must be a finite number"),
+                            ({"chunk_seconds": None, "overlap_seconds": float("nan")}, "must be a finite number"),
                             ({"chunk_seconds": "10"}, "chunk_seconds must be a number"),  # 2.5 batches: taken as 2
                             ({"batch_size": 2.5}, r"batch_size \(--batch-size\) must be a whole number")]:
         with pytest.raises(ValueError, match=message):

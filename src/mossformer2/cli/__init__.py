@@ -174,6 +174,9 @@ def load_chosen_model(ref: str | None, device: str, announce: bool = True, threa
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if threads > 16 * cores:  # 10^5 threads failed every file; 10^6 crashed (thread stacks exhaust memory)
+            raise ValueError(f"--threads {threads}: this process may use {cores} CPU core(s); at most "
+                             f"{16 * cores} threads are taken (and more than {cores} only slow it down)")
         if threads > cores:  # spinning OpenMP threads on shared cores: 75x slower, measured
             warnings.warn(f"--threads {threads} is more than the {cores} CPU core(s) this process may use: "
                           "oversubscribed threads run many times slower", stacklevel=2)

@@ -538,8 +538,9 @@ def _check_chunking_options(chunk_seconds: Any, overlap_seconds: Any, stitching:
         raise ValueError(f"chunk_seconds must be a number of seconds or None, got {chunk_seconds!r}")
     if overlap_seconds is None and not chunked:
         overlap_seconds = OVERLAP_SECONDS
-    if not is_real_number(overlap_seconds):
-        raise ValueError(f"overlap_seconds must be a number of seconds, got {overlap_seconds!r}")
+    if not is_real_number(overlap_seconds) or not 0 <= overlap_seconds < math.inf:  # (also unused without chunks)
+        raise ValueError(f"overlap_seconds (--overlap-seconds) must be a finite number of seconds >= 0, got "
+                         f"{overlap_seconds!r}")
     if chunked and not (0 < chunk_seconds < math.inf and 0 <= overlap_seconds < math.inf):
         raise ValueError(f"need finite chunk_seconds > 0 and overlap_seconds >= 0 (--chunk-seconds, "
                          f"--overlap-seconds), got {chunk_seconds} and {overlap_seconds}")
