@@ -192,6 +192,8 @@ def test_resampled_length_is_the_length_resample_returns():
             for n in (1, 2, 3, 5, 31, 32001, 96003, 12345):
                 assert resampled_length(n, orig, target) == resample(np.zeros(n, np.float32), orig, target).shape[-1]
     assert resampled_length(32001, 32000, 16000) == 16001 != round(32001 / 2)
+    for n, orig, target in ((1000, 24000, 44100), (120, 24000, 44100), (240, 48000, 44100)):  # 1837.5 -> 1837
+        assert resampled_length(n, orig, target) == resample(np.zeros(n, np.float32), orig, target).shape[-1]
     from mossformer2.separation import Separator
 
     class Halves:  # any [B, T] -> [B, 2, T] model

@@ -269,9 +269,11 @@ def pcm_to_float(wave: np.ndarray) -> np.ndarray:
 
 
 def resampled_length(num_samples: int, orig_sr: int, target_sr: int) -> int:
-    """The length ``resample`` returns: soxr rounds ``num_samples * target_sr / orig_sr`` half up (Python's
-    ``round`` rounds half to even: one sample short at 32 kHz -> 16 kHz for odd lengths)."""
-    return (2 * num_samples * target_sr + orig_sr) // (2 * orig_sr)
+    """The length ``resample`` returns, computed as soxr computes it: ``num_samples / (orig_sr / target_sr)`` in
+    double precision, rounded half up. (Python's ``round`` rounds half to even: one sample short at 32 kHz ->
+    16 kHz for odd lengths; exact arithmetic was one sample long where the double quotient falls just under a
+    half, e.g. 1000 samples at 24 kHz -> 1837 at 44.1 kHz.)"""
+    return int(num_samples / (orig_sr / target_sr) + 0.5)
 
 
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
