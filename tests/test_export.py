@@ -530,6 +530,8 @@ def test_cli_export_refuses_bad_requests_before_exporting(tiny_model, checkpoint
         (["--format", "torchscript", "-o", str(tmp_path / "model.onnx")], "must end in .ts.pt"),
         (["--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--opset", "17"], "opset 17"),
         (["--format", "torchscript", "-o", str(tmp_path / "m.ts.pt"), "--length-seconds", "inf"], "positive number"),
+        # an example of 10^6 s: an out-of-memory traceback
+        (["--format", "torchscript", "-o", str(tmp_path / "m.ts.pt"), "--length-seconds", "1e6"], "up to 600"),
         # above what the installed onnx knows: it was a traceback from deep inside the exporter
         (["--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--opset", "99"],
          f"ONNX opset 99 is not available: the exporter with this onnx ({onnx.__version__}) writes 18 to "

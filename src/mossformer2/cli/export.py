@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from mossformer2.cli import add_model_arguments, chosen_model_config, model_ref, user_path
@@ -33,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "(max abs; default 1e-3)")
     return parser
 
+
+MAX_EXAMPLE_SECONDS = 600
 
 # Options that apply to one format only: given with the other, they would be ignored without a word.
 FORMAT_OPTIONS = {"onnx": {"dynamic_length": "--[no-]dynamic-length", "opset": "--opset"},
@@ -64,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
     from mossformer2.utils import TORCHSCRIPT_SUFFIX, atomic_path, is_onnx_path, make_folder
 
     check_format_options(args)
-    if not 0 < args.length_seconds < math.inf:
-        raise ValueError(f"--length-seconds must be a positive number, got {args.length_seconds}")
+    if not 0 < args.length_seconds <= MAX_EXAMPLE_SECONDS:  # (1e6 s was an out-of-memory traceback)
+        raise ValueError(f"--length-seconds must be a positive number of seconds up to {MAX_EXAMPLE_SECONDS} (the "
+                         f"example only fixes the shape; a dynamic export takes any length), got {args.length_seconds}")
     if not args.tolerance >= 0:  # no export passes a negative one: refused before the export, not after
         raise ValueError(f"--tolerance must be >= 0, got {args.tolerance:g}")
     checkpoint = model_ref(args)
