@@ -254,8 +254,17 @@ def test_write_rejects_bad_requests_and_leaves_existing_file(tmp_path):
         write_audio(tmp_path / "x.wav", np.zeros(10, np.float32), 16000, subtype="ULAW")
     with pytest.raises(ValueError, match="non-empty"):
         write_audio(tmp_path / "x.wav", np.zeros(0, np.float32), 16000)
+    for rate, message in ((16000.5, "whole number of Hz"), (float("nan"), "whole number"), (2**31, "768000 Hz")):
+        with pytest.raises(ValueError, match=message):  # 16000.5 was written as 16000; 2**31 an OverflowError
+            write_audio(tmp_path / "x.wav", np.zeros(10, np.float32), rate)
+    with pytest.raises(ValueError, match="not audio samples"):
+        write_audio(tmp_path / "x.wav", np.ones(10, bool), 16000)  # was written as 0/1 audio
     assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.wav"]
+    # integer PCM is scaled as read_audio reads it (it was a full-scale square wave with a clipping warning)
+    pcm = (np.sin(np.arange(1000) / 10) * 16000).astype(np.int16)
+    write_audio(tmp_path / "pcm.wav", pcm, 16000)
+    np.testing.assert_array_equal(read_audio(tmp_path / "pcm.wav")[0][0], pcm / 32768.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.wav", "pcm.wav"]
 
 
 def test_peak_amplitude_is_max_abs_without_a_full_copy():

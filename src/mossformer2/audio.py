@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import numbers
 import os
 import shutil
 import sys
@@ -377,10 +378,16 @@ def write_audio(path: str | Path, wave: np.ndarray, sample_rate: int, subtype: s
     subtype = subtype.upper()
     if subtype not in WRITE_SUBTYPES:
         raise ValueError(f"subtype must be one of {WRITE_SUBTYPES}, got {subtype!r}")
-    wave = np.asarray(wave, dtype=np.float32)
+    # integer PCM scaled as read_audio reads it (int16 was written unscaled: a full-scale square wave); bool and
+    # complex arrays refused
+    wave = pcm_to_float(wave)
     if wave.ndim not in (1, 2) or wave.shape[-1] == 0:
         raise ValueError(f"expected non-empty audio [T] or [C, T], got shape {wave.shape}")
-    check_writable(fmt, 1 if wave.ndim == 1 else wave.shape[0], int(sample_rate), subtype)
+    if isinstance(sample_rate, bool) or not (isinstance(sample_rate, numbers.Real)
+                                             and float(sample_rate).is_integer()):
+        raise ValueError(f"the sample rate must be a whole number of Hz, got {sample_rate!r}")
+    sample_rate = check_sample_rate_option(int(sample_rate), "the sample rate")
+    check_writable(fmt, 1 if wave.ndim == 1 else wave.shape[0], sample_rate, subtype)
     if not np.isfinite(wave).all():
         raise ValueError(f"refusing to write {path}: the audio contains NaN or infinite values")
     wave = clip_guard(wave, subtype, path.name)
