@@ -126,6 +126,17 @@ def test_clamp_caps_each_pair():
     assert float(est.grad.abs().max()) == 0.0  # clamped pairs give no gradient
 
 
+def test_lengths_are_one_length_in_range_per_item():
+    """Negative or too long lengths were taken; a [B, 1] tensor or a list gave raw einsum / attribute errors."""
+    est, ref = torch.zeros(2, 2, 10), torch.randn(2, 2, 10)
+    for lengths, message in ((torch.tensor([10, -5]), r"must lie in 0..10 samples, got \[10, -5\]"),
+                             (torch.tensor([10, 11]), "must lie in 0..10"),
+                             (torch.tensor([[10], [9]]), r"integer tensor \[2\] .*got \(2, 1\)"),
+                             ([10, 9], "integer tensor .*got list"), (torch.tensor([10.0, 9.0]), "integer tensor")):
+        with pytest.raises(ValueError, match=message):
+            pit_si_sdr_loss(est, ref, lengths=lengths)
+
+
 def test_shape_errors():
     with pytest.raises(ValueError, match="shape"):
         pit_si_sdr_loss(torch.zeros(2, 2, 10), torch.zeros(2, 3, 10))

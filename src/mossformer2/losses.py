@@ -15,9 +15,17 @@ from scipy.optimize import linear_sum_assignment
 EPS = 1e-8
 
 
-def _length_mask(lengths: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
+def _length_mask(lengths: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor | None:
+    """``[B, T]`` valid samples of each item; ValueError for ``lengths`` that are not one length in 0..T per item
+    (negative or too long ones were taken; other shapes gave raw einsum or attribute errors)."""
     if lengths is None:
         return None
+    if (not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.is_floating_point()
+            or lengths.dtype == torch.bool):
+        shown = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+        raise ValueError(f"lengths must be an integer tensor [{B}] (one length per item), got {shown}")
+    if lengths.device.type == "cpu" and not bool(((lengths >= 0) & (lengths <= T)).all()):  # (no GPU sync)
+        raise ValueError(f"lengths must lie in 0..{T} samples, got {lengths.tolist()}")
     return (torch.arange(T, device=device)[None, :] < lengths.to(device)[:, None])  # [B, T]
 
 
@@ -40,7 +48,7 @@ def pairwise_si_sdr(est: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor 
     _check_tensors(est, ref)
     if est.shape[0] != ref.shape[0] or est.shape[-1] != ref.shape[-1]:
         raise ValueError(f"estimate {tuple(est.shape)} and reference {tuple(ref.shape)} shapes differ")
-    mask = _length_mask(lengths, est.shape[-1], est.device)
+    mask = _length_mask(lengths, est.shape[0], est.shape[-1], est.device)
     if mask is not None:
         m = mask[:, None, :].to(est.dtype)
         n = m.sum(-1, keepdim=True).clamp_min(1.0)
