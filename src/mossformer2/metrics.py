@@ -87,15 +87,20 @@ def sdr(est: np.ndarray, ref: np.ndarray, filter_length: int = BSS_EVAL_FILTER_L
         raise ValueError("SDR is undefined for a silent reference (every sample equal)")
 
     def one(e: np.ndarray, r: np.ndarray) -> float:
-        # One pair a solve: a batched solve of 512x512 systems hung in MKL (DLASWP error) after
-        # torch.set_num_threads(n >= 2), as `evaluate --threads 2` sets it.
         try:
             return float(-sdr_loss(torch.from_numpy(e)[None, None], torch.from_numpy(r)[None, None],
                                    filter_length=filter_length, clamp_db=SDR_CLAMP_DB)[0, 0])
         except torch.linalg.LinAlgError:  # e.g. a denormal reference: numerically silent
             raise ValueError("SDR is undefined for a numerically silent reference") from None
 
-    return _per_row(one, est, ref)
+    # One pair a solve, on one thread: the solve of 512x512 systems hung in MKL (DLASWP error) after
+    # torch.set_num_threads(n >= 2), as `evaluate --threads 2` sets it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _per_row(one, est, ref)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _per_row(fn, est: np.ndarray, ref: np.ndarray) -> np.ndarray | float:
