@@ -323,6 +323,7 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
         log.info("using the %s%s, the weights validation scored (its raw weights: weights='model')", chosen, where)
     state = extract_state_dict(obj)
     misfit = ""  # why a given config may not fit: how it differs from the stored one, or from the tensor shapes
+    overridden: list[tuple[str, Any, Any]] = []  # stored settings the given config changes (a warning once loaded)
     if config is not None:
         cfg = read_model_config(config) if isinstance(config, (str, os.PathLike)) else resolve_config(config)
         saved = None if _is_state_dict(obj) else obj.get("config")
@@ -330,6 +331,7 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
         if isinstance(saved, dict):
             changes = setting_changes(saved, cfg.to_dict(), shared_only=True)
             misfit = f"which was saved with its own ({_described(changes)}): leave it out to use the stored one"
+            overridden = [change for change in changes if change[0] != "dropout"]  # (fine-tuning changes it)
         else:
             with contextlib.suppress(ValueError):  # (shapes that form no config: the key list says it)
                 shapes = {k: v for k, v in infer_config(state).to_dict().items() if k not in _NOT_IN_SHAPES}
@@ -357,11 +359,9 @@ def load_model(checkpoint: str | Path | dict[str, Any], config: MossFormer2Confi
             raise ValueError(f"the given model config (config=, --model-config) does not fit {source}, {misfit}; "
                              f"{err}") from None
         raise
-    if config is not None and isinstance(saved, dict):  # fine-tuning may change dropout on purpose: no word
-        changes = [change for change in changes if change[0] != "dropout"]
-        if changes:
-            warnings.warn(f"{source}: the given model config overrides the one it was saved with: "
-                          f"{_described(changes)}", stacklevel=2)
+    if overridden:
+        warnings.warn(f"{source}: the given model config overrides the one it was saved with: "
+                      f"{_described(overridden)}", stacklevel=2)
     model.separation_settings = recommended_refinements(None if _is_state_dict(obj) else obj.get("separation"),
                                                         source)
     return model.to(resolve_device(device)).eval()
