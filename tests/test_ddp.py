@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -154,7 +155,8 @@ def corpus(tmp_path_factory):
 
 def test_two_process_gloo_matches_single_process(corpus, tmp_path):
     ddp_dir = tmp_path / "ddp"
-    results = _train_two_ranks(corpus, ddp_dir, "data.batch_size=2", "trainer.ema_decay=0.5")
+    results = _train_two_ranks(corpus, ddp_dir, "data.batch_size=2", "trainer.ema_decay=0.5",
+                               "trainer.log_every_steps=1")
     for key, value in results[0]["weights"].items():
         assert torch.equal(value, results[1]["weights"][key]), key  # ranks stay in lockstep
     assert results[0]["step"] == results[1]["step"] == 4  # 16 examples / (2 ranks x batch 2)
@@ -164,7 +166,7 @@ def test_two_process_gloo_matches_single_process(corpus, tmp_path):
 
     # One process with batch 4 sees the same 4 examples per step (rank r takes every 2nd index).
     single_cfg = make_config(corpus, "model.dropout=0.0", "data.batch_size=4", "optim.accum_steps=1",
-                             "trainer.max_epochs=1", "trainer.ema_decay=0.5")
+                             "trainer.max_epochs=1", "trainer.ema_decay=0.5", "trainer.log_every_steps=1")
     single = Trainer(single_cfg, tmp_path / "single")
     single.fit()
     for key, value in single.model.state_dict().items():
@@ -177,6 +179,12 @@ def test_two_process_gloo_matches_single_process(corpus, tmp_path):
     train_losses = [r["history"][0]["train_loss"] for r in results]
     assert train_losses[0] == train_losses[1]
     assert math.isclose(train_losses[0], single.state.history[0]["train_loss"], rel_tol=1e-4)
+    # So is each step's logged loss (it was rank 0's alone).
+    step_losses = [[float(x) for x in re.findall(r"step \d+: loss (-?[\d.]+)", (folder / "train.log").read_text())]
+                   for folder in (ddp_dir, tmp_path / "single")]
+    assert len(step_losses[0]) == len(step_losses[1]) == 4
+    for ddp_loss, single_loss in zip(*step_losses):
+        assert abs(ddp_loss - single_loss) <= 0.0015
 
 
 def test_a_rank_whose_batch_is_all_unreadable_files_keeps_step_with_the_others(corpus, tmp_path):

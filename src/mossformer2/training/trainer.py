@@ -379,13 +379,16 @@ class Trainer:
                 sums["grad_norm"] += grad_norm
                 sums["steps"] += 1
             step = self.state.step
-            if step % t.log_every_steps == 0 and window["n"]:
-                self._log_step(window["loss"] / window["n"], grad_norm, bar)
+            if step % t.log_every_steps == 0:
+                # Every rank's losses since the last line (a rank with only empty batches adds none).
+                loss_sum, count = self._sum_over_ranks(window["loss"], window["n"])
+                if count:
+                    self._log_step(loss_sum / count, grad_norm, bar)
                 window = {"loss": 0.0, "n": 0}
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                 self._save_last()
         bar.close()
-        # The epoch's loss over all ranks (the per-step log lines show rank 0's); NaN when every step was skipped.
+        # The epoch's loss over all ranks; NaN when every step was skipped.
         loss_sum, count = self._sum_over_ranks(self.state.epoch_loss_sum, self.state.epoch_loss_count)
         return {"loss": loss_sum / count if count else math.nan,
                 "grad_norm": sums["grad_norm"] / max(sums["steps"], 1)}
