@@ -1,7 +1,7 @@
 """MossFormer2 speed and memory benchmark: inference backends, batch throughput, chunked Separator, training step.
 
 Prints a table and writes JSON. Every optimised variant is compared with the baseline in the same run: eager
-PyTorch fp32, which is numerically the official network (fixture equivalence, tests/test_model.py). Variants:
+PyTorch fp32, which is numerically the official network (fixture equivalence, tests/models/test_model.py). Variants:
 eager bf16 autocast, torch.compile (fp32; on CUDA also bf16 and ``mode="reduce-overhead"``, i.e. CUDA graphs for
 the fixed shape), ONNX Runtime (CPU, or the CUDA provider when onnxruntime has it) and, on the CPU, opt-in dynamic
 int8 quantisation of the Linear layers. Each output is scored against the eager fp32 output (max abs error,

@@ -39,8 +39,8 @@ note nvidia-smi $?
 note torch-cuda $?
 
 if [ "$PYTEST_LIMIT" -gt 0 ]; then
-    timeout "$PYTEST_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests/test_model.py \
-        tests/test_trainer.py 2>&1 | tee "$OUT/pytest_cuda.log"
+    timeout "$PYTEST_LIMIT" "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests/models/test_model.py \
+        tests/training/test_trainer.py 2>&1 | tee "$OUT/pytest_cuda.log"
     note pytest_cuda $?
 fi
 

@@ -51,7 +51,7 @@ def reference_dir() -> Path | None:
 
 @pytest.fixture(scope="session")
 def reference() -> Path:
-    """The full reference folder: only the checks of the copies in tests/data and the intermediate activations
+    """The full reference folder: only the checks of the copies in tests/fixtures and the intermediate activations
     need it (the outputs and the key list travel with the tests)."""
     path = reference_dir()
     if path is None:

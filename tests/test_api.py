@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import mossformer2
-
-from .conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 
 def _fresh_python(code: str) -> dict:

@@ -15,8 +15,7 @@ import mossformer2
 from mossformer2 import build_model, load_model, save_checkpoint
 from mossformer2.checkpoint import checkpoint_summary, infer_config, read_checkpoint
 from mossformer2.cli import main
-
-from .conftest import make_tiny_config
+from tests.conftest import make_tiny_config
 
 
 @pytest.fixture

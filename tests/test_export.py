@@ -21,8 +21,7 @@ from mossformer2.export import (
     load_torchscript,
 )
 from mossformer2.separation import Separator
-
-from .conftest import make_tiny_config, seeded_tiny_model, torch_blocked_env
+from tests.conftest import make_tiny_config, seeded_tiny_model, torch_blocked_env
 
 # Tiny config: hop 8 samples, attention groups of 64 frames = 512 samples.
 GROUP_SAMPLES = 64 * 8

@@ -95,7 +95,7 @@ def test_demo_command(tmp_path, capsys, monkeypatch):
     # --sir sets the level of speaker 1 over speaker 2 (measured on the written references, P.56 active level).
     import soundfile as sf
 
-    from tests.test_mix import measured_sir_db
+    from tests.evaluation.test_mix import measured_sir_db
 
     assert main(["demo", "-o", str(tmp_path / "demo6"), "--device", "cpu", "--sir", "6"]) == 0
     refs = [sf.read(tmp_path / "demo6" / f"reference{k}.wav", dtype="float32")[0] for k in (1, 2)]

@@ -18,7 +18,7 @@ from mossformer2.cli import main
 from mossformer2.data.manifests import load_manifest
 from mossformer2.evaluation import evaluate
 from mossformer2.separation import Separator
-from tests.test_mix import make_speaker_folder
+from tests.evaluation.test_mix import make_speaker_folder
 
 NUM_MIXTURES = 4
 
@@ -427,7 +427,7 @@ def test_a_resume_from_another_folder_goes_on_and_a_refusal_names_what_changed(d
 
 def test_each_mixtures_guessed_chunk_boundaries_are_reported_by_name(dataset, tmp_path):
     """With chunks, Python's once-per-place rule reported guessed boundaries for the first mixture only."""
-    from tests.test_separation import SameVoiceTwice
+    from tests.separation.test_separation import SameVoiceTwice
 
     entries = load_manifest(dataset)[:2]
     sep = Separator(SameVoiceTwice(), chunk_seconds=0.4, overlap_seconds=0.2, normalize="none")

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from mossformer2.distributed import cleanup_distributed, init_distributed
 from mossformer2.training import Trainer
-from tests.test_trainer import make_config
+from tests.training.test_trainer import make_config
 
 
 def _free_port() -> int:
@@ -148,7 +148,7 @@ def _train_two_ranks(corpus, exp_dir, *overrides: str, timeout: float = 180.0, w
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from tests.test_trainer import corpus as make_corpus
+    from tests.training.test_trainer import corpus as make_corpus
 
     return make_corpus.__wrapped__(tmp_path_factory)
 
@@ -189,7 +189,7 @@ def test_two_process_gloo_matches_single_process(corpus, tmp_path):
 
 def test_a_rank_whose_batch_is_all_unreadable_files_keeps_step_with_the_others(corpus, tmp_path):
     """data.skip_bad_files: the rank whose batch is empty once hung the job in a collective of its own."""
-    from tests.test_datasets import _make_wsj_folder
+    from tests.data.test_datasets import _make_wsj_folder
 
     folder = _make_wsj_folder(tmp_path / "wsj", [2000] * 8)
     (folder / "mix" / "u3.wav").write_bytes(b"not audio")  # on one rank only: batch 1, 2 ranks

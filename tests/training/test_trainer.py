@@ -741,7 +741,7 @@ def test_resume_names_changed_data_settings_and_what_they_break(corpus, tmp_path
 def test_with_a_premixed_validation_set_mixing_settings_leave_the_best_score_alone(corpus, tmp_path, caplog):
     import logging
 
-    from tests.test_datasets import _make_wsj_folder
+    from tests.data.test_datasets import _make_wsj_folder
 
     folder = _make_wsj_folder(tmp_path / "cv", [2000, 2000])
     premixed = ("data.dynamic_mixing.valid_utterances=null", f"data.valid={folder}")
@@ -781,7 +781,7 @@ def test_a_validation_utterance_shorter_than_the_network_minimum_is_zero_padded(
 
     from mossformer2 import losses
     from mossformer2.training import trainer as trainer_module
-    from tests.test_datasets import _make_wsj_folder
+    from tests.data.test_datasets import _make_wsj_folder
 
     folder = _make_wsj_folder(tmp_path / "cv", [10, 2000])
     scored = []  # -SI-SDR [B] of each validation batch, in the validation set's order
@@ -1413,7 +1413,7 @@ def test_the_synthetic_corpus_validates_on_voices_it_does_not_train_on(corpus):
 def test_training_utterances_shorter_than_the_networks_minimum_input_train(corpus, tmp_path, lengths):
     """Since short utterances keep their true length (not padded into the crop), one under the network's minimum
     input (24 samples here) stopped training; validation already padded such batches."""
-    from tests.test_datasets import _make_wsj_folder
+    from tests.data.test_datasets import _make_wsj_folder
 
     folder = _make_wsj_folder(tmp_path / "wsj", lengths)
     cfg = make_config(corpus, "data.dynamic_mixing=null", f"data.train={folder}", f"data.valid={folder}",

@@ -16,13 +16,12 @@ from mossformer2.config_utils import ConfigError
 from mossformer2.models import convolution, count_parameters
 from mossformer2.models.convolution import _dilated_kernel, depthwise_shifted_sum
 from mossformer2.models.norms import FrameGroupNorm
-
-from .conftest import make_tiny_config
+from tests.conftest import make_tiny_config
 
 # The reference outputs travel with the tests (../shared/reference/fixture_small_A.pt without its 5.4 MB of
 # intermediate activations), so the network is compared with the official code's numbers on every machine; the
 # copy is checked against the reference where that is present, and the intermediates are checked there.
-FIXTURE_COPY = Path(__file__).parent / "data" / "fixture_small_A_min.pt"
+FIXTURE_COPY = Path(__file__).parents[1] / "fixtures" / "fixture_small_A_min.pt"
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +97,7 @@ def test_fixture_intermediates(full_fixture_a, model_a):
 
 # The reference key list (../shared/reference/state_dict_full.tsv) travels with the tests, so the key layout is
 # checked on every machine; the next test keeps the copy equal to the reference where that is present.
-KEY_LIST = Path(__file__).parent / "data" / "state_dict_full.tsv"
+KEY_LIST = Path(__file__).parents[1] / "fixtures" / "state_dict_full.tsv"
 
 
 def test_the_key_list_copy_equals_the_reference(reference):

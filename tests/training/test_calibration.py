@@ -11,8 +11,7 @@ from mossformer2.data.synthetic import generate_speaker_corpus
 from mossformer2.models import MossFormer2
 from mossformer2.models.config import tiny_test_config
 from mossformer2.training.calibration import estimate_output_gain, fold_output_gain
-
-from .conftest import load_script
+from tests.conftest import load_script
 
 
 def tiny_model(seed: int = 0) -> MossFormer2:

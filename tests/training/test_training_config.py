@@ -11,7 +11,7 @@ import yaml
 from mossformer2.config_utils import ConfigError
 from mossformer2.training.config import load_train_config, save_train_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 def test_all_shipped_configs_are_present():

@@ -15,9 +15,8 @@ import soundfile as sf
 from mossformer2.cli import main
 from mossformer2.data.manifests import load_manifest
 from mossformer2.evaluation.mixing import active_level, levels_for_sirs, mix_waves, plan_from_files
+from tests.conftest import torch_blocked_env
 from tests.test_metrics import speech_like
-
-from .conftest import torch_blocked_env
 
 SR = 16000
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def test_tiny_recipe_learns_to_separate(tmp_path, capsys):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from .conftest import REPO_ROOT, load_script
+from tests.conftest import REPO_ROOT, load_script
 
 
 def _load_benchmark(name: str = "benchmark"):
@@ -300,7 +300,8 @@ def test_device_session_runs_every_step_and_exits_1_if_one_failed(tmp_path, fail
                           text=True, timeout=60)
     calls = (out / "calls.txt").read_text().splitlines()
     assert len(calls) == 6  # device name, CUDA tests, gpu_checks, two benchmarks, compiled profile: every step ran
-    assert calls[1].startswith("-m pytest") and calls[1].endswith("-k cuda tests/test_model.py tests/test_trainer.py")
+    assert calls[1].startswith("-m pytest")
+    assert calls[1].endswith("-k cuda tests/models/test_model.py tests/training/test_trainer.py")
     assert [call.endswith("--compile-layout shifted_sum") for call in calls] == [False] * 4 + [True] * 2
     assert [" --long-compile " in call for call in calls] == [False, False, True, False, False, False]
     if failing:

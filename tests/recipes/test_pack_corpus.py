@@ -14,8 +14,7 @@ import soundfile as sf
 
 from mossformer2.data.dynamic_mixing import load_utterances
 from mossformer2.models.config import tiny_test_config
-
-from .conftest import load_script
+from tests.conftest import load_script
 
 pack_corpus = load_script("recipes/offline_speech/pack_corpus.py", "offline_speech_pack_corpus")
 
@@ -72,7 +71,7 @@ def test_pack_refuses_oversize_or_existing_output_and_leaves_nothing(corpus, tmp
     assert "prepare.py" in capsys.readouterr().err
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_OVERRIDES = [f"model.{key}={value}" for key, value in asdict(tiny_test_config()).items()] + [
     "data.segment_seconds=0.25", "data.batch_size=2", "data.valid_batch_size=2",
     "data.num_workers=0", "data.dynamic_mixing.examples_per_epoch=4", "data.dynamic_mixing.valid_examples=2",

@@ -8,8 +8,7 @@ import sys
 import pytest
 
 from mossformer2.cli import SUBCOMMANDS, build_parser, main
-
-from .conftest import torch_blocked_env
+from tests.conftest import torch_blocked_env
 
 
 def test_every_subcommand_is_registered():
@@ -99,7 +98,7 @@ def test_demo_refuses_bad_requests_before_separating(tmp_path, capsys):
 
 def test_an_output_path_under_a_file_is_named_before_any_work(tmp_path, capsys):
     """`os.mkdir` only says "[Errno 17] File exists: 'taken'"; export said so after loading the checkpoint."""
-    from tests.test_mix import make_speaker_folder
+    from tests.evaluation.test_mix import make_speaker_folder
 
     taken = tmp_path / "taken"
     taken.write_text("a file")

@@ -168,8 +168,8 @@ def test_long_file_chunks_and_clearvoice_stitching(ckpt, tmp_path, capsys):
 
 
 def test_compile_option_reaches_compile_layers_and_refuses_bf16_on_the_cpu(ckpt, tmp_path, capsys, monkeypatch):
-    """--compile reaches Separator(compile_layers=True) (whose compiled output tests/test_separation.py compares with
-    eager; here the compiling itself is stubbed out to keep the suite short)."""
+    """--compile reaches Separator(compile_layers=True) (whose compiled output tests/separation/test_separation.py
+    compares with eager; here the compiling itself is stubbed out to keep the suite short)."""
     from mossformer2.models.mossformer import MossFormer2
 
     compiled = []
@@ -736,7 +736,7 @@ def test_option_choices_are_the_librarys():
 
 
 def test_evaluate_passes_its_options_to_the_separator(ckpt, tmp_path, monkeypatch):
-    from tests.test_mix import make_speaker_folder
+    from tests.evaluation.test_mix import make_speaker_folder
 
     speakers = make_speaker_folder(tmp_path / "speakers", speakers=2, files=1)
     assert main(["mix", str(speakers), "-o", str(tmp_path / "mixed"), "--num-mixtures", "1"]) == 0

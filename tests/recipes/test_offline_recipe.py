@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from .conftest import load_script
+from tests.conftest import load_script
 
 prepare = load_script("recipes/offline_speech/prepare.py", "offline_speech_prepare")
 
