@@ -73,8 +73,9 @@ def checkpoint_path(ref: str | Path, filename: str | None = None, cache_dir: str
     return path
 
 
-def is_hub_id(ref: str | Path) -> bool:
-    """``owner/name`` that is not a local path (nothing there, no checkpoint suffix, owner not a local folder)."""
+def is_hub_id(ref: object) -> bool:
+    """A ``str`` ``owner/name`` that is not a local path (nothing there, no checkpoint suffix, owner not a local
+    folder); a ``Path`` always names a local file or folder."""
     if not isinstance(ref, str) or not _HUB_ID.match(ref):
         return False
     path = Path(ref)

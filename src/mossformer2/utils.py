@@ -174,7 +174,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)`` then atomically move the result to ``path``."""
     with atomic_path(path) as tmp:
         write(tmp)

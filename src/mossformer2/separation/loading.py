@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def load_separation_model(ref: str | Path | None = None, device: str | torch.device = "auto",
                           filename: str | None = None, cache_dir: str | Path | None = None,
-                          config: MossFormer2Config | str | None = None) -> Any:
+                          config: MossFormer2Config | str | Path | None = None) -> Any:
     """The shipped model (``ref=None``), a model name as ``mossformer2 separate --model`` takes it (``"default"``,
     ``"MossFormer2_SS_16K"``), a checkpoint (file, folder, hub id) or an exported ``.onnx`` or TorchScript file.
     ``filename`` / ``cache_dir``: as in ``hub.resolve_checkpoint``. ``config``: the architecture of a checkpoint

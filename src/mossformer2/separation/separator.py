@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 from tqdm import tqdm
@@ -124,6 +124,10 @@ class Separator:
             checkpoint recommends, else off.
         mixture_consistency: make the sources of each pass sum to its input (``refine.mixture_consistency``; for
             models whose outputs are at the sources' level). ``None``: as the checkpoint recommends, else off.
+
+    Attributes ``device`` and ``dtype``: with a torch module, the ``torch.device`` it runs on and the
+    ``torch.dtype`` it computes in; with an exported (NumPy-callable) model, which needs no torch, the strings
+    ``"cpu"`` / ``"cuda"`` and ``"float32"`` (``str(sep.device)`` reads the same on both).
 
     A model from ``load_separation_model`` carries its checkpoint's recommended refinements as
     ``model.separation_settings`` (the built-in model recommends the polarity ensemble and the Wiener filter: its
@@ -310,6 +314,12 @@ class Separator:
 
     # -- public API --------------------------------------------------------------------------------------------
 
+    @overload
+    def separate(self, wave: np.ndarray, sample_rate: int, output_rate: int | None = None) -> np.ndarray: ...
+
+    @overload
+    def separate(self, wave: torch.Tensor, sample_rate: int, output_rate: int | None = None) -> torch.Tensor: ...
+
     def separate(self, wave: np.ndarray | torch.Tensor, sample_rate: int,
                  output_rate: int | None = None) -> np.ndarray | torch.Tensor:
         """Separate one recording ``[T]`` or ``[C, T]`` at ``sample_rate`` (Hz, a whole number, 1000 to 768000).
@@ -325,6 +335,18 @@ class Separator:
         device.
         """
         return self._separate_many([wave], sample_rate, output_rate)[0]
+
+    @overload
+    def separate_many(self, waves: Iterable[np.ndarray], sample_rate: int,
+                      output_rate: int | None = None) -> list[np.ndarray]: ...
+
+    @overload
+    def separate_many(self, waves: Iterable[torch.Tensor], sample_rate: int,
+                      output_rate: int | None = None) -> list[torch.Tensor]: ...
+
+    @overload
+    def separate_many(self, waves: Iterable[np.ndarray | torch.Tensor], sample_rate: int,
+                      output_rate: int | None = None) -> list[np.ndarray | torch.Tensor]: ...
 
     def separate_many(self, waves: Iterable[np.ndarray | torch.Tensor], sample_rate: int,
                       output_rate: int | None = None) -> list[np.ndarray | torch.Tensor]:

@@ -71,7 +71,8 @@ class Trainer:
     Only rank 0 writes files. Call :meth:`fit`.
     """
 
-    def __init__(self, cfg: TrainConfig, exp_dir: str | Path, loaders: tuple[DataLoader, DataLoader] | None = None,
+    def __init__(self, cfg: TrainConfig, exp_dir: str | Path,
+                 loaders: tuple[DataLoader | None, DataLoader | None] | None = None,
                  dist_info: DistInfo | None = None) -> None:
         self.cfg = with_absolute_paths(cfg)  # config.yaml and the checkpoints then name the files from anywhere
         self.exp_dir = Path(exp_dir)
