@@ -175,6 +175,27 @@ def test_not_a_checkpoint_file(tmp_path):
         load_model(tmp_path)
 
 
+def test_a_flipped_byte_in_the_weights_is_refused_by_their_checksum(tmp_path):
+    """torch.load does not check the zip's CRC-32s: a checkpoint with one bit flipped in a weight loaded, with a
+    wrong weight (a damaged download or disk)."""
+    import struct
+    import zipfile
+
+    model = build_model(make_tiny_config())
+    path = save_checkpoint(tmp_path / "whole.pt", model)
+    load_model(path)  # intact: loads
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 64)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack_from("<HH", data, member.header_offset + 26)  # its local header
+    start = member.header_offset + 30 + name_length + extra_length
+    data[start + member.file_size // 2] ^= 0x10
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"damaged.pt is damaged: its member {member.filename} does not match"):
+        load_model(damaged)
+
+
 def test_a_plain_pickle_is_refused_without_running_it_or_torch_noise(tmp_path, recwarn):
     import pickle
 
