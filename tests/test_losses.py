@@ -152,3 +152,10 @@ def test_numpy_arrays_give_a_clear_type_error():
         with pytest.raises(TypeError, match="take torch tensors .* got ndarray and ndarray: for NumPy arrays use "
                                             "mossformer2.metrics.si_sdr"):
             loss(*args)
+
+
+def test_clamp_caps_only_from_above():  # L10
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 2, 500, generator=g)
+    est = 1e-3 * ref + torch.randn(ref.shape, generator=g)  # every pair far below 30 dB (about -60 dB)
+    torch.testing.assert_close(pit_si_sdr_loss(est, ref, clamp_db=30.0)[0], pit_si_sdr_loss(est, ref)[0])

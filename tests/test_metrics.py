@@ -239,3 +239,28 @@ def test_sdr_finishes_after_torch_takes_two_threads_and_names_a_numerically_sile
     with pytest.raises(ValueError, match="SDR is undefined for a (numerically )?silent reference"):
         rng = np.random.default_rng(2)
         metrics.sdr(rng.standard_normal(4000), 1e-310 * rng.standard_normal(4000))
+
+
+def test_sdr_takes_signals_exactly_one_filter_long():  # M03
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(512)
+    assert np.isfinite(metrics.sdr(ref + 0.1 * rng.standard_normal(512), ref))
+
+
+def test_pesq_mode_is_narrow_band_only_at_8k():  # M04
+    assert [metrics.pesq_mode(r) for r in (8000, 11025, 12000, 16000, 44100)] == ["nb", "wb", "wb", "wb", "wb"]
+
+
+def test_sdr_solves_on_one_thread(monkeypatch):  # M11
+    import fast_bss_eval.torch as fbe
+    seen = []
+    real = fbe.sdr_loss
+    monkeypatch.setattr(fbe, "sdr_loss", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(0)
+        r = rng.standard_normal(4000)
+        metrics.sdr(r + 0.1 * rng.standard_normal(4000), r)
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [1]

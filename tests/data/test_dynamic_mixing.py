@@ -364,3 +364,43 @@ def test_a_file_named_like_a_home_folder_is_a_file(corpus, tmp_path):
     (tmp_path / "~1.wav").write_bytes((root / "spk0" / "0.wav").read_bytes())
     (tmp_path / "list.txt").write_text(f"~1.wav alice\n{root}/spk1/0.wav bob\n")
     assert load_utterances(tmp_path / "list.txt")[0].path == tmp_path / "~1.wav"
+
+
+def _tone_corpus(root, levels=(0.3, 0.3, 0.3, 0.3), seconds=(0.6, 0.8, 1.0)):
+    for k in range(4):
+        (root / f"spk{k}").mkdir()
+        for n, s in enumerate(seconds):
+            t = np.arange(int(SR * s)) / SR
+            sf.write(root / f"spk{k}" / f"{n}.wav", (levels[k] * np.sin(2 * np.pi * 200 * (k + 1) * t + n + 0.3))
+                     .astype(np.float32), SR, subtype="FLOAT")
+    return load_utterances(root)
+
+
+def test_gains_are_relative_to_each_utterances_own_level(tmp_path):  # D04
+    utts = _tone_corpus(tmp_path, levels=(0.5, 0.05, 0.5, 0.005))  # recordings 20-40 dB apart
+    ds = DynamicMixingDataset(utts, 2, AudioStore(SR), 20, segment_samples=3000, seed=2, gain_db=(-2.5, 2.5))
+    for i in range(len(ds)):
+        rms = ds[i]["sources"].pow(2).mean(-1).sqrt()
+        assert abs(float(20 * np.log10(rms[0] / rms[1]))) <= 5.0 + 1e-3
+
+
+def test_a_short_utterance_lands_at_varying_offsets(tmp_path):  # D03
+    utts = _tone_corpus(tmp_path)
+    ds = DynamicMixingDataset(utts, 2, AudioStore(SR), 20, segment_samples=12000, seed=3)  # longer than any
+    starts = {int(np.flatnonzero(s.numpy())[0]) for i in range(len(ds)) for s in ds[i]["sources"]}
+    assert len(starts) > 5
+
+
+def test_validation_mixtures_take_the_shortest_utterance(tmp_path):  # D10
+    utts = _tone_corpus(tmp_path)
+    ds = DynamicMixingDataset(utts, 2, AudioStore(SR), 10, seed=4, fixed=True)
+    for i in range(len(ds)):
+        src = ds[i]["sources"].numpy()
+        assert (src[:, :100] != 0).any(1).all() and (src[:, -100:] != 0).any(1).all()  # no zero padding in "min" mode
+
+
+def test_a_loud_level_never_clips(tmp_path):  # D09
+    utts = _tone_corpus(tmp_path)
+    ds = DynamicMixingDataset(utts, 2, AudioStore(SR), 10, segment_samples=2000, seed=6, level_db=(0.0, 0.0))
+    for i in range(len(ds)):
+        assert float(ds[i]["mix"].abs().max()) < 1.0

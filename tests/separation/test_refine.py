@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from scipy.signal import istft, stft
 
 from mossformer2 import build_model, save_checkpoint
 from mossformer2.cli import REFINEMENT_HELP, describe_refinements
@@ -222,3 +223,43 @@ def test_bad_separation_entries_are_reported(tiny_model, tmp_path):
         warnings.simplefilter("always")
         assert load_separation_model(path, "cpu").separation_settings == {"polarity_ensemble": True}
     assert any("ignoring unknown separation settings ['shifts']" in str(w.message) for w in caught)
+
+
+def test_polarity_ensemble_aligns_on_the_true_length_only():  # R03
+    sources, n = randn(1, 2, 600), 300
+
+    def model(batch, lengths):
+        flipped = -sources[:, [1, 0]].copy()  # the second pass: speakers swapped (after negating back)
+        flipped[:, :, n:] = -100.0 * sources[:, :, n:]  # padding garbage in the *other* order
+        return np.concatenate([sources, flipped])
+
+    out = polarity_ensemble(model, sources.sum(1), np.array([n]))
+    np.testing.assert_allclose(out[0, :, :n], sources[0, :, :n], atol=1e-6)
+
+
+def test_mixture_consistency_shares_the_residual_among_all_speakers():  # R08
+    sources = randn(1, 3, 400)
+    mixture = sources.sum(1)
+    estimates = sources + 0.3 * randn(1, 3, 400, seed=1)
+    np.testing.assert_allclose(mixture_consistency(estimates, mixture).sum(1), mixture, atol=1e-5)
+
+
+def test_mixture_consistency_keeps_padding_zero_even_under_a_nonzero_mixture_padding():  # R06
+    mixture, estimates = randn(1, 300), randn(1, 2, 300, seed=1)
+    out = mixture_consistency(estimates, mixture, np.array([200]))
+    assert np.all(out[0, :, 200:] == 0)
+
+
+def _reference_wiener(src, mix, window, overlap, power):
+    _, _, X = stft(mix, nperseg=window, noverlap=overlap)
+    _, _, S = stft(src, nperseg=window, noverlap=overlap)
+    w = np.abs(S) ** power
+    _, y = istft(w / w.sum(0) * X, nperseg=window, noverlap=overlap)
+    return y[:, :mix.shape[-1]]
+
+
+def test_wiener_filter_is_the_documented_filter_75_percent_overlap_and_power():  # R10, R11
+    mix, src = randn(6000), randn(2, 6000, seed=3)
+    for power in (1.0, 2.0):
+        got = wiener_filter(src[None], mix[None], fft_size=1024, power=power)[0]
+        np.testing.assert_allclose(got, _reference_wiener(src, mix, 1024, 768, power), atol=1e-5)
