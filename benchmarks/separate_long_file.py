@@ -39,18 +39,20 @@ def current_rss_mib() -> float:
     return float("nan")
 
 
-def write_long_mixture(path: Path, minutes: float, seed: int = 0) -> float:
-    """Two amplitude-modulated noise 'talkers', one minute per block. Returns the duration in seconds."""
+def write_long_mixture(path: Path, minutes: float, seed: int = 0, sample_rate: int = SR, channels: int = 1) -> float:
+    """Two amplitude-modulated noise 'talkers', one minute per block (with 2 channels, each talker louder in one).
+    Returns the duration in seconds."""
     rng = np.random.default_rng(seed)
-    total = int(minutes * 60 * SR)
-    with sf.SoundFile(str(path), "w", SR, 1, subtype="PCM_16") as f:
-        for start in range(0, total, 60 * SR):
-            n = min(60 * SR, total - start)
-            t = (start + np.arange(n)) / SR
-            a = rng.standard_normal(n) * (0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * t)) ** 2
-            b = np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4.3 * t + 1)) ** 2
-            f.write((0.05 * a + 0.1 * b).astype(np.float32))
-    return total / SR
+    total = int(minutes * 60 * sample_rate)
+    with sf.SoundFile(str(path), "w", sample_rate, channels, subtype="PCM_16") as f:
+        for start in range(0, total, 60 * sample_rate):
+            n = min(60 * sample_rate, total - start)
+            t = (start + np.arange(n)) / sample_rate
+            a = 0.05 * rng.standard_normal(n) * (0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * t)) ** 2
+            b = 0.1 * np.sin(2 * np.pi * 180 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4.3 * t + 1)) ** 2
+            mix = a + b if channels == 1 else np.stack([a + 0.5 * b, 0.5 * a + b], axis=1)
+            f.write(mix.astype(np.float32))
+    return total / sample_rate
 
 
 def load(model: str):
@@ -69,6 +71,8 @@ def load(model: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--sample-rate", type=int, default=SR, help="of the generated file (default 16000)")
+    parser.add_argument("--channels", type=int, choices=[1, 2], default=1, help="of the generated file (mixed down)")
     parser.add_argument("--model", default="tiny", help="tiny (random), default (shipped) or a checkpoint path")
     parser.add_argument("--chunk-seconds", type=float, default=10.0)
     parser.add_argument("--overlap-seconds", type=float, default=2.0)
@@ -93,16 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     rss_model = current_rss_mib()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "long.wav"
-        seconds = write_long_mixture(src, args.minutes)
+        seconds = write_long_mixture(src, args.minutes, sample_rate=args.sample_rate, channels=args.channels)
         sep = Separator(model, device="cpu", chunk_seconds=args.chunk_seconds,
                         overlap_seconds=args.overlap_seconds, batch_size=args.batch_size, progress=True,
                         **{name: args.refinements for name in REFINEMENTS})
         start = time.perf_counter()
         outputs = sep.separate_file(src, Path(tmp) / "out")
         elapsed = time.perf_counter() - start
-        assert all(sf.info(str(p)).frames == int(seconds * SR) for p in outputs)
-    audio_mib = seconds * SR * 4 * (1 + sep.num_spks) / 2**20
-    result = {"minutes": args.minutes, "model": args.model, "threads": args.threads,
+        assert all(sf.info(str(p)).frames == int(seconds * args.sample_rate) for p in outputs)
+    audio_mib = seconds * args.sample_rate * 4 * (args.channels + sep.num_spks) / 2**20  # input [C, T] + outputs
+    result = {"minutes": args.minutes, "sample_rate": args.sample_rate, "channels": args.channels,
+              "model": args.model, "threads": args.threads,
               "chunk_seconds": args.chunk_seconds, "overlap_seconds": args.overlap_seconds,
               "batch_size": args.batch_size, "peak_rss_mib": round(peak_rss_mib(rss_model), 1),
               "rss_after_model_load_mib": round(rss_model, 1), "float32_audio_arrays_mib": round(audio_mib, 1),

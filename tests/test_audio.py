@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import types
 import warnings
 
@@ -15,6 +16,7 @@ import soundfile as sf
 from mossformer2.audio import (
     check_writable,
     find_audio_files,
+    mean_square,
     pcm_to_float,
     peak_amplitude,
     read_audio,
@@ -179,6 +181,59 @@ def test_resample_keeps_layout_and_content():
     np.testing.assert_array_equal(resample(wave, 16000, 16000), wave)  # same rate: the samples themselves
     with pytest.raises(ValueError):
         resample(wave, 0, 16000)
+
+
+def test_multichannel_resampling_holds_no_transposed_copies(monkeypatch):
+    """soxr takes [T, C]: transposing the input and the output held the input plus two outputs at once (600 MiB
+    an hour at 44.1 kHz stereo); row by row, the result and one row (soxr's arrays are not seen by tracemalloc,
+    so its calls are watched)."""
+    import soxr
+
+    wave = np.random.default_rng(0).standard_normal((2, 16000 * 20)).astype(np.float32)
+    expected = soxr.resample(np.ascontiguousarray(wave.T), 16000, 48000, quality="HQ").T
+    shapes = []
+
+    def watched(x, *args, **kwargs):
+        shapes.append(np.shape(x))
+        return soxr_resample(x, *args, **kwargs)
+
+    soxr_resample = soxr.resample
+    monkeypatch.setattr(soxr, "resample", watched)
+    up = resample(wave, 16000, 48000)
+    assert up.shape == (2, 48000 * 20) and up.dtype == np.float32 and up.flags.c_contiguous
+    np.testing.assert_array_equal(up, expected)
+    assert shapes == [(16000 * 20,)] * 2
+
+
+def test_reading_a_multichannel_file_holds_one_copy_of_it(tmp_path):
+    """Decoding [T, C] whole, then transposing, held two copies (2.4 GiB for an hour of 44.1 kHz stereo)."""
+    import tracemalloc
+
+    wave = np.random.default_rng(1).uniform(-0.5, 0.5, (2, 48000 * 60)).astype(np.float32)
+    sf.write(tmp_path / "stereo.wav", wave.T, 48000, subtype="FLOAT")
+    tracemalloc.start()
+    got, rate = read_audio(tmp_path / "stereo.wav")
+    _, allocated = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    np.testing.assert_array_equal(got, wave)
+    assert rate == 48000 and got.flags.c_contiguous
+    assert allocated < 1.3 * wave.nbytes  # (blocks of 2^18 frames: 2 MiB)
+
+
+def test_mean_square_sums_in_float64_without_a_full_copy():
+    import tracemalloc
+
+    wave = np.random.default_rng(2).standard_normal((2, 3_000_003)).astype(np.float32)
+    wave[0, 2_999_999] = 1e4  # in the last, partial block
+    tracemalloc.start()
+    got = mean_square(wave)
+    _, allocated = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    expected = np.mean(np.square(wave, dtype=np.float64), axis=-1)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert got.shape == (2,) and allocated < wave.nbytes / 2  # np.square in float64: twice the input (blocks: 1/3)
+    assert float(mean_square(wave[1])) == pytest.approx(expected[1], rel=1e-12)
+    assert float(mean_square(np.zeros(0, np.float32))) == 0.0
 
 
 def test_resampled_length_is_the_length_resample_returns():
@@ -402,3 +457,20 @@ def test_declared_wav_frames_are_unknown_for_other_formats_and_streamed_wavs(tmp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_audio(streamed)[0].shape[1] == 1600
+
+
+def test_declared_frames_skip_the_pad_byte_of_an_odd_sized_chunk(tmp_path):  # A02
+    fmt = struct.pack("<HHIIHH", 1, 1, 16000, 32000, 2, 16)
+    data = np.zeros(1000, "<i2").tobytes()
+    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"LIST" + struct.pack("<I", 3) + b"abc\0" \
+        + b"data" + struct.pack("<I", len(data)) + data
+    (tmp_path / "odd.wav").write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    assert wav_declared_frames(tmp_path / "odd.wav") == 1000
+
+
+def test_samples_just_over_full_scale_are_clipped_not_wrapped(tmp_path):  # A09
+    wave = np.array([0.0, 1.005, -1.005, 0.5], np.float32)
+    with pytest.warns(UserWarning, match="exceeds full scale"):
+        write_audio(tmp_path / "x.wav", wave, 16000)
+    back = read_audio(tmp_path / "x.wav")[0][0]
+    assert back[1] > 0.99 and back[2] < -0.99

@@ -136,8 +136,7 @@ def read_audio(path: str | Path | BinaryIO) -> tuple[np.ndarray, int]:
 def _decode(for_soundfile: Callable[[], Any], for_pyav: Callable[[], Any], name: str | Path) -> tuple[np.ndarray, int]:
     """Decode with libsndfile, else PyAV; ``for_*`` give each its source (a name or a file object)."""
     try:
-        data, sample_rate = sf.read(for_soundfile(), dtype="float32", always_2d=True)  # [T, C]
-        wave = np.ascontiguousarray(data.T)
+        wave, sample_rate = _read_channels_first(for_soundfile())
     # (MemoryError: a damaged header claiming thousands of hours, which libsndfile allocates up front)
     except (sf.LibsndfileError, RuntimeError, TypeError, MemoryError, OverflowError) as sf_err:
         try:
@@ -152,6 +151,18 @@ def _decode(for_soundfile: Callable[[], Any], for_pyav: Callable[[], Any], name:
         except ValueError:
             raise ValueError(f"audio file has no samples: {name}") from None
     return wave, int(sample_rate)
+
+
+def _read_channels_first(source: Any, block: int = 1 << 18) -> tuple[np.ndarray, int]:
+    """Decode with libsndfile into float32 ``[C, T]`` block by block: reading ``[T, C]`` whole and transposing
+    held two copies of a multichannel recording at once (2.4 GiB for an hour of 44.1 kHz stereo)."""
+    with sf.SoundFile(source) as f:
+        wave = np.empty((f.channels, f.frames), dtype=np.float32)  # (blocks read at most f.frames, as sf.read)
+        filled = 0
+        for part in f.blocks(blocksize=block, dtype="float32", always_2d=True):  # [n, C]
+            wave[:, filled:filled + len(part)] = part.T
+            filled += len(part)
+        return (wave if filled == wave.shape[1] else wave[:, :filled].copy()), f.samplerate
 
 
 # Writers that stream a WAV to a pipe leave its data size unset: 0, 0xFFFFFFFF or another value near the 32-bit
@@ -288,8 +299,11 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
         return soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
     if wave.ndim != 2:
         raise ValueError(f"expected audio [T] or [C, T], got shape {wave.shape}")
-    out = soxr.resample(np.ascontiguousarray(wave.T), orig_sr, target_sr, quality="HQ")  # soxr wants [T, C]
-    return np.ascontiguousarray(out.T, dtype=np.float32)
+    # Row by row into the result: soxr takes [T, C], and transposing in and out held three copies at once.
+    out = np.empty((wave.shape[0], resampled_length(wave.shape[1], orig_sr, target_sr)), dtype=np.float32)
+    for row, channel in zip(out, wave):
+        row[:] = soxr.resample(channel, orig_sr, target_sr, quality="HQ")
+    return out
 
 
 def to_mono(wave: np.ndarray) -> np.ndarray:
@@ -302,6 +316,17 @@ def to_mono(wave: np.ndarray) -> np.ndarray:
     if wave.shape[0] == 1:
         return wave[0]  # no copy: long mono files stay one array
     return wave.mean(axis=0, dtype=np.float32)
+
+
+def mean_square(wave: np.ndarray, block: int = 1 << 18) -> np.ndarray:
+    """Mean square over the last axis (float64, shape ``wave.shape[:-1]``; 0 for no samples), summed in float64
+    over blocks of ``block`` samples: no full-length float64 copy of an hour-long recording."""
+    wave = np.asarray(wave)
+    total = np.zeros(wave.shape[:-1])
+    for start in range(0, wave.shape[-1], block):
+        part = wave[..., start:start + block].astype(np.float64)
+        total += np.einsum("...t,...t->...", part, part)
+    return total / max(wave.shape[-1], 1)
 
 
 def peak_amplitude(wave: np.ndarray) -> float:

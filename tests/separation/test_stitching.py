@@ -13,7 +13,10 @@ from mossformer2.losses import pairwise_si_sdr
 from mossformer2.separation import Separator
 from mossformer2.separation.separator import TARGET_RMS
 from mossformer2.separation.stitching import (
+    SILENCE_PEAK,
     AlignedStitcher,
+    VoiceProfiles,
+    _pair_si_sdr,
     clearvoice_audio_norm,
     clearvoice_padded_length,
     clearvoice_separate,
@@ -21,6 +24,8 @@ from mossformer2.separation.stitching import (
     crossfade_weights,
     match_sources,
     plan_chunks,
+    silence_peak_for,
+    stitch_aligned,
 )
 
 SR = 16000
@@ -279,6 +284,21 @@ def test_clearvoice_matches_the_official_algorithm(seconds, batch_size):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_clearvoice_scales_its_output_without_float64_copies():
+    """The output's RMS match made two float64 copies of the whole [S, T] output (1.5 GB more per hour)."""
+    import tracemalloc
+
+    x = speech_like_sources(1, 60.0, seed=5)[0]
+    tracemalloc.start()
+    out = clearvoice_separate(x, lambda batch: np.stack([batch, 0.5 * batch], 1).astype(np.float32), SR,
+                              batch_size=8)
+    _, allocated = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # the [S, T] float32 output, the padded input, a batch of windows and float64 blocks; the two float64 copies of
+    # the output alone were 4 x its size
+    assert allocated < 3.5 * out.nbytes
+
+
 def test_clearvoice_keeps_official_quirks():
     # 3.4 s: segmented, padded to 3.5 s, windows tile [0, 52000): the official output is zero after 52000.
     x = speech_like_sources(1, 3.4, seed=3)[0]
@@ -489,3 +509,83 @@ def test_stitching_silence_gives_silence():
     out = stitch_aligned(np.zeros(8000, np.float32), lambda batch: np.zeros((len(batch), 2, batch.shape[-1]),
                                                                             np.float32), 2, 3000, 1000)
     assert out.shape == (2, 8000) and not out.any()
+
+
+def test_pair_correlation_is_zero_mean():  # S04
+    rng = np.random.default_rng(0)
+    est = (rng.standard_normal((2, 4000)) + [[3.0], [-2.0]]).astype(np.float32)
+    ref = (est[::-1] - [[-2.0], [3.0]] + rng.standard_normal((2, 4000))).astype(np.float32)  # ref means 0
+    rho = _pair_si_sdr(est, ref)[1]
+    c = est - est.mean(1, keepdims=True)
+    r = ref - ref.mean(1, keepdims=True)
+    want = (c @ r.T) / np.sqrt((c ** 2).sum(1)[:, None] * (r ** 2).sum(1)[None])
+    np.testing.assert_allclose(rho, want, atol=1e-6)
+
+
+def test_crossfade_windows_are_mirror_images():  # S03
+    fade_out, fade_in = crossfade_weights(64)
+    np.testing.assert_allclose(fade_out, fade_in[::-1], atol=1e-7)
+
+
+def test_frames_where_outputs_are_about_equally_loud_stay_out_of_the_profiles():  # S08
+    x = 0.1 * np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    profiles = VoiceProfiles(2)
+    profiles.add(np.stack([x, 0.8 * x]))  # the model duplicating one voice, 2 dB apart
+    assert profiles.counts.sum() == 0
+
+
+def test_a_voice_without_a_profile_cannot_sway_the_order():  # S09
+    rng = np.random.default_rng(1)
+    dark = np.convolve(rng.standard_normal(32000), np.hanning(48), mode="same").astype(np.float32)
+    bright = np.diff(rng.standard_normal(32001)).astype(np.float32)
+    dark, bright = 0.1 * dark / dark.std(), 0.1 * bright / bright.std()
+    profiles = VoiceProfiles(2)
+    profiles.add(np.stack([dark, 1e-3 * bright]))  # output 0 has a (dark) profile, output 1 none
+    assert profiles.counts[0] >= 8 and profiles.counts[1] == 0
+    new_chunk = np.stack([bright, 1e-3 * dark])  # new side: output 0 (bright) known, output 1 none
+    order, lead = profiles.order(new_chunk)
+    new_sums, new_counts = profiles.measure(new_chunk)
+    d = np.sqrt(((new_sums[0] / new_counts[0] - profiles.sums[0] / profiles.counts[0]) ** 2).mean())
+    assert list(order) == [1, 0] and lead == pytest.approx(d)  # bright is not the dark voice: moved away
+
+
+def test_signs_follow_the_order_the_voices_chose():  # S15
+    from mossformer2.separation.stitching import match_sources
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((2, 3000)).astype(np.float32)
+    st = AlignedStitcher(2, 3000)
+    st.add(0, np.stack([a[:2000], b[:2000]]))
+    s = np.float32(np.sqrt(0.5))
+    chunk = np.stack([b[1000:], a[1000:]]).copy()
+    chunk[:, :1000] = np.stack([(a[1000:2000] - b[1000:2000]) * s, (a[1000:2000] + b[1000:2000]) * s])
+    written = st.output[:, 1000:2000].copy()
+    voice = match_sources(chunk[:, :1000], written)[0][::-1].copy()  # the voices overrule the (undecided) overlap
+    st.profiles.order = lambda sources: (voice, 50.0)
+    st.add(1000, chunk)
+    for j in range(2):
+        rho = np.corrcoef(chunk[voice[j], :1000], written[j])[0, 1]
+        sign = -1.0 if rho < -0.5 else 1.0
+        np.testing.assert_array_equal(st.output[j, 2000:], sign * chunk[voice[j], 1000:])
+
+
+def test_a_loud_input_keeps_the_absolute_silence_level():  # S16
+    loud = np.full(1000, 10 * TARGET_RMS, np.float32)
+    assert silence_peak_for(loud) == SILENCE_PEAK
+    assert silence_peak_for(loud / 100) == pytest.approx(SILENCE_PEAK / 10, rel=1e-4)
+
+
+def test_a_guess_after_a_silent_chunk_is_still_reported():  # S19
+    SR = 16000
+    rng = np.random.default_rng(1)
+    v = 0.1 * rng.standard_normal(4 * SR).astype(np.float32)
+    wave = np.concatenate([v, np.zeros(6 * SR, np.float32), v])  # voice, a long pause (a silent chunk), voice
+
+    def duplicating(batch):
+        return np.stack([np.stack([c * (0.8 + 0.05 * rng.standard_normal(c.shape)).astype(np.float32)] * 2)
+                         for c in batch])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stitch_aligned(wave, duplicating, 2, 4 * SR, SR, sample_rate=SR)
+    guesses = [str(w.message) for w in caught if "was a guess" in str(w.message)]
+    assert guesses and "9.0 s" in guesses[0]  # the first boundary into the voice after the pause

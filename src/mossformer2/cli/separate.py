@@ -266,17 +266,22 @@ def _separate_groups(groups: list[list[Path]], sep: Separator, plan: Plan, too_s
                 fail(f, reason)
                 bar.update(1)
             batch = _separate_batch(loaded, sep, output_rate, args.compile)
-            for i, (f, wave, rate) in enumerate(loaded):
+            for i in range(len(loaded)):  # (enumerate's cached tuple would keep the last input alive)
+                f, wave, rate = loaded[i]
+                loaded[i] = (f, None, rate)  # `wave` is then the input's only reference
+                seconds, mixture = wave.shape[-1] / rate, (wave, rate) if args.plot else None
                 try:
                     if batch is not None:
                         sources = batch[i]
                     else:
+                        inputs = [wave]
+                        del wave  # freed once at the model rate, unless plotted
                         with warnings_about(str(f)):
-                            sources = sep.separate(wave, rate, output_rate)
-                    write_separation(plan[f], sources, output_rate or rate, args.subtype,
-                                     plot_mixture=(wave, rate) if args.plot else None, title=f.name)
+                            sources = sep.separate_many(inputs, rate, output_rate, release_inputs=True)[0]
+                    write_separation(plan[f], sources, output_rate or rate, args.subtype, plot_mixture=mixture,
+                                     title=f.name)
                     done += 1
-                    audio_seconds += wave.shape[-1] / rate
+                    audio_seconds += seconds
                 except (ValueError, OSError, RuntimeError) as err:
                     _raise_if_compile_failed(err, args.compile)
                     fail(f, str(err).splitlines()[0] if str(err) else type(err).__name__)

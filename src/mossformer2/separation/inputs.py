@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mossformer2.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, pcm_to_float, to_mono
+from mossformer2.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, mean_square, pcm_to_float, to_mono
 from mossformer2.utils import loaded_torch
 
 if TYPE_CHECKING:
@@ -73,5 +73,5 @@ def channels_cancel(wave: np.ndarray, mono: np.ndarray | None = None) -> bool:
     """Whether the channels of ``wave`` ``[C, T]`` cancel in their mono downmix ``mono`` (default: their mean), e.g.
     one channel wired in reverse polarity: the mix is over 60 dB below the loudest channel."""
     mono = to_mono(wave) if mono is None else mono
-    loudest = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64), axis=-1)).max())
-    return loudest > 0 and float(np.sqrt(np.mean(np.square(mono, dtype=np.float64)))) < 1e-3 * loudest
+    loudest = float(np.sqrt(mean_square(wave)).max())
+    return loudest > 0 and float(np.sqrt(mean_square(mono))) < 1e-3 * loudest

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from mossformer2.audio import mean_square
+
 ModelFn = Callable[[np.ndarray], np.ndarray]
 
 log = logging.getLogger(__name__)
@@ -311,7 +313,7 @@ def silence_peak_for(wave: np.ndarray) -> float:
     """The stitcher's silence level for an input ``[T]``: ``SILENCE_PEAK`` (-80 dBFS) at the level the model is fed
     (-25 dBFS RMS), lowered with a quieter input (``normalize="none"``): at 1e-5 peak every output fell under the
     absolute level, so no chunk's polarity flip was undone and no guessed order was reported."""
-    rms = math.sqrt(float(np.dot(wave, wave)) / max(wave.size, 1))  # (no float64 copy of an hour-long input)
+    rms = math.sqrt(float(mean_square(wave)))
     return max(SILENCE_PEAK * min(1.0, rms / TARGET_RMS), 1e-30)  # silence: a level above 0 (its log is taken)
 
 
@@ -377,7 +379,7 @@ def clearvoice_separate(wave: np.ndarray, model_fn: ModelFn, sample_rate: int = 
     total = wave.shape[-1]
     window, stride = _clearvoice_window(sample_rate, decode_window)
     give_up = (window - stride) // 2
-    rms_in = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
+    rms_in = float(np.sqrt(mean_square(wave)))
     padded = np.zeros(clearvoice_padded_length(total, window, stride), dtype=np.float32)
     padded[:total] = wave
     if total > sample_rate * one_time_decode_length:
@@ -400,9 +402,13 @@ def clearvoice_separate(wave: np.ndarray, model_fn: ModelFn, sample_rate: int = 
         if progress is not None:
             progress(1)
     # RMS over the padded length, no epsilon (official); a silent output stays silent instead of NaN.
-    rms_out = np.sqrt(np.mean(np.square(out, dtype=np.float64), axis=-1, keepdims=True))
+    rms_out = np.sqrt(mean_square(out))
     scale = np.divide(rms_in, rms_out, out=np.zeros_like(rms_out), where=rms_out > 0)
-    return (out * scale).astype(np.float32)[:, :total]
+    out = out[:, :total]
+    for row, row_scale in zip(out, scale):  # in place, in float64 blocks: no float64 copy of a whole output
+        for start in range(0, total, 1 << 18):
+            row[start:start + (1 << 18)] = row[start:start + (1 << 18)] * row_scale
+    return out
 
 
 def clearvoice_window_count(total: int, sample_rate: int = 16000, decode_window: float = 2.0,
