@@ -264,3 +264,33 @@ def test_sdr_solves_on_one_thread(monkeypatch):  # M11
     finally:
         torch.set_num_threads(1)
     assert seen == [1]
+
+
+def _bursts(count: int, seconds: float, seed: int = 0) -> np.ndarray:
+    """``count`` voiced bursts of ``seconds``, each followed by as much silence: ``count`` utterances for PESQ."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    parts = []
+    for _ in range(count):
+        f0 = 120 + 30 * rng.random()
+        voiced = sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 10)) * np.hanning(t.size)
+        parts += [0.3 * voiced, np.zeros(t.size)]
+    return np.concatenate(parts)
+
+
+def test_a_signal_that_crashes_the_pesq_package_fails_its_score_not_the_program():
+    """pesq 0.0.4 segfaults past ~50 utterances (36 s of bursts here): in-process, that ended `evaluate` and every
+    score of its run (exit 139)."""
+    from pesq import pesq as pesq_package
+
+    rng = np.random.default_rng(1)
+    fine = _bursts(10, 0.5)
+    fine_est = fine + 0.05 * rng.standard_normal(fine.size)
+    crashing = _bursts(60, 0.3)
+    crashing_est = crashing + 0.05 * rng.standard_normal(crashing.size)
+    with pytest.raises(ValueError, match=r"PESQ failed: the pesq package crashed on this 36 s signal"):
+        metrics.pesq(crashing_est, crashing, 16000)
+    assert metrics.pesq(fine_est, fine, 16000) == pesq_package(16000, fine, fine_est, "wb")  # a new child scores
+    mix = np.stack([crashing, 0.5 * np.roll(crashing, 7)])
+    scores = metrics.score_separation(mix + 0.01, mix, mix.sum(0), 16000, metrics=["si_sdr", "pesq"])
+    assert "crashed" in scores["errors"]["pesq"] and "pesq" not in scores and np.isfinite(scores["si_sdr"])

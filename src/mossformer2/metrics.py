@@ -13,8 +13,15 @@ metric in that single order, with improvements over the unprocessed mixture for 
 
 from __future__ import annotations
 
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -120,9 +127,9 @@ def pesq(est: np.ndarray, ref: np.ndarray, sample_rate: int) -> np.ndarray | flo
     """PESQ MOS-LQO of matching pairs: wide band at 16 kHz, narrow band at 8 kHz (wide band needs 16 kHz).
 
     Other rates are resampled to 16 kHz (soxr) and scored wide band. ``[..., T]`` -> ``[...]``.
+    The scores are computed in a child process (:class:`PesqProcess`): the pesq package crashes on some signals.
     """
-    from pesq import PesqError
-    from pesq import pesq as pesq_package
+    import pesq  # noqa: F401  (a missing package: an ImportError here, not a failed score in the child)
 
     mode = pesq_mode(sample_rate)
     if sample_rate not in (8000, 16000):
@@ -140,12 +147,84 @@ def pesq(est: np.ndarray, ref: np.ndarray, sample_rate: int) -> np.ndarray | flo
             raise ValueError("PESQ failed: the reference is silent")
         if not np.abs(e).max() > 0:  # the pesq package itself fails with "cannot convert float NaN to integer"
             raise ValueError("PESQ failed: the estimate is silent")
-        try:
-            return pesq_package(sample_rate, r, e, mode)
-        except PesqError as err:  # e.g. no speech found in a silent reference
-            raise ValueError(f"PESQ failed: {type(err).__name__}: {err}") from err
+        return _PESQ_PROCESS.score(sample_rate, r, e, mode)
 
     return _per_row(one, est, ref)
+
+
+class PesqProcess:
+    """PESQ scores computed by a child Python process, started on first use and kept for the next scores.
+
+    The pesq package (0.0.4, the latest) crashes with a segmentation fault when its utterance detection finds more
+    than about 50 utterances in a signal (36 s of short bursts, or a few minutes of speech with pauses): in the
+    process that called it, that ended ``mossformer2 evaluate`` with every score of the run. Here the crash fails
+    that one score (ValueError) and the next score starts a new child. (A subprocess, not multiprocessing:
+    spawning imports the caller's main script again, and forking a process with torch threads is unsafe.)
+    """
+
+    def __init__(self) -> None:
+        self._child: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def score(self, sample_rate: int, ref: np.ndarray, est: np.ndarray, mode: str) -> float:
+        with self._lock:
+            child = self._child if self._child is not None and self._child.poll() is None else self._start()
+            try:
+                pickle.dump((sample_rate, ref, est, mode), child.stdin)
+                child.stdin.flush()
+                ok, value = pickle.load(child.stdout)
+            except (EOFError, OSError, pickle.UnpicklingError):
+                code = child.wait()
+                self._child = None
+                raise ValueError(f"PESQ failed: the pesq package crashed on this {ref.size / sample_rate:.0f} s signal "
+                                 f"(exit {code}; it does where it finds more than about 50 utterances: score "
+                                 "shorter excerpts)") from None
+        if not ok:
+            raise ValueError(value)
+        return float(value)
+
+    def _start(self) -> subprocess.Popen:
+        package_parent = str(Path(__file__).resolve().parents[1])  # this mossformer2, however it was imported
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent,
+                                                                         os.environ.get("PYTHONPATH")]))}
+        command = "from mossformer2.metrics import serve_pesq; serve_pesq()"
+        self._child = subprocess.Popen([sys.executable, "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       env=env)
+        return self._child
+
+    def close(self) -> None:
+        """End the child (it also ends when this process does: its input closes)."""
+        with self._lock:
+            if self._child is not None:
+                self._child.stdin.close()
+                self._child.wait()
+                self._child = None
+
+
+def serve_pesq() -> None:
+    """The child of :class:`PesqProcess`: reads pickled ``(rate, ref, est, mode)`` from standard input until it
+    closes, writes ``(True, score)`` or ``(False, message)``. Its own standard output goes to standard error, so
+    that nothing the pesq package prints mixes with the replies; Ctrl-C is left to the parent."""
+    from pesq import PesqError
+    from pesq import pesq as pesq_package
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    requests, replies = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    while True:
+        try:
+            sample_rate, ref, est, mode = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            reply = (True, pesq_package(sample_rate, ref, est, mode))
+        except PesqError as err:  # e.g. no speech found in a silent reference
+            reply = (False, f"PESQ failed: {type(err).__name__}: {err}")
+        pickle.dump(reply, replies)
+        replies.flush()
+
+
+_PESQ_PROCESS = PesqProcess()
 
 
 def stoi(est: np.ndarray, ref: np.ndarray, sample_rate: int, extended: bool = False) -> np.ndarray | float:
