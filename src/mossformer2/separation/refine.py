@@ -19,6 +19,10 @@ ModelFnWithLengths = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
 WIENER_FFT_SIZE = 4096  # 256 ms at 16 kHz: chosen on validation mixtures among 256-8192 (model card)
 WIENER_POWER = 2.0
+# Up to this many input samples (65 s at 16 kHz) the ensemble's two halves run as one batch; beyond, one after the
+# other: the network's activation memory grows with the batch's samples (a 10-minute file in one pass took
+# 9.8 GiB on the CPU with both halves at once).
+ENSEMBLE_BATCH_SAMPLES = 1 << 20
 
 
 def polarity_ensemble(model_fn: ModelFnWithLengths, batch: np.ndarray,
@@ -27,12 +31,18 @@ def polarity_ensemble(model_fn: ModelFnWithLengths, batch: np.ndarray,
 
     MossFormer2's encoder is a convolution followed by a ReLU, so ``-x`` shows the network the other half-wave of
     every filter response: a second, different view of the same mixture, and the two estimates form a
-    two-member ensemble at twice the cost. Both halves run as one batch of ``2B``. Each item's second estimate is
-    put in the first's speaker order and polarity (over its true length) before averaging.
+    two-member ensemble at twice the cost. Both halves run as one batch of ``2B`` (up to
+    ``ENSEMBLE_BATCH_SAMPLES`` input samples; one after the other beyond). Each item's second estimate is put in
+    the first's speaker order and polarity (over its true length) before averaging.
     """
     size = batch.shape[0]
-    both = model_fn(np.concatenate([batch, -batch]), None if lengths is None else np.concatenate([lengths, lengths]))
-    direct, flipped = both[:size], -both[size:]
+    if batch.size <= ENSEMBLE_BATCH_SAMPLES:
+        both = model_fn(np.concatenate([batch, -batch]),
+                        None if lengths is None else np.concatenate([lengths, lengths]))
+        direct, flipped = both[:size], -both[size:]
+    else:
+        direct = model_fn(batch, lengths)
+        flipped = -model_fn(-batch, lengths)
     for b in range(size):
         n = batch.shape[-1] if lengths is None else int(lengths[b])
         order, signs = match_sources(flipped[b, :, :n], direct[b, :, :n])
