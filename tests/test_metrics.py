@@ -294,3 +294,15 @@ def test_a_signal_that_crashes_the_pesq_package_fails_its_score_not_the_program(
     mix = np.stack([crashing, 0.5 * np.roll(crashing, 7)])
     scores = metrics.score_separation(mix + 0.01, mix, mix.sum(0), 16000, metrics=["si_sdr", "pesq"])
     assert "crashed" in scores["errors"]["pesq"] and "pesq" not in scores and np.isfinite(scores["si_sdr"])
+
+
+def test_a_pesq_child_that_cannot_start_fails_the_score_in_words(monkeypatch):
+    process = metrics.PesqProcess()
+    monkeypatch.setattr(metrics.sys, "executable", "/bin/false")  # (a Python without mossformer2, in effect)
+    ref = _bursts(3, 0.5)
+    with pytest.raises(ValueError, match=r"PESQ failed: its child process ended \(exit 1\)"):
+        process.score(16000, ref, ref + 0.01, "wb")
+    monkeypatch.undo()
+    assert process.score(16000, ref, ref + 0.01, "wb") > 4.0  # the next score starts a working child
+    process.close()
+    assert process._child is None

@@ -13,6 +13,7 @@ metric in that single order, with improvements over the unprocessed mixture for 
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import signal
@@ -165,8 +166,12 @@ class PesqProcess:
     def __init__(self) -> None:
         self._child: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+        atexit.register(self.close)
 
     def score(self, sample_rate: int, ref: np.ndarray, est: np.ndarray, mode: str) -> float:
+        if self._pid != os.getpid():  # a forked copy of the owner: its child's pipes are the owner's
+            self._child, self._lock, self._pid = None, threading.Lock(), os.getpid()
         with self._lock:
             child = self._child if self._child is not None and self._child.poll() is None else self._start()
             try:
@@ -176,8 +181,10 @@ class PesqProcess:
             except (EOFError, OSError, pickle.UnpicklingError):
                 code = child.wait()
                 self._child = None
+                if code >= 0:  # it never got to scoring: its traceback is on standard error
+                    raise ValueError(f"PESQ failed: its child process ended (exit {code})") from None
                 raise ValueError(f"PESQ failed: the pesq package crashed on this {ref.size / sample_rate:.0f} s signal "
-                                 f"(exit {code}; it does where it finds more than about 50 utterances: score "
+                                 f"(signal {-code}; it does where it finds more than about 50 utterances: score "
                                  "shorter excerpts)") from None
         if not ok:
             raise ValueError(value)
@@ -193,12 +200,12 @@ class PesqProcess:
         return self._child
 
     def close(self) -> None:
-        """End the child (it also ends when this process does: its input closes)."""
-        with self._lock:
-            if self._child is not None:
-                self._child.stdin.close()
-                self._child.wait()
-                self._child = None
+        """End the child (also at exit: a score still being computed is of no use then)."""
+        if self._pid != os.getpid() or self._child is None:
+            return
+        self._child.kill()
+        self._child.wait()
+        self._child = None
 
 
 def serve_pesq() -> None:
