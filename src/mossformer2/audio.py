@@ -157,9 +157,15 @@ def _read_channels_first(source: Any, block: int = 1 << 18) -> tuple[np.ndarray,
     """Decode with libsndfile into float32 ``[C, T]`` block by block: reading ``[T, C]`` whole and transposing
     held two copies of a multichannel recording at once (2.4 GiB for an hour of 44.1 kHz stereo)."""
     with sf.SoundFile(source) as f:
-        wave = np.empty((f.channels, f.frames), dtype=np.float32)  # (blocks read at most f.frames, as sf.read)
+        wave = np.empty((f.channels, f.frames), dtype=np.float32)  # frames: what the header promises
+        buffer = np.empty((min(block, max(f.frames, 1)), f.channels), dtype=np.float32)
         filled = 0
-        for part in f.blocks(blocksize=block, dtype="float32", always_2d=True):  # [n, C]
+        while filled < wave.shape[1]:
+            # read() returns what it decoded: a cut-off MP3 stops short of its header's length (blocks() would
+            # hand back the whole buffer, stale samples included)
+            part = f.read(min(len(buffer), wave.shape[1] - filled), dtype="float32", always_2d=True, out=buffer)
+            if not len(part):
+                break
             wave[:, filled:filled + len(part)] = part.T
             filled += len(part)
         return (wave if filled == wave.shape[1] else wave[:, :filled].copy()), f.samplerate

@@ -299,6 +299,21 @@ def test_clearvoice_scales_its_output_without_float64_copies():
     assert allocated < 3.5 * out.nbytes
 
 
+def test_clearvoice_takes_a_model_whose_output_is_read_only():
+    """One pass (2 s or less): the output was scaled in place, which failed on an exported model's read-only
+    array ("assignment destination is read-only")."""
+    def writable(batch):
+        return np.stack([batch, 0.5 * batch], 1).astype(np.float32)
+
+    def read_only(batch):
+        out = writable(batch)
+        out.flags.writeable = False
+        return out
+
+    x = speech_like_sources(1, 1.5, seed=6)[0]
+    np.testing.assert_array_equal(clearvoice_separate(x, read_only, SR), clearvoice_separate(x, writable, SR))
+
+
 def test_clearvoice_keeps_official_quirks():
     # 3.4 s: segmented, padded to 3.5 s, windows tile [0, 52000): the official output is zero after 52000.
     x = speech_like_sources(1, 3.4, seed=3)[0]

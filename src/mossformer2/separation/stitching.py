@@ -404,11 +404,9 @@ def clearvoice_separate(wave: np.ndarray, model_fn: ModelFn, sample_rate: int = 
     # RMS over the padded length, no epsilon (official); a silent output stays silent instead of NaN.
     rms_out = np.sqrt(mean_square(out))
     scale = np.divide(rms_in, rms_out, out=np.zeros_like(rms_out), where=rms_out > 0)
-    out = out[:, :total]
-    for row, row_scale in zip(out, scale):  # in place, in float64 blocks: no float64 copy of a whole output
-        for start in range(0, total, 1 << 18):
-            row[start:start + (1 << 18)] = row[start:start + (1 << 18)] * row_scale
-    return out
+    out = out[:, :total] if out.flags.writeable else out[:, :total].copy()  # (a model's output may be read-only)
+    # in place, computed in float64 as before (numpy buffers the cast: no float64 copy of the whole output)
+    return np.multiply(out, scale[:, None], out=out, casting="unsafe")
 
 
 def clearvoice_window_count(total: int, sample_rate: int = 16000, decode_window: float = 2.0,
