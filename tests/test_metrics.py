@@ -300,9 +300,32 @@ def test_a_pesq_child_that_cannot_start_fails_the_score_in_words(monkeypatch):
     process = metrics.PesqProcess()
     monkeypatch.setattr(metrics.sys, "executable", "/bin/false")  # (a Python without mossformer2, in effect)
     ref = _bursts(3, 0.5)
-    with pytest.raises(ValueError, match=r"PESQ failed: its child process ended \(exit 1\)"):
+    with pytest.raises(ValueError, match=r"PESQ failed: its child process did not start \(exit 1;"):
         process.score(16000, ref, ref + 0.01, "wb")
     monkeypatch.undo()
     assert process.score(16000, ref, ref + 0.01, "wb") > 4.0  # the next score starts a working child
     process.close()
     assert process._child is None
+
+
+def test_an_interrupted_pesq_score_leaves_no_reply_for_the_next(monkeypatch):
+    """Ctrl-C while the child scored left its reply in the pipe: every later score was the previous signal's."""
+    from pesq import pesq as pesq_package
+
+    process = metrics.PesqProcess()
+    first, second = _bursts(4, 0.5, seed=1), _bursts(6, 0.4, seed=2)
+    reads = []
+    load = metrics.pickle.load
+
+    def interrupted(stream):
+        reads.append(1)
+        if len(reads) == 2:  # the first score's reply (the first read is the child's "ready")
+            raise KeyboardInterrupt
+        return load(stream)
+
+    monkeypatch.setattr(metrics.pickle, "load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        process.score(16000, first, first + 0.05, "wb")
+    monkeypatch.undo()
+    assert process.score(16000, second, second + 0.01, "wb") == pesq_package(16000, second, second + 0.01, "wb")
+    process.close()

@@ -168,10 +168,10 @@ class PesqProcess:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         atexit.register(self.close)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
 
     def score(self, sample_rate: int, ref: np.ndarray, est: np.ndarray, mode: str) -> float:
-        if self._pid != os.getpid():  # a forked copy of the owner: its child's pipes are the owner's
-            self._child, self._lock, self._pid = None, threading.Lock(), os.getpid()
         with self._lock:
             child = self._child if self._child is not None and self._child.poll() is None else self._start()
             try:
@@ -179,56 +179,86 @@ class PesqProcess:
                 child.stdin.flush()
                 ok, value = pickle.load(child.stdout)
             except (EOFError, OSError, pickle.UnpicklingError):
-                code = child.wait()
-                self._child = None
-                if code >= 0:  # it never got to scoring: its traceback is on standard error
-                    raise ValueError(f"PESQ failed: its child process ended (exit {code})") from None
+                code = self._stop()
                 raise ValueError(f"PESQ failed: the pesq package crashed on this {ref.size / sample_rate:.0f} s signal "
-                                 f"(signal {-code}; it does where it finds more than about 50 utterances: score "
+                                 f"(exit {code}; it does where it finds more than about 50 utterances: score "
                                  "shorter excerpts)") from None
+            except BaseException:  # Ctrl-C while it scores: its late reply would answer the next request
+                self._stop()
+                raise
         if not ok:
             raise ValueError(value)
         return float(value)
 
     def _start(self) -> subprocess.Popen:
+        """A new child, once it has imported the pesq package and said so (else ValueError, its error above)."""
         package_parent = str(Path(__file__).resolve().parents[1])  # this mossformer2, however it was imported
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent,
-                                                                         os.environ.get("PYTHONPATH")]))}
-        command = "from mossformer2.metrics import serve_pesq; serve_pesq()"
-        self._child = subprocess.Popen([sys.executable, "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       env=env)
-        return self._child
+        command = (f"import sys; sys.path.insert(0, {package_parent!r}); "
+                   "from mossformer2.metrics import serve_pesq; serve_pesq()")
+        try:
+            child = subprocess.Popen([sys.executable, "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        except OSError as err:  # no Python at sys.executable (an embedded interpreter)
+            raise ValueError(f"PESQ failed: cannot start its child process with {sys.executable!r}: {err}") from None
+        self._child = child
+        try:
+            pickle.load(child.stdout)  # "ready"
+        except (EOFError, OSError, pickle.UnpicklingError):
+            code = self._stop()
+            raise ValueError(f"PESQ failed: its child process did not start (exit {code}; {sys.executable} with "
+                             "mossformer2 and pesq importable?)") from None
+        return child
+
+    def _stop(self) -> int | None:
+        """Kill the child (if still there) and close its pipes; its exit code."""
+        child, self._child = self._child, None
+        if child is None:
+            return None
+        child.kill()
+        code = child.wait()
+        child.stdin.close()
+        child.stdout.close()
+        return code
+
+    def _forget(self) -> None:
+        """In a forked copy: the child and its lock are the parent's (a thread may have held the lock)."""
+        if self._child is not None:
+            self._child.stdin.close()  # (its end of the pipe: the parent's child then ends with the parent)
+            self._child.stdout.close()
+            self._child.returncode = 0  # not this process's child: nothing to wait for, or to warn about
+        self._child, self._lock, self._pid = None, threading.Lock(), os.getpid()
 
     def close(self) -> None:
         """End the child (also at exit: a score still being computed is of no use then)."""
-        if self._pid != os.getpid() or self._child is None:
-            return
-        self._child.kill()
-        self._child.wait()
-        self._child = None
+        if self._pid == os.getpid():
+            self._stop()
 
 
 def serve_pesq() -> None:
-    """The child of :class:`PesqProcess`: reads pickled ``(rate, ref, est, mode)`` from standard input until it
-    closes, writes ``(True, score)`` or ``(False, message)``. Its own standard output goes to standard error, so
-    that nothing the pesq package prints mixes with the replies; Ctrl-C is left to the parent."""
-    from pesq import PesqError
-    from pesq import pesq as pesq_package
-
+    """The child of :class:`PesqProcess`: says it is ready, then reads pickled ``(rate, ref, est, mode)`` from
+    standard input until it closes and writes ``(True, score)`` or ``(False, message)``. Its own standard output
+    goes to standard error first, so that nothing printed mixes with the replies; Ctrl-C is left to the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     requests, replies = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    while True:
-        try:
-            sample_rate, ref, est, mode = pickle.load(requests)
-        except EOFError:
-            return
-        try:
-            reply = (True, pesq_package(sample_rate, ref, est, mode))
-        except PesqError as err:  # e.g. no speech found in a silent reference
-            reply = (False, f"PESQ failed: {type(err).__name__}: {err}")
-        pickle.dump(reply, replies)
+    from pesq import PesqError
+    from pesq import pesq as pesq_package
+
+    try:
+        pickle.dump("ready", replies)
         replies.flush()
+        while True:
+            try:
+                sample_rate, ref, est, mode = pickle.load(requests)
+            except EOFError:
+                return
+            try:
+                reply = (True, pesq_package(sample_rate, ref, est, mode))
+            except PesqError as err:  # e.g. no speech found in a silent reference
+                reply = (False, f"PESQ failed: {type(err).__name__}: {err}")
+            pickle.dump(reply, replies)
+            replies.flush()
+    except BrokenPipeError:  # the parent is gone or gave up on this score
+        return
 
 
 _PESQ_PROCESS = PesqProcess()
