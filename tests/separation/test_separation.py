@@ -845,7 +845,7 @@ def test_a_file_is_freed_once_at_the_model_rate_unless_plotted(tiny_model, tmp_p
     assert [sf.read(str(p))[0].shape for p in first] == [(3 * 44100,)] * 2
 
 
-def test_release_inputs_empties_the_list_and_separates_the_same(tiny_model):
+def test_release_inputs_empties_the_list_and_separates_the_same(tiny_model, monkeypatch):
     sep = Separator(tiny_model, device="cpu", channels="each")
     waves = [noise((2, 20000), seed=1), noise((2, 12000), seed=2)]
     expected = sep.separate_many(waves, 22050)
@@ -855,8 +855,18 @@ def test_release_inputs_empties_the_list_and_separates_the_same(tiny_model):
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
         assert a.shape[:2] == (2, 2)  # [S, C, T]
-    tensors = sep.separate_many([torch.from_numpy(waves[0])], 22050, release_inputs=True)
+    import weakref
+
+    tensor = torch.from_numpy(waves[0].copy())
+    alive, separate_items = [], Separator._separate_items
+    watched = weakref.ref(tensor)
+    monkeypatch.setattr(Separator, "_separate_items", lambda self, w: (alive.append(watched() is not None),
+                                                                        separate_items(self, w))[1])
+    inputs = [tensor]
+    del tensor
+    tensors = sep.separate_many(inputs, 22050, release_inputs=True)
     assert isinstance(tensors[0], torch.Tensor)  # a tensor's outputs are tensors, released or not
+    assert alive == [False]  # (only its device was kept)
     with pytest.raises(TypeError, match="needs the inputs in a list"):
         sep.separate_many(tuple(waves), 22050, release_inputs=True)
 

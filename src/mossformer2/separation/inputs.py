@@ -61,12 +61,20 @@ def as_channels_first(wave: np.ndarray | torch.Tensor) -> np.ndarray:
     return wave  # all zeros is allowed: silent speakers come out (an unused channel, a muted clip in a batch)
 
 
-def like_input(result: np.ndarray, raw: Any) -> Any:
-    """``result`` as the kind of array ``raw`` was: a torch tensor on ``raw``'s device for a tensor, else as is."""
+def tensor_device(raw: Any) -> Any:
+    """The device of a torch tensor, else None (what ``as_input_kind`` needs of an input: not the input itself)."""
     torch = loaded_torch()
-    if torch is not None and isinstance(raw, torch.Tensor):
-        return torch.from_numpy(result).to(raw.device)
-    return result
+    return raw.device if torch is not None and isinstance(raw, torch.Tensor) else None
+
+
+def as_input_kind(result: np.ndarray, device: Any) -> Any:
+    """``result`` as the kind of array its input was: a torch tensor on ``device`` (``tensor_device`` of the
+    input), or as is for ``None`` (NumPy input)."""
+    if device is None:
+        return result
+    import torch
+
+    return torch.from_numpy(result).to(device)
 
 
 def channels_cancel(wave: np.ndarray, mono: np.ndarray | None = None) -> bool:

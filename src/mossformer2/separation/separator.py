@@ -26,11 +26,12 @@ from mossformer2.separation.backends import eval_mode, exported_model_device, is
 from mossformer2.separation.batching import make_batches
 from mossformer2.separation.inputs import (
     as_channels_first,
+    as_input_kind,
     channels_cancel,
     check_choice,
     check_rate,
     is_real_number,
-    like_input,
+    tensor_device,
 )
 from mossformer2.separation.loading import load_separation_model
 from mossformer2.separation.outputs import output_files, output_paths, write_separation
@@ -357,7 +358,8 @@ class Separator:
 
         ``release_inputs=True`` (``waves`` a list): each item of ``waves`` is replaced by None once it is at the
         model rate, so that a recording nothing else refers to (one read from a file for this call) is freed
-        before its outputs are made: for an hour of 44.1 kHz stereo, 1.2 GB less at the peak.
+        before its outputs are made: for an hour of 44.1 kHz stereo, 1.2 GB less at the peak. (After an error,
+        the items before the one that failed are already None.)
         """
         _refuse_path(waves, "separate_many")  # (a path is an iterable too: of its characters)
         if release_inputs and not isinstance(waves, list):
@@ -375,11 +377,11 @@ class Separator:
         items: list[tuple[int, int, float]] = []
         model_waves: list[np.ndarray] = []
         shapes: list[tuple[int, int]] = []
-        tensors = []  # each input if it is a tensor (its outputs are returned as tensors on its device), else None
+        devices = []  # each tensor input's device (its outputs are returned as tensors there), None for NumPy
         for index in range(len(waves)):
             raw = waves[index]
             _refuse_path(raw, "separate" if len(waves) == 1 else "separate_many")
-            tensors.append(None if isinstance(raw, np.ndarray) else raw)
+            devices.append(tensor_device(raw))
             shape, prepared = self._model_items(raw, index, sample_rate)
             del raw
             if release_inputs:
@@ -414,7 +416,7 @@ class Separator:
             if results[index] is None:  # [S, C, T]
                 results[index] = np.empty((sources.shape[0], shapes[index][0], sources.shape[-1]), np.float32)
             results[index][:, c] = sources
-        return [like_input(result, tensor) for result, tensor in zip(results, tensors)]
+        return [as_input_kind(result, device) for result, device in zip(results, devices)]
 
     def _model_items(self, raw: Any, index: int, sample_rate: int) -> tuple[tuple[int, int], list]:
         """Input ``index`` as ``(its [C, T] shape, [(mono model-rate wave, gain), ...])``: one item downmixed, or
