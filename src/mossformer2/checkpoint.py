@@ -99,20 +99,20 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _damaged_member(path: Path) -> str | None:
-    """The first member of a zip checkpoint whose bytes fail their stored CRC-32 (None: all intact, or not a zip
-    archive; about 0.1 s for the 223 MB full model)."""
+    """Which member of a zip checkpoint fails its stored CRC-32, in words (None: all intact, or not a zip archive;
+    about 0.1 s for the 223 MB full model)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
+            member = archive.testzip()
     except (zipfile.BadZipFile, OSError):
         return None
     except (zlib.error, EOFError, NotImplementedError) as err:  # a member that cannot even be read back
-        return f"? ({type(err).__name__})"
+        return f"a member that cannot be read back ({type(err).__name__})"
+    return None if member is None else f"its member {member} does not match the checksum stored with it"
 
 
-def _damaged_message(path: Path, member: str) -> str:
-    return (f"{path} is damaged: its member {member} does not match the checksum stored with it (a corrupted "
-            "download, copy or disk?): fetch or copy the file again")
+def _damaged_message(path: Path, damage: str) -> str:
+    return f"{path} is damaged: {damage} (a corrupted download, copy or disk?): fetch or copy the file again"
 
 
 def _looks_like_onnx(path: Path) -> bool:
