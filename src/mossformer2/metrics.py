@@ -166,7 +166,6 @@ class PesqProcess:
     def __init__(self) -> None:
         self._child: subprocess.Popen | None = None
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         atexit.register(self.close)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._forget)
@@ -225,12 +224,12 @@ class PesqProcess:
             self._child.stdin.close()  # (its end of the pipe: the parent's child then ends with the parent)
             self._child.stdout.close()
             self._child.returncode = 0  # not this process's child: nothing to wait for, or to warn about
-        self._child, self._lock, self._pid = None, threading.Lock(), os.getpid()
+        self._child, self._lock = None, threading.Lock()
 
     def close(self) -> None:
-        """End the child (also at exit: a score still being computed is of no use then)."""
-        if self._pid == os.getpid():
-            self._stop()
+        """End the child (also at exit: a score still being computed is of no use then; a forked copy has
+        forgotten its parent's)."""
+        self._stop()
 
 
 def serve_pesq() -> None:

@@ -22,7 +22,7 @@ import soxr
 import torch
 from torch.utils.data import Dataset
 
-from mossformer2.audio import find_audio_files, speaker_folders
+from mossformer2.audio import find_audio_files, mean_square, speaker_folders
 from mossformer2.data.datasets import (
     AudioStore,
     BadAudioError,
@@ -91,7 +91,7 @@ def load_noise_files(source: str | Path) -> list[Path]:
 
 
 def _rms(wave: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(wave.astype(np.float64) ** 2) + EPS))
+    return float(np.sqrt(mean_square(wave) + EPS))
 
 
 class DynamicMixingDataset(Dataset):
