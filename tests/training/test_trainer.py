@@ -1297,6 +1297,25 @@ def test_a_signal_at_the_end_of_an_epoch_stops_before_validating_and_the_resume_
     assert_bitwise_equal(weights(reference.model), weights(resumed.model))
 
 
+def test_a_signal_received_during_fit_does_not_cut_a_later_validation_short(corpus, tmp_path, monkeypatch):
+    """fit() forgot the signal its rank received but kept the one all ranks agreed on, so every later validate()
+    of that trainer stopped at its first batch and returned None."""
+    import signal
+
+    from mossformer2.training.experiment import TrainingInterrupted
+
+    torch.manual_seed(0)
+    _signal_at_step(monkeypatch, 1, signal.SIGINT)
+    trainer = Trainer(make_config(corpus, "data.dynamic_mixing.examples_per_epoch=4", "optim.accum_steps=1",
+                                  "trainer.checkpoint_every_steps=null"), tmp_path)
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    monkeypatch.undo()
+    valid = trainer.validate()
+    assert valid is not None and valid["count"] == 2
+    assert trainer.stop_reason == "interrupted by SIGINT"  # the record of why fit() stopped stays
+
+
 def test_forked_workers_ignore_the_stop_signal():
     """DataLoader workers inherit the handler; a terminal's Ctrl-C reaches them too: each once logged the stop
     into train.log and called its own copy of on_stop."""

@@ -50,6 +50,11 @@ class StopController:
     def request(self, signum: int) -> None:
         self.received_signal = signum
 
+    def end(self) -> None:
+        """fit() is over: a signal received or agreed on during it must not cut a later validate() short
+        (``reason`` stays, for the record)."""
+        self.received_signal = self.agreed_signal = None
+
     def should_stop(self, state: TrainState) -> bool:
         """A step or time limit reached, or SIGINT/SIGTERM received by some rank (sets ``reason``). Decided once per
         (epoch, step): a later call at the same point repeats the answer without a collective."""

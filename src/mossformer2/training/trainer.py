@@ -558,7 +558,7 @@ class Trainer:
                                     f"({self._saved_summary()}): {type(err).__name__}: {err}")
             raise
         finally:
-            self.stopper.received_signal = None  # received during this fit(): a later validate() must not stop
+            self.stopper.end()
             self.close()
         return self.state
 
