@@ -72,6 +72,46 @@ def seeded_tiny_model():
     return build_model(make_tiny_config()).eval()
 
 
+# The training tests' model (8 kHz) and config: a synthetic corpus of 5 speakers, a few steps per epoch.
+TRAIN_TINY_MODEL = dict(encoder_embedding_dim=16, mossformer_sequence_dim=16, num_mossformer_layer=1,
+                        query_key_dim=16, rotary_dim=8, fsmn_inner_dim=16, fsmn_lorder=4, group_size=64,
+                        sample_rate=8000, encoder_kernel_size=16)
+
+
+@pytest.fixture(scope="module")
+def train_corpus(tmp_path_factory):
+    """A synthetic training corpus (5 speakers x 2 utterances of 0.5 s at 8 kHz): its dynamic-mixing settings."""
+    from mossformer2.data.loaders import prepare_synthetic_data
+    from mossformer2.training.config import train_config_from_dict
+
+    root = tmp_path_factory.mktemp("synthetic")
+    base = train_config_from_dict({"model": TRAIN_TINY_MODEL, "data": {
+        "sample_rate": 8000, "synthetic": True, "synthetic_speakers": 5, "synthetic_utterances": 2,
+        "synthetic_seconds": 0.5}})
+    return prepare_synthetic_data(base, root).data.dynamic_mixing
+
+
+def make_train_config(corpus, *overrides: str):
+    """A TrainConfig on ``corpus`` (:func:`train_corpus`): 8 batches of 2 per epoch, 2 epochs, CPU, with
+    ``overrides`` (``key=value``) applied."""
+    from mossformer2.config_utils import apply_overrides
+    from mossformer2.training.config import train_config_from_dict
+
+    data = {
+        "model": {**TRAIN_TINY_MODEL, "dropout": 0.1},
+        "data": {"sample_rate": 8000, "segment_seconds": 0.2, "batch_size": 2, "valid_batch_size": 2,
+                 "num_workers": 0, "cache_audio": True,
+                 "dynamic_mixing": {"train_utterances": corpus.train_utterances,
+                                    "valid_utterances": corpus.valid_utterances, "examples_per_epoch": 16,
+                                    "valid_examples": 2, "valid_max_seconds": 0.25,
+                                    "speed_perturb": [0.9, 1.1]}},
+        "optim": {"lr": 1e-3, "accum_steps": 2},
+        "trainer": {"max_epochs": 2, "seed": 3, "device": "cpu", "checkpoint_every_steps": 3,
+                    "log_every_steps": 1, "progress_bar": False, "tensorboard": False, "audio_examples": 0},
+    }
+    return train_config_from_dict(apply_overrides(data, list(overrides)))
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory) -> Path:
     """A dynamic-length ONNX export of :func:`seeded_tiny_model`, made once for the session (~12 s)."""

@@ -313,3 +313,20 @@ def test_a_premixed_configs_sets_reach_the_datasets(tmp_path):
     assert len(train) == 3 and {train[i]["mix"].shape[-1] for i in range(3)} == {SR // 4}
     assert sorted(valid[i]["mix"].shape[-1] for i in range(2)) == [3000, SR // 2]  # whole, or capped at 0.5 s
 
+
+def test_validation_cut_to_max_samples_keeps_the_utterances_start(tmp_path):
+    root = _make_wsj_folder(tmp_path / "d", [5000])
+    full = MixtureDataset(load_manifest(root), AudioStore(SR))[0]
+    capped = MixtureDataset(load_manifest(root), AudioStore(SR), max_samples=4000)[0]
+    np.testing.assert_array_equal(capped["mix"].numpy(), full["mix"].numpy()[:4000])
+    np.testing.assert_array_equal(capped["sources"].numpy(), full["sources"].numpy()[:, :4000])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_file_with_nonfinite_samples_is_refused(tmp_path, bad):
+    wave = np.full(800, 0.1, np.float32)
+    wave[100] = bad
+    path = tmp_path / "bad.wav"
+    sf.write(path, wave, SR, subtype="FLOAT")
+    with pytest.raises(BadAudioError, match="bad.wav: it contains NaN or infinite samples"):
+        AudioStore(SR).load(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mossformer2.data.manifests import MixtureEntry, load_manifest
+from mossformer2.data.manifests import UNFINISHED_NAME, MixtureEntry, load_manifest
 
 
 def touch(path: Path) -> Path:
@@ -218,3 +218,40 @@ def test_a_list_with_kaldi_utterance_ids_says_so(tmp_path):
         load_manifest(listing, num_spks=2)
     listing.write_text("m.wav a.wav b.wav\n")  # the same files without the id
     assert load_manifest(listing, num_spks=2)[0].mix == tmp_path / "m.wav"
+
+
+def test_librimix_csv_ids_come_from_its_mixture_id_column(tmp_path):
+    """The CSV's mixture_ID names each mixture (scores per mixture, TensorBoard), not the file name; without one
+    the mixture file's stem does."""
+    for name in ("mix/a.wav", "s1/a.wav", "s2/a.wav", "mix/b.wav", "s1/b.wav", "s2/b.wav"):
+        touch(tmp_path / name)
+    csv_path = tmp_path / "meta.csv"
+    csv_path.write_text("mixture_ID,mixture_path,source_1_path,source_2_path\n"
+                        "4kf_0308-2035,mix/a.wav,s1/a.wav,s2/a.wav\n"
+                        ",mix/b.wav,s1/b.wav,s2/b.wav\n")
+    assert [e.id for e in load_manifest(csv_path)] == ["4kf_0308-2035", "b"]
+
+
+def test_a_folder_that_mix_did_not_finish_is_refused(tmp_path):
+    make_folder(tmp_path / "cv", ["u0.wav", "u1.wav"])
+    (tmp_path / "cv" / UNFINISHED_NAME).write_text("mix/u2.wav\n")
+    with pytest.raises(ValueError, match=r"a set that `mossformer2 mix` did not finish.*--overwrite"):
+        load_manifest(tmp_path / "cv")
+
+
+def test_a_list_whose_mixture_file_has_no_audio_suffix_is_read_not_taken_for_a_kaldi_id(tmp_path):
+    """Only a first field that names no file looks like an utterance id: an existing mixture file without an audio
+    suffix is a mixture."""
+    for name in ("mix/u0", "s1/u0.wav", "s2/u0.wav"):
+        touch(tmp_path / name)
+    scp = tmp_path / "list.scp"
+    scp.write_text("mix/u0 s1/u0.wav s2/u0.wav\n")
+    (entry,) = load_manifest(scp)
+    assert entry.mix == tmp_path / "mix" / "u0" and entry.id == "u0"
+
+
+def test_an_upper_case_csv_suffix_is_read_as_a_csv(tmp_path):
+    csv_path = tmp_path / "META.CSV"
+    csv_path.write_text("mixture_ID,mix,s1,s2\nm,m.wav,a.wav,b.wav\n")
+    with pytest.raises(ValueError, match="not a LibriMix metadata CSV .no 'mixture_path' column"):
+        load_manifest(csv_path)

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from mossformer2.distributed import cleanup_distributed, init_distributed
 from mossformer2.training import Trainer
-from tests.training.test_trainer import make_config
+from tests.conftest import make_train_config
 
 
 def _free_port() -> int:
@@ -45,10 +45,11 @@ def _fit_until_stopped(trainer: Trainer) -> int | None:
     return None
 
 
-def _worker(rank: int, world_size: int, port: int, corpus, exp_dir: str, overrides: list[str]) -> None:
+def _worker(rank: int, world_size: int, port: int, train_corpus, exp_dir: str, overrides: list[str]) -> None:
     info = _join_group(rank, world_size, port)
     try:
-        cfg = make_config(corpus, "model.dropout=0.0", "optim.accum_steps=1", "trainer.max_epochs=1", *overrides)
+        cfg = make_train_config(train_corpus, "model.dropout=0.0", "optim.accum_steps=1", "trainer.max_epochs=1",
+                                *overrides)
         trainer = Trainer(cfg, exp_dir, dist_info=info)
         assert trainer.dist.rank == rank and trainer.dist.world_size == world_size
         state = trainer.fit()
@@ -59,7 +60,7 @@ def _worker(rank: int, world_size: int, port: int, corpus, exp_dir: str, overrid
         cleanup_distributed()
 
 
-def _signalled_worker(rank: int, world_size: int, port: int, corpus, exp_dir: str, overrides: list[str]) -> None:
+def _signalled_worker(rank: int, world_size: int, port: int, train_corpus, exp_dir: str, overrides: list[str]) -> None:
     """Rank 1 alone gets SIGTERM inside its 2nd optimizer step (torchrun forwards signals to the ranks at slightly
     different times); each rank records the step it stopped at."""
     info = _join_group(rank, world_size, port)
@@ -73,8 +74,8 @@ def _signalled_worker(rank: int, world_size: int, port: int, corpus, exp_dir: st
 
     Trainer._optimizer_step = step
     try:
-        cfg = make_config(corpus, "model.dropout=0.0", "optim.accum_steps=1", "trainer.max_epochs=1",
-                          "trainer.checkpoint_every_steps=null", *overrides)
+        cfg = make_train_config(train_corpus, "model.dropout=0.0", "optim.accum_steps=1", "trainer.max_epochs=1",
+                                "trainer.checkpoint_every_steps=null", *overrides)
         trainer = Trainer(cfg, exp_dir, dist_info=info)
         signum = _fit_until_stopped(trainer)
         torch.save({"weights": trainer.model.state_dict(), "step": trainer.state.step, "signum": signum},
@@ -83,7 +84,7 @@ def _signalled_worker(rank: int, world_size: int, port: int, corpus, exp_dir: st
         cleanup_distributed()
 
 
-def _validation_signalled_worker(rank: int, world_size: int, port: int, corpus, exp_dir: str,
+def _validation_signalled_worker(rank: int, world_size: int, port: int, train_corpus, exp_dir: str,
                                  overrides: list[str]) -> None:
     """Rank 1 alone gets SIGTERM while it scores its first validation batch (unless this run resumes). The ranks'
     validation shards differ (3 and 2 batches), and validation looks for the signal before every batch."""
@@ -102,9 +103,9 @@ def _validation_signalled_worker(rank: int, world_size: int, port: int, corpus, 
 
     trainer_module.si_sdr = signalled_si_sdr
     try:
-        cfg = make_config(corpus, "model.dropout=0.0", "optim.accum_steps=1", "trainer.max_epochs=1",
-                          "trainer.checkpoint_every_steps=null", "data.valid_batch_size=1",
-                          "data.dynamic_mixing.valid_examples=5", *overrides)
+        cfg = make_train_config(train_corpus, "model.dropout=0.0", "optim.accum_steps=1", "trainer.max_epochs=1",
+                                "trainer.checkpoint_every_steps=null", "data.valid_batch_size=1",
+                                "data.dynamic_mixing.valid_examples=5", *overrides)
         trainer = Trainer(cfg, exp_dir, dist_info=info)
         signum = _fit_until_stopped(trainer)
         torch.save({"signum": signum, "step": trainer.state.step, "history": trainer.state.history},
@@ -113,7 +114,7 @@ def _validation_signalled_worker(rank: int, world_size: int, port: int, corpus, 
         cleanup_distributed()
 
 
-def _train_two_ranks(corpus, exp_dir, *overrides: str, timeout: float = 180.0, worker=_worker) -> list[dict]:
+def _train_two_ranks(train_corpus, exp_dir, *overrides: str, timeout: float = 180.0, worker=_worker) -> list[dict]:
     """Train with 2 gloo ranks and return each rank's results; a hang (ranks waiting in different collectives)
     fails the test after ``timeout`` seconds instead of waiting for gloo's 30-minute timeout (the runs take 5-25 s;
     the margin is for a loaded 2-core machine).
@@ -126,7 +127,7 @@ def _train_two_ranks(corpus, exp_dir, *overrides: str, timeout: float = 180.0, w
     shutil.rmtree(before, ignore_errors=True)
     shutil.copytree(exp_dir, before)
     for attempt in (1, 2):
-        context = mp.spawn(worker, args=(2, _free_port(), corpus, str(exp_dir), list(overrides)), nprocs=2,
+        context = mp.spawn(worker, args=(2, _free_port(), train_corpus, str(exp_dir), list(overrides)), nprocs=2,
                            join=False)
         deadline = time.monotonic() + timeout
         try:
@@ -146,16 +147,9 @@ def _train_two_ranks(corpus, exp_dir, *overrides: str, timeout: float = 180.0, w
     return [torch.load(exp_dir / f"result_{r}.pt", weights_only=True) for r in (0, 1)]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from tests.training.test_trainer import corpus as make_corpus
-
-    return make_corpus.__wrapped__(tmp_path_factory)
-
-
-def test_two_process_gloo_matches_single_process(corpus, tmp_path):
+def test_two_process_gloo_matches_single_process(train_corpus, tmp_path):
     ddp_dir = tmp_path / "ddp"
-    results = _train_two_ranks(corpus, ddp_dir, "data.batch_size=2", "trainer.ema_decay=0.5",
+    results = _train_two_ranks(train_corpus, ddp_dir, "data.batch_size=2", "trainer.ema_decay=0.5",
                                "trainer.log_every_steps=1")
     for key, value in results[0]["weights"].items():
         assert torch.equal(value, results[1]["weights"][key]), key  # ranks stay in lockstep
@@ -165,8 +159,8 @@ def test_two_process_gloo_matches_single_process(corpus, tmp_path):
     assert len(list((ddp_dir).glob("train.log"))) == 1
 
     # One process with batch 4 sees the same 4 examples per step (rank r takes every 2nd index).
-    single_cfg = make_config(corpus, "model.dropout=0.0", "data.batch_size=4", "optim.accum_steps=1",
-                             "trainer.max_epochs=1", "trainer.ema_decay=0.5", "trainer.log_every_steps=1")
+    single_cfg = make_train_config(train_corpus, "model.dropout=0.0", "data.batch_size=4", "optim.accum_steps=1",
+                                   "trainer.max_epochs=1", "trainer.ema_decay=0.5", "trainer.log_every_steps=1")
     single = Trainer(single_cfg, tmp_path / "single")
     single.fit()
     for key, value in single.model.state_dict().items():
@@ -187,13 +181,13 @@ def test_two_process_gloo_matches_single_process(corpus, tmp_path):
         assert abs(ddp_loss - single_loss) <= 0.0015
 
 
-def test_a_rank_whose_batch_is_all_unreadable_files_keeps_step_with_the_others(corpus, tmp_path):
+def test_a_rank_whose_batch_is_all_unreadable_files_keeps_step_with_the_others(train_corpus, tmp_path):
     """data.skip_bad_files: the rank whose batch is empty once hung the job in a collective of its own."""
     from tests.data.test_datasets import _make_wsj_folder
 
     folder = _make_wsj_folder(tmp_path / "wsj", [2000] * 8)
     (folder / "mix" / "u3.wav").write_bytes(b"not audio")  # on one rank only: batch 1, 2 ranks
-    results = _train_two_ranks(corpus, tmp_path / "exp", "data.dynamic_mixing=null", f"data.train={folder}",
+    results = _train_two_ranks(train_corpus, tmp_path / "exp", "data.dynamic_mixing=null", f"data.train={folder}",
                                f"data.valid={folder}", "data.batch_size=1", "data.cache_audio=false",
                                "data.skip_bad_files=true")
     assert results[0]["step"] == results[1]["step"] == 4  # 8 examples / (2 ranks x batch 1)
@@ -204,8 +198,8 @@ def test_a_rank_whose_batch_is_all_unreadable_files_keeps_step_with_the_others(c
     assert "2 skipped file reads" in (tmp_path / "exp" / "train.log").read_text()  # counted over both ranks
 
 
-def test_a_signal_that_reaches_one_rank_stops_all_ranks_at_the_same_step(corpus, tmp_path):
-    results = _train_two_ranks(corpus, tmp_path / "exp", "data.batch_size=2", worker=_signalled_worker)
+def test_a_signal_that_reaches_one_rank_stops_all_ranks_at_the_same_step(train_corpus, tmp_path):
+    results = _train_two_ranks(train_corpus, tmp_path / "exp", "data.batch_size=2", worker=_signalled_worker)
     assert [r["signum"] for r in results] == [signal.SIGTERM] * 2
     assert results[0]["step"] == results[1]["step"] == 2  # rank 1's step 2 finished, then both stopped
     for key, value in results[0]["weights"].items():
@@ -215,16 +209,16 @@ def test_a_signal_that_reaches_one_rank_stops_all_ranks_at_the_same_step(corpus,
     assert "interrupted by SIGTERM at step 2" in (tmp_path / "exp" / "train.log").read_text()
 
 
-def test_a_signal_during_validation_stops_every_rank_and_the_resumed_run_validates_in_full(corpus, tmp_path):
+def test_a_signal_during_validation_stops_every_rank_and_the_resumed_run_validates_in_full(train_corpus, tmp_path):
     """Validation looked at the stop flag only after it ended (minutes on a full cv set)."""
     exp = tmp_path / "exp"
-    stopped = _train_two_ranks(corpus, exp, "data.batch_size=2", worker=_validation_signalled_worker)
+    stopped = _train_two_ranks(train_corpus, exp, "data.batch_size=2", worker=_validation_signalled_worker)
     assert [r["signum"] for r in stopped] == [signal.SIGTERM] * 2
     assert [(r["step"], r["history"]) for r in stopped] == [(4, [])] * 2  # stopped in validation, before its end
     last = torch.load(exp / "last.pt", map_location="cpu", weights_only=True)
     assert (last["step"], last["epoch"], last["trainer_state"]["batches_done"]) == (4, 0, 4)  # not validated
     # Resumed: the unequal shards are validated in full (the signal checks stop at the smaller one: no hang).
-    resumed = _train_two_ranks(corpus, exp, "data.batch_size=2", worker=_validation_signalled_worker)
+    resumed = _train_two_ranks(train_corpus, exp, "data.batch_size=2", worker=_validation_signalled_worker)
     assert [r["signum"] for r in resumed] == [None] * 2
     assert resumed[0]["history"] == resumed[1]["history"] and len(resumed[0]["history"]) == 1
 
