@@ -17,6 +17,7 @@ from mossformer2 import build_model, save_checkpoint
 from mossformer2.audio import read_audio
 from mossformer2.cli import build_parser, main, user_path
 from mossformer2.cli.separate import Inputs, collect_inputs, mirrored_out_dirs, shard_files
+from mossformer2.cli.separate_plan import check_plan
 from tests.conftest import make_tiny_config, seeded_tiny_model
 from tests.test_hub import REPO, fake_hf_cache
 
@@ -948,3 +949,156 @@ def test_each_long_input_is_freed_once_at_the_model_rate_unless_plotted(ckpt, tm
                  "--plot", "-q"]) == 0
     assert alive == [False, True]
     assert (tmp_path / "plotted" / "a_spectrogram.png").is_file()
+
+
+def test_an_output_may_not_replace_the_file_an_input_link_points_to(tmp_path):
+    """b.wav links to out/a_s1.wav; a.wav's first output is out/a_s1.wav: writing it would change b's audio."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    target = tmp_path / "out" / "a_s1.wav"
+    target.write_bytes(b"RIFF")
+    (tmp_path / "in" / "a.wav").write_bytes(b"RIFF")
+    os.symlink(target, tmp_path / "in" / "b.wav")
+    files = [tmp_path / "in" / "a.wav", tmp_path / "in" / "b.wav"]
+    plan = {f: [tmp_path / "out" / f"{f.stem}_s{k}.wav" for k in (1, 2)] for f in files}
+    with pytest.raises(ValueError, match=r"refusing to overwrite inputs: .*a_s1\.wav, an output of a\.wav"):
+        check_plan(files, plan, "PCM_16")
+
+
+def _touch(*paths: Path) -> None:
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+
+
+def test_plot_with_every_output_and_its_spectrogram_present_skips_without_redrawing(tmp_path):
+    """--plot where the spectrogram exists too: skipped as done, not queued to draw the spectrogram again."""
+    from mossformer2.cli.separate_plan import select_work
+
+    f = tmp_path / "a.wav"
+    outputs = [tmp_path / "out" / "a_s1.wav", tmp_path / "out" / "a_s2.wav"]
+    _touch(f, *outputs, tmp_path / "out" / "a_spectrogram.png")
+    said: list[str] = []
+    work = select_work([f], {f: outputs}, {}, overwrite=False, plot=True, say=said.append)
+    assert (work.todo, work.plot_only, work.skipped, work.failed) == ([], [], 1, [])
+    assert "use --overwrite to replace" in said[0]
+
+
+def test_a_many_channel_input_mixed_down_to_mono_may_be_written_as_flac(tmp_path):
+    """FLAC holds at most 8 channels: a 10-channel recording is refused only with --channels each."""
+    from types import SimpleNamespace
+
+    from mossformer2.cli.separate_plan import check_outputs_writable
+
+    f = tmp_path / "array.flac"
+    plan = {f: [tmp_path / "array_s1.flac", tmp_path / "array_s2.flac"]}
+    infos = {f: SimpleNamespace(channels=10, samplerate=16000, frames=16000)}
+    check_outputs_writable(plan, infos, "mix", None, "PCM_16")
+    with pytest.raises(ValueError, match="1 of 1 input"):
+        check_outputs_writable(plan, infos, "each", None, "PCM_16")
+
+
+def _quiet_separator(**options):
+    import warnings
+
+    from mossformer2.separation import Separator
+    from tests.separation.test_separation import LouderBandFirst
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Separator(options.pop("model", None) or LouderBandFirst(), **options)
+
+
+def test_chunk_settings_that_do_not_fit_a_fixed_length_export_are_refused_once_up_front(tmp_path):
+    """Not file after file: one message before any work; a file shorter than the export only fails alone."""
+    from types import SimpleNamespace
+
+    from mossformer2.cli.separate_plan import too_short_for_export
+    from tests.separation.test_separation import SR, LouderBandFirst
+
+    export = LouderBandFirst(input_shape=[1, 4 * SR])
+    infos = {tmp_path / "long.wav": SimpleNamespace(frames=10 * SR, samplerate=SR, channels=1),
+             tmp_path / "short.wav": SimpleNamespace(frames=SR, samplerate=SR, channels=1)}
+    with pytest.raises(ValueError, match=r"--chunk-seconds 5 / --overlap-seconds 1 do not fit the export: 1 of 2"):
+        too_short_for_export(_quiet_separator(model=export, chunk_seconds=5, overlap_seconds=1), infos, 5, 1)
+    fitting = too_short_for_export(_quiet_separator(model=export), infos, 10.0, 2.0)
+    assert list(fitting) == [tmp_path / "short.wav"]
+
+
+def test_files_exactly_one_chunk_long_are_batched_together(tmp_path):
+    from types import SimpleNamespace
+
+    from mossformer2.cli.separate_plan import batch_groups
+    from tests.separation.test_separation import SR
+
+    sep = _quiet_separator(chunk_seconds=0.5, overlap_seconds=0.25, batch_size=2)
+    infos = {tmp_path / n: SimpleNamespace(frames=SR // 2, samplerate=SR, channels=1) for n in ("a.wav", "b.wav")}
+    assert batch_groups(infos, sep) == [[tmp_path / "a.wav", tmp_path / "b.wav"]]
+
+
+def test_clearvoice_stitching_reads_and_separates_files_one_at_a_time(tmp_path):
+    """Its windows run per file: a batch would only hold several decoded files in memory at once."""
+    from types import SimpleNamespace
+
+    from mossformer2.cli.separate_plan import batch_groups
+    from tests.separation.test_separation import SR
+
+    sep = _quiet_separator(stitching="clearvoice", batch_size=2)
+    infos = {tmp_path / n: SimpleNamespace(frames=SR, samplerate=SR, channels=1) for n in ("a.wav", "b.wav")}
+    assert batch_groups(infos, sep) == [[tmp_path / "a.wav"], [tmp_path / "b.wav"]]
+
+
+def test_a_file_that_fails_inside_a_batch_fails_alone(ckpt, tmp_path, capsys):
+    """--batch-size 2 with a too-short file beside a good one: the batch is retried one by one, so the good file
+    is separated and only the short one is listed as failed."""
+    import soundfile as sf
+
+    from mossformer2.cli import main
+
+    data = tmp_path / "d"
+    data.mkdir()
+    sf.write(str(data / "good.wav"), noise(8000, 1), 16000)
+    sf.write(str(data / "tiny.wav"), noise(5, 2), 16000)
+    out = tmp_path / "out"
+    code = main(["separate", str(data), "-o", str(out), "--checkpoint", str(ckpt), "--batch-size", "2"])
+    captured = capsys.readouterr()
+    assert code == 1 and "separated 1 file(s), skipped 0, failed 1" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["good_s1.wav", "good_s2.wav"]
+    assert any(ln.startswith("failed:") and "tiny.wav" in ln and "too short" in ln for ln in captured.err.splitlines())
+
+
+def test_output_rate_input_is_case_insensitive():
+    from mossformer2.cli.separate import _parse_output_rate
+
+    assert _parse_output_rate("Input") is None and _parse_output_rate("INPUT") is None
+    assert _parse_output_rate("16000") == 16000
+
+
+def test_only_a_file_beside_its_input_counts_as_an_earlier_output(tmp_path):
+    """b/a_s1.wav is not an output of a/a.wav: another folder's recording is separated, not skipped."""
+    from mossformer2.cli.input_files import outputs_beside_inputs
+
+    a, other, beside = tmp_path / "a" / "a.wav", tmp_path / "b" / "a_s1.wav", tmp_path / "a" / "a_s1.wav"
+    assert outputs_beside_inputs([a, other]) == set()
+    assert outputs_beside_inputs([a, other, beside]) == {beside}
+
+
+def test_a_glob_that_climbs_above_its_folder_mirrors_from_the_files_folder(tmp_path):
+    """'data/*/../../x.wav' names tmp/x.wav, above the pattern's folder data/: the layout still has a root."""
+    from mossformer2.cli.input_files import mirrored_out_dirs
+
+    x = tmp_path / "x.wav"
+    assert mirrored_out_dirs([x], tmp_path / "out", [tmp_path / "data"]) == {x: tmp_path / "out"}
+
+
+def test_a_list_file_with_an_upper_case_extension_is_read_as_a_list(tmp_path):
+    import soundfile as sf
+
+    from mossformer2.cli.input_files import collect_inputs
+
+    audio = tmp_path / "talk.wav"
+    sf.write(str(audio), noise(800, 1), 16000)
+    listing = tmp_path / "FILES.TXT"
+    listing.write_text(f"{audio}\n")
+    found = collect_inputs([str(listing)])
+    assert found.files == [audio] and found.errors == []

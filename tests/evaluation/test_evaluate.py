@@ -17,6 +17,7 @@ import mossformer2
 from mossformer2.cli import main
 from mossformer2.data.manifests import load_manifest
 from mossformer2.evaluation import evaluate
+from mossformer2.evaluation.evaluate import _read_previous_rows, csv_header
 from mossformer2.separation import Separator
 from tests.evaluation.test_mix import make_speaker_folder
 
@@ -454,3 +455,113 @@ def test_cli_records_a_model_config_and_refuses_a_rerun_without_it(dataset, tmp_
     capsys.readouterr()
     assert main(base) == 1
     assert "holds results of a run with other settings (model_config" in capsys.readouterr().err
+
+
+def test_a_row_cut_off_inside_its_error_column_is_scored_again(tmp_path):
+    """A crash while writing the last row: its status may already read ok, but the row is not complete."""
+    header = csv_header(["si_sdr"])
+    path = tmp_path / "per_utterance.csv"
+    path.write_text(",".join(header) + "\n" + "m1,1.000,10.0,12.0,0 1,ok,\n" + "m2,1.000,9.0,11.0,1 0,ok,pesq: PES")
+    assert [r["id"] for r in _read_previous_rows(path, header)] == ["m1"]
+
+
+def test_a_csv_with_other_columns_is_refused_not_resumed(tmp_path):
+    header = csv_header(["si_sdr"])
+    path = tmp_path / "per_utterance.csv"
+    path.write_text("id,duration_s,stoi,permutation,status,error\nm1,1.000,0.9,0 1,ok,\n")
+    with pytest.raises(ValueError, match="was written with other columns"):
+        _read_previous_rows(path, header)
+
+
+def test_limit_0_is_refused_not_an_empty_run(tmp_path):
+    from types import SimpleNamespace
+
+    from mossformer2.evaluation import evaluate
+
+    sep = SimpleNamespace(num_spks=2, separate=lambda wave, rate: None)
+    with pytest.raises(ValueError, match="limit must be >= 1, got 0"):
+        evaluate(sep, [], tmp_path / "out", metrics="si_sdr", limit=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _resumed_with_a_smaller_limit(dataset, out):
+    from mossformer2.evaluation import evaluate
+    from mossformer2.separation import Separator
+    from tests.evaluation.test_evaluate import OracleModel
+
+    sep = Separator(OracleModel(dataset), device="cpu")
+    evaluate(sep, dataset, out, metrics="si_sdr", limit=2, progress=False)
+    return evaluate(sep, dataset, out, metrics="si_sdr", limit=1, progress=False)
+
+
+def test_skipped_counts_only_the_mixtures_this_run_covers(dataset, tmp_path):
+    """Two rows scored earlier, --limit 1 now: one mixture skipped as already scored, the other not summarised."""
+    summary = _resumed_with_a_smaller_limit(dataset, tmp_path / "out")
+    assert summary["num_skipped_already_scored"] == 1 and summary["num_csv_rows_not_summarised"] == 1
+
+
+def test_seconds_evaluated_this_run_leave_out_earlier_rows(dataset, tmp_path):
+    summary = _resumed_with_a_smaller_limit(dataset, tmp_path / "out")
+    assert summary["seconds_evaluated_this_run"] == 0 and summary["real_time_factor_this_run"] is None
+
+
+def _fake_separator(dataset):
+    from types import SimpleNamespace
+
+    from mossformer2.data.manifests import load_manifest
+    from mossformer2.evaluation.evaluate import load_mixture
+
+    refs = {e.id: load_mixture(e)[1] for e in load_manifest(dataset)}
+    first = load_manifest(dataset)[0]
+    return SimpleNamespace(num_spks=2, separate=lambda wave, rate: refs[first.id])
+
+
+def test_a_score_that_is_not_finite_fails_its_row(dataset, tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("mossformer2.evaluation.evaluate")  # (not the function the package exports)
+
+    monkeypatch.setattr(module, "score_separation", lambda *a, **k: {"si_sdr": float("inf"), "si_sdri": 1.0,
+                                                                      "permutation": [0, 1], "errors": {}})
+    summary = module.evaluate(_fake_separator(dataset), dataset, tmp_path / "out", metrics="si_sdr", limit=1,
+                              progress=False)
+    assert summary["num_failed"] == 1 and "si_sdr is not finite (inf)" in summary["failed"][0]["error"]
+
+
+def test_a_missing_package_stops_the_run_instead_of_failing_every_row(dataset, tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("mossformer2.evaluation.evaluate")  # (not the function the package exports)
+
+    def missing(*_args, **_kwargs):
+        raise ImportError("No module named 'pesq'")
+
+    monkeypatch.setattr(module, "score_separation", missing)
+    with pytest.raises(ImportError, match="pesq"):
+        module.evaluate(_fake_separator(dataset), dataset, tmp_path / "out", metrics="si_sdr", limit=2,
+                        progress=False)
+
+
+def test_an_unreadable_earlier_mixture_keeps_pesq_as_one_mean(dataset, tmp_path):
+    """Only narrow band and wide band together are two scales: an earlier mixture whose mode can no longer be read
+    ("unknown") stays in the one PESQ mean, without the per-mode warning."""
+    import dataclasses
+    import shutil
+    import warnings
+
+    from mossformer2.data.manifests import load_manifest
+    from mossformer2.evaluation import evaluate
+    from mossformer2.separation import Separator
+    from tests.evaluation.test_evaluate import OracleModel
+
+    copies = []
+    for e in load_manifest(dataset)[:2]:
+        shutil.copy(e.mix, tmp_path / e.mix.name)
+        copies.append(dataclasses.replace(e, mix=tmp_path / e.mix.name))
+    sep = Separator(OracleModel(dataset), device="cpu")
+    evaluate(sep, copies, tmp_path / "out", metrics="pesq", progress=False)
+    copies[0].mix.write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = evaluate(sep, copies, tmp_path / "out", metrics="pesq", progress=False)
+    assert list(summary["scores"]) == ["pesq"] and summary["scores"]["pesq"]["count"] == 2

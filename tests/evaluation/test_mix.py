@@ -429,3 +429,61 @@ def test_mix_runs_without_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
     assert out.stdout.split()[-2:] == ["0", "False"], out.stderr
     assert len(load_manifest(tmp_path / "pair")) == 1
+
+
+def _noise(n, seed):
+    return np.random.default_rng(seed).standard_normal(n) * 0.1
+
+
+def test_a_cropped_source_starts_at_the_floor_of_its_fraction():
+    """start = floor(fraction * (len_k - mix_len)), as MixtureSpec documents: 0.55 * 10 samples -> 5, not 6."""
+    _, _, _, starts = mix_waves([_noise(16010, 1), _noise(16000, 2)], [0.0, 0.0], 16000,
+                                start_fractions=[0.55, 0.3])
+    assert starts == [5, 0]
+
+
+def test_sources_that_cancel_in_the_mix_are_still_kept_below_full_scale():
+    """The common rescale takes the peak of the sources too: two nearly opposite sources make a quiet mixture,
+    and scaling by the mixture's peak alone would push the sources far past full scale."""
+    from mossformer2.evaluation.mixing import PEAK_LIMIT
+
+    n = _noise(16000, 3)
+    mix, sources, _, _ = mix_waves([n, -n + 0.05 * _noise(16000, 4)], [0.0, 0.0], 16000)
+    assert np.abs(sources).max() == pytest.approx(PEAK_LIMIT)
+    assert np.abs(mix).max() < 0.5 * PEAK_LIMIT
+    np.testing.assert_allclose(mix, sources.sum(0), atol=1e-12)
+
+
+def test_the_documented_sir_limits_themselves_are_accepted():
+    from mossformer2.evaluation.mixing import MAX_SIR_DB, check_sir
+
+    assert check_sir(MAX_SIR_DB, "sir") == 60.0 and check_sir(-MAX_SIR_DB, "sir") == -60.0
+    with pytest.raises(ValueError, match="from -60 to 60"):
+        check_sir(60.5, "sir")
+
+
+def test_load_mixture_averages_a_multichannel_mixture_to_mono(tmp_path):
+    """The public load_mixture (as evaluate) averages the channels, not takes the first."""
+    from mossformer2.data.manifests import MixtureEntry
+    from mossformer2.evaluation import load_mixture
+
+    left, right = _noise(8000, 5), _noise(8000, 6)
+    sf.write(str(tmp_path / "mix.wav"), np.stack([left, right], axis=1), 16000, subtype="FLOAT")
+    for k, wave in ((1, left), (2, right)):
+        sf.write(str(tmp_path / f"s{k}.wav"), wave, 16000, subtype="FLOAT")
+    mix, refs, rate = load_mixture(MixtureEntry("m", tmp_path / "mix.wav", [tmp_path / "s1.wav", tmp_path / "s2.wav"]))
+    assert rate == 16000 and refs.shape == (2, 8000)
+    np.testing.assert_allclose(mix, (left + right) / 2, atol=1e-6)
+
+
+def test_overwrite_never_deletes_audio_outside_the_output_folder_that_a_metadata_csv_names(tmp_path):
+    """A metadata.csv in the output folder may name files elsewhere (LibriMix-style lists of originals): replacing
+    the set removes only the files inside the output folder."""
+    from mossformer2.evaluation.mixing import create_mixtures
+
+    a, b = write_speech(tmp_path / "a.wav", 1, 1.0), write_speech(tmp_path / "b.wav", 2, 1.0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metadata.csv").write_text(f"mixture_ID,mixture_path,source_1_path,source_2_path\nx,{a},{a},{b}\n")
+    create_mixtures(plan_from_files([a, b]), out, overwrite=True, progress=False)
+    assert a.is_file() and b.is_file()

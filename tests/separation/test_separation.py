@@ -882,3 +882,206 @@ def test_the_channel_cancellation_check_makes_no_float64_copy():
     tracemalloc.stop()
     assert not cancel and allocated < wave.nbytes  # (the mono downmix: half of it)
     assert channels_cancel(np.stack([wave[0], -wave[0]]))
+
+
+def test_a_recording_below_float32_normal_range_is_silence_without_a_forward_pass():
+    """All-denormal input: exact zeros out, and the model never runs (neither scaled up nor fed as is)."""
+    model = LinearModel()
+    out = Separator(model, device="cpu").separate(np.full(4000, 1e-40, np.float32), SR)
+    assert model.seen == []
+    assert out.shape == (2, 4000) and np.all(out == 0)
+
+
+@pytest.mark.filterwarnings("ignore:overlap_seconds=0.25")
+def test_inputs_exactly_one_chunk_long_share_one_batched_pass():
+    """A recording of exactly chunk_seconds is a single pass: it batches with other short inputs."""
+    model = build_model(make_tiny_config()).eval()
+    shapes: list[tuple[int, ...]] = []
+    model.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    sep = Separator(model, device="cpu", chunk_seconds=0.5, overlap_seconds=0.25, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = sep.separate_many([noise(SR // 2, 1), noise(SR // 2, 2)], SR)
+    assert shapes == [(2, SR // 2)]
+    assert [o.shape for o in out] == [(2, SR // 2)] * 2
+
+
+def _bands(freq_low=300, freq_high=4000):
+    t = np.arange(SR) / SR
+    return np.sin(2 * np.pi * freq_low * t), np.sin(2 * np.pi * freq_high * t)
+
+
+@pytest.mark.parametrize("refinement", ["wiener_filter", "mixture_consistency"])
+def test_refined_channels_keep_a_quiet_speakers_recorded_polarity(refinement):
+    """With refinements that make each channel's outputs sum to its input, their sign is right as it is: a quiet
+    speaker heard in opposite phase by the second microphone (4 kHz delayed half a period) is not flipped to the
+    first channel's sign, and the second channel's outputs still sum to it."""
+    low, high = _bands()
+    stereo = np.stack([low + 0.3 * high, low - 0.05 * high]).astype(np.float32)
+    out = Separator(LouderBandFirst(), channels="each", normalize="none", **{refinement: True}).separate(stereo, SR)
+    np.testing.assert_allclose(out[:, 1].sum(0), stereo[1], atol=1e-3)
+    assert np.corrcoef(out[1, 1], -high)[0, 1] > 0.99
+
+
+def test_speakers_are_matched_to_the_first_channel_that_is_not_silent():
+    """Channel 0 silent: channel 2 takes channel 1's speaker order, not an order matched to silence."""
+    low, high = _bands(300, 3000)
+    three = np.stack([np.zeros(SR), low + 0.3 * high, 0.3 * low + high]).astype(np.float32)
+    out = Separator(LouderBandFirst(), channels="each", normalize="none").separate(three, SR)
+    assert np.all(out[:, 0] == 0)
+    assert np.corrcoef(out[0, 1], low)[0, 1] > 0.99 and np.corrcoef(out[0, 2], low)[0, 1] > 0.99
+    assert np.corrcoef(out[1, 2], high)[0, 1] > 0.99
+
+
+def test_a_reverse_wired_channel_keeps_a_quiet_speakers_polarity_without_refinements():
+    """A speaker too quiet in a channel to tell its sign there (under 0.1 correlation) takes the first channel's
+    sign times the channels' own: in a channel wired in reverse it stays reversed, as recorded."""
+    low, high = _bands(300, 3000)
+    stereo = np.stack([low + 0.3 * high, -(low + 0.05 * high)]).astype(np.float32)
+    out = Separator(LouderBandFirst(), channels="each", normalize="none").separate(stereo, SR)
+    assert np.corrcoef(out[0, 1], -low)[0, 1] > 0.99
+    assert np.corrcoef(out[1, 1], -high)[0, 1] > 0.99
+
+
+def test_an_input_exactly_as_long_as_the_model_needs_is_separated():
+    sep = Separator(LinearModel(record=False), device="cpu")
+    n = sep.min_samples
+    assert sep.separate(noise(n), SR).shape == (2, n)
+    with pytest.raises(ValueError, match="too short"):
+        sep.separate(noise(n - 1), SR)
+
+
+def test_cancelling_channels_are_something_to_separate_channel_by_channel():
+    x = noise(8000)
+    both = np.stack([x, -x])
+    assert "cancel" in Separator(LinearModel(record=False), device="cpu").nothing_to_separate(both)
+    assert Separator(LinearModel(record=False), device="cpu", channels="each").nothing_to_separate(both) is None
+
+
+def test_a_2_s_fixed_length_export_overlaps_by_a_safe_1_s_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sep = Separator(LouderBandFirst(input_shape=[1, 2 * SR]))
+    assert (sep.chunk_seconds, sep.overlap_seconds) == (2.0, 1.0)
+
+
+class _OnCuda(LouderBandFirst):
+    """An exported-model wrapper whose ONNX Runtime session runs on CUDA (no GPU needed: it is never called)."""
+
+    class session:  # noqa: N801
+        @staticmethod
+        def get_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_an_export_on_cuda_takes_a_numbered_cuda_device_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sep = Separator(_OnCuda(), device="cuda:0")
+    assert sep.device == "cuda"
+    with pytest.warns(UserWarning, match="is not where this"):
+        Separator(_OnCuda(), device="cpu")
+
+
+def test_an_exported_model_refuses_reduced_precision():
+    for dtype in ("bfloat16", "float16"):
+        with pytest.raises(ValueError, match="only available with the torch backend"):
+            Separator(LouderBandFirst(), dtype=dtype)
+    assert Separator(LouderBandFirst(), dtype="float32").dtype == "float32"
+
+
+class _TrainFlagSeen(LinearModel):
+    def forward(self, x):
+        self.flags = getattr(self, "flags", []) + [self.training]
+        return super().forward(x)
+
+
+def test_the_top_level_module_itself_runs_in_eval_mode_and_gets_its_flag_back():
+    """A model whose own forward reads self.training (not only its dropout submodules) separates in eval mode."""
+    model = _TrainFlagSeen(record=False).train()
+    Separator(model, device="cpu").separate(noise(4000), SR)
+    assert model.flags == [False] and model.training
+
+
+def test_the_highest_documented_rates_are_accepted():
+    from mossformer2.separation.inputs import check_rate
+
+    assert check_rate("sample_rate", 768000) == 768000 and check_rate("output_rate", 1000) == 1000
+    out = Separator(LinearModel(record=False), device="cpu").separate(noise(4000), SR, output_rate=768000)
+    assert out.shape == (2, 4000 * 48)
+
+
+def test_channels_cancel_only_60_db_below_the_loudest_channel():
+    from mossformer2.separation.inputs import channels_cancel
+
+    x = noise(16000)
+    assert not channels_cancel(np.stack([x, -0.99 * x]))  # the mix 46 dB down: still something to separate
+    assert channels_cancel(np.stack([x, -0.9995 * x]))  # 72 dB down
+
+
+@pytest.mark.filterwarnings("ignore:overlap_seconds=0.25")
+def test_chunks_of_a_long_input_are_batched_by_batch_size():
+    model = build_model(make_tiny_config()).eval()
+    shapes: list[tuple[int, ...]] = []
+    model.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    sep = Separator(model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.25, batch_size=4)
+    sep.separate(noise(int(4.5 * SR)), SR)  # 6 chunks
+    assert [s[0] for s in shapes] == [4, 2]
+
+
+def test_clearvoice_stitching_gives_no_speaker_swap_advice_for_short_overlaps():
+    """Its fixed windows ignore the overlap: only the 'not used' notice, not the aligned stitcher's warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Separator(LinearModel(record=False), device="cpu", stitching="clearvoice", chunk_seconds=4,
+                  overlap_seconds=0.5)
+    messages = [str(w.message) for w in caught]
+    assert any("are not used" in m for m in messages)
+    assert not any("speakers may swap" in m for m in messages)
+
+
+def test_a_model_without_its_own_minimum_gets_the_kernels_minimum():
+    """An exported-model callable has no min_input_length: the minimum comes from its config's encoder kernel,
+    and a shorter input is refused before any pass."""
+    from mossformer2.models.config import min_input_length
+
+    model = LouderBandFirst()
+    sep = Separator(model)
+    assert sep.min_samples == min_input_length(model.config.encoder_kernel_size) > 1
+    with pytest.raises(ValueError, match="too short"):
+        sep.separate(noise(sep.min_samples - 1), SR)
+
+
+def test_separate_file_refuses_a_silent_file_and_writes_nothing(tmp_path):
+    """As `mossformer2 separate` fails it: no silent speaker files (separate() itself returns silence)."""
+    import soundfile as sf
+
+    sf.write(str(tmp_path / "silent.wav"), np.zeros(8000, np.float32), SR)
+    with pytest.raises(ValueError, match=r"silent\.wav: audio is all silent"):
+        Separator(LinearModel(record=False), device="cpu").separate_file(tmp_path / "silent.wav", tmp_path / "out")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_wiener_filter_comes_before_mixture_consistency():
+    """The documented order: ensemble, Wiener filter, mixture consistency (the last makes the sum exact)."""
+    from mossformer2.separation.refine import mixture_consistency, wiener_filter
+
+    class Unbalanced(LouderBandFirst):  # outputs that do not sum to the input: half the low band, twice the high
+        def __call__(self, batch):
+            return super().__call__(batch) * np.array([0.5, 2.0], np.float32)[None, :, None]
+
+    model = Unbalanced()
+    x = noise(SR, 3, scale=0.3)
+    got = Separator(model, normalize="none", wiener_filter=True, mixture_consistency=True).separate(x, SR)
+    batch = x[None]
+    expected = mixture_consistency(wiener_filter(model(batch), batch), batch)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_chunk_count_of_clearvoice_stitching_is_its_window_count():
+    """chunk_count says how many passes a recording needs: under clearvoice stitching, its 2 s windows."""
+    model = LinearModel()
+    sep = Separator(model, device="cpu", stitching="clearvoice", normalize="none")
+    n = 5 * SR
+    sep.separate(noise(n), SR)
+    assert sep.chunk_count(n, SR) == len(model.seen) > 1
