@@ -545,3 +545,96 @@ def test_a_given_config_that_differs_from_the_stored_one_is_named_in_a_warning(t
     with warnings.catch_warnings():  # fine-tuning with another dropout: on purpose, no word
         warnings.simplefilter("error")
         load_model(tmp_path / "ours.pt", config=tiny_model.config.replace(dropout=0.3))
+
+
+def _same_output(a, b, length=900):
+    x = torch.randn(1, length)
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b.eval()(x))
+
+
+def test_a_model_state_dict_container_key_is_read():
+    """``{'model_state_dict': ..., 'optimizer_state_dict': ...}`` (the PyTorch tutorial layout) is a container."""
+    model = build_model(make_tiny_config()).eval()
+    container = {"model_state_dict": model.state_dict(), "optimizer_state_dict": {}, "epoch": 3}
+    _same_output(model, load_model(container, config=model.config))
+
+
+def test_keys_with_and_without_a_wrapper_prefix_load_together():
+    """Only some keys under ``module.`` / ``_orig_mod.`` (no common prefix to peel): each key is stripped."""
+    model = build_model(make_tiny_config()).eval()
+    state = model.state_dict()
+    mixed = {(f"module.{k}" if i % 2 else f"_orig_mod.{k}" if i % 3 else k): v
+             for i, (k, v) in enumerate(state.items())}
+    _same_output(model, load_model(mixed, config=model.config))
+
+
+def test_a_fractional_expansion_factor_is_read_from_the_shapes():
+    """infer_config: FLASH hidden width / D, not floor division (a 1.5 factor was read as 1.0)."""
+    from mossformer2.checkpoint import infer_config
+
+    config = make_tiny_config(expansion_factor=1.5)
+    assert infer_config(build_model(config).state_dict()).expansion_factor == 1.5
+
+
+def test_an_embedded_training_config_gives_its_model_section():
+    """A checkpoint whose ``'config'`` is a whole training config: the ``model`` section is the architecture
+    (its group_size, which the shapes cannot tell)."""
+    config = make_tiny_config()
+    model = build_model(config).eval()
+    assert config.group_size != 256
+    checkpoint = {"model": model.state_dict(), "config": {"model": config.to_dict(), "optim": {"lr": 1e-3}}}
+    loaded = load_model(checkpoint)
+    assert loaded.config == config
+    _same_output(model, loaded)
+
+
+def test_a_stored_config_that_predates_some_fields_is_not_reported_as_overridden(tmp_path):
+    """A saved config without a field added later: given the same config, no override warning (only the fields both
+    sides hold are compared)."""
+    import warnings
+
+    config = make_tiny_config()
+    model = build_model(config).eval()
+    older = {k: v for k, v in config.to_dict().items() if k != "conv_kernel_size"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_model({"model": model.state_dict(), "config": older}, config=config)
+    assert loaded.config == config
+
+
+def test_save_checkpoint_unwraps_nested_wrappers(tmp_path):
+    """DataParallel around torch.compile: every wrapper layer is removed before saving."""
+    from mossformer2 import save_checkpoint
+    from mossformer2.checkpoint import read_checkpoint
+
+    model = build_model(make_tiny_config()).eval()
+    wrapped = torch.nn.DataParallel(torch.compile(model))  # (compiles lazily: nothing runs)
+    path = save_checkpoint(tmp_path / "w.pt", wrapped)
+    assert list(read_checkpoint(path)["model"]) == list(model.state_dict())
+
+
+def test_info_counts_each_rotary_alias_once_in_the_element_count(tmp_path):
+    """The rotary tables of layers 1 and up are aliases of layer 0's: the element count takes them once."""
+    import re
+
+    from mossformer2.checkpoint import checkpoint_summary
+
+    model = build_model(make_tiny_config(num_mossformer_layer=3))
+    state = model.state_dict()
+    torch.save({"model": state}, tmp_path / "m.pt")
+    alias = re.compile(r"layers\.[1-9]\d*\.rotary_pos_emb\.freqs$")
+    assert sum(bool(alias.search(k)) for k in state) == 2
+    assert checkpoint_summary(tmp_path / "m.pt")["num_elements"] == sum(
+        v.numel() for k, v in state.items() if not alias.search(k))
+
+
+def test_info_names_epoch_0_as_the_best_epoch(tmp_path):
+    """A last.pt whose best validation was the first epoch (0, counting from 0): not 'none validated yet'."""
+    from mossformer2 import save_checkpoint
+    from mossformer2.checkpoint import checkpoint_summary
+
+    path = save_checkpoint(tmp_path / "last.pt", build_model(make_tiny_config()), epoch=2, step=8,
+                           extra={"trainer_state": {"epoch": 2, "step": 8, "best_metric": 4.5, "best_epoch": 0}})
+    assert checkpoint_summary(path)["validation"] == ("2 epochs completed; best SI-SDRi 4.50 dB at epoch 0 "
+                                                      "(counting from 0)")

@@ -683,3 +683,62 @@ def test_export_takes_a_bare_state_dicts_architecture_from_model_config(tmp_path
     assert main(["export", "--checkpoint", str(tmp_path / "bare.pt"), "--model-config", "MossFormer2-S",
                  "--format", "torchscript", "-o", str(tmp_path / "s.ts.pt")]) == 1  # strict: not that size
     assert "mossformer2 export: error:" in capsys.readouterr().err and not (tmp_path / "s.ts.pt").exists()
+
+
+def test_verify_export_reports_the_largest_difference(monkeypatch):
+    """One wrong sample in an export's output is the reported difference (max abs, not a mean that hides it)."""
+    import mossformer2.export as export
+
+    model = seeded_tiny_model()
+
+    def wrong_in_one_sample(wave):
+        with torch.no_grad():
+            out = model(wave).clone()
+        out[0, 0, 5] += 0.5
+        return out
+
+    monkeypatch.setattr(export, "load_torchscript", lambda path: (wrong_in_one_sample, model.config))
+    assert abs(export.verify_export(model, "unused.ts.pt", "torchscript") - 0.5) < 1e-4
+
+
+def _identity_onnx(path, config, metadata_extra=None):
+    """A hand-made ``wave -> sources`` Identity graph with a mossformer2 config in its metadata (no export needed)."""
+    import json
+
+    import pytest
+
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from mossformer2.runtime import CONFIG_METADATA_KEY
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["wave"], ["sources"])], "g",
+        [onnx.helper.make_tensor_value_info("wave", onnx.TensorProto.FLOAT, ["batch", "samples"])],
+        [onnx.helper.make_tensor_value_info("sources", onnx.TensorProto.FLOAT, ["batch", "samples"])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    for key, value in {CONFIG_METADATA_KEY: json.dumps(config.to_dict()), **(metadata_extra or {})}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_onnx_file_without_the_dynamic_length_key_is_dynamic(tmp_path):
+    """Files exported before the key existed were all dynamic-length exports."""
+    from mossformer2.models.config import tiny_test_config
+    from mossformer2.runtime import OnnxRuntimeModel
+
+    path = _identity_onnx(tmp_path / "old.onnx", tiny_test_config())
+    assert OnnxRuntimeModel(path, providers=["CPUExecutionProvider"]).dynamic_length is True
+
+
+def test_an_onnx_model_takes_an_input_of_exactly_the_minimum_length(tmp_path):
+    import numpy as np
+
+    from mossformer2.models.config import tiny_test_config
+    from mossformer2.runtime import OnnxRuntimeModel
+
+    config = tiny_test_config()
+    model = OnnxRuntimeModel(_identity_onnx(tmp_path / "m.onnx", config), providers=["CPUExecutionProvider"])
+    assert model(np.zeros((1, config.min_input_length), np.float32)).shape[-1] == config.min_input_length

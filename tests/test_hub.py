@@ -309,3 +309,61 @@ def test_a_proxy_for_the_endpoints_own_scheme_counts(monkeypatch):
     assert _unresolvable_hub_host() == "mirror.internal"
     monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
     assert _unresolvable_hub_host() is None
+
+
+def test_an_empty_pointer_file_names_the_official_file(tmp_path):
+    """ClearVoice's ``last_best_checkpoint`` pointer written empty: the official ``last_best_checkpoint.pt``."""
+    (tmp_path / "last_best_checkpoint").write_text("\n")
+    (tmp_path / "last_best_checkpoint.pt").write_bytes(b"x")
+    (tmp_path / "epoch3.pt").write_bytes(b"x")
+    assert resolve_checkpoint(tmp_path) == tmp_path / "last_best_checkpoint.pt"
+
+
+def test_the_official_file_name_wins_among_several_checkpoints(tmp_path):
+    """No pointer file: ``last_best_checkpoint.pt`` beside other ``*.pt`` files is the one taken, not 'several'."""
+    for name in ("epoch1.pt", "last_best_checkpoint.pt", "epoch2.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert resolve_checkpoint(tmp_path) == tmp_path / "last_best_checkpoint.pt"
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", " on "])
+def test_every_spelling_of_hf_hub_offline_is_offline(monkeypatch, value):
+    from mossformer2.hub import _offline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert _offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert not _offline()
+
+
+def test_all_proxy_counts_as_a_proxy_for_the_hub(monkeypatch):
+    """Behind ``all_proxy`` the proxy resolves the hub's host: no DNS shortcut that skips the download."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from mossformer2.hub import _unresolvable_hub_host
+
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.internal")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(socket.gaierror("no DNS")))
+    assert _unresolvable_hub_host() == "hub.internal"
+    monkeypatch.setenv("all_proxy", "http://proxy.invalid:3128")
+    assert _unresolvable_hub_host() is None
+
+
+def test_offline_mode_never_tries_the_network(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1: only the local cache is asked (local_files_only=True), never a download."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, cache_dir=None, local_files_only=False, **kwargs):
+        calls.append(local_files_only)
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_checkpoint("someone/their_model") == tmp_path / "last_best_checkpoint.pt"
+    assert calls == [True]
