@@ -999,8 +999,6 @@ def test_a_many_channel_input_mixed_down_to_mono_may_be_written_as_flac(tmp_path
 
 
 def _quiet_separator(**options):
-    import warnings
-
     from mossformer2.separation import Separator
     from tests.separation.test_separation import LouderBandFirst
 
@@ -1051,10 +1049,6 @@ def test_clearvoice_stitching_reads_and_separates_files_one_at_a_time(tmp_path):
 def test_a_file_that_fails_inside_a_batch_fails_alone(ckpt, tmp_path, capsys):
     """--batch-size 2 with a too-short file beside a good one: the batch is retried one by one, so the good file
     is separated and only the short one is listed as failed."""
-    import soundfile as sf
-
-    from mossformer2.cli import main
-
     data = tmp_path / "d"
     data.mkdir()
     sf.write(str(data / "good.wav"), noise(8000, 1), 16000)
@@ -1092,8 +1086,6 @@ def test_a_glob_that_climbs_above_its_folder_mirrors_from_the_files_folder(tmp_p
 
 
 def test_a_list_file_with_an_upper_case_extension_is_read_as_a_list(tmp_path):
-    import soundfile as sf
-
     from mossformer2.cli.input_files import collect_inputs
 
     audio = tmp_path / "talk.wav"

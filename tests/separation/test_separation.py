@@ -1054,8 +1054,6 @@ def test_a_model_without_its_own_minimum_gets_the_kernels_minimum():
 
 def test_separate_file_refuses_a_silent_file_and_writes_nothing(tmp_path):
     """As `mossformer2 separate` fails it: no silent speaker files (separate() itself returns silence)."""
-    import soundfile as sf
-
     sf.write(str(tmp_path / "silent.wav"), np.zeros(8000, np.float32), SR)
     with pytest.raises(ValueError, match=r"silent\.wav: audio is all silent"):
         Separator(LinearModel(record=False), device="cpu").separate_file(tmp_path / "silent.wav", tmp_path / "out")
