@@ -294,16 +294,21 @@ def test_the_cli_prints_each_hub_warning_once():
     assert out.stderr.count("Retrying in 1s") == 1, out.stderr
 
 
-def test_a_proxy_for_the_endpoints_own_scheme_counts(monkeypatch):
-    """An http:// endpoint behind http_proxy: the DNS shortcut must not call its host unreachable."""
+def _hub_without_dns(monkeypatch, endpoint: str) -> None:
+    """The hub at ``endpoint``, no proxy set, and every DNS lookup failing."""
     from huggingface_hub import constants
-
-    from mossformer2.hub import _unresolvable_hub_host
 
     for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(proxy, raising=False)
-    monkeypatch.setattr(constants, "ENDPOINT", "http://mirror.internal:8080")
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(socket.gaierror("no DNS")))
+
+
+def test_a_proxy_for_the_endpoints_own_scheme_counts(monkeypatch):
+    """An http:// endpoint behind http_proxy: the DNS shortcut must not call its host unreachable."""
+    from mossformer2.hub import _unresolvable_hub_host
+
+    _hub_without_dns(monkeypatch, "http://mirror.internal:8080")
     assert _unresolvable_hub_host() == "mirror.internal"
     monkeypatch.setenv("https_proxy", "http://proxy.invalid:3128")  # another scheme's proxy: no help
     assert _unresolvable_hub_host() == "mirror.internal"
@@ -338,16 +343,9 @@ def test_every_spelling_of_hf_hub_offline_is_offline(monkeypatch, value):
 
 def test_all_proxy_counts_as_a_proxy_for_the_hub(monkeypatch):
     """Behind ``all_proxy`` the proxy resolves the hub's host: no DNS shortcut that skips the download."""
-    import socket
-
-    from huggingface_hub import constants
-
     from mossformer2.hub import _unresolvable_hub_host
 
-    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(proxy, raising=False)
-    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.internal")
-    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(socket.gaierror("no DNS")))
+    _hub_without_dns(monkeypatch, "https://hub.internal")
     assert _unresolvable_hub_host() == "hub.internal"
     monkeypatch.setenv("all_proxy", "http://proxy.invalid:3128")
     assert _unresolvable_hub_host() is None

@@ -896,8 +896,7 @@ def test_a_recording_below_float32_normal_range_is_silence_without_a_forward_pas
 def test_inputs_exactly_one_chunk_long_share_one_batched_pass():
     """A recording of exactly chunk_seconds is a single pass: it batches with other short inputs."""
     model = build_model(make_tiny_config()).eval()
-    shapes: list[tuple[int, ...]] = []
-    model.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    shapes = record_lengths(model)
     sep = Separator(model, device="cpu", chunk_seconds=0.5, overlap_seconds=0.25, batch_size=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1022,8 +1021,7 @@ def test_channels_cancel_only_60_db_below_the_loudest_channel():
 @pytest.mark.filterwarnings("ignore:overlap_seconds=0.25")
 def test_chunks_of_a_long_input_are_batched_by_batch_size():
     model = build_model(make_tiny_config()).eval()
-    shapes: list[tuple[int, ...]] = []
-    model.register_forward_pre_hook(lambda _m, args: shapes.append(tuple(args[0].shape)))
+    shapes = record_lengths(model)
     sep = Separator(model, device="cpu", chunk_seconds=1.0, overlap_seconds=0.25, batch_size=4)
     sep.separate(noise(int(4.5 * SR)), SR)  # 6 chunks
     assert [s[0] for s in shapes] == [4, 2]

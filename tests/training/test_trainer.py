@@ -16,6 +16,9 @@ from mossformer2.training import Trainer
 from mossformer2.training.config import load_train_config, train_config_from_dict
 from tests.conftest import TRAIN_TINY_MODEL, make_train_config
 
+# One short epoch: 4 examples, one optimizer step per batch, no periodic checkpoint.
+FAST = ("data.dynamic_mixing.examples_per_epoch=4", "optim.accum_steps=1", "trainer.checkpoint_every_steps=null")
+
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -1299,10 +1302,8 @@ def test_a_signal_received_during_fit_does_not_cut_a_later_validation_short(trai
 
     from mossformer2.training.experiment import TrainingInterrupted
 
-    torch.manual_seed(0)
     _signal_at_step(monkeypatch, 1, signal.SIGINT)
-    trainer = Trainer(make_train_config(train_corpus, "data.dynamic_mixing.examples_per_epoch=4", "optim.accum_steps=1",
-                                        "trainer.checkpoint_every_steps=null"), tmp_path)
+    trainer = Trainer(make_train_config(train_corpus, *FAST), tmp_path)
     with pytest.raises(TrainingInterrupted):
         trainer.fit()
     monkeypatch.undo()
@@ -1478,9 +1479,6 @@ def test_a_forked_child_does_not_keep_the_experiment_folder_locked(tmp_path):
     assert os.waitpid(child, 0)[1] == 0
     os.close(ready)
     os.close(started)
-
-
-FAST = ("data.dynamic_mixing.examples_per_epoch=4", "optim.accum_steps=1", "trainer.checkpoint_every_steps=null")
 
 
 def _recording_micro_steps(monkeypatch) -> list[tuple[int, float]]:
